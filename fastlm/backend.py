@@ -1,0 +1,133 @@
+"""Per-call backend choice: ``cuda`` (the C++ extension), ``triton``, ``torch``.
+
+Rules (DESIGN.md, "Backends"):
+
+* CUDA tensors get the first backend in :data:`GPU_ORDER` for the op that supports the
+  arguments. CUDA C++ kernels join that order only once they have passed their GPU tests on
+  real hardware (recorded in ``bench/results/``, listed in :data:`GPU_VERIFIED_CUDA`); until
+  then ``cuda`` is opt-in and Triton is the default on GPUs.
+* CPU tensors get ``torch``.
+* ``FASTLM_BACKEND=<name>`` or ``with use_backend(<name>):`` forces a backend. A forced
+  backend that cannot serve a call raises :class:`BackendUnavailable` saying why. Forcing
+  ``triton`` on CPU tensors runs the kernels under Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import os
+from collections.abc import Callable, Iterator, Mapping
+
+import torch
+
+BACKENDS = ("cuda", "triton", "torch")
+
+# Ops whose CUDA C++ implementation has passed its GPU tests on real hardware (see
+# bench/results/). Empty until a GPU run records a pass.
+GPU_VERIFIED_CUDA: frozenset[str] = frozenset()
+
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastlm_backend", default=None)
+
+
+class BackendUnavailable(RuntimeError):
+    """A forced backend cannot serve this call; the message says why."""
+
+
+def _check_name(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def forced_backend() -> str | None:
+    """The backend forced by :func:`use_backend` (innermost wins) or ``FASTLM_BACKEND``."""
+    name = _forced.get()
+    if name is not None:
+        return name
+    env = os.environ.get("FASTLM_BACKEND", "").strip()
+    if env in ("", "auto"):
+        return None
+    return _check_name(env, "FASTLM_BACKEND")
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Force ``name`` for every fastlm op called inside the block (``None``: automatic)."""
+    if name is not None:
+        _check_name(name, "use_backend(name)")
+    token = _forced.set(name)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+@functools.cache
+def cuda_extension_error() -> str | None:
+    """Why ``fastlm._C`` cannot be used here, or ``None`` when it imported."""
+    try:
+        import fastlm._C  # noqa: F401  (registers the torch.ops.fastlm_C ops)
+    except ImportError as exc:
+        return f"the CUDA extension fastlm._C is not built or does not load ({exc})"
+    return None
+
+
+@functools.cache
+def triton_error() -> str | None:
+    """Why Triton cannot be used here, or ``None`` when it imports."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return f"triton is not installed ({exc})"
+    return None
+
+
+def backend_error(name: str, device: torch.device) -> str | None:
+    """Why backend ``name`` cannot run on ``device`` at all (argument checks come later)."""
+    if name == "cuda":
+        if device.type != "cuda":
+            return f"the cuda backend needs CUDA tensors, got {device.type} tensors"
+        return cuda_extension_error()
+    if name == "triton":
+        if device.type not in ("cuda", "cpu"):
+            return f"triton runs on CUDA tensors (or CPU under the interpreter), got {device.type}"
+        return triton_error()
+    return None
+
+
+def gpu_order(op: str) -> tuple[str, ...]:
+    """Automatic order on CUDA tensors for ``op``."""
+    compiled = ("cuda", "triton") if op in GPU_VERIFIED_CUDA else ("triton",)
+    return (*compiled, "torch")
+
+
+def select(op: str, device: torch.device, supports: Mapping[str, Callable[[], str | None]]) -> str:
+    """Pick the backend for one call of ``op`` on ``device``.
+
+    ``supports[name]()`` returns ``None`` when backend ``name`` can serve these arguments,
+    else the reason it cannot. Backends missing from ``supports`` do not implement the op.
+    """
+
+    def reason(name: str) -> str | None:
+        if name not in supports:
+            return f"{op} has no {name} implementation"
+        return backend_error(name, device) or supports[name]()
+
+    forced = forced_backend()
+    if forced is not None:
+        why = reason(forced)
+        if why is not None:
+            raise BackendUnavailable(f"fastlm.{op}: forced backend {forced!r} cannot run: {why}")
+        return forced
+    if device.type == "cuda":
+        for name in gpu_order(op):
+            if reason(name) is None:
+                return name
+    return "torch"
+
+
+def interpreting(device: torch.device) -> bool:
+    """Triton kernels on CPU tensors run under the interpreter."""
+    return device.type == "cpu"
