@@ -9,8 +9,11 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 import triton
+import triton.language as tl
+from triton.runtime import interpreter
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
@@ -55,13 +58,42 @@ def _interpretable_stdlib() -> Iterator[None]:
                 setattr(module, attr, value)
 
 
+_interpreter_convert_float = interpreter._convert_float
+
+
+def _convert_float(data, src, dst, rounding_mode):
+    """fp32 -> bf16 rounded to nearest even, as ``cvt.rn.bf16.f32`` does on the GPU.
+
+    Triton's interpreter truncates instead (and its own round-to-nearest mode neither breaks
+    ties to even nor carries into the exponent), so bf16 results would differ from the GPU's
+    by an ulp. Other conversions are left to the interpreter.
+    """
+    if src != tl.float32 or dst != tl.bfloat16 or rounding_mode == interpreter._ir.ROUNDING_MODE.RTZ:
+        return _interpreter_convert_float(data, src, dst, rounding_mode)
+    bits = np.ascontiguousarray(data).view(np.uint32).astype(np.uint64)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
+    rounded = np.where(is_nan, (bits >> 16) | 0x40, rounded)  # keep NaN a (quiet) NaN
+    return rounded.astype(np.uint16).reshape(data.shape)
+
+
+@contextlib.contextmanager
+def _faithful_rounding() -> Iterator[None]:
+    with _stdlib_lock:
+        interpreter._convert_float = _convert_float
+        try:
+            yield
+        finally:
+            interpreter._convert_float = _interpreter_convert_float
+
+
 class _InterpretedKernel:
     def __init__(self, kernel: JITFunction) -> None:
         self._fn = _twin(kernel)
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            with _interpretable_stdlib():
+            with _interpretable_stdlib(), _faithful_rounding():
                 return self._fn[grid](*args, **kwargs)
 
         return launch

@@ -123,8 +123,7 @@ def _norm_bwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_TILE: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
-    # int64 from the start: loop indices inherit it, so row * stride cannot overflow.
-    row_start = pid.to(tl.int64) * rows_per_program
+    row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
     cols = tl.arange(0, BLOCK_N)
     # Partial dweight/dbias rows owned by this program (no atomics: deterministic).
@@ -137,7 +136,9 @@ def _norm_bwd_kernel(
         dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         db_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for first in range(row_start, row_end, BLOCK_M):
-            rows = first + tl.arange(0, BLOCK_M)
+            # int64 row indices: row * stride can pass 2**31. (tl.cast, not .to: under the
+            # interpreter, loop indices are Python ints.)
+            rows = tl.cast(first, tl.int64) + tl.arange(0, BLOCK_M)
             row_mask = rows < row_end
             mask = row_mask[:, None] & col_mask[None, :]
             x = tl.load(XS + rows[:, None] * stride_xs + cols[None, :], mask=mask, other=0.0)
@@ -173,7 +174,8 @@ def _norm_bwd_kernel(
     else:
         # Long rows: one row at a time, two passes over its chunks. The partial dweight/dbias
         # rows (zero-initialised by the launcher) are updated in place by this program only.
-        for row in range(row_start, row_end):
+        for row_index in range(row_start, row_end):
+            row = tl.cast(row_index, tl.int64)
             rstd = tl.load(Rstd + row)
             if not IS_RMS:
                 mean = tl.load(Mean + row)

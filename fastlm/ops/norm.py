@@ -1,0 +1,442 @@
+"""LayerNorm and RMSNorm: references, custom ops with autograd, backend dispatch.
+
+Both norms share one pair of ``torch.library`` custom ops, ``fastlm::norm_fwd`` and
+``fastlm::norm_bwd``, so ``torch.compile(fullgraph=True)`` sees one opaque node per call
+(fake implementations give it shapes) and autograd runs fastlm's own backward kernels.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from fastlm import backend
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FLOAT_DTYPES = (*_KERNEL_DTYPES, torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# References: the plainest formulas, run by the tests in float64 as the oracle.
+
+
+def layer_norm_ref(
+    x: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    residual: Tensor | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    s = x if residual is None else x + residual
+    dims = tuple(range(-len(_as_shape(normalized_shape)), 0))
+    mean = s.mean(dim=dims, keepdim=True)
+    var = ((s - mean) ** 2).mean(dim=dims, keepdim=True)
+    y = (s - mean) / torch.sqrt(var + eps)
+    y = y if weight is None else y * weight
+    y = y if bias is None else y + bias
+    return y if residual is None else (y, s)
+
+
+def rms_norm_ref(
+    x: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None = None,
+    eps: float | None = None,
+    residual: Tensor | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    s = x if residual is None else x + residual
+    eps = torch.finfo(s.dtype).eps if eps is None else eps
+    dims = tuple(range(-len(_as_shape(normalized_shape)), 0))
+    y = s / torch.sqrt((s * s).mean(dim=dims, keepdim=True) + eps)
+    y = y if weight is None else y * weight
+    return y if residual is None else (y, s)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API.
+
+
+def layer_norm(
+    x: Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    residual: Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """LayerNorm over the trailing ``normalized_shape`` dims of ``x``, optionally fused with a
+    residual add.
+
+    Args:
+        x: (..., *normalized_shape), float32/float16/bfloat16 (float64 on the torch backend).
+            Any strides; the last dim is made contiguous if it is not.
+        normalized_shape: trailing shape to normalize over (product 1..65536 on the kernels).
+        weight, bias: ``normalized_shape``-shaped, any float dtype, or ``None``.
+        eps: added to the variance (biased, as ``torch.nn.functional.layer_norm``).
+        residual: ``None``, or a tensor shaped like ``x``. Then ``s = x + residual`` (rounded
+            to ``torch.result_type(x, residual)``) is normalized and ``(y, s)`` is returned:
+            the pre-norm transformer step ``h = h + f(h); y = norm(h)`` in one pass, with
+            gradients flowing to both ``x`` and ``residual``.
+        out_dtype: dtype of ``y``; defaults to the dtype of ``x`` (of ``s`` with a residual).
+
+    Statistics are computed in float32 whatever the input dtype.
+    """
+    return _norm(x, normalized_shape, weight, bias, eps, residual, out_dtype, rms=False)
+
+
+def rms_norm(
+    x: Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: Tensor | None = None,
+    eps: float | None = None,
+    residual: Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """RMSNorm, ``y = x / sqrt(mean(x^2) + eps) * weight``, as ``torch.nn.functional.rms_norm``
+    (``eps=None`` means ``torch.finfo(x.dtype).eps``). Other arguments as :func:`layer_norm`.
+    """
+    return _norm(x, normalized_shape, weight, None, eps, residual, out_dtype, rms=True)
+
+
+def _as_shape(normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
+    if isinstance(normalized_shape, int):
+        return (normalized_shape,)
+    return tuple(normalized_shape)
+
+
+def _check_float(name: str, t: Tensor) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+
+
+def _check_like(name: str, t: Tensor | None, shape: tuple[int, ...], x: Tensor) -> None:
+    if t is None:
+        return
+    _check_float(name, t)
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+
+
+def _norm(x, normalized_shape, weight, bias, eps, residual, out_dtype, rms):
+    _check_float("x", x)
+    shape = _as_shape(normalized_shape)
+    if not shape or any(not isinstance(d, int) or d < 1 for d in shape):
+        raise ValueError(f"normalized_shape must be positive ints, got {normalized_shape!r}")
+    if tuple(x.shape[-len(shape):]) != shape or x.dim() < len(shape):
+        raise ValueError(
+            f"normalized_shape {shape} must match the trailing dims of x, got x shape "
+            f"{tuple(x.shape)}"
+        )
+    _check_like("weight", weight, shape, x)
+    _check_like("bias", bias, shape, x)
+    _check_like("residual", residual, tuple(x.shape), x)
+    s_dtype = x.dtype if residual is None else torch.result_type(x, residual)
+    if eps is None:
+        eps = torch.finfo(s_dtype).eps
+    if not eps >= 0:
+        raise ValueError(f"eps must be a non-negative number, got {eps}")
+    if out_dtype is None:
+        out_dtype = s_dtype
+    elif out_dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"out_dtype must be a floating-point dtype, got {out_dtype}")
+    y, s, _, _ = torch.ops.fastlm.norm_fwd(
+        x, weight, bias, residual, list(shape), float(eps), rms, out_dtype
+    )
+    return y if residual is None else (y, s)
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops. Inside, tensors are viewed as (M, N) rows; outputs are reshaped back.
+
+
+def _rows(t: Tensor, n: int) -> Tensor:
+    t = t.reshape(-1, n)
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _vector(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.reshape(-1).contiguous()
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty(0, dtype=torch.float32)
+
+
+@torch.library.custom_op("fastlm::norm_fwd", mutates_args=())
+def _norm_fwd_op(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    normalized_shape: list[int],
+    eps: float,
+    rms: bool,
+    out_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(y, residual_out, mean, rstd)``; absent outputs are empty tensors."""
+    n = math.prod(normalized_shape)
+    x2 = _rows(x, n)
+    r2 = None if residual is None else _rows(residual.to(torch.result_type(x, residual)), n)
+    w, b = _vector(weight), _vector(bias)
+    name = backend.select(
+        "layer_norm" if not rms else "rms_norm", x.device, _fwd_support(x2, w, b, r2, out_dtype)
+    )
+    y, s, mean, rstd = FORWARD[name](x2, w, b, r2, eps, rms, out_dtype)
+    return (
+        y.view(x.shape),
+        _empty(x) if s is None else s.view(x.shape),
+        _empty(x) if mean is None else mean,
+        rstd,
+    )
+
+
+@_norm_fwd_op.register_fake
+def _(x, weight, bias, residual, normalized_shape, eps, rms, out_dtype):
+    m = x.numel() // math.prod(normalized_shape)
+    s_dtype = x.dtype if residual is None else torch.result_type(x, residual)
+    return (
+        x.new_empty(x.shape, dtype=out_dtype),
+        x.new_empty(0, dtype=torch.float32) if residual is None else x.new_empty(x.shape,
+                                                                                  dtype=s_dtype),
+        x.new_empty(0 if rms else m, dtype=torch.float32),
+        x.new_empty(m, dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("fastlm::norm_bwd", mutates_args=())
+def _norm_bwd_op(
+    dy: Tensor,
+    xs: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    dresidual_out: Tensor | None,
+    normalized_shape: list[int],
+    rms: bool,
+    has_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns ``(dx, dweight, dbias)``: dx in ``xs.dtype``, the others float32 (N,) or
+    empty. ``xs`` is the tensor that was normalized; ``dresidual_out`` is added to dx."""
+    n = math.prod(normalized_shape)
+    dy2, xs2, w = _rows(dy, n), _rows(xs, n), _vector(weight)
+    ds2 = None if dresidual_out is None else _rows(dresidual_out.to(xs.dtype), n)
+    mean_ = None if rms else mean
+    name = backend.select(
+        "layer_norm" if not rms else "rms_norm", xs.device, _bwd_support(dy2, xs2, w)
+    )
+    dx, dw, db = BACKWARD[name](dy2, xs2, w, mean_, rstd, ds2, rms, has_bias)
+    return (
+        dx.view(xs.shape),
+        _empty(xs) if dw is None else dw,
+        _empty(xs) if db is None else db,
+    )
+
+
+@_norm_bwd_op.register_fake
+def _(dy, xs, weight, mean, rstd, dresidual_out, normalized_shape, rms, has_bias):
+    n = math.prod(normalized_shape)
+    return (
+        xs.new_empty(xs.shape),
+        xs.new_empty(0 if weight is None else n, dtype=torch.float32),
+        xs.new_empty(n if has_bias else 0, dtype=torch.float32),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, residual, normalized_shape, _, rms, _ = inputs
+    _, s, mean, rstd = output
+    xs = x if residual is None else s
+    ctx.save_for_backward(xs, weight, mean, rstd)
+    ctx.normalized_shape = normalized_shape
+    ctx.rms = rms
+    ctx.has_bias = bias is not None
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.x_dtype = x.dtype
+    ctx.residual_dtype = None if residual is None else residual.dtype
+
+
+def _backward(ctx, dy, ds, _dmean, _drstd):
+    xs, weight, mean, rstd = ctx.saved_tensors
+    has_residual = ctx.residual_dtype is not None
+    if dy is None:  # only the residual output was used downstream
+        dy = torch.zeros_like(xs)
+    dx, dw, db = torch.ops.fastlm.norm_bwd(
+        dy, xs, weight, mean, rstd, ds if has_residual else None,
+        ctx.normalized_shape, ctx.rms, ctx.has_bias,
+    )  # fmt: skip
+    dweight = None if weight is None else dw.view(weight.shape).to(weight.dtype)
+    dbias = db.view(ctx.normalized_shape).to(ctx.bias_dtype) if ctx.has_bias else None
+    dres = dx.to(ctx.residual_dtype) if has_residual else None
+    return dx.to(ctx.x_dtype), dweight, dbias, dres, None, None, None, None
+
+
+torch.library.register_autograd("fastlm::norm_fwd", _backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends. Each takes (M, N) rows with unit column stride and returns the kernel contract
+# of ``kernels/norm.py``.
+
+
+def _kernel_dtype_error(name: str, t: Tensor | None) -> str | None:
+    if t is not None and t.dtype not in _KERNEL_DTYPES:
+        return f"{name} dtype {t.dtype} is not one of {_KERNEL_DTYPES}"
+    return None
+
+
+def _first_error(*errors: str | None) -> str | None:
+    return next((e for e in errors if e is not None), None)
+
+
+def _fwd_support(x2, w, b, r2, out_dtype) -> dict[str, Callable[[], str | None]]:
+    def triton_ok():
+        return _first_error(
+            *(_kernel_dtype_error(k, t) for k, t in (("x", x2), ("weight", w), ("bias", b),
+                                                     ("residual", r2))),
+            None if out_dtype in _KERNEL_DTYPES else f"out_dtype {out_dtype} is not supported",
+        )
+
+    def cuda_ok():
+        return _first_error(triton_ok(), _cuda_layout_error(x2, w, b, r2, out_dtype))
+
+    return {"cuda": cuda_ok, "triton": triton_ok, "torch": lambda: None}
+
+
+def _bwd_support(dy2, xs2, w) -> dict[str, Callable[[], str | None]]:
+    def triton_ok():
+        return _first_error(
+            *(_kernel_dtype_error(k, t) for k, t in (("grad", dy2), ("x", xs2), ("weight", w)))
+        )
+
+    def cuda_ok():
+        return _first_error(triton_ok(), _cuda_layout_error(xs2, w, None, None, dy2.dtype))
+
+    return {"cuda": cuda_ok, "triton": triton_ok, "torch": lambda: None}
+
+
+def _cuda_layout_error(x2, w, b, r2, out_dtype) -> str | None:
+    # The C++ kernels are instantiated for weight and output dtypes equal to the input's or
+    # float32, and a residual of the input's dtype (csrc/norm.cu).
+    if x2.shape[1] > 65536:
+        return f"hidden size {x2.shape[1]} exceeds the CUDA kernels' 65536"
+    if w is not None and w.dtype not in (x2.dtype, torch.float32):
+        return f"weight dtype {w.dtype} must equal the input's ({x2.dtype}) or be float32"
+    if w is not None and b is not None and b.dtype != w.dtype:
+        return f"bias dtype {b.dtype} must equal weight dtype {w.dtype}"
+    if r2 is not None and r2.dtype != x2.dtype:
+        return f"residual dtype {r2.dtype} must equal the input's ({x2.dtype})"
+    if out_dtype not in (x2.dtype, torch.float32):
+        return f"output dtype {out_dtype} must equal the input's ({x2.dtype}) or be float32"
+    return None
+
+
+def _triton_fwd(x2, w, b, r2, eps, rms, out_dtype):
+    from fastlm.kernels import norm as kernels
+
+    return kernels.norm_fwd(x2, w, b, r2, eps, rms, out_dtype)
+
+
+def _triton_bwd(dy2, xs2, w, mean, rstd, ds2, rms, has_bias):
+    from fastlm.kernels import norm as kernels
+
+    return kernels.norm_bwd(dy2, xs2, w, mean, rstd, ds2, rms, has_bias, xs2.dtype)
+
+
+def _cuda_fwd(x2, w, b, r2, eps, rms, out_dtype):
+    y, s, mean, rstd = torch.ops.fastlm_C.norm_fwd(x2, w, b, r2, eps, rms, out_dtype)
+    return y, None if r2 is None else s, None if rms else mean, rstd
+
+
+def _cuda_bwd(dy2, xs2, w, mean, rstd, ds2, rms, has_bias):
+    stats = _empty(rstd) if mean is None else mean
+    dx, dw, db = torch.ops.fastlm_C.norm_bwd(
+        dy2, xs2, w, stats, rstd, ds2, rms, has_bias, xs2.dtype
+    )
+    return dx, dw if w is not None else None, db if has_bias else None
+
+
+def _torch_compute_dtype(x_dtype: torch.dtype, out_dtype: torch.dtype) -> torch.dtype:
+    # Compute in the wider of input and output dtypes, so a float32 output of a bf16 input
+    # is not rounded to bf16 on the way.
+    return torch.promote_types(x_dtype, out_dtype)
+
+
+def _torch_weight(w: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    # PyTorch's native norms take the input's dtype, or float32 beside a reduced-precision
+    # input; anything else is cast (exactly, when it widens).
+    if w is None or w.dtype == dtype or (w.dtype == torch.float32 and dtype.itemsize < 4):
+        return w
+    return w.to(dtype)
+
+
+@functools.cache
+def _native_stats_dtype(device_type: str, x_dtype, w_dtype) -> torch.dtype:
+    """The dtype PyTorch's native LayerNorm keeps its statistics in for these dtypes.
+
+    The native backward insists on it, and it varies by device and dtype mix (CPU keeps
+    bf16 statistics for bf16 inputs unless the weight is float32); ask once instead of
+    hard-coding the rule.
+    """
+    x = torch.ones(1, 1, dtype=x_dtype, device=device_type)
+    w = None if w_dtype is None else torch.ones(1, dtype=w_dtype, device=device_type)
+    return torch.ops.aten.native_layer_norm(x, [1], w, None, 1e-5)[2].dtype
+
+
+def _torch_fwd(x2, w, b, r2, eps, rms, out_dtype):
+    s = None if r2 is None else x2 + r2
+    xs = x2 if s is None else s
+    dtype = _torch_compute_dtype(xs.dtype, out_dtype)
+    xc, w, b = xs.to(dtype), _torch_weight(w, dtype), _torch_weight(b, dtype)
+    n = xs.shape[1]
+    if rms:
+        y, rstd = torch.ops.aten._fused_rms_norm(xc, [n], w, eps)
+        mean = None
+    else:
+        y, mean, rstd = torch.ops.aten.native_layer_norm(xc, [n], w, b, eps)
+        mean = mean.reshape(-1).float()
+    return y.to(out_dtype), s, mean, rstd.reshape(-1).float()
+
+
+def _torch_bwd(dy2, xs2, w, mean, rstd, ds2, rms, has_bias):
+    dtype = _torch_compute_dtype(xs2.dtype, dy2.dtype)
+    xc, dyc, w = xs2.to(dtype), dy2.to(dtype), _torch_weight(w, dtype)
+    m, n = xs2.shape
+    rstd = rstd.view(m, 1)
+    if rms:
+        # PyTorch has no native CPU RMSNorm backward (its autograd composes it too); float32.
+        xhat = xc.float() * rstd.float()
+        g = dyc.float() if w is None else dyc.float() * w.float()
+        dx = (g - xhat * (g * xhat).mean(-1, keepdim=True)) * rstd.float()
+        dw = None if w is None else (dyc.float() * xhat).sum(0)
+        db = None
+    else:
+        # The native backward only sizes dbias from a bias tensor; its values are unused.
+        bias_like = w if w is not None else xc.new_empty(n)
+        stats = _native_stats_dtype(xs2.device.type, dtype, None if w is None else w.dtype)
+        dx, dw, db = torch.ops.aten.native_layer_norm_backward(
+            dyc, xc, [n], mean.view(m, 1).to(stats), rstd.to(stats), w,
+            bias_like if has_bias else None,
+            [True, w is not None, has_bias],
+        )  # fmt: skip
+    if ds2 is not None:
+        dx = dx + ds2
+    return (
+        dx.to(xs2.dtype),
+        None if w is None else dw.float(),
+        db.float() if has_bias else None,
+    )
+
+
+# The kernel contract of kernels/norm.py, per backend (the kernel tests call these directly).
+FORWARD = {"cuda": _cuda_fwd, "triton": _triton_fwd, "torch": _torch_fwd}
+BACKWARD = {"cuda": _cuda_bwd, "triton": _triton_bwd, "torch": _torch_bwd}
