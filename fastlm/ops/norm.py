@@ -50,7 +50,7 @@ def rms_norm_ref(
     residual: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     s = x if residual is None else x + residual
-    eps = torch.finfo(s.dtype).eps if eps is None else eps
+    eps = default_rms_eps(s.dtype) if eps is None else eps
     dims = tuple(range(-len(_as_shape(normalized_shape)), 0))
     y = s / torch.sqrt((s * s).mean(dim=dims, keepdim=True) + eps)
     y = y if weight is None else y * weight
@@ -80,7 +80,7 @@ def layer_norm(
         weight, bias: ``normalized_shape``-shaped, any float dtype, or ``None``.
         eps: added to the variance (biased, as ``torch.nn.functional.layer_norm``).
         residual: ``None``, or a tensor shaped like ``x``. Then ``s = x + residual`` (rounded
-            to ``torch.result_type(x, residual)``) is normalized and ``(y, s)`` is returned:
+            to ``torch.promote_types(x.dtype, residual.dtype)``) is normalized and ``(y, s)`` is returned:
             the pre-norm transformer step ``h = h + f(h); y = norm(h)`` in one pass, with
             gradients flowing to both ``x`` and ``residual``.
         out_dtype: dtype of ``y``; defaults to the dtype of ``x`` (of ``s`` with a residual).
@@ -99,9 +99,15 @@ def rms_norm(
     out_dtype: torch.dtype | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """RMSNorm, ``y = x / sqrt(mean(x^2) + eps) * weight``, as ``torch.nn.functional.rms_norm``
-    (``eps=None`` means ``torch.finfo(x.dtype).eps``). Other arguments as :func:`layer_norm`.
+    (``eps=None``: see :func:`default_rms_eps`). Other arguments as :func:`layer_norm`.
     """
     return _norm(x, normalized_shape, weight, None, eps, residual, out_dtype, rms=True)
+
+
+def default_rms_eps(dtype: torch.dtype) -> float:
+    """The eps PyTorch's RMSNorm uses when given none: the machine epsilon of the dtype it
+    computes in, which is float32 for float16/bfloat16 inputs (not the input's own)."""
+    return torch.finfo(torch.promote_types(dtype, torch.float32)).eps
 
 
 def _as_shape(normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
@@ -140,9 +146,9 @@ def _norm(x, normalized_shape, weight, bias, eps, residual, out_dtype, rms):
     _check_like("weight", weight, shape, x)
     _check_like("bias", bias, shape, x)
     _check_like("residual", residual, tuple(x.shape), x)
-    s_dtype = x.dtype if residual is None else torch.result_type(x, residual)
+    s_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
     if eps is None:
-        eps = torch.finfo(s_dtype).eps
+        eps = default_rms_eps(s_dtype)
     if not eps >= 0:
         raise ValueError(f"eps must be a non-negative number, got {eps}")
     if out_dtype is None:
@@ -186,7 +192,7 @@ def _norm_fwd_op(
     """Returns ``(y, residual_out, mean, rstd)``; absent outputs are empty tensors."""
     n = math.prod(normalized_shape)
     x2 = _rows(x, n)
-    r2 = None if residual is None else _rows(residual.to(torch.result_type(x, residual)), n)
+    r2 = None if residual is None else _rows(residual.to(torch.promote_types(x.dtype, residual.dtype)), n)
     w, b = _vector(weight), _vector(bias)
     name = backend.select(
         "layer_norm" if not rms else "rms_norm", x.device, _fwd_support(x2, w, b, r2, out_dtype)
@@ -203,7 +209,7 @@ def _norm_fwd_op(
 @_norm_fwd_op.register_fake
 def _(x, weight, bias, residual, normalized_shape, eps, rms, out_dtype):
     m = x.numel() // math.prod(normalized_shape)
-    s_dtype = x.dtype if residual is None else torch.result_type(x, residual)
+    s_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
     return (
         x.new_empty(x.shape, dtype=out_dtype),
         x.new_empty(0, dtype=torch.float32) if residual is None else x.new_empty(x.shape,

@@ -1,0 +1,152 @@
+"""fastlm.nn.LayerNorm / RMSNorm drop in for torch's: constructor, state_dict, outputs, patch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastlm
+from fastlm.testing import assert_policy
+
+LAYER_NORM_KWARGS = [
+    dict(normalized_shape=24),
+    dict(normalized_shape=(3, 8), eps=1e-3),
+    dict(normalized_shape=24, elementwise_affine=False),
+    dict(normalized_shape=24, bias=False),
+    dict(normalized_shape=24, dtype=torch.bfloat16),
+]
+RMS_NORM_KWARGS = [
+    dict(normalized_shape=24),
+    dict(normalized_shape=[3, 8], eps=1e-6),
+    dict(normalized_shape=24, elementwise_affine=False),
+    dict(normalized_shape=24, eps=None, dtype=torch.float16),
+]
+PAIRS = [(torch.nn.LayerNorm, fastlm.nn.LayerNorm, kw) for kw in LAYER_NORM_KWARGS] + [
+    (torch.nn.RMSNorm, fastlm.nn.RMSNorm, kw) for kw in RMS_NORM_KWARGS
+]
+PAIR_IDS = [f"{a.__name__}-{i}" for i, (a, _, _) in enumerate(PAIRS)]
+
+
+def _randomize(module):
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn_like(p))
+    return module
+
+
+@pytest.mark.parametrize("torch_cls, fast_cls, kwargs", PAIRS, ids=PAIR_IDS)
+def test_same_parameters_state_dict_and_repr(torch_cls, fast_cls, kwargs):
+    ref, ours = torch_cls(**kwargs), fast_cls(**kwargs)
+    ref_sd, our_sd = ref.state_dict(), ours.state_dict()
+    assert list(our_sd) == list(ref_sd)
+    for key in ref_sd:
+        assert our_sd[key].shape == ref_sd[key].shape and our_sd[key].dtype == ref_sd[key].dtype
+        torch.testing.assert_close(our_sd[key], ref_sd[key])  # same initialisation
+    assert repr(ours) == repr(ref)
+    assert isinstance(ours, torch_cls)
+
+
+def test_meta_device_construction():
+    ln = fastlm.nn.LayerNorm(16, device="meta")
+    assert ln.weight.device.type == "meta" and ln.bias.device.type == "meta"
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("torch_cls, fast_cls, kwargs", PAIRS, ids=PAIR_IDS)
+def test_loads_torch_state_dict_and_matches_outputs_and_grads(torch_cls, fast_cls, kwargs,
+                                                              backend):  # fmt: skip
+    ref = _randomize(torch_cls(**kwargs))
+    ours = fast_cls(**kwargs)
+    ours.load_state_dict(ref.state_dict())
+    dtype = kwargs.get("dtype", torch.float32)
+    shape = ref.normalized_shape
+    x = torch.randn(2, 5, *shape, dtype=dtype, requires_grad=True)
+    dy = torch.randn(2, 5, *shape, dtype=dtype)
+
+    with fastlm.use_backend(backend):
+        y = ours(x)
+        (y * dy).sum().backward()
+    y_ref = ref(x)
+    x_grad, x.grad = x.grad, None
+    (y_ref * dy).sum().backward()
+
+    ref64 = torch_cls(**{**kwargs, "dtype": torch.float64})
+    ref64.load_state_dict(ref.state_dict())
+    x64 = x.detach().double().requires_grad_()
+    if isinstance(ref, torch.nn.RMSNorm) and ref.eps is None:
+        ref64.eps = fastlm.ops.norm.default_rms_eps(dtype)  # the half-precision module's eps
+    y64 = ref64(x64)
+    (y64 * dy.double()).sum().backward()
+
+    assert_policy(y, y64, y_ref, "y")
+    assert_policy(x_grad, x64.grad, x.grad, "dx")
+    for (name, p), p_ref, p64 in zip(ours.named_parameters(), ref.parameters(),
+                                     ref64.parameters(), strict=True):  # fmt: skip
+        assert_policy(p.grad, p64.grad, p_ref.grad, name)
+
+
+def test_residual_forward():
+    ln = _randomize(fastlm.nn.RMSNorm(12))
+    x, r = torch.randn(3, 12), torch.randn(3, 12)
+    y, s = ln(x, residual=r)
+    torch.testing.assert_close(s, x + r)
+    torch.testing.assert_close(y, torch.nn.functional.rms_norm(x + r, (12,), ln.weight))
+
+
+class _Model(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Linear(8, 16)
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.LayerNorm(16), torch.nn.Linear(16, 16), torch.nn.GELU())
+            for _ in range(2)
+        )
+        self.final = torch.nn.RMSNorm(16, eps=1e-6)
+
+    def forward(self, x):
+        h = self.embed(x)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.final(h)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_patch_swaps_norms_in_place(dtype):
+    model = _Model().to(dtype)
+    for m in model.modules():
+        if isinstance(m, torch.nn.LayerNorm | torch.nn.RMSNorm):
+            _randomize(m)
+    params = {name: p for name, p in model.named_parameters()}
+    keys = list(model.state_dict())
+    x = torch.randn(4, 8, dtype=dtype)
+    before = model(x)
+    hooked = []
+    model.final.register_forward_hook(lambda *_: hooked.append(True))
+
+    assert fastlm.patch(model) is model
+
+    assert type(model.blocks[0][0]) is fastlm.nn.LayerNorm
+    assert type(model.final) is fastlm.nn.RMSNorm
+    assert type(model.embed) is torch.nn.Linear
+    assert list(model.state_dict()) == keys
+    for name, p in model.named_parameters():
+        assert p is params[name]  # same Parameter objects: optimizers keep working
+    after = model(x)
+    assert hooked == [True]
+    torch.testing.assert_close(after, before)
+    with fastlm.use_backend("triton"):
+        torch.testing.assert_close(model(x), before, rtol=2e-2 if dtype != torch.float32 else
+                                   1e-5, atol=2e-2 if dtype != torch.float32 else 1e-5)
+
+
+def test_patch_leaves_subclasses_and_rejects_non_modules():
+    class CustomNorm(torch.nn.LayerNorm):
+        pass
+
+    model = torch.nn.Sequential(CustomNorm(4), torch.nn.LayerNorm(4))
+    fastlm.patch(model)
+    assert type(model[0]) is CustomNorm and type(model[1]) is fastlm.nn.LayerNorm
+    root = fastlm.patch(torch.nn.RMSNorm(4))
+    assert type(root) is fastlm.nn.RMSNorm
+    with pytest.raises(TypeError, match="model"):
+        fastlm.patch("not a model")
