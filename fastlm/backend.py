@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
+import importlib.util
 import os
 from collections.abc import Callable, Iterator, Mapping
 
@@ -27,6 +27,9 @@ BACKENDS = ("cuda", "triton", "torch")
 # Ops whose CUDA C++ implementation has passed its GPU tests on real hardware (see
 # bench/results/). Empty until a GPU run records a pass.
 GPU_VERIFIED_CUDA: frozenset[str] = frozenset()
+
+# op name -> backends that implement it, filled in by each fastlm.ops module at import.
+_IMPLEMENTED: dict[str, tuple[str, ...]] = {}
 
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastlm_backend", default=None)
 
@@ -64,9 +67,7 @@ def use_backend(name: str | None) -> Iterator[None]:
         _forced.reset(token)
 
 
-@functools.cache
-def cuda_extension_error() -> str | None:
-    """Why ``fastlm._C`` cannot be used here, or ``None`` when it imported."""
+def _probe_cuda_extension() -> str | None:
     try:
         import fastlm._C  # noqa: F401  (registers the torch.ops.fastlm_C ops)
     except ImportError as exc:
@@ -74,14 +75,25 @@ def cuda_extension_error() -> str | None:
     return None
 
 
-@functools.cache
-def triton_error() -> str | None:
-    """Why Triton cannot be used here, or ``None`` when it imports."""
-    try:
-        import triton  # noqa: F401
-    except ImportError as exc:
-        return f"triton is not installed ({exc})"
+def _probe_triton() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
     return None
+
+
+# Probed once, at import: torch.compile then reads constants instead of tracing imports.
+_CUDA_EXTENSION_ERROR = _probe_cuda_extension()
+_TRITON_ERROR = _probe_triton()
+
+
+def cuda_extension_error() -> str | None:
+    """Why ``fastlm._C`` cannot be used here, or ``None`` when it loaded."""
+    return _CUDA_EXTENSION_ERROR
+
+
+def triton_error() -> str | None:
+    """Why Triton cannot be used here, or ``None`` when it is installed."""
+    return _TRITON_ERROR
 
 
 def backend_error(name: str, device: torch.device) -> str | None:
@@ -95,6 +107,17 @@ def backend_error(name: str, device: torch.device) -> str | None:
             return f"triton runs on CUDA tensors (or CPU under the interpreter), got {device.type}"
         return triton_error()
     return None
+
+
+def register_op(op: str, backends: tuple[str, ...]) -> None:
+    for name in backends:
+        _check_name(name, f"a backend of {op}")
+    _IMPLEMENTED[op] = backends
+
+
+def registered_ops() -> dict[str, tuple[str, ...]]:
+    """Every fastlm op and the backends it has (for ``fastlm info``)."""
+    return dict(_IMPLEMENTED)
 
 
 def gpu_order(op: str) -> tuple[str, ...]:

@@ -74,7 +74,7 @@ class Row:
 def problems(row: Row) -> list[str]:
     """Why ``row`` fails the check (empty when it passes)."""
     if row.error is not None:
-        return [f"compile error: {row.error}"]
+        return [f"error: {row.error}"]
     found = []
     if row.spill_stores or row.spill_loads:
         found.append(f"spills {row.spill_stores}B stores / {row.spill_loads}B loads")
@@ -300,10 +300,17 @@ def demangle(names: Sequence[str]) -> dict[str, str]:
         out = subprocess.run([cxxfilt], input="\n".join(names), capture_output=True, text=True)
         if out.returncode == 0 and len(out.stdout.splitlines()) == len(names):
             readable = out.stdout.splitlines()
-    return dict(zip(names, map(_drop_parameters, readable), strict=True))
+    return dict(zip(names, map(_short_name, readable), strict=True))
 
 
-def _drop_parameters(name: str) -> str:
+_CXX_TYPES = {"__nv_bfloat16": "bf16", "__half": "fp16", "float": "fp32"}
+
+
+def _short_name(name: str) -> str:
+    # c++filt prints a function template's return type ("void f<...>(...)"); kernels are void.
+    name = name.removeprefix("void ").replace("(anonymous namespace)::", "")
+    for long, short in _CXX_TYPES.items():
+        name = re.sub(rf"\b{long}\b", short, name)
     depth = 0
     for i, ch in enumerate(name):
         depth += {"<": 1, ">": -1}.get(ch, 0)
@@ -327,19 +334,22 @@ def compile_cuda_file(cu: Path, command: Sequence[str]) -> list[Row]:
     rows = parse_ptxas(proc.stderr + proc.stdout)
     names = demangle(sorted({row.label for row in rows}))
     elapsed = time.perf_counter() - start
+    # One nvcc call builds every entry: each row gets an equal share of its time.
     for row in rows:
         stats = sass_stats(sass.get((row.label, row.arch), ""))
         row.tensor_cores, row.widest_load = stats.tensor_cores, stats.widest_load
         row.label = f"{cu.name}:{names[row.label]}"
         row.seconds = elapsed / len(rows)
-    return rows
+    return sorted(rows, key=lambda row: (row.label, row.arch))
 
 
 def check_cuda(require: bool, jobs: int) -> tuple[list[Row], str | None]:
     """Rows for every ``csrc/*.cu``, and a note when the check was skipped."""
+    if not CSRC.is_dir():
+        return _skipped(require, f"no csrc/ at {CSRC} (not an editable install?)")
     sources = sorted(CSRC.glob("*.cu"))
     if not sources:
-        return _skipped(require, f"no CUDA sources at {CSRC} (not an editable install?)")
+        return _skipped(require, f"no .cu files in {CSRC}")
     try:
         from fastlm import build_config
     except ImportError as exc:
@@ -375,25 +385,52 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
 
 
 def report(rows: Sequence[Row]) -> str:
-    headers = ("source", "kernel", "arch", "regs", "stack", "spill st/ld", "smem", "tc",
-               "widest ld", "s", "status")
+    headers = (
+        "source",
+        "kernel",
+        "arch",
+        "regs",
+        "stack",
+        "spill st/ld",
+        "smem",
+        "tc",
+        "widest ld",
+        "s",
+        "status",
+    )
     body = []
     for row in rows:
         found = problems(row)
         status = "ok" if not found else "FAIL: " + found[0].splitlines()[0][:60]
         load = "-" if row.widest_load is None else f"{row.widest_load}b"
-        body.append((row.source, row.label, row.arch, "-" if row.regs is None else row.regs,
-                     row.stack, f"{row.spill_stores}/{row.spill_loads}", row.shared,
-                     row.tensor_cores, load, f"{row.seconds:.1f}", status))
+        body.append(
+            (
+                row.source,
+                row.label,
+                row.arch,
+                "-" if row.regs is None else row.regs,
+                row.stack,
+                f"{row.spill_stores}/{row.spill_loads}",
+                row.shared,
+                row.tensor_cores,
+                load,
+                f"{row.seconds:.1f}",
+                status,
+            )
+        )
     return format_table(headers, body)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastlm.kernels.compile_check",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m fastlm.kernels.compile_check", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--json", type=Path, help="also write the table as JSON here")
-    parser.add_argument("--require-cuda", action="store_true",
-                        help="fail (instead of skipping) when csrc/ or nvcc is missing (CI)")
+    parser.add_argument(
+        "--require-cuda",
+        action="store_true",
+        help="fail (instead of skipping) when csrc/ or nvcc is missing (CI)",
+    )
     parser.add_argument("--jobs", type=int, default=2, help="parallel compiles (default 2)")
     args = parser.parse_args(argv)
 
@@ -409,12 +446,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     failures = [(row, found) for row in rows if (found := problems(row))]
     for row, found in failures:
         print(f"\n{row.source} {row.label} [{row.arch}]:\n  " + "\n  ".join(found))
-    print(f"\n{len(rows)} compiles, {len(failures)} failing, {elapsed:.1f} s "
-          f"(triton {triton.__version__}, {args.jobs} jobs)")
+    print(
+        f"\n{len(rows)} compiles, {len(failures)} failing, {elapsed:.1f} s "
+        f"(triton {triton.__version__}, {args.jobs} jobs)"
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"triton": triton.__version__, "seconds": elapsed, "skipped": note,
-                   "rows": [dict(dataclasses.asdict(r), problems=problems(r)) for r in rows]}
+        payload = {
+            "triton": triton.__version__,
+            "seconds": elapsed,
+            "skipped": note,
+            "rows": [dict(dataclasses.asdict(r), problems=problems(r)) for r in rows],
+        }
         args.json.write_text(json.dumps(payload, indent=2))
     return 1 if failures else 0
 

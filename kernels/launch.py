@@ -68,7 +68,8 @@ def _convert_float(data, src, dst, rounding_mode):
     ties to even nor carries into the exponent), so bf16 results would differ from the GPU's
     by an ulp. Other conversions are left to the interpreter.
     """
-    if src != tl.float32 or dst != tl.bfloat16 or rounding_mode == interpreter._ir.ROUNDING_MODE.RTZ:
+    rtz = rounding_mode == interpreter._ir.ROUNDING_MODE.RTZ
+    if src != tl.float32 or dst != tl.bfloat16 or rtz:
         return _interpreter_convert_float(data, src, dst, rounding_mode)
     bits = np.ascontiguousarray(data).view(np.uint32).astype(np.uint64)
     rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16

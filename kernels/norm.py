@@ -29,7 +29,7 @@ from .launch import KernelSpec, on_device
 # Largest row (in elements) kept whole in registers; longer rows loop over chunks. Chosen so
 # that no shipped configuration spills at sm_80/sm_90 (checked by compile_check).
 MAX_TILE = 8192
-LOOP_BLOCK_N = 4096
+LOOP_BLOCK_N = 2048
 # Elements one program handles at once: small rows are packed several to a program.
 TILE_ELEMENTS = 4096
 
@@ -227,13 +227,20 @@ class TileConfig:
     single_tile: bool
 
 
-def tile_config(n: int) -> TileConfig:
-    """Block shape for rows of ``n`` elements (forward and backward use the same)."""
+def tile_config(n: int, backward: bool = False) -> TileConfig:
+    """Block shape for rows of ``n`` elements.
+
+    The forward packs small rows into ~4096-element tiles at 16 elements per thread. The
+    backward keeps more arrays live (x, dy, xhat, g and the dweight/dbias accumulators), so
+    it takes ~1024-element tiles at 8 elements per thread: larger ones spill or run above
+    120 registers at sm_90 (see compile_check).
+    """
     if n > MAX_TILE:
         return TileConfig(1, LOOP_BLOCK_N, 8, False)
+    tile, per_thread = (TILE_ELEMENTS // 4, 8) if backward else (TILE_ELEMENTS, 16)
     block_n = max(16, triton.next_power_of_2(n))
-    block_m = max(1, min(TILE_ELEMENTS // block_n, 64))
-    num_warps = max(1, min(block_m * block_n // 512, 16))
+    block_m = max(1, min(tile // block_n, 64))
+    num_warps = max(1, min(block_m * block_n // (32 * per_thread), 16))
     return TileConfig(block_m, block_n, num_warps, True)
 
 
@@ -266,8 +273,9 @@ def norm_fwd(
     assert x.stride(-1) == 1 and (residual is None or residual.stride(-1) == 1)
     m, n = x.shape
     y = torch.empty((m, n), dtype=out_dtype, device=x.device)
-    res_out = None if residual is None else torch.empty((m, n), dtype=residual.dtype,
-                                                        device=x.device)
+    res_out = (
+        None if residual is None else torch.empty((m, n), dtype=residual.dtype, device=x.device)
+    )
     mean = None if rms else torch.empty(m, dtype=torch.float32, device=x.device)
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)
     if m == 0:
@@ -309,7 +317,7 @@ def norm_bwd(
     if m == 0:
         zeros = torch.zeros(n, dtype=torch.float32, device=xs.device)
         return dx, zeros if weight is not None else None, zeros.clone() if has_bias else None
-    cfg = tile_config(n)
+    cfg = tile_config(n, backward=True)
     programs = _programs_for_reduction(triton.cdiv(m, cfg.block_m), xs.device)
     rows_per_program = triton.cdiv(triton.cdiv(m, programs), cfg.block_m) * cfg.block_m
     programs = triton.cdiv(m, rows_per_program)
@@ -331,48 +339,59 @@ def norm_bwd(
     return dx, None if dw is None else dw.sum(0), None if db is None else db.sum(0)
 
 
-def _shipped_configs() -> list[tuple[int, TileConfig]]:
+def _shipped_configs(backward: bool) -> list[tuple[int, TileConfig]]:
     """One representative hidden size per distinct tile configuration, 1..65536."""
     seen: dict[TileConfig, int] = {}
     for n in [2**k for k in range(17)]:
-        seen.setdefault(tile_config(n), n)
+        seen.setdefault(tile_config(n, backward), n)
     return [(n, cfg) for cfg, n in seen.items()]
 
 
-_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
 def compile_specs() -> list[KernelSpec]:
-    """Every tile configuration, forward and backward, LayerNorm and RMSNorm, in bf16 with all
-    features on (weight, bias, residual), plus fp16 and fp32 at a typical hidden size."""
+    """Every tile configuration of the forward and the backward, LayerNorm and RMSNorm, in
+    bf16 with all features on (weight, bias, residual), plus fp16 and fp32 at n=4096."""
     specs = []
-    for n, cfg in _shipped_configs():
-        dtypes = (torch.bfloat16, torch.float16, torch.float32) if n == 4096 else (torch.bfloat16,)
-        for dtype in dtypes:
-            for rms in (False, True):
-                specs += _specs_for(cfg, dtype, rms, f"n={n}")
+    for backward, make in ((False, _fwd_spec), (True, _bwd_spec)):
+        for n, cfg in _shipped_configs(backward):
+            dtypes = DTYPES_CHECKED if n == 4096 else (torch.bfloat16,)
+            for dtype in dtypes:
+                for rms in (False, True):
+                    name = "rms_norm" if rms else "layer_norm"
+                    label = (
+                        f"{name} {_TRITON_DTYPE[dtype]} n={n} tile={cfg.block_m}x"
+                        f"{cfg.block_n} w={cfg.num_warps} {'bwd' if backward else 'fwd'}"
+                    )
+                    specs.append(make(cfg, _TRITON_DTYPE[dtype], rms, label))
     return specs
 
 
-def _specs_for(cfg: TileConfig, dtype: torch.dtype, rms: bool, where: str) -> list[KernelSpec]:
-    t = _TRITON_DTYPE[dtype]
-    shape = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SINGLE_TILE=cfg.single_tile)
-    name = "rms_norm" if rms else "layer_norm"
-    label = f"{name} {t} {where} tile={cfg.block_m}x{cfg.block_n} w={cfg.num_warps}"
-    fwd = KernelSpec(
-        label=f"{label} fwd",
+DTYPES_CHECKED = (torch.bfloat16, torch.float16, torch.float32)
+_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _tile_constexprs(cfg: TileConfig) -> dict:
+    return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SINGLE_TILE=cfg.single_tile)
+
+
+def _fwd_spec(cfg: TileConfig, t: str, rms: bool, label: str) -> KernelSpec:
+    return KernelSpec(
+        label=label,
         kernel=_norm_fwd_kernel,
         signature={
             "X": f"*{t}", "R": f"*{t}", "W": f"*{t}", "B": f"*{t}", "Y": f"*{t}", "S": f"*{t}",
             "Mean": "*fp32", "Rstd": "*fp32", "stride_x": "i32", "stride_r": "i32",
             "M": "i32", "N": "i32", "eps": "fp32",
         },
-        constexprs=dict(IS_RMS=rms, HAS_W=True, HAS_B=not rms, HAS_RES=True, **shape),
+        constexprs=dict(IS_RMS=rms, HAS_W=True, HAS_B=not rms, HAS_RES=True,
+                        **_tile_constexprs(cfg)),
         num_warps=cfg.num_warps,
         aligned=("X", "R", "W", "B", "Y", "S", "stride_x", "stride_r", "N"),
     )  # fmt: skip
-    bwd = KernelSpec(
-        label=f"{label} bwd",
+
+
+def _bwd_spec(cfg: TileConfig, t: str, rms: bool, label: str) -> KernelSpec:
+    return KernelSpec(
+        label=label,
         kernel=_norm_bwd_kernel,
         signature={
             "DY": f"*{t}", "XS": f"*{t}", "W": f"*{t}", "Mean": "*fp32", "Rstd": "*fp32",
@@ -380,9 +399,9 @@ def _specs_for(cfg: TileConfig, dtype: torch.dtype, rms: bool, where: str) -> li
             "stride_dy": "i32", "stride_xs": "i32", "stride_ds": "i32",
             "M": "i32", "N": "i32", "rows_per_program": "i32",
         },
-        constexprs=dict(IS_RMS=rms, HAS_W=True, HAS_B=not rms, HAS_DS=True, **shape),
+        constexprs=dict(IS_RMS=rms, HAS_W=True, HAS_B=not rms, HAS_DS=True,
+                        **_tile_constexprs(cfg)),
         num_warps=cfg.num_warps,
         aligned=("DY", "XS", "W", "DS", "DX", "DW", "DB", "stride_dy", "stride_xs",
                  "stride_ds", "N"),
     )  # fmt: skip
-    return [fwd, bwd]

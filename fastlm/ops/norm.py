@@ -7,11 +7,11 @@ Both norms share one pair of ``torch.library`` custom ops, ``fastlm::norm_fwd`` 
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fastlm import backend
@@ -79,9 +79,9 @@ def layer_norm(
         normalized_shape: trailing shape to normalize over (product 1..65536 on the kernels).
         weight, bias: ``normalized_shape``-shaped, any float dtype, or ``None``.
         eps: added to the variance (biased, as ``torch.nn.functional.layer_norm``).
-        residual: ``None``, or a tensor shaped like ``x``. Then ``s = x + residual`` (rounded
-            to ``torch.promote_types(x.dtype, residual.dtype)``) is normalized and ``(y, s)`` is returned:
-            the pre-norm transformer step ``h = h + f(h); y = norm(h)`` in one pass, with
+        residual: ``None``, or a tensor shaped like ``x``. Then ``s = x + residual``, rounded
+            to the promoted dtype of the two, is normalized and ``(y, s)`` is returned: the
+            pre-norm transformer step ``h = h + f(h); y = norm(h)`` in one pass, with
             gradients flowing to both ``x`` and ``residual``.
         out_dtype: dtype of ``y``; defaults to the dtype of ``x`` (of ``s`` with a residual).
 
@@ -138,7 +138,7 @@ def _norm(x, normalized_shape, weight, bias, eps, residual, out_dtype, rms):
     shape = _as_shape(normalized_shape)
     if not shape or any(not isinstance(d, int) or d < 1 for d in shape):
         raise ValueError(f"normalized_shape must be positive ints, got {normalized_shape!r}")
-    if tuple(x.shape[-len(shape):]) != shape or x.dim() < len(shape):
+    if tuple(x.shape[-len(shape) :]) != shape or x.dim() < len(shape):
         raise ValueError(
             f"normalized_shape {shape} must match the trailing dims of x, got x shape "
             f"{tuple(x.shape)}"
@@ -155,9 +155,36 @@ def _norm(x, normalized_shape, weight, bias, eps, residual, out_dtype, rms):
         out_dtype = s_dtype
     elif out_dtype not in _FLOAT_DTYPES:
         raise TypeError(f"out_dtype must be a floating-point dtype, got {out_dtype}")
+    name = backend.select(
+        "rms_norm" if rms else "layer_norm", x.device,
+        _support(x, weight, bias, residual, out_dtype, math.prod(shape)),
+    )  # fmt: skip
+    if name == "torch":
+        return _torch_norm(x, shape, weight, bias, float(eps), residual, out_dtype, rms)
     y, s, _, _ = torch.ops.fastlm.norm_fwd(
-        x, weight, bias, residual, list(shape), float(eps), rms, out_dtype
+        x, weight, bias, residual, list(shape), float(eps), rms, out_dtype, name
     )
+    return y if residual is None else (y, s)
+
+
+def _torch_weight(w: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    # PyTorch's native norms take parameters in the input's dtype, or float32 beside a
+    # reduced-precision input; anything else is cast (exactly, when it widens).
+    if w is None or w.dtype == dtype or (w.dtype == torch.float32 and dtype.itemsize < 4):
+        return w
+    return w.to(dtype)
+
+
+def _torch_norm(x, shape, weight, bias, eps, residual, out_dtype, rms):
+    """The ``torch`` backend: PyTorch's own native norms and autograd, no custom op, so CPU
+    users pay nothing over plain PyTorch and ``torch.compile`` can fuse around it."""
+    s = x if residual is None else x + residual
+    # Compute in the wider of the input and output dtypes, so a float32 output of a bf16
+    # input is not rounded to bf16 on the way.
+    xs = s.to(torch.promote_types(s.dtype, out_dtype))
+    w, b = _torch_weight(weight, xs.dtype), _torch_weight(bias, xs.dtype)
+    y = F.rms_norm(xs, shape, w, eps) if rms else F.layer_norm(xs, shape, w, b, eps)
+    y = y.to(out_dtype)
     return y if residual is None else (y, s)
 
 
@@ -188,16 +215,16 @@ def _norm_fwd_op(
     eps: float,
     rms: bool,
     out_dtype: torch.dtype,
+    backend_name: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(y, residual_out, mean, rstd)``; absent outputs are empty tensors."""
     n = math.prod(normalized_shape)
+    s_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
     x2 = _rows(x, n)
-    r2 = None if residual is None else _rows(residual.to(torch.promote_types(x.dtype, residual.dtype)), n)
-    w, b = _vector(weight), _vector(bias)
-    name = backend.select(
-        "layer_norm" if not rms else "rms_norm", x.device, _fwd_support(x2, w, b, r2, out_dtype)
+    r2 = None if residual is None else _rows(residual.to(s_dtype), n)
+    y, s, mean, rstd = FORWARD[backend_name](
+        x2, _vector(weight), _vector(bias), r2, eps, rms, out_dtype
     )
-    y, s, mean, rstd = FORWARD[name](x2, w, b, r2, eps, rms, out_dtype)
     return (
         y.view(x.shape),
         _empty(x) if s is None else s.view(x.shape),
@@ -207,13 +234,14 @@ def _norm_fwd_op(
 
 
 @_norm_fwd_op.register_fake
-def _(x, weight, bias, residual, normalized_shape, eps, rms, out_dtype):
+def _(x, weight, bias, residual, normalized_shape, eps, rms, out_dtype, backend_name):
     m = x.numel() // math.prod(normalized_shape)
     s_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
     return (
         x.new_empty(x.shape, dtype=out_dtype),
-        x.new_empty(0, dtype=torch.float32) if residual is None else x.new_empty(x.shape,
-                                                                                  dtype=s_dtype),
+        x.new_empty(0, dtype=torch.float32)
+        if residual is None
+        else x.new_empty(x.shape, dtype=s_dtype),
         x.new_empty(0 if rms else m, dtype=torch.float32),
         x.new_empty(m, dtype=torch.float32),
     )
@@ -230,17 +258,16 @@ def _norm_bwd_op(
     normalized_shape: list[int],
     rms: bool,
     has_bias: bool,
+    backend_name: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns ``(dx, dweight, dbias)``: dx in ``xs.dtype``, the others float32 (N,) or
     empty. ``xs`` is the tensor that was normalized; ``dresidual_out`` is added to dx."""
     n = math.prod(normalized_shape)
-    dy2, xs2, w = _rows(dy, n), _rows(xs, n), _vector(weight)
     ds2 = None if dresidual_out is None else _rows(dresidual_out.to(xs.dtype), n)
-    mean_ = None if rms else mean
-    name = backend.select(
-        "layer_norm" if not rms else "rms_norm", xs.device, _bwd_support(dy2, xs2, w)
-    )
-    dx, dw, db = BACKWARD[name](dy2, xs2, w, mean_, rstd, ds2, rms, has_bias)
+    dx, dw, db = BACKWARD[backend_name](
+        _rows(dy, n), _rows(xs, n), _vector(weight), None if rms else mean, rstd, ds2, rms,
+        has_bias,
+    )  # fmt: skip
     return (
         dx.view(xs.shape),
         _empty(xs) if dw is None else dw,
@@ -249,7 +276,8 @@ def _norm_bwd_op(
 
 
 @_norm_bwd_op.register_fake
-def _(dy, xs, weight, mean, rstd, dresidual_out, normalized_shape, rms, has_bias):
+def _(dy, xs, weight, mean, rstd, dresidual_out, normalized_shape, rms, has_bias,
+      backend_name):  # fmt: skip
     n = math.prod(normalized_shape)
     return (
         xs.new_empty(xs.shape),
@@ -259,12 +287,15 @@ def _(dy, xs, weight, mean, rstd, dresidual_out, normalized_shape, rms, has_bias
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, residual, normalized_shape, _, rms, _ = inputs
+    x, weight, bias, residual, normalized_shape, _, rms, _, backend_name = inputs
     _, s, mean, rstd = output
     xs = x if residual is None else s
     ctx.save_for_backward(xs, weight, mean, rstd)
     ctx.normalized_shape = normalized_shape
     ctx.rms = rms
+    # The backward runs where the forward did: a forced backend reaches it even though
+    # autograd may run it on another thread, outside the caller's use_backend() context.
+    ctx.backend_name = backend_name
     ctx.has_bias = bias is not None
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.x_dtype = x.dtype
@@ -278,20 +309,20 @@ def _backward(ctx, dy, ds, _dmean, _drstd):
         dy = torch.zeros_like(xs)
     dx, dw, db = torch.ops.fastlm.norm_bwd(
         dy, xs, weight, mean, rstd, ds if has_residual else None,
-        ctx.normalized_shape, ctx.rms, ctx.has_bias,
+        ctx.normalized_shape, ctx.rms, ctx.has_bias, ctx.backend_name,
     )  # fmt: skip
     dweight = None if weight is None else dw.view(weight.shape).to(weight.dtype)
     dbias = db.view(ctx.normalized_shape).to(ctx.bias_dtype) if ctx.has_bias else None
     dres = dx.to(ctx.residual_dtype) if has_residual else None
-    return dx.to(ctx.x_dtype), dweight, dbias, dres, None, None, None, None
+    return dx.to(ctx.x_dtype), dweight, dbias, dres, None, None, None, None, None
 
 
 torch.library.register_autograd("fastlm::norm_fwd", _backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------
-# Backends. Each takes (M, N) rows with unit column stride and returns the kernel contract
-# of ``kernels/norm.py``.
+# Compiled backends. Each takes (M, N) rows with unit column stride and follows the kernel
+# contract of ``kernels/norm.py``.
 
 
 def _kernel_dtype_error(name: str, t: Tensor | None) -> str | None:
@@ -304,37 +335,28 @@ def _first_error(*errors: str | None) -> str | None:
     return next((e for e in errors if e is not None), None)
 
 
-def _fwd_support(x2, w, b, r2, out_dtype) -> dict[str, Callable[[], str | None]]:
-    def triton_ok():
+def _support(x, weight, bias, residual, out_dtype, n) -> dict[str, Callable[[], str | None]]:
+    """Per backend, a check returning why it cannot serve these arguments (or None)."""
+
+    def triton_error():
         return _first_error(
-            *(_kernel_dtype_error(k, t) for k, t in (("x", x2), ("weight", w), ("bias", b),
-                                                     ("residual", r2))),
+            *(_kernel_dtype_error(k, t) for k, t in (("x", x), ("weight", weight),
+                                                     ("bias", bias), ("residual", residual))),
             None if out_dtype in _KERNEL_DTYPES else f"out_dtype {out_dtype} is not supported",
-        )
+        )  # fmt: skip
 
-    def cuda_ok():
-        return _first_error(triton_ok(), _cuda_layout_error(x2, w, b, r2, out_dtype))
+    def cuda_error():
+        return _first_error(triton_error(), _cuda_layout_error(x, weight, bias, residual,
+                                                               out_dtype, n))  # fmt: skip
 
-    return {"cuda": cuda_ok, "triton": triton_ok, "torch": lambda: None}
-
-
-def _bwd_support(dy2, xs2, w) -> dict[str, Callable[[], str | None]]:
-    def triton_ok():
-        return _first_error(
-            *(_kernel_dtype_error(k, t) for k, t in (("grad", dy2), ("x", xs2), ("weight", w)))
-        )
-
-    def cuda_ok():
-        return _first_error(triton_ok(), _cuda_layout_error(xs2, w, None, None, dy2.dtype))
-
-    return {"cuda": cuda_ok, "triton": triton_ok, "torch": lambda: None}
+    return {"cuda": cuda_error, "triton": triton_error, "torch": lambda: None}
 
 
-def _cuda_layout_error(x2, w, b, r2, out_dtype) -> str | None:
+def _cuda_layout_error(x2, w, b, r2, out_dtype, n) -> str | None:
     # The C++ kernels are instantiated for weight and output dtypes equal to the input's or
     # float32, and a residual of the input's dtype (csrc/norm.cu).
-    if x2.shape[1] > 65536:
-        return f"hidden size {x2.shape[1]} exceeds the CUDA kernels' 65536"
+    if n > 65536:
+        return f"hidden size {n} exceeds the CUDA kernels' 65536"
     if w is not None and w.dtype not in (x2.dtype, torch.float32):
         return f"weight dtype {w.dtype} must equal the input's ({x2.dtype}) or be float32"
     if w is not None and b is not None and b.dtype != w.dtype:
@@ -371,78 +393,8 @@ def _cuda_bwd(dy2, xs2, w, mean, rstd, ds2, rms, has_bias):
     return dx, dw if w is not None else None, db if has_bias else None
 
 
-def _torch_compute_dtype(x_dtype: torch.dtype, out_dtype: torch.dtype) -> torch.dtype:
-    # Compute in the wider of input and output dtypes, so a float32 output of a bf16 input
-    # is not rounded to bf16 on the way.
-    return torch.promote_types(x_dtype, out_dtype)
-
-
-def _torch_weight(w: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    # PyTorch's native norms take the input's dtype, or float32 beside a reduced-precision
-    # input; anything else is cast (exactly, when it widens).
-    if w is None or w.dtype == dtype or (w.dtype == torch.float32 and dtype.itemsize < 4):
-        return w
-    return w.to(dtype)
-
-
-@functools.cache
-def _native_stats_dtype(device_type: str, x_dtype, w_dtype) -> torch.dtype:
-    """The dtype PyTorch's native LayerNorm keeps its statistics in for these dtypes.
-
-    The native backward insists on it, and it varies by device and dtype mix (CPU keeps
-    bf16 statistics for bf16 inputs unless the weight is float32); ask once instead of
-    hard-coding the rule.
-    """
-    x = torch.ones(1, 1, dtype=x_dtype, device=device_type)
-    w = None if w_dtype is None else torch.ones(1, dtype=w_dtype, device=device_type)
-    return torch.ops.aten.native_layer_norm(x, [1], w, None, 1e-5)[2].dtype
-
-
-def _torch_fwd(x2, w, b, r2, eps, rms, out_dtype):
-    s = None if r2 is None else x2 + r2
-    xs = x2 if s is None else s
-    dtype = _torch_compute_dtype(xs.dtype, out_dtype)
-    xc, w, b = xs.to(dtype), _torch_weight(w, dtype), _torch_weight(b, dtype)
-    n = xs.shape[1]
-    if rms:
-        y, rstd = torch.ops.aten._fused_rms_norm(xc, [n], w, eps)
-        mean = None
-    else:
-        y, mean, rstd = torch.ops.aten.native_layer_norm(xc, [n], w, b, eps)
-        mean = mean.reshape(-1).float()
-    return y.to(out_dtype), s, mean, rstd.reshape(-1).float()
-
-
-def _torch_bwd(dy2, xs2, w, mean, rstd, ds2, rms, has_bias):
-    dtype = _torch_compute_dtype(xs2.dtype, dy2.dtype)
-    xc, dyc, w = xs2.to(dtype), dy2.to(dtype), _torch_weight(w, dtype)
-    m, n = xs2.shape
-    rstd = rstd.view(m, 1)
-    if rms:
-        # PyTorch has no native CPU RMSNorm backward (its autograd composes it too); float32.
-        xhat = xc.float() * rstd.float()
-        g = dyc.float() if w is None else dyc.float() * w.float()
-        dx = (g - xhat * (g * xhat).mean(-1, keepdim=True)) * rstd.float()
-        dw = None if w is None else (dyc.float() * xhat).sum(0)
-        db = None
-    else:
-        # The native backward only sizes dbias from a bias tensor; its values are unused.
-        bias_like = w if w is not None else xc.new_empty(n)
-        stats = _native_stats_dtype(xs2.device.type, dtype, None if w is None else w.dtype)
-        dx, dw, db = torch.ops.aten.native_layer_norm_backward(
-            dyc, xc, [n], mean.view(m, 1).to(stats), rstd.to(stats), w,
-            bias_like if has_bias else None,
-            [True, w is not None, has_bias],
-        )  # fmt: skip
-    if ds2 is not None:
-        dx = dx + ds2
-    return (
-        dx.to(xs2.dtype),
-        None if w is None else dw.float(),
-        db.float() if has_bias else None,
-    )
-
-
 # The kernel contract of kernels/norm.py, per backend (the kernel tests call these directly).
-FORWARD = {"cuda": _cuda_fwd, "triton": _triton_fwd, "torch": _torch_fwd}
-BACKWARD = {"cuda": _cuda_bwd, "triton": _triton_bwd, "torch": _torch_bwd}
+FORWARD = {"cuda": _cuda_fwd, "triton": _triton_fwd}
+BACKWARD = {"cuda": _cuda_bwd, "triton": _triton_bwd}
+backend.register_op("layer_norm", ("cuda", "triton", "torch"))
+backend.register_op("rms_norm", ("cuda", "triton", "torch"))

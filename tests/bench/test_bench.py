@@ -1,0 +1,69 @@
+"""The quick norm benchmark on CPU, end to end through ``bench.run.main``."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def run_main(monkeypatch):
+    # As ``fastlm bench`` does: the repo root on sys.path makes ``bench`` importable.
+    monkeypatch.syspath_prepend(str(REPO))
+    from bench import run
+
+    return run.main
+
+
+def test_quick_norm_bench_on_cpu_writes_one_row_per_provider(run_main, tmp_path):
+    from bench import bench_norm
+
+    assert run_main(["--only", "norm", "--device", "cpu", "--out", str(tmp_path)]) == 0
+
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert rows == [
+        {k: "" if v is None else str(v) for k, v in row.items()}
+        for row in json.loads((tmp_path / "results.json").read_text())
+    ]
+    m, hidden = bench_norm.SIZES[("cpu", True)]
+    providers = sorted(bench_norm.providers(True, 8, torch.device("cpu"), torch.float32, True))
+    ops = {"layer_norm fwd", "layer_norm fwd+bwd", "rms_norm fwd", "rms_norm fwd+bwd",
+           "rms_norm+residual fwd"}  # fmt: skip
+    for op in ops:
+        for n in hidden:
+            found = sorted(
+                r["provider"] for r in rows if r["op"] == op and r["shape"] == f"{m}x{n}"
+            )
+            assert found == providers, (op, n)
+    assert len(rows) == len(ops) * len(hidden) * len(providers)
+    for row in rows:
+        for key in ("ms", "gbps", "roofline_pct", "device_gbps"):
+            value = float(row[key])
+            assert math.isfinite(value) and value > 0, (key, row)
+        assert row["device"] and row["torch"]
+
+
+def test_norm_bytes_formula():
+    from bench.bench_norm import norm_bytes
+
+    m, n, e = 8, 16, 2
+    # LayerNorm forward: x and y, weight and bias, fp32 mean and rstd.
+    assert norm_bytes(m, n, e, rms=False, residual=False, backward=False) == (
+        2 * m * n * e + 2 * n * e + 2 * 4 * m
+    )
+    # RMSNorm with residual: x, residual in; y, sum out; weight; rstd.
+    assert norm_bytes(m, n, e, rms=True, residual=True, backward=False) == (
+        4 * m * n * e + n * e + 4 * m
+    )
+    fwd = norm_bytes(m, n, e, rms=True, residual=False, backward=False)
+    # Backward adds dy, x in and dx out, the weight, rstd, and fp32 dweight.
+    assert norm_bytes(m, n, e, rms=True, residual=False, backward=True) == (
+        fwd + 3 * m * n * e + n * e + 4 * m + 4 * n
+    )
