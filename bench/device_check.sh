@@ -8,7 +8,7 @@
 # With $OUT set, the main files are also copied there (flat, at most 8).
 set -u
 
-PY=${PYTHON:-python}
+PY=${PYTHON:-python3}
 BUDGET_S=${BUDGET_S:-450}  # stays under 8 minutes with setup and the summary
 DEADLINE=$((SECONDS + BUDGET_S))
 JOBS=$(nproc)
