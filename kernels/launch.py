@@ -34,28 +34,33 @@ def _twin(fn: JITFunction) -> InterpretedFunction:
 
 
 @contextlib.contextmanager
-def _interpretable_stdlib() -> Iterator[None]:
-    """Swap triton.language's own jit functions (tl.sum, tl.max, ...) for interpreted twins.
+def _interpretable(kernel_globals: dict[str, Any]) -> Iterator[None]:
+    """Swap jit functions for interpreted twins: triton.language's own (tl.sum, tl.max, ...)
+    and those the kernel's module defines (its @triton.jit helpers).
 
     With TRITON_INTERPRET=1 set before import, ``@triton.jit`` builds interpreted functions
-    throughout; without it, the standard library holds compiled-only JITFunctions that raise
-    when the interpreter calls them. Swapping them for the duration of one interpreted launch
-    lets one process run kernels both compiled (CUDA tensors) and interpreted (CPU tensors).
+    throughout; without it, they are compiled-only JITFunctions that raise when the
+    interpreter calls them. Swapping them for the duration of one interpreted launch lets
+    one process run kernels both compiled (CUDA tensors) and interpreted (CPU tensors).
     """
+    namespaces = [
+        vars(module)
+        for name, module in list(sys.modules.items())
+        if module is not None and name.startswith("triton.language")
+    ]
+    namespaces.append(kernel_globals)
     with _stdlib_lock:
         swapped = []
-        for name, module in list(sys.modules.items()):
-            if module is None or not name.startswith("triton.language"):
-                continue
-            for attr, value in list(vars(module).items()):
+        for namespace in namespaces:
+            for attr, value in list(namespace.items()):
                 if isinstance(value, JITFunction):
-                    swapped.append((module, attr, value))
-                    setattr(module, attr, _twin(value))
+                    swapped.append((namespace, attr, value))
+                    namespace[attr] = _twin(value)
         try:
             yield
         finally:
-            for module, attr, value in swapped:
-                setattr(module, attr, value)
+            for namespace, attr, value in swapped:
+                namespace[attr] = value
 
 
 _interpreter_convert_float = interpreter._convert_float
@@ -91,10 +96,11 @@ def _faithful_rounding() -> Iterator[None]:
 class _InterpretedKernel:
     def __init__(self, kernel: JITFunction) -> None:
         self._fn = _twin(kernel)
+        self._globals = kernel.fn.__globals__
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            with _interpretable_stdlib(), _faithful_rounding():
+            with _interpretable(self._globals), _faithful_rounding():
                 return self._fn[grid](*args, **kwargs)
 
         return launch

@@ -35,6 +35,21 @@ TILE_ELEMENTS = 4096
 
 
 @triton.jit
+def _normalized_input(X, R, S, x_offs, r_offs, s_offs, mask, HAS_RES: tl.constexpr,
+                      STORE_SUM: tl.constexpr):  # fmt: skip
+    """The values to normalize, as fp32: x, or x + residual rounded to the sum's dtype (and
+    stored there when STORE_SUM), exactly as unfused PyTorch would round it."""
+    x = tl.load(X + x_offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        r = tl.load(R + r_offs, mask=mask, other=0.0).to(tl.float32)
+        s = (x + r).to(S.dtype.element_ty)
+        if STORE_SUM:
+            tl.store(S + s_offs, s, mask=mask)
+        x = s.to(tl.float32)
+    return x
+
+
+@triton.jit
 def _norm_fwd_kernel(
     X, R, W, B, Y, S, Mean, Rstd,
     stride_x, stride_r,
@@ -48,13 +63,11 @@ def _norm_fwd_kernel(
     cols = tl.arange(0, BLOCK_N)
     if SINGLE_TILE:
         mask = row_mask[:, None] & (cols[None, :] < N)
-        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
-        x = x.to(tl.float32)
-        if HAS_RES:
-            r = tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
-            s = (x + r.to(tl.float32)).to(S.dtype.element_ty)
-            tl.store(S + rows[:, None] * N + cols[None, :], s, mask=mask)
-            x = s.to(tl.float32)
+        x = _normalized_input(
+            X, R, S, rows[:, None] * stride_x + cols[None, :],
+            rows[:, None] * stride_r + cols[None, :], rows[:, None] * N + cols[None, :], mask,
+            HAS_RES, True,
+        )  # fmt: skip
         if IS_RMS:
             xc = x
         else:
@@ -77,19 +90,16 @@ def _norm_fwd_kernel(
         for start in range(0, N, BLOCK_N):
             c = start + cols
             m = c < N
-            x = tl.load(X + row * stride_x + c, mask=m, other=0.0).to(tl.float32)
-            if HAS_RES:
-                r = tl.load(R + row * stride_r + c, mask=m, other=0.0).to(tl.float32)
-                s = (x + r).to(S.dtype.element_ty)
-                tl.store(S + row * N + c, s, mask=m)
-                x = s.to(tl.float32)
+            x = _normalized_input(X, R, S, row * stride_x + c, row * stride_r + c, row * N + c,
+                                  m, HAS_RES, True)  # fmt: skip
             if IS_RMS:
                 m2 += tl.sum(x * x, axis=0)
             else:
                 n_a = start * 1.0
                 n_b = tl.minimum(N - start, BLOCK_N) * 1.0
                 mean_b = tl.sum(x, axis=0) / n_b
-                m2_b = tl.sum(tl.where(m, x - mean_b, 0.0) * tl.where(m, x - mean_b, 0.0), axis=0)
+                d = tl.where(m, x - mean_b, 0.0)
+                m2_b = tl.sum(d * d, axis=0)
                 delta = mean_b - mean
                 mean += delta * n_b / (n_a + n_b)
                 m2 += m2_b + delta * delta * n_a * n_b / (n_a + n_b)
@@ -102,10 +112,8 @@ def _norm_fwd_kernel(
         for start in range(0, N, BLOCK_N):
             c = start + cols
             m = c < N
-            x = tl.load(X + row * stride_x + c, mask=m, other=0.0).to(tl.float32)
-            if HAS_RES:
-                r = tl.load(R + row * stride_r + c, mask=m, other=0.0).to(tl.float32)
-                x = (x + r).to(S.dtype.element_ty).to(tl.float32)
+            x = _normalized_input(X, R, S, row * stride_x + c, row * stride_r + c, row * N + c,
+                                  m, HAS_RES, False)  # fmt: skip
             y = (x - mean) * rstd
             if HAS_W:
                 y *= tl.load(W + c, mask=m, other=0.0).to(tl.float32)
