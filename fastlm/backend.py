@@ -44,6 +44,9 @@ def _check_name(name: str, source: str) -> str:
     return name
 
 
+# torch.compile reads the forced backend once, when it traces a call (some supported torch
+# versions cannot trace ContextVar.get), so a compiled model keeps the backend in force then.
+@torch.compiler.assume_constant_result
 def forced_backend() -> str | None:
     """The backend forced by :func:`use_backend` (innermost wins) or ``FASTLM_BACKEND``."""
     name = _forced.get()

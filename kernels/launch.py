@@ -83,14 +83,27 @@ def _convert_float(data, src, dst, rounding_mode):
     return rounded.astype(np.uint16).reshape(data.shape)
 
 
+_interpreter_patch_lang_tensor = interpreter._patch_lang_tensor
+
+
+def _patch_lang_tensor(tensor, scope) -> None:
+    # Triton 3.6's interpreter reads a loop bound with int() of a one-element array, which
+    # NumPy 2.4 rejects; later Triton squeezes it first, as here.
+    _interpreter_patch_lang_tensor(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+
 @contextlib.contextmanager
-def _faithful_rounding() -> Iterator[None]:
+def _interpreter_fixes() -> Iterator[None]:
+    """GPU-faithful bf16 rounding and NumPy-2-safe loop bounds, for one interpreted launch."""
     with _stdlib_lock:
         interpreter._convert_float = _convert_float
+        interpreter._patch_lang_tensor = _patch_lang_tensor
         try:
             yield
         finally:
             interpreter._convert_float = _interpreter_convert_float
+            interpreter._patch_lang_tensor = _interpreter_patch_lang_tensor
 
 
 class _InterpretedKernel:
@@ -100,7 +113,7 @@ class _InterpretedKernel:
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            with _interpretable(self._globals), _faithful_rounding():
+            with _interpretable(self._globals), _interpreter_fixes():
                 return self._fn[grid](*args, **kwargs)
 
         return launch
