@@ -15,7 +15,6 @@ Rules (DESIGN.md, "Backends"):
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import importlib.util
 import os
 from collections.abc import Callable, Iterator, Mapping
@@ -31,7 +30,9 @@ GPU_VERIFIED_CUDA: frozenset[str] = frozenset()
 # op name -> backends that implement it, filled in by each fastlm.ops module at import.
 _IMPLEMENTED: dict[str, tuple[str, ...]] = {}
 
-_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastlm_backend", default=None)
+# The backend forced by use_backend(): process-wide, like torch.backends' flags. A plain
+# module global, so torch.compile guards on it and recompiles when it changes.
+_forced: str | None = None
 
 
 class BackendUnavailable(RuntimeError):
@@ -44,30 +45,36 @@ def _check_name(name: str, source: str) -> str:
     return name
 
 
-# torch.compile reads the forced backend once, when it traces a call (some supported torch
-# versions cannot trace ContextVar.get), so a compiled model keeps the backend in force then.
+# Under torch.compile the variable is read once, when a call is traced.
 @torch.compiler.assume_constant_result
-def forced_backend() -> str | None:
-    """The backend forced by :func:`use_backend` (innermost wins) or ``FASTLM_BACKEND``."""
-    name = _forced.get()
-    if name is not None:
-        return name
+def _env_backend() -> str | None:
     env = os.environ.get("FASTLM_BACKEND", "").strip()
     if env in ("", "auto"):
         return None
     return _check_name(env, "FASTLM_BACKEND")
 
 
+def forced_backend() -> str | None:
+    """The backend forced by :func:`use_backend` (innermost wins) or ``FASTLM_BACKEND``."""
+    return _forced if _forced is not None else _env_backend()
+
+
 @contextlib.contextmanager
 def use_backend(name: str | None) -> Iterator[None]:
-    """Force ``name`` for every fastlm op called inside the block (``None``: automatic)."""
+    """Force ``name`` for every fastlm op called inside the block (``None``: back to
+    ``FASTLM_BACKEND``, or the automatic choice).
+
+    The setting is process-wide while the block runs (as ``torch.backends`` flags are), and
+    the backward of an op runs on the backend its forward used.
+    """
+    global _forced
     if name is not None:
         _check_name(name, "use_backend(name)")
-    token = _forced.set(name)
+    previous, _forced = _forced, name
     try:
         yield
     finally:
-        _forced.reset(token)
+        _forced = previous
 
 
 def _probe_cuda_extension() -> str | None:

@@ -240,7 +240,7 @@ def test_forced_backend_reaches_backward_on_another_thread(calls):
 
 
 @pytest.mark.parametrize("be", [None, "triton"], ids=["native", "custom-op"])
-def test_torch_compile_fullgraph_forward_and_backward(be):
+def test_torch_compile_fullgraph_forward_and_backward(be, calls):
     """On CPU the default is PyTorch's native path; forcing triton puts fastlm's custom ops
     (run by the interpreter) in the compiled graph, forward and backward."""
     model = _PreNormBlock(32)
@@ -251,8 +251,11 @@ def test_torch_compile_fullgraph_forward_and_backward(be):
         grads_eager = [p.grad.clone() for p in model.parameters()]
         model.zero_grad()
         compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        calls.clear()
         out = compiled(x)
         out.sum().backward()
+    expected = "torch" if be is None else be
+    assert {name for _, name in calls} <= {expected}
     torch.testing.assert_close(out, eager)
     for g, ge in zip((p.grad for p in model.parameters()), grads_eager, strict=True):
         torch.testing.assert_close(g, ge)
