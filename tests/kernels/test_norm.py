@@ -118,7 +118,7 @@ def test_looping_path_on_small_rows(device_backend, monkeypatch, rms, n):
 
 
 @pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
-@pytest.mark.parametrize("n", [8192, 65536])
+@pytest.mark.parametrize("n", [8192, 12289, 65536])
 def test_largest_hidden_sizes(device_backend, rms, n):
     device, backend = device_backend
     run_case(device, backend, 2, n, torch.bfloat16, rms, affine=True, residual=True)

@@ -1,0 +1,25 @@
+"""The ``fastlm`` console command."""
+
+from __future__ import annotations
+
+import pytest
+
+from fastlm import backend, cli
+
+
+def test_info_lists_versions_device_and_every_backend_of_every_op(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    for key in ("fastlm", "torch", "triton", "device", "_C"):
+        assert any(line.startswith(key) for line in out.splitlines()), key
+    ops = backend.registered_ops()
+    assert {"layer_norm", "rms_norm"} <= set(ops)
+    for op, names in ops.items():
+        for name in names:
+            assert any(line.split()[:2] == [op, name] for line in out.splitlines()), (op, name)
+
+
+def test_info_rejects_extra_arguments(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["info", "--bogus"])
+    assert "--bogus" in capsys.readouterr().err
