@@ -293,8 +293,8 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(xs, weight, mean, rstd)
     ctx.normalized_shape = normalized_shape
     ctx.rms = rms
-    # The backward runs where the forward did: a forced backend reaches it even though
-    # autograd may run it on another thread, outside the caller's use_backend() context.
+    # The backward runs where the forward did: a forced backend reaches it even when autograd
+    # runs it after the use_backend() block has exited.
     ctx.backend_name = backend_name
     ctx.has_bias = bias is not None
     ctx.bias_dtype = None if bias is None else bias.dtype
