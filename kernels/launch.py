@@ -93,17 +93,37 @@ def _patch_lang_tensor(tensor, scope) -> None:
     scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
 
 
+_interpreter_create_dot = interpreter.InterpreterBuilder.create_dot
+
+
+def _create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+    # The interpreter keeps bf16 as raw uint16 bits and would multiply those as integers;
+    # widen to fp32 (exact) as the tensor cores do before accumulating in fp32.
+    def widen(t):
+        if t.dtype.scalar != tl.bfloat16:
+            return t
+        bits = t.data.astype(np.uint32) << 16
+        return interpreter.TensorHandle(bits.view(np.float32), tl.float32)
+
+    return _interpreter_create_dot(self, widen(a), widen(b), d, input_precision,
+                                   max_num_imprecise_acc)  # fmt: skip
+
+
 @contextlib.contextmanager
 def _interpreter_fixes() -> Iterator[None]:
-    """GPU-faithful bf16 rounding and NumPy-2-safe loop bounds, for one interpreted launch."""
+    """GPU-faithful bf16 rounding and dots, and NumPy-2-safe loop bounds, for one
+    interpreted launch."""
+    builder = interpreter.InterpreterBuilder
     with _stdlib_lock:
         interpreter._convert_float = _convert_float
         interpreter._patch_lang_tensor = _patch_lang_tensor
+        builder.create_dot = _create_dot
         try:
             yield
         finally:
             interpreter._convert_float = _interpreter_convert_float
             interpreter._patch_lang_tensor = _interpreter_patch_lang_tensor
+            builder.create_dot = _interpreter_create_dot
 
 
 class _InterpretedKernel:

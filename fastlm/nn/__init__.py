@@ -1,7 +1,8 @@
 """Drop-in ``nn.Module``s: same constructor, parameters, state_dict keys and forward as the
 torch modules they replace."""
 
+from fastlm.nn.attention import MultiheadAttention
 from fastlm.nn.norm import LayerNorm, RMSNorm
 from fastlm.nn.patch import patch
 
-__all__ = ["LayerNorm", "RMSNorm", "patch"]
+__all__ = ["LayerNorm", "MultiheadAttention", "RMSNorm", "patch"]

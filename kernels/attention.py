@@ -1,0 +1,623 @@
+"""Flash attention (the FlashAttention-2 algorithm) in Triton: forward and backward.
+
+Layout (batch, seqlen, heads, head_dim) as ``flash_attn_func``, or packed (total, heads,
+head_dim) with ``cu_seqlens`` for variable-length batches. One kernel family serves both:
+a sequence's rows start at ``b * stride_b`` (dense) or at ``cu_seqlens[b]`` (packed).
+
+Masking, all optional and combinable (query i and key j counted within their sequence,
+``shift = seqlen_k - seqlen_q`` so masks align bottom-right as FlashAttention >= 2.1):
+
+* window ``(left, right)``: key j is visible when ``i + shift - left <= j <= i + shift +
+  right`` (-1: unbounded on that side); causal is ``right = 0``;
+* additive ``bias`` (any strides, 0 for broadcast dims) and ALiBi ``-slope * |i + shift - j|``;
+* dropout on the normalized probabilities, from Philox keyed by ``(seed, b, h, i, j)``: the
+  backward regenerates exactly the forward's mask.
+
+Statistics are fp32; ``lse`` (log-sum-exp of each row's scaled scores) is saved for the
+backward, which recomputes the probabilities. A row with no visible key gets output 0 and
+``lse = -inf``, and contributes zero gradient. The backward is deterministic: dK/dV are
+accumulated per key block over every query head of the KV group, dQ (and dBias) per query
+block over the keys, with no atomics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import KernelSpec, on_device
+
+# Stand-in for an unbounded window side: larger than any sequence, small enough for int32.
+_UNBOUNDED = 1 << 30
+_LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def _sequence(Cu, b, seqlen, IS_VARLEN: tl.constexpr):
+    """(first row, length) of sequence ``b``."""
+    if IS_VARLEN:
+        start = tl.load(Cu + b)
+        length = tl.load(Cu + b + 1) - start
+    else:
+        start = b * 0
+        length = seqlen
+    return start, length
+
+
+@triton.jit
+def _scores(q, k, offs_m, offs_n, seqlen_q, seqlen_k, scale, window_left, window_right,
+            bias_ptrs, slope, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+            HAS_ALIBI: tl.constexpr):  # fmt: skip
+    """Scaled, biased and masked scores (BLOCK_M, BLOCK_N) in fp32; masked entries, and rows
+    or columns past the sequence, are -inf (so nothing is read out of bounds)."""
+    shift = seqlen_k - seqlen_q
+    s = tl.dot(q, tl.trans(k)) * scale
+    visible = (offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k)
+    if HAS_MASK:
+        diag = offs_m[:, None] + shift
+        visible &= (offs_n[None, :] >= diag - window_left) & (offs_n[None, :] <= diag
+                                                               + window_right)  # fmt: skip
+    if HAS_BIAS:
+        s += tl.load(bias_ptrs, mask=visible, other=0.0).to(tl.float32)
+    if HAS_ALIBI:
+        s -= slope * tl.abs(offs_m[:, None] + shift - offs_n[None, :]).to(tl.float32)
+    return tl.where(visible, s, float("-inf"))
+
+
+@triton.jit
+def _dropout_keep(seed, b, h, n_heads, offs_m, offs_n, rng_cols, dropout_p):
+    """Which probabilities dropout keeps: Philox keyed by (seed, b, h) with 32-bit counters
+    ``i * rng_cols + j`` (64-bit counters would double the random-number registers)."""
+    stream = (tl.cast(b * n_heads + h, tl.uint64) << 32) | tl.cast(seed, tl.uint64)
+    offsets = offs_m[:, None] * rng_cols + offs_n[None, :]
+    return tl.rand(stream, offsets) >= dropout_p
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, Out, LSE, Bias, Alibi, CuQ, CuK,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
+    stride_lb, stride_lh, stride_bb, stride_bh, stride_bm, stride_bn, stride_ab,
+    seqlen_q, seqlen_k, n_heads, group, head_dim,
+    scale, window_left, window_right, dropout_p, seed, rng_cols,
+    IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    q_start, len_q = _sequence(CuQ, b, seqlen_q, IS_VARLEN)
+    k_start, len_k = _sequence(CuK, b, seqlen_k, IS_VARLEN)
+    if pid_m * BLOCK_M >= len_q:
+        return
+    b64, h64, kvh64 = b.to(tl.int64), h.to(tl.int64), (h // group).to(tl.int64)
+    shift = len_k - len_q
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_mask = offs_m < len_q
+    d_mask = offs_d < head_dim
+    q_rows = (q_start + offs_m).to(tl.int64)
+    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + q_rows[:, None] * stride_qs
+                + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)  # fmt: skip
+    k_base = K + b64 * stride_kb + kvh64 * stride_kh + k_start.to(tl.int64) * stride_ks
+    v_base = V + b64 * stride_vb + kvh64 * stride_vh + k_start.to(tl.int64) * stride_vs
+    bias_base = Bias + b64 * stride_bb + h64 * stride_bh + offs_m[:, None].to(tl.int64) * stride_bm
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(Alibi + b64 * stride_ab + h64)
+
+    # Keys any row of this block can see: the window clipped to the sequence.
+    last_m = tl.minimum(pid_m * BLOCK_M + BLOCK_M, len_q) - 1
+    lo = tl.maximum(pid_m * BLOCK_M + shift - window_left, 0) // BLOCK_N * BLOCK_N
+    hi = tl.minimum(last_m + shift + window_right + 1, len_k)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        kv_mask = (cols < len_k)[:, None] & d_mask[None, :]
+        k = tl.load(k_base + cols[:, None].to(tl.int64) * stride_ks + offs_d[None, :],
+                    mask=kv_mask, other=0.0)  # fmt: skip
+        s = _scores(q, k, offs_m, cols, len_q, len_k, scale, window_left, window_right,
+                    bias_base + cols[None, :] * stride_bn, slope, HAS_MASK, HAS_BIAS,
+                    HAS_ALIBI)  # fmt: skip
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # Rows with nothing visible yet keep a finite reference, so no inf - inf.
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2((s - m_ref[:, None]) * _LOG2E)
+        alpha = tl.exp2((m_i - m_ref) * _LOG2E)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, b, h, n_heads, offs_m, cols, rng_cols, dropout_p)
+            p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+        v = tl.load(v_base + cols[:, None].to(tl.int64) * stride_vs + offs_d[None, :],
+                    mask=kv_mask, other=0.0)  # fmt: skip
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
+    tl.store(Out + b64 * stride_ob + h64 * stride_oh + q_rows[:, None] * stride_os
+             + offs_d[None, :], out.to(Out.dtype.element_ty),
+             mask=m_mask[:, None] & d_mask[None, :])  # fmt: skip
+    tl.store(LSE + b64 * stride_lb + h64 * stride_lh + q_rows, lse, mask=m_mask)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(
+    Out, DO, Delta, CuQ,
+    stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh,
+    seqlen_q, n_heads, head_dim,
+    IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """delta = rowsum(dO * O): the softmax backward's per-row correction."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b, h = pid_bh // n_heads, pid_bh % n_heads
+    q_start, len_q = _sequence(CuQ, b, seqlen_q, IS_VARLEN)
+    if pid_m * BLOCK_M >= len_q:
+        return
+    b64, h64 = b.to(tl.int64), h.to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < len_q)[:, None] & (offs_d < head_dim)[None, :]
+    rows = (q_start + offs_m).to(tl.int64)[:, None]
+    o = tl.load(Out + b64 * stride_ob + h64 * stride_oh + rows * stride_os + offs_d[None, :],
+                mask=mask, other=0.0)  # fmt: skip
+    do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + rows * stride_dos + offs_d[None, :],
+                 mask=mask, other=0.0)  # fmt: skip
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(Delta + b64 * stride_lb + h64 * stride_lh + q_start + offs_m, delta,
+             mask=offs_m < len_q)  # fmt: skip
+
+
+@triton.jit
+def _probabilities(s, lse):
+    """softmax probabilities from scores and the forward's log-sum-exp; rows that saw no
+    key (lse = -inf) give zeros."""
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    return tl.exp2((s - lse[:, None]) * _LOG2E)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, Delta, DK, DV, Bias, Alibi, CuQ, CuK,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
+    stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
+    stride_lb, stride_lh, stride_bb, stride_bh, stride_bm, stride_bn, stride_ab,
+    seqlen_q, seqlen_k, n_heads, n_kv_heads, group, head_dim,
+    scale, window_left, window_right, dropout_p, seed, rng_cols,
+    IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """dK and dV of one key block of one KV head, summed over the heads of its group."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b, kvh = pid_bh // n_kv_heads, pid_bh % n_kv_heads
+    q_start, len_q = _sequence(CuQ, b, seqlen_q, IS_VARLEN)
+    k_start, len_k = _sequence(CuK, b, seqlen_k, IS_VARLEN)
+    if pid_n * BLOCK_N >= len_k:
+        return
+    b64, kvh64 = b.to(tl.int64), kvh.to(tl.int64)
+    shift = len_k - len_q
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < head_dim
+    kv_mask = (offs_n < len_k)[:, None] & d_mask[None, :]
+    k_rows = (k_start + offs_n).to(tl.int64)[:, None]
+    k = tl.load(K + b64 * stride_kb + kvh64 * stride_kh + k_rows * stride_ks + offs_d[None, :],
+                mask=kv_mask, other=0.0)  # fmt: skip
+    v = tl.load(V + b64 * stride_vb + kvh64 * stride_vh + k_rows * stride_vs + offs_d[None, :],
+                mask=kv_mask, other=0.0)  # fmt: skip
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    # Query rows that can see any key of this block.
+    last_n = tl.minimum(pid_n * BLOCK_N + BLOCK_N, len_k) - 1
+    lo = tl.maximum(pid_n * BLOCK_N - shift - window_right, 0) // BLOCK_M * BLOCK_M
+    hi = tl.minimum(last_n - shift + window_left + 1, len_q)
+    for h in range(kvh * group, kvh * group + group):
+        h64 = tl.cast(h, tl.int64)
+        q_base = Q + b64 * stride_qb + h64 * stride_qh + q_start.to(tl.int64) * stride_qs
+        do_base = DO + b64 * stride_dob + h64 * stride_doh + q_start.to(tl.int64) * stride_dos
+        stat_base = b64 * stride_lb + h64 * stride_lh + q_start
+        slope = 0.0
+        if HAS_ALIBI:
+            slope = tl.load(Alibi + b64 * stride_ab + h64)
+        for start_m in range(lo, hi, BLOCK_M):
+            rows = start_m + offs_m
+            q_mask = (rows < len_q)[:, None] & d_mask[None, :]
+            q = tl.load(q_base + rows[:, None].to(tl.int64) * stride_qs + offs_d[None, :],
+                        mask=q_mask, other=0.0)  # fmt: skip
+            do = tl.load(do_base + rows[:, None].to(tl.int64) * stride_dos + offs_d[None, :],
+                         mask=q_mask, other=0.0)  # fmt: skip
+            lse = tl.load(LSE + stat_base + rows, mask=rows < len_q, other=float("-inf"))
+            delta = tl.load(Delta + stat_base + rows, mask=rows < len_q, other=0.0)
+            bias_ptrs = (
+                Bias
+                + b64 * stride_bb
+                + h64 * stride_bh
+                + rows[:, None].to(tl.int64) * stride_bm
+                + offs_n[None, :] * stride_bn
+            )
+            s = _scores(q, k, rows, offs_n, len_q, len_k, scale, window_left, window_right,
+                        bias_ptrs, slope, HAS_MASK, HAS_BIAS, HAS_ALIBI)  # fmt: skip
+            p = _probabilities(s, lse)
+            dp = tl.dot(do, tl.trans(v)).to(tl.float32)
+            if HAS_DROPOUT:
+                keep = _dropout_keep(seed, b, h, n_heads, rows, offs_n, rng_cols, dropout_p)
+                dv += tl.dot(tl.trans(tl.where(keep, p / (1.0 - dropout_p), 0.0).to(do.dtype)),
+                             do)  # fmt: skip
+                dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+            else:
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    store_mask = (offs_n < len_k)[:, None] & d_mask[None, :]
+    tl.store(DK + b64 * stride_dkb + kvh64 * stride_dkh + k_rows * stride_dks + offs_d[None, :],
+             (dk * scale).to(DK.dtype.element_ty), mask=store_mask)  # fmt: skip
+    tl.store(DV + b64 * stride_dvb + kvh64 * stride_dvh + k_rows * stride_dvs + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=store_mask)  # fmt: skip
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, Delta, DQ, DBias, Bias, Alibi, CuQ, CuK,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
+    stride_dqb, stride_dqs, stride_dqh,
+    stride_lb, stride_lh, stride_bb, stride_bh, stride_bm, stride_bn, stride_ab,
+    stride_dbb, stride_dbh, stride_dbm,
+    seqlen_q, seqlen_k, n_heads, group, head_dim,
+    scale, window_left, window_right, dropout_p, seed, rng_cols,
+    IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """dQ of one query block of one head (and dBias, the score gradient, when asked)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b, h = pid_bh // n_heads, pid_bh % n_heads
+    q_start, len_q = _sequence(CuQ, b, seqlen_q, IS_VARLEN)
+    k_start, len_k = _sequence(CuK, b, seqlen_k, IS_VARLEN)
+    if pid_m * BLOCK_M >= len_q:
+        return
+    b64, h64, kvh64 = b.to(tl.int64), h.to(tl.int64), (h // group).to(tl.int64)
+    shift = len_k - len_q
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < head_dim
+    q_mask = (offs_m < len_q)[:, None] & d_mask[None, :]
+    q_rows = (q_start + offs_m).to(tl.int64)[:, None]
+    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + q_rows * stride_qs + offs_d[None, :],
+                mask=q_mask, other=0.0)  # fmt: skip
+    do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + q_rows * stride_dos
+                 + offs_d[None, :], mask=q_mask, other=0.0)  # fmt: skip
+    stat = b64 * stride_lb + h64 * stride_lh + q_start + offs_m
+    lse = tl.load(LSE + stat, mask=offs_m < len_q, other=float("-inf"))
+    delta = tl.load(Delta + stat, mask=offs_m < len_q, other=0.0)
+    k_base = K + b64 * stride_kb + kvh64 * stride_kh + k_start.to(tl.int64) * stride_ks
+    v_base = V + b64 * stride_vb + kvh64 * stride_vh + k_start.to(tl.int64) * stride_vs
+    bias_base = Bias + b64 * stride_bb + h64 * stride_bh + offs_m[:, None].to(tl.int64) * stride_bm
+    dbias_base = (
+        DBias + b64 * stride_dbb + h64 * stride_dbh + offs_m[:, None].to(tl.int64) * stride_dbm
+    )
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(Alibi + b64 * stride_ab + h64)
+    last_m = tl.minimum(pid_m * BLOCK_M + BLOCK_M, len_q) - 1
+    lo = tl.maximum(pid_m * BLOCK_M + shift - window_left, 0) // BLOCK_N * BLOCK_N
+    hi = tl.minimum(last_m + shift + window_right + 1, len_k)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        kv_mask = (cols < len_k)[:, None] & d_mask[None, :]
+        k = tl.load(k_base + cols[:, None].to(tl.int64) * stride_ks + offs_d[None, :],
+                    mask=kv_mask, other=0.0)  # fmt: skip
+        v = tl.load(v_base + cols[:, None].to(tl.int64) * stride_vs + offs_d[None, :],
+                    mask=kv_mask, other=0.0)  # fmt: skip
+        s = _scores(q, k, offs_m, cols, len_q, len_k, scale, window_left, window_right,
+                    bias_base + cols[None, :] * stride_bn, slope, HAS_MASK, HAS_BIAS,
+                    HAS_ALIBI)  # fmt: skip
+        p = _probabilities(s, lse)
+        dp = tl.dot(do, tl.trans(v)).to(tl.float32)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, b, h, n_heads, offs_m, cols, rng_cols, dropout_p)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        ds = p * (dp - delta[:, None])
+        if BIAS_GRAD:
+            tl.store(dbias_base + cols[None, :], ds,
+                     mask=(offs_m < len_q)[:, None] & (cols < len_k)[None, :])  # fmt: skip
+        dq += tl.dot(ds.to(k.dtype), k)
+    tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + q_rows * stride_dqs + offs_d[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionArgs:
+    """Everything but the tensors' data that the kernels take, normalized by the launcher."""
+
+    causal: bool
+    softmax_scale: float
+    window: tuple[int, int]
+    dropout_p: float
+    seed: int
+
+
+@dataclasses.dataclass(frozen=True)
+class FwdConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def fwd_config(head_dim: int) -> FwdConfig:
+    block_d = _block_d(head_dim)
+    if block_d <= 64:
+        return FwdConfig(128, 64, 4, 3)
+    if block_d <= 128:
+        return FwdConfig(128, 64, 8, 3)
+    return FwdConfig(64, 32, 4, 2)
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _window(causal: bool, window: tuple[int, int]) -> tuple[int, int, bool]:
+    left, right = window
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    has_mask = causal or left >= 0 or right >= 0
+    return (left if left >= 0 else _UNBOUNDED, right if right >= 0 else _UNBOUNDED, has_mask)
+
+
+def _row_strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
+    """(batch, row, head) strides; packed tensors have no batch dim (stride 0)."""
+    return (0, *t.stride()[:2]) if varlen else t.stride()[:3]
+
+
+def _bias_strides(bias: torch.Tensor | None) -> tuple[int, int, int, int]:
+    return (0, 0, 0, 0) if bias is None else tuple(bias.stride())
+
+
+def attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    args: AttentionArgs,
+    bias: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns ``(out, lse)``. Dense: q (B, Sq, H, D), k/v (B, Sk, Hkv, D), lse (B, H, Sq).
+    Packed: q (total_q, H, D), k/v (total_k, Hkv, D), lse (H, total_q).
+
+    ``bias`` is 4-D (batch, heads, seqlen_q, seqlen_k) with any strides (0 where broadcast);
+    ``alibi_slopes`` is fp32 (B, H) with stride 0 over batch when shared. Inputs are checked
+    by ``fastlm.ops``; here the last dim must be contiguous.
+    """
+    varlen = cu_seqlens_q is not None
+    out = torch.empty_like(q)
+    if varlen:
+        batch, (n_heads, head_dim) = cu_seqlens_q.numel() - 1, q.shape[1:]
+        seqlen_q, seqlen_k = max_seqlen_q, max_seqlen_k
+        lse = torch.empty((n_heads, q.shape[0]), dtype=torch.float32, device=q.device)
+        strides_q, strides_k, strides_v, strides_o = (_row_strides(t, True) for t in (q, k, v, out))
+        strides_l = (0, lse.stride(0))
+    else:
+        batch, seqlen_q, n_heads, head_dim = q.shape
+        seqlen_k = k.shape[1]
+        lse = torch.empty((batch, n_heads, seqlen_q), dtype=torch.float32, device=q.device)
+        strides_q, strides_k, strides_v, strides_o = (
+            _row_strides(t, False) for t in (q, k, v, out)
+        )
+        strides_l = lse.stride()[:2]
+    if out.numel() == 0:
+        return out, lse.fill_(float("-inf"))
+    left, right, has_mask = _window(args.causal, args.window)
+    cfg = fwd_config(head_dim)
+    kernel = on_device(_attn_fwd_kernel, q.device)
+    grid = (triton.cdiv(seqlen_q, cfg.block_m), batch * n_heads)
+    kernel[grid](
+        q, k, v, out, lse, q if bias is None else bias,
+        lse if alibi_slopes is None else alibi_slopes,
+        cu_seqlens_q if varlen else lse, cu_seqlens_k if varlen else lse,
+        *strides_q, *strides_k, *strides_v, *strides_o, *strides_l, *_bias_strides(bias),
+        0 if alibi_slopes is None else alibi_slopes.stride(0),
+        seqlen_q, seqlen_k, n_heads, n_heads // k.shape[-2], head_dim,
+        args.softmax_scale, left, right, args.dropout_p, args.seed, seqlen_k,
+        IS_VARLEN=varlen, HAS_MASK=has_mask, HAS_BIAS=bias is not None,
+        HAS_ALIBI=alibi_slopes is not None, HAS_DROPOUT=args.dropout_p > 0,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block_d(head_dim),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return out, lse
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
+
+
+@dataclasses.dataclass(frozen=True)
+class BwdConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def bwd_config(head_dim: int) -> BwdConfig:
+    block_d = _block_d(head_dim)
+    if block_d <= 64:
+        return BwdConfig(64, 64, 4, 2)
+    if block_d <= 128:
+        return BwdConfig(64, 64, 8, 2)
+    return BwdConfig(32, 32, 8, 1)
+
+
+def attention_bwd(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    args: AttentionArgs,
+    bias: torch.Tensor | None = None,
+    bias_grad: bool = False,
+    alibi_slopes: torch.Tensor | None = None,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Gradients of :func:`attention_fwd`: ``(dq, dk, dv, dbias)``. ``dbias`` (with
+    ``bias_grad``) is the fp32 gradient of the scores, (B, H, Sq, Sk) (max lengths when
+    packed): the caller sums it over the bias's broadcast dims."""
+    varlen = cu_seqlens_q is not None
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if varlen:
+        batch, (n_heads, head_dim) = cu_seqlens_q.numel() - 1, q.shape[1:]
+        seqlen_q, seqlen_k = max_seqlen_q, max_seqlen_k
+        strides = [_row_strides(t, varlen) for t in (q, k, v, do, dq, dk, dv)]
+        strides_l = (0, lse.stride(0))
+    else:
+        batch, seqlen_q, n_heads, head_dim = q.shape
+        seqlen_k = k.shape[1]
+        strides = [_row_strides(t, varlen) for t in (q, k, v, do, dq, dk, dv)]
+        strides_l = lse.stride()[:2]
+    s_q, s_k, s_v, s_do, s_dq, s_dk, s_dv = strides
+    n_kv_heads = k.shape[-2]
+    dbias = None
+    if bias_grad:
+        dbias = torch.zeros((batch, n_heads, seqlen_q, seqlen_k), dtype=torch.float32,
+                            device=q.device)  # fmt: skip
+    if q.numel() == 0 or k.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_(), dbias
+    left, right, has_mask = _window(args.causal, args.window)
+    block_d = _block_d(head_dim)
+    cu_q = cu_seqlens_q if varlen else lse
+    cu_k = cu_seqlens_k if varlen else lse
+    flags = dict(
+        IS_VARLEN=varlen, HAS_MASK=has_mask, HAS_BIAS=bias is not None,
+        HAS_ALIBI=alibi_slopes is not None, HAS_DROPOUT=args.dropout_p > 0,
+    )  # fmt: skip
+    shared = (
+        *_bias_strides(bias), 0 if alibi_slopes is None else alibi_slopes.stride(0),
+    )  # fmt: skip
+    run = (args.softmax_scale, left, right, args.dropout_p, args.seed, seqlen_k)
+    bias_arg = q if bias is None else bias
+    alibi_arg = lse if alibi_slopes is None else alibi_slopes
+
+    delta = torch.empty_like(lse)
+    on_device(_attn_bwd_delta_kernel, q.device)[(triton.cdiv(seqlen_q, 64), batch * n_heads)](
+        out, do, delta, cu_q, *_row_strides(out, varlen), *s_do, *strides_l,
+        seqlen_q, n_heads, head_dim,
+        IS_VARLEN=varlen, BLOCK_M=64, BLOCK_D=block_d,
+    )  # fmt: skip
+    cfg = bwd_config(head_dim)
+    on_device(_attn_bwd_dkdv_kernel, q.device)[
+        (triton.cdiv(seqlen_k, cfg.block_n), batch * n_kv_heads)
+    ](
+        q, k, v, do, lse, delta, dk, dv, bias_arg, alibi_arg, cu_q, cu_k,
+        *s_q, *s_k, *s_v, *s_do, *s_dk, *s_dv, *strides_l, *shared,
+        seqlen_q, seqlen_k, n_heads, n_kv_heads, n_heads // n_kv_heads, head_dim, *run,
+        **flags, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    on_device(_attn_bwd_dq_kernel, q.device)[
+        (triton.cdiv(seqlen_q, cfg.block_m), batch * n_heads)
+    ](
+        q, k, v, do, lse, delta, dq, q if dbias is None else dbias, bias_arg, alibi_arg,
+        cu_q, cu_k, *s_q, *s_k, *s_v, *s_do, *s_dq, *strides_l, *shared,
+        *((0, 0, 0) if dbias is None else dbias.stride()[:3]),
+        seqlen_q, seqlen_k, n_heads, n_heads // n_kv_heads, head_dim, *run,
+        **flags, BIAS_GRAD=dbias is not None,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return dq, dk, dv, dbias
+
+
+def _spec_types(kernel, t: str) -> dict[str, str]:
+    """Triton types of a kernel's runtime arguments, for activations of dtype ``t``."""
+    fp32_ptrs = {"LSE", "Delta", "Alibi", "DBias"}
+    types = {}
+    for name in kernel.arg_names:
+        if name in fp32_ptrs:
+            types[name] = "*fp32"
+        elif name in ("CuQ", "CuK"):
+            types[name] = "*i32"
+        elif name[0].isupper():
+            types[name] = f"*{t}"
+        elif name in ("scale", "dropout_p"):
+            types[name] = "fp32"
+        else:
+            types[name] = "i32"
+    return types
+
+
+_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+# One head_dim per distinct block configuration, and one with every feature switched on.
+_SPEC_HEAD_DIMS = (64, 128, 256)
+
+
+def compile_specs() -> list[KernelSpec]:
+    """Forward, dK/dV and dQ kernels at every shipped block configuration (causal masking),
+    fp16 and bf16, plus all features on (varlen, bias, ALiBi, dropout) at head_dim 128."""
+    specs = []
+    for head_dim in _SPEC_HEAD_DIMS:
+        for dtype, t in _DTYPES.items():
+            variants = [dict(IS_VARLEN=False, HAS_BIAS=False, HAS_ALIBI=False, HAS_DROPOUT=False)]
+            if head_dim == 128 and dtype == torch.bfloat16:
+                variants.append(dict(IS_VARLEN=True, HAS_BIAS=True, HAS_ALIBI=True,
+                                     HAS_DROPOUT=True))  # fmt: skip
+            for flags in variants:
+                specs += _specs_for(head_dim, t, dict(HAS_MASK=True, **flags))
+    return specs
+
+
+def _specs_for(head_dim: int, t: str, flags: dict) -> list[KernelSpec]:
+    block_d = _block_d(head_dim)
+    fwd, bwd = fwd_config(head_dim), bwd_config(head_dim)
+    what = "+".join(k[4:].lower() for k, on in flags.items() if on and k.startswith("HAS_"))
+    what += "+varlen" if flags["IS_VARLEN"] else ""
+    label = f"attention {t} d={head_dim} {what}"
+    kernels = [
+        ("fwd", _attn_fwd_kernel, fwd.block_m, fwd.block_n, fwd.num_warps, fwd.num_stages, {}),
+        ("bwd dk/dv", _attn_bwd_dkdv_kernel, bwd.block_m, bwd.block_n, bwd.num_warps,
+         bwd.num_stages, {}),
+        ("bwd dq", _attn_bwd_dq_kernel, bwd.block_m, bwd.block_n, bwd.num_warps,
+         bwd.num_stages, {"BIAS_GRAD": flags["HAS_BIAS"]}),
+    ]  # fmt: skip
+    specs = []
+    for name, kernel, block_m, block_n, warps, stages, extra in kernels:
+        constexprs = dict(flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, **extra)
+        types = _spec_types(kernel, t)
+        signature = {k: v for k, v in types.items() if k not in constexprs}
+        aligned = tuple(k for k, v in signature.items() if v.startswith("*") or "stride" in k)
+        specs.append(KernelSpec(
+            label=f"{label} {name} {block_m}x{block_n} w={warps}",
+            kernel=kernel, signature=signature, constexprs=constexprs, num_warps=warps,
+            num_stages=stages, aligned=(*aligned, "head_dim"),
+        ))  # fmt: skip
+    return specs
