@@ -353,38 +353,67 @@ class AttentionArgs:
 
     causal: bool
     softmax_scale: float
-    window: tuple[int, int]
+    # Visible keys j of query i: i + shift - left <= j <= i + shift + right, shift = Sk - Sq;
+    # None: unbounded. Negative bounds are allowed (top-left aligned causal is right = -shift).
+    window: tuple[int | None, int | None]
     dropout_p: float
     seed: int
 
 
 @dataclasses.dataclass(frozen=True)
-class FwdConfig:
-    block_m: int
-    block_n: int
+class TileConfig:
+    block_m: int  # query rows per tile
+    block_n: int  # keys per tile
     num_warps: int
     num_stages: int
 
 
-def fwd_config(head_dim: int) -> FwdConfig:
-    block_d = _block_d(head_dim)
-    if block_d <= 64:
-        return FwdConfig(128, 64, 4, 3)
-    if block_d <= 128:
-        return FwdConfig(128, 64, 8, 3)
-    return FwdConfig(64, 32, 4, 2)
+# Tile shapes by head_dim bucket, from a register sweep at sm_80 and sm_90 (compile_check):
+# the largest spill-free tiles. "heavy" kernels carry a bias, ALiBi, dropout or packed
+# sequences, whose extra live values (bias tiles, Philox state) need smaller tiles. The plain
+# forward tiles keep warpgroup MMA (wgmma) on sm_90.
+_FWD = {64: (TileConfig(128, 64, 8, 3), TileConfig(128, 64, 8, 3)),
+        128: (TileConfig(128, 64, 8, 3), TileConfig(64, 32, 8, 2)),
+        256: (TileConfig(64, 32, 4, 2), TileConfig(32, 16, 4, 1))}  # fmt: skip
+_BWD_DKDV = {64: (TileConfig(64, 32, 4, 2), TileConfig(32, 32, 4, 2)),
+             128: (TileConfig(32, 64, 8, 2), TileConfig(16, 64, 8, 2)),
+             256: (TileConfig(32, 64, 8, 2), TileConfig(16, 32, 8, 2))}  # fmt: skip
+_BWD_DQ = {64: (TileConfig(64, 32, 8, 2), TileConfig(64, 32, 8, 2)),
+           128: (TileConfig(64, 32, 8, 2), TileConfig(64, 32, 8, 2)),
+           256: (TileConfig(64, 32, 8, 2), TileConfig(32, 32, 8, 2))}  # fmt: skip
+
+
+def _bucket(head_dim: int) -> int:
+    return min(b for b in (64, 128, 256) if _block_d(head_dim) <= b)
+
+
+def tile_configs(head_dim: int, heavy: bool) -> tuple[TileConfig, TileConfig, TileConfig]:
+    """(forward, dK/dV, dQ) tiles for ``head_dim``; ``heavy``: bias, ALiBi, dropout or
+    packed sequences are on."""
+    bucket = _bucket(head_dim)
+    return tuple(table[bucket][heavy] for table in (_FWD, _BWD_DKDV, _BWD_DQ))
 
 
 def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _window(causal: bool, window: tuple[int, int]) -> tuple[int, int, bool]:
+def window_bounds(window: tuple[int, int]) -> tuple[int | None, int | None]:
+    """flash-attn's ``window`` convention (-1: unbounded side) as kernel bounds."""
+    return tuple(None if side < 0 else side for side in window)
+
+
+def _window(causal: bool, window: tuple[int | None, int | None]) -> tuple[int, int, bool]:
     left, right = window
     if causal:
-        right = 0 if right < 0 else min(right, 0)
-    has_mask = causal or left >= 0 or right >= 0
-    return (left if left >= 0 else _UNBOUNDED, right if right >= 0 else _UNBOUNDED, has_mask)
+        right = 0 if right is None else min(right, 0)
+    has_mask = left is not None or right is not None
+    return (_UNBOUNDED if left is None else left, _UNBOUNDED if right is None else right,
+            has_mask)  # fmt: skip
+
+
+def _heavy(varlen, bias, alibi_slopes, args: AttentionArgs) -> bool:
+    return varlen or bias is not None or alibi_slopes is not None or args.dropout_p > 0
 
 
 def _row_strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
@@ -434,7 +463,7 @@ def attention_fwd(
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
     left, right, has_mask = _window(args.causal, args.window)
-    cfg = fwd_config(head_dim)
+    cfg = tile_configs(head_dim, _heavy(varlen, bias, alibi_slopes, args))[0]
     kernel = on_device(_attn_fwd_kernel, q.device)
     grid = (triton.cdiv(seqlen_q, cfg.block_m), batch * n_heads)
     kernel[grid](
@@ -455,23 +484,6 @@ def attention_fwd(
 
 def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
-
-
-@dataclasses.dataclass(frozen=True)
-class BwdConfig:
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-
-
-def bwd_config(head_dim: int) -> BwdConfig:
-    block_d = _block_d(head_dim)
-    if block_d <= 64:
-        return BwdConfig(64, 64, 4, 2)
-    if block_d <= 128:
-        return BwdConfig(64, 64, 8, 2)
-    return BwdConfig(32, 32, 8, 1)
 
 
 def attention_bwd(
@@ -534,26 +546,26 @@ def attention_bwd(
         seqlen_q, n_heads, head_dim,
         IS_VARLEN=varlen, BLOCK_M=64, BLOCK_D=block_d,
     )  # fmt: skip
-    cfg = bwd_config(head_dim)
+    _, kv_cfg, q_cfg = tile_configs(head_dim, _heavy(varlen, bias, alibi_slopes, args))
     on_device(_attn_bwd_dkdv_kernel, q.device)[
-        (triton.cdiv(seqlen_k, cfg.block_n), batch * n_kv_heads)
+        (triton.cdiv(seqlen_k, kv_cfg.block_n), batch * n_kv_heads)
     ](
         q, k, v, do, lse, delta, dk, dv, bias_arg, alibi_arg, cu_q, cu_k,
         *s_q, *s_k, *s_v, *s_do, *s_dk, *s_dv, *strides_l, *shared,
         seqlen_q, seqlen_k, n_heads, n_kv_heads, n_heads // n_kv_heads, head_dim, *run,
-        **flags, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **flags, BLOCK_M=kv_cfg.block_m, BLOCK_N=kv_cfg.block_n, BLOCK_D=block_d,
+        num_warps=kv_cfg.num_warps, num_stages=kv_cfg.num_stages,
     )  # fmt: skip
     on_device(_attn_bwd_dq_kernel, q.device)[
-        (triton.cdiv(seqlen_q, cfg.block_m), batch * n_heads)
+        (triton.cdiv(seqlen_q, q_cfg.block_m), batch * n_heads)
     ](
         q, k, v, do, lse, delta, dq, q if dbias is None else dbias, bias_arg, alibi_arg,
         cu_q, cu_k, *s_q, *s_k, *s_v, *s_do, *s_dq, *strides_l, *shared,
         *((0, 0, 0) if dbias is None else dbias.stride()[:3]),
         seqlen_q, seqlen_k, n_heads, n_heads // n_kv_heads, head_dim, *run,
         **flags, BIAS_GRAD=dbias is not None,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_M=q_cfg.block_m, BLOCK_N=q_cfg.block_n, BLOCK_D=block_d,
+        num_warps=q_cfg.num_warps, num_stages=q_cfg.num_stages,
     )  # fmt: skip
     return dq, dk, dv, dbias
 
@@ -582,13 +594,13 @@ _SPEC_HEAD_DIMS = (64, 128, 256)
 
 
 def compile_specs() -> list[KernelSpec]:
-    """Forward, dK/dV and dQ kernels at every shipped block configuration (causal masking),
-    fp16 and bf16, plus all features on (varlen, bias, ALiBi, dropout) at head_dim 128."""
+    """Forward, dK/dV and dQ kernels at every shipped tile configuration: masking only (fp16
+    and bf16), and every feature on (varlen, bias, ALiBi, dropout; bf16)."""
     specs = []
     for head_dim in _SPEC_HEAD_DIMS:
         for dtype, t in _DTYPES.items():
             variants = [dict(IS_VARLEN=False, HAS_BIAS=False, HAS_ALIBI=False, HAS_DROPOUT=False)]
-            if head_dim == 128 and dtype == torch.bfloat16:
+            if dtype == torch.bfloat16:
                 variants.append(dict(IS_VARLEN=True, HAS_BIAS=True, HAS_ALIBI=True,
                                      HAS_DROPOUT=True))  # fmt: skip
             for flags in variants:
@@ -598,26 +610,25 @@ def compile_specs() -> list[KernelSpec]:
 
 def _specs_for(head_dim: int, t: str, flags: dict) -> list[KernelSpec]:
     block_d = _block_d(head_dim)
-    fwd, bwd = fwd_config(head_dim), bwd_config(head_dim)
+    heavy = flags["IS_VARLEN"] or flags["HAS_BIAS"] or flags["HAS_ALIBI"] or flags["HAS_DROPOUT"]
+    fwd, dkdv, dq = tile_configs(head_dim, heavy)
     what = "+".join(k[4:].lower() for k, on in flags.items() if on and k.startswith("HAS_"))
     what += "+varlen" if flags["IS_VARLEN"] else ""
-    label = f"attention {t} d={head_dim} {what}"
     kernels = [
-        ("fwd", _attn_fwd_kernel, fwd.block_m, fwd.block_n, fwd.num_warps, fwd.num_stages, {}),
-        ("bwd dk/dv", _attn_bwd_dkdv_kernel, bwd.block_m, bwd.block_n, bwd.num_warps,
-         bwd.num_stages, {}),
-        ("bwd dq", _attn_bwd_dq_kernel, bwd.block_m, bwd.block_n, bwd.num_warps,
-         bwd.num_stages, {"BIAS_GRAD": flags["HAS_BIAS"]}),
-    ]  # fmt: skip
+        ("fwd", _attn_fwd_kernel, fwd, {}),
+        ("bwd dk/dv", _attn_bwd_dkdv_kernel, dkdv, {}),
+        ("bwd dq", _attn_bwd_dq_kernel, dq, {"BIAS_GRAD": flags["HAS_BIAS"]}),
+    ]
     specs = []
-    for name, kernel, block_m, block_n, warps, stages, extra in kernels:
-        constexprs = dict(flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, **extra)
-        types = _spec_types(kernel, t)
-        signature = {k: v for k, v in types.items() if k not in constexprs}
+    for name, kernel, cfg, extra in kernels:
+        constexprs = dict(flags, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+                          **extra)  # fmt: skip
+        signature = {k: v for k, v in _spec_types(kernel, t).items() if k not in constexprs}
         aligned = tuple(k for k, v in signature.items() if v.startswith("*") or "stride" in k)
         specs.append(KernelSpec(
-            label=f"{label} {name} {block_m}x{block_n} w={warps}",
-            kernel=kernel, signature=signature, constexprs=constexprs, num_warps=warps,
-            num_stages=stages, aligned=(*aligned, "head_dim"),
+            label=f"attention {t} d={head_dim} {what} {name} {cfg.block_m}x{cfg.block_n} "
+                  f"w={cfg.num_warps}",
+            kernel=kernel, signature=signature, constexprs=constexprs,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, aligned=(*aligned, "head_dim"),
         ))  # fmt: skip
     return specs

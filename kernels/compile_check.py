@@ -42,7 +42,11 @@ from triton.compiler import ASTSource
 from .launch import KernelSpec
 
 # Kernel family modules exposing compile_specs(); add each new family here.
-KERNEL_MODULES = ("fastlm.kernels.norm",)
+KERNEL_MODULES = (
+    "fastlm.kernels.norm",
+    "fastlm.kernels.attention",
+    "fastlm.kernels.attention_decode",
+)
 TRITON_CAPABILITIES = (80, 90)
 # Opt-in shared memory per block (CUDA programming guide, compute capability table).
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}

@@ -14,9 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# fastlm.ops.scaled_dot_product_attention is being written alongside this module; it has
-# torch's signature and semantics, so torch's function stands in until it lands.
-_sdpa = F.scaled_dot_product_attention
+from fastlm import ops
 
 
 def _additive_mask(mask: Tensor | None, name: str, dtype: torch.dtype) -> Tensor | None:
@@ -129,7 +127,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             if query.dim() == 2:
                 weights = weights.squeeze(0)
         else:
-            out = _sdpa(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=use_causal_hint)
+            out = ops.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=use_causal_hint
+            )
             weights = None
 
         # (N, H, L, D) -> the query's layout, heads concatenated

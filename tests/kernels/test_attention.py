@@ -77,7 +77,7 @@ def run_case(device, b, sq, sk, h, hkv, d, dtype, causal=False, window=(-1, -1),
     bias = None if bias_shape is None else torch.randn(bias_shape, dtype=dtype, device=device)
     slopes = torch.rand(h, device=device) if alibi else None
     scale = 1.0 / math.sqrt(d)
-    args = kernels.AttentionArgs(causal, scale, window, 0.0, 0)
+    args = kernels.AttentionArgs(causal, scale, kernels.window_bounds(window), 0.0, 0)
     bias4 = None if bias is None else bias.expand(b, h, sq, sk)
     slopes2 = None if slopes is None else slopes.expand(b, h)
 
@@ -179,7 +179,7 @@ def test_rows_with_no_visible_key_are_zero(device_backend):
         pytest.skip("attention has no CUDA C++ kernel")
     q = torch.randn(1, 9, 2, 16, dtype=torch.float16, device=device, requires_grad=False)
     k, v = (torch.randn(1, 4, 2, 16, dtype=torch.float16, device=device) for _ in range(2))
-    args = kernels.AttentionArgs(True, 0.25, (-1, -1), 0.0, 0)
+    args = kernels.AttentionArgs(True, 0.25, (None, None), 0.0, 0)
     out, lse = kernels.attention_fwd(q, k, v, args)
     dq, dk, dv, _ = kernels.attention_bwd(torch.ones_like(out), q, k, v, out, lse, args)
     empty = slice(0, 5)  # query i sees keys j <= i - 5
@@ -194,7 +194,7 @@ def _recover_dropout(device, seed, p, causal):
     b, s, h, d = 1, 32, 2, 32
     q, k = (torch.randn(b, s, h, d, device=device) for _ in range(2))
     eye = torch.eye(s, device=device)[None, :, None, :].expand(b, s, h, s).contiguous()
-    args = kernels.AttentionArgs(causal, 1.0 / math.sqrt(d), (-1, -1), p, seed)
+    args = kernels.AttentionArgs(causal, 1.0 / math.sqrt(d), (None, None), p, seed)
     out, lse = kernels.attention_fwd(q, k, eye, args)
     return q, k, eye, args, out, lse
 
@@ -245,7 +245,7 @@ def test_varlen_matches_per_sequence_dense(device_backend):
     k, v = (torch.randn(sum(lens_k), hkv, d, dtype=torch.bfloat16, device=device)
             for _ in range(2))  # fmt: skip
     do = torch.randn_like(q)
-    args = kernels.AttentionArgs(True, 1.0 / math.sqrt(d), (-1, -1), 0.0, 0)
+    args = kernels.AttentionArgs(True, 1.0 / math.sqrt(d), (None, None), 0.0, 0)
     packed = dict(cu_seqlens_q=cu_q.to(device), cu_seqlens_k=cu_k.to(device),
                   max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k))  # fmt: skip
     with poisoned_outputs():

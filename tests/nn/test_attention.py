@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import fastlm
-from fastlm.nn import attention
 from fastlm.testing import assert_policy
 
 CONFIGS = [
@@ -199,7 +198,7 @@ def test_need_weights_false_runs_the_fused_op_and_need_weights_true_does_not(mon
         calls.append(kwargs)
         return torch.nn.functional.scaled_dot_product_attention(*args, **kwargs)
 
-    monkeypatch.setattr(attention, "_sdpa", spy)
+    monkeypatch.setattr(fastlm.ops, "scaled_dot_product_attention", spy)
     mha = fastlm.nn.MultiheadAttention(16, 4, batch_first=True)
     x = torch.randn(2, 5, 16)
     causal = torch.nn.Transformer.generate_square_subsequent_mask(5)
@@ -322,8 +321,9 @@ def test_patch_swaps_multihead_attention_in_place(monkeypatch):
         assert p is params[name]  # same Parameter objects: optimizers keep working
 
     calls = []
-    real_sdpa = attention._sdpa
-    monkeypatch.setattr(attention, "_sdpa", lambda *a, **k: calls.append(1) or real_sdpa(*a, **k))
+    real_sdpa = fastlm.ops.scaled_dot_product_attention
+    monkeypatch.setattr(fastlm.ops, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(1) or real_sdpa(*a, **k))  # fmt: skip
     torch.testing.assert_close(model(x), before)
     assert len(calls) == 2  # with autograd on, the encoder layer calls its self_attn
     calls.clear()
