@@ -374,7 +374,7 @@ class TileConfig:
 # forward tiles keep warpgroup MMA (wgmma) on sm_90.
 _FWD = {64: (TileConfig(128, 64, 8, 3), TileConfig(128, 64, 8, 3)),
         128: (TileConfig(128, 64, 8, 3), TileConfig(64, 32, 8, 2)),
-        256: (TileConfig(64, 32, 4, 2), TileConfig(32, 16, 4, 1))}  # fmt: skip
+        256: (TileConfig(64, 32, 4, 2), TileConfig(64, 16, 8, 2))}  # fmt: skip
 _BWD_DKDV = {64: (TileConfig(64, 32, 4, 2), TileConfig(32, 32, 4, 2)),
              128: (TileConfig(32, 64, 8, 2), TileConfig(16, 64, 8, 2)),
              256: (TileConfig(32, 64, 8, 2), TileConfig(16, 32, 8, 2))}  # fmt: skip
@@ -614,13 +614,13 @@ def _specs_for(head_dim: int, t: str, flags: dict) -> list[KernelSpec]:
     fwd, dkdv, dq = tile_configs(head_dim, heavy)
     what = "+".join(k[4:].lower() for k, on in flags.items() if on and k.startswith("HAS_"))
     what += "+varlen" if flags["IS_VARLEN"] else ""
-    kernels = [
-        ("fwd", _attn_fwd_kernel, fwd, {}),
-        ("bwd dk/dv", _attn_bwd_dkdv_kernel, dkdv, {}),
-        ("bwd dq", _attn_bwd_dq_kernel, dq, {"BIAS_GRAD": flags["HAS_BIAS"]}),
+    kernels = [  # (name, kernel, tiles, extra constexprs, must use wgmma on sm_90)
+        ("fwd", _attn_fwd_kernel, fwd, {}, True),
+        ("bwd dk/dv", _attn_bwd_dkdv_kernel, dkdv, {}, False),
+        ("bwd dq", _attn_bwd_dq_kernel, dq, {"BIAS_GRAD": flags["HAS_BIAS"]}, False),
     ]
     specs = []
-    for name, kernel, cfg, extra in kernels:
+    for name, kernel, cfg, extra, wgmma in kernels:
         constexprs = dict(flags, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
                           **extra)  # fmt: skip
         signature = {k: v for k, v in _spec_types(kernel, t).items() if k not in constexprs}
@@ -630,5 +630,6 @@ def _specs_for(head_dim: int, t: str, flags: dict) -> list[KernelSpec]:
                   f"w={cfg.num_warps}",
             kernel=kernel, signature=signature, constexprs=constexprs,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, aligned=(*aligned, "head_dim"),
+            needs_wgmma=wgmma,
         ))  # fmt: skip
     return specs

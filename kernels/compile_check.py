@@ -13,6 +13,7 @@ plus ``-Xptxas=-v``; ptxas reports registers, stack, spills and shared memory, a
 SASS gives load widths and tensor-core use.
 
 Exit status 1 on a compile error, any spill, shared memory over the arch limit, or a
+``needs_wgmma`` kernel without warpgroup MMA on sm_90, or a
 ``needs_wide_loads`` kernel whose widest global load is narrower than 128 bits (DESIGN.md,
 "Verifying GPU code without a GPU").
 """
@@ -71,6 +72,7 @@ class Row:
     tensor_cores: str = "-"  # "wgmma", "mma" or "-"
     widest_load: int | None = None
     needs_wide_loads: bool = False
+    needs_wgmma: bool = False
     error: str | None = None
     seconds: float = 0.0
 
@@ -87,6 +89,8 @@ def problems(row: Row) -> list[str]:
         found.append(f"shared memory {row.shared}B over the {row.arch} limit {limit}B")
     if row.needs_wide_loads and (row.widest_load or 0) < WIDE_LOAD_BITS:
         found.append(f"widest global load {row.widest_load}-bit, needs {WIDE_LOAD_BITS}-bit")
+    if row.needs_wgmma and _capability(row.arch) >= 90 and row.tensor_cores != "wgmma":
+        found.append(f"no warpgroup MMA (wgmma) on {row.arch}, got {row.tensor_cores}")
     return found
 
 
@@ -230,7 +234,8 @@ def ast_source(spec: KernelSpec) -> ASTSource:
 
 def compile_triton(spec: KernelSpec, capability: int) -> Row:
     """Compile ``spec`` for ``sm_<capability>`` and read its resources from the cubin."""
-    row = Row("triton", spec.label, f"sm_{capability}", needs_wide_loads=spec.needs_wide_loads)
+    row = Row("triton", spec.label, f"sm_{capability}", needs_wide_loads=spec.needs_wide_loads,
+              needs_wgmma=spec.needs_wgmma)  # fmt: skip
     start = time.perf_counter()
     try:
         _require_attrs_api()

@@ -174,3 +174,5 @@ class KernelSpec:
     aligned: tuple[str, ...] = ()
     # Hot global loads that must be 128-bit wide in this specialization.
     needs_wide_loads: bool = True
+    # Matmul kernels that must use Hopper's warpgroup MMA (wgmma) when compiled for sm_90.
+    needs_wgmma: bool = False

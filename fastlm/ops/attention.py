@@ -108,7 +108,7 @@ def flash_attention(
     bias = _check_bias(attn_bias, q.shape[0], q.shape[2], q.shape[1], k.shape[1], q)
     slopes = _check_alibi(alibi_slopes, q.shape[0], q.shape[2], q)
     out, lse = _attention(q, k, v, causal, softmax_scale, dropout_p, window, bias, slopes,
-                          seed, None, None, q.shape[1], k.shape[1])  # fmt: skip
+                          seed, None, None, q.shape[1], k.shape[1], return_lse)  # fmt: skip
     return (out, lse) if return_lse else out
 
 
@@ -136,8 +136,8 @@ def flash_attention_varlen(
     batch = _check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q, k, max_seqlen_q, max_seqlen_k)
     slopes = _check_alibi(alibi_slopes, batch, q.shape[1], q)
     out, lse = _attention(q, k, v, causal, softmax_scale, dropout_p, window, None, slopes,
-                          seed, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                          max_seqlen_k)  # fmt: skip
+                          seed, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                          return_lse)  # fmt: skip
     return (out, lse) if return_lse else out
 
 
@@ -184,7 +184,7 @@ def scaled_dot_product_attention(
     # Top-left causal: j <= i, i.e. a window's right bound of -(Sk - Sq) at bottom-right.
     window = (None, seqlen_q - seqlen_k) if is_causal else (None, None)
     out, _ = _attention(q, k, v, False, scale, dropout_p, window, bias, None, None, None, None,
-                        seqlen_q, seqlen_k, bounds=True)  # fmt: skip
+                        seqlen_q, seqlen_k, False, bounds=True)  # fmt: skip
     return out.transpose(1, 2)
 
 
@@ -213,16 +213,32 @@ def attention_with_kvcache(
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     name = backend.select("attention", q.device, _support(q))
-    if name == "torch":
-        out, lse = _torch_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal,
-                                 scale)  # fmt: skip
-    else:
-        from fastlm.kernels.attention_decode import attention_decode
-
-        out, lse = attention_decode(q, k_cache, v_cache, cache_seqlens, k_new=k_new,
-                                    v_new=v_new, softmax_scale=scale, causal=causal,
-                                    num_splits=num_splits)  # fmt: skip
+    out, lse = torch.ops.fastlm.attention_kvcache(
+        q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, num_splits, name
+    )
     return (out, lse) if return_lse else out
+
+
+@torch.library.custom_op("fastlm::attention_kvcache", mutates_args=("k_cache", "v_cache"))
+def _attention_kvcache_op(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, k_new: Tensor | None,
+    v_new: Tensor | None, causal: bool, scale: float, num_splits: int | None,
+    backend_name: str,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    if backend_name == "torch":
+        return _torch_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale)
+    from fastlm.kernels.attention_decode import attention_decode
+
+    return attention_decode(q, k_cache, v_cache, cache_seqlens, k_new=k_new, v_new=v_new,
+                            softmax_scale=scale, causal=causal,
+                            num_splits=num_splits)  # fmt: skip
+
+
+@_attention_kvcache_op.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, num_splits,
+      backend_name):  # fmt: skip
+    return torch.empty_like(q), q.new_empty((q.shape[0], q.shape[2], q.shape[1]),
+                                            dtype=torch.float32)  # fmt: skip
 
 
 def _torch_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale):
@@ -347,7 +363,7 @@ def _sdpa_support(query, key, value) -> dict:
 
 
 def _attention(q, k, v, causal, softmax_scale, dropout_p, window, bias, slopes, seed, cu_q,
-               cu_k, max_q, max_k, bounds=False):  # fmt: skip
+               cu_k, max_q, max_k, need_lse, bounds=False):  # fmt: skip
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
@@ -357,7 +373,7 @@ def _attention(q, k, v, causal, softmax_scale, dropout_p, window, bias, slopes, 
     name = backend.select("attention", q.device, _support(q))
     if name == "torch":
         return _torch_attention(q, k, v, causal, scale, dropout_p, (left, right), bias, slopes,
-                                seed or 0, cu_q, cu_k)  # fmt: skip
+                                seed or 0, cu_q, cu_k, need_lse)  # fmt: skip
     return torch.ops.fastlm.attention_fwd(
         _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v), bias, slopes,
         cu_q, cu_k, max_q, max_k, causal, scale, left, right, float(dropout_p), seed or 0, name,
@@ -457,34 +473,73 @@ torch.library.register_autograd("fastlm::attention_fwd", _attention_backward,
                                 setup_context=_attention_setup_context)  # fmt: skip
 
 
-def _torch_attention(q, k, v, causal, scale, dropout_p, bounds, bias, slopes, seed, cu_q, cu_k):
-    """The torch backend: the reference formula in fp32 (fp64 stays fp64), with a dropout
-    mask from a ``torch.Generator`` seeded by ``seed`` (reproducible, though not the same
-    random stream as the Triton kernels'). Packed sequences run one at a time."""
+def _torch_attention(q, k, v, causal, scale, dropout_p, bounds, bias, slopes, seed, cu_q, cu_k,
+                     need_lse):  # fmt: skip
+    """The torch backend. PyTorch's SDPA with the masks as one additive mask, its dropout
+    seeded by ``seed`` (reproducible, though not the Triton kernels' random stream); the
+    reference formula in fp32 when the log-sum-exp is asked for. Packed sequences run one at
+    a time."""
     if cu_q is not None:
         outs, lses = [], []
         for b in range(cu_q.numel() - 1):
             rows, cols = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
             o, lse = _torch_attention(q[None, rows], k[None, cols], v[None, cols], causal,
-                                      scale, dropout_p, bounds,
-                                      None, None if slopes is None else slopes[b:b + 1],
-                                      seed + b, None, None)  # fmt: skip
+                                      scale, dropout_p, bounds, None,
+                                      None if slopes is None else slopes[b : b + 1], seed + b,
+                                      None, None, need_lse)  # fmt: skip
             outs.append(o[0])
-            lses.append(lse[0])
-        return torch.cat(outs), torch.cat(lses, dim=-1)
-    compute = torch.promote_types(q.dtype, torch.float32)
-    mask = None
-    if dropout_p > 0:
-        gen = torch.Generator(device=q.device).manual_seed(seed)
-        shape = (q.shape[0], q.shape[2], q.shape[1], k.shape[1])
-        mask = torch.rand(shape, generator=gen, device=q.device) >= dropout_p
+            lses.append(None if lse is None else lse[0])
+        return torch.cat(outs), torch.cat(lses, dim=-1) if need_lse else None
+    if need_lse:
+        # attention_ref speaks flash-attn's window convention (-1: unbounded).
+        window = tuple(-1 if side is None else side for side in bounds)
+        compute = torch.promote_types(q.dtype, torch.float32)
+        mask = None
+        if dropout_p > 0:
+            gen = torch.Generator(device=q.device).manual_seed(seed)
+            shape = (q.shape[0], q.shape[2], q.shape[1], k.shape[1])
+            mask = torch.rand(shape, generator=gen, device=q.device) >= dropout_p
+        out, lse = attention_ref(
+            q.to(compute), k.to(compute), v.to(compute), causal, scale, window,
+            None if bias is None else bias.to(compute), slopes, mask, dropout_p,
+        )  # fmt: skip
+        return out.to(q.dtype), lse.float()
+    mask = _additive_mask(q, k, causal, bounds, bias, slopes)
+    with torch.random.fork_rng(devices=[q.device] if q.device.type == "cuda" else []):
+        if dropout_p > 0:
+            torch.manual_seed(seed)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+            dropout_p=dropout_p, scale=scale, enable_gqa=q.shape[2] != k.shape[2],
+        )  # fmt: skip
+    return out.transpose(1, 2), None
+
+
+def _additive_mask(q, k, causal, bounds, bias, slopes):
+    """Window bounds (None: unbounded), causal, bias and ALiBi as one additive mask for SDPA
+    (None when none apply)."""
+    seqlen_q, seqlen_k = q.shape[1], k.shape[1]
+    i = torch.arange(seqlen_q, device=q.device)[:, None]
+    j = torch.arange(seqlen_k, device=q.device)[None, :]
+    diag = i + seqlen_k - seqlen_q
     left, right = bounds
-    out, lse = attention_ref(
-        q.to(compute), k.to(compute), v.to(compute), causal, scale,
-        (-1 if left is None else left, -1 if right is None else right),
-        None if bias is None else bias.to(compute), slopes, mask, dropout_p,
-    )  # fmt: skip
-    return out.to(q.dtype), lse.float()
+    if causal:
+        right = 0 if right is None else min(right, 0)
+    mask = None
+    if left is not None or right is not None:
+        visible = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=q.device)
+        if left is not None:
+            visible &= j >= diag - left
+        if right is not None:
+            visible &= j <= diag + right
+        mask = torch.zeros(visible.shape, dtype=torch.float32, device=q.device)
+        mask = mask.masked_fill(~visible, float("-inf"))
+    if bias is not None:
+        mask = bias.float() if mask is None else mask + bias.float()
+    if slopes is not None:
+        alibi = -slopes.reshape(slopes.shape[0], -1, 1, 1) * (diag - j).abs()
+        mask = alibi if mask is None else mask + alibi
+    return None if mask is None else mask.to(q.dtype)
 
 
 backend.register_op("attention", ("triton", "torch"))

@@ -1,4 +1,4 @@
-"""The quick norm benchmark on CPU, end to end through ``bench.run.main``."""
+"""The quick norm and attention benchmarks on CPU, end to end through ``bench.run.main``."""
 
 from __future__ import annotations
 
@@ -66,4 +66,50 @@ def test_norm_bytes_formula():
     # Backward adds dy, x in and dx out, the weight, rstd, and fp32 dweight.
     assert norm_bytes(m, n, e, rms=True, residual=False, backward=True) == (
         fwd + 3 * m * n * e + n * e + 4 * m + 4 * n
+    )
+
+
+def test_quick_attention_bench_on_cpu_writes_one_row_per_provider(run_main, tmp_path):
+    from bench import bench_attention
+
+    assert run_main(["--only", "attention", "--device", "cpu", "--out", str(tmp_path)]) == 0
+
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    sweep = bench_attention.SWEEPS[("cpu", True)]
+    shapes = [
+        f"{max(1, sweep.tokens // s)}x{sweep.hidden // d}x{d}x{s}"
+        for d in sweep.head_dims
+        for s in sweep.seqlens
+    ]
+    ops = {f"attention d{d} {mode}{causal}" for d in sweep.head_dims
+           for mode in ("fwd", "fwd+bwd") for causal in ("", " causal")}  # fmt: skip
+    for op in ops:
+        for shape in shapes:
+            found = sorted(r["provider"] for r in rows if r["op"] == op and r["shape"] == shape)
+            assert found == ["fastlm-torch", "sdpa-math"], (op, shape)
+    assert len(rows) == len(ops) * len(shapes) * 2
+    for row in rows:
+        assert row["dtype"] == "float32"
+        for key in ("ms", "gbps", "tflops", "flops", "bytes_moved"):
+            value = float(row[key])
+            assert math.isfinite(value) and value > 0, (key, row)
+
+
+def test_attention_cost_formulas():
+    from bench.bench_attention import attention_bytes, attention_flops, decode_bytes
+
+    b, h, s, d = 2, 4, 16, 8
+    fwd = 4 * b * h * s * s * d
+    assert attention_flops(b, h, s, s, d, causal=False, mode="fwd") == fwd
+    assert attention_flops(b, h, s, s, d, causal=True, mode="fwd") == fwd // 2
+    assert attention_flops(b, h, s, s, d, causal=False, mode="bwd") == fwd * 5 // 2
+    assert attention_flops(b, h, s, s, d, causal=True, mode="fwd+bwd") == fwd // 2 * 7 // 2
+    # q, k, v read and o written once; backward reads q, k, v, o, dO and writes dq, dk, dv.
+    e, h_kv = 2, 2
+    q, kv = b * s * h * d * e, b * s * h_kv * d * e
+    assert attention_bytes(b, h, h_kv, s, s, d, e, "fwd") == 2 * q + 2 * kv
+    assert attention_bytes(b, h, h_kv, s, s, d, e, "fwd+bwd") == 6 * q + 6 * kv
+    # Decode: the valid K and V cache once, plus the query in and the output out.
+    assert (
+        decode_bytes(b, h, h_kv, 1, 1000, d, e) == 2 * b * 1000 * h_kv * d * e + 2 * b * h * d * e
     )

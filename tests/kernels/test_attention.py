@@ -189,13 +189,13 @@ def test_rows_with_no_visible_key_are_zero(device_backend):
         assert torch.isfinite(t).all()
 
 
-def _recover_dropout(device, seed, p, causal):
+def _recover_dropout(device, seed, p, causal, bias=None):
     """Run with V = identity so the output rows are the dropped probabilities themselves."""
     b, s, h, d = 1, 32, 2, 32
     q, k = (torch.randn(b, s, h, d, device=device) for _ in range(2))
     eye = torch.eye(s, device=device)[None, :, None, :].expand(b, s, h, s).contiguous()
     args = kernels.AttentionArgs(causal, 1.0 / math.sqrt(d), (None, None), p, seed)
-    out, lse = kernels.attention_fwd(q, k, eye, args)
+    out, lse = kernels.attention_fwd(q, k, eye, args, bias=bias)
     return q, k, eye, args, out, lse
 
 
@@ -218,6 +218,28 @@ def test_dropout_keep_rate_mask_and_gradients(device_backend):
     ref_out, _ = attention_ref(*leaves, dropout_mask=keep, dropout_p=p)
     ref = torch.autograd.grad((ref_out * do.double()).sum(), leaves)
     for got, want in zip((dq, dk, dv), ref, strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_dropout_with_bias_and_its_gradient(device_backend):
+    """bias + dropout + causal: the backward regenerates the forward's mask, and dBias is the
+    gradient of the kept, rescaled probabilities."""
+    device, backend = device_backend
+    if backend != "triton":
+        pytest.skip("attention has no CUDA C++ kernel")
+    p = 0.25
+    bias = torch.randn(1, 2, 32, 32, device=device).expand(1, 2, 32, 32)
+    q, k, eye, args, out, lse = _recover_dropout(device, 99, p, causal=True, bias=bias)
+    keep = out.permute(0, 2, 1, 3) > 0
+    do = torch.randn_like(out)
+    dq, dk, dv, dbias = kernels.attention_bwd(do, q, k, eye, out, lse, args, bias=bias,
+                                              bias_grad=True)  # fmt: skip
+    leaves = [t.double().requires_grad_() for t in (q, k, eye, bias)]
+    ref_out, _ = attention_ref(*leaves[:3], causal=True, attn_bias=leaves[3],
+                               dropout_mask=keep, dropout_p=p)  # fmt: skip
+    torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-6)
+    ref = torch.autograd.grad((ref_out * do.double()).sum(), leaves)
+    for got, want in zip((dq, dk, dv, dbias), ref, strict=True):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
 
 

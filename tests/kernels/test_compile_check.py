@@ -112,6 +112,7 @@ def _row(**fields) -> cc.Row:
         ({"arch": "sm_80", "shared": 164 * 1024}, "shared memory"),
         ({"needs_wide_loads": True, "widest_load": 16}, "128-bit"),
         ({"needs_wide_loads": True, "widest_load": None}, "128-bit"),
+        ({"needs_wgmma": True, "tensor_cores": "mma"}, "wgmma"),
     ],
 )
 def test_problems_flags_each_rule(fields, reason):
@@ -123,6 +124,8 @@ def test_problems_passes_a_clean_row():
     assert cc.problems(_row(needs_wide_loads=True, shared=227 * 1024)) == []
     assert cc.problems(_row(widest_load=16)) == []  # narrow loads only matter when required
     assert cc.problems(_row(arch="sm_90a", shared=200 * 1024)) == []
+    assert cc.problems(_row(needs_wgmma=True, tensor_cores="wgmma")) == []
+    assert cc.problems(_row(arch="sm_80", needs_wgmma=True, tensor_cores="mma")) == []
 
 
 def test_unknown_spec_argument_is_a_clear_error():

@@ -197,3 +197,21 @@ def test_kvcache_backends_agree_and_append_in_place(causal):
             assert torch.equal(v_cache[i, n : n + 2], v_new[i])
         results[be] = out
     torch.testing.assert_close(results["torch"], results["triton"], **TOL)
+
+
+def test_kvcache_decode_step_compiles_fullgraph():
+    q = torch.randn(2, 1, 4, 16, dtype=torch.float16)
+    k_new, v_new = (torch.randn(2, 1, 2, 16, dtype=torch.float16) for _ in range(2))
+    lengths = torch.tensor([3, 5], dtype=torch.int32)
+
+    def step(q, k_cache, v_cache, k_new, v_new):
+        return ops.attention_with_kvcache(q, k_cache, v_cache, lengths, k_new, v_new,
+                                          causal=True)  # fmt: skip
+
+    caches = [torch.zeros(2, 8, 2, 16, dtype=torch.float16) for _ in range(4)]
+    eager = step(q, caches[0], caches[1], k_new, v_new)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(
+        q, caches[2], caches[3], k_new, v_new
+    )
+    torch.testing.assert_close(compiled, eager)
+    assert torch.equal(caches[2], caches[0]) and torch.equal(caches[3], caches[1])
