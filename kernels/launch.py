@@ -109,21 +109,37 @@ def _create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
                                    max_num_imprecise_acc)  # fmt: skip
 
 
+_interpreter_device_call = InterpretedFunction.__call__
+
+
+def _device_call(self, *args, **kwargs):
+    # A @triton.jit helper called from an interpreted kernel: the interpreter patches
+    # triton.language for it and never undoes that (Triton 3.6), which breaks every later
+    # real compile in the process. Patch within a scope and restore it.
+    scope = interpreter._patch_lang(self.fn)
+    try:
+        return self.rewrite()(*args, **kwargs)
+    finally:
+        scope.restore()
+
+
 @contextlib.contextmanager
 def _interpreter_fixes() -> Iterator[None]:
-    """GPU-faithful bf16 rounding and dots, and NumPy-2-safe loop bounds, for one
-    interpreted launch."""
+    """GPU-faithful bf16 rounding and dots, NumPy-2-safe loop bounds, and device-function
+    calls that clean up after themselves, for one interpreted launch."""
     builder = interpreter.InterpreterBuilder
     with _stdlib_lock:
         interpreter._convert_float = _convert_float
         interpreter._patch_lang_tensor = _patch_lang_tensor
         builder.create_dot = _create_dot
+        InterpretedFunction.__call__ = _device_call
         try:
             yield
         finally:
             interpreter._convert_float = _interpreter_convert_float
             interpreter._patch_lang_tensor = _interpreter_patch_lang_tensor
             builder.create_dot = _interpreter_create_dot
+            InterpretedFunction.__call__ = _interpreter_device_call
 
 
 class _InterpretedKernel:
