@@ -49,6 +49,27 @@ def _sequence(Cu, b, seqlen, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _load_rows(base, rows, stride, offs_d, n_rows, head_dim):
+    """Rows ``base + row * stride`` as a (len(rows), BLOCK_D) tile; rows past ``n_rows`` and
+    columns past ``head_dim`` read as zero."""
+    mask = (rows < n_rows)[:, None] & (offs_d < head_dim)[None, :]
+    return tl.load(base + rows[:, None].to(tl.int64) * stride + offs_d[None, :], mask=mask,
+                   other=0.0)  # fmt: skip
+
+
+@triton.jit
+def _key_range(first_m, len_q, len_k, window_left, window_right, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr):  # fmt: skip
+    """[lo, hi): the keys any query row first_m .. first_m + BLOCK_M - 1 can see, lo aligned
+    to BLOCK_N (the window clipped to the sequence)."""
+    shift = len_k - len_q
+    last_m = tl.minimum(first_m + BLOCK_M, len_q) - 1
+    lo = tl.maximum(first_m + shift - window_left, 0) // BLOCK_N * BLOCK_N
+    hi = tl.minimum(last_m + shift + window_right + 1, len_k)
+    return lo, hi
+
+
+@triton.jit
 def _scores(q, k, offs_m, offs_n, seqlen_q, seqlen_k, scale, window_left, window_right,
             bias_ptrs, slope, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
             HAS_ALIBI: tl.constexpr):  # fmt: skip
@@ -98,8 +119,6 @@ def _attn_fwd_kernel(
     if pid_m * BLOCK_M >= len_q:
         return
     b64, h64, kvh64 = b.to(tl.int64), h.to(tl.int64), (h // group).to(tl.int64)
-    shift = len_k - len_q
-
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -115,19 +134,15 @@ def _attn_fwd_kernel(
     if HAS_ALIBI:
         slope = tl.load(Alibi + b64 * stride_ab + h64)
 
-    # Keys any row of this block can see: the window clipped to the sequence.
-    last_m = tl.minimum(pid_m * BLOCK_M + BLOCK_M, len_q) - 1
-    lo = tl.maximum(pid_m * BLOCK_M + shift - window_left, 0) // BLOCK_N * BLOCK_N
-    hi = tl.minimum(last_m + shift + window_right + 1, len_k)
+    lo, hi = _key_range(pid_m * BLOCK_M, len_q, len_k, window_left, window_right, BLOCK_M,
+                        BLOCK_N)  # fmt: skip
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        kv_mask = (cols < len_k)[:, None] & d_mask[None, :]
-        k = tl.load(k_base + cols[:, None].to(tl.int64) * stride_ks + offs_d[None, :],
-                    mask=kv_mask, other=0.0)  # fmt: skip
+        k = _load_rows(k_base, cols, stride_ks, offs_d, len_k, head_dim)
         s = _scores(q, k, offs_m, cols, len_q, len_k, scale, window_left, window_right,
                     bias_base + cols[None, :] * stride_bn, slope, HAS_MASK, HAS_BIAS,
                     HAS_ALIBI)  # fmt: skip
@@ -140,8 +155,7 @@ def _attn_fwd_kernel(
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, b, h, n_heads, offs_m, cols, rng_cols, dropout_p)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-        v = tl.load(v_base + cols[:, None].to(tl.int64) * stride_vs + offs_d[None, :],
-                    mask=kv_mask, other=0.0)  # fmt: skip
+        v = _load_rows(v_base, cols, stride_vs, offs_d, len_k, head_dim)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
@@ -239,11 +253,8 @@ def _attn_bwd_dkdv_kernel(
             slope = tl.load(Alibi + b64 * stride_ab + h64)
         for start_m in range(lo, hi, BLOCK_M):
             rows = start_m + offs_m
-            q_mask = (rows < len_q)[:, None] & d_mask[None, :]
-            q = tl.load(q_base + rows[:, None].to(tl.int64) * stride_qs + offs_d[None, :],
-                        mask=q_mask, other=0.0)  # fmt: skip
-            do = tl.load(do_base + rows[:, None].to(tl.int64) * stride_dos + offs_d[None, :],
-                         mask=q_mask, other=0.0)  # fmt: skip
+            q = _load_rows(q_base, rows, stride_qs, offs_d, len_q, head_dim)
+            do = _load_rows(do_base, rows, stride_dos, offs_d, len_q, head_dim)
             lse = tl.load(LSE + stat_base + rows, mask=rows < len_q, other=float("-inf"))
             delta = tl.load(Delta + stat_base + rows, mask=rows < len_q, other=0.0)
             bias_ptrs = (
@@ -296,7 +307,6 @@ def _attn_bwd_dq_kernel(
     if pid_m * BLOCK_M >= len_q:
         return
     b64, h64, kvh64 = b.to(tl.int64), h.to(tl.int64), (h // group).to(tl.int64)
-    shift = len_k - len_q
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -319,17 +329,13 @@ def _attn_bwd_dq_kernel(
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(Alibi + b64 * stride_ab + h64)
-    last_m = tl.minimum(pid_m * BLOCK_M + BLOCK_M, len_q) - 1
-    lo = tl.maximum(pid_m * BLOCK_M + shift - window_left, 0) // BLOCK_N * BLOCK_N
-    hi = tl.minimum(last_m + shift + window_right + 1, len_k)
+    lo, hi = _key_range(pid_m * BLOCK_M, len_q, len_k, window_left, window_right, BLOCK_M,
+                        BLOCK_N)  # fmt: skip
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        kv_mask = (cols < len_k)[:, None] & d_mask[None, :]
-        k = tl.load(k_base + cols[:, None].to(tl.int64) * stride_ks + offs_d[None, :],
-                    mask=kv_mask, other=0.0)  # fmt: skip
-        v = tl.load(v_base + cols[:, None].to(tl.int64) * stride_vs + offs_d[None, :],
-                    mask=kv_mask, other=0.0)  # fmt: skip
+        k = _load_rows(k_base, cols, stride_ks, offs_d, len_k, head_dim)
+        v = _load_rows(v_base, cols, stride_vs, offs_d, len_k, head_dim)
         s = _scores(q, k, offs_m, cols, len_q, len_k, scale, window_left, window_right,
                     bias_base + cols[None, :] * stride_bn, slope, HAS_MASK, HAS_BIAS,
                     HAS_ALIBI)  # fmt: skip
