@@ -63,9 +63,11 @@ def info() -> int:
     ext = backend.cuda_extension_error()
     print(f"{'_C':<10}{'built and loaded' if ext is None else ext}")
     print("\nbackends per op:")
-    for op, names in backend.registered_ops().items():
+    ops = backend.registered_ops()
+    width = max(map(len, ops)) + 2
+    for op, names in ops.items():
         for name in names:
-            print(f"  {op:<12}{name:<8}{backend_status(op, name, device)}")
+            print(f"  {op:<{width}}{name:<8}{backend_status(op, name, device)}")
     return 0
 
 

@@ -47,6 +47,8 @@ KERNEL_MODULES = (
     "fastlm.kernels.norm",
     "fastlm.kernels.attention",
     "fastlm.kernels.attention_decode",
+    "fastlm.kernels.activation",
+    "fastlm.kernels.rotary",
 )
 TRITON_CAPABILITIES = (80, 90)
 # Opt-in shared memory per block (CUDA programming guide, compute capability table).

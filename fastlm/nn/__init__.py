@@ -4,5 +4,6 @@ torch modules they replace."""
 from fastlm.nn.attention import MultiheadAttention
 from fastlm.nn.norm import LayerNorm, RMSNorm
 from fastlm.nn.patch import patch
+from fastlm.nn.rotary import RotaryEmbedding
 
-__all__ = ["LayerNorm", "MultiheadAttention", "RMSNorm", "patch"]
+__all__ = ["LayerNorm", "MultiheadAttention", "RMSNorm", "RotaryEmbedding", "patch"]

@@ -1,5 +1,6 @@
 """The functional API: one module per op with its reference, custom op and backend choice."""
 
+from fastlm.ops.activation import bias_act, bias_act_ref
 from fastlm.ops.attention import (
     attention_ref,
     attention_with_kvcache,
@@ -8,10 +9,15 @@ from fastlm.ops.attention import (
     scaled_dot_product_attention,
 )
 from fastlm.ops.norm import layer_norm, layer_norm_ref, rms_norm, rms_norm_ref
+from fastlm.ops.rotary import apply_rotary, apply_rotary_ref
 
 __all__ = [
+    "apply_rotary",
+    "apply_rotary_ref",
     "attention_ref",
     "attention_with_kvcache",
+    "bias_act",
+    "bias_act_ref",
     "flash_attention",
     "flash_attention_varlen",
     "layer_norm",
