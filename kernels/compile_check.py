@@ -49,6 +49,7 @@ KERNEL_MODULES = (
     "fastlm.kernels.attention_decode",
     "fastlm.kernels.activation",
     "fastlm.kernels.rotary",
+    "fastlm.kernels.cross_entropy",
 )
 TRITON_CAPABILITIES = (80, 90)
 # Opt-in shared memory per block (CUDA programming guide, compute capability table).

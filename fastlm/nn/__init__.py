@@ -2,8 +2,17 @@
 torch modules they replace."""
 
 from fastlm.nn.attention import MultiheadAttention
+from fastlm.nn.loss import CrossEntropyLoss, LinearCrossEntropyLoss
 from fastlm.nn.norm import LayerNorm, RMSNorm
 from fastlm.nn.patch import patch
 from fastlm.nn.rotary import RotaryEmbedding
 
-__all__ = ["LayerNorm", "MultiheadAttention", "RMSNorm", "RotaryEmbedding", "patch"]
+__all__ = [
+    "CrossEntropyLoss",
+    "LayerNorm",
+    "LinearCrossEntropyLoss",
+    "MultiheadAttention",
+    "RMSNorm",
+    "RotaryEmbedding",
+    "patch",
+]

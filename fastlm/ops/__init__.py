@@ -8,6 +8,7 @@ from fastlm.ops.attention import (
     flash_attention_varlen,
     scaled_dot_product_attention,
 )
+from fastlm.ops.loss import cross_entropy, cross_entropy_ref, linear_cross_entropy
 from fastlm.ops.norm import layer_norm, layer_norm_ref, rms_norm, rms_norm_ref
 from fastlm.ops.rotary import apply_rotary, apply_rotary_ref
 
@@ -18,10 +19,13 @@ __all__ = [
     "attention_with_kvcache",
     "bias_act",
     "bias_act_ref",
+    "cross_entropy",
+    "cross_entropy_ref",
     "flash_attention",
     "flash_attention_varlen",
     "layer_norm",
     "layer_norm_ref",
+    "linear_cross_entropy",
     "rms_norm",
     "rms_norm_ref",
     "scaled_dot_product_attention",

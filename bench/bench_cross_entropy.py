@@ -1,0 +1,186 @@
+"""Cross-entropy forward and forward+backward, and the fused linear cross-entropy.
+
+Bytes moved (the roofline numerator), for N rows of V logits of e bytes:
+
+* forward: read the logits, write fp32 loss and lse: ``N*V*e + 8*N``
+* forward+backward: the forward, then read the logits again and write dlogits:
+  ``3*N*V*e + 8*N`` (the in-place variant inside ``linear_cross_entropy`` moves the same
+  bytes into one buffer).
+
+FLOPs (rough; the op is memory-bound): ``4*N*V`` forward (max, subtract, exp, sum) and
+``4*N*V`` more for the gradient. The linear cross-entropy is compute-bound:
+``6*N*H*V`` (the projection forward, and d_hidden and d_weight) plus the cross-entropy's.
+
+Peak memory is where the fused linear cross-entropy wins: ``python -m
+bench.bench_cross_entropy`` measures it on the CPU at N=8192, V=32000, H=768, fp32, against
+``F.cross_entropy(F.linear(h, W), t)`` (:func:`memory_report`); on GPUs the harness reports
+the peak of every case.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from bench.harness import Case
+from fastlm import backend
+from fastlm.ops import loss as ce
+
+# (rows, vocabulary sizes, hidden size of the linear case) per device; CPU sizes keep quick
+# mode to seconds on two cores.
+SIZES = {
+    ("cuda", True): (4096, (32000, 128256), 2048),
+    ("cuda", False): (8192, (4096, 32000, 50304, 128256, 256000), 4096),
+    ("cpu", True): (256, (4096, 32000), 256),
+    ("cpu", False): (1024, (4096, 32000, 50304), 768),
+}
+
+
+def ce_bytes(n: int, v: int, e: int, backward: bool) -> int:
+    return (3 if backward else 1) * n * v * e + 8 * n
+
+
+def ce_flops(n: int, v: int, backward: bool) -> int:
+    return (8 if backward else 4) * n * v
+
+
+@dataclasses.dataclass
+class Provider:
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    backend: str | None = None
+
+
+def providers(device: torch.device) -> dict[str, Provider]:
+    on_gpu = device.type == "cuda"
+    found = {}
+    if on_gpu:  # the interpreter is far too slow to time
+        found["fastlm-triton"] = Provider(ce.cross_entropy, "triton")
+    found["fastlm-torch"] = Provider(ce.cross_entropy, "torch")
+    found["torch"] = Provider(F.cross_entropy)
+    if on_gpu and importlib.util.find_spec("liger_kernel") is not None:
+        from liger_kernel.transformers.functional import liger_cross_entropy
+
+        found["liger"] = Provider(liger_cross_entropy)
+    return found
+
+
+def _forward(p: Provider, x, t) -> Callable[[], object]:
+    def step():
+        with torch.no_grad(), backend.use_backend(p.backend):
+            return p.loss(x, t)
+
+    return step
+
+
+def _forward_backward(p: Provider, x, t) -> Callable[[], object]:
+    def step():
+        with backend.use_backend(p.backend):
+            return torch.autograd.grad(p.loss(x, t), [x])
+
+    return step
+
+
+def _unfused_linear(h, w, t):
+    return F.cross_entropy(F.linear(h, w), t)
+
+
+def _linear_providers(device: torch.device) -> dict[str, tuple[Callable, str | None]]:
+    found = {}
+    if device.type == "cuda":
+        found["fastlm-triton"] = (ce.linear_cross_entropy, "triton")
+    found["fastlm-torch"] = (ce.linear_cross_entropy, "torch")
+    found["torch"] = (_unfused_linear, None)
+    return found
+
+
+def cases(quick: bool, device: torch.device) -> Iterator[Case]:
+    n, vocab, hidden = SIZES[(device.type, quick)]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    e = dtype.itemsize
+    for v in vocab:
+        x = torch.randn(n, v, device=device, dtype=dtype, requires_grad=True)
+        t = torch.randint(0, v, (n,), device=device)
+        for name, p in providers(device).items():
+            yield Case("cross_entropy fwd", name, (n, v), dtype, _forward(p, x, t),
+                       ce_bytes(n, v, e, False), ce_flops(n, v, False))  # fmt: skip
+            yield Case("cross_entropy fwd+bwd", name, (n, v), dtype, _forward_backward(p, x, t),
+                       ce_bytes(n, v, e, True), ce_flops(n, v, True))  # fmt: skip
+        del x
+        h = torch.randn(n, hidden, device=device, dtype=dtype, requires_grad=True)
+        w = torch.randn(v, hidden, device=device, dtype=dtype, requires_grad=True)
+        for name, (fn, be) in _linear_providers(device).items():
+
+            def step(fn=fn, be=be, h=h, w=w, t=t):
+                with backend.use_backend(be):
+                    return torch.autograd.grad(fn(h, w, t), [h, w])
+
+            # Bytes: hidden, weight and their gradients, plus the cross-entropy over logits.
+            moved = 2 * (n + v) * hidden * e + ce_bytes(n, v, e, True)
+            yield Case("linear_cross_entropy fwd+bwd", name, (n, hidden, v), dtype, step,
+                       moved, 6 * n * hidden * v + ce_flops(n, v, True))  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Peak memory on the CPU.
+
+
+def cpu_peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak bytes allocated by PyTorch's CPU allocator while ``fn()`` runs, above what was
+    allocated before: the running total the profiler records with every allocation."""
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
+        fn()
+    fd, path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    finally:
+        os.unlink(path)
+    memory = [e["args"] for e in events if e.get("name") == "[memory]"]
+    if not memory:
+        return 0
+    before = memory[0]["Total Allocated"] - memory[0]["Bytes"]
+    return max(m["Total Allocated"] for m in memory) - before
+
+
+def memory_report(n: int = 8192, v: int = 32000, hidden: int = 768) -> dict[str, float]:
+    """Peak extra memory (MiB) of forward+backward, fused linear cross-entropy (torch
+    backend, the same chunked algorithm the Triton path runs) vs the unfused
+    ``F.cross_entropy(F.linear(h, W), t)``, fp32 on the CPU, and their ratio. Inputs (h, W,
+    t) are allocated beforehand and not counted; the gradients are."""
+    h = torch.randn(n, hidden, requires_grad=True)
+    w = (torch.randn(v, hidden) / hidden**0.5).requires_grad_()
+    t = torch.randint(0, v, (n,))
+
+    def fused():
+        with backend.use_backend("torch"):
+            return torch.autograd.grad(ce.linear_cross_entropy(h, w, t), [h, w])
+
+    def unfused():
+        return torch.autograd.grad(_unfused_linear(h, w, t), [h, w])
+
+    a, b = fused(), unfused()
+    torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+    del a, b
+    fused_mib = cpu_peak_bytes(fused) / 2**20
+    unfused_mib = cpu_peak_bytes(unfused) / 2**20
+    return {"fused_mib": fused_mib, "unfused_mib": unfused_mib, "ratio": fused_mib / unfused_mib}
+
+
+if __name__ == "__main__":
+    report = memory_report()
+    print(
+        f"linear cross-entropy fwd+bwd peak, N=8192 V=32000 H=768 fp32 (CPU): fused "
+        f"{report['fused_mib']:.1f} MiB, unfused {report['unfused_mib']:.1f} MiB, "
+        f"ratio {report['ratio']:.3f}"
+    )

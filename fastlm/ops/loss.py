@@ -1,0 +1,583 @@
+"""Cross-entropy on (N, V) logits, and the fused linear projection + cross-entropy.
+
+``cross_entropy`` is ``torch.nn.functional.cross_entropy`` for class-index targets, plus an
+optional z-loss (``z_loss * logsumexp(logits)**2`` per non-ignored row, as in PaLM). The
+Triton path is a pair of ``torch.library`` custom ops (``fastlm::cross_entropy_fwd`` /
+``_bwd``) returning per-row fp32 losses; the reduction is plain PyTorch on top, so autograd
+hands every reduction's gradient ("none" included) to the backward kernel as per-row
+weights.
+
+``linear_cross_entropy`` computes ``cross_entropy(hidden @ weight.T + bias, target)`` in
+token chunks so that the (N, V) logits never exist at once (Liger's fused linear
+cross-entropy). For "mean"/"sum", the forward also computes d_hidden, d_weight and d_bias
+chunk by chunk (the logits chunk is overwritten by its own gradient) and keeps them for the
+backward, which only scales them by the incoming gradient. For "none", the per-row
+gradient is only known in the backward, so the backward recomputes the chunks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastlm import backend
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FLOAT_DTYPES = (*_KERNEL_DTYPES, torch.float64)
+_REDUCTIONS = ("mean", "sum", "none")
+_INT32 = (-(2**31), 2**31 - 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference: the plainest formula, run by the tests in float64 as the oracle.
+
+
+def cross_entropy_ref(
+    logits: Tensor,
+    target: Tensor,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    z_loss: float = 0.0,
+    weight: Tensor | None = None,
+) -> Tensor:
+    logp = logits.log_softmax(-1)
+    valid = target != ignore_index
+    t = torch.where(valid, target, 0)
+    w = torch.ones(logits.shape[-1], dtype=logits.dtype) if weight is None else weight
+    w = w.to(logits)
+    row_w = w[t] * valid
+    nll = -logp.gather(1, t[:, None]).squeeze(1) * row_w
+    smooth = -(logp * w).sum(-1) / logits.shape[-1] * valid
+    lse = torch.logsumexp(logits, -1)
+    rows = (1 - label_smoothing) * nll + label_smoothing * smooth + z_loss * lse**2 * row_w
+    if reduction == "none":
+        return rows
+    return rows.sum() if reduction == "sum" else rows.sum() / row_w.sum()
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API.
+
+
+def cross_entropy(
+    logits: Tensor,
+    target: Tensor,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    z_loss: float = 0.0,
+    weight: Tensor | None = None,
+) -> Tensor:
+    """Cross-entropy of ``logits`` against class indices, as ``F.cross_entropy``.
+
+    Args:
+        logits: (N, V) float32/float16/bfloat16 (float64 on the torch backend); any row
+            stride. The math is float32 on the kernels whatever the dtype.
+        target: (N,) integer class indices in ``[0, V)``, or ``ignore_index``.
+        ignore_index: rows with this target contribute no loss and get zero gradient;
+            "mean" divides by the number of the other rows (NaN when there are none, as
+            torch).
+        label_smoothing: in [0, 1], as ``F.cross_entropy``.
+        reduction: "mean", "sum" or "none" (then the (N,) per-row losses).
+        z_loss: adds ``z_loss * logsumexp(logits_i)**2`` per non-ignored row.
+        weight: (V,) class weights, as ``F.cross_entropy``: torch backend only.
+
+    Returns the loss in the dtype of ``logits``. The input is never modified.
+    """
+    _check_common(logits, target, "logits", ignore_index, label_smoothing, reduction, z_loss)
+    v = logits.shape[1]
+    if weight is not None:
+        _check_float("weight", weight)
+        if tuple(weight.shape) != (v,) or weight.device != logits.device:
+            raise ValueError(
+                f"weight must be a ({v},) tensor on {logits.device}, got shape "
+                f"{tuple(weight.shape)} on {weight.device}"
+            )
+    name = backend.select("cross_entropy", logits.device, _support(logits, weight, ignore_index))
+    if name == "torch":
+        return _torch_cross_entropy(logits, target, ignore_index, label_smoothing, reduction,
+                                    z_loss, weight)  # fmt: skip
+    rows, _ = torch.ops.fastlm.cross_entropy_fwd(
+        logits, target, ignore_index, float(label_smoothing), float(z_loss), name
+    )
+    return _reduce(rows, target, ignore_index, reduction).to(logits.dtype)
+
+
+def linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    z_loss: float = 0.0,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """``cross_entropy(F.linear(hidden, weight, bias), target, ...)`` without ever holding
+    the (N, V) logits: tokens are processed ``chunk_size`` rows at a time.
+
+    Args:
+        hidden: (N, H) float tensor; ``weight`` (V, H) and ``bias`` (V,) of the same dtype
+            and device.
+        target, ignore_index, label_smoothing, reduction, z_loss: as :func:`cross_entropy`.
+        chunk_size: rows per chunk. Default: a power of two near ``N * H / V``, so a logits
+            chunk is about the size of ``hidden``.
+
+    Peak extra memory is one (chunk, V) logits chunk plus d_hidden (N, H) and a float32
+    d_weight (V, H), instead of several (N, V) tensors. Gradients reach ``hidden``,
+    ``weight`` and ``bias``; for "mean"/"sum" they are computed during the forward (see the
+    module docstring). Returns the loss in the dtype of ``hidden``.
+    """
+    _check_float("hidden", hidden)
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be 2-D (N, H), got shape {tuple(hidden.shape)}")
+    _check_float("weight", weight)
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[1] or weight.shape[0] < 1:
+        raise ValueError(
+            f"weight must be (V, {hidden.shape[1]}) with V >= 1, got {tuple(weight.shape)}"
+        )
+    for arg, t in (("weight", weight), ("bias", bias)):
+        if t is not None and (t.dtype != hidden.dtype or t.device != hidden.device):
+            raise ValueError(
+                f"{arg} must have hidden's dtype and device ({hidden.dtype}, {hidden.device}),"
+                f" got {t.dtype} on {t.device}"
+            )
+    v = weight.shape[0]
+    if bias is not None and tuple(bias.shape) != (v,):
+        raise ValueError(f"bias must have shape ({v},), got {tuple(bias.shape)}")
+    _check_target(target, hidden.shape[0], v, hidden.device, ignore_index)
+    _check_options(ignore_index, label_smoothing, reduction, z_loss)
+    n, h = hidden.shape
+    if chunk_size is None:
+        chunk_size = default_chunk_size(n, h, v)
+    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    name = backend.select(
+        "linear_cross_entropy", hidden.device, _linear_support(hidden, ignore_index)
+    )
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias)
+    )
+    loss, _, _, _ = torch.ops.fastlm.linear_cross_entropy_fwd(
+        hidden, weight, bias, target, ignore_index, float(label_smoothing), float(z_loss),
+        reduction, chunk_size, needs_grad and reduction != "none", name,
+    )  # fmt: skip
+    if reduction == "mean":
+        loss = loss / (target != ignore_index).sum()
+    return loss.to(hidden.dtype)
+
+
+def default_chunk_size(n: int, h: int, v: int) -> int:
+    """Rows per chunk: the power of two nearest ``N / ceil(V / H)`` (Liger's choice), so
+    a (chunk, V) logits chunk holds about as many elements as ``hidden`` (N, H)."""
+    return max(1, triton_next_power_of_2(math.ceil(n / math.ceil(v / h))))
+
+
+def triton_next_power_of_2(x: int) -> int:
+    return 1 << max(0, x - 1).bit_length()
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation.
+
+
+def _check_float(name: str, t: Tensor) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+
+
+def _check_target(target: Tensor, n: int, v: int, device: torch.device, ignore_index) -> None:
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}")
+    if tuple(target.shape) != (n,):
+        raise ValueError(f"target must have shape ({n},), got {tuple(target.shape)}")
+    if target.device != device:
+        raise ValueError(f"target is on {target.device} but the logits are on {device}")
+    # Checked where it costs no device sync; on GPUs the kernels give NaN for such rows.
+    if device.type == "cpu" and not torch.compiler.is_compiling() and n:
+        bad = (target != ignore_index) & ((target < 0) | (target >= v))
+        if bad.any():
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"target[{i}] = {int(target[i])} is outside [0, {v})")
+
+
+def _check_options(ignore_index, label_smoothing, reduction, z_loss) -> None:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if not (z_loss >= 0.0 and math.isfinite(z_loss)):
+        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss}")
+
+
+def _check_common(logits, target, name, ignore_index, label_smoothing, reduction, z_loss):
+    _check_float(name, logits)
+    if logits.dim() != 2 or logits.shape[1] < 1:
+        raise ValueError(f"{name} must be 2-D (N, V) with V >= 1, got {tuple(logits.shape)}")
+    _check_target(target, logits.shape[0], logits.shape[1], logits.device, ignore_index)
+    _check_options(ignore_index, label_smoothing, reduction, z_loss)
+
+
+def _kernel_error(name: str, t: Tensor, ignore_index: int) -> str | None:
+    if t.dtype not in _KERNEL_DTYPES:
+        return f"{name} dtype {t.dtype} is not one of {_KERNEL_DTYPES}"
+    if not _INT32[0] <= ignore_index <= _INT32[1]:
+        return f"ignore_index {ignore_index} does not fit the kernels' int32"
+    return None
+
+
+def _support(logits, weight, ignore_index) -> dict[str, Callable[[], str | None]]:
+    def triton_error():
+        if weight is not None:
+            return "class weights (weight=) are supported on the torch backend only"
+        return _kernel_error("logits", logits, ignore_index)
+
+    return {"triton": triton_error, "torch": lambda: None}
+
+
+def _linear_support(hidden, ignore_index) -> dict[str, Callable[[], str | None]]:
+    return {"triton": lambda: _kernel_error("hidden", hidden, ignore_index),
+            "torch": lambda: None}  # fmt: skip
+
+
+def _reduce(rows: Tensor, target: Tensor, ignore_index: int, reduction: str) -> Tensor:
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    return total if reduction == "sum" else total / (target != ignore_index).sum()
+
+
+# ---------------------------------------------------------------------------------------------
+# The torch backend of cross_entropy: PyTorch's own native op (what CPU users run).
+
+
+def _torch_cross_entropy(logits, target, ignore_index, smoothing, reduction, z_loss, weight):
+    target = target.long()
+    loss = F.cross_entropy(logits, target, weight, ignore_index=ignore_index,
+                           reduction=reduction, label_smoothing=smoothing)  # fmt: skip
+    if z_loss == 0.0:
+        return loss
+    valid = target != ignore_index
+    row_w = valid.to(logits.dtype)
+    if weight is not None:
+        row_w = row_w * weight.to(logits.dtype)[torch.where(valid, target, 0)]
+    lse = torch.logsumexp(logits.float(), -1).to(torch.promote_types(logits.dtype, torch.float32))
+    z_rows = z_loss * lse * lse * row_w
+    if reduction == "none":
+        return loss + z_rows.to(loss.dtype)
+    z_total = z_rows.sum() if reduction == "sum" else z_rows.sum() / row_w.sum()
+    return loss + z_total.to(loss.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-row loss and gradient of one (rows, V) block, per backend: the kernel contract of
+# kernels/cross_entropy.py. ``grad=True`` overwrites ``logits`` with the gradient of each
+# row's loss times ``row_scale`` (1 when None; 0 for ignored rows).
+
+
+def _torch_rows(logits, target, ignore_index, smoothing, z_loss, grad, row_scale=None):
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    v = x.shape[1]
+    lse = torch.logsumexp(x, -1)
+    valid = target != ignore_index
+    t = torch.where(valid, target, 0).long()
+    loss = lse - x.gather(1, t[:, None]).squeeze(1)
+    if smoothing:
+        loss = (1.0 - smoothing) * loss + smoothing * (lse - x.mean(-1))
+    if z_loss:
+        loss = loss + z_loss * lse * lse
+    loss = torch.where(valid, loss, 0.0)
+    if grad:
+        # In place on the float32 logits (a copy for narrower dtypes), then back into logits.
+        g = x.sub_(lse[:, None]).exp_()
+        if z_loss:
+            g.mul_((1.0 + 2.0 * z_loss * lse)[:, None])
+        if smoothing:
+            g.sub_(smoothing / v)
+        rows = torch.arange(g.shape[0], device=g.device)
+        g[rows, t] -= 1.0 - smoothing
+        scale = valid.to(g.dtype) if row_scale is None else row_scale.float() * valid
+        g.mul_(scale[:, None])
+        if g.data_ptr() != logits.data_ptr():
+            logits.copy_(g)
+    return loss, lse
+
+
+def _triton_rows(logits, target, ignore_index, smoothing, z_loss, grad, row_scale=None):
+    from fastlm.kernels import cross_entropy as kernels
+
+    if not grad or row_scale is None:
+        return kernels.cross_entropy_fwd(logits, target, ignore_index, smoothing, z_loss,
+                                         logits if grad else None)  # fmt: skip
+    loss, lse = kernels.cross_entropy_fwd(logits, target, ignore_index, smoothing, z_loss)
+    kernels.cross_entropy_bwd(row_scale, logits, target, lse, ignore_index, smoothing, z_loss,
+                              out=logits)  # fmt: skip
+    return loss, lse
+
+
+def _triton_bwd(dloss, logits, target, lse, ignore_index, smoothing, z_loss):
+    from fastlm.kernels import cross_entropy as kernels
+
+    return kernels.cross_entropy_bwd(dloss, logits, target, lse, ignore_index, smoothing, z_loss)
+
+
+ROWS = {"torch": _torch_rows, "triton": _triton_rows}
+FORWARD = {"triton": lambda *a: _triton_rows(*a, grad=False)}
+BACKWARD = {"triton": _triton_bwd}
+
+
+def _rows(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# cross_entropy custom ops (the Triton path).
+
+
+@torch.library.custom_op("fastlm::cross_entropy_fwd", mutates_args=())
+def _cross_entropy_fwd_op(
+    logits: Tensor,
+    target: Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    backend_name: str,
+) -> tuple[Tensor, Tensor]:
+    """Per-row ``(loss, lse)``, float32 (N,)."""
+    return FORWARD[backend_name](
+        _rows(logits), target.long().contiguous(), ignore_index, label_smoothing, z_loss
+    )
+
+
+@_cross_entropy_fwd_op.register_fake
+def _(logits, target, ignore_index, label_smoothing, z_loss, backend_name):
+    n = logits.shape[0]
+    return logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32)
+
+
+@torch.library.custom_op("fastlm::cross_entropy_bwd", mutates_args=())
+def _cross_entropy_bwd_op(
+    dloss: Tensor,
+    logits: Tensor,
+    target: Tensor,
+    lse: Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    backend_name: str,
+) -> Tensor:
+    """``dlogits`` (N, V) in the dtype of ``logits`` from the per-row gradient ``dloss``."""
+    return BACKWARD[backend_name](
+        dloss, _rows(logits), target.long().contiguous(), lse, ignore_index, label_smoothing,
+        z_loss,
+    )  # fmt: skip
+
+
+@_cross_entropy_bwd_op.register_fake
+def _(dloss, logits, target, lse, ignore_index, label_smoothing, z_loss, backend_name):
+    return logits.new_empty(logits.shape)
+
+
+def _ce_setup_context(ctx, inputs, output):
+    logits, target, ignore_index, label_smoothing, z_loss, backend_name = inputs
+    ctx.save_for_backward(logits, target, output[1])
+    ctx.args = (ignore_index, label_smoothing, z_loss, backend_name)
+
+
+def _ce_backward(ctx, dloss, _dlse):
+    logits, target, lse = ctx.saved_tensors
+    if dloss is None:
+        return None, None, None, None, None, None
+    dlogits = torch.ops.fastlm.cross_entropy_bwd(dloss, logits, target, lse, *ctx.args)
+    return dlogits, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "fastlm::cross_entropy_fwd", _ce_backward, setup_context=_ce_setup_context
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# linear_cross_entropy custom ops (both backends: the chunked algorithm is the same).
+
+
+def _chunked(hidden, weight, bias, target, ignore_index, smoothing, z_loss, chunk_size,
+             backend_name, grad, row_scale=None):  # fmt: skip
+    """Loop over token chunks: logits chunk, per-row loss, and (``grad``) the chunk's
+    d_hidden rows and its d_weight/d_bias contributions. Returns ``(loss_rows, dhidden,
+    dweight, dbias)``; the gradients are of ``sum_i row_scale_i * loss_i`` (scale 1 when
+    ``row_scale`` is None), dweight/dbias float32."""
+    rows_fn = ROWS[backend_name]
+    n, h = hidden.shape
+    v = weight.shape[0]
+    target = target.long()
+    loss = hidden.new_empty(n, dtype=_loss_dtype(hidden.dtype))
+    dh = torch.empty_like(hidden) if grad else None
+    dw = weight.new_zeros((v, h), dtype=torch.float32) if grad else None
+    db = weight.new_zeros(v, dtype=torch.float32) if grad and bias is not None else None
+    for start in range(0, n, chunk_size):
+        end = min(start + chunk_size, n)
+        hc = hidden[start:end]
+        logits = F.linear(hc, weight, bias)  # (chunk, V): the only vocabulary-sized buffer
+        scale = None if row_scale is None else row_scale[start:end]
+        loss[start:end], _ = rows_fn(logits, target[start:end], ignore_index, smoothing,
+                                     z_loss, grad, scale)  # fmt: skip
+        if not grad:
+            continue
+        # logits now holds dloss/dlogits for this chunk.
+        torch.mm(logits, weight, out=dh[start:end])
+        if logits.dtype == torch.float32:
+            dw.addmm_(logits.t(), hc)
+        else:
+            dw += torch.mm(logits.t(), hc).float()
+        if db is not None:
+            db += logits.sum(0, dtype=torch.float32)
+    return loss, dh, dw, db
+
+
+def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)  # float64 stays float64 (gradcheck)
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty(0, dtype=torch.float32)
+
+
+@torch.library.custom_op("fastlm::linear_cross_entropy_fwd", mutates_args=())
+def _linear_ce_fwd_op(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target: Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    reduction: str,
+    chunk_size: int,
+    compute_grad: bool,
+    backend_name: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(loss, dhidden, dweight, dbias)``: float32 (float64 for float64) loss rows
+    (reduction "none") or their sum (0-dim; "mean" divides outside), and, with
+    ``compute_grad``, the gradients of that sum (dweight/dbias float32; empty tensors
+    otherwise)."""
+    loss, dh, dw, db = _chunked(
+        hidden.contiguous(), weight.contiguous(), bias, target, ignore_index, label_smoothing,
+        z_loss, chunk_size, backend_name, compute_grad,
+    )  # fmt: skip
+    if reduction != "none":
+        loss = loss.sum()
+    return (
+        loss,
+        _empty(hidden) if dh is None else dh,
+        _empty(hidden) if dw is None else dw,
+        _empty(hidden) if db is None else db,
+    )
+
+
+@_linear_ce_fwd_op.register_fake
+def _(hidden, weight, bias, target, ignore_index, label_smoothing, z_loss, reduction,
+      chunk_size, compute_grad, backend_name):  # fmt: skip
+    n, h = hidden.shape
+    v = weight.shape[0]
+    f32 = torch.float32
+    return (
+        hidden.new_empty(n if reduction == "none" else (), dtype=_loss_dtype(hidden.dtype)),
+        hidden.new_empty(hidden.shape) if compute_grad else hidden.new_empty(0, dtype=f32),
+        hidden.new_empty((v, h) if compute_grad else 0, dtype=f32),
+        hidden.new_empty(v if compute_grad and bias is not None else 0, dtype=f32),
+    )
+
+
+@torch.library.custom_op("fastlm::linear_cross_entropy_bwd", mutates_args=())
+def _linear_ce_bwd_op(
+    dloss: Tensor,
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target: Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    chunk_size: int,
+    backend_name: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Recomputes the chunks for reduction "none": gradients of ``sum_i dloss_i * loss_i``."""
+    _, dh, dw, db = _chunked(
+        hidden.contiguous(), weight.contiguous(), bias, target, ignore_index, label_smoothing,
+        z_loss, chunk_size, backend_name, True, dloss.float(),
+    )  # fmt: skip
+    return dh, dw, _empty(hidden) if db is None else db
+
+
+@_linear_ce_bwd_op.register_fake
+def _(dloss, hidden, weight, bias, target, ignore_index, label_smoothing, z_loss, chunk_size,
+      backend_name):  # fmt: skip
+    v = weight.shape[0]
+    return (
+        hidden.new_empty(hidden.shape),
+        hidden.new_empty(tuple(weight.shape), dtype=torch.float32),
+        hidden.new_empty(v if bias is not None else 0, dtype=torch.float32),
+    )
+
+
+def _linear_setup_context(ctx, inputs, output):
+    (hidden, weight, bias, target, ignore_index, smoothing, z_loss, reduction, chunk_size,
+     _, backend_name) = inputs  # fmt: skip
+    _, dh, dw, db = output
+    ctx.reduction = reduction
+    ctx.has_bias = bias is not None
+    ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+    ctx.args = (ignore_index, smoothing, z_loss, chunk_size, backend_name)
+    if reduction == "none":
+        ctx.save_for_backward(hidden, weight, bias, target)
+    else:
+        ctx.save_for_backward(dh, dw, db)
+
+
+def _linear_backward(ctx, dloss, _ddh, _ddw, _ddb):
+    none = (None,) * 8
+    if dloss is None:
+        return None, None, None, *none
+    h_dtype, w_dtype, b_dtype = ctx.dtypes
+    if ctx.reduction == "none":
+        hidden, weight, bias, target = ctx.saved_tensors
+        ignore_index, smoothing, z_loss, chunk_size, backend_name = ctx.args
+        dh, dw, db = torch.ops.fastlm.linear_cross_entropy_bwd(
+            dloss, hidden, weight, bias, target, ignore_index, smoothing, z_loss, chunk_size,
+            backend_name,
+        )  # fmt: skip
+        return dh, dw.to(w_dtype), db.to(b_dtype) if ctx.has_bias else None, *none
+    dh, dw, db = ctx.saved_tensors
+    if dh.numel() == 0 and dw.numel() == 0:
+        raise RuntimeError(
+            "linear_cross_entropy: backward reached a forward that computed no gradients "
+            "(it ran with grad disabled or with no input requiring grad)"
+        )
+    g = dloss.float()
+    return (
+        (dh * g).to(h_dtype),
+        (dw * g).to(w_dtype),
+        (db * g).to(b_dtype) if ctx.has_bias else None,
+        *none,
+    )
+
+
+torch.library.register_autograd(
+    "fastlm::linear_cross_entropy_fwd", _linear_backward, setup_context=_linear_setup_context
+)
+
+backend.register_op("cross_entropy", ("triton", "torch"))
+backend.register_op("linear_cross_entropy", ("triton", "torch"))

@@ -1,0 +1,43 @@
+"""The cross-entropy benchmark: its formulas, its cases on CPU, and the memory measurement."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def bench():
+    # As ``fastlm bench`` does: the repo root on sys.path makes ``bench`` importable.
+    root = str(Path(__file__).resolve().parents[2])
+    sys.path.insert(0, root)
+    try:
+        yield importlib.import_module("bench.bench_cross_entropy")
+    finally:
+        sys.path.remove(root)
+
+
+def test_bytes_and_flops_formulas(bench):
+    assert bench.ce_bytes(4, 10, 2, backward=False) == 4 * 10 * 2 + 32
+    assert bench.ce_bytes(4, 10, 2, backward=True) == 3 * 4 * 10 * 2 + 32
+    assert bench.ce_flops(4, 10, backward=True) == 2 * bench.ce_flops(4, 10, backward=False)
+
+
+def test_quick_cpu_cases_run(bench, monkeypatch):
+    monkeypatch.setitem(bench.SIZES, ("cpu", True), (16, (300,), 8))
+    cases = list(bench.cases(True, torch.device("cpu")))
+    assert {c.op for c in cases} == {
+        "cross_entropy fwd", "cross_entropy fwd+bwd", "linear_cross_entropy fwd+bwd"
+    }  # fmt: skip
+    for case in cases:
+        case.fn()
+
+
+def test_fused_linear_cross_entropy_peak_memory_is_a_fraction_of_unfused(bench):
+    report = bench.memory_report(n=1024, v=4000, hidden=64)
+    assert report["unfused_mib"] > 3 * 1024 * 4000 * 4 / 2**20  # logits, log-softmax, grads
+    assert report["ratio"] <= 0.25
