@@ -186,9 +186,13 @@ def test_matches_torch_outputs_weights_and_grads(kwargs, scenario, weights_mode)
         if id(x) not in seen:
             seen.add(id(x))
             assert_policy(x.grad, x64.grad, x_ref.grad, f"d{name}")
+    # Parameter gradients sum over every token; a random-order fp32 sum of T terms carries
+    # ~sqrt(T) ulps of rounding, whichever order adds them, so the floor scales by that.
+    tokens = max(x.numel() // x.shape[-1] for x in in64)
     for (name, p), p_ref, p64 in zip(ours.named_parameters(), ref.parameters(),
                                      ref64.parameters(), strict=True):  # fmt: skip
-        assert_policy(p.grad, p64.grad, p_ref.grad, f"d{name}")
+        scale = tokens**0.5 * p64.grad.abs().max().item()
+        assert_policy(p.grad, p64.grad, p_ref.grad, f"d{name}", scale=scale)
 
 
 def test_need_weights_false_runs_the_fused_op_and_need_weights_true_does_not(monkeypatch):
