@@ -50,7 +50,9 @@ def test_bias_act_matches_reference(device_backend, activation, dtype, shape):
     base_y, (base_dx, base_db) = run(dtype)
     assert_policy(y, ref_y, base_y, "y")
     pre = x.double() + bias.double()
-    dx_terms = dy.double().abs() * _DERIVATIVE_TERMS[activation](pre)
+    # The derivative chains fp32 transcendentals (erf, exp, sigmoid), each good to ~2 ulps
+    # (CUDA's documented bounds), so its floor is a few ulps of its terms, not one.
+    dx_terms = 4 * dy.double().abs() * _DERIVATIVE_TERMS[activation](pre)
     assert_policy(dx, ref_dx, base_dx, "dx", scale=dx_terms.max().item())
     assert db.dtype == torch.float32
     assert_policy(db.to(dtype), ref_db, base_db, "dbias", scale=summand_scale(dx_terms, 0))
