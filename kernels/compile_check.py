@@ -13,7 +13,7 @@ plus ``-Xptxas=-v``; ptxas reports registers, stack, spills and shared memory, a
 SASS gives load widths and tensor-core use.
 
 Exit status 1 on a compile error, any spill, shared memory over the arch limit, or a
-``needs_wgmma`` kernel without warpgroup MMA on sm_90, or a
+``needs_wgmma`` kernel without tensor-core MMA (warpgroup MMA on sm_90), or a
 ``needs_wide_loads`` kernel whose widest global load is narrower than 128 bits (DESIGN.md,
 "Verifying GPU code without a GPU").
 """
@@ -50,6 +50,7 @@ KERNEL_MODULES = (
     "fastlm.kernels.activation",
     "fastlm.kernels.rotary",
     "fastlm.kernels.cross_entropy",
+    "fastlm.kernels.mlp",
 )
 TRITON_CAPABILITIES = (80, 90)
 # Opt-in shared memory per block (CUDA programming guide, compute capability table).
@@ -94,6 +95,8 @@ def problems(row: Row) -> list[str]:
         found.append(f"widest global load {row.widest_load}-bit, needs {WIDE_LOAD_BITS}-bit")
     if row.needs_wgmma and _capability(row.arch) >= 90 and row.tensor_cores != "wgmma":
         found.append(f"no warpgroup MMA (wgmma) on {row.arch}, got {row.tensor_cores}")
+    elif row.needs_wgmma and row.tensor_cores == "-":
+        found.append(f"no tensor-core MMA on {row.arch}")
     return found
 
 
@@ -292,7 +295,8 @@ def check_triton(modules: Sequence[str], jobs: int) -> list[Row]:
         except Exception as exc:  # an unimportable family fails the check, with its reason
             rows.append(Row("triton", module_name, "-", error=f"{type(exc).__name__}: {exc}"))
             continue
-        items += [(module_name, i, cap) for i in range(len(specs)) for cap in TRITON_CAPABILITIES]
+        items += [(module_name, i, cap) for i, spec in enumerate(specs)
+                  for cap in TRITON_CAPABILITIES if cap in spec.capabilities]  # fmt: skip
     if jobs <= 1:
         return rows + [_compile_item(item) for item in items]
     # fork: workers inherit the imported modules instead of re-importing torch and triton.

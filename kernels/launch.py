@@ -190,5 +190,8 @@ class KernelSpec:
     aligned: tuple[str, ...] = ()
     # Hot global loads that must be 128-bit wide in this specialization.
     needs_wide_loads: bool = True
-    # Matmul kernels that must use Hopper's warpgroup MMA (wgmma) when compiled for sm_90.
+    # Matmul kernels that must use tensor cores: mma on sm_80, warpgroup MMA (wgmma) on sm_90.
     needs_wgmma: bool = False
+    # The GPU generations this configuration ships for (a tile sized for sm_90's shared memory
+    # is never launched on sm_80).
+    capabilities: tuple[int, ...] = (80, 90)

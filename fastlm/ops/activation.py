@@ -105,7 +105,7 @@ def _bias_act_bwd_op(
     from fastlm.kernels.activation import bias_act_bwd
 
     bias_ = None if bias is None else bias.contiguous()
-    dx, db = bias_act_bwd(_rows(grad), _rows(x), bias_, activation, dropout_p, seed)
+    dx, db, _ = bias_act_bwd(_rows(grad), _rows(x), bias_, activation, dropout_p, seed)
     return dx.view(x.shape), x.new_empty(0, dtype=torch.float32) if db is None else db
 
 

@@ -39,7 +39,7 @@ def test_bias_act_matches_reference(device_backend, activation, dtype, shape):
     dy = torch.randn(shape, dtype=dtype, device=device)
     with poisoned_outputs():
         y = kernels.bias_act_fwd(x, bias, activation, 0.0, 0)
-        dx, db = kernels.bias_act_bwd(dy, x, bias, activation, 0.0, 0)
+        dx, db, y_again = kernels.bias_act_bwd(dy, x, bias, activation, 0.0, 0, recompute=True)
 
     def run(dt):
         leaves = [t.detach().to(dt).requires_grad_() for t in (x, bias)]
@@ -49,6 +49,7 @@ def test_bias_act_matches_reference(device_backend, activation, dtype, shape):
     ref_y, (ref_dx, ref_db) = run(torch.float64)
     base_y, (base_dx, base_db) = run(dtype)
     assert_policy(y, ref_y, base_y, "y")
+    assert torch.equal(y_again, y), "the backward's recomputed output differs from the forward's"
     pre = x.double() + bias.double()
     # The derivative chains fp32 transcendentals (erf, exp, sigmoid), each good to ~2 ulps
     # (CUDA's documented bounds), so its floor is a few ulps of its terms, not one.
@@ -69,6 +70,46 @@ def test_dropout_mask_is_seeded_kept_at_rate_and_reused_by_backward(device_backe
     assert torch.equal(keep, again) and not torch.equal(keep, other)
     n = keep.numel()
     assert abs(keep.float().mean().item() - 0.7) < 5 * (0.21 / n) ** 0.5
-    dx, _ = kernels.bias_act_bwd(ones, ones, None, "identity", 0.3, 5)
+    dx, _, y = kernels.bias_act_bwd(ones, ones, None, "identity", 0.3, 5, recompute=True)
     assert torch.equal(dx > 0, keep)
+    assert torch.equal(y, kernels.bias_act_fwd(ones, None, "identity", 0.3, 5))
     torch.testing.assert_close(dx[keep], torch.full_like(dx[keep], 1 / 0.7))
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gated_act_backward_matches_reference(device_backend, activation, dtype, with_bias):
+    device, backend = device_backend
+    if backend != "triton":
+        pytest.skip("gated_act_bwd has no CUDA C++ kernel")
+    m, n = 45, 131
+    gate, up, dy = (torch.randn(m, n, dtype=dtype, device=device) for _ in range(3))
+    biases = [torch.randn(n, dtype=dtype, device=device) for _ in range(2)] if with_bias else []
+    with poisoned_outputs():
+        dgate, dup, dbg, dbu, y = kernels.gated_act_bwd(
+            dy, gate, up, *(biases or [None, None]), activation, recompute=True
+        )
+
+    def run(dt):
+        leaves = [t.detach().to(dt).requires_grad_() for t in (gate, up, *biases)]
+        g, u = leaves[0], leaves[1]
+        if with_bias:
+            g, u = g + leaves[2], u + leaves[3]
+        out = bias_act_ref(g, None, activation) * u
+        return out, torch.autograd.grad((out * dy.to(dt)).sum(), leaves)
+
+    ref_y, ref_grads = run(torch.float64)
+    base_y, base_grads = run(dtype)
+    assert_policy(y, ref_y, base_y, "y")
+    g = gate.double() + (biases[0].double() if with_bias else 0)
+    u = up.double() + (biases[1].double() if with_bias else 0)
+    dgate_terms = 4 * (dy.double() * u).abs() * _DERIVATIVE_TERMS[activation](g)
+    dup_terms = 4 * (dy.double() * bias_act_ref(g, None, activation)).abs()
+    got = [dgate, dup] + ([dbg.to(dtype), dbu.to(dtype)] if with_bias else [])
+    scales = [dgate_terms.max().item(), dup_terms.max().item(),
+              summand_scale(dgate_terms, 0), summand_scale(dup_terms, 0)]  # fmt: skip
+    names = ["dgate", "dup", "dbias_gate", "dbias_up"]
+    for name, a, r, b, scale in zip(names, got, ref_grads, base_grads, scales, strict=False):
+        assert_policy(a, r, b, name, scale=scale)
+    assert (dbg is None) == (dbu is None) == (not with_bias)

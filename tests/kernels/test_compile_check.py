@@ -113,6 +113,7 @@ def _row(**fields) -> cc.Row:
         ({"needs_wide_loads": True, "widest_load": 16}, "128-bit"),
         ({"needs_wide_loads": True, "widest_load": None}, "128-bit"),
         ({"needs_wgmma": True, "tensor_cores": "mma"}, "wgmma"),
+        ({"arch": "sm_80", "needs_wgmma": True, "tensor_cores": "-"}, "tensor-core"),
     ],
 )
 def test_problems_flags_each_rule(fields, reason):
