@@ -103,11 +103,13 @@ def _bias_act_bwd_kernel(
     DY, X, B, DX, DB, X_UP, B_UP, DX_UP, DB_UP, Y, M, N, stride_dy, stride_x, rows_per_program,
     dropout_p, seed,
     ACT: tl.constexpr, HAS_B: tl.constexpr, HAS_DROPOUT: tl.constexpr, GATED: tl.constexpr,
-    RECOMPUTE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    RECOMPUTE: tl.constexpr, DBIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Backward of ``y = dropout(act(x + b))``, or with GATED of ``y = act(x + b) * (x_up +
-    b_up)``. RECOMPUTE also writes ``y`` again, for a following GEMM's weight gradient that
-    was not given ``y`` to keep (the fused MLPs save only the pre-activations)."""
+    b_up)`` (HAS_B: add the biases; without it, x already includes them). DBIAS writes the
+    bias gradients' partial rows. RECOMPUTE also writes ``y`` again, for a following GEMM's
+    weight gradient that was not given ``y`` to keep (the fused MLPs save only the
+    pre-activations)."""
     pid = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     if HAS_B:
@@ -147,7 +149,7 @@ def _bias_act_bwd_kernel(
         if RECOMPUTE:
             tl.store(Y + out_offs, y.to(Y.dtype.element_ty), mask=mask)
         db += tl.sum(grad, axis=0)
-    if HAS_B:
+    if DBIAS:
         tl.store(DB + pid.to(tl.int64) * N + cols, db, mask=cols < N)
         if GATED:
             tl.store(DB_UP + pid.to(tl.int64) * N + cols, db_up, mask=cols < N)
@@ -182,20 +184,25 @@ def bias_act_fwd(x, bias, activation: str, dropout_p: float, seed: int) -> torch
 
 
 def bias_act_bwd(dy, x, bias, activation: str, dropout_p: float, seed: int,
-                 recompute: bool = False):  # fmt: skip
+                 recompute: bool = False, dbias: bool | None = None):  # fmt: skip
     """Returns ``(dx, dbias, y)``: dx in x's dtype, dbias fp32 (N,) or None, and with
-    ``recompute`` the forward's output ``y`` again (else None)."""
-    dx, _, db, _, y = _act_bwd(dy, x, None, bias, None, activation, dropout_p, seed, recompute)
+    ``recompute`` the forward's output ``y`` again (else None). ``dbias=True`` with no
+    ``bias``: x already includes a bias whose gradient is wanted (default: with a bias)."""
+    dx, _, db, _, y = _act_bwd(dy, x, None, bias, None, activation, dropout_p, seed, recompute,
+                               bias is not None if dbias is None else dbias)  # fmt: skip
     return dx, db, y
 
 
-def gated_act_bwd(dy, x, x_up, bias, bias_up, activation: str, recompute: bool = False):
+def gated_act_bwd(dy, x, x_up, bias, bias_up, activation: str, recompute: bool = False,
+                  dbias: bool | None = None):  # fmt: skip
     """Backward of ``y = act(x + bias) * (x_up + bias_up)`` (biases both given or both None):
-    ``(dx, dx_up, dbias, dbias_up, y)``, y recomputed only with ``recompute``."""
-    return _act_bwd(dy, x, x_up, bias, bias_up, activation, 0.0, 0, recompute)
+    ``(dx, dx_up, dbias, dbias_up, y)``, y recomputed only with ``recompute``; ``dbias`` as
+    in :func:`bias_act_bwd`."""
+    return _act_bwd(dy, x, x_up, bias, bias_up, activation, 0.0, 0, recompute,
+                    bias is not None if dbias is None else dbias)  # fmt: skip
 
 
-def _act_bwd(dy, x, x_up, bias, bias_up, activation, dropout_p, seed, recompute):
+def _act_bwd(dy, x, x_up, bias, bias_up, activation, dropout_p, seed, recompute, dbias):
     m, n = x.shape
     gated = x_up is not None
     dx = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -209,7 +216,7 @@ def _act_bwd(dy, x, x_up, bias, bias_up, activation, dropout_p, seed, recompute)
     groups = triton.cdiv(max(m, 1), rows_per_program)
 
     def partial_sums():
-        return None if bias is None else x.new_zeros((groups, n), dtype=torch.float32)
+        return x.new_zeros((groups, n), dtype=torch.float32) if dbias else None
 
     db, db_up = partial_sums(), partial_sums() if gated else None
     if dx.numel():
@@ -220,7 +227,7 @@ def _act_bwd(dy, x, x_up, bias, bias_up, activation, dropout_p, seed, recompute)
             dx if dx_up is None else dx_up, dx if db_up is None else db_up,
             dx if y is None else y, m, n, dy.stride(0), x.stride(0), rows_per_program,
             dropout_p, seed, ACT=ACTIVATIONS.index(activation), HAS_B=bias is not None,
-            HAS_DROPOUT=dropout_p > 0, GATED=gated, RECOMPUTE=recompute,
+            HAS_DROPOUT=dropout_p > 0, GATED=gated, RECOMPUTE=recompute, DBIAS=dbias,
             BLOCK_M=block_m, BLOCK_N=BLOCK_N, num_warps=NUM_WARPS,
         )  # fmt: skip
 
@@ -253,7 +260,7 @@ def compile_specs() -> list[KernelSpec]:
             for gated, recompute in ((False, False), (False, True), (True, True)):
                 block_m = _bwd_block_m(not gated, recompute)
                 bwd_flags = dict(flags, HAS_DROPOUT=not gated, GATED=gated, RECOMPUTE=recompute,
-                                 BLOCK_M=block_m)  # fmt: skip
+                                 DBIAS=True, BLOCK_M=block_m)  # fmt: skip
                 specs.append(KernelSpec(
                     label=f"{'gated' if gated else 'bias'}_act {dtype} {name} bwd"
                           f"{'+recompute' * recompute} {block_m}x{BLOCK_N}",

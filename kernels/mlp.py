@@ -72,14 +72,14 @@ def _linear_act_fwd_kernel(
 
     mask = (rows < M)[:, None] & (cols < N)[None, :]
     offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
-    if SAVE_PRE:  # before the bias: the backward adds it again, and sums dbias as it goes
-        tl.store(PRE + offs, acc.to(PRE.dtype.element_ty), mask=mask)
-        if GATED:
-            tl.store(PRE_UP + offs, acc_up.to(PRE_UP.dtype.element_ty), mask=mask)
     if HAS_B:
         acc += tl.load(B + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
         if GATED:
             acc_up += tl.load(B_UP + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    if SAVE_PRE:  # rounded once, as eager PyTorch's would be: the backward sees its signs
+        tl.store(PRE + offs, acc.to(PRE.dtype.element_ty), mask=mask)
+        if GATED:
+            tl.store(PRE_UP + offs, acc_up.to(PRE_UP.dtype.element_ty), mask=mask)
     y = _act(acc, ACT)
     if GATED:
         y = y * acc_up
@@ -188,7 +188,7 @@ def _launch(x, weight, weight_up, bias, bias_up, activation, dropout_p, seed, sa
 def linear_act_fwd(x, weight, bias, activation: str, dropout_p: float = 0.0, seed: int = 0,
                    save_pre: bool = False):  # fmt: skip
     """``(y, pre)``: ``y = dropout(act(x @ weight.T + bias))`` in x's dtype, and with
-    ``save_pre`` the pre-activation ``x @ weight.T`` (before the bias) for the backward."""
+    ``save_pre`` the pre-activation ``x @ weight.T + bias`` for the backward."""
     y, pre, _ = _launch(x, weight, None, bias, None, activation, dropout_p, seed, save_pre)
     return y, pre
 
@@ -196,7 +196,7 @@ def linear_act_fwd(x, weight, bias, activation: str, dropout_p: float = 0.0, see
 def gated_linear_fwd(x, w_gate, w_up, bias_gate, bias_up, activation: str,
                      save_pre: bool = False):  # fmt: skip
     """``(y, gate, up)``: ``y = act(x @ w_gate.T + bias_gate) * (x @ w_up.T + bias_up)``, and
-    with ``save_pre`` the two products before their biases (else None)."""
+    with ``save_pre`` the two pre-activations, biases added (else None)."""
     return _launch(x, w_gate, w_up, bias_gate, bias_up, activation, 0.0, 0, save_pre)
 
 

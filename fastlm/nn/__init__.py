@@ -3,12 +3,15 @@ torch modules they replace."""
 
 from fastlm.nn.attention import MultiheadAttention
 from fastlm.nn.loss import CrossEntropyLoss, LinearCrossEntropyLoss
+from fastlm.nn.mlp import FusedMLP, GatedMLP
 from fastlm.nn.norm import LayerNorm, RMSNorm
 from fastlm.nn.patch import patch
 from fastlm.nn.rotary import RotaryEmbedding
 
 __all__ = [
     "CrossEntropyLoss",
+    "FusedMLP",
+    "GatedMLP",
     "LayerNorm",
     "LinearCrossEntropyLoss",
     "MultiheadAttention",

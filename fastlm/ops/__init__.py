@@ -9,6 +9,14 @@ from fastlm.ops.attention import (
     scaled_dot_product_attention,
 )
 from fastlm.ops.loss import cross_entropy, cross_entropy_ref, linear_cross_entropy
+from fastlm.ops.mlp import (
+    fused_mlp,
+    gated_linear,
+    gated_linear_ref,
+    gated_mlp,
+    linear_act,
+    linear_act_ref,
+)
 from fastlm.ops.norm import layer_norm, layer_norm_ref, rms_norm, rms_norm_ref
 from fastlm.ops.rotary import apply_rotary, apply_rotary_ref
 
@@ -23,8 +31,14 @@ __all__ = [
     "cross_entropy_ref",
     "flash_attention",
     "flash_attention_varlen",
+    "fused_mlp",
+    "gated_linear",
+    "gated_linear_ref",
+    "gated_mlp",
     "layer_norm",
     "layer_norm_ref",
+    "linear_act",
+    "linear_act_ref",
     "linear_cross_entropy",
     "rms_norm",
     "rms_norm_ref",

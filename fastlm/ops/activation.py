@@ -53,19 +53,31 @@ def bias_act(
             raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
         if not bias.is_floating_point():
             raise TypeError(f"bias must be floating point, got {bias.dtype}")
+    seed = check_dropout(dropout_p, seed)
+    name = backend.select("bias_act", x.device, _support(x, bias))
+    if name == "torch":
+        return seeded_dropout(bias_act_ref(x, bias, activation), dropout_p, seed)
+    return torch.ops.fastlm.bias_act(x, bias, activation, float(dropout_p), seed)
+
+
+def check_dropout(dropout_p: float, seed: int | None) -> int:
+    """Validate ``dropout_p`` and return the seed to use (drawn from torch's generator when
+    None and dropout is on, so ``torch.manual_seed`` makes runs repeatable)."""
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if dropout_p > 0 and seed is None:
-        seed = int(torch.randint(0, 2**31 - 1, ()).item())
-    name = backend.select("bias_act", x.device, _support(x, bias))
-    if name == "torch":
-        y = bias_act_ref(x, bias, activation)
-        if dropout_p == 0:
-            return y
-        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            return F.dropout(y, dropout_p)
-    return torch.ops.fastlm.bias_act(x, bias, activation, float(dropout_p), seed or 0)
+        return int(torch.randint(0, 2**31 - 1, ()).item())
+    return seed or 0
+
+
+def seeded_dropout(y: Tensor, dropout_p: float, seed: int) -> Tensor:
+    """``F.dropout(y, dropout_p)`` with its mask fixed by ``seed`` (the torch backend's
+    dropout: torch's generator, not the kernels' Philox stream, so masks differ by backend)."""
+    if dropout_p == 0:
+        return y
+    with torch.random.fork_rng(devices=[y.device] if y.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        return F.dropout(y, dropout_p)
 
 
 def _support(x, bias):
@@ -100,19 +112,68 @@ def _(x, bias, activation, dropout_p, seed):
 
 @torch.library.custom_op("fastlm::bias_act_bwd", mutates_args=())
 def _bias_act_bwd_op(
-    grad: Tensor, x: Tensor, bias: Tensor | None, activation: str, dropout_p: float, seed: int
-) -> tuple[Tensor, Tensor]:
+    grad: Tensor,
+    x: Tensor,
+    bias: Tensor | None,
+    activation: str,
+    dropout_p: float,
+    seed: int,
+    recompute: bool,
+    dbias: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dbias, y)``: dbias fp32 (empty unless there is a bias, or ``dbias`` says x
+    already includes one), y the forward's output computed again (empty unless
+    ``recompute``)."""
     from fastlm.kernels.activation import bias_act_bwd
 
     bias_ = None if bias is None else bias.contiguous()
-    dx, db, _ = bias_act_bwd(_rows(grad), _rows(x), bias_, activation, dropout_p, seed)
-    return dx.view(x.shape), x.new_empty(0, dtype=torch.float32) if db is None else db
+    dx, db, y = bias_act_bwd(_rows(grad), _rows(x), bias_, activation, dropout_p, seed,
+                             recompute, dbias or bias is not None)  # fmt: skip
+    return (dx.view(x.shape), x.new_empty(0, dtype=torch.float32) if db is None else db,
+            x.new_empty(0) if y is None else y.view(x.shape))  # fmt: skip
 
 
 @_bias_act_bwd_op.register_fake
-def _(grad, x, bias, activation, dropout_p, seed):
-    n = 0 if bias is None else bias.shape[0]
-    return torch.empty_like(x), x.new_empty(n, dtype=torch.float32)
+def _(grad, x, bias, activation, dropout_p, seed, recompute, dbias):
+    n = x.shape[-1] if dbias or bias is not None else 0
+    y = torch.empty_like(x) if recompute else x.new_empty(0)
+    return torch.empty_like(x), x.new_empty(n, dtype=torch.float32), y
+
+
+@torch.library.custom_op("fastlm::gated_act_bwd", mutates_args=())
+def _gated_act_bwd_op(
+    grad: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    bias_gate: Tensor | None,
+    bias_up: Tensor | None,
+    activation: str,
+    recompute: bool,
+    dbias: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Backward of ``y = act(gate + bias_gate) * (up + bias_up)`` on (M, N) rows: ``(dgate,
+    dup, dbias_gate, dbias_up, y)``, dbias fp32 (empty unless there are biases or ``dbias``
+    says gate and up include them), y empty unless ``recompute``."""
+    from fastlm.kernels.activation import gated_act_bwd
+
+    biases = [None if b is None else b.contiguous() for b in (bias_gate, bias_up)]
+    dg, du, dbg, dbu, y = gated_act_bwd(_rows(grad), _rows(gate), _rows(up), *biases,
+                                        activation, recompute,
+                                        dbias or bias_gate is not None)  # fmt: skip
+
+    def fp32_or_empty(db):
+        return gate.new_empty(0, dtype=torch.float32) if db is None else db
+
+    return (dg, du, fp32_or_empty(dbg), fp32_or_empty(dbu),
+            gate.new_empty(0) if y is None else y)  # fmt: skip
+
+
+@_gated_act_bwd_op.register_fake
+def _(grad, gate, up, bias_gate, bias_up, activation, recompute, dbias):
+    n = gate.shape[-1] if dbias or bias_gate is not None else 0
+    y = torch.empty_like(gate) if recompute else gate.new_empty(0)
+    db = gate.new_empty(n, dtype=torch.float32)
+    return torch.empty_like(gate), torch.empty_like(up), db, db.clone(), y
 
 
 def _setup_context(ctx, inputs, output):
@@ -123,7 +184,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     x, bias = ctx.saved_tensors
-    dx, db = torch.ops.fastlm.bias_act_bwd(grad, x, bias, *ctx.options)
+    dx, db, _ = torch.ops.fastlm.bias_act_bwd(grad, x, bias, *ctx.options, False, False)
     return dx, None if bias is None else db.to(bias.dtype), None, None, None
 
 

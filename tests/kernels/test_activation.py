@@ -39,7 +39,7 @@ def test_bias_act_matches_reference(device_backend, activation, dtype, shape):
     dy = torch.randn(shape, dtype=dtype, device=device)
     with poisoned_outputs():
         y = kernels.bias_act_fwd(x, bias, activation, 0.0, 0)
-        dx, db, y_again = kernels.bias_act_bwd(dy, x, bias, activation, 0.0, 0, recompute=True)
+        dx, db, y_again = kernels.bias_act_bwd(dy, x, bias, activation, 0.0, 0, True)
 
     def run(dt):
         leaves = [t.detach().to(dt).requires_grad_() for t in (x, bias)]
@@ -48,7 +48,9 @@ def test_bias_act_matches_reference(device_backend, activation, dtype, shape):
 
     ref_y, (ref_dx, ref_db) = run(torch.float64)
     base_y, (base_dx, base_db) = run(dtype)
-    assert_policy(y, ref_y, base_y, "y")
+    # fp32 erf/exp/sigmoid are good to ~2 ulps (CUDA's documented bounds; NumPy's under the
+    # interpreter), then a product rounds: a few ulps of floor, not one.
+    assert_policy(y, ref_y, base_y, "y", scale=4 * ref_y.abs().max().item())
     assert torch.equal(y_again, y), "the backward's recomputed output differs from the forward's"
     pre = x.double() + bias.double()
     # The derivative chains fp32 transcendentals (erf, exp, sigmoid), each good to ~2 ulps
@@ -101,7 +103,7 @@ def test_gated_act_backward_matches_reference(device_backend, activation, dtype,
 
     ref_y, ref_grads = run(torch.float64)
     base_y, base_grads = run(dtype)
-    assert_policy(y, ref_y, base_y, "y")
+    assert_policy(y, ref_y, base_y, "y", scale=4 * ref_y.abs().max().item())  # as above
     g = gate.double() + (biases[0].double() if with_bias else 0)
     u = up.double() + (biases[1].double() if with_bias else 0)
     dgate_terms = 4 * (dy.double() * u).abs() * _DERIVATIVE_TERMS[activation](g)

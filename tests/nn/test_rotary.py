@@ -48,6 +48,36 @@ def test_matches_hf_llama(backend_name, dtype, dim, head_dim):
     assert_policy(kr, rk, hk, "k")
 
 
+@pytest.mark.parametrize("backend_name", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_matches_transformers_llama_itself(backend_name, dtype):
+    """The installed transformers' own LlamaRotaryEmbedding and apply_rotary_pos_emb (the
+    formula above is their transcription; this checks against the library)."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.llama import modeling_llama
+
+    b, s, heads, head_dim, base = 2, 9, 4, 32, 500000.0
+    config = transformers.LlamaConfig(hidden_size=heads * head_dim, num_attention_heads=heads,
+                                      num_key_value_heads=heads, rope_theta=base,
+                                      max_position_embeddings=128)  # fmt: skip
+    q = torch.randn(b, s, heads, head_dim, dtype=dtype)
+    k = torch.randn(b, s, heads, head_dim, dtype=dtype)
+    ids = torch.randint(0, 128, (b, s))
+
+    def hf(q, k):  # transformers works on (B, H, S, D)
+        cos, sin = modeling_llama.LlamaRotaryEmbedding(config)(q, ids)
+        qt, kt = modeling_llama.apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2),
+                                                     cos, sin)  # fmt: skip
+        return qt.transpose(1, 2), kt.transpose(1, 2)
+
+    rope = RotaryEmbedding(head_dim, max_position_embeddings=128, base=base)
+    with fastlm.use_backend(backend_name):
+        qr, kr = rope(q, k, position_ids=ids)
+    (hq, hk), (rq, rk) = hf(q, k), hf(q.double(), k.double())
+    assert_policy(qr, rq, hq, "q")
+    assert_policy(kr, rk, hk, "k")
+
+
 def test_interleaved_matches_gptj_formula():
     b, s, d = 1, 6, 16
     q, k = torch.randn(b, s, 2, d), torch.randn(b, s, 2, d)

@@ -1,0 +1,113 @@
+"""Fused MLP blocks with the parameter layout of the modules they replace.
+
+:class:`FusedMLP` holds ``fc1`` / ``fc2`` ``nn.Linear`` children, as ``timm``'s ``Mlp`` (and
+any two-``Linear`` MLP) does; :class:`GatedMLP` holds ``gate_proj`` / ``up_proj`` /
+``down_proj``, as Llama's MLP in Hugging Face transformers. Their ``state_dict`` keys are
+therefore the originals', and either loads the other's state dict unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastlm.ops.activation import ACTIVATIONS
+from fastlm.ops.mlp import fused_mlp, gated_mlp
+
+
+def _check_size(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _check_activation(activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+class FusedMLP(torch.nn.Module):
+    """``dropout(fc2(dropout(act(fc1(x)))))`` with fc1's bias, activation and dropout in its
+    GEMM's epilogue (see :func:`fastlm.ops.fused_mlp`); the hidden activation is recomputed
+    in the backward instead of stored.
+
+    Args:
+        in_features, hidden_features: fc1 is ``Linear(in_features, hidden_features)``.
+        out_features: fc2's outputs (default ``in_features``).
+        activation: ``identity, relu, gelu`` (erf), ``gelu_tanh``, ``silu``.
+        bias: biases on both linears.
+        dropout: rate of both dropouts (after the activation and after fc2), as ``timm``'s
+            ``Mlp(drop=...)``; off in eval mode.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int,
+        out_features: int | None = None,
+        activation: str = "gelu",
+        bias: bool = True,
+        dropout: float = 0.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        out_features = in_features if out_features is None else out_features
+        for name, value in (("in_features", in_features), ("hidden_features", hidden_features),
+                            ("out_features", out_features)):  # fmt: skip
+            _check_size(name, value)
+        _check_activation(activation)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        factory = dict(device=device, dtype=dtype)
+        self.fc1 = torch.nn.Linear(in_features, hidden_features, bias=bias, **factory)
+        self.fc2 = torch.nn.Linear(hidden_features, out_features, bias=bias, **factory)
+        self.activation = activation
+        self.dropout = dropout
+
+    def forward(self, x: Tensor) -> Tensor:
+        p = self.dropout if self.training else 0.0
+        return fused_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+                         self.activation, p)  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}, dropout={self.dropout}"
+
+
+class GatedMLP(torch.nn.Module):
+    """``down_proj(act(gate_proj(x)) * up_proj(x))``, Llama's MLP, with the gate and up
+    products, activation and product in one GEMM kernel (see :func:`fastlm.ops.gated_mlp`).
+    ``activation="silu"`` is SwiGLU, ``"gelu"`` / ``"gelu_tanh"`` GeGLU.
+
+    Args:
+        hidden_size: model width (inputs and outputs).
+        intermediate_size: width of the gated hidden layer.
+        activation: ``identity, relu, gelu`` (erf), ``gelu_tanh``, ``silu``.
+        bias: biases on all three linears (Llama's ``mlp_bias``).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        activation: str = "silu",
+        bias: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        _check_size("hidden_size", hidden_size)
+        _check_size("intermediate_size", intermediate_size)
+        _check_activation(activation)
+        factory = dict(bias=bias, device=device, dtype=dtype)
+        self.gate_proj = torch.nn.Linear(hidden_size, intermediate_size, **factory)
+        self.up_proj = torch.nn.Linear(hidden_size, intermediate_size, **factory)
+        self.down_proj = torch.nn.Linear(intermediate_size, hidden_size, **factory)
+        self.activation = activation
+
+    def forward(self, x: Tensor) -> Tensor:
+        return gated_mlp(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight,
+                         self.activation, self.gate_proj.bias, self.up_proj.bias,
+                         self.down_proj.bias)  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}"

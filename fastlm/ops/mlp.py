@@ -1,0 +1,473 @@
+"""Fused MLP ops: GEMMs with bias/activation epilogues, gated GEMMs, and whole MLPs.
+
+- ``linear_act``: ``dropout(act(x @ W.T + b))``, one kernel.
+- ``gated_linear``: ``act(x @ Wg.T + bg) * (x @ Wu.T + bu)`` (SwiGLU, GeGLU), one kernel
+  reading x once for both products.
+- ``fused_mlp`` (fc1, activation, fc2, as ``timm``'s ``Mlp``) and ``gated_mlp`` (gate, up,
+  down, as Llama's MLP): the hidden activation is not kept for the backward; only the
+  pre-activations are, and the backward recomputes the activation in its fused elementwise
+  kernel. Against eager PyTorch that keeps one (M, hidden) tensor instead of two
+  (``fused_mlp``) and two instead of four (``gated_mlp``).
+
+The backward's GEMMs go to cuBLAS (``torch.matmul``); its elementwise part (activation
+derivative, dropout mask, gate product, bias gradients) is one fused kernel. The Triton GEMM
+takes fp16/bf16; fp32 inputs run the torch backend (cuBLAS), as do CPU tensors unless
+Triton is forced (the interpreter).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastlm import backend
+from fastlm.ops.activation import ACTIVATIONS, bias_act_ref, check_dropout, seeded_dropout
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+# Philox streams of the two dropouts in fused_mlp: hidden (seed) and output (seed + 1).
+_OUTPUT_DROPOUT_STREAM = 1
+
+
+def linear_act_ref(
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str = "gelu"
+) -> Tensor:
+    """``act(x @ weight.T + bias)``, the plain way."""
+    return bias_act_ref(F.linear(x, weight, bias), None, activation)
+
+
+def gated_linear_ref(
+    x: Tensor,
+    w_gate: Tensor,
+    w_up: Tensor,
+    activation: str = "silu",
+    bias_gate: Tensor | None = None,
+    bias_up: Tensor | None = None,
+) -> Tensor:
+    """``act(x @ w_gate.T + bias_gate) * (x @ w_up.T + bias_up)``, the plain way."""
+    return linear_act_ref(x, w_gate, bias_gate, activation) * F.linear(x, w_up, bias_up)
+
+
+def linear_act(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    activation: str = "gelu",
+    dropout_p: float = 0.0,
+    seed: int | None = None,
+) -> Tensor:
+    """``dropout(act(x @ weight.T + bias))`` with bias, activation and dropout applied in the
+    GEMM's epilogue.
+
+    x: (..., K); weight: (N, K) as ``nn.Linear`` stores it; bias: (N,) or None; result
+    (..., N) in x's dtype. activation: ``identity, relu, gelu`` (erf), ``gelu_tanh``,
+    ``silu``. fp32 accumulation. ``dropout_p`` drops with a mask fixed by ``seed`` (None:
+    drawn from torch's generator), reused by the backward.
+    """
+    _check(x, activation, weight=weight, bias=bias)
+    seed = check_dropout(dropout_p, seed)
+    name = backend.select("linear_act", x.device, _support(x, weight, bias))
+    if name == "torch":
+        return seeded_dropout(linear_act_ref(x, weight, bias, activation), dropout_p, seed)
+    save = _grad_needed(x, weight, bias)
+    y, _ = torch.ops.fastlm.linear_act(x, weight, bias, activation, float(dropout_p), seed, save)
+    return y
+
+
+def gated_linear(
+    x: Tensor,
+    w_gate: Tensor,
+    w_up: Tensor,
+    activation: str = "silu",
+    bias_gate: Tensor | None = None,
+    bias_up: Tensor | None = None,
+) -> Tensor:
+    """``act(x @ w_gate.T + bias_gate) * (x @ w_up.T + bias_up)`` in one kernel: SwiGLU with
+    ``silu``, GeGLU with ``gelu`` / ``gelu_tanh``.
+
+    x: (..., K); w_gate, w_up: (N, K); biases (N,), both or neither; result (..., N).
+    """
+    _check(x, activation, w_gate=w_gate, w_up=w_up, bias_gate=bias_gate, bias_up=bias_up)
+    name = backend.select("gated_linear", x.device,
+                          _support(x, w_gate, w_up, bias_gate, bias_up))  # fmt: skip
+    if name == "torch":
+        return gated_linear_ref(x, w_gate, w_up, activation, bias_gate, bias_up)
+    save = _grad_needed(x, w_gate, w_up, bias_gate, bias_up)
+    y, _, _ = torch.ops.fastlm.gated_linear(x, w_gate, w_up, bias_gate, bias_up, activation,
+                                            save)  # fmt: skip
+    return y
+
+
+def fused_mlp(
+    x: Tensor,
+    fc1_weight: Tensor,
+    fc1_bias: Tensor | None,
+    fc2_weight: Tensor,
+    fc2_bias: Tensor | None,
+    activation: str = "gelu",
+    dropout_p: float = 0.0,
+    seed: int | None = None,
+) -> Tensor:
+    """``dropout(fc2(dropout(act(fc1(x)))))``, as ``timm``'s ``Mlp`` (one rate for both
+    dropouts), keeping only x and fc1's pre-activation for the backward.
+
+    x: (..., in); fc1_weight: (hidden, in); fc2_weight: (out, hidden); biases or None.
+    """
+    _check(x, activation, fc1_weight=fc1_weight, fc1_bias=fc1_bias)
+    _check_chain(fc1_weight, fc2_weight, fc2_bias, "fc1_weight", "fc2")
+    seed = check_dropout(dropout_p, seed)
+    params = (fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    name = backend.select("fused_mlp", x.device, _support(x, *params))
+    if name == "torch":
+        h = seeded_dropout(linear_act_ref(x, fc1_weight, fc1_bias, activation), dropout_p, seed)
+        return seeded_dropout(F.linear(h, fc2_weight, fc2_bias), dropout_p,
+                              seed + _OUTPUT_DROPOUT_STREAM)  # fmt: skip
+    save = _grad_needed(x, *params)
+    y, _ = torch.ops.fastlm.fused_mlp(x, *params, activation, float(dropout_p), seed, save)
+    return y
+
+
+def gated_mlp(
+    x: Tensor,
+    gate_weight: Tensor,
+    up_weight: Tensor,
+    down_weight: Tensor,
+    activation: str = "silu",
+    gate_bias: Tensor | None = None,
+    up_bias: Tensor | None = None,
+    down_bias: Tensor | None = None,
+) -> Tensor:
+    """``down(act(gate(x)) * up(x))``, as Llama's MLP, keeping only x and the gate and up
+    pre-activations for the backward.
+
+    x: (..., hidden); gate/up weights: (intermediate, hidden); down: (hidden', intermediate).
+    """
+    _check(x, activation, gate_weight=gate_weight, up_weight=up_weight, gate_bias=gate_bias,
+           up_bias=up_bias)  # fmt: skip
+    _check_chain(gate_weight, down_weight, down_bias, "gate_weight", "down")
+    params = (gate_weight, up_weight, down_weight, gate_bias, up_bias, down_bias)
+    name = backend.select("gated_mlp", x.device, _support(x, *params))
+    if name == "torch":
+        h = gated_linear_ref(x, gate_weight, up_weight, activation, gate_bias, up_bias)
+        return F.linear(h, down_weight, down_bias)
+    save = _grad_needed(x, *params)
+    y, _, _ = torch.ops.fastlm.gated_mlp(x, *params, activation, save)
+    return y
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation and dispatch
+
+
+def _check(x: Tensor, activation: str, **params: Tensor | None) -> None:
+    """x, the activation, and weights (``*weight`` / ``w_*``, (N, K)) each followed by its
+    optional bias ((N,)), named as the caller's arguments."""
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError("x must be a floating-point tensor")
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension (features last)")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    out_features = None
+    for name, t in params.items():
+        if t is None:
+            continue
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+        if "bias" in name:
+            if tuple(t.shape) != (out_features,):
+                raise ValueError(f"{name} must have shape ({out_features},), got "
+                                 f"{tuple(t.shape)}")  # fmt: skip
+            continue
+        if t.dim() != 2 or t.shape[1] != x.shape[-1]:
+            raise ValueError(f"{name} must be (out_features, {x.shape[-1]}) for x with "
+                             f"{x.shape[-1]} features, got {tuple(t.shape)}")  # fmt: skip
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} dtype {t.dtype} differs from x's {x.dtype}")
+        if out_features is not None and t.shape[0] != out_features:
+            raise ValueError(f"{name} has {t.shape[0]} rows, the other weight {out_features}")
+        out_features = t.shape[0]
+    biases = [n for n in params if "bias" in n]
+    if len(biases) == 2 and (params[biases[0]] is None) != (params[biases[1]] is None):
+        raise ValueError(f"{biases[0]} and {biases[1]} must be given together or not at all")
+
+
+def _check_chain(first: Tensor, weight: Tensor, bias: Tensor | None, first_name: str,
+                 layer: str) -> None:  # fmt: skip
+    """The second layer of an MLP: its weight reads the first's outputs."""
+    hidden = first.shape[0]
+    if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] != hidden:
+        shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
+        raise ValueError(f"{layer}_weight must be (out_features, {hidden}) to follow "
+                         f"{first_name}, got {shape}")  # fmt: skip
+    if weight.dtype != first.dtype or weight.device != first.device:
+        raise TypeError(f"{layer}_weight must match {first_name}'s dtype and device")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{layer}_bias must have shape ({weight.shape[0]},), got "
+                         f"{tuple(bias.shape)}")  # fmt: skip
+
+
+def _support(x: Tensor, *params: Tensor | None):
+    def triton_error():
+        if x.dtype not in _KERNEL_DTYPES:
+            return f"the Triton GEMM takes fp16/bf16 inputs, got {x.dtype}"
+        for t in params:
+            if t is not None and not t.is_floating_point():
+                return f"parameter dtype {t.dtype} is not floating point"
+        return None
+
+    return {"triton": triton_error, "torch": lambda: None}
+
+
+def _grad_needed(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _rows(t: Tensor) -> Tensor:
+    t = t.reshape(-1, t.shape[-1])
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _opt(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.contiguous()
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty(0)
+
+
+def _out_shape(x: Tensor, n: int) -> tuple[int, ...]:
+    return (*x.shape[:-1], n)
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops. Each returns its output and the pre-activations the backward needs (biases
+# included; empty when ``save`` is off: inference keeps nothing). A backward that finds them
+# empty recomputes them, so an op traced without ``save`` is still differentiable.
+
+
+@torch.library.custom_op("fastlm::linear_act", mutates_args=())
+def _linear_act_op(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    activation: str,
+    dropout_p: float,
+    seed: int,
+    save: bool,
+) -> tuple[Tensor, Tensor]:
+    from fastlm.kernels.mlp import linear_act_fwd
+
+    y, pre = linear_act_fwd(_rows(x), weight.contiguous(), _opt(bias), activation, dropout_p,
+                            seed, save)  # fmt: skip
+    return y.view(_out_shape(x, weight.shape[0])), _empty(x) if pre is None else pre
+
+
+@_linear_act_op.register_fake
+def _(x, weight, bias, activation, dropout_p, seed, save):
+    n = weight.shape[0]
+    return x.new_empty(_out_shape(x, n)), x.new_empty((x.numel() // x.shape[-1], n) if save else 0)
+
+
+def _linear_act_setup(ctx, inputs, output):
+    x, weight, bias, activation, dropout_p, seed, _ = inputs
+    ctx.save_for_backward(x, weight, bias, output[1])
+    ctx.options = (activation, dropout_p, seed)
+
+
+def _linear_act_backward(ctx, grad, _grad_pre):
+    x, weight, bias, pre = ctx.saved_tensors
+    x2 = _rows(x)
+    pre = pre if pre.numel() or not x2.numel() else F.linear(x2, weight, bias)
+    dpre, db, _ = _bias_act_grad(_rows(grad), pre, bias, *ctx.options, recompute=False)
+    dx = (dpre @ weight).view(x.shape)
+    return dx, dpre.T @ x2, _cast(db, bias), None, None, None, None
+
+
+torch.library.register_autograd("fastlm::linear_act", _linear_act_backward,
+                                setup_context=_linear_act_setup)  # fmt: skip
+
+
+@torch.library.custom_op("fastlm::gated_linear", mutates_args=())
+def _gated_linear_op(
+    x: Tensor,
+    w_gate: Tensor,
+    w_up: Tensor,
+    bias_gate: Tensor | None,
+    bias_up: Tensor | None,
+    activation: str,
+    save: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    from fastlm.kernels.mlp import gated_linear_fwd
+
+    y, gate, up = gated_linear_fwd(_rows(x), w_gate.contiguous(), w_up.contiguous(),
+                                   _opt(bias_gate), _opt(bias_up), activation, save)  # fmt: skip
+    if gate is None:
+        gate, up = _empty(x), _empty(x)
+    return y.view(_out_shape(x, w_gate.shape[0])), gate, up
+
+
+@_gated_linear_op.register_fake
+def _(x, w_gate, w_up, bias_gate, bias_up, activation, save):
+    n = w_gate.shape[0]
+    pre = (x.numel() // x.shape[-1], n) if save else 0
+    return x.new_empty(_out_shape(x, n)), x.new_empty(pre), x.new_empty(pre)
+
+
+def _gated_linear_setup(ctx, inputs, output):
+    x, w_gate, w_up, bias_gate, bias_up, activation, _ = inputs
+    ctx.save_for_backward(x, w_gate, w_up, bias_gate, bias_up, output[1], output[2])
+    ctx.activation = activation
+
+
+def _gated_linear_backward(ctx, grad, _grad_gate, _grad_up):
+    x, w_gate, w_up, bias_gate, bias_up, gate, up = ctx.saved_tensors
+    x2 = _rows(x)
+    gate, up = _gated_pre(x2, w_gate, w_up, bias_gate, bias_up, gate, up)
+    dgate, dup, dbg, dbu, _ = torch.ops.fastlm.gated_act_bwd(
+        _rows(grad), gate, up, None, None, ctx.activation, False, bias_gate is not None
+    )
+    dx = torch.addmm(dgate @ w_gate, dup, w_up).view(x.shape)
+    return (dx, dgate.T @ x2, dup.T @ x2, _cast(dbg, bias_gate), _cast(dbu, bias_up), None,
+            None)  # fmt: skip
+
+
+torch.library.register_autograd("fastlm::gated_linear", _gated_linear_backward,
+                                setup_context=_gated_linear_setup)  # fmt: skip
+
+
+@torch.library.custom_op("fastlm::fused_mlp", mutates_args=())
+def _fused_mlp_op(
+    x: Tensor,
+    fc1_weight: Tensor,
+    fc1_bias: Tensor | None,
+    fc2_weight: Tensor,
+    fc2_bias: Tensor | None,
+    activation: str,
+    dropout_p: float,
+    seed: int,
+    save: bool,
+) -> tuple[Tensor, Tensor]:
+    from fastlm.kernels.mlp import linear_act_fwd
+
+    h, pre = linear_act_fwd(_rows(x), fc1_weight.contiguous(), _opt(fc1_bias), activation,
+                            dropout_p, seed, save)  # fmt: skip
+    y, _ = linear_act_fwd(h, fc2_weight.contiguous(), _opt(fc2_bias), "identity", dropout_p,
+                          seed + _OUTPUT_DROPOUT_STREAM)  # fmt: skip
+    return y.view(_out_shape(x, fc2_weight.shape[0])), _empty(x) if pre is None else pre
+
+
+@_fused_mlp_op.register_fake
+def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, dropout_p, seed, save):
+    pre = (x.numel() // x.shape[-1], fc1_weight.shape[0]) if save else 0
+    return x.new_empty(_out_shape(x, fc2_weight.shape[0])), x.new_empty(pre)
+
+
+def _fused_mlp_setup(ctx, inputs, output):
+    x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, dropout_p, seed, _ = inputs
+    ctx.save_for_backward(x, fc1_weight, fc1_bias, fc2_weight, output[1])
+    ctx.fc2_bias_dtype = None if fc2_bias is None else fc2_bias.dtype
+    ctx.options = (activation, dropout_p, seed)
+
+
+def _fused_mlp_backward(ctx, grad, _grad_pre):
+    x, fc1_weight, fc1_bias, fc2_weight, pre = ctx.saved_tensors
+    activation, dropout_p, seed = ctx.options
+    x2, dy = _rows(x), _rows(grad)
+    if dropout_p > 0:  # the output dropout's backward is the same mask applied to dy
+        dy = torch.ops.fastlm.bias_act(dy, None, "identity", dropout_p,
+                                       seed + _OUTPUT_DROPOUT_STREAM)  # fmt: skip
+    pre = pre if pre.numel() or not x2.numel() else F.linear(x2, fc1_weight, fc1_bias)
+    dpre, db1, h = _bias_act_grad(dy @ fc2_weight, pre, fc1_bias, *ctx.options, recompute=True)
+    db2 = _bias_grad(dy, ctx.fc2_bias_dtype)
+    dx = (dpre @ fc1_weight).view(x.shape)
+    return (dx, dpre.T @ x2, _cast(db1, fc1_bias), dy.T @ h, db2, None, None, None, None)
+
+
+torch.library.register_autograd("fastlm::fused_mlp", _fused_mlp_backward,
+                                setup_context=_fused_mlp_setup)  # fmt: skip
+
+
+@torch.library.custom_op("fastlm::gated_mlp", mutates_args=())
+def _gated_mlp_op(
+    x: Tensor,
+    gate_weight: Tensor,
+    up_weight: Tensor,
+    down_weight: Tensor,
+    gate_bias: Tensor | None,
+    up_bias: Tensor | None,
+    down_bias: Tensor | None,
+    activation: str,
+    save: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    from fastlm.kernels.mlp import gated_linear_fwd, linear_act_fwd
+
+    h, gate, up = gated_linear_fwd(_rows(x), gate_weight.contiguous(), up_weight.contiguous(),
+                                   _opt(gate_bias), _opt(up_bias), activation, save)  # fmt: skip
+    y, _ = linear_act_fwd(h, down_weight.contiguous(), _opt(down_bias), "identity")
+    if gate is None:
+        gate, up = _empty(x), _empty(x)
+    return y.view(_out_shape(x, down_weight.shape[0])), gate, up
+
+
+@_gated_mlp_op.register_fake
+def _(x, gate_weight, up_weight, down_weight, gate_bias, up_bias, down_bias, activation, save):
+    pre = (x.numel() // x.shape[-1], gate_weight.shape[0]) if save else 0
+    y = x.new_empty(_out_shape(x, down_weight.shape[0]))
+    return y, x.new_empty(pre), x.new_empty(pre)
+
+
+def _gated_mlp_setup(ctx, inputs, output):
+    x, gate_weight, up_weight, down_weight, gate_bias, up_bias, down_bias, activation, _ = inputs
+    ctx.save_for_backward(x, gate_weight, up_weight, down_weight, gate_bias, up_bias,
+                          output[1], output[2])  # fmt: skip
+    ctx.down_bias_dtype = None if down_bias is None else down_bias.dtype
+    ctx.activation = activation
+
+
+def _gated_mlp_backward(ctx, grad, _grad_gate, _grad_up):
+    x, gate_weight, up_weight, down_weight, gate_bias, up_bias, gate, up = ctx.saved_tensors
+    x2, dy = _rows(x), _rows(grad)
+    gate, up = _gated_pre(x2, gate_weight, up_weight, gate_bias, up_bias, gate, up)
+    dgate, dup, dbg, dbu, h = torch.ops.fastlm.gated_act_bwd(
+        dy @ down_weight, gate, up, None, None, ctx.activation, True, gate_bias is not None
+    )
+    db_down = _bias_grad(dy, ctx.down_bias_dtype)
+    dx = torch.addmm(dgate @ gate_weight, dup, up_weight).view(x.shape)
+    return (dx, dgate.T @ x2, dup.T @ x2, dy.T @ h, _cast(dbg, gate_bias), _cast(dbu, up_bias),
+            db_down, None, None)  # fmt: skip
+
+
+torch.library.register_autograd("fastlm::gated_mlp", _gated_mlp_backward,
+                                setup_context=_gated_mlp_setup)  # fmt: skip
+
+
+def _bias_act_grad(dy, pre, bias, activation, dropout_p, seed, recompute):
+    """``(dpre, dbias, y)`` of ``y = dropout(act(pre))``, pre including ``bias``; identity
+    without dropout needs no kernel (dpre is dy)."""
+    if activation == "identity" and dropout_p == 0 and not recompute:
+        db = dy.sum(0, dtype=torch.float32) if bias is not None else None
+        return dy, db, None
+    dpre, db, y = torch.ops.fastlm.bias_act_bwd(dy, pre, None, activation, dropout_p, seed,
+                                                recompute, bias is not None)  # fmt: skip
+    return dpre, db, y
+
+
+def _gated_pre(x2, w_gate, w_up, bias_gate, bias_up, gate, up):
+    if gate.numel() or not x2.numel():
+        return gate, up
+    return F.linear(x2, w_gate, bias_gate), F.linear(x2, w_up, bias_up)
+
+
+def _bias_grad(dy: Tensor, dtype: torch.dtype | None) -> Tensor | None:
+    return None if dtype is None else dy.sum(0, dtype=torch.float32).to(dtype)
+
+
+def _cast(grad: Tensor | None, like: Tensor | None) -> Tensor | None:
+    return None if like is None or grad is None else grad.to(like.dtype)
+
+
+for _op in ("linear_act", "gated_linear", "fused_mlp", "gated_mlp"):
+    backend.register_op(_op, ("triton", "torch"))
