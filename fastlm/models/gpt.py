@@ -1,0 +1,167 @@
+"""GPT: the autoregressive decoder, GPT-2 style (learned positions, LayerNorm, GELU MLP, tied
+head) or Llama style (rotary, RMSNorm, SwiGLU, GQA, untied head) by configuration.
+
+Pre-LN blocks: ``h = h + attn(norm1(h)); h = h + mlp(norm2(h))``, the second norm fused
+with the residual add. Built from fastlm layers only: flash attention (decode kernel with a
+KV cache), fused norms, fused/gated MLPs, rotary, and the fused linear cross-entropy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastlm.models.layers import (
+    Attention,
+    KVCache,
+    ModelOutput,
+    check_activation,
+    check_positive,
+    check_probability,
+    init_weights,
+    lm_loss,
+    logits_of,
+    make_mlp,
+    make_norm,
+    padding_bias,
+    run_blocks,
+)
+from fastlm.nn import RotaryEmbedding
+
+
+@dataclasses.dataclass
+class GPTConfig:
+    vocab_size: int = 50257
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    num_kv_heads: int | None = None  # None: num_heads (no GQA)
+    intermediate_size: int | None = None  # None: 4 * hidden_size
+    max_position_embeddings: int = 1024
+    activation: str = "gelu_tanh"
+    gated_mlp: bool = False  # SwiGLU/GeGLU (gate_proj, up_proj, down_proj)
+    norm: str = "layernorm"  # or "rmsnorm"
+    norm_eps: float = 1e-5
+    position: str = "learned"  # or "rotary"
+    rope_theta: float = 10000.0
+    attention_bias: bool = True
+    mlp_bias: bool = True
+    tie_word_embeddings: bool = True
+    dropout: float = 0.0  # embeddings, attention probabilities, residual branches
+    initializer_range: float = 0.02
+    head_dim: int = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads",
+                     "max_position_embeddings"):  # fmt: skip
+            check_positive(name, getattr(self, name))
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        if self.intermediate_size is None:
+            self.intermediate_size = 4 * self.hidden_size
+        check_positive("num_kv_heads", self.num_kv_heads)
+        check_positive("intermediate_size", self.intermediate_size)
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads "
+                             f"{self.num_heads}")  # fmt: skip
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_kv_heads {self.num_kv_heads} does not divide num_heads "
+                             f"{self.num_heads}")  # fmt: skip
+        check_activation(self.activation)
+        if self.norm not in ("layernorm", "rmsnorm"):
+            raise ValueError(f"norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}")
+        if self.position not in ("learned", "rotary"):
+            raise ValueError(f"position must be 'learned' or 'rotary', got {self.position!r}")
+        check_probability("dropout", self.dropout)
+        self.head_dim = self.hidden_size // self.num_heads
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, rotary: RotaryEmbedding | None) -> None:
+        super().__init__()
+        c = config
+        self.norm1 = make_norm(c.norm, c.hidden_size, c.norm_eps)
+        self.attn = Attention(c.hidden_size, c.num_heads, c.head_dim, c.num_kv_heads,
+                              c.attention_bias, c.dropout, rotary=rotary)  # fmt: skip
+        self.norm2 = make_norm(c.norm, c.hidden_size, c.norm_eps)
+        self.mlp = make_mlp(c.hidden_size, c.intermediate_size, c.activation, c.gated_mlp,
+                            c.mlp_bias, 0.0)  # fmt: skip
+        self.dropout = c.dropout
+
+    def forward(self, h: Tensor, bias: Tensor | None, position_ids: Tensor | None,
+                cache: KVCache | None = None) -> Tensor:  # fmt: skip
+        p = self.dropout if self.training else 0.0
+        a = self.attn(self.norm1(h), bias, True, position_ids, cache=cache)  # (B, S, hidden)
+        x, h = self.norm2(F.dropout(a, p, self.training), residual=h)  # h += a; x = norm(h)
+        return h + F.dropout(self.mlp(x), p, self.training)
+
+
+class GPT(nn.Module):
+    """Decoder-only language model. ``forward(input_ids, attention_mask=None, labels=None,
+    position_ids=None)``: input_ids (B, S); attention_mask (B, S), 1 for tokens and 0 for
+    padding; labels (B, S) are the input ids themselves (shifted inside, -100 ignored), as in
+    Hugging Face causal LMs. Returns :class:`ModelOutput`: with labels, the mean loss from
+    the fused linear cross-entropy, and no logits unless ``return_logits=True``.
+    """
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        c = self.config = config
+        self.tok_emb = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.pos_emb = (nn.Embedding(c.max_position_embeddings, c.hidden_size)
+                        if c.position == "learned" else None)  # fmt: skip
+        # One rotary module (its cos/sin cache) shared by every layer.
+        rotary = (RotaryEmbedding(c.head_dim, c.max_position_embeddings, c.rope_theta)
+                  if c.position == "rotary" else None)  # fmt: skip
+        self.blocks = nn.ModuleList(Block(c, rotary) for _ in range(c.num_layers))
+        self.norm_f = make_norm(c.norm, c.hidden_size, c.norm_eps)
+        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        init_weights(self, c.initializer_range)
+        if c.tie_word_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.checkpoint_every = 0
+
+    def set_checkpointing(self, every: int) -> None:
+        """Recompute every ``every``-th block's activations in the backward (0: none)."""
+        if not isinstance(every, int) or every < 0:
+            raise ValueError(f"every must be a non-negative int, got {every!r}")
+        self.checkpoint_every = every
+
+    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                      position_ids: Tensor | None = None,
+                      caches: list[KVCache] | None = None) -> Tensor:  # fmt: skip
+        """The final-norm hidden states (B, S, hidden)."""
+        b, s = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
+        h = self.tok_emb(input_ids)
+        if self.pos_emb is not None:
+            h = h + self.pos_emb(position_ids)
+        h = F.dropout(h, self.config.dropout if self.training else 0.0, self.training)
+        bias = padding_bias(attention_mask, h.dtype) if caches is None else None
+        if caches is not None:
+            for block, cache in zip(self.blocks, caches, strict=True):
+                h = block(h, None, position_ids, cache)
+        else:
+            h = run_blocks(self.blocks, self.checkpoint_every, self.training, h, bias,
+                           position_ids)  # fmt: skip
+        return self.norm_f(h)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                labels: Tensor | None = None, position_ids: Tensor | None = None,
+                return_logits: bool | None = None) -> ModelOutput:  # fmt: skip
+        h = self.hidden_states(input_ids, attention_mask, position_ids)
+        loss = None
+        if labels is not None:
+            loss = lm_loss(h[:, :-1], self.lm_head.weight, labels[:, 1:])
+        want_logits = labels is None if return_logits is None else return_logits
+        logits = logits_of(h, self.lm_head.weight) if want_logits else None
+        return ModelOutput(logits=logits, loss=loss, hidden_states=h)
+
+    def new_caches(self, batch: int, max_len: int, like: Tensor) -> list[KVCache]:
+        c = self.config
+        return [KVCache.empty(batch, max_len, c.num_kv_heads, c.head_dim, like)
+                for _ in range(c.num_layers)]  # fmt: skip

@@ -1,0 +1,229 @@
+"""What every model family shares: attention with its KV cache, the MLP choice, masks, the
+output container and per-block activation checkpointing."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import Tensor, nn
+
+from fastlm import ops
+from fastlm.nn import FusedMLP, GatedMLP, LayerNorm, RMSNorm, RotaryEmbedding
+from fastlm.ops.activation import ACTIVATIONS
+
+# Hugging Face activation names and fastlm's.
+HF_ACTIVATIONS = {
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "relu": "relu",
+    "silu": "silu",
+    "swish": "silu",
+}
+
+
+def check_positive(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_activation(activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def check_probability(name: str, value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+
+
+@dataclasses.dataclass
+class ModelOutput:
+    """What a model's ``forward`` returns. ``logits`` is None when the loss was computed
+    from the hidden states directly (labels given, logits not asked for)."""
+
+    logits: Tensor | None = None
+    loss: Tensor | None = None
+    hidden_states: Tensor | None = None
+
+
+def make_norm(kind: str, size: int, eps: float) -> nn.Module:
+    if kind == "layernorm":
+        return LayerNorm(size, eps=eps)
+    if kind == "rmsnorm":
+        return RMSNorm(size, eps=eps)
+    raise ValueError(f"norm must be 'layernorm' or 'rmsnorm', got {kind!r}")
+
+
+def make_mlp(hidden: int, intermediate: int, activation: str, gated: bool, bias: bool,
+             dropout: float) -> nn.Module:  # fmt: skip
+    if gated:
+        return GatedMLP(hidden, intermediate, activation, bias=bias)
+    return FusedMLP(hidden, intermediate, activation=activation, bias=bias, dropout=dropout)
+
+
+def padding_bias(attention_mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """(B, S) keep-mask (1 = token, 0 = padding) as an additive (B, 1, 1, S) attention bias:
+    0 where kept, -inf on padding (a query that sees only padding gets zeros)."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2:
+        raise ValueError(
+            f"attention_mask must be (batch, seqlen), got {tuple(attention_mask.shape)}"
+        )
+    bias = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
+    return bias.masked_fill_(attention_mask == 0, float("-inf"))[:, None, None, :]
+
+
+def merge_bias(*biases: Tensor | None) -> Tensor | None:
+    present = [b for b in biases if b is not None]
+    if not present:
+        return None
+    total = present[0]
+    for b in present[1:]:
+        total = total + b
+    return total
+
+
+@dataclasses.dataclass
+class KVCache:
+    """One attention layer's keys and values for incremental decoding: (B, S_max, Hkv, D)
+    each, sequence b holding ``lengths[b]`` tokens (int32, (B,)), left-aligned."""
+
+    k: Tensor
+    v: Tensor
+    lengths: Tensor
+
+    @classmethod
+    def empty(cls, batch: int, max_len: int, kv_heads: int, head_dim: int, like: Tensor):
+        shape = (batch, max_len, kv_heads, head_dim)
+        return cls(like.new_zeros(shape), like.new_zeros(shape),
+                   torch.zeros(batch, dtype=torch.int32, device=like.device))  # fmt: skip
+
+
+class Attention(nn.Module):
+    """Multi-head attention with GQA, optional rotary embeddings and biases, on fastlm's
+    flash-attention kernel (an additive bias, e.g. padding or T5's relative positions, goes
+    to the kernel with its gradient).
+
+    Self-attention projects q, k, v with one fused ``qkv`` linear ((H + 2 Hkv) * D
+    outputs); cross-attention (``cross=True``) has ``q`` and a fused ``kv`` over the
+    context. ``o`` projects back. ``softmax_scale`` None is 1/sqrt(D) (T5 uses 1.0).
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, num_kv_heads: int,
+                 bias: bool, dropout: float = 0.0, softmax_scale: float | None = None,
+                 rotary: RotaryEmbedding | None = None, cross: bool = False) -> None:  # fmt: skip
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        q_out, kv_out = num_heads * head_dim, 2 * num_kv_heads * head_dim
+        if cross:
+            self.q = nn.Linear(hidden_size, q_out, bias=bias)
+            self.kv = nn.Linear(hidden_size, kv_out, bias=bias)
+        else:
+            self.qkv = nn.Linear(hidden_size, q_out + kv_out, bias=bias)
+        self.o = nn.Linear(q_out, hidden_size, bias=bias)
+        self.cross = cross
+        self.dropout = dropout
+        self.softmax_scale = softmax_scale
+        self.rotary = rotary
+
+    def project_kv(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        """Cross-attention keys and values of ``context`` (B, S, hidden): (B, S, Hkv, D)."""
+        b, s, _ = context.shape
+        kv = self.kv(context).view(b, s, 2, self.num_kv_heads, self.head_dim)
+        return kv[:, :, 0], kv[:, :, 1]
+
+    def forward(self, x: Tensor, bias: Tensor | None = None, causal: bool = False,
+                position_ids: Tensor | None = None, context: Tensor | None = None,
+                context_kv: tuple[Tensor, Tensor] | None = None,
+                cache: KVCache | None = None) -> Tensor:  # fmt: skip
+        """x: (B, S, hidden). ``bias`` broadcasts to (B, H, S, S_k). Self-attention rotates
+        q and k at ``position_ids`` (B, S) when the layer has rotary embeddings. With a
+        ``cache``, x holds new tokens that extend each sequence's cache in place."""
+        b, s, _ = x.shape
+        h, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        if self.cross:
+            q = self.q(x).view(b, s, h, d)
+            k, v = context_kv if context_kv is not None else self.project_kv(context)
+        else:
+            qkv = self.qkv(x).view(b, s, h + 2 * hkv, d)
+            q, k, v = qkv.split([h, hkv, hkv], dim=2)
+            if self.rotary is not None:
+                q, k = self.rotary(q, k, position_ids=position_ids)
+        if cache is not None:
+            out = self._cached(q, k, v, bias, causal, cache)
+        else:
+            p = self.dropout if self.training else 0.0
+            out = ops.flash_attention(q, k, v, causal=causal, softmax_scale=self.softmax_scale,
+                                      dropout_p=p, attn_bias=bias)  # fmt: skip
+        return self.o(out.reshape(b, s, h * d))
+
+    def _cached(self, q, k, v, bias, causal, cache: KVCache) -> Tensor:
+        if bias is None and causal and q.dtype in (torch.float16, torch.bfloat16):
+            out = ops.attention_with_kvcache(q, cache.k, cache.v, cache.lengths, k.contiguous(),
+                                             v.contiguous(), causal=True,
+                                             softmax_scale=self.softmax_scale)  # fmt: skip
+            cache.lengths += q.shape[1]
+            return out
+        # A bias (T5's relative positions) or fp32: append, then attend over the filled
+        # prefix with the general kernel. All sequences here have the same length.
+        start = int(cache.lengths[0])
+        end = start + q.shape[1]
+        cache.k[:, start:end], cache.v[:, start:end] = k, v
+        cache.lengths += q.shape[1]
+        return ops.flash_attention(q, cache.k[:, :end], cache.v[:, :end], causal=causal,
+                                   softmax_scale=self.softmax_scale, attn_bias=bias)  # fmt: skip
+
+
+def run_blocks(blocks: nn.ModuleList, checkpoint_every: int, training: bool, x: Tensor,
+               *args, **kwargs) -> Tensor:  # fmt: skip
+    """Apply ``blocks`` in order; in training, every ``checkpoint_every``-th block (0: none)
+    recomputes its activations in the backward instead of storing them."""
+    for i, block in enumerate(blocks):
+        if training and checkpoint_every and i % checkpoint_every == 0 and torch.is_grad_enabled():
+            x = torch.utils.checkpoint.checkpoint(block, x, *args, use_reentrant=False, **kwargs)
+        else:
+            x = block(x, *args, **kwargs)
+    return x
+
+
+def init_weights(module: nn.Module, std: float) -> None:
+    """The initialization GPT-2, BERT and Llama use: normal(0, std) weights, zero biases,
+    unit norm scales."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=std)
+            if m.padding_idx is not None:
+                nn.init.zeros_(m.weight[m.padding_idx])
+        elif isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
+            if m.weight is not None:
+                nn.init.ones_(m.weight)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+
+def lm_loss(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None = None,
+            scale: float = 1.0) -> Tensor:  # fmt: skip
+    """Mean cross-entropy of ``labels`` (-100 ignored) over ``hidden @ weight.T + bias``
+    without materializing the logits; only labelled rows are projected."""
+    hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    keep = labels != -100
+    if not bool(keep.all()):
+        hidden, labels = hidden[keep], labels[keep]
+    if scale != 1.0:
+        hidden = hidden * scale
+    return ops.linear_cross_entropy(hidden, weight, labels, bias=bias)
+
+
+def logits_of(hidden: Tensor, weight: Tensor, bias: Tensor | None = None,
+              scale: float = 1.0) -> Tensor:  # fmt: skip
+    return F.linear(hidden * scale if scale != 1.0 else hidden, weight, bias)

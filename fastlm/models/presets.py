@@ -1,0 +1,59 @@
+"""Named configurations: the published sizes, and tiny ones for tests and CPU demos."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from fastlm.models.bert import BertConfig, BertForMaskedLM
+from fastlm.models.gpt import GPT, GPTConfig
+from fastlm.models.t5 import T5, T5Config
+
+_LLAMA = dict(norm="rmsnorm", position="rotary", activation="silu", gated_mlp=True,
+              attention_bias=False, mlp_bias=False, tie_word_embeddings=False)  # fmt: skip
+
+PRESETS: dict[str, tuple[type, dict[str, Any]]] = {
+    "gpt2": (GPTConfig, {}),
+    "gpt2-medium": (GPTConfig, dict(hidden_size=1024, num_layers=24, num_heads=16)),
+    "gpt2-tiny": (GPTConfig, dict(hidden_size=128, num_layers=2, num_heads=4,
+                                  max_position_embeddings=256)),
+    # Llama 3.2 1B's shape (it ties its embeddings).
+    "llama-1b": (GPTConfig, dict(_LLAMA, vocab_size=128256, hidden_size=2048, num_layers=16,
+                                 num_heads=32, num_kv_heads=8, intermediate_size=8192,
+                                 max_position_embeddings=8192, rope_theta=500000.0,
+                                 tie_word_embeddings=True)),
+    "llama-tiny": (GPTConfig, dict(_LLAMA, vocab_size=32000, hidden_size=128, num_layers=2,
+                                   num_heads=4, num_kv_heads=2, intermediate_size=344,
+                                   max_position_embeddings=256)),
+    "bert-base": (BertConfig, {}),
+    "bert-tiny": (BertConfig, dict(hidden_size=128, num_layers=2, num_heads=2,
+                                   intermediate_size=512)),
+    "t5-small": (T5Config, {}),
+    "t5-base": (T5Config, dict(hidden_size=768, num_heads=12, intermediate_size=3072,
+                               num_layers=12)),
+    "t5-v1_1-small": (T5Config, dict(hidden_size=512, num_heads=6, intermediate_size=1024,
+                                     num_layers=8, activation="gelu_tanh", gated_mlp=True,
+                                     tie_word_embeddings=False, dropout=0.0)),
+    "t5-tiny": (T5Config, dict(hidden_size=128, head_dim=32, num_heads=4,
+                               intermediate_size=256, num_layers=2)),
+}  # fmt: skip
+
+_MODELS = {GPTConfig: GPT, BertConfig: BertForMaskedLM, T5Config: T5}
+
+
+def config(name: str, **overrides: Any) -> GPTConfig | BertConfig | T5Config:
+    """The configuration called ``name`` (see :data:`PRESETS`), with ``overrides`` applied
+    (and validated) on top."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    cls, fields = PRESETS[name]
+    return cls(**{**fields, **overrides})
+
+
+def create(name_or_config: str | GPTConfig | BertConfig | T5Config, **overrides: Any) -> nn.Module:
+    """A freshly initialized model: :class:`GPT`, :class:`BertForMaskedLM` or :class:`T5`."""
+    cfg = config(name_or_config, **overrides) if isinstance(name_or_config, str) else name_or_config
+    if type(cfg) not in _MODELS:
+        raise TypeError(f"expected a preset name or a model config, got {type(cfg).__name__}")
+    return _MODELS[type(cfg)](cfg)
