@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastlm.models.generation import GenerationMixin, decode_loop, left_align
 from fastlm.models.layers import (
     Attention,
     KVCache,
@@ -99,7 +100,7 @@ class Block(nn.Module):
         return h + F.dropout(self.mlp(x), p, self.training)
 
 
-class GPT(nn.Module):
+class GPT(GenerationMixin, nn.Module):
     """Decoder-only language model. ``forward(input_ids, attention_mask=None, labels=None,
     position_ids=None)``: input_ids (B, S); attention_mask (B, S), 1 for tokens and 0 for
     padding; labels (B, S) are the input ids themselves (shifted inside, -100 ignored), as in
@@ -165,3 +166,21 @@ class GPT(nn.Module):
         c = self.config
         return [KVCache.empty(batch, max_len, c.num_kv_heads, c.head_dim, like)
                 for _ in range(c.num_layers)]  # fmt: skip
+
+    def _decode(self, input_ids, mask, max_new_tokens, select, eos, pad) -> Tensor:
+        b, s = input_ids.shape
+        prompt, lengths = left_align(input_ids, mask)
+        caches = self.new_caches(b, s + max_new_tokens, self.tok_emb.weight)
+        h = self.hidden_states(prompt, caches=caches)  # prefill: (B, S, hidden)
+        for cache in caches:  # the right-padding tail is beyond each length: overwritten
+            cache.lengths.copy_(lengths)
+        rows = torch.arange(b, device=input_ids.device)
+        first = logits_of(h[rows, lengths - 1], self.lm_head.weight)
+
+        def step(token: Tensor, i: int) -> Tensor:
+            positions = (lengths + i)[:, None]
+            h = self.hidden_states(token[:, None], position_ids=positions, caches=caches)
+            return logits_of(h[:, -1], self.lm_head.weight)
+
+        new = decode_loop(first, max_new_tokens, select, step, eos, pad)
+        return torch.cat([input_ids, new.to(input_ids.dtype)], dim=1)

@@ -164,14 +164,14 @@ class Attention(nn.Module):
         return self.o(out.reshape(b, s, h * d))
 
     def _cached(self, q, k, v, bias, causal, cache: KVCache) -> Tensor:
-        if bias is None and causal and q.dtype in (torch.float16, torch.bfloat16):
+        if bias is None:  # the decode kernel: per-sequence lengths, appends in place
             out = ops.attention_with_kvcache(q, cache.k, cache.v, cache.lengths, k.contiguous(),
-                                             v.contiguous(), causal=True,
+                                             v.contiguous(), causal=causal,
                                              softmax_scale=self.softmax_scale)  # fmt: skip
             cache.lengths += q.shape[1]
             return out
-        # A bias (T5's relative positions) or fp32: append, then attend over the filled
-        # prefix with the general kernel. All sequences here have the same length.
+        # A bias (T5's relative positions) needs the general kernel: append, then attend
+        # over the filled prefix. Every sequence has the same length here (T5's decoder).
         start = int(cache.lengths[0])
         end = start + q.shape[1]
         cache.k[:, start:end], cache.v[:, start:end] = k, v

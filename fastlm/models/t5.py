@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastlm.models.generation import GenerationMixin, decode_loop
 from fastlm.models.layers import (
     Attention,
     KVCache,
@@ -174,7 +175,7 @@ class T5Stack(nn.Module):
         return F.dropout(self.norm_f(h), p, self.training)
 
 
-class T5(nn.Module):
+class T5(GenerationMixin, nn.Module):
     """Encoder-decoder. ``forward(input_ids, attention_mask=None, decoder_input_ids=None,
     labels=None, decoder_attention_mask=None)``: without ``decoder_input_ids`` they are the
     labels shifted right (the decoder start token first, -100 as padding), as Hugging Face's
@@ -239,3 +240,22 @@ class T5(nn.Module):
         want_logits = labels is None if return_logits is None else return_logits
         logits = logits_of(h, self.lm_head.weight, scale=self.head_scale()) if want_logits else None
         return ModelOutput(logits=logits, loss=loss, hidden_states=h)
+
+    def _decode(self, input_ids, mask, max_new_tokens, select, eos, pad) -> Tensor:
+        c = self.config
+        b = input_ids.shape[0]
+        context = self.encode(input_ids, mask)  # once
+        like = self.shared.weight
+        caches = [KVCache.empty(b, max_new_tokens + 1, c.num_heads, c.head_dim, like)
+                  for _ in self.decoder.blocks]  # fmt: skip
+        context_kvs = [block.cross.project_kv(context) for block in self.decoder.blocks]
+
+        def logits_after(tokens: Tensor) -> Tensor:
+            h = self.decoder(self.shared(tokens[:, None]), None, context, mask, caches,
+                             context_kvs)  # fmt: skip
+            return logits_of(h[:, -1], self.lm_head.weight, scale=self.head_scale())
+
+        start = torch.full((b,), c.decoder_start_token_id, device=input_ids.device)
+        new = decode_loop(logits_after(start), max_new_tokens, select,
+                          lambda token, i: logits_after(token), eos, pad)  # fmt: skip
+        return torch.cat([start[:, None], new], dim=1)
