@@ -347,33 +347,26 @@ def _load(model: nn.Module, ours: StateDict) -> None:
             module.reset_cache()
 
 
-def to_hf(model: nn.Module) -> nn.Module:
-    """The ``transformers`` model holding ``model``'s weights (GPT-2 or Llama for a
-    :class:`GPT` by its configuration, BERT masked LM / sequence classification, T5)."""
-    import transformers
-
+def _rules_of(model: nn.Module) -> list[Rule]:
     if isinstance(model, GPT):
         c = model.config
-        llama = c.position == "rotary"
-        hf_config = _llama_hf_config(c, transformers) if llama else _gpt2_hf_config(c, transformers)
-        hf_cls = transformers.LlamaForCausalLM if llama else transformers.GPT2LMHeadModel
-        rules = list((_llama_rules if llama else _gpt2_rules)(c))
-    elif isinstance(model, (BertForMaskedLM, BertForSequenceClassification)):
-        c = model.config
+        return list((_llama_rules if c.position == "rotary" else _gpt2_rules)(c))
+    if isinstance(model, (BertForMaskedLM, BertForSequenceClassification)):
         head = "mlm" if isinstance(model, BertForMaskedLM) else "cls"
-        hf_config = _bert_hf_config(c, transformers, head)
-        hf_cls = (transformers.BertForMaskedLM if head == "mlm"
-                  else transformers.BertForSequenceClassification)  # fmt: skip
-        rules = list(_bert_rules(c, head))
-    elif isinstance(model, T5):
-        c = model.config
-        hf_config, hf_cls = _t5_hf_config(c, transformers), transformers.T5ForConditionalGeneration
-        rules = list(_t5_rules(c))
-    else:
-        raise TypeError(f"model must be a fastlm GPT, BERT or T5 model, got {type(model).__name__}")
-    ours = model.state_dict()
+        return list(_bert_rules(model.config, head))
+    if isinstance(model, T5):
+        return list(_t5_rules(model.config))
+    raise TypeError(f"model must be a fastlm GPT, BERT or T5 model, got {type(model).__name__}")
+
+
+def hf_state_dict(model: nn.Module, tensors: StateDict | None = None) -> StateDict:
+    """``tensors`` (default: ``model.state_dict()``; e.g. parameter gradients, keyed like it)
+    under the Hugging Face checkpoint's keys and layouts. Tied copies appear once."""
+    ours = model.state_dict() if tensors is None else tensors
     theirs: StateDict = {}
-    for key, sources, kind in rules:
+    for key, sources, kind in _rules_of(model):
+        if key not in ours:
+            continue
         t = ours[key]
         if kind == "t":
             theirs[sources[0]] = _transposed(t)
@@ -381,6 +374,29 @@ def to_hf(model: nn.Module) -> nn.Module:
             theirs.update(zip(sources, _split(t, key, model), strict=True))
         else:
             theirs[sources[0]] = t
+    return theirs
+
+
+def to_hf(model: nn.Module) -> nn.Module:
+    """The ``transformers`` model holding ``model``'s weights (GPT-2 or Llama for a
+    :class:`GPT` by its configuration, BERT masked LM / sequence classification, T5)."""
+    import transformers
+
+    c = getattr(model, "config", None)
+    if isinstance(model, GPT):
+        llama = c.position == "rotary"
+        hf_config = _llama_hf_config(c, transformers) if llama else _gpt2_hf_config(c, transformers)
+        hf_cls = transformers.LlamaForCausalLM if llama else transformers.GPT2LMHeadModel
+    elif isinstance(model, (BertForMaskedLM, BertForSequenceClassification)):
+        head = "mlm" if isinstance(model, BertForMaskedLM) else "cls"
+        hf_config = _bert_hf_config(c, transformers, head)
+        hf_cls = (transformers.BertForMaskedLM if head == "mlm"
+                  else transformers.BertForSequenceClassification)  # fmt: skip
+    elif isinstance(model, T5):
+        hf_config, hf_cls = _t5_hf_config(c, transformers), transformers.T5ForConditionalGeneration
+    else:
+        raise TypeError(f"model must be a fastlm GPT, BERT or T5 model, got {type(model).__name__}")
+    theirs = hf_state_dict(model)
     hf = hf_cls(hf_config).to(device=next(model.parameters()).device,
                                dtype=next(model.parameters()).dtype)  # fmt: skip
     own_head = not getattr(model.config, "tie_word_embeddings", True)

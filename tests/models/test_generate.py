@@ -1,0 +1,110 @@
+"""Generation with the KV cache: greedy output token-for-token identical to transformers'
+``generate`` (batched, left-padded prompts), sampling controls, EOS, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastlm
+from fastlm.models import create
+from fastlm.models.generation import next_tokens
+from fastlm.models.hf import from_hf
+
+T = pytest.importorskip("transformers")
+
+VOCAB, EOS = 101, 5
+SPECIAL = dict(pad_token_id=0, eos_token_id=EOS, bos_token_id=1)
+
+
+def _models():
+    return {
+        "gpt2": T.GPT2LMHeadModel(T.GPT2Config(n_embd=48, n_head=4, n_layer=2, vocab_size=VOCAB,
+                                               n_positions=64, **SPECIAL)),
+        "llama": T.LlamaForCausalLM(T.LlamaConfig(
+            hidden_size=48, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+            intermediate_size=88, vocab_size=VOCAB, **SPECIAL)),
+        "t5": T.T5ForConditionalGeneration(T.T5Config(
+            d_model=48, num_heads=4, d_kv=12, num_layers=2, d_ff=72, vocab_size=VOCAB,
+            decoder_start_token_id=0, pad_token_id=0, eos_token_id=EOS)),
+    }  # fmt: skip
+
+
+def _left_padded_prompts(batch=3, seqlen=9):
+    ids = torch.randint(EOS + 1, VOCAB, (batch, seqlen))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    mask[1, :1] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "t5"])
+def test_greedy_matches_transformers_token_for_token(name):
+    hf = _models()[name].eval()
+    ours = from_hf(hf)
+    ids, mask = _left_padded_prompts()
+    theirs = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    got = ours.generate(ids, 12, attention_mask=mask, eos_token_id=EOS, pad_token_id=0)
+    assert torch.equal(got, theirs)
+    # Each row alone (no padding) continues as it did in the batch (until its EOS).
+    for row in range(ids.shape[0]):
+        alone = ids[row : row + 1, mask[row].bool()]
+        single = ours.generate(alone, 12, eos_token_id=EOS, pad_token_id=0)[0]
+        if name != "t5":  # decoder-only outputs start with the prompt
+            single, batch_row = single[alone.shape[1] :], got[row, ids.shape[1] :]
+        else:
+            batch_row = got[row]
+        assert torch.equal(single, batch_row[: len(single)])
+
+
+def test_greedy_on_the_triton_kernels_matches_the_torch_backend():
+    model = create("llama-tiny", num_layers=1).to(torch.bfloat16).eval()
+    ids, mask = _left_padded_prompts(batch=2, seqlen=5)
+    with fastlm.use_backend("torch"):
+        expected = model.generate(ids, 4, attention_mask=mask)
+    with fastlm.use_backend("triton"):  # decode kernel, under the interpreter here
+        got = model.generate(ids, 4, attention_mask=mask)
+    assert torch.equal(got, expected)
+
+
+def test_eos_finishes_a_row_and_pads_it():
+    model = create("gpt2-tiny", vocab_size=VOCAB).eval()
+    ids = torch.randint(EOS + 1, VOCAB, (2, 4))
+    greedy = model.generate(ids, 6)
+    eos = int(greedy[0, 5])  # the second generated token of row 0 acts as EOS
+    out = model.generate(ids, 6, eos_token_id=eos, pad_token_id=0)
+    first = (out[0, 4:] == eos).nonzero()[0].item()
+    assert (out[0, 4 + first + 1 :] == 0).all()
+    assert torch.equal(out[:, : 4 + first + 1], greedy[:, : 4 + first + 1])
+
+
+def test_sampling_controls():
+    logits = torch.tensor([[0.0, 3.0, 2.9, -1.0, 1.0]]).repeat(200, 1)
+    gen = torch.Generator().manual_seed(0)
+    assert (next_tokens(logits, True, 1.0, 1, None, gen) == 1).all()  # top_k=1 is greedy
+    top2 = next_tokens(logits, True, 1.0, 2, None, gen)
+    assert set(top2.tolist()) == {1, 2}
+    nucleus = next_tokens(logits, True, 1.0, None, 0.5, gen)  # p(1) ~ 0.47 < 0.5 <= p(1)+p(2)
+    assert set(nucleus.tolist()) == {1, 2}
+    cold = next_tokens(logits, True, 0.01, None, None, gen)
+    assert (cold == 1).all()
+    hot = next_tokens(logits, True, 100.0, None, None, gen)
+    assert len(set(hot.tolist())) == 5
+    a = next_tokens(logits, True, 1.0, None, None, torch.Generator().manual_seed(3))
+    b = next_tokens(logits, True, 1.0, None, None, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kwargs, word", [
+    (dict(max_new_tokens=-1), "max_new_tokens"),
+    (dict(temperature=0.0), "temperature"),
+    (dict(top_k=0), "top_k"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(attention_mask=torch.ones(1, 3)), "attention_mask"),
+    (dict(input_ids=torch.ones(2, 4)), "input_ids"),
+])  # fmt: skip
+def test_bad_input(kwargs, word):
+    model = create("gpt2-tiny", vocab_size=VOCAB)
+    args = dict(input_ids=torch.ones(2, 4, dtype=torch.long), max_new_tokens=2) | kwargs
+    with pytest.raises(ValueError, match=word):
+        model.generate(**args)

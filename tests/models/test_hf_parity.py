@@ -1,0 +1,178 @@
+"""fastlm models against Hugging Face transformers with the same weights: logits, loss and
+gradients in fp32; bf16 under the numerical policy; the adapters round trip; checkpoint
+directories load without transformers' help."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import fastlm
+from fastlm.models.hf import from_hf, hf_state_dict, to_hf
+from fastlm.testing import assert_policy
+
+T = pytest.importorskip("transformers")
+
+VOCAB = 101
+
+
+def gpt2(hidden=48, heads=4, layers=2):
+    return T.GPT2LMHeadModel(T.GPT2Config(n_embd=hidden, n_head=heads, n_layer=layers,
+                                          vocab_size=VOCAB, n_positions=64))  # fmt: skip
+
+
+def llama(hidden=48, heads=4, kv_heads=2, layers=2, bias=False):
+    return T.LlamaForCausalLM(T.LlamaConfig(
+        hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        num_hidden_layers=layers, intermediate_size=88, vocab_size=VOCAB, attention_bias=bias,
+        mlp_bias=bias, rope_theta=500000.0, tie_word_embeddings=False))  # fmt: skip
+
+
+def bert(hidden=48, heads=4, layers=2, classify=False):
+    config = T.BertConfig(hidden_size=hidden, num_attention_heads=heads,
+                          num_hidden_layers=layers, intermediate_size=72, vocab_size=VOCAB,
+                          max_position_embeddings=64, num_labels=3)  # fmt: skip
+    return T.BertForSequenceClassification(config) if classify else T.BertForMaskedLM(config)
+
+
+def t5(hidden=48, heads=4, d_kv=12, layers=2, decoder_layers=None, gated=False):
+    return T.T5ForConditionalGeneration(T.T5Config(
+        d_model=hidden, num_heads=heads, d_kv=d_kv, num_layers=layers,
+        num_decoder_layers=decoder_layers, d_ff=72, vocab_size=VOCAB,
+        feed_forward_proj="gated-gelu" if gated else "relu", tie_word_embeddings=not gated,
+        decoder_start_token_id=0))  # fmt: skip
+
+
+MODELS = {
+    "gpt2": gpt2,
+    "gpt2-odd": lambda: gpt2(hidden=60, heads=5, layers=3),
+    "llama-gqa": llama,
+    "llama-bias-mqa": lambda: llama(hidden=40, heads=5, kv_heads=1, bias=True),
+    "bert-mlm": bert,
+    "bert-cls-odd": lambda: bert(hidden=36, heads=3, layers=3, classify=True),
+    "t5-v1.0": t5,
+    "t5-v1.1-odd": lambda: t5(hidden=40, heads=5, d_kv=8, layers=2, decoder_layers=3,
+                              gated=True),
+}  # fmt: skip
+
+
+def _batch(name: str, batch: int = 2, seqlen: int = 11):
+    ids = torch.randint(2, VOCAB, (batch, seqlen))
+    mask = torch.ones_like(ids)
+    mask[0, -3:] = 0  # right padding on one row
+    if name.startswith("t5"):
+        labels = torch.randint(2, VOCAB, (batch, 7))
+        labels[1, -2:] = -100
+        return dict(input_ids=ids, attention_mask=mask, labels=labels)
+    if name.startswith("bert-cls"):
+        return dict(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 2]))
+    labels = ids.masked_fill(mask == 0, -100)
+    if name.startswith("bert"):
+        labels = labels.masked_fill(torch.rand(ids.shape) < 0.5, -100)
+        labels[:, 0] = ids[:, 0]  # at least one label per row
+    return dict(input_ids=ids, attention_mask=mask, labels=labels)
+
+
+def _fastlm_call(model, name, batch):
+    kwargs = dict(batch)
+    if not name.startswith("bert-cls"):
+        kwargs["return_logits"] = True
+    return model(**kwargs)
+
+
+def _valid(name, batch, logits):
+    """Logits at real (non-padded) positions: padded queries differ by design (fastlm gives
+    a query with no visible key zeros; transformers spreads it over masked keys)."""
+    if name.startswith(("t5", "bert-cls")):
+        return logits
+    return logits[batch["attention_mask"].bool()]
+
+
+def rel_err(a, b) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_fp32_logits_loss_and_gradients_match_transformers(name):
+    hf = MODELS[name]().eval()
+    ours = from_hf(hf)
+    batch = _batch(name)
+    theirs_out = hf(**batch)
+    our_out = _fastlm_call(ours, name, batch)
+    our_logits, their_logits = (_valid(name, batch, o.logits) for o in (our_out, theirs_out))
+    assert rel_err(our_logits, their_logits) < 1e-4
+    torch.testing.assert_close(our_out.loss, theirs_out.loss, rtol=1e-5, atol=1e-6)
+    theirs_out.loss.backward()
+    our_out.loss.backward()
+    our_grads = {k: p.grad for k, p in ours.named_parameters() if p.grad is not None}
+    grads = hf_state_dict(ours, our_grads)
+    hf_grads = {k: p.grad for k, p in hf.named_parameters() if p.grad is not None}
+    assert grads.keys() <= hf_grads.keys() and len(grads) > 10
+    # Relative to each tensor's gradient, but not below a millionth of the largest one: some
+    # are zero in exact arithmetic (a key bias shifts every score of a row alike) and hold
+    # rounding noise in both models.
+    largest = max(g.abs().max().item() for g in hf_grads.values())
+    for key, g in grads.items():
+        scale = max(hf_grads[key].abs().max().item(), 1e-6 * largest)
+        assert (g - hf_grads[key]).abs().max().item() < 1e-3 * scale, key
+
+
+@pytest.mark.parametrize("be", ["torch", "triton"])
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "bert-mlm", "t5-v1.1-odd"])
+def test_bf16_logits_within_the_numerical_policy(name, be):
+    hf = MODELS[name]().eval()
+    reference = copy.deepcopy(hf).double()
+    baseline = copy.deepcopy(hf).to(torch.bfloat16)
+    ours = from_hf(baseline)
+    batch = _batch(name)
+    batch.pop("labels")
+    if name.startswith("t5"):
+        batch["decoder_input_ids"] = torch.randint(2, VOCAB, (2, 6))
+    with fastlm.use_backend(be):
+        got = ours(**batch).logits
+    ref, base = reference(**batch).logits, baseline(**batch).logits
+    assert_policy(_valid(name, batch, got), _valid(name, batch, ref), _valid(name, batch, base),
+                  "logits")  # fmt: skip
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_to_hf_round_trips_every_tensor(name):
+    hf = MODELS[name]()
+    back = to_hf(from_hf(hf))
+    assert type(back) is type(hf)
+    theirs, again = hf.state_dict(), back.state_dict()
+    assert theirs.keys() == again.keys()
+    for key in theirs:
+        assert torch.equal(theirs[key], again[key]), key
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "bert-mlm", "t5-v1.0"])
+def test_from_a_safetensors_directory(name, tmp_path):
+    hf = MODELS[name]().eval()
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    assert not list(tmp_path.glob("*.bin"))
+    ours = from_hf(tmp_path)
+    batch = _batch(name)
+    batch.pop("labels")
+    if name.startswith("t5"):
+        batch["decoder_input_ids"] = torch.randint(2, VOCAB, (2, 6))
+    our_logits = ours(**batch).logits
+    assert rel_err(_valid(name, batch, our_logits), _valid(name, batch, hf(**batch).logits)) < 1e-4
+
+
+def test_unsupported_checkpoints_say_why(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        from_hf(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        from_hf(tmp_path)
+    with pytest.raises(TypeError, match="model_or_dir"):
+        from_hf(42)
+    scaled = T.LlamaForCausalLM(T.LlamaConfig(
+        hidden_size=32, num_attention_heads=2, num_hidden_layers=1, intermediate_size=48,
+        vocab_size=50, rope_parameters={"rope_type": "linear", "factor": 2.0,
+                                        "rope_theta": 10000.0}))  # fmt: skip
+    with pytest.raises(ValueError, match="rope"):
+        from_hf(scaled)

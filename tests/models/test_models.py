@@ -1,0 +1,184 @@
+"""Configs and presets, the losses without logits, activation checkpointing, and the models
+on the Triton kernels (interpreter) against the torch backend."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastlm
+from fastlm.models import PRESETS, BertConfig, GPTConfig, T5Config, config, create
+from fastlm.testing import assert_policy
+
+TINY = ["gpt2-tiny", "llama-tiny", "bert-tiny", "t5-tiny"]
+
+
+def _no_dropout(name):
+    return (
+        dict(dropout=0.0, attention_dropout=0.0) if name.startswith("bert") else dict(dropout=0.0)
+    )
+
+
+def _inputs(name, batch=2, seqlen=9, vocab=500):
+    ids = torch.randint(1, vocab, (batch, seqlen))
+    if name.startswith("t5"):
+        return dict(input_ids=ids, labels=torch.randint(1, vocab, (batch, 5)))
+    return dict(input_ids=ids, labels=ids)
+
+
+# --- configs -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_builds_a_valid_config(name):
+    c = config(name)
+    assert c.hidden_size % c.num_heads == 0 or isinstance(c, T5Config)
+    if isinstance(c, GPTConfig):
+        assert c.head_dim * c.num_heads == c.hidden_size and c.intermediate_size > 0
+
+
+def test_published_sizes():
+    assert sum(p.numel() for p in create("gpt2-tiny").parameters()) > 0
+    gpt2 = config("gpt2")
+    assert (gpt2.hidden_size, gpt2.num_layers, gpt2.intermediate_size) == (768, 12, 3072)
+    llama = config("llama-1b")
+    assert (llama.num_kv_heads, llama.head_dim, llama.rope_theta) == (8, 64, 500000.0)
+    assert config("t5-v1_1-small").scale_decoder_outputs is False
+
+
+@pytest.mark.parametrize("make, word", [
+    (lambda: GPTConfig(hidden_size=100, num_heads=3), "divisible"),
+    (lambda: GPTConfig(num_heads=12, num_kv_heads=5), "num_kv_heads"),
+    (lambda: GPTConfig(activation="swish"), "activation"),
+    (lambda: GPTConfig(norm="batchnorm"), "norm"),
+    (lambda: GPTConfig(position="alibi"), "position"),
+    (lambda: BertConfig(hidden_size=10, num_heads=4), "divisible"),
+    (lambda: BertConfig(dropout=1.5), "dropout"),
+    (lambda: T5Config(activation="tanh"), "activation"),
+    (lambda: T5Config(num_layers=0), "num_layers"),
+    (lambda: config("gpt5"), "unknown preset"),
+    (lambda: config("gpt2", num_layers=-1), "num_layers"),
+])  # fmt: skip
+def test_bad_configs_say_what_is_wrong(make, word):
+    with pytest.raises(ValueError, match=word):
+        make()
+
+
+# --- losses and logits -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_loss_without_logits_equals_cross_entropy_of_the_logits(name):
+    model = create(name, vocab_size=500).eval()
+    batch = _inputs(name)
+    out = model(**batch)
+    assert out.logits is None and out.loss is not None
+    logits = model(**batch, return_logits=True).logits
+    labels = batch["labels"]
+    if name.startswith(("gpt2", "llama")):
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    expected = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+    torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_bert_mlm_loss_ignores_unmasked_positions():
+    model = create("bert-tiny", vocab_size=500).eval()
+    ids = torch.randint(1, 500, (2, 12))
+    labels = torch.full_like(ids, -100)
+    labels[0, 3], labels[1, 7] = ids[0, 3], ids[1, 7]
+    out = model(ids, labels=labels, return_logits=True)
+    picked = out.logits[[0, 1], [3, 7]]
+    torch.testing.assert_close(out.loss, F.cross_entropy(picked, ids[[0, 1], [3, 7]]))
+
+
+# --- activation checkpointing --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("every", [1, 2])
+def test_checkpointing_changes_memory_not_results(name, every):
+    model = create(name, vocab_size=500, **_no_dropout(name))
+    batch = _inputs(name)
+    plain = copy.deepcopy(model)
+    model.set_checkpointing(every)
+    recomputed = []
+
+    def count(module, args):
+        recomputed.append(module)
+
+    handles = [b.register_forward_pre_hook(count) for b in model.modules()
+               if type(b).__name__.endswith("Block")]  # fmt: skip
+    loss = model(**batch).loss
+    forward_calls = len(recomputed)
+    loss.backward()
+    plain(**batch).loss.backward()
+    for h in handles:
+        h.remove()
+    assert len(recomputed) > forward_calls  # checkpointed blocks ran again in the backward
+    torch.testing.assert_close(loss, plain(**batch).loss)
+    for (name_, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name_)
+    with pytest.raises(ValueError, match="every"):
+        model.set_checkpointing(-1)
+
+
+# --- T5's relative position bias through the kernel ----------------------------------------
+
+
+def test_t5_position_bias_gets_its_gradient_through_the_attention_bias():
+    """The relative-position embeddings are trained only through the attention kernel's bias
+    gradient: on the Triton kernels (bf16) it matches the float64 model under the policy."""
+    model = create("t5-tiny", vocab_size=500, dropout=0.0)
+    reference = copy.deepcopy(model).double()
+    low = model.to(torch.bfloat16)
+    batch = _inputs("t5")
+
+    def grads(m, be):
+        m.zero_grad()
+        with fastlm.use_backend(be):
+            m(**batch).loss.backward()
+        return [m.encoder.position_bias.embedding.weight.grad.clone(),
+                m.decoder.position_bias.embedding.weight.grad.clone()]  # fmt: skip
+
+    ref, base, got = grads(reference, "torch"), grads(low, "torch"), grads(low, "triton")
+    for name, g, r, b in zip(("encoder", "decoder"), got, ref, base, strict=True):
+        assert r.abs().sum() > 0
+        # Each bucket's gradient sums dS over many (query, key) pairs: a few bf16 ulps of
+        # the largest per term, as for the qkv weights below.
+        assert_policy(g, r, b, f"{name} position bias grad", scale=8 * r.abs().max().item())
+
+
+# --- the Triton path ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_forward_and_backward_on_the_triton_kernels(name):
+    """Every kernel in model context (under the interpreter here): loss and gradients of a
+    bf16 model against the float64 model, with the torch backend's bf16 run as baseline."""
+    model = create(name, vocab_size=300, num_layers=1, **_no_dropout(name))
+    batch = _inputs(name, vocab=300)
+    reference = copy.deepcopy(model).double()
+    low = model.to(torch.bfloat16)
+
+    def run(m, be):
+        m.zero_grad()
+        with fastlm.use_backend(be):
+            loss = m(**batch).loss
+            loss.backward()
+        return loss, {k: p.grad for k, p in m.named_parameters() if p.grad is not None}
+
+    ref_loss, ref_grads = run(reference, "torch")
+    base_loss, base_grads = run(low, "torch")
+    base_grads = {k: g.clone() for k, g in base_grads.items()}
+    loss, grads = run(low, "triton")
+    assert_policy(loss.float(), ref_loss, base_loss.float(), "loss")
+    for key in ("blocks.0.attn.qkv.weight", "bert.blocks.0.attn.qkv.weight",
+                "encoder.blocks.0.attn.qkv.weight"):  # fmt: skip
+        if key in grads:
+            scale = ref_grads[key].abs().max().item()
+            # The qkv gradient sums over every token and passes attention, norm and MLP
+            # backward kernels: a few bf16 ulps of its scale per term it collects.
+            assert_policy(grads[key], ref_grads[key], base_grads[key], key, scale=8 * scale)
