@@ -13,23 +13,20 @@ FLOPs (rough; the op is memory-bound): ``4*N*V`` forward (max, subtract, exp, su
 
 Peak memory is where the fused linear cross-entropy wins: ``python -m
 bench.bench_cross_entropy`` measures it on the CPU at N=8192, V=32000, H=768, fp32, against
-``F.cross_entropy(F.linear(h, W), t)`` (:func:`memory_report`); on GPUs the harness reports
-the peak of every case.
+``F.cross_entropy(F.linear(h, W), t)`` (:func:`memory_report`); the harness also reports the
+peak of every case.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
-import os
-import tempfile
 from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
-from bench.harness import Case
+from bench.harness import Case, cpu_peak_bytes
 from fastlm import backend
 from fastlm.ops import loss as ce
 
@@ -129,28 +126,6 @@ def cases(quick: bool, device: torch.device) -> Iterator[Case]:
 
 # ---------------------------------------------------------------------------------------------
 # Peak memory on the CPU.
-
-
-def cpu_peak_bytes(fn: Callable[[], object]) -> int:
-    """Peak bytes allocated by PyTorch's CPU allocator while ``fn()`` runs, above what was
-    allocated before: the running total the profiler records with every allocation."""
-    with torch.profiler.profile(
-        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
-    ) as prof:
-        fn()
-    fd, path = tempfile.mkstemp(suffix=".json")
-    os.close(fd)
-    try:
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            events = json.load(f)["traceEvents"]
-    finally:
-        os.unlink(path)
-    memory = [e["args"] for e in events if e.get("name") == "[memory]"]
-    if not memory:
-        return 0
-    before = memory[0]["Total Allocated"] - memory[0]["Bytes"]
-    return max(m["Total Allocated"] for m in memory) - before
 
 
 def memory_report(n: int = 8192, v: int = 32000, hidden: int = 768) -> dict[str, float]:

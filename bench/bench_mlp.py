@@ -11,8 +11,8 @@ bias in its epilogue), which is what the fused epilogue removes.
 Providers: ``fastlm-triton`` (GPU), ``fastlm-torch`` (the CPU path), ``torch`` (eager),
 ``torch.compile`` (GPU, or CPU without --quick), ``gemm-only`` (the GEMM alone, cuBLAS on
 GPUs: the bound the fused epilogue is measured against), ``liger`` (its SiLU-and-multiply
-kernel between cuBLAS GEMMs, when installed). On GPUs the harness records each case's peak
-memory; ``python -m bench.bench_mlp`` prints what autograd keeps for the backward
+kernel between cuBLAS GEMMs, when installed). The harness records each case's peak memory;
+``python -m bench.bench_mlp`` prints what autograd keeps for the backward
 (:func:`saved_report`).
 """
 

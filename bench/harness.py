@@ -7,13 +7,17 @@ percentage of the device's measured copy bandwidth, and writes CSV, JSON and a p
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
+import os
 import platform
 import re
 import subprocess
-from collections.abc import Callable, Iterable, Sequence
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -35,6 +39,7 @@ class Case:
     fn: Callable[[], object]
     bytes_moved: int
     flops: int = 0
+    tokens: int = 0  # tokens one call processes (model benchmarks), for tokens/s
 
 
 @dataclasses.dataclass
@@ -49,7 +54,8 @@ class Result:
     gbps: float
     tflops: float
     roofline_pct: float  # of the measured copy bandwidth (device_gbps)
-    peak_mb: float | None
+    peak_mb: float
+    tokens_per_s: float | None
     device_gbps: float
     device: str
     torch: str
@@ -60,7 +66,7 @@ class Result:
 @dataclasses.dataclass(frozen=True)
 class Timing:
     ms: float  # median
-    peak_mb: float | None  # extra memory allocated by one call; None on CPU
+    peak_mb: float  # extra memory allocated by one call
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +100,49 @@ def measure(fn: Callable[[], object], device: torch.device, rep_ms: float = 100)
     # unchanged between the first call (allocator growth, compiles) and the timed ones.
     timer = torch.utils.benchmark.Timer(stmt="fn()", globals={"fn": fn})
     timer.timeit(1)
-    return Timing(timer.blocked_autorange(min_run_time=rep_ms / 1000).median * 1e3, None)
+    ms = timer.blocked_autorange(min_run_time=rep_ms / 1000).median * 1e3
+    return Timing(ms, cpu_peak_bytes(fn) / 2**20)
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2: the profiler's C++ side logs a start and a stop line per
+    use, which would bury the report (exceptions still propagate)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def cpu_peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak bytes allocated by PyTorch's CPU allocator while ``fn()`` runs, above what was
+    allocated before: the running total the profiler records with every allocation."""
+    with (
+        _quiet_stderr(),
+        torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+        ) as prof,
+    ):
+        fn()
+    fd, path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    finally:
+        os.unlink(path)
+    memory = [e["args"] for e in events if e.get("name") == "[memory]"]
+    if not memory:
+        return 0
+    before = memory[0]["Total Allocated"] - memory[0]["Bytes"]
+    return max(m["Total Allocated"] for m in memory) - before
 
 
 def copy_bandwidth(device: torch.device, rep_ms: float = 100) -> float:
@@ -162,6 +210,7 @@ def run_case(
         tflops=case.flops / seconds / 1e12,
         roofline_pct=100 * gbps / device_gbps,
         peak_mb=timing.peak_mb,
+        tokens_per_s=case.tokens / seconds if case.tokens else None,
         device_gbps=device_gbps,
         device=env.device,
         torch=env.torch,
@@ -191,11 +240,12 @@ def run_cases(
 
 
 def table(results: Sequence[Result]) -> str:
-    headers = ("op", "provider", "shape", "dtype", "ms", "GB/s", "% roof", "TFLOP/s", "peak MB")
+    headers = ("op", "provider", "shape", "dtype", "ms", "GB/s", "% roof", "TFLOP/s", "peak MB",
+               "tok/s")  # fmt: skip
     rows = [
         (r.op, r.provider, r.shape, r.dtype, f"{r.ms:.4f}", f"{r.gbps:.1f}",
-         f"{r.roofline_pct:.0f}", f"{r.tflops:.3f}",
-         "-" if r.peak_mb is None else f"{r.peak_mb:.1f}")
+         f"{r.roofline_pct:.0f}", f"{r.tflops:.3f}", f"{r.peak_mb:.1f}",
+         "-" if r.tokens_per_s is None else f"{r.tokens_per_s:.0f}")
         for r in results
     ]  # fmt: skip
     return format_table(headers, rows)

@@ -160,7 +160,8 @@ def test_linear_cross_entropy_chunking_does_not_change_the_result(chunk):
 
 def test_linear_cross_entropy_default_chunk_size():
     assert ce.default_chunk_size(8192, 768, 32000) == 256
-    assert ce.default_chunk_size(1, 768, 32000) == 1
+    assert ce.default_chunk_size(1, 768, 32000) == ce.MIN_CHUNK_ROWS  # one chunk: all rows
+    assert ce.default_chunk_size(508, 128, 50257) == ce.MIN_CHUNK_ROWS
 
 
 def test_linear_cross_entropy_no_grad():

@@ -1,0 +1,42 @@
+"""The model benchmark: every provider's cases run on CPU and time the same weights."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def bench():
+    # As ``fastlm bench`` does: the repo root on sys.path makes ``bench`` importable.
+    root = str(Path(__file__).resolve().parents[2])
+    sys.path.insert(0, root)
+    try:
+        yield importlib.import_module("bench.bench_models")
+    finally:
+        sys.path.remove(root)
+
+
+def test_quick_cpu_cases_run_for_every_provider(bench, monkeypatch):
+    monkeypatch.setitem(bench.SIZES, ("cpu", True), ([("gpt2-tiny", 2, 8)], ((1, 2), 4, 3)))
+    cases = list(bench.cases(True, torch.device("cpu")))
+    providers = {"fastlm", "transformers-eager", "transformers-sdpa", "transformers+fastlm.patch"}
+    assert {c.provider for c in cases} == providers
+    assert {c.op for c in cases} == {"gpt2-tiny fwd", "gpt2-tiny fwd+bwd", "gpt2-tiny decode"}
+    decoded = {}
+    for case in cases:
+        out = case.fn()
+        assert case.tokens > 0 and case.flops > 0
+        if case.op.endswith("decode"):
+            assert out.shape == (case.shape[0], case.shape[1] + case.shape[2])
+            decoded.setdefault(case.shape, []).append(out)
+    # The same prompts and weights for every provider: the same greedy tokens.
+    for outs in decoded.values():
+        assert len(outs) == len(providers)
+        assert all(torch.equal(o, outs[0]) for o in outs)
