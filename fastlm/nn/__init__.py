@@ -5,7 +5,7 @@ from fastlm.nn.attention import MultiheadAttention
 from fastlm.nn.loss import CrossEntropyLoss, LinearCrossEntropyLoss
 from fastlm.nn.mlp import FusedMLP, GatedMLP
 from fastlm.nn.norm import LayerNorm, RMSNorm
-from fastlm.nn.patch import patch
+from fastlm.nn.patch import PatchReport, patch, patch_report
 from fastlm.nn.rotary import RotaryEmbedding
 
 __all__ = [
@@ -15,7 +15,9 @@ __all__ = [
     "LayerNorm",
     "LinearCrossEntropyLoss",
     "MultiheadAttention",
+    "PatchReport",
     "RMSNorm",
     "RotaryEmbedding",
     "patch",
+    "patch_report",
 ]

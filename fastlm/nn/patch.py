@@ -1,6 +1,17 @@
-"""``fastlm.patch(model)``: swap torch layers for fastlm drop-ins, in place."""
+"""``fastlm.patch(model)``: swap torch layers for fastlm drop-ins, in place, and report what
+was swapped.
+
+Hugging Face ``transformers`` models get more (their attention, norms, MLPs and loss; see
+:mod:`fastlm.nn.patch_hf`); transformers is only touched when the model is one of its models,
+so fastlm imports and patches plain torch models without it installed.
+"""
 
 from __future__ import annotations
+
+import dataclasses
+import re
+import sys
+import weakref
 
 import torch
 
@@ -16,19 +27,132 @@ _REPLACEMENTS: dict[type[torch.nn.Module], type[torch.nn.Module]] = {
 }
 
 
-def patch(model: torch.nn.Module) -> torch.nn.Module:
-    """Replace every ``torch.nn.LayerNorm`` / ``torch.nn.RMSNorm`` /
-    ``torch.nn.MultiheadAttention`` in ``model`` (``model`` itself included) with fastlm's,
-    in place, and return ``model``.
+@dataclasses.dataclass(frozen=True)
+class Swap:
+    """``path`` (a module path in the model, ``""`` for the model itself, or a feature such
+    as ``"loss_function"``) was ``before`` and is now ``after``."""
 
-    Each drop-in subclasses the torch class and adds no state, so the swap re-classes the
-    existing module: its Parameter objects (values, device, dtype, ``requires_grad``, and any
-    optimizer holding them), hooks and training flag all stay as they were.
+    path: str
+    before: str
+    after: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Skip:
+    """``path`` (a ``what``) was left as it was, because of ``reason``."""
+
+    path: str
+    what: str
+    reason: str
+
+
+@dataclasses.dataclass
+class PatchReport:
+    """What one :func:`patch` call did to a model.
+
+    Attributes:
+        model: the patched model's class name.
+        swaps: every swap, one per module (shared modules once).
+        skipped: what fastlm has a drop-in for but left alone, with the reason.
+        attn_implementation: the transformers attention implementation the model uses after
+            patching (``"fastlm"`` once switched); ``None`` for a plain torch model.
+    """
+
+    model: str
+    swaps: list[Swap] = dataclasses.field(default_factory=list)
+    skipped: list[Skip] = dataclasses.field(default_factory=list)
+    attn_implementation: str | None = None
+
+    def __str__(self) -> str:
+        lines = [f"fastlm.patch({self.model}):"]
+        if self.attn_implementation is not None:
+            lines.append(f"  attention implementation: {self.attn_implementation!r}")
+        for path, before, after in _grouped((s.path, s.before, s.after) for s in self.swaps):
+            lines.append(f"  {path}: {before} -> {after}")
+        if not self.swaps:
+            lines.append("  nothing swapped")
+        for path, what, reason in _grouped((s.path, s.what, s.reason) for s in self.skipped):
+            lines.append(f"  skipped {path} ({what}): {reason}")
+        return "\n".join(lines)
+
+
+_LAYER_INDEX = re.compile(r"(?<![^.])\d+(?![^.])")  # a whole path component of digits
+
+
+def _grouped(entries) -> list[tuple[str, str, str]]:
+    """Entries whose paths differ only in layer indices, folded into one line (``*`` for the
+    indices, and the count): a 48-layer model reports one line per kind of swap, not 48."""
+    groups: dict[tuple[str, str, str], list[str]] = {}
+    for path, *rest in entries:
+        groups.setdefault((_LAYER_INDEX.sub("*", path), *rest), []).append(path)
+    lines = []
+    for (folded, *rest), paths in groups.items():
+        path = paths[0] if len(paths) == 1 else f"{folded} (x{len(paths)})"
+        lines.append((path or "<model>", *rest))
+    return lines
+
+
+def class_name(cls: type) -> str:
+    """``fastlm.nn.LayerNorm``, ``torch.nn.LayerNorm``: the name users write for a class."""
+    module = cls.__module__
+    for public in ("fastlm.nn", "torch.nn"):
+        if module.startswith(public + ".") and getattr(sys.modules[public], cls.__name__,
+                                                       None) is cls:  # fmt: skip
+            return f"{public}.{cls.__name__}"
+    return cls.__qualname__
+
+
+# Keyed weakly, so a report never keeps a model alive.
+_REPORTS: weakref.WeakKeyDictionary[torch.nn.Module, PatchReport] = weakref.WeakKeyDictionary()
+
+
+def patch(model: torch.nn.Module, verbose: bool = False) -> torch.nn.Module:
+    """Swap the layers of ``model`` that fastlm has exact drop-ins for, in place, and return
+    ``model``.
+
+    Every ``torch.nn.LayerNorm`` / ``torch.nn.RMSNorm`` / ``torch.nn.MultiheadAttention``
+    (``model`` itself included; exact classes, not subclasses) becomes fastlm's. Each drop-in
+    subclasses the torch class and adds no state, so the swap re-classes the existing module:
+    its Parameter objects (values, device, dtype, ``requires_grad``, and any optimizer holding
+    them), hooks and training flag all stay as they were.
+
+    A Hugging Face ``transformers`` model (a ``PreTrainedModel``) also gets fastlm's attention
+    (registered as ``"fastlm"`` in transformers' attention registry and selected with
+    ``set_attn_implementation``), and its norms, MLPs and loss swapped where the swap is exact:
+    see :func:`fastlm.nn.patch_hf.patch_hf`. Those swaps keep the Parameter objects and
+    ``state_dict`` keys too.
+
+    Args:
+        model: the ``torch.nn.Module`` to patch.
+        verbose: print what was swapped, the attention implementation set, and what was left
+            alone and why. :func:`patch_report` returns the same as a :class:`PatchReport`.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    for module in model.modules():
+    report = PatchReport(type(model).__name__)
+    if _is_transformers_model(model):
+        from fastlm.nn.patch_hf import patch_hf
+
+        patch_hf(model, report)
+    for path, module in model.named_modules():
         replacement = _REPLACEMENTS.get(type(module))
         if replacement is not None:
+            report.swaps.append(Swap(path, class_name(type(module)), class_name(replacement)))
             module.__class__ = replacement
+    _REPORTS[model] = report
+    if verbose:
+        print(report)
     return model
+
+
+def patch_report(model: torch.nn.Module) -> PatchReport | None:
+    """The :class:`PatchReport` of the last :func:`patch` of ``model`` (``None`` if it was
+    never patched)."""
+    return _REPORTS.get(model)
+
+
+def _is_transformers_model(model: torch.nn.Module) -> bool:
+    # A model of transformers means its modeling_utils is already imported: looking there
+    # never imports transformers for a plain torch model.
+    modeling_utils = sys.modules.get("transformers.modeling_utils")
+    return modeling_utils is not None and isinstance(model, modeling_utils.PreTrainedModel)
