@@ -176,5 +176,5 @@ class BertForSequenceClassification(_CheckpointMixin, nn.Module):
             if self.config.num_labels == 1:
                 loss = F.mse_loss(logits.squeeze(-1).float(), labels.float())
             else:
-                loss = ops.cross_entropy(logits, labels)
+                loss = ops.cross_entropy(logits.float(), labels)
         return ModelOutput(logits=logits, loss=loss, hidden_states=pooled)

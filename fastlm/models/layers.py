@@ -214,14 +214,15 @@ def init_weights(module: nn.Module, std: float) -> None:
 def lm_loss(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None = None,
             scale: float = 1.0) -> Tensor:  # fmt: skip
     """Mean cross-entropy of ``labels`` (-100 ignored) over ``hidden @ weight.T + bias``
-    without materializing the logits; only labelled rows are projected."""
+    without materializing the logits; only labelled rows are projected. fp32, whatever the
+    model's dtype (as Hugging Face's losses: a bf16 scalar is too coarse to log)."""
     hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
     keep = labels != -100
     if not bool(keep.all()):
         hidden, labels = hidden[keep], labels[keep]
     if scale != 1.0:
         hidden = hidden * scale
-    return ops.linear_cross_entropy(hidden, weight, labels, bias=bias)
+    return ops.linear_cross_entropy(hidden, weight, labels, bias=bias, out_dtype=torch.float32)
 
 
 def logits_of(hidden: Tensor, weight: Tensor, bias: Tensor | None = None,

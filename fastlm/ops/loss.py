@@ -118,6 +118,7 @@ def linear_cross_entropy(
     reduction: str = "mean",
     z_loss: float = 0.0,
     chunk_size: int | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """``cross_entropy(F.linear(hidden, weight, bias), target, ...)`` without ever holding
     the (N, V) logits: tokens are processed ``chunk_size`` rows at a time.
@@ -128,11 +129,14 @@ def linear_cross_entropy(
         target, ignore_index, label_smoothing, reduction, z_loss: as :func:`cross_entropy`.
         chunk_size: rows per chunk. Default: a power of two near ``N * H / V``, so a logits
             chunk is about the size of ``hidden``.
+        out_dtype: the returned loss's dtype. Default: ``hidden``'s, as ``F.cross_entropy``
+            on its logits; ``torch.float32`` keeps the fp32 sum unrounded (a bf16 loss moves
+            in steps of ~0.02 around 4, too coarse to log), as Hugging Face's model losses.
 
     Peak extra memory is one (chunk, V) logits chunk plus d_hidden (N, H) and a float32
     d_weight (V, H), instead of several (N, V) tensors. Gradients reach ``hidden``,
     ``weight`` and ``bias``; for "mean"/"sum" they are computed during the forward (see the
-    module docstring). Returns the loss in the dtype of ``hidden``.
+    module docstring).
     """
     _check_float("hidden", hidden)
     if hidden.dim() != 2:
@@ -153,6 +157,9 @@ def linear_cross_entropy(
         raise ValueError(f"bias must have shape ({v},), got {tuple(bias.shape)}")
     _check_target(target, hidden.shape[0], v, hidden.device, ignore_index)
     _check_options(ignore_index, label_smoothing, reduction, z_loss)
+    if out_dtype is not None and not (isinstance(out_dtype, torch.dtype)
+                                      and out_dtype.is_floating_point):  # fmt: skip
+        raise TypeError(f"out_dtype must be a floating-point dtype, got {out_dtype!r}")
     n, h = hidden.shape
     if chunk_size is None:
         chunk_size = default_chunk_size(n, h, v)
@@ -170,7 +177,7 @@ def linear_cross_entropy(
     )  # fmt: skip
     if reduction == "mean":
         loss = loss / (target != ignore_index).sum()
-    return loss.to(hidden.dtype)
+    return loss.to(hidden.dtype if out_dtype is None else out_dtype)
 
 
 # Fewer rows make the chunk's GEMMs matrix-vector-like: at hidden 128 and a 50k vocabulary,

@@ -158,6 +158,26 @@ def test_linear_cross_entropy_chunking_does_not_change_the_result(chunk):
     torch.testing.assert_close(got, one, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("be", BACKENDS_HERE)
+def test_linear_cross_entropy_fp32_loss_from_bf16(be):
+    h = torch.randn(37, 24, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(50, 24, dtype=torch.bfloat16, requires_grad=True)
+    t = torch.randint(0, 50, (37,))
+    with fastlm.use_backend(be):
+        rounded = ce.linear_cross_entropy(h, w, t)
+        exact = ce.linear_cross_entropy(h, w, t, out_dtype=torch.float32)
+        grads = torch.autograd.grad(exact, (h, w))
+        rounded_grads = torch.autograd.grad(rounded, (h, w))
+    assert rounded.dtype == torch.bfloat16 and exact.dtype == torch.float32
+    assert exact.to(torch.bfloat16) == rounded
+    ref = torch.nn.functional.cross_entropy(h.double() @ w.double().T, t)
+    assert abs(exact.item() - ref.item()) < abs(rounded.item() - ref.item()) + 1e-3
+    for a, b in zip(grads, rounded_grads, strict=True):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(TypeError, match="out_dtype"):
+        ce.linear_cross_entropy(h, w, t, out_dtype=torch.int32)
+
+
 def test_linear_cross_entropy_default_chunk_size():
     assert ce.default_chunk_size(8192, 768, 32000) == 256
     assert ce.default_chunk_size(1, 768, 32000) == ce.MIN_CHUNK_ROWS  # one chunk: all rows
