@@ -57,14 +57,23 @@ def test_greedy_matches_transformers_token_for_token(name):
         assert torch.equal(single, batch_row[: len(single)])
 
 
-def test_greedy_on_the_triton_kernels_matches_the_torch_backend():
+def test_greedy_on_the_triton_kernels_picks_the_top_token_of_the_torch_backend():
+    """Decoding on the Triton kernels (the decode kernel with its cache, under the
+    interpreter here): every token it picks is, by a full forward on the torch backend, the
+    most likely one up to bf16 rounding (exact ties may break either way)."""
     model = create("llama-tiny", num_layers=1).to(torch.bfloat16).eval()
     ids, mask = _left_padded_prompts(batch=2, seqlen=5)
-    with fastlm.use_backend("torch"):
-        expected = model.generate(ids, 4, attention_mask=mask)
-    with fastlm.use_backend("triton"):  # decode kernel, under the interpreter here
-        got = model.generate(ids, 4, attention_mask=mask)
-    assert torch.equal(got, expected)
+    new = 4
+    with fastlm.use_backend("triton"):
+        got = model.generate(ids, new, attention_mask=mask)
+    full_mask = torch.cat([mask, torch.ones(2, new, dtype=mask.dtype)], dim=1)
+    with fastlm.use_backend("torch"):  # rotary is relative: left-pad offsets do not matter
+        logits = model(got[:, :-1], attention_mask=full_mask[:, :-1]).logits.float()
+    step_logits = logits[:, ids.shape[1] - 1 :]  # (B, new, V): predicting each new token
+    chosen = step_logits.gather(-1, got[:, ids.shape[1] :, None]).squeeze(-1)
+    best = step_logits.max(-1).values
+    tolerance = 2e-2 * step_logits.abs().max().item()
+    assert (chosen >= best - tolerance).all()
 
 
 def test_eos_finishes_a_row_and_pads_it():

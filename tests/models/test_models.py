@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import fastlm
 from fastlm.models import PRESETS, BertConfig, GPTConfig, T5Config, config, create
-from fastlm.testing import assert_policy
+from fastlm.testing import assert_policy, max_error
 
 TINY = ["gpt2-tiny", "llama-tiny", "bert-tiny", "t5-tiny"]
 
@@ -166,15 +166,17 @@ def test_forward_and_backward_on_the_triton_kernels(name):
     def run(m, be):
         m.zero_grad()
         with fastlm.use_backend(be):
-            loss = m(**batch).loss
-            loss.backward()
-        return loss, {k: p.grad for k, p in m.named_parameters() if p.grad is not None}
+            out = m(**batch, return_logits=True)
+            out.loss.backward()
+        return out, {k: p.grad for k, p in m.named_parameters() if p.grad is not None}
 
-    ref_loss, ref_grads = run(reference, "torch")
-    base_loss, base_grads = run(low, "torch")
+    ref, ref_grads = run(reference, "torch")
+    base, base_grads = run(low, "torch")
     base_grads = {k: g.clone() for k, g in base_grads.items()}
-    loss, grads = run(low, "triton")
-    assert_policy(loss.float(), ref_loss, base_loss.float(), "loss")
+    got, grads = run(low, "triton")
+    assert_policy(got.logits, ref.logits, base.logits, "logits")
+    # The loss moves at most 2x the largest logit change: held to the policy on the logits.
+    assert abs(got.loss.item() - ref.loss.item()) <= 2 * 2 * max_error(base.logits, ref.logits)
     for key in ("blocks.0.attn.qkv.weight", "bert.blocks.0.attn.qkv.weight",
                 "encoder.blocks.0.attn.qkv.weight"):  # fmt: skip
         if key in grads:
