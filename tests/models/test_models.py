@@ -147,8 +147,12 @@ def test_t5_position_bias_gets_its_gradient_through_the_attention_bias():
     for name, g, r, b in zip(("encoder", "decoder"), got, ref, base, strict=True):
         assert r.abs().sum() > 0
         # Each bucket's gradient sums dS over many (query, key) pairs: a few bf16 ulps of
-        # the largest per term, as for the qkv weights below.
-        assert_policy(g, r, b, f"{name} position bias grad", scale=8 * r.abs().max().item())
+        # the largest per term, as for the qkv weights below. Factor 4, not 2: the Triton
+        # attention backward (as FlashAttention's) rounds P and dS to bf16 and takes
+        # rowsum(dO * O) from the bf16 output, measured up to ~3x SDPA's error on T5's
+        # unscaled scores (tests/nn/test_patch_hf.py, tests/models/test_hf_parity.py).
+        assert_policy(g, r, b, f"{name} position bias grad", factor=4.0,
+                      scale=8 * r.abs().max().item())  # fmt: skip
 
 
 # --- the Triton path ------------------------------------------------------------------------
