@@ -17,7 +17,6 @@ from fastlm import ops
 from fastlm.models.layers import (
     Attention,
     ModelOutput,
-    check_activation,
     check_positive,
     check_probability,
     init_weights,
@@ -28,6 +27,7 @@ from fastlm.models.layers import (
     run_blocks,
 )
 from fastlm.nn import LayerNorm
+from fastlm.ops.activation import check_activation
 
 
 @dataclasses.dataclass

@@ -19,7 +19,6 @@ from fastlm.models.layers import (
     Attention,
     KVCache,
     ModelOutput,
-    check_activation,
     check_positive,
     check_probability,
     init_weights,
@@ -31,6 +30,7 @@ from fastlm.models.layers import (
     run_blocks,
 )
 from fastlm.nn import RotaryEmbedding
+from fastlm.ops.activation import check_activation
 
 
 @dataclasses.dataclass

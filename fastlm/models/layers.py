@@ -12,7 +12,6 @@ from torch import Tensor, nn
 
 from fastlm import ops
 from fastlm.nn import FusedMLP, GatedMLP, LayerNorm, RMSNorm, RotaryEmbedding
-from fastlm.ops.activation import ACTIVATIONS
 
 # Hugging Face activation names and fastlm's.
 HF_ACTIVATIONS = {
@@ -29,11 +28,6 @@ HF_ACTIVATIONS = {
 def check_positive(name: str, value: object) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
-def check_activation(activation: str) -> None:
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
 def check_probability(name: str, value: float) -> None:

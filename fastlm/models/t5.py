@@ -21,7 +21,6 @@ from fastlm.models.layers import (
     Attention,
     KVCache,
     ModelOutput,
-    check_activation,
     check_positive,
     check_probability,
     lm_loss,
@@ -32,6 +31,7 @@ from fastlm.models.layers import (
     run_blocks,
 )
 from fastlm.nn import RMSNorm
+from fastlm.ops.activation import check_activation
 
 
 @dataclasses.dataclass

@@ -11,18 +11,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastlm.ops.activation import ACTIVATIONS
+from fastlm.ops.activation import check_activation
 from fastlm.ops.mlp import fused_mlp, gated_mlp
 
 
 def _check_size(name: str, value: object) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
-def _check_activation(activation: str) -> None:
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
 class FusedMLP(torch.nn.Module):
@@ -55,7 +50,7 @@ class FusedMLP(torch.nn.Module):
         for name, value in (("in_features", in_features), ("hidden_features", hidden_features),
                             ("out_features", out_features)):  # fmt: skip
             _check_size(name, value)
-        _check_activation(activation)
+        check_activation(activation)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         factory = dict(device=device, dtype=dtype)
@@ -97,7 +92,7 @@ class GatedMLP(torch.nn.Module):
         super().__init__()
         _check_size("hidden_size", hidden_size)
         _check_size("intermediate_size", intermediate_size)
-        _check_activation(activation)
+        check_activation(activation)
         factory = dict(bias=bias, device=device, dtype=dtype)
         self.gate_proj = torch.nn.Linear(hidden_size, intermediate_size, **factory)
         self.up_proj = torch.nn.Linear(hidden_size, intermediate_size, **factory)

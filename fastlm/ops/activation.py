@@ -44,8 +44,7 @@ def bias_act(
     """
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise TypeError("x must be a floating-point tensor")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    check_activation(activation)
     if bias is not None:
         if tuple(bias.shape) != (x.shape[-1],):
             raise ValueError(f"bias must have shape ({x.shape[-1]},), got {tuple(bias.shape)}")
@@ -58,6 +57,12 @@ def bias_act(
     if name == "torch":
         return seeded_dropout(bias_act_ref(x, bias, activation), dropout_p, seed)
     return torch.ops.fastlm.bias_act(x, bias, activation, float(dropout_p), seed)
+
+
+def check_activation(activation: str) -> None:
+    """Raise ValueError unless ``activation`` is one of :data:`ACTIVATIONS`."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
 def check_dropout(dropout_p: float, seed: int | None) -> int:

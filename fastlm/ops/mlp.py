@@ -22,7 +22,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastlm import backend
-from fastlm.ops.activation import ACTIVATIONS, bias_act_ref, check_dropout, seeded_dropout
+from fastlm.ops.activation import (
+    bias_act_ref,
+    check_activation,
+    check_dropout,
+    seeded_dropout,
+)
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 # Philox streams of the two dropouts in fused_mlp: hidden (seed) and output (seed + 1).
@@ -166,8 +171,7 @@ def _check(x: Tensor, activation: str, **params: Tensor | None) -> None:
         raise TypeError("x must be a floating-point tensor")
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension (features last)")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    check_activation(activation)
     out_features = None
     for name, t in params.items():
         if t is None:
