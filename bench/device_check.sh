@@ -69,6 +69,10 @@ step "build" 240 "$RES/build.log" env FASTLM_BUILD_CUDA=1 MAX_JOBS="$JOBS" \
 step "gpu tests" 150 "$RES/pytest.log" "$PY" -m pytest -m gpu -q -p no:cacheprovider
 step "static check" 90 "$RES/compile_check.txt" "$PY" -m fastlm.kernels.compile_check \
     --require-cuda --jobs "$((JOBS < 8 ? JOBS : 8))" --json "$RES/compile_check.json"
+# The main job on the GPU (bf16 autocast, fused kernels); its weights are not committed.
+step "train (100 steps)" 90 "$RES/train.log" "$PY" -m fastlm.cli train --max-steps 100 \
+    --eval-every 50 --save-every 100 --no-progress --out-dir "$RES/train-run"
+rm -rf "$RES/train-run/checkpoints" "$RES/train-run/tensorboard"
 step "bench (quick)" 180 "$RES/bench.txt" "$PY" bench/run.py --out "$RES"
 
 versions() { sed -n "s/^$1 //p" "$RES/env.txt" | head -n1; }
@@ -91,6 +95,12 @@ TESTS=$(grep -Eo '[0-9]+ (passed|failed|skipped|errors?|xfailed|xpassed|deselect
     echo "Static check: $(tail -n1 "$RES/compile_check.txt" 2>/dev/null)"
     grep -E '^(triton|cuda) [^ ].*\]:$' "$RES/compile_check.txt" 2>/dev/null | sed 's/^/- /'
     echo
+    echo "## Training run"
+    echo
+    echo '```'
+    grep '^\[fastlm train\]\|^step ' "$RES/train.log" 2>/dev/null
+    echo '```'
+    echo
     echo "## Quick benchmarks"
     echo
     echo '```'
@@ -100,7 +110,7 @@ TESTS=$(grep -Eo '[0-9]+ (passed|failed|skipped|errors?|xfailed|xpassed|deselect
 
 if [[ -n ${OUT:-} ]]; then
     for f in SUMMARY.md build.log pytest.log compile_check.txt bench.txt results.csv \
-        results.json results.png; do
+        results.json train.log; do
         [[ -f $RES/$f ]] && cp "$RES/$f" "$OUT/"
     done
 fi

@@ -1,4 +1,4 @@
-"""The ``fastlm`` command: ``fastlm info`` and ``fastlm bench``."""
+"""The ``fastlm`` command: ``info``, ``train``, ``generate`` and ``bench``."""
 
 from __future__ import annotations
 
@@ -84,10 +84,59 @@ def bench(argv: list[str]) -> int:
     return run.main(argv)
 
 
+def train(argv: list[str]) -> int:
+    from fastlm.train import TrainingDiverged, config, run
+
+    try:
+        run.train(config.parse(argv))
+    except (ValueError, TrainingDiverged) as e:
+        print(f"fastlm train: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def generate(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="fastlm generate", description="sample from a checkpoint of fastlm train"
+    )
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a checkpoint directory, or a run directory (its newest)",
+    )
+    parser.add_argument(
+        "--prompt",
+        required=True,
+        help="GPT: text to continue; T5: the encoder input; BERT: text with <mask>",
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--top-k", type=int, default=50)
+    parser.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    from fastlm.train import run
+
+    try:
+        print(run.generate(args.checkpoint, args.prompt, args.max_new_tokens, args.temperature,
+                           args.top_k, args.greedy, args.seed))  # fmt: skip
+    except ValueError as e:
+        print(f"fastlm generate: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastlm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, device, and which backends each op can use here")
+    # These parse their own flags (--help lists them).
+    sub.add_parser(
+        "train",
+        add_help=False,
+        help="train a model (with no flags: a small GPT on the built-in corpus)",
+    )
+    sub.add_parser("generate", add_help=False, help="sample text from a training checkpoint")
     sub.add_parser("bench", help="run the benchmark suite (quick by default; --help for more)",
                    add_help=False)  # fmt: skip
     args, rest = parser.parse_known_args(argv)
@@ -95,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return info()
-    return bench(rest)
+    return {"train": train, "generate": generate, "bench": bench}[args.command](rest)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastlm import backend
+from fastlm.ops.autocast import autocast_policy
 
 ACTIVATIONS = ("identity", "relu", "gelu", "gelu_tanh", "silu")
 _TORCH_ACT = {
@@ -29,6 +30,7 @@ def bias_act_ref(x: Tensor, bias: Tensor | None = None, activation: str = "gelu"
     return _TORCH_ACT[activation](x if bias is None else x + bias)
 
 
+@autocast_policy(lower_precision=False)
 def bias_act(
     x: Tensor,
     bias: Tensor | None = None,

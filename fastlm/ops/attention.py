@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastlm import backend
+from fastlm.ops.autocast import autocast_policy
 
 
 def attention_ref(
@@ -70,6 +71,7 @@ def attention_ref(
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
 
+@autocast_policy(lower_precision=True)
 def flash_attention(
     q: Tensor,
     k: Tensor,
@@ -112,6 +114,7 @@ def flash_attention(
     return (out, lse) if return_lse else out
 
 
+@autocast_policy(lower_precision=True)
 def flash_attention_varlen(
     q: Tensor,
     k: Tensor,
@@ -141,6 +144,7 @@ def flash_attention_varlen(
     return (out, lse) if return_lse else out
 
 
+@autocast_policy(lower_precision=True)
 def scaled_dot_product_attention(
     query: Tensor,
     key: Tensor,
@@ -188,6 +192,7 @@ def scaled_dot_product_attention(
     return out.transpose(1, 2)
 
 
+@autocast_policy(lower_precision=False)
 def attention_with_kvcache(
     q: Tensor,
     k_cache: Tensor,

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastlm import backend
+from fastlm.ops.autocast import autocast_policy
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FLOAT_DTYPES = (*_KERNEL_DTYPES, torch.float64)
@@ -64,6 +65,7 @@ def cross_entropy_ref(
 # Public API.
 
 
+@autocast_policy(lower_precision=False)
 def cross_entropy(
     logits: Tensor,
     target: Tensor,
@@ -108,6 +110,7 @@ def cross_entropy(
     return _reduce(rows, target, ignore_index, reduction).to(logits.dtype)
 
 
+@autocast_policy(lower_precision=True)
 def linear_cross_entropy(
     hidden: Tensor,
     weight: Tensor,

@@ -28,6 +28,7 @@ from fastlm.ops.activation import (
     check_dropout,
     seeded_dropout,
 )
+from fastlm.ops.autocast import autocast_policy
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 # Philox streams of the two dropouts in fused_mlp: hidden (seed) and output (seed + 1).
@@ -53,6 +54,7 @@ def gated_linear_ref(
     return linear_act_ref(x, w_gate, bias_gate, activation) * F.linear(x, w_up, bias_up)
 
 
+@autocast_policy(lower_precision=True)
 def linear_act(
     x: Tensor,
     weight: Tensor,
@@ -79,6 +81,7 @@ def linear_act(
     return y
 
 
+@autocast_policy(lower_precision=True)
 def gated_linear(
     x: Tensor,
     w_gate: Tensor,
@@ -103,6 +106,7 @@ def gated_linear(
     return y
 
 
+@autocast_policy(lower_precision=True)
 def fused_mlp(
     x: Tensor,
     fc1_weight: Tensor,
@@ -132,6 +136,7 @@ def fused_mlp(
     return y
 
 
+@autocast_policy(lower_precision=True)
 def gated_mlp(
     x: Tensor,
     gate_weight: Tensor,

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastlm import backend
+from fastlm.ops.autocast import autocast_policy
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FLOAT_DTYPES = (*_KERNEL_DTYPES, torch.float64)
@@ -61,6 +62,7 @@ def rms_norm_ref(
 # Public API.
 
 
+@autocast_policy(lower_precision=False)
 def layer_norm(
     x: Tensor,
     normalized_shape: int | Sequence[int],
@@ -90,6 +92,7 @@ def layer_norm(
     return _norm(x, normalized_shape, weight, bias, eps, residual, out_dtype, rms=False)
 
 
+@autocast_policy(lower_precision=False)
 def rms_norm(
     x: Tensor,
     normalized_shape: int | Sequence[int],

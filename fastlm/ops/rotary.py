@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from fastlm import backend
+from fastlm.ops.autocast import autocast_policy
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FLOAT_DTYPES = (*_KERNEL_DTYPES, torch.float64)
@@ -61,6 +62,7 @@ def _positions(bsz, seqlen, position_ids, offset, device) -> Tensor:
 # Public API.
 
 
+@autocast_policy(lower_precision=False)
 def apply_rotary(
     q: Tensor,
     k: Tensor,

@@ -1,0 +1,317 @@
+"""``Trainer``: the single-device training loop.
+
+One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` sequences, forward and
+backward under the precision's autocast, gradients unscaled (fp16) and clipped by global
+norm, AdamW on the fp32 master weights, then the schedule. Every ``save_every`` steps a
+checkpoint holds everything needed to continue exactly (see ``fastlm.train.checkpoint``):
+resuming from it reproduces the uninterrupted run's losses bit for bit on the CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from fastlm.data import ResumableSampler, collate
+from fastlm.train import checkpoint as ckpt
+from fastlm.train.config import TrainConfig
+from fastlm.train.metrics import (
+    MetricsLog,
+    flops_per_token,
+    peak_flops,
+    peak_memory_mb,
+    plot_losses,
+)
+from fastlm.train.optim import build_optimizer, build_scheduler
+from fastlm.train.precision import Precision, resolve
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient outside fp16 (where the loss scaler skips the step)."""
+
+
+class Dataset(Protocol):
+    """What the trainer reads: ``len`` and ``data[i]``, a dict of model ``forward`` keyword
+    arguments (equal shapes across examples, ``labels`` with -100 where nothing is
+    predicted). An optional ``set_epoch(epoch)`` is called before each batch is read, so
+    per-epoch randomness (masking) is a function of (epoch, index), not of call order."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]: ...
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: no CUDA device is available")
+    return device
+
+
+def model_config_dict(model: nn.Module) -> dict[str, Any] | None:
+    """The model's config dataclass as ``{"class": name, "fields": {...}}`` (constructor
+    fields only), so a checkpoint can rebuild the model."""
+    config = getattr(model, "config", None)
+    if not dataclasses.is_dataclass(config):
+        return None
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
+    return {"class": type(config).__name__, "fields": fields}
+
+
+class Trainer:
+    """Train ``model`` (fp32 parameters; it must return an output with ``.loss`` when
+    called with a batch) on ``train_data`` as ``config`` says, validating on ``eval_data``.
+
+    ``save_extra(directory)``, if given, writes more files into each checkpoint (the
+    tokenizer). ``fit()`` runs to ``config.max_steps`` and returns the final metrics.
+    """
+
+    def __init__(self, model: nn.Module, config: TrainConfig, train_data: Dataset,
+                 eval_data: Dataset | None = None,
+                 save_extra: Any = None) -> None:  # fmt: skip
+        self.config = config
+        self.device = resolve_device(config.device)
+        dtypes = {p.dtype for p in model.parameters()}
+        if dtypes != {torch.float32}:
+            raise ValueError(f"model parameters must be float32 (the master weights; "
+                             f"config.precision picks the compute dtype), "
+                             f"got {dtypes}")  # fmt: skip
+        if len(train_data) < config.batch_size:
+            raise ValueError(f"train_data has {len(train_data)} examples, fewer than "
+                             f"batch_size {config.batch_size}")  # fmt: skip
+        self.model = model.to(self.device)
+        if config.checkpointing:
+            if not hasattr(model, "set_checkpointing"):
+                raise ValueError(f"config.checkpointing needs a model with set_checkpointing(); "
+                                 f"{type(model).__name__} has none")  # fmt: skip
+            model.set_checkpointing(config.checkpointing)
+        self.train_data, self.eval_data = train_data, eval_data
+        self.save_extra = save_extra
+        self.precision = Precision(resolve(config.precision, self.device), self.device)
+        self.optimizer = build_optimizer(model, config)
+        self.scheduler = build_scheduler(self.optimizer, config)
+        self.sampler = ResumableSampler(len(train_data), config.batch_size, config.seed)
+        self.out_dir = Path(config.out_dir)
+        self.step = 0
+        self.tokens_seen = 0
+        self.losses: dict[int, float] = {}  # step -> mean micro-batch loss
+        self.last_checkpoint: Path | None = None
+        self.lr = config.lr
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        self._peak = peak_flops(self.device, self.precision.mode)
+        self._flops_per_token = flops_per_token(model, config.seq_len)
+        self.log = MetricsLog(self.out_dir)
+        if config.resume:
+            self.resume(config.resume)
+
+    # -- data --------------------------------------------------------------------------------
+
+    def _next_batch(self) -> dict[str, Tensor]:
+        if hasattr(self.train_data, "set_epoch"):
+            self.train_data.set_epoch(self.sampler.epoch)
+        batch = collate([self.train_data[i] for i in self.sampler.next_batch()])
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    # -- one step ----------------------------------------------------------------------------
+
+    def train_step(self) -> tuple[float, float, int, bool]:
+        """One optimizer step: (mean loss, gradient norm before clipping, tokens, skipped)."""
+        cfg, scaler = self.config, self.precision.scaler
+        self.model.train()
+        total, tokens = torch.zeros((), device=self.device), 0
+        for _ in range(cfg.grad_accum):
+            batch = self._next_batch()
+            tokens += batch["input_ids"].numel()
+            with self.precision.autocast():
+                loss = self.model(**batch).loss
+            total += loss.detach().float()
+            scaler.scale(loss / cfg.grad_accum).backward()
+        scaler.unscale_(self.optimizer)
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm, foreach=True)
+        loss_value, norm_value = (total / cfg.grad_accum).item(), norm.item()
+        self.lr = self.optimizer.param_groups[0]["lr"]  # this step's, before the schedule moves
+        skipped = False
+        if scaler.is_enabled():  # fp16: overflowing steps are skipped, the scale backs off
+            scale = scaler.get_scale()
+            scaler.step(self.optimizer)
+            scaler.update()
+            skipped = scaler.get_scale() < scale
+        else:
+            if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+                self.optimizer.zero_grad(set_to_none=True)
+                where = (f"the last good checkpoint is {self.last_checkpoint}"
+                         if self.last_checkpoint else "no checkpoint was saved yet")  # fmt: skip
+                raise TrainingDiverged(
+                    f"step {self.step + 1}: non-finite loss ({loss_value}) or gradient norm "
+                    f"({norm_value}) in {self.precision.mode}; stopped without updating the "
+                    f"weights; {where}")  # fmt: skip
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if not skipped:
+            self.scheduler.step()
+        return loss_value, norm_value, tokens, skipped
+
+    # -- evaluation --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss (mean over predicted tokens) and perplexity on the first
+        ``eval_batches`` batches of ``eval_data``, in order."""
+        if self.eval_data is None:
+            raise ValueError("evaluate() needs eval_data")
+        data, bs = self.eval_data, self.config.batch_size
+        if hasattr(data, "set_epoch"):
+            data.set_epoch(0)  # the same masks at every validation
+        n = len(data)
+        starts = range(0, n, bs)[: self.config.eval_batches]
+        was_training = self.model.training
+        self.model.eval()
+        total, count = torch.zeros((), dtype=torch.float64, device=self.device), 0
+        for start in starts:
+            batch = collate([data[i] for i in range(start, min(start + bs, n))])
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            with self.precision.autocast():
+                loss = self.model(**batch).loss
+            # Means over batches weighted by their predicted tokens (masked LM varies).
+            weight = int((batch["labels"] != -100).sum())
+            total += loss.double() * weight
+            count += weight
+        self.model.train(was_training)
+        val_loss = (total / count).item()
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700.0))}
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def save(self) -> Path:
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.precision.scaler.state_dict(),
+            "rng": {"cpu": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized()
+                    else []},
+        }  # fmt: skip
+        meta = {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "sampler": self.sampler.state_dict(),
+            "precision": self.precision.mode,
+            "config": self.config.to_dict(),
+            "model": model_config_dict(self.model),
+        }
+        self.last_checkpoint = ckpt.save_checkpoint(
+            self.out_dir / "checkpoints", self.step, self.model, state, meta,
+            extra=self.save_extra, keep_last=self.config.keep_last)  # fmt: skip
+        return self.last_checkpoint
+
+    def resume(self, where: str | Path) -> Path:
+        """Continue from a checkpoint: ``"latest"`` (the newest under ``out_dir``) or a
+        path. Restores weights, optimizer, schedule, loss scale, RNG and data position."""
+        path = (ckpt.latest_checkpoint(self.out_dir / "checkpoints") if where == "latest"
+                else Path(where))  # fmt: skip
+        if path is None:
+            raise ValueError(f"resume='latest' but {self.out_dir / 'checkpoints'} holds no "
+                             f"checkpoint")  # fmt: skip
+        state, meta = ckpt.load_checkpoint(path, self.model, self.device)
+        if meta["precision"] != self.precision.mode:
+            raise ValueError(
+                f"checkpoint {path} was trained in {meta['precision']}; resuming "
+                f"in {self.precision.mode} would not continue the same run"
+            )
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state["scaler"]:
+            self.precision.scaler.load_state_dict(state["scaler"])
+        self.sampler.load_state_dict(meta["sampler"])
+        self.step, self.tokens_seen = meta["step"], meta["tokens_seen"]
+        torch.set_rng_state(state["rng"]["cpu"])
+        if state["rng"]["cuda"]:
+            if len(state["rng"]["cuda"]) != torch.cuda.device_count():
+                raise ValueError(f"checkpoint {path} holds RNG states of "
+                                 f"{len(state['rng']['cuda'])} CUDA devices, "
+                                 f"{torch.cuda.device_count()} are visible")  # fmt: skip
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.log.truncate_after(self.step)
+        self.last_checkpoint = path
+        return path
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def fit(self) -> dict[str, Any]:
+        """Train to ``config.max_steps``; returns the last training and validation metrics."""
+        cfg = self.config
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        interval_loss, interval_tokens, interval_time = 0.0, 0, 0.0
+        interval_steps, skipped_steps = 0, 0
+        last: dict[str, Any] = {}
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not cfg.progress,
+                   desc="train", unit="step", mininterval=1.0, dynamic_ncols=True)  # fmt: skip
+        try:
+            while self.step < cfg.max_steps:
+                start = time.perf_counter()
+                loss, norm, tokens, skipped = self.train_step()
+                interval_time += time.perf_counter() - start
+                self.step += 1
+                self.tokens_seen += tokens
+                self.losses[self.step] = loss
+                skipped_steps += skipped
+                if not skipped:
+                    interval_loss += loss
+                    interval_steps += 1
+                interval_tokens += tokens
+                bar.update(1)
+                done = self.step == cfg.max_steps
+                if self.step % cfg.log_every == 0 or done:
+                    last = self._log_train(
+                        interval_loss / max(interval_steps, 1),
+                        norm,
+                        interval_tokens / interval_time,
+                        skipped_steps,
+                    )
+                    bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.2e}",
+                                    tok_s=f"{last['tokens_per_s']:.0f}")  # fmt: skip
+                    interval_loss, interval_tokens, interval_time = 0.0, 0, 0.0
+                    interval_steps = skipped_steps = 0
+                if self.eval_data is not None and (self.step % cfg.eval_every == 0 or done):
+                    metrics = self.evaluate()
+                    self.log.write({"step": self.step, **metrics})
+                    last.update(metrics)
+                    bar.write(f"step {self.step}: validation loss {metrics['val_loss']:.4f}, "
+                              f"perplexity {metrics['val_ppl']:.2f}")  # fmt: skip
+                if self.step % cfg.save_every == 0 or done:
+                    self.save()
+        finally:
+            bar.close()
+            self.log.close()
+        if plot_losses(self.log.records, self.out_dir / "loss.png"):
+            last["plot"] = str(self.out_dir / "loss.png")
+        return last
+
+    def _log_train(self, loss: float, grad_norm: float, tokens_per_s: float,
+                   skipped: int) -> dict[str, Any]:  # fmt: skip
+        record: dict[str, Any] = {
+            "step": self.step,
+            "loss": loss,
+            "lr": self.lr,
+            "grad_norm": grad_norm,
+            "tokens_per_s": tokens_per_s,
+            "peak_memory_mb": peak_memory_mb(self.device),
+        }
+        if self._peak is not None:
+            record["mfu"] = tokens_per_s * self._flops_per_token / self._peak
+        if self.precision.scaler.is_enabled():
+            record["loss_scale"] = self.precision.scaler.get_scale()
+            record["skipped_steps"] = skipped
+        self.log.write(record)
+        return record

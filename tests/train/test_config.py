@@ -1,0 +1,81 @@
+"""TrainConfig: validation, files, flags."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fastlm.train import TrainConfig
+from fastlm.train.config import parse
+
+
+def test_defaults_are_valid_and_roundtrip():
+    cfg = TrainConfig()
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_unknown_keys_are_rejected_with_the_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) 'lr_max'.*valid keys: model,"):
+        TrainConfig.from_dict({"lr_max": 1.0})
+
+
+@pytest.mark.parametrize("key, value", [("max_steps", "10"), ("lr", "fast"), ("progress", 1),
+                                        ("data", "a.txt"), ("betas", [0.9]),
+                                        ("model_overrides", [1])])  # fmt: skip
+def test_wrong_types_name_the_key(key, value):
+    with pytest.raises(ValueError, match=f"config key '{key}' must be"):
+        TrainConfig.from_dict({key: value})
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("batch_size", 0, "batch_size must be a positive int"),
+    ("precision", "fp8", "precision must be one of auto, fp32, bf16, fp16"),
+    ("schedule", "step", "schedule must be one of"),
+    ("lr", 0.0, "lr must be > 0"),
+    ("val_fraction", 1.0, "val_fraction must be in"),
+    ("checkpointing", -1, "checkpointing must be a non-negative int"),
+    ("betas", (0.9, 1.0), "betas must be two numbers"),
+])  # fmt: skip
+def test_bad_values(key, value, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**{key: value})
+
+
+def test_yaml_and_json_files(tmp_path):
+    (tmp_path / "c.yaml").write_text("lr: 1.0e-3\nbetas: [0.8, 0.9]\ndata: [a.txt]\n"
+                                     "model_overrides: {num_layers: 2}\n")  # fmt: skip
+    cfg = TrainConfig.from_file(tmp_path / "c.yaml")
+    assert (cfg.lr, cfg.betas, cfg.data, cfg.model_overrides) == (
+        1e-3,
+        (0.8, 0.9),
+        ["a.txt"],
+        {"num_layers": 2},
+    )
+    (tmp_path / "c.json").write_text(json.dumps({"max_steps": 7, "tokenizer": None}))
+    assert TrainConfig.from_file(tmp_path / "c.json").max_steps == 7
+    (tmp_path / "c.toml").write_text("")
+    with pytest.raises(ValueError, match="must end in .yaml"):
+        TrainConfig.from_file(tmp_path / "c.toml")
+    (tmp_path / "bad.yaml").write_text("warmup: 3\n")
+    with pytest.raises(ValueError, match="unknown config key.*'warmup'"):
+        TrainConfig.from_file(tmp_path / "bad.yaml")
+
+
+def test_flags_override_the_file(tmp_path):
+    (tmp_path / "c.yaml").write_text("lr: 0.5\nmax_steps: 9\nprogress: true\n")
+    cfg = parse(["--config", str(tmp_path / "c.yaml"), "--lr", "0.25", "--no-progress",
+                 "--betas", "0.8", "0.99", "--model-overrides", '{"dropout": 0.1}',
+                 "--data", "x.txt", "y.jsonl", "--tokenizer", "t.json"])  # fmt: skip
+    assert (cfg.lr, cfg.max_steps, cfg.progress, cfg.betas) == (0.25, 9, False, (0.8, 0.99))
+    assert (cfg.model_overrides, cfg.data, cfg.tokenizer) == (
+        {"dropout": 0.1},
+        ["x.txt", "y.jsonl"],
+        "t.json",
+    )
+
+
+def test_unknown_flag_is_an_error(capsys):
+    with pytest.raises(SystemExit):
+        parse(["--learning-rate", "1"])
+    assert "unrecognized arguments: --learning-rate" in capsys.readouterr().err
