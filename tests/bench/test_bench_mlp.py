@@ -2,23 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
-
-import pytest
 import torch
-
-
-@pytest.fixture(scope="module")
-def bench():
-    # As ``fastlm bench`` does: the repo root on sys.path makes ``bench`` importable.
-    root = str(Path(__file__).resolve().parents[2])
-    sys.path.insert(0, root)
-    try:
-        yield importlib.import_module("bench.bench_mlp")
-    finally:
-        sys.path.remove(root)
 
 
 def test_flops_and_bytes_formulas(bench):

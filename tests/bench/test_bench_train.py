@@ -2,27 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from fastlm.models import create
 
 pytest.importorskip("transformers")
-
-
-@pytest.fixture(scope="module")
-def bench():
-    # As ``fastlm bench`` does: the repo root on sys.path makes ``bench`` importable.
-    root = str(Path(__file__).resolve().parents[2])
-    sys.path.insert(0, root)
-    try:
-        yield importlib.import_module("bench.bench_train")
-    finally:
-        sys.path.remove(root)
 
 
 def test_every_provider_trains_the_same_weights(bench, monkeypatch):
