@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import sys
+import types
 
 import pytest
 import torch
@@ -232,3 +234,28 @@ def test_bad_arguments(tokenizer, rows, tmp_path):
     with pytest.raises(ValueError, match="was trained in fp32; resuming in bf16"):
         Trainer(model, config(tmp_path, "x", precision="bf16", resume=str(full.last_checkpoint)),
                 data)  # fmt: skip
+
+
+def test_tensorboard_receives_the_metrics_when_installed(tokenizer, rows, tmp_path, monkeypatch):
+    events = []
+
+    class SummaryWriter:  # stands in for tensorboard's, which this machine may lack
+        def __init__(self, log_dir):
+            events.append(("log_dir", log_dir))
+
+        def add_scalar(self, tag, value, step):
+            events.append((tag, value, step))
+
+        def close(self):
+            events.append(("closed",))
+
+    module = types.ModuleType("torch.utils.tensorboard")
+    module.SummaryWriter = SummaryWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", module)
+    model, data = setup("gpt", tokenizer, rows)
+    trainer = Trainer(model, config(tmp_path, max_steps=2, eval_every=2), data, data)
+    trainer.fit()
+    assert events[0] == ("log_dir", str(tmp_path / "run" / "tensorboard"))
+    assert ("loss", trainer.losses[1], 1) in events and ("loss", trainer.losses[2], 2) in events
+    assert {e[0] for e in events} >= {"lr", "grad_norm", "tokens_per_s", "val_loss", "val_ppl"}
+    assert events[-1] == ("closed",)
