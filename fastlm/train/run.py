@@ -62,20 +62,24 @@ def datasets(config: TrainConfig, model_cfg: Any, tokenizer: Tokenizer,
     """The objective of the model family over packed documents: causal LM (GPT), masked LM
     (BERT), span corruption (T5)."""
 
-    def packed(docs: list[str], length: int, separator: int | None) -> torch.Tensor:
-        return pack(tokenizer.encode_batch(docs), length, separator)
+    def build(docs: list[str], split: str) -> Any:
+        def packed(length: int, separator: int | None) -> torch.Tensor:
+            try:
+                return pack(tokenizer.encode_batch(docs), length, separator)
+            except ValueError as e:
+                raise ValueError(f"the {split} split ({len(docs)} documents): {e} (or change "
+                                 f"--val-fraction)") from e  # fmt: skip
 
-    def build(docs: list[str]) -> Any:
         if isinstance(model_cfg, GPTConfig):
-            return CausalLMDataset(packed(docs, config.seq_len, tokenizer.eos_id))
+            return CausalLMDataset(packed(config.seq_len, tokenizer.eos_id))
         if isinstance(model_cfg, BertConfig):
-            rows = packed(docs, config.seq_len - MaskedLMDataset.extra_tokens, tokenizer.sep_id)
+            rows = packed(config.seq_len - MaskedLMDataset.extra_tokens, tokenizer.sep_id)
             return MaskedLMDataset(rows, tokenizer, seed=config.seed)
         # T5: seq_len raw tokens per row; the encoder sees ~0.87x that, the decoder ~0.2x.
-        rows = packed(docs, config.seq_len, tokenizer.eos_id)
+        rows = packed(config.seq_len, tokenizer.eos_id)
         return SpanCorruptionDataset(rows, tokenizer, seed=config.seed)
 
-    return build(train_docs), (build(val_docs) if val_docs else None)
+    return build(train_docs, "training"), (build(val_docs, "validation") if val_docs else None)
 
 
 def _say(message: str) -> None:

@@ -87,6 +87,12 @@ def test_train_errors(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "runs").exists()  # rejected before any work
     with pytest.raises(SystemExit):
         cli.main(["train", "--nope"])
+    (tmp_path / "small").mkdir()
+    for i, text in enumerate(["a long enough document " * 40, "tiny"]):
+        (tmp_path / "small" / f"{i}.txt").write_text(text)
+    assert cli.main(["train", "--data", str(tmp_path / "small"), "--vocab-size", "400",
+                     "--val-fraction", "0.5", "--no-progress"]) == 1  # fmt: skip
+    assert "the validation split (1 documents)" in capsys.readouterr().err
 
 
 def _run_cli(args, env_extra=None, kill_at_save=None):
