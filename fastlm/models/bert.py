@@ -27,6 +27,7 @@ from fastlm.models.layers import (
     run_blocks,
 )
 from fastlm.nn import LayerNorm
+from fastlm.nn.mlp import dense_act
 from fastlm.ops.activation import check_activation
 
 
@@ -144,8 +145,7 @@ class BertForMaskedLM(_CheckpointMixin, nn.Module):
                 position_ids: Tensor | None = None,
                 return_logits: bool | None = None) -> ModelOutput:  # fmt: skip
         h, _ = self.bert(input_ids, attention_mask, token_type_ids, position_ids)
-        h = self.head_norm(ops.linear_act(h, self.head_dense.weight, self.head_dense.bias,
-                                          self.config.activation))  # fmt: skip
+        h = self.head_norm(dense_act(self.head_dense, h, self.config.activation))
         loss = None
         if labels is not None:
             loss = lm_loss(h, self.decoder_weight, labels, self.head_bias)

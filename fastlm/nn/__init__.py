@@ -6,6 +6,7 @@ from fastlm.nn.loss import CrossEntropyLoss, LinearCrossEntropyLoss
 from fastlm.nn.mlp import FusedMLP, GatedMLP
 from fastlm.nn.norm import LayerNorm, RMSNorm
 from fastlm.nn.patch import PatchReport, patch, patch_report
+from fastlm.nn.quant import QuantLinear
 from fastlm.nn.rotary import RotaryEmbedding
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "LinearCrossEntropyLoss",
     "MultiheadAttention",
     "PatchReport",
+    "QuantLinear",
     "RMSNorm",
     "RotaryEmbedding",
     "patch",

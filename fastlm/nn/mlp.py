@@ -4,15 +4,20 @@
 any two-``Linear`` MLP) does; :class:`GatedMLP` holds ``gate_proj`` / ``up_proj`` /
 ``down_proj``, as Llama's MLP in Hugging Face transformers. Their ``state_dict`` keys are
 therefore the originals', and either loads the other's state dict unchanged.
+
+When a projection is not a plain ``nn.Linear`` (``fastlm.quant.quantize_`` made it a
+``QuantLinear``), the block calls the projections as modules and fuses only what is left
+(bias + activation + dropout), since the fused GEMMs read float weights.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-from fastlm.ops.activation import check_activation
-from fastlm.ops.mlp import fused_mlp, gated_mlp
+from fastlm.ops.activation import bias_act, check_activation
+from fastlm.ops.mlp import fused_mlp, gated_mlp, linear_act
 
 
 def _check_size(name: str, value: object) -> None:
@@ -61,6 +66,8 @@ class FusedMLP(torch.nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         p = self.dropout if self.training else 0.0
+        if not _plain(self.fc1, self.fc2):
+            return F.dropout(self.fc2(dense_act(self.fc1, x, self.activation, p)), p)
         return fused_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
                          self.activation, p)  # fmt: skip
 
@@ -100,9 +107,25 @@ class GatedMLP(torch.nn.Module):
         self.activation = activation
 
     def forward(self, x: Tensor) -> Tensor:
+        if not _plain(self.gate_proj, self.up_proj, self.down_proj):
+            gate = dense_act(self.gate_proj, x, self.activation)
+            return self.down_proj(gate * self.up_proj(x))
         return gated_mlp(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight,
                          self.activation, self.gate_proj.bias, self.up_proj.bias,
                          self.down_proj.bias)  # fmt: skip
 
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}"
+
+
+def _plain(*layers: nn.Module) -> bool:
+    return all(type(layer) is nn.Linear for layer in layers)
+
+
+def dense_act(layer: nn.Module, x: Tensor, activation: str, dropout_p: float = 0.0) -> Tensor:
+    """``dropout(act(layer(x)))``: one fused GEMM for a plain ``nn.Linear``
+    (:func:`fastlm.ops.linear_act`); otherwise the layer's own forward (a quantized one, say)
+    then the fused bias-free activation and dropout."""
+    if type(layer) is nn.Linear:
+        return linear_act(x, layer.weight, layer.bias, activation, dropout_p)
+    return bias_act(layer(x), None, activation, dropout_p)

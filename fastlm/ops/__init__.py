@@ -18,6 +18,7 @@ from fastlm.ops.mlp import (
     linear_act_ref,
 )
 from fastlm.ops.norm import layer_norm, layer_norm_ref, rms_norm, rms_norm_ref
+from fastlm.ops.quant import quant_matmul, quant_matmul_ref, w8a8_matmul
 from fastlm.ops.rotary import apply_rotary, apply_rotary_ref
 
 __all__ = [
@@ -40,7 +41,10 @@ __all__ = [
     "linear_act",
     "linear_act_ref",
     "linear_cross_entropy",
+    "quant_matmul",
+    "quant_matmul_ref",
     "rms_norm",
     "rms_norm_ref",
     "scaled_dot_product_attention",
+    "w8a8_matmul",
 ]

@@ -1,0 +1,195 @@
+"""Quantized matmuls: weight-only (int8, int4, NF4) and W8A8, with backend choice.
+
+``quant_matmul(x, qw, bias)`` is ``F.linear(x, dequantize_weight(qw), bias)`` computed
+without the float weight: the Triton kernel (fp16/bf16 activations) unpacks and scales the
+codes in registers; the CUDA C++ GEMV serves int4/int8 at M <= 8 when forced (opt-in until a
+GPU run verifies it); the ``torch`` backend (the CPU path) dequantizes and calls
+``F.linear``. Gradients flow to ``x`` and ``bias`` (the quantized weight is frozen, as in
+QLoRA); the backward multiplies by the dequantized weight.
+
+``w8a8_matmul(x, qw, bias)`` quantizes x per token to int8 and multiplies int8 by int8
+(int32 accumulation): inference only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastlm import backend
+from fastlm.ops.autocast import autocast_policy
+from fastlm.quant.formats import NF4_CODE, QuantizedWeight, dequantize_weight
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+GEMV_MAX_M = 8  # rows the CUDA C++ GEMV serves
+
+
+def quant_matmul_ref(x: Tensor, qw: QuantizedWeight, bias: Tensor | None = None) -> Tensor:
+    """Dequantize in x's dtype, then ``F.linear`` (the torch backend; run in float64 by the
+    tests as the oracle)."""
+    return F.linear(x, dequantize_weight(qw, x.dtype), bias)
+
+
+def quantize_rows_ref(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row (token) symmetric int8: ``x ~ xq * xs[:, None]``, ``xs = absmax / 127``."""
+    xs = x.float().abs().amax(dim=-1).clamp_min(1e-12) / 127
+    return torch.round(x.float() / xs[:, None]).to(torch.int8), xs
+
+
+def _check(x: Tensor, qw: QuantizedWeight, bias: Tensor | None) -> None:
+    if not isinstance(qw, QuantizedWeight):
+        raise TypeError(f"qw must be a fastlm.quant.QuantizedWeight, got {type(qw).__name__}")
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError("x must be a floating-point tensor")
+    n, k = qw.shape
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"x must be (..., {k}), got shape {tuple(x.shape)}")
+    if qw.qweight.device != x.device:
+        raise ValueError(f"qw is on {qw.qweight.device} but x is on {x.device}")
+    if bias is not None and (tuple(bias.shape) != (n,) or bias.device != x.device):
+        raise ValueError(f"bias must be ({n},) on {x.device}, got {tuple(bias.shape)} on "
+                         f"{bias.device}")  # fmt: skip
+
+
+def _support(x: Tensor, qw: QuantizedWeight, rows: int):
+    def triton_error():
+        if x.dtype not in _KERNEL_DTYPES:
+            return f"the Triton kernels take fp16/bf16 activations, got {x.dtype}"
+        return None
+
+    def cuda_error():
+        if x.dtype not in _KERNEL_DTYPES:
+            return f"the CUDA GEMV takes fp16/bf16 activations, got {x.dtype}"
+        if qw.scheme != "int":
+            return "the CUDA GEMV serves int4/int8, not nf4"
+        if rows > GEMV_MAX_M:
+            return f"the CUDA GEMV serves M <= {GEMV_MAX_M} rows, got {rows}"
+        return None
+
+    return {"cuda": cuda_error, "triton": triton_error, "torch": lambda: None}
+
+
+@autocast_policy(lower_precision=True)
+def quant_matmul(x: Tensor, qw: QuantizedWeight, bias: Tensor | None = None) -> Tensor:
+    """``x @ W.T + bias`` for a quantized W (N, K).
+
+    x: (..., K), fp16/bf16 on the GPU kernels (fp32 runs the torch path); bias (N,) or None.
+    Returns (..., N) in x's dtype, accumulated in fp32.
+    """
+    _check(x, qw, bias)
+    rows = x.numel() // max(x.shape[-1], 1)
+    name = backend.select("quant_matmul", x.device, _support(x, qw, rows))
+    if name == "torch":
+        return quant_matmul_ref(x, qw, bias)
+    n, _ = qw.shape
+    return torch.ops.fastlm.quant_matmul(
+        x, qw.qweight, qw.scales, qw.zeros, qw.scales2, qw.scales_mean, bias, qw.scheme,
+        qw.bits, qw.group_size, qw.symmetric, n, name,
+    )  # fmt: skip
+
+
+@autocast_policy(lower_precision=True)
+def w8a8_matmul(x: Tensor, qw: QuantizedWeight, bias: Tensor | None = None) -> Tensor:
+    """``x @ W.T + bias`` with x quantized per token to int8 and W int8 per channel, on
+    int8 tensor cores (int32 accumulation). x: (..., K); returns (..., N) in x's dtype.
+    Inference only (no gradient)."""
+    _check(x, qw, bias)
+    if qw.bits != 8:
+        raise ValueError(f"w8a8_matmul needs an 8-bit weight, got bits={qw.bits}")
+    name = backend.select("w8a8_matmul", x.device, {"triton": lambda: None,
+                                                    "torch": lambda: None})  # fmt: skip
+    x2 = x.reshape(-1, x.shape[-1])
+    n = qw.shape[0]
+    if name == "torch":
+        xq, xs = quantize_rows_ref(x2)
+        # int8 x int8 sums stay below 2**53: exact in float64.
+        acc = xq.double() @ qw.qweight.double().T
+        y = acc * xs.double()[:, None] * qw.scales.double()[None, :]
+        if bias is not None:
+            y = y + bias.double()
+        return y.to(x.dtype).view(*x.shape[:-1], n)
+    from fastlm.kernels.quant import quantize_rows, w8a8_matmul_fwd
+
+    xq, xs = quantize_rows(x2.contiguous())
+    y = w8a8_matmul_fwd(xq, xs, qw.qweight, qw.scales, bias, x.dtype)
+    return y.view(*x.shape[:-1], n)
+
+
+def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(M, K) float -> (int8 (M, K), fp32 scales (M,)), per row, on the chosen backend."""
+    name = backend.select("w8a8_matmul", x.device, {"triton": lambda: None,
+                                                    "torch": lambda: None})  # fmt: skip
+    if name == "torch":
+        return quantize_rows_ref(x)
+    from fastlm.kernels.quant import quantize_rows as kernel
+
+    return kernel(x.contiguous())
+
+
+def _weight(qweight, scales, zeros, scales2, scales_mean, scheme, bits, group, symmetric, n):
+    k = qweight.shape[1] * (2 if bits == 4 else 1)
+    return QuantizedWeight(scheme, bits, (n, k), group, symmetric, qweight, scales, zeros,
+                           scales2, scales_mean)  # fmt: skip
+
+
+@torch.library.custom_op("fastlm::quant_matmul", mutates_args=())
+def _quant_matmul_op(
+    x: Tensor,
+    qweight: Tensor,
+    scales: Tensor,
+    zeros: Tensor | None,
+    scales2: Tensor | None,
+    scales_mean: Tensor | None,
+    bias: Tensor | None,
+    scheme: str,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    n: int,
+    name: str,
+) -> Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    if name == "cuda":
+        x2 = x2.contiguous()
+        y = torch.ops.fastlm_C.quant_gemv(x2, qweight, scales, zeros, bits,
+                                          group_size if bits == 4 else 0)  # fmt: skip
+        if bias is not None:
+            y = y + bias
+    else:
+        from fastlm.kernels.quant import quant_matmul_fwd
+
+        code = (torch.tensor(NF4_CODE, dtype=torch.float32, device=x.device)
+                if scheme == "nf4" else None)  # fmt: skip
+        y = quant_matmul_fwd(x2, qweight, scales, zeros, scales2, scales_mean, code, bias,
+                             bits, scheme == "nf4", group_size if bits == 4 else 0, n)  # fmt: skip
+    return y.view(*x.shape[:-1], n)
+
+
+@_quant_matmul_op.register_fake
+def _(x, qweight, scales, zeros, scales2, scales_mean, bias, scheme, bits, group_size,
+      symmetric, n, name):  # fmt: skip
+    return x.new_empty((*x.shape[:-1], n))
+
+
+def _setup(ctx, inputs, output):
+    x, qweight, scales, zeros, scales2, scales_mean, bias, *options = inputs
+    ctx.save_for_backward(qweight, scales, zeros, scales2, scales_mean)
+    ctx.options = options
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad):
+    qweight, scales, zeros, scales2, scales_mean = ctx.saved_tensors
+    scheme, bits, group, symmetric, n, _ = ctx.options
+    qw = _weight(qweight, scales, zeros, scales2, scales_mean, scheme, bits, group, symmetric, n)
+    dx = grad @ dequantize_weight(qw, grad.dtype)
+    db = grad.reshape(-1, n).sum(0, dtype=torch.float32).to(grad.dtype) if ctx.has_bias else None
+    return dx, None, None, None, None, None, db, None, None, None, None, None, None
+
+
+torch.library.register_autograd("fastlm::quant_matmul", _backward, setup_context=_setup)
+
+backend.register_op("quant_matmul", ("cuda", "triton", "torch"))
+backend.register_op("w8a8_matmul", ("triton", "torch"))

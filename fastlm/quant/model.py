@@ -1,0 +1,54 @@
+"""``quantize_(model, ...)``: replace a model's ``nn.Linear`` layers by ``QuantLinear``."""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from collections.abc import Sequence
+
+from torch import nn
+
+from fastlm.nn.quant import QuantLinear
+from fastlm.quant.formats import check_format
+
+log = logging.getLogger("fastlm.quant")
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    """A pattern matches a module's qualified name, its last component, or a glob of it."""
+    return any(name == p or name.rsplit(".", 1)[-1] == p or fnmatch.fnmatchcase(name, p)
+               for p in patterns)  # fmt: skip
+
+
+def quantize_(model: nn.Module, bits: int = 4, group_size: int | None = None,
+              scheme: str = "int", include: Sequence[str] | None = None,
+              exclude: Sequence[str] = ("lm_head",), symmetric: bool = False,
+              double_quant: bool = False, act_bits: int | None = None) -> list[str]:  # fmt: skip
+    """Replace, in place, every ``nn.Linear`` of ``model`` whose name matches ``include``
+    (None: all) and not ``exclude`` (names, last components or globs: ``"lm_head"``,
+    ``"blocks.0.*"``) by a :class:`QuantLinear` of the given format.
+
+    A layer the format cannot hold (K not divisible by the group size, or odd for 4-bit) is
+    left as it is, with the reason logged (logger ``fastlm.quant``). Returns the names of
+    the quantized layers.
+    """
+    group = check_format(bits, group_size, scheme)
+    if isinstance(include, str) or isinstance(exclude, str):
+        raise TypeError("include and exclude must be sequences of names, not a str")
+    done = []
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or not name:
+            continue
+        if (include is not None and not _matches(name, include)) or _matches(name, exclude):
+            continue
+        k = module.in_features
+        if bits == 4 and (k % group or k % 2):
+            log.warning("fastlm.quant: %s left unquantized: in_features %d is not a multiple "
+                        "of group_size %d", name, k, group)  # fmt: skip
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, attr, QuantLinear.from_linear(module, bits, group_size, scheme, act_bits,
+                                                      symmetric, double_quant))  # fmt: skip
+        done.append(name)
+    return done
