@@ -51,6 +51,7 @@ KERNEL_MODULES = (
     "fastlm.kernels.rotary",
     "fastlm.kernels.cross_entropy",
     "fastlm.kernels.mlp",
+    "fastlm.kernels.quant",
 )
 TRITON_CAPABILITIES = (80, 90)
 # Opt-in shared memory per block (CUDA programming guide, compute capability table).

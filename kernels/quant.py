@@ -2,9 +2,11 @@
 
 ``y = x @ W.T (+ b)`` with W stored as in :mod:`fastlm.quant.formats`: the integer codes are
 loaded, unpacked and scaled in registers and fed to tensor cores in x's dtype; no float
-weight is ever written to memory. A K-tile never crosses a quantization group (``BLOCK_K``
-divides the group size), so each tile's partial product is scaled once per column in fp32
-(``acc += (x @ (q - z)) * s``) instead of scaling every weight.
+weight is ever written to memory. With groups of 64 or 128 a K tile stays inside one group,
+so the integer codes go to the tensor cores exactly and each tile's partial product is
+scaled once per column in fp32 (``acc += (x @ (q - z)) * s``); groups of 32 share a 64-wide
+tile (narrower tiles would load less than 128 bits per thread), and their weights are
+scaled before the product.
 
 Two paths, each autotuned per GPU generation:
 
@@ -31,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import on_device
+from .launch import KernelSpec, on_device
 
 SKINNY_M = 16  # rows up to which the split-K path runs
 
@@ -72,7 +74,7 @@ def _quant_matmul_kernel(
         # Per-channel scales are constant along K: applied once.
         acc = acc * tl.load(S + cols_in)[None, :]
     else:
-        # K is a multiple of GROUP and GROUP of BLOCK_K: no K masks, one group per tile.
+        # K is a multiple of GROUP, and GROUP of BLOCK_K or BLOCK_K of GROUP: no K masks.
         ks = tl.arange(0, BLOCK_K)
         kh = tl.arange(0, BLOCK_K // 2)
         groups = K // GROUP
@@ -82,23 +84,30 @@ def _quant_matmul_kernel(
             packed = tl.load(QW + cols_in[None, :] * (K // 2) + (k0 // 2 + kh)[:, None])
             low = (packed & 0xF).to(tl.int32)
             high = (packed >> 4).to(tl.int32)
-            g_offs = cols_in * groups + k0 // GROUP
+            if GROUP >= BLOCK_K:  # one group per tile: (1, BLOCK_N) scales
+                g_offs = (cols_in * groups + k0 // GROUP)[None, :]
+            else:  # several (groups of 32 in 64-wide tiles): a scale per packed byte
+                g_offs = cols_in[None, :] * groups + ((k0 + 2 * kh) // GROUP)[:, None]
             if NF4:
-                w_low = tl.load(CODE + low).to(x.dtype)
-                w_high = tl.load(CODE + high).to(x.dtype)
+                w_low = tl.load(CODE + low)
+                w_high = tl.load(CODE + high)
             else:
                 if HAS_ZEROS:
-                    zero = tl.load(Z + g_offs).to(tl.int32)[None, :]
+                    zero = tl.load(Z + g_offs).to(tl.int32)
                 else:
                     zero = 8
-                # Small integers: exact in fp16/bf16 (converted through fp32, as above).
-                w_low = (low - zero).to(tl.float32).to(x.dtype)
-                w_high = (high - zero).to(tl.float32).to(x.dtype)
-            part = tl.dot(x_odd, w_high, tl.dot(x_even, w_low))
+                # Through fp32: exact, and the interpreter converts ints to bf16 wrongly.
+                w_low = (low - zero).to(tl.float32)
+                w_high = (high - zero).to(tl.float32)
             scale = tl.load(S + g_offs).to(tl.float32)
             if DOUBLE_QUANT:
                 scale = scale * tl.load(S2 + g_offs // 256) + tl.load(SMEAN)
-            acc += part * scale[None, :]
+            if GROUP >= BLOCK_K:  # the integer codes are exact in fp16/bf16: scale after
+                part = tl.dot(x_odd, w_high.to(x.dtype), tl.dot(x_even, w_low.to(x.dtype)))
+                acc += part * scale
+            else:
+                acc = tl.dot(x_even, (w_low * scale).to(x.dtype), acc)
+                acc = tl.dot(x_odd, (w_high * scale).to(x.dtype), acc)
     mask = (rows < M)[:, None] & (cols < N)[None, :]
     offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
     if PARTIAL:
@@ -171,37 +180,45 @@ class QuantConfig:
     num_stages: int
     split_k: int = 1
 
-    def triton_config(self, group: int, split: bool = True) -> triton.Config:
-        meta = dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.tile_k(group))
+    def triton_config(self, group: int, split: bool = True, wide: bool = True) -> triton.Config:
+        meta = dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.tile_k(group, wide))
         if split:
             meta["SPLIT_K"] = self.split_k
         return triton.Config(meta, num_warps=self.num_warps, num_stages=self.num_stages)
 
-    def tile_k(self, group: int) -> int:
-        """A K tile never crosses a quantization group (``group`` 0: per-channel int8)."""
-        return min(self.block_k, group) if group else self.block_k
+    def tile_k(self, group: int, wide: bool = True) -> int:
+        """K per tile: within one group where groups are 64 or 128 wide (scales applied per
+        tile), two groups of 32 (scales per byte) unless K is an odd multiple of 32 (not
+        ``wide``: one group per tile), the config's own for int8 (``group`` 0)."""
+        if not group:
+            return self.block_k
+        return max(min(self.block_k, group), 64 if wide else 32)
 
 
 # Autotuning candidates per GPU generation. Skinny (M <= 16): the weight stream is the
-# whole cost, so narrow column blocks and split-K keep >= 2 programs per SM at N = 4096;
-# tiled: the shapes of the MLP GEMMs (kernels/mlp.py) that fit with the dequantization's
-# extra registers.
+# whole cost, so narrow column blocks and split-K keep >= 2 programs per SM at N = 4096.
+# Tiled: the MLP GEMMs' shapes (kernels/mlp.py) that compile without spills; unpacking
+# 4-bit codes (NF4 lookups, zero points, double quantization) costs registers, so 128x128
+# tiles spill there and 4-bit gets its own list.
 _CONFIGS = {
     80: {
         "skinny": (QuantConfig(16, 64, 128, 4, 3, 4), QuantConfig(16, 64, 128, 4, 3, 8),
                    QuantConfig(16, 128, 128, 4, 3, 4), QuantConfig(16, 32, 128, 4, 4, 8),
                    QuantConfig(16, 64, 64, 4, 4, 16)),
-        "tiled": (QuantConfig(128, 128, 64, 8, 3), QuantConfig(128, 64, 64, 4, 4),
-                  QuantConfig(64, 128, 64, 4, 4), QuantConfig(64, 64, 64, 4, 4),
-                  QuantConfig(32, 64, 128, 4, 4)),
+        "tiled8": (QuantConfig(128, 128, 64, 8, 3), QuantConfig(128, 64, 64, 4, 4),
+                   QuantConfig(64, 128, 64, 4, 4), QuantConfig(64, 64, 64, 4, 4)),
+        "tiled4": (QuantConfig(128, 64, 64, 8, 3), QuantConfig(64, 128, 64, 8, 3),
+                   QuantConfig(64, 64, 64, 4, 4)),
     },
     90: {
         "skinny": (QuantConfig(16, 64, 128, 4, 3, 4), QuantConfig(16, 64, 128, 4, 4, 8),
                    QuantConfig(16, 128, 128, 4, 3, 4), QuantConfig(16, 32, 128, 4, 4, 8),
                    QuantConfig(16, 64, 64, 4, 4, 16)),
-        "tiled": (QuantConfig(128, 128, 64, 8, 4), QuantConfig(128, 64, 64, 4, 4),
-                  QuantConfig(64, 128, 64, 4, 4), QuantConfig(64, 64, 64, 4, 4),
-                  QuantConfig(64, 128, 128, 8, 3)),
+        "tiled8": (QuantConfig(128, 128, 64, 8, 4), QuantConfig(128, 64, 64, 4, 4),
+                   QuantConfig(64, 128, 64, 4, 4), QuantConfig(64, 64, 64, 4, 4),
+                   QuantConfig(64, 128, 128, 8, 3)),
+        "tiled4": (QuantConfig(128, 64, 64, 4, 4), QuantConfig(64, 128, 64, 4, 4),
+                   QuantConfig(64, 64, 64, 4, 4), QuantConfig(64, 128, 128, 8, 3)),
     },
 }  # fmt: skip
 _W8A8_CONFIGS = {
@@ -212,7 +229,7 @@ _W8A8_CONFIGS = {
 }  # fmt: skip
 # Under the interpreter: one small tile (tl.dot needs 16 per side), split in two on the
 # skinny path so the partial sums are exercised.
-_INTERPRETER = {"skinny": QuantConfig(16, 32, 32, 4, 1, 2), "tiled": QuantConfig(32, 32, 32, 4, 1)}
+_INTERPRETER = {"skinny": QuantConfig(16, 32, 64, 4, 1, 2), "tiled": QuantConfig(32, 32, 64, 4, 1)}
 _QUANTIZE_BLOCK = 1024
 
 
@@ -226,8 +243,8 @@ def _m_bucket(m: int) -> int:
 
 
 @functools.cache
-def _autotuned(generation: int, path: str, group: int):
-    configs = [cfg.triton_config(group) for cfg in _CONFIGS[generation][path]]
+def _autotuned(generation: int, path: str, group: int, wide: bool):
+    configs = [cfg.triton_config(group, wide=wide) for cfg in _CONFIGS[generation][path]]
     return triton.autotune(configs, key=["M_BUCKET", "N", "K"])(_quant_matmul_kernel)
 
 
@@ -246,7 +263,8 @@ def quant_matmul_fwd(x, qweight, scales, zeros, scales2, scales_mean, code, bias
     y = x.new_empty((m, n))
     if y.numel() == 0:
         return y
-    path = "skinny" if m <= SKINNY_M else "tiled"
+    path = "skinny" if m <= SKINNY_M else f"tiled{bits}"
+    wide = k % 64 == 0  # 4-bit tiles are 64 wide unless K is an odd multiple of 32
     # Absent tensors are passed as y: the constexpr flags keep them untouched.
     tensors = (qweight, scales, y if zeros is None else zeros,
                y if scales2 is None else scales2, y if scales_mean is None else scales_mean,
@@ -262,13 +280,13 @@ def quant_matmul_fwd(x, qweight, scales, zeros, scales2, scales_mean, code, bias
         return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
 
     if x.device.type == "cuda":
-        kernel = _autotuned(_generation(x.device), path, group)
+        kernel = _autotuned(_generation(x.device), path, group, wide)
         kernel[grid](x, *tensors, out, m, n, k, _m_bucket(m), x.stride(0), **flags)
         split = kernel.best_config.kwargs["SPLIT_K"]
     else:
-        cfg = _INTERPRETER[path]
+        cfg = _INTERPRETER["skinny" if path == "skinny" else "tiled"]
         split = cfg.split_k
-        meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.tile_k(group),
+        meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.tile_k(group, wide),
                     SPLIT_K=split)  # fmt: skip
         on_device(_quant_matmul_kernel, x.device)[grid(meta)](
             x, *tensors, out, m, n, k, _m_bucket(m), x.stride(0), **flags, **meta,
@@ -314,3 +332,77 @@ def w8a8_matmul_fwd(xq, xs, wq, ws, bias, out_dtype: torch.dtype):
             *args, HAS_B=bias is not None, **meta, num_warps=cfg.num_warps
         )
     return y
+
+
+# Formats compiled by the static check: each weight layout in its heaviest form (zero points,
+# NF4 with double quantization), int4 at the smallest and largest group (BLOCK_K follows).
+_CHECKED_FORMATS = {
+    "int8": dict(BITS=8, NF4=False, HAS_ZEROS=False, DOUBLE_QUANT=False, GROUP=1),
+    "int4-g128": dict(BITS=4, NF4=False, HAS_ZEROS=True, DOUBLE_QUANT=False, GROUP=128),
+    "int4-g32": dict(BITS=4, NF4=False, HAS_ZEROS=True, DOUBLE_QUANT=False, GROUP=32),
+    "nf4-g64-dq": dict(BITS=4, NF4=True, HAS_ZEROS=False, DOUBLE_QUANT=True, GROUP=64),
+}
+
+
+def compile_specs() -> list[KernelSpec]:
+    """Every autotuning candidate per generation and path for each checked format (bf16;
+    fp16 for the first candidate), the W8A8 GEMM's candidates, and the row quantizer."""
+    specs = []
+    for generation, by_path in _CONFIGS.items():
+        for path, configs in by_path.items():
+            for fmt, flags in _CHECKED_FORMATS.items():
+                if path != "skinny" and path != f"tiled{flags['BITS']}":
+                    continue
+                for i, cfg in enumerate(configs):
+                    for dtype in ("bf16", "fp16") if i == 0 else ("bf16",):
+                        specs.append(_spec(generation, path, fmt, flags, cfg, dtype))
+        for cfg in _W8A8_CONFIGS[generation]:
+            specs.append(KernelSpec(
+                label=f"w8a8 bf16 {cfg.block_m}x{cfg.block_n}x{cfg.block_k} "
+                      f"w={cfg.num_warps} s={cfg.num_stages}",
+                kernel=_w8a8_kernel,
+                signature=dict(XQ="*i8", XS="*fp32", WQ="*i8", WS="*fp32", B="*bf16", Y="*bf16",
+                               M="i32", N="i32", K="i32", M_BUCKET="i32"),
+                constexprs=dict(HAS_B=True, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                                BLOCK_K=cfg.block_k),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                aligned=("XQ", "XS", "WQ", "WS", "B", "Y", "N", "K"),
+                needs_wgmma=cfg.block_m >= 64, capabilities=(generation,),
+            ))  # fmt: skip
+    for dtype in ("bf16", "fp16"):
+        specs.append(KernelSpec(
+            label=f"quantize_rows {dtype} block={_QUANTIZE_BLOCK}", kernel=_quantize_rows_kernel,
+            signature=dict(X=f"*{dtype}", XQ="*i8", XS="*fp32", K="i32", stride_xm="i32"),
+            constexprs=dict(BLOCK=_QUANTIZE_BLOCK), num_warps=4,
+            aligned=("X", "XQ", "XS", "K", "stride_xm"),
+        ))  # fmt: skip
+    return specs
+
+
+def _spec(generation: int, path: str, fmt: str, flags: dict, cfg: QuantConfig,
+          dtype: str) -> KernelSpec:  # fmt: skip
+    weight = "*i8" if flags["BITS"] == 8 else "*u8"
+    scale = "*fp32" if flags["BITS"] == 8 else ("*i8" if flags["DOUBLE_QUANT"] else "*fp16")
+    partial = path == "skinny"
+    signature = dict(X=f"*{dtype}", QW=weight, S=scale, Z="*u8", S2="*fp32", SMEAN="*fp32",
+                     CODE="*fp32", B=f"*{dtype}", Y="*fp32" if partial else f"*{dtype}",
+                     M="i32", N="i32", K="i32", M_BUCKET="i32", stride_xm="i32")  # fmt: skip
+    group = flags["GROUP"] if flags["BITS"] == 4 else 0
+    constexprs = dict(
+        flags,
+        HAS_B=not partial,
+        PARTIAL=partial,
+        SPLIT_K=cfg.split_k,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.tile_k(group),
+    )
+    return KernelSpec(
+        label=f"quant_matmul {path} {fmt} {dtype} {cfg.block_m}x{cfg.block_n}x"
+              f"{cfg.tile_k(group)} split={cfg.split_k} w={cfg.num_warps} s={cfg.num_stages}",
+        kernel=_quant_matmul_kernel, signature=signature, constexprs=constexprs,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        aligned=("X", "QW", "S", "Z", "B", "Y", "N", "K", "stride_xm"),
+        # Tensor cores everywhere (mma); warpgroup MMA needs 64-row tiles.
+        needs_wgmma=not partial and cfg.block_m >= 64, capabilities=(generation,),
+    )  # fmt: skip

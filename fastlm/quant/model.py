@@ -15,9 +15,12 @@ log = logging.getLogger("fastlm.quant")
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:
-    """A pattern matches a module's qualified name, its last component, or a glob of it."""
-    return any(name == p or name.rsplit(".", 1)[-1] == p or fnmatch.fnmatchcase(name, p)
-               for p in patterns)  # fmt: skip
+    """A pattern (a glob) matches a module's qualified name or any dotted tail of it:
+    ``"lm_head"`` and ``"blocks.0.*"`` also match ``"model.lm_head"`` and
+    ``"bert.blocks.0.attn.qkv"``."""
+    parts = name.split(".")
+    tails = [".".join(parts[i:]) for i in range(len(parts))]
+    return any(fnmatch.fnmatchcase(tail, p) for tail in tails for p in patterns)
 
 
 def quantize_(model: nn.Module, bits: int = 4, group_size: int | None = None,
@@ -25,8 +28,8 @@ def quantize_(model: nn.Module, bits: int = 4, group_size: int | None = None,
               exclude: Sequence[str] = ("lm_head",), symmetric: bool = False,
               double_quant: bool = False, act_bits: int | None = None) -> list[str]:  # fmt: skip
     """Replace, in place, every ``nn.Linear`` of ``model`` whose name matches ``include``
-    (None: all) and not ``exclude`` (names, last components or globs: ``"lm_head"``,
-    ``"blocks.0.*"``) by a :class:`QuantLinear` of the given format.
+    (None: all) and not ``exclude`` (globs over qualified names or their dotted tails:
+    ``"lm_head"``, ``"blocks.0.*"``, ``"*.o"``) by a :class:`QuantLinear` of the format.
 
     A layer the format cannot hold (K not divisible by the group size, or odd for 4-bit) is
     left as it is, with the reason logged (logger ``fastlm.quant``). Returns the names of
