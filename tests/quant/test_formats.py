@@ -77,11 +77,12 @@ def test_symmetric_and_nf4_keep_zero_exact():
 
 @pytest.mark.parametrize("kind", ["gaussian", "student-t"])
 def test_sqnr_floors(kind):
-    """Signal-to-quantization-noise ratios above floors set ~2 dB under what each format
-    reaches on 96 x 512 weights (8-bit ~ 6 dB per bit; 4-bit ~ 20 dB on Gaussians)."""
+    """Signal-to-quantization-noise ratios above floors: ~2 dB under what each format
+    reaches on 96 x 512 Gaussian weights; for Student-t, whose rare huge outliers make the
+    ratio noisy, ~2 dB under the worst of 300 seeds."""
     floors = {"gaussian": {"int8": 40, "int4-g32": 19.5, "int4-g128": 18, "int4-sym-g64": 16.5,
                            "nf4-g64": 18.5, "nf4-g64-dq": 18.5},
-              "student-t": {"int8": 30, "int4-g32": 16, "int4-g128": 13, "int4-sym-g64": 12,
+              "student-t": {"int8": 24, "int4-g32": 16, "int4-g128": 13, "int4-sym-g64": 12,
                             "nf4-g64": 14, "nf4-g64-dq": 14}}[kind]  # fmt: skip
     w = weights(kind)
     for fmt, floor in floors.items():
