@@ -19,6 +19,17 @@
 //   residual_out); dresidual_out: None or the gradient of residual_out, added to dx.
 //   dx (M, N) contiguous in dx_dtype (xs's dtype); dweight (N,) float32 when weight is
 //   given, dbias (N,) float32 when has_bias, else empty. Deterministic (no atomics).
+//
+// fastlm_C::quant_gemv(x, qweight, scales, zeros, bits, group_size) -> y
+//   Weight-only quantized linear for decoding: y (M, N) = x @ W^T in x's dtype, float32
+//   accumulation. x (M, K) float16/bfloat16, contiguous, 1 <= M <= 8.
+//   bits=8: qweight int8 (N, K); scales float32 (N,); zeros None; group_size ignored;
+//     W[n, k] = qweight[n, k] * scales[n].
+//   bits=4: qweight uint8 (N, K/2), byte (n, j) = q(n, 2j) | q(n, 2j + 1) << 4, q in [0, 15];
+//     group_size G in {32, 64, 128} dividing K; scales float16 (N, K/G); zeros None
+//     (symmetric, z = 8) or uint8 (N, K/G) with z in [0, 15];
+//     W[n, k] = (q(n, k) - z[n, k/G]) * scales[n, k/G].
+//   qweight, scales and zeros contiguous, on x's device.
 
 #include <Python.h>
 
@@ -29,10 +40,12 @@
 #include <torch/library.h>
 
 #include <climits>
+#include <cstdint>
 #include <optional>
 #include <tuple>
 
 #include "norm.cuh"
+#include "quant_gemv.cuh"
 
 namespace {
 
@@ -215,6 +228,75 @@ std::tuple<Tensor, Tensor, Tensor> norm_bwd(const Tensor& dy, const Tensor& xs,
   return {dx, dweight, dbias};
 }
 
+// qweight, scales or zeros of quant_gemv: dtype, shape, contiguous, on x's device.
+void check_weight_part(const Tensor& t, const char* name, const Tensor& x, at::ScalarType dtype,
+                       const char* dtype_name, at::IntArrayRef shape, int64_t bits) {
+  check_device(t, name, x);
+  TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", dtype_name, " for bits=", bits,
+              ", got ", t.scalar_type());
+  TORCH_CHECK(t.sizes() == shape, name, " must have shape ", shape, " for bits=", bits, ", got ",
+              t.sizes());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous, got strides ", t.strides());
+}
+
+Tensor quant_gemv(const Tensor& x, const Tensor& qweight, const Tensor& scales,
+                  const std::optional<Tensor>& zeros, int64_t bits, int64_t group_size) {
+  TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor, got ", x.device());
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+              "x must be float16 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() == 2, "x must be 2-D (M, K), got shape ", x.sizes());
+  const int64_t m = x.size(0), k = x.size(1);
+  TORCH_CHECK(m >= 1 && m <= fastlm::kQuantGemvMaxRows, "x must have 1 to ",
+              fastlm::kQuantGemvMaxRows, " rows (M), got ", m);
+  TORCH_CHECK(k >= 1 && k <= INT_MAX, "x must have K in [1, 2^31), got ", k);
+  TORCH_CHECK(x.is_contiguous(), "x must be contiguous, got strides ", x.strides());
+  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8, got ", bits);
+  TORCH_CHECK(qweight.dim() == 2, "qweight must be 2-D (N, K * bits / 8), got shape ",
+              qweight.sizes());
+  const int64_t n = qweight.size(0);
+  Tensor qw = qweight;
+  if (bits == 8) {
+    check_weight_part(qweight, "qweight", x, at::kChar, "int8", {n, k}, bits);
+    check_weight_part(scales, "scales", x, at::kFloat, "float32", {n}, bits);
+    TORCH_CHECK(!zeros, "zeros must be None for bits=8 (int8 weights are symmetric)");
+  } else {
+    TORCH_CHECK(group_size == 32 || group_size == 64 || group_size == 128,
+                "group_size must be 32, 64 or 128 for bits=4, got ", group_size);
+    TORCH_CHECK(k % group_size == 0, "K (x.size(1) = ", k, ") must be a multiple of group_size (",
+                group_size, ") for bits=4");
+    const int64_t groups = k / group_size;
+    check_weight_part(qweight, "qweight", x, at::kByte, "uint8", {n, k / 2}, bits);
+    check_weight_part(scales, "scales", x, at::kHalf, "float16", {n, groups}, bits);
+    if (zeros) check_weight_part(*zeros, "zeros", x, at::kByte, "uint8", {n, groups}, bits);
+    // The int4 kernel reads rows with 128-bit loads; a view that starts inside its storage
+    // may be misaligned, and copying it is cheaper than a scalar kernel.
+    if (reinterpret_cast<uintptr_t>(qweight.data_ptr()) % 16 != 0) qw = qweight.clone();
+  }
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  Tensor y = at::empty({m, n}, x.options());
+  fastlm::QuantGemvParams p;
+  p.x = x.data_ptr();
+  p.qweight = qw.data_ptr();
+  p.scales = scales.data_ptr();
+  p.zeros = zeros ? zeros->data_ptr<uint8_t>() : nullptr;
+  p.y = y.data_ptr();
+  p.m = m;
+  p.n = n;
+  p.k = k;
+  p.bits = static_cast<int>(bits);
+  p.group_size = static_cast<int>(group_size);
+  p.x_dtype = to_dtype(x.scalar_type(), "x");
+
+  int64_t workspace_floats = 0;
+  check_launch(fastlm::quant_gemv_workspace_size(p, &workspace_floats), "fastlm_C::quant_gemv");
+  Tensor workspace = at::empty({workspace_floats}, x.options().dtype(at::kFloat));
+  check_launch(fastlm::quant_gemv(p, workspace_floats ? workspace.data_ptr<float>() : nullptr,
+                                  c10::cuda::getCurrentCUDAStream()),
+               "fastlm_C::quant_gemv");
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fastlm_C, m) {
@@ -225,11 +307,15 @@ TORCH_LIBRARY(fastlm_C, m) {
       "norm_bwd(Tensor dy, Tensor xs, Tensor? weight, Tensor mean, Tensor rstd, "
       "Tensor? dresidual_out, bool rms, bool has_bias, ScalarType dx_dtype) "
       "-> (Tensor dx, Tensor dweight, Tensor dbias)");
+  m.def(
+      "quant_gemv(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, int bits, "
+      "int group_size) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastlm_C, CUDA, m) {
   m.impl("norm_fwd", &norm_fwd);
   m.impl("norm_bwd", &norm_bwd);
+  m.impl("quant_gemv", &quant_gemv);
 }
 
 // The ops register when the library loads; the module itself is empty, so that
