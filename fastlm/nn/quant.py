@@ -69,13 +69,18 @@ class QuantLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int | None = None,
                     scheme: str = "int", act_bits: int | None = None, symmetric: bool = False,
                     double_quant: bool = False) -> QuantLinear:  # fmt: skip
-        """Quantize ``linear``'s weight; the bias is kept in its dtype."""
+        """Quantize ``linear``'s weight; the bias is kept in its dtype. A ``linear`` on the
+        meta device gives an empty layer of the right shapes: the skeleton a quantized
+        checkpoint loads into (``load_state_dict(..., assign=True)``) without any float
+        weight being formed."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         w = linear.weight
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, bits,
                     group_size, scheme, symmetric, double_quant, act_bits, device=w.device,
                     dtype=w.dtype)  # fmt: skip
+        if w.is_meta:
+            return layer
         qw = quantize_weight(w, bits, group_size, scheme, symmetric,
                              double_quant)  # fmt: skip
         for name, tensor in qw.tensors().items():

@@ -71,6 +71,27 @@ def test_stored_size_of_int4_g128_is_about_4_2_bits_per_weight(tmp_path):
     assert os.path.getsize(path) < 0.27 * os.path.getsize(float_path)
 
 
+def test_quantized_checkpoint_loads_into_a_meta_model(tmp_path):
+    """The load path never forms float weights: a model built on the meta device (no
+    memory), quantized (empty layers of the right shapes), then assigned the file's tensors
+    (untied embeddings and learned positions: no tensor is derived or shared)."""
+
+    def build():
+        return create("gpt2-tiny", vocab_size=300, tie_word_embeddings=False)
+
+    model = build().eval()
+    quantize_(model, bits=4, scheme="nf4", double_quant=True)
+    path = tmp_path / "model.safetensors"
+    safetensors.torch.save_model(model, str(path))
+    with torch.device("meta"):
+        skeleton = build()
+        quantize_(skeleton, bits=4, scheme="nf4", double_quant=True)
+    assert skeleton.blocks[0].mlp.fc1.qweight.is_meta
+    skeleton.load_state_dict(safetensors.torch.load_file(str(path)), strict=True, assign=True)
+    ids = torch.randint(0, 300, (2, 9))
+    torch.testing.assert_close(skeleton.eval()(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
 def test_quantize_model_skips_with_reasons_and_matches_its_dequantized_self(caplog):
     model = create("gpt2-tiny", vocab_size=300, hidden_size=96, num_heads=2).eval()
     ids = torch.randint(0, 300, (2, 12))
