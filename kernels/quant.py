@@ -39,6 +39,18 @@ SKINNY_M = 16  # rows up to which the split-K path runs
 
 
 @triton.jit
+def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's output rows and columns, and the in-range ones to read: edge rows and
+    columns read wrapped-around valid ones (never stored), so weight loads stay unmasked and
+    full width."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_in = (rows % M).to(tl.int64)
+    cols_in = tl.max_contiguous(tl.multiple_of(cols % N, BLOCK_N), BLOCK_N).to(tl.int64)
+    return rows, cols, rows_in, cols_in
+
+
+@triton.jit
 def _quant_matmul_kernel(
     X, QW, S, Z, S2, SMEAN, CODE, B, Y, M, N, K, M_BUCKET, stride_xm,
     BITS: tl.constexpr, NF4: tl.constexpr, HAS_ZEROS: tl.constexpr,
@@ -48,15 +60,8 @@ def _quant_matmul_kernel(
 ):  # fmt: skip
     # M_BUCKET only keys the autotuner. Split k covers whole K tiles (whole groups for
     # 4-bit), the last split possibly fewer.
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    rows, cols, rows_in, cols_in = _tile(M, N, BLOCK_M, BLOCK_N)
     pid_k = tl.program_id(2)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    # Edge rows/columns read wrapped-around valid ones (never stored): unmasked, full-width
-    # weight loads.
-    rows_in = (rows % M).to(tl.int64)
-    cols_in = tl.max_contiguous(tl.multiple_of(cols % N, BLOCK_N), BLOCK_N).to(tl.int64)
     k_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     k_start = pid_k * k_split
     k_stop = tl.minimum(K, k_start + k_split)
@@ -150,12 +155,7 @@ def _w8a8_kernel(
     XQ, XS, WQ, WS, B, Y, M, N, K, M_BUCKET,
     HAS_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows_in = (rows % M).to(tl.int64)
-    cols_in = tl.max_contiguous(tl.multiple_of(cols % N, BLOCK_N), BLOCK_N).to(tl.int64)
+    rows, cols, rows_in, cols_in = _tile(M, N, BLOCK_M, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
