@@ -1,0 +1,103 @@
+"""LoRA adapters move between fastlm and Hugging Face PEFT, both ways, with equal outputs."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from fastlm.nn.lora import LoRALinear
+from fastlm.peft import apply_lora, load_adapter, lora_state_dict, merge_lora, save_adapter
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def llama():
+    cfg = transformers.LlamaConfig(vocab_size=120, hidden_size=64, intermediate_size=96,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2)  # fmt: skip
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def randomize_b(model):
+    for m in model.modules():
+        for b in getattr(m, "lora_B", {}).values():
+            torch.nn.init.normal_(b.weight, std=0.05)
+
+
+def test_fresh_adapter_is_the_identity_and_only_lora_trains():
+    model = llama()
+    ids = torch.randint(0, 120, (2, 7))
+    before = model(ids).logits
+    apply_lora(model, r=4, alpha=8, target_modules=TARGETS)
+    assert torch.equal(model(ids).logits, before)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert sum(isinstance(m, LoRALinear) for m in model.modules()) == 2 * len(TARGETS)
+
+
+def test_fastlm_adapter_loads_in_peft(tmp_path):
+    base = llama()
+    ours = apply_lora(copy.deepcopy(base), r=4, alpha=8, target_modules=TARGETS)
+    randomize_b(ours)
+    save_adapter(ours, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    ids = torch.randint(0, 120, (2, 7))
+    torch.testing.assert_close(theirs(ids).logits, ours(ids).logits, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(ours(ids).logits, base(ids).logits, atol=1e-3)
+
+
+def test_peft_adapter_loads_in_fastlm(tmp_path):
+    base = llama()
+    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0)
+    theirs = peft.get_peft_model(copy.deepcopy(base), config)
+    randomize_b(theirs)
+    theirs.save_pretrained(tmp_path)
+    ours = load_adapter(copy.deepcopy(base), tmp_path)
+    ids = torch.randint(0, 120, (2, 7))
+    torch.testing.assert_close(ours(ids).logits, theirs.eval()(ids).logits, rtol=1e-5, atol=1e-5)
+    # Keys and shapes are PEFT's, tensor for tensor.
+    saved = peft.get_peft_model_state_dict(theirs)
+    mine = lora_state_dict(ours)
+    assert set(saved) == set(mine)
+    for k in saved:
+        assert torch.equal(saved[k], mine[k]), k
+
+
+def test_merge_matches_and_unmerge_restores_exactly():
+    model = apply_lora(llama(), r=4, alpha=8, target_modules=TARGETS)
+    randomize_b(model)
+    ids = torch.randint(0, 120, (2, 7))
+    before = model(ids).logits
+    layer = model.model.layers[0].self_attn.q_proj
+    w = layer.base_layer.weight.clone()
+    layer.merge()
+    torch.testing.assert_close(layer.base_layer.weight, w + layer.delta_weight("default"))
+    layer.unmerge()
+    assert torch.equal(layer.base_layer.weight, w)
+    merged = merge_lora(model)
+    assert not any(isinstance(m, LoRALinear) for m in merged.modules())
+    torch.testing.assert_close(merged(ids).logits, before, rtol=1e-5, atol=1e-5)
+
+
+def test_errors(tmp_path):
+    model = llama()
+    with pytest.raises(ValueError, match="matches no linear layer of LlamaForCausalLM"):
+        apply_lora(model, target_modules=["nope"])
+    with pytest.raises(ValueError, match="r must be a positive int"):
+        apply_lora(model, r=0, target_modules=TARGETS)
+    with pytest.raises(ValueError, match="is not a PEFT adapter directory"):
+        load_adapter(model, tmp_path)
+    small = apply_lora(llama(), r=4, target_modules=TARGETS)
+    save_adapter(small, tmp_path)
+    other = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=120, hidden_size=32, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2))  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"lora_B of model.layers.0.mlp.down_proj is \(64, 4\), the model needs \(32, 4\)",
+    ):
+        load_adapter(other, tmp_path)
