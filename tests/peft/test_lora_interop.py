@@ -101,3 +101,19 @@ def test_errors(tmp_path):
         match=r"lora_B of model.layers.0.mlp.down_proj is \(64, 4\), the model needs \(32, 4\)",
     ):
         load_adapter(other, tmp_path)
+
+
+def test_freeze_trains_the_last_blocks_and_the_head():
+    from fastlm.models import create
+    from fastlm.peft import freeze
+
+    model = create("gpt2-tiny", vocab_size=120, num_layers=3, tie_word_embeddings=False)
+    freeze(model, train_last_n_blocks=1, train_head=True)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("blocks.2.", "lm_head.")) for n in trainable)
+    assert any(n.startswith("lm_head.") for n in trainable)
+    hf = freeze(llama(), train_last_n_blocks=2, train_head=False)
+    names = {n for n, p in hf.named_parameters() if p.requires_grad}
+    assert names and all(n.startswith(("model.layers.0.", "model.layers.1.")) for n in names)
+    with pytest.raises(ValueError, match="train_last_n_blocks 5 > the model's 3 blocks"):
+        freeze(model, train_last_n_blocks=5)
