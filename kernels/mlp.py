@@ -31,11 +31,15 @@ from .launch import KernelSpec, on_device
 
 @triton.jit
 def _linear_act_fwd_kernel(
-    X, W, W_UP, B, B_UP, Y, PRE, PRE_UP, M, N, K, M_BUCKET, stride_xm, dropout_p, seed,
+    X, W, W_UP, B, B_UP, Y, PRE, PRE_UP, T, LB, M, N, K, M_BUCKET, stride_xm, dropout_p, seed,
+    lora_scale, R,
     ACT: tl.constexpr, HAS_B: tl.constexpr, GATED: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     SAVE_PRE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, LORA_R: tl.constexpr,
 ):  # fmt: skip
+    # LORA_R > 0 adds the low-rank term lora_scale * T @ LB.T (T (M, R) = x A.T, LB (N, R))
+    # to the accumulator before the epilogue: LoRA's base and update in one pass over y.
+    # LORA_R is R rounded up to a power of two >= 16 (tl.dot's minimum).
     # M_BUCKET is only an autotuning key (the M range a tile choice is reused for).
     # Grouped order: GROUP_M row blocks share each column block of W while it is in L2.
     pid = tl.program_id(0)
@@ -70,6 +74,11 @@ def _linear_act_fwd_kernel(
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
 
+    if LORA_R > 0:
+        rs = tl.arange(0, LORA_R)
+        t = tl.load(T + rows_in[:, None] * R + rs[None, :], mask=rs[None, :] < R, other=0.0)
+        lb = tl.load(LB + cols_in[None, :] * R + rs[:, None], mask=rs[:, None] < R, other=0.0)
+        acc += tl.dot(t, lb) * lora_scale
     mask = (rows < M)[:, None] & (cols < N)[None, :]
     offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
     # Each accumulator is finished (bias, saved, consumed) before the next is touched: with
@@ -155,7 +164,8 @@ def _m_bucket(m: int) -> int:
     return min(triton.next_power_of_2(m), 4096)
 
 
-def _launch(x, weight, weight_up, bias, bias_up, activation, dropout_p, seed, save_pre):
+def _launch(x, weight, weight_up, bias, bias_up, activation, dropout_p, seed, save_pre,
+            lora=None):  # fmt: skip
     m, k = x.shape
     n = weight.shape[0]
     gated = weight_up is not None
@@ -165,12 +175,15 @@ def _launch(x, weight, weight_up, bias, bias_up, activation, dropout_p, seed, sa
     if y.numel() == 0:
         return y, pre, pre_up
     # Absent tensors are passed as y: the constexpr flags keep them untouched.
+    t, lora_b, lora_scale = lora if lora is not None else (y, y, 0.0)
+    r = t.shape[1] if lora is not None else 0
     args = (x, weight, y if weight_up is None else weight_up, y if bias is None else bias,
             y if bias_up is None else bias_up, y, y if pre is None else pre,
-            y if pre_up is None else pre_up, m, n, k, _m_bucket(m), x.stride(0), dropout_p,
-            seed)  # fmt: skip
+            y if pre_up is None else pre_up, t, lora_b, m, n, k, _m_bucket(m), x.stride(0),
+            dropout_p, seed, lora_scale, r)  # fmt: skip
     flags = dict(ACT=ACTIVATIONS.index(activation), HAS_B=bias is not None, GATED=gated,
-                 HAS_DROPOUT=dropout_p > 0, SAVE_PRE=save_pre)  # fmt: skip
+                 HAS_DROPOUT=dropout_p > 0, SAVE_PRE=save_pre,
+                 LORA_R=max(16, triton.next_power_of_2(r)) if r else 0)  # fmt: skip
     if x.device.type == "cuda":
         kernel = _autotuned(_generation(x.device), _kind(gated, dropout_p > 0))
 
@@ -189,10 +202,13 @@ def _launch(x, weight, weight_up, bias, bias_up, activation, dropout_p, seed, sa
 
 
 def linear_act_fwd(x, weight, bias, activation: str, dropout_p: float = 0.0, seed: int = 0,
-                   save_pre: bool = False):  # fmt: skip
+                   save_pre: bool = False, lora=None):  # fmt: skip
     """``(y, pre)``: ``y = dropout(act(x @ weight.T + bias))`` in x's dtype, and with
-    ``save_pre`` the pre-activation ``x @ weight.T + bias`` for the backward."""
-    y, pre, _ = _launch(x, weight, None, bias, None, activation, dropout_p, seed, save_pre)
+    ``save_pre`` the pre-activation ``x @ weight.T + bias`` for the backward. ``lora``:
+    ``(t, b, scale)`` adds ``scale * t @ b.T`` (t (M, r) contiguous, b (N, r)) before the
+    activation: a LoRA layer's update."""
+    y, pre, _ = _launch(x, weight, None, bias, None, activation, dropout_p, seed, save_pre,
+                        lora)  # fmt: skip
     return y, pre
 
 
@@ -219,11 +235,13 @@ def compile_specs() -> list[KernelSpec]:
 def _spec(generation: int, kind: str, cfg: GemmConfig, dtype: str) -> KernelSpec:
     pointers = ("X", "W", "W_UP", "B", "B_UP", "Y", "PRE", "PRE_UP")
     signature = {name: f"*{dtype}" for name in pointers}
-    signature.update(M="i32", N="i32", K="i32", M_BUCKET="i32", stride_xm="i32",
-                     dropout_p="fp32", seed="i32")  # fmt: skip
+    signature.update(T=f"*{dtype}", LB=f"*{dtype}", M="i32", N="i32", K="i32",
+                     M_BUCKET="i32", stride_xm="i32", dropout_p="fp32", seed="i32",
+                     lora_scale="fp32", R="i32")  # fmt: skip
     constexprs = dict(ACT=ACTIVATIONS.index("gelu"), HAS_B=True, GATED=kind == "gated",
                       HAS_DROPOUT=kind == "dropout", SAVE_PRE=True, BLOCK_M=cfg.block_m,
-                      BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=8)  # fmt: skip
+                      BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=8,
+                      LORA_R=16 if kind == "plain" else 0)  # fmt: skip
     return KernelSpec(
         label=f"linear_act {kind} {dtype} {cfg.block_m}x{cfg.block_n}x{cfg.block_k} "
               f"w={cfg.num_warps} s={cfg.num_stages}",

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from fastlm.nn.quant import QuantLinear
+from fastlm.ops.lora import lora_linear
 from fastlm.quant.formats import dequantize_weight
 
 
@@ -83,11 +84,18 @@ class LoRALinear(nn.Module):
         return (b.float() @ a.float()) * self.scaling[name]
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.base_layer(x)
         name = self.active_adapter
         if name is None or name in self.merged:
-            return y
+            return self.base_layer(x)
         a, b = self.lora_A[name], self.lora_B[name]
+        base = self.base_layer
+        if type(base) is nn.Linear and base.weight.dtype == a.weight.dtype == x.dtype:
+            # Base GEMM and low-rank update in one kernel (fastlm.ops.lora_linear).
+            dropout = self.lora_dropout[name]
+            p = dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0
+            return lora_linear(x, base.weight, base.bias, a.weight, b.weight,
+                               self.scaling[name], p)  # fmt: skip
+        y = base(x)
         update = b(a(self.lora_dropout[name](x.to(a.weight.dtype))))
         return y + (update * self.scaling[name]).to(y.dtype)
 
