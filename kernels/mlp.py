@@ -27,6 +27,7 @@ import triton.language as tl
 
 from .activation import ACTIVATIONS, _act, _keep
 from .launch import KernelSpec, on_device
+from .lora import lora_rank_block, lora_update
 
 
 @triton.jit
@@ -37,9 +38,7 @@ def _linear_act_fwd_kernel(
     SAVE_PRE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, LORA_R: tl.constexpr,
 ):  # fmt: skip
-    # LORA_R > 0 adds the low-rank term lora_scale * T @ LB.T (T (M, R) = x A.T, LB (N, R))
-    # to the accumulator before the epilogue: LoRA's base and update in one pass over y.
-    # LORA_R is R rounded up to a power of two >= 16 (tl.dot's minimum).
+    # LORA_R > 0 adds lora_scale * T @ LB.T (kernels/lora.py) before the epilogue.
     # M_BUCKET is only an autotuning key (the M range a tile choice is reused for).
     # Grouped order: GROUP_M row blocks share each column block of W while it is in L2.
     pid = tl.program_id(0)
@@ -75,10 +74,7 @@ def _linear_act_fwd_kernel(
         w_ptrs += BLOCK_K
 
     if LORA_R > 0:
-        rs = tl.arange(0, LORA_R)
-        t = tl.load(T + rows_in[:, None] * R + rs[None, :], mask=rs[None, :] < R, other=0.0)
-        lb = tl.load(LB + cols_in[None, :] * R + rs[:, None], mask=rs[:, None] < R, other=0.0)
-        acc += tl.dot(t, lb) * lora_scale
+        acc += lora_update(T, LB, rows_in, cols_in, R, LORA_R) * lora_scale
     mask = (rows < M)[:, None] & (cols < N)[None, :]
     offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
     # Each accumulator is finished (bias, saved, consumed) before the next is touched: with
@@ -183,7 +179,7 @@ def _launch(x, weight, weight_up, bias, bias_up, activation, dropout_p, seed, sa
             dropout_p, seed, lora_scale, r)  # fmt: skip
     flags = dict(ACT=ACTIVATIONS.index(activation), HAS_B=bias is not None, GATED=gated,
                  HAS_DROPOUT=dropout_p > 0, SAVE_PRE=save_pre,
-                 LORA_R=max(16, triton.next_power_of_2(r)) if r else 0)  # fmt: skip
+                 LORA_R=lora_rank_block(r))  # fmt: skip
     if x.device.type == "cuda":
         kernel = _autotuned(_generation(x.device), _kind(gated, dropout_p > 0))
 

@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from .launch import KernelSpec, on_device
+from .lora import lora_rank_block, lora_update
 
 SKINNY_M = 16  # rows up to which the split-K path runs
 
@@ -52,12 +53,13 @@ def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _quant_matmul_kernel(
-    X, QW, S, Z, S2, SMEAN, CODE, B, Y, M, N, K, M_BUCKET, stride_xm,
+    X, QW, S, Z, S2, SMEAN, CODE, B, Y, T, LB, M, N, K, M_BUCKET, stride_xm, lora_scale, R,
     BITS: tl.constexpr, NF4: tl.constexpr, HAS_ZEROS: tl.constexpr,
     DOUBLE_QUANT: tl.constexpr, HAS_B: tl.constexpr, PARTIAL: tl.constexpr,
     GROUP: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, LORA_R: tl.constexpr,
 ):  # fmt: skip
+    # LORA_R > 0 adds lora_scale * T @ LB.T (kernels/lora.py: QLoRA; tiled path only).
     # M_BUCKET only keys the autotuner. Split k covers whole K tiles (whole groups for
     # 4-bit), the last split possibly fewer.
     rows, cols, rows_in, cols_in = _tile(M, N, BLOCK_M, BLOCK_N)
@@ -113,6 +115,8 @@ def _quant_matmul_kernel(
             else:
                 acc = tl.dot(x_even, (w_low * scale).to(x.dtype), acc)
                 acc = tl.dot(x_odd, (w_high * scale).to(x.dtype), acc)
+    if LORA_R > 0:
+        acc += lora_update(T, LB, rows_in, cols_in, R, LORA_R) * lora_scale
     mask = (rows < M)[:, None] & (cols < N)[None, :]
     offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
     if PARTIAL:
@@ -256,10 +260,11 @@ def _w8a8_autotuned(generation: int):
 
 
 def quant_matmul_fwd(x, qweight, scales, zeros, scales2, scales_mean, code, bias, bits: int,
-                     nf4: bool, group: int, n: int):  # fmt: skip
+                     nf4: bool, group: int, n: int, lora=None):  # fmt: skip
     """``x @ W.T + bias`` for x (M, K) fp16/bf16 with a unit stride along K and W (n, K)
     quantized as :mod:`fastlm.quant.formats` lays it out (``group`` 0: per-channel int8).
-    Returns (M, n) in x's dtype."""
+    ``lora``: ``(t, b, scale)`` adds ``scale * t @ b.T`` (QLoRA's update). Returns (M, n)
+    in x's dtype."""
     m, k = x.shape
     y = x.new_empty((m, n))
     if y.numel() == 0:
@@ -270,9 +275,15 @@ def quant_matmul_fwd(x, qweight, scales, zeros, scales2, scales_mean, code, bias
     tensors = (qweight, scales, y if zeros is None else zeros,
                y if scales2 is None else scales2, y if scales_mean is None else scales_mean,
                y if code is None else code, y if bias is None else bias)  # fmt: skip
+    # The skinny path adds a LoRA update after its split-K sum (M <= 16 rows: a tiny GEMM);
+    # the tiled one in its epilogue.
+    fused = lora if path != "skinny" else None
+    t, lora_b, lora_scale = fused if fused is not None else (y, y, 0.0)
+    r = t.shape[1] if fused is not None else 0
     flags = dict(BITS=bits, NF4=nf4, HAS_ZEROS=zeros is not None,
                  DOUBLE_QUANT=scales2 is not None, HAS_B=bias is not None,
-                 PARTIAL=path == "skinny", GROUP=max(group, 1))  # fmt: skip
+                 PARTIAL=path == "skinny", GROUP=max(group, 1),
+                 LORA_R=lora_rank_block(r))  # fmt: skip
     max_split = max(c.split_k for c in (*_CONFIGS[80]["skinny"], *_CONFIGS[90]["skinny"],
                                         _INTERPRETER["skinny"]))  # fmt: skip
     out = x.new_empty((max_split, m, n), dtype=torch.float32) if path == "skinny" else y
@@ -282,7 +293,8 @@ def quant_matmul_fwd(x, qweight, scales, zeros, scales2, scales_mean, code, bias
 
     if x.device.type == "cuda":
         kernel = _autotuned(_generation(x.device), path, group, wide)
-        kernel[grid](x, *tensors, out, m, n, k, _m_bucket(m), x.stride(0), **flags)
+        kernel[grid](x, *tensors, out, t, lora_b, m, n, k, _m_bucket(m), x.stride(0),
+                     lora_scale, r, **flags)  # fmt: skip
         split = kernel.best_config.kwargs["SPLIT_K"]
     else:
         cfg = _INTERPRETER["skinny" if path == "skinny" else "tiled"]
@@ -290,13 +302,16 @@ def quant_matmul_fwd(x, qweight, scales, zeros, scales2, scales_mean, code, bias
         meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.tile_k(group, wide),
                     SPLIT_K=split)  # fmt: skip
         on_device(_quant_matmul_kernel, x.device)[grid(meta)](
-            x, *tensors, out, m, n, k, _m_bucket(m), x.stride(0), **flags, **meta,
+            x, *tensors, out, t, lora_b, m, n, k, _m_bucket(m), x.stride(0), lora_scale, r,
+            **flags, **meta,
             num_warps=cfg.num_warps,
         )  # fmt: skip
     if path == "skinny":
         total = out[:split].sum(dim=0)
         if bias is not None:
             total += bias.float()
+        if lora is not None:
+            total += lora[2] * (lora[0].float() @ lora[1].float().T)
         y.copy_(total)
     return y
 
@@ -387,7 +402,8 @@ def _spec(generation: int, path: str, fmt: str, flags: dict, cfg: QuantConfig,
     partial = path == "skinny"
     signature = dict(X=f"*{dtype}", QW=weight, S=scale, Z="*u8", S2="*fp32", SMEAN="*fp32",
                      CODE="*fp32", B=f"*{dtype}", Y="*fp32" if partial else f"*{dtype}",
-                     M="i32", N="i32", K="i32", M_BUCKET="i32", stride_xm="i32")  # fmt: skip
+                     T=f"*{dtype}", LB=f"*{dtype}", M="i32", N="i32", K="i32",
+                     M_BUCKET="i32", stride_xm="i32", lora_scale="fp32", R="i32")  # fmt: skip
     group = flags["GROUP"] if flags["BITS"] == 4 else 0
     constexprs = dict(
         flags,
@@ -397,6 +413,7 @@ def _spec(generation: int, path: str, fmt: str, flags: dict, cfg: QuantConfig,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.tile_k(group),
+        LORA_R=16 if flags["BITS"] == 4 and not partial else 0,  # with QLoRA's epilogue
     )
     return KernelSpec(
         label=f"quant_matmul {path} {fmt} {dtype} {cfg.block_m}x{cfg.block_n}x"

@@ -89,12 +89,14 @@ class LoRALinear(nn.Module):
             return self.base_layer(x)
         a, b = self.lora_A[name], self.lora_B[name]
         base = self.base_layer
-        if type(base) is nn.Linear and base.weight.dtype == a.weight.dtype == x.dtype:
-            # Base GEMM and low-rank update in one kernel (fastlm.ops.lora_linear).
+        fusable = (type(base) is nn.Linear and base.weight.dtype == a.weight.dtype
+                   or isinstance(base, QuantLinear) and base.act_bits is None)  # fmt: skip
+        if fusable and a.weight.dtype == x.dtype:
+            # Base GEMM (float or dequantized in registers) and low-rank update in one kernel.
             dropout = self.lora_dropout[name]
             p = dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0
-            return lora_linear(x, base.weight, base.bias, a.weight, b.weight,
-                               self.scaling[name], p)  # fmt: skip
+            weight = base.weight if type(base) is nn.Linear else base.quantized_weight
+            return lora_linear(x, weight, base.bias, a.weight, b.weight, self.scaling[name], p)
         y = base(x)
         update = b(a(self.lora_dropout[name](x.to(a.weight.dtype))))
         return y + (update * self.scaling[name]).to(y.dtype)
