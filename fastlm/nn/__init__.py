@@ -2,6 +2,7 @@
 torch modules they replace."""
 
 from fastlm.nn.attention import MultiheadAttention
+from fastlm.nn.lora import LoRALinear
 from fastlm.nn.loss import CrossEntropyLoss, LinearCrossEntropyLoss
 from fastlm.nn.mlp import FusedMLP, GatedMLP
 from fastlm.nn.norm import LayerNorm, RMSNorm
@@ -15,6 +16,7 @@ __all__ = [
     "GatedMLP",
     "LayerNorm",
     "LinearCrossEntropyLoss",
+    "LoRALinear",
     "MultiheadAttention",
     "PatchReport",
     "QuantLinear",

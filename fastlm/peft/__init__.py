@@ -1,6 +1,13 @@
-"""Parameter-efficient fine-tuning: LoRA on any model's linear layers, saved and loaded in
-Hugging Face PEFT's on-disk format (``adapter_config.json`` + ``adapter_model.safetensors``,
-PEFT's key names), so adapters move between fastlm and PEFT both ways."""
+"""Parameter-efficient fine-tuning, one API for the field's methods:
+
+- LoRA / QLoRA on any model's linear layers (:func:`apply_lora`, fused kernels underneath),
+  saved and loaded in Hugging Face PEFT's on-disk format (``adapter_config.json`` +
+  ``adapter_model.safetensors``, PEFT's key names), so adapters move between fastlm and PEFT
+  both ways; :func:`merge_lora`, :func:`lora_state_dict`;
+- bottleneck adapters after attention and/or MLP outputs (:func:`apply_adapters`);
+- prompt tuning (:class:`PromptTuning`);
+- feature-based fine-tuning (:func:`freeze`).
+"""
 
 from __future__ import annotations
 
@@ -15,6 +22,8 @@ from torch import Tensor, nn
 
 from fastlm.nn.lora import LoRALinear
 from fastlm.nn.quant import QuantLinear
+from fastlm.peft.adapters import Adapted, Adapter, apply_adapters
+from fastlm.peft.prompt import PromptTuning
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -202,4 +211,15 @@ def freeze(model: nn.Module, train_last_n_blocks: int = 0, train_head: bool = Tr
     return model
 
 
-__all__ = ["apply_lora", "freeze", "load_adapter", "lora_state_dict", "merge_lora", "save_adapter"]
+__all__ = [
+    "Adapted",
+    "Adapter",
+    "PromptTuning",
+    "apply_adapters",
+    "apply_lora",
+    "freeze",
+    "load_adapter",
+    "lora_state_dict",
+    "merge_lora",
+    "save_adapter",
+]

@@ -23,8 +23,8 @@ from fastlm.ops.activation import check_activation
 PLACES = ("attention", "mlp")
 # Child names that make a module a transformer block: fastlm's Attention (``attn.o``) and
 # Hugging Face's Llama-family attention (``self_attn.o_proj``); the MLP is ``mlp`` in both.
-# T5's decoder cross-attention (``cross``) is deliberately not matched: Houlsby adapts the
-# self-attention and feed-forward sublayers.
+# T5's decoder cross-attention (``cross``) is not matched: as in Houlsby's encoder-only
+# setting, only the self-attention and feed-forward sublayers get adapters.
 ATTENTION_NAMES = ("attn", "self_attn")
 OUTPUT_PROJECTION_NAMES = ("o", "o_proj")
 MLP_NAMES = ("mlp",)
