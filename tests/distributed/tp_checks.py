@@ -1,0 +1,63 @@
+"""Tensor-parallel checks run under ``torchrun`` by tests/distributed/test_tensor_parallel.py
+(one process per rank, gloo on CPU): ``python -m torch.distributed.run --nproc_per_node 2
+tests/distributed/tp_checks.py <check>``. Each rank compares its result with the
+single-process layers the parallel ones were sliced from; a failure exits non-zero."""
+
+from __future__ import annotations
+
+import datetime
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+def mlp(rank: int) -> None:
+    from fastlm.parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    torch.manual_seed(0)  # the same full layers and data on every rank
+    fc1, fc2 = nn.Linear(12, 16), nn.Linear(16, 12)
+    x = torch.randn(5, 12, requires_grad=True)
+    ref = fc2(F.gelu(fc1(x)))
+    ref.sum().backward()
+    x_tp = x.detach().clone().requires_grad_()
+    col, row = ColumnParallelLinear(fc1), RowParallelLinear(fc2)
+    y = row(F.gelu(col(x_tp)))
+    y.sum().backward()
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(x_tp.grad, x.grad)
+    half = slice(8 * rank, 8 * rank + 8)
+    torch.testing.assert_close(col.weight.grad, fc1.weight.grad[half])
+    torch.testing.assert_close(row.weight.grad, fc2.weight.grad[:, half])
+    torch.testing.assert_close(row.bias.grad, fc2.bias.grad)
+
+
+def embedding_and_loss(rank: int) -> None:
+    from fastlm.parallel.layers import VocabParallelEmbedding, vocab_parallel_cross_entropy
+
+    torch.manual_seed(0)
+    emb = nn.Embedding(10, 6)
+    ids = torch.randint(0, 10, (3, 4))
+    torch.testing.assert_close(VocabParallelEmbedding(emb)(ids), emb(ids))
+    logits = torch.randn(7, 10, requires_grad=True)
+    target = torch.randint(0, 10, (7,))
+    target[2] = -100
+    ref = F.cross_entropy(logits, target)
+    ref.backward()
+    local = logits.detach()[:, 5 * rank : 5 * rank + 5].clone().requires_grad_()
+    loss = vocab_parallel_cross_entropy(local, target, 5 * rank)
+    loss.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(local.grad, logits.grad[:, 5 * rank : 5 * rank + 5])
+
+
+CHECKS = {"mlp": mlp, "embedding_and_loss": embedding_and_loss}
+
+if __name__ == "__main__":
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    try:
+        CHECKS[sys.argv[1]](dist.get_rank())
+    finally:
+        dist.destroy_process_group()
