@@ -31,15 +31,29 @@ def _shard(size: int, group, what: str) -> tuple[int, int]:
 
 
 class ColumnParallelLinear(nn.Module):
-    """``y[..., shard] = x @ W[shard].T + b[shard]``; ``gather_output`` all-gathers y."""
+    """``y[..., shard] = x @ W[shard].T + b[shard]``; ``gather_output`` all-gathers y.
 
-    def __init__(self, linear: nn.Linear, group=None, gather_output: bool = False) -> None:
+    ``segments`` (sizes summing to out_features) shards each segment separately and keeps
+    their order: a fused q/k/v projection ``[H*D, Hkv*D, Hkv*D]`` gives every rank its own
+    heads of q, k and v, laid out as the unsharded layer's (fewer heads each)."""
+
+    def __init__(self, linear: nn.Linear, group=None, gather_output: bool = False,
+                 segments: list[int] | None = None) -> None:  # fmt: skip
         super().__init__()
-        start, stop = _shard(linear.out_features, group, "out_features")
+        segments = segments or [linear.out_features]
+        if sum(segments) != linear.out_features:
+            raise ValueError(f"segments {segments} do not add up to out_features "
+                             f"{linear.out_features}")  # fmt: skip
+        rows, offset = [], 0
+        for size in segments:
+            start, stop = _shard(size, group, "a segment of out_features")
+            rows.append(torch.arange(offset + start, offset + stop))
+            offset += size
+        index = torch.cat(rows).to(linear.weight.device)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.group, self.gather_output = group, gather_output
-        self.weight = nn.Parameter(linear.weight.detach()[start:stop].clone())
-        self.bias = (nn.Parameter(linear.bias.detach()[start:stop].clone())
+        self.weight = nn.Parameter(linear.weight.detach()[index].clone())
+        self.bias = (nn.Parameter(linear.bias.detach()[index].clone())
                      if linear.bias is not None else None)  # fmt: skip
 
     def forward(self, x: Tensor) -> Tensor:

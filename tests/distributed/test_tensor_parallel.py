@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-CHECKS = ["mlp", "embedding_and_loss"]
+CHECKS = ["mlp", "embedding_and_loss", "models"]
 
 
 def _free_port() -> int:

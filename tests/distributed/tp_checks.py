@@ -53,7 +53,31 @@ def embedding_and_loss(rank: int) -> None:
     torch.testing.assert_close(local.grad, logits.grad[:, 5 * rank : 5 * rank + 5])
 
 
-CHECKS = {"mlp": mlp, "embedding_and_loss": embedding_and_loss}
+def models(rank: int) -> None:
+    from fastlm.models import create
+    from fastlm.parallel.parallelize import tensor_parallel
+
+    no_dropout = {"gpt2-tiny": {}, "llama-tiny": {}, "bert-tiny": {"attention_dropout": 0.0}}
+    for name, extra in no_dropout.items():
+        torch.manual_seed(0)
+        ref = create(name, vocab_size=96, dropout=0.0, **extra)
+        torch.manual_seed(0)
+        par = tensor_parallel(create(name, vocab_size=96, dropout=0.0, **extra))
+        ids = torch.randint(0, 96, (2, 11))
+        out_ref, out_par = ref(ids, labels=ids), par(ids, labels=ids)
+        torch.testing.assert_close(out_par.loss, out_ref.loss, rtol=1e-5, atol=1e-5)
+        out_ref.loss.backward()
+        out_par.loss.backward()
+        grads = dict(par.named_parameters())
+        for pname, p in ref.named_parameters():
+            if p.grad is None or pname not in grads:
+                continue
+            g = grads[pname].grad
+            if g.shape == p.grad.shape:  # replicated: the whole gradient on every rank
+                torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-5, msg=pname)
+
+
+CHECKS = {"mlp": mlp, "embedding_and_loss": embedding_and_loss, "models": models}
 
 if __name__ == "__main__":
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
