@@ -54,3 +54,28 @@ def tensor_parallel(model: nn.Module, group=None) -> nn.Module:
             module.up_proj = ColumnParallelLinear(module.up_proj, group)
             module.down_proj = RowParallelLinear(module.down_proj, group)
     return model
+
+
+def parallelize(model: nn.Module, tp_size: int = 1, dp_size: int | None = None):
+    """Tensor parallel over groups of ``tp_size`` ranks and data parallel (DDP) across them,
+    on a 2D ``torch.distributed`` device mesh (dp x tp = world size; ``dp_size`` None: the
+    rest of the world). Returns ``(model, mesh)``: the model is wrapped in
+    ``DistributedDataParallel`` over the mesh's "dp" dimension when dp > 1."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not dist.is_initialized():
+        raise RuntimeError("parallelize needs torch.distributed initialized (torchrun)")
+    world = dist.get_world_size()
+    if tp_size < 1 or world % tp_size:
+        raise ValueError(f"tp_size {tp_size} does not divide the world size {world}")
+    dp = world // tp_size if dp_size is None else dp_size
+    if dp * tp_size != world:
+        raise ValueError(f"dp_size {dp} x tp_size {tp_size} != world size {world}")
+    device = next(model.parameters()).device
+    mesh = init_device_mesh(device.type, (dp, tp_size), mesh_dim_names=("dp", "tp"))
+    if tp_size > 1:
+        tensor_parallel(model, mesh.get_group("tp"))
+    if dp > 1:
+        model = DistributedDataParallel(model, process_group=mesh.get_group("dp"))
+    return model, mesh

@@ -77,7 +77,40 @@ def models(rank: int) -> None:
                 torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-5, msg=pname)
 
 
-CHECKS = {"mlp": mlp, "embedding_and_loss": embedding_and_loss, "models": models}
+def mesh_2x2(rank: int) -> None:
+    """tp=2 x dp=2 on 4 ranks: two SGD steps, each dp replica on its half of the batch,
+    give the same parameters as one process stepping on the whole batch."""
+    from fastlm.models import create
+    from fastlm.parallel.parallelize import parallelize
+
+    torch.manual_seed(0)
+    ref = create("gpt2-tiny", vocab_size=96, dropout=0.0)
+    torch.manual_seed(0)
+    par, mesh = parallelize(create("gpt2-tiny", vocab_size=96, dropout=0.0), tp_size=2)
+    ids = torch.randint(0, 96, (4, 9))
+    dp_rank = mesh.get_local_rank("dp")
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1)
+    opt_par = torch.optim.SGD(par.parameters(), lr=0.1)
+    for _ in range(2):
+        ref(ids, labels=ids).loss.backward()
+        opt_ref.step()
+        opt_ref.zero_grad()
+        mine = ids[2 * dp_rank : 2 * dp_rank + 2]
+        par(mine, labels=mine).loss.backward()  # DDP averages the two halves' gradients
+        opt_par.step()
+        opt_par.zero_grad()
+    full = dict(ref.named_parameters())
+    for name, p in par.module.named_parameters():
+        if p.shape == full[name].shape:
+            torch.testing.assert_close(p, full[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+CHECKS = {
+    "mlp": mlp,
+    "embedding_and_loss": embedding_and_loss,
+    "models": models,
+    "mesh_2x2": mesh_2x2,
+}
 
 if __name__ == "__main__":
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
