@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bench.harness import Case
+from bench.harness import Case, third_party_runs
 from fastlm.nn.quant import QuantLinear
 from fastlm.peft import apply_lora
 
@@ -275,14 +275,8 @@ def cases(quick: bool, device: torch.device) -> Iterator[Case]:
                     if name in noted:
                         continue
                     fn = train_step(p.model, x, dy)
-                    if p.third_party:
-                        try:
-                            with warnings.catch_warnings():
-                                warnings.simplefilter("ignore")
-                                fn()
-                        except Exception as exc:  # skipped with a note, not a FAILED line
-                            note(name, f"{type(exc).__name__}: {exc}")
-                            continue
+                    if p.third_party and not third_party_runs(fn, name, note):
+                        continue
                     yield Case(op, name, (hidden, r, m), dtype, fn,
                                lora_bytes(m, hidden, hidden, p.r, e, p.weight_bytes, depth),
                                lora_flops(m, hidden, hidden, p.r, depth))  # fmt: skip

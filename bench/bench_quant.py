@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bench.harness import Case
+from bench.harness import Case, third_party_runs
 from fastlm import backend, ops
 from fastlm.ops.quant import GEMV_MAX_M
 from fastlm.quant import QuantizedWeight, dequantize_weight, quantize_weight
@@ -278,14 +278,8 @@ def cases(quick: bool, device: torch.device) -> Iterator[Case]:
                 if (p.max_m is not None and m > p.max_m) or name in noted:
                     continue
                 fn = _step(p.fn, xs[p.dtype])
-                if p.third_party:
-                    try:
-                        with warnings.catch_warnings():
-                            warnings.simplefilter("ignore")
-                            fn()
-                    except Exception as exc:  # skipped with a note, not a FAILED line
-                        note(name, f"{type(exc).__name__}: {exc}")
-                        continue
+                if p.third_party and not third_party_runs(fn, name, note):
+                    continue
                 yield Case(_op(n, k), name, (n, k, m), p.dtype, fn,
                            quant_bytes(m, n, k, p.weight_bytes, p.dtype.itemsize),
                            quant_flops(m, n, k))  # fmt: skip

@@ -17,6 +17,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -190,6 +191,21 @@ def _commit() -> str | None:
     if out.returncode != 0:  # not a checkout, or no commits yet
         return None
     return out.stdout.strip()
+
+
+def third_party_runs(fn: Callable[[], object], name: str,
+                     note: Callable[[str, str], None]) -> bool:  # fmt: skip
+    """Call an optional third-party provider's step once, its warnings silenced: True if
+    it runs; else the reason goes to ``note(name, reason)`` and the provider is skipped
+    with that one line instead of reported as a FAILED case."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fn()
+    except Exception as exc:  # an optional library failing must not fail the suite
+        note(name, f"{type(exc).__name__}: {exc}")
+        return False
+    return True
 
 
 def run_case(

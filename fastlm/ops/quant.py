@@ -116,17 +116,6 @@ def w8a8_matmul(x: Tensor, qw: QuantizedWeight, bias: Tensor | None = None) -> T
     return y.view(*x.shape[:-1], n)
 
 
-def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
-    """(M, K) float -> (int8 (M, K), fp32 scales (M,)), per row, on the chosen backend."""
-    name = backend.select("w8a8_matmul", x.device, {"triton": lambda: None,
-                                                    "torch": lambda: None})  # fmt: skip
-    if name == "torch":
-        return quantize_rows_ref(x)
-    from fastlm.kernels.quant import quantize_rows as kernel
-
-    return kernel(x.contiguous())
-
-
 def _weight(qweight, scales, zeros, scales2, scales_mean, scheme, bits, group, symmetric, n):
     k = qweight.shape[1] * (2 if bits == 4 else 1)
     return QuantizedWeight(scheme, bits, (n, k), group, symmetric, qweight, scales, zeros,
