@@ -163,9 +163,9 @@ class GPT(GenerationMixin, nn.Module):
         return ModelOutput(logits=logits, loss=loss, hidden_states=h)
 
     def new_caches(self, batch: int, max_len: int, like: Tensor) -> list[KVCache]:
-        c = self.config
-        return [KVCache.empty(batch, max_len, c.num_kv_heads, c.head_dim, like)
-                for _ in range(c.num_layers)]  # fmt: skip
+        # Each layer's own head count: a tensor-parallel rank holds some of the heads.
+        return [KVCache.empty(batch, max_len, b.attn.num_kv_heads, b.attn.head_dim, like)
+                for b in self.blocks]  # fmt: skip
 
     def _decode(self, input_ids, mask, max_new_tokens, select, eos, pad) -> Tensor:
         b, s = input_ids.shape

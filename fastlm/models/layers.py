@@ -209,16 +209,26 @@ def lm_loss(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None 
             scale: float = 1.0) -> Tensor:  # fmt: skip
     """Mean cross-entropy of ``labels`` (-100 ignored) over ``hidden @ weight.T + bias``
     without materializing the logits; only labelled rows are projected. fp32, whatever the
-    model's dtype (as Hugging Face's losses: a bf16 scalar is too coarse to log)."""
+    model's dtype (as Hugging Face's losses: a bf16 scalar is too coarse to log).
+
+    A head weight split by vocabulary from outside (``fastlm.parallel``) carries a
+    ``vocab_parallel`` object that computes the loss and logits of its shard instead."""
     hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
     keep = labels != -100
     if not bool(keep.all()):
         hidden, labels = hidden[keep], labels[keep]
     if scale != 1.0:
         hidden = hidden * scale
+    shard = getattr(weight, "vocab_parallel", None)
+    if shard is not None:
+        return shard.loss(hidden, weight, labels, bias)
     return ops.linear_cross_entropy(hidden, weight, labels, bias=bias, out_dtype=torch.float32)
 
 
 def logits_of(hidden: Tensor, weight: Tensor, bias: Tensor | None = None,
               scale: float = 1.0) -> Tensor:  # fmt: skip
-    return F.linear(hidden * scale if scale != 1.0 else hidden, weight, bias)
+    hidden = hidden * scale if scale != 1.0 else hidden
+    shard = getattr(weight, "vocab_parallel", None)
+    if shard is not None:
+        return shard.logits(hidden, weight, bias)
+    return F.linear(hidden, weight, bias)

@@ -246,8 +246,8 @@ class T5(GenerationMixin, nn.Module):
         b = input_ids.shape[0]
         context = self.encode(input_ids, mask)  # once
         like = self.shared.weight
-        caches = [KVCache.empty(b, max_new_tokens + 1, c.num_heads, c.head_dim, like)
-                  for _ in self.decoder.blocks]  # fmt: skip
+        caches = [KVCache.empty(b, max_new_tokens + 1, block.attn.num_kv_heads, c.head_dim,
+                                like) for block in self.decoder.blocks]  # fmt: skip
         context_kvs = [block.cross.project_kv(context) for block in self.decoder.blocks]
 
         def logits_after(tokens: Tensor) -> Tensor:

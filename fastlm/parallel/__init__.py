@@ -1,5 +1,7 @@
-"""Tensor and data parallelism on torch.distributed (work in progress: the tensor-parallel
-layers and their collectives; ``parallelize``, the mesh and sharded checkpoints follow)."""
+"""Tensor and data parallelism on torch.distributed: Megatron-style column/row-parallel
+layers, vocabulary-parallel embedding and cross-entropy, sequence parallelism,
+``parallelize(model, tp_size, dp_size)`` on a 2D device mesh with DDP, and sharded
+checkpoints that load at any tensor-parallel size."""
 
 from fastlm.parallel.layers import (
     ColumnParallelLinear,
@@ -7,10 +9,24 @@ from fastlm.parallel.layers import (
     VocabParallelEmbedding,
     vocab_parallel_cross_entropy,
 )
+from fastlm.parallel.parallelize import (
+    TensorParallelLayout,
+    check_consistent,
+    clip_grad_norm_,
+    parallelize,
+    tensor_parallel,
+    unwrap,
+)
 
 __all__ = [
     "ColumnParallelLinear",
     "RowParallelLinear",
+    "TensorParallelLayout",
     "VocabParallelEmbedding",
+    "check_consistent",
+    "clip_grad_norm_",
+    "parallelize",
+    "tensor_parallel",
+    "unwrap",
     "vocab_parallel_cross_entropy",
 ]

@@ -1,15 +1,20 @@
-"""Autograd-aware collectives for tensor parallelism (Megatron-LM's four mappings).
+"""Autograd-aware collectives for tensor and sequence parallelism (Megatron-LM's mappings).
 
 Each is a pair of forward / backward collectives over a process group:
 
-======================  ============================  ============================
-function                forward                       backward
-======================  ============================  ============================
-``copy_to_group``       identity                      all-reduce (sum)
-``reduce_from_group``   all-reduce (sum)              identity
-``gather_from_group``   all-gather along the last dim split along the last dim
-``scatter_to_group``    split along the last dim      all-gather along the last dim
-======================  ============================  ============================
+=========================  ==============================  ==============================
+function                   forward                         backward
+=========================  ==============================  ==============================
+``copy_to_group``          identity                        all-reduce (sum)
+``reduce_from_group``      all-reduce (sum)                identity
+``gather_from_group``      all-gather along ``dim``        split along ``dim``
+``scatter_to_group``       split along ``dim``             all-gather along ``dim``
+``reduce_scatter_group``   reduce-scatter along ``dim``    all-gather along ``dim``
+``all_gather_group``       all-gather along ``dim``        reduce-scatter along ``dim``
+=========================  ==============================  ==============================
+
+The last two are sequence parallelism's replacements for the first two around a
+tensor-parallel region: the activations between regions stay split along the sequence.
 """
 
 from __future__ import annotations
@@ -25,17 +30,31 @@ def _all_reduce(x: Tensor, group) -> Tensor:
     return x
 
 
-def _split_last(x: Tensor, group) -> Tensor:
+def _split(x: Tensor, dim: int, group) -> Tensor:
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    if x.shape[-1] % world:
-        raise ValueError(f"last dim {x.shape[-1]} does not split over {world} ranks")
-    return x.chunk(world, dim=-1)[rank].contiguous()
+    if x.shape[dim] % world:
+        raise ValueError(f"dimension {dim} of size {x.shape[dim]} does not split over "
+                         f"{world} tensor-parallel ranks")  # fmt: skip
+    return x.chunk(world, dim=dim)[rank].contiguous()
 
 
-def _gather_last(x: Tensor, group) -> Tensor:
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=-1)
+def _gather(x: Tensor, dim: int, group) -> Tensor:
+    world = dist.get_world_size(group)
+    front = x.movedim(dim, 0).contiguous()  # the collectives concatenate along dim 0
+    out = front.new_empty((world * front.shape[0], *front.shape[1:]))
+    dist.all_gather_into_tensor(out, front, group=group)
+    return out.movedim(0, dim)
+
+
+def _reduce_scatter(x: Tensor, dim: int, group) -> Tensor:
+    world = dist.get_world_size(group)
+    if x.shape[dim] % world:
+        raise ValueError(f"dimension {dim} of size {x.shape[dim]} does not split over "
+                         f"{world} tensor-parallel ranks")  # fmt: skip
+    front = x.movedim(dim, 0).contiguous()
+    out = front.new_empty((front.shape[0] // world, *front.shape[1:]))
+    dist.reduce_scatter_tensor(out, front, group=group)
+    return out.movedim(0, dim)
 
 
 class _Copy(torch.autograd.Function):
@@ -59,26 +78,24 @@ class _Reduce(torch.autograd.Function):
         return grad, None
 
 
-class _Gather(torch.autograd.Function):
+# (forward, backward) pairs of the dimension-wise collectives.
+_PAIRS = {
+    "gather": (_gather, _split),
+    "scatter": (_split, _gather),
+    "reduce_scatter": (_reduce_scatter, _gather),
+    "all_gather": (_gather, _reduce_scatter),
+}
+
+
+class _AlongDim(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _gather_last(x, group)
+    def forward(ctx, x, kind, dim, group):
+        ctx.kind, ctx.dim, ctx.group = kind, dim, group
+        return _PAIRS[kind][0](x, dim, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return _split_last(grad, ctx.group), None
-
-
-class _Scatter(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _split_last(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _gather_last(grad, ctx.group), None
+        return _PAIRS[ctx.kind][1](grad, ctx.dim, ctx.group), None, None, None
 
 
 def copy_to_group(x: Tensor, group=None) -> Tensor:
@@ -89,9 +106,17 @@ def reduce_from_group(x: Tensor, group=None) -> Tensor:
     return _Reduce.apply(x, group)
 
 
-def gather_from_group(x: Tensor, group=None) -> Tensor:
-    return _Gather.apply(x, group)
+def gather_from_group(x: Tensor, group=None, dim: int = -1) -> Tensor:
+    return _AlongDim.apply(x, "gather", dim % x.dim(), group)
 
 
-def scatter_to_group(x: Tensor, group=None) -> Tensor:
-    return _Scatter.apply(x, group)
+def scatter_to_group(x: Tensor, group=None, dim: int = -1) -> Tensor:
+    return _AlongDim.apply(x, "scatter", dim % x.dim(), group)
+
+
+def reduce_scatter_group(x: Tensor, group=None, dim: int = 1) -> Tensor:
+    return _AlongDim.apply(x, "reduce_scatter", dim % x.dim(), group)
+
+
+def all_gather_group(x: Tensor, group=None, dim: int = 1) -> Tensor:
+    return _AlongDim.apply(x, "all_gather", dim % x.dim(), group)

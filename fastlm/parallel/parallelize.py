@@ -1,22 +1,81 @@
-"""``tensor_parallel(model)``: Megatron-style tensor parallelism applied from outside to a
-built fastlm model (the models know nothing of process groups).
+"""``parallelize(model, tp_size, dp_size)``: Megatron-style tensor parallelism inside groups
+of ``tp_size`` ranks and DDP across them, applied from outside to a built GPT, BERT or T5
+(the models know nothing of process groups).
 
-Every self-attention's fused q/k/v projection becomes column-parallel (each rank keeps
-``num_heads / tp`` query heads and ``num_kv_heads / tp`` key/value heads) and its output
-projection row-parallel; every MLP's first projection(s) column-parallel and its last
-row-parallel. The blocks then call their projections as modules (fastlm's MLP blocks fall
-back to that for non-``nn.Linear`` projections), one all-reduce per attention and per MLP in
-the forward, one each in the backward. Embeddings, norms and the head stay replicated.
+Tensor parallel (:func:`tensor_parallel`): every attention and MLP becomes a *region*. Its
+first projections are cut column-wise (attention by heads: each rank keeps ``H / tp`` query
+heads and ``Hkv / tp`` key/value heads, or one key/value head shared by ``tp / Hkv`` ranks
+when there are fewer), its last projection row-wise, and forward hooks on the region put
+the input through ``copy_to_group`` and the output through ``reduce_from_group``: one
+all-reduce per region in the forward, one in the backward, and the fused MLP kernels still
+run whole on each rank's slice. The token embedding and the LM head are split by
+vocabulary, and the loss is the vocabulary-parallel cross-entropy (logits never gathered).
+T5's relative-position bias is split by heads.
+
+Sequence parallelism (``sequence_parallel=True``, training only): between regions the
+activations stay split along the sequence; a region all-gathers its input and
+reduce-scatters its output instead, and the norms' gradients are summed over the ranks.
+
+Every cut is recorded in ``model.tp_layout`` (a :class:`TensorParallelLayout`), which
+sharded checkpoints and the gradient norm read.
 """
 
 from __future__ import annotations
 
-import torch.distributed as dist
-from torch import nn
+import dataclasses
+import math
+from collections.abc import Iterable
 
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from fastlm.models.bert import BertForMaskedLM, BertForSequenceClassification
+from fastlm.models.gpt import GPT
 from fastlm.models.layers import Attention
+from fastlm.models.t5 import T5, RelativePositionBias
 from fastlm.nn.mlp import FusedMLP, GatedMLP
-from fastlm.parallel.layers import ColumnParallelLinear, RowParallelLinear
+from fastlm.parallel.comm import (
+    all_gather_group,
+    copy_to_group,
+    gather_from_group,
+    reduce_from_group,
+    reduce_scatter_group,
+    scatter_to_group,
+)
+from fastlm.parallel.layers import (
+    Shard,
+    Spec,
+    VocabParallelEmbedding,
+    VocabShard,
+    prefixed,
+    shard_linear,
+    shard_range,
+    sum_grad_over,
+)
+
+# Per model class: the token embedding, the LM head's weight owner and bias attribute
+# (None: no vocabulary head). The embeddings are split by vocabulary; a head tied to its
+# embedding stays tied to the shard.
+VOCAB_PLAN: dict[type, tuple[str, str | None, str | None]] = {
+    GPT: ("tok_emb", "lm_head", None),
+    T5: ("shared", "lm_head", None),
+    BertForMaskedLM: ("bert.word_emb", None, "head_bias"),
+    BertForSequenceClassification: ("bert.word_emb", None, None),
+}
+
+
+@dataclasses.dataclass
+class TensorParallelLayout:
+    """How a model was cut: its tensor-parallel group, size and rank, and for each cut
+    tensor (by state-dict name) its :class:`Shard` or ``Owned`` spec; tensors not named are
+    replicated."""
+
+    group: object
+    size: int
+    rank: int
+    sequence_parallel: bool
+    specs: dict[str, Spec]
 
 
 def _heads(count: int, tp: int, what: str) -> int:
@@ -25,38 +84,199 @@ def _heads(count: int, tp: int, what: str) -> int:
     return count // tp
 
 
-def tensor_parallel(model: nn.Module, group=None) -> nn.Module:
-    """Shard ``model``'s attention and MLP projections over ``group`` (default: the world),
-    in place, slicing the full weights every rank holds (so the result does not depend on
-    the number of ranks); returns ``model``."""
+def _rows(heads: Iterable[int], head_dim: int, offset: int = 0) -> Tensor:
+    return torch.cat([torch.arange(offset + h * head_dim, offset + (h + 1) * head_dim)
+                      for h in heads])  # fmt: skip
+
+
+def _shard_attention(attn: Attention, tp: int, rank: int, group) -> dict[str, Spec]:
+    h, hkv, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    per_rank = _heads(h, tp, "num_heads")
+    q_heads = range(rank * per_rank, (rank + 1) * per_rank)
+    if hkv % tp == 0:
+        kv_heads, shared_by = range(rank * hkv // tp, (rank + 1) * hkv // tp), 1
+    elif tp % hkv == 0:  # fewer key/value heads than ranks: each serves tp / hkv ranks
+        kv_heads, shared_by = [rank // (tp // hkv)], tp // hkv
+    else:
+        raise ValueError(f"num_kv_heads = {hkv} neither splits over nor divides {tp} "
+                         f"tensor-parallel ranks")  # fmt: skip
+    q, k, v = _rows(q_heads, d), _rows(kv_heads, d, h * d), _rows(kv_heads, d, (h + hkv) * d)
+    kv_copies = torch.full((len(k) + len(v),), shared_by)
+    specs: dict[str, Spec] = {}
+    if attn.cross:
+        specs.update(prefixed("q", shard_linear(attn.q, 0, q, group)))
+        kv = torch.cat([k, v]) - h * d
+        specs.update(prefixed("kv", shard_linear(attn.kv, 0, kv, group, kv_copies)))
+    else:
+        copies = torch.cat([torch.ones(len(q), dtype=torch.long), kv_copies])
+        specs.update(prefixed("qkv", shard_linear(attn.qkv, 0, torch.cat([q, k, v]), group,
+                                                  copies, shared_from=h * d)))  # fmt: skip
+    specs.update(prefixed("o", shard_linear(attn.o, 1, q, group)))
+    attn.num_heads, attn.num_kv_heads = per_rank, len(kv_heads)
+    return specs
+
+
+def _shard_mlp(mlp: nn.Module, group) -> dict[str, Spec]:
+    first, last = ((["fc1"], "fc2") if isinstance(mlp, FusedMLP)
+                   else (["gate_proj", "up_proj"], "down_proj"))  # fmt: skip
+    hidden = getattr(mlp, last).in_features
+    index = torch.arange(*shard_range(hidden, group, "intermediate_size"))
+    specs: dict[str, Spec] = {}
+    for name in first:
+        specs.update(prefixed(name, shard_linear(getattr(mlp, name), 0, index, group)))
+    specs.update(prefixed(last, shard_linear(getattr(mlp, last), 1, index, group)))
+    return specs
+
+
+def _make_region(module: nn.Module, group, sequence_parallel: bool) -> None:
+    """Hooks making ``module`` a tensor-parallel region: its input replicated in (gathered
+    along the sequence under sequence parallelism), its output summed out (scattered)."""
+
+    def enter(mod, args, kwargs):
+        x, *rest = args
+        split = sequence_parallel and mod.training
+        x = all_gather_group(x, group) if split else copy_to_group(x, group)
+        if kwargs.get("context") is not None:  # cross-attention's encoder states
+            kwargs = {**kwargs, "context": copy_to_group(kwargs["context"], group)}
+        return (x, *rest), kwargs
+
+    def leave(mod, args, output):
+        if sequence_parallel and mod.training:
+            return reduce_scatter_group(output, group)
+        return reduce_from_group(output, group)
+
+    module.register_forward_pre_hook(enter, with_kwargs=True)
+    module.register_forward_hook(leave)
+
+
+def _sequence_parallel(model: nn.Module, regions: set[nn.Module], group) -> None:
+    """Split the activations along the sequence from the first block of each stack to the
+    end of its last; parameters used on the split activations (the norms) get their
+    gradients summed over the ranks."""
+
+    def split(mod, args):
+        return (scatter_to_group(args[0], group, dim=1), *args[1:]) if mod.training else None
+
+    def join(mod, args, output):
+        return gather_from_group(output, group, dim=1) if mod.training else None
+
+    for stack in model.modules():
+        if not isinstance(stack, nn.ModuleList) or not any(
+            isinstance(m, Attention) for block in stack for m in block.modules()
+        ):
+            continue
+        stack[0].register_forward_pre_hook(split)
+        stack[-1].register_forward_hook(join)
+        inside = {id(p) for r in regions for p in r.parameters()}
+        for block in stack:
+            for p in block.parameters():
+                if id(p) not in inside:
+                    sum_grad_over(p, group)
+
+
+def _shard_vocab(model: nn.Module, group) -> dict[str, Spec]:
+    plan = next((p for cls, p in VOCAB_PLAN.items() if isinstance(model, cls)), None)
+    if plan is None:
+        return {}
+    emb_name, head_name, bias_name = plan
+    parent_name, _, attr = emb_name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    old = getattr(parent, attr)
+    emb = VocabParallelEmbedding(old, group)
+    setattr(parent, attr, emb)
+    specs = {f"{emb_name}.weight": emb.specs["weight"]}
+    shard = VocabShard(emb.start, group)
+    emb.weight.vocab_parallel = shard
+    if head_name is not None:
+        head = model.get_submodule(head_name)
+        if head.weight is old.weight:  # tied: the head reads the embedding's shard
+            head.weight = emb.weight
+            head.out_features = emb.weight.shape[0]
+            specs[f"{head_name}.weight"] = emb.specs["weight"]
+        else:
+            index = torch.arange(emb.start, emb.stop)
+            specs.update(prefixed(head_name, shard_linear(head, 0, index, group)))
+            head.weight.vocab_parallel = shard
+    if bias_name is not None:
+        full = getattr(model, bias_name)
+        setattr(model, bias_name, nn.Parameter(full.detach()[emb.start : emb.stop].clone()))
+        specs[bias_name] = Shard(0, torch.arange(emb.start, emb.stop), full.shape[0])
+    return specs
+
+
+def tensor_parallel(model: nn.Module, group=None, sequence_parallel: bool = False,
+                    vocab_parallel: bool = True) -> nn.Module:  # fmt: skip
+    """Shard ``model``'s attention, MLPs (and, with ``vocab_parallel``, its token
+    embedding and LM head) over ``group`` (default: the world), in place, by slicing the
+    full weights every rank holds, so the result does not depend on the number of ranks.
+    Every rank of the group must hold the same model (checked). Apply LoRA and
+    quantization before this, not after. Returns ``model`` with ``model.tp_layout``."""
     if not dist.is_initialized():
         raise RuntimeError("tensor_parallel needs torch.distributed initialized "
                            "(launch with torchrun)")  # fmt: skip
-    tp = dist.get_world_size(group)
-    for module in list(model.modules()):
+    if hasattr(model, "tp_layout"):
+        raise ValueError("model is tensor-parallel already")
+    check_consistent(model, group)
+    tp, rank = dist.get_world_size(group), dist.get_rank(group)
+    specs: dict[str, Spec] = {}
+    regions: set[nn.Module] = set()
+    for name, module in list(model.named_modules()):
         if isinstance(module, Attention):
-            if module.cross:
-                raise ValueError("cross-attention (T5's decoder) is not tensor-parallel yet")
-            d = module.head_dim
-            h = _heads(module.num_heads, tp, "num_heads")
-            hkv = _heads(module.num_kv_heads, tp, "num_kv_heads")
-            module.qkv = ColumnParallelLinear(
-                module.qkv, group,
-                segments=[module.num_heads * d, module.num_kv_heads * d,
-                          module.num_kv_heads * d])  # fmt: skip
-            module.o = RowParallelLinear(module.o, group)
-            module.num_heads, module.num_kv_heads = h, hkv
-        elif isinstance(module, FusedMLP):
-            module.fc1 = ColumnParallelLinear(module.fc1, group)
-            module.fc2 = RowParallelLinear(module.fc2, group)
-        elif isinstance(module, GatedMLP):
-            module.gate_proj = ColumnParallelLinear(module.gate_proj, group)
-            module.up_proj = ColumnParallelLinear(module.up_proj, group)
-            module.down_proj = RowParallelLinear(module.down_proj, group)
+            cut = _shard_attention(module, tp, rank, group)
+        elif isinstance(module, (FusedMLP, GatedMLP)):
+            cut = _shard_mlp(module, group)
+        elif isinstance(module, RelativePositionBias):
+            heads = torch.arange(*shard_range(module.embedding.embedding_dim, group,
+                                              "num_heads"))  # fmt: skip
+            full = module.embedding.embedding_dim
+            module.embedding.weight = nn.Parameter(
+                module.embedding.weight.detach()[:, heads].clone()
+            )
+            module.embedding.embedding_dim = len(heads)
+            specs.update(prefixed(name, {"embedding.weight": Shard(1, heads, full)}))
+            continue
+        else:
+            continue
+        _make_region(module, group, sequence_parallel)
+        regions.add(module)
+        specs.update(prefixed(name, cut))
+    if vocab_parallel:
+        specs.update(_shard_vocab(model, group))
+    if sequence_parallel:
+        _sequence_parallel(model, regions, group)
+    model.tp_layout = TensorParallelLayout(group, tp, rank, sequence_parallel, specs)
     return model
 
 
-def parallelize(model: nn.Module, tp_size: int = 1, dp_size: int | None = None):
+def check_consistent(model: nn.Module, group=None, extra: object = None) -> None:
+    """Raise on every rank of ``group`` if the ranks do not hold the same model (class,
+    config, parameter names, shapes and dtypes) and ``extra`` (a training config): a
+    desynchronized launch fails here with the difference named, instead of hanging in a
+    collective later."""
+    config = getattr(model, "config", None)
+    mine = {
+        "model": type(model).__name__,
+        "config": repr(config) if config is not None else None,
+        "tensors": [(n, tuple(t.shape), str(t.dtype)) for n, t in model.state_dict().items()],
+        "extra": repr(extra),
+    }
+    every: list[dict | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, mine, group=group)
+    for rank, theirs in enumerate(every):
+        if theirs == every[0]:
+            continue
+        what = next(k for k in mine if theirs[k] != every[0][k])
+        first, other = every[0][what], theirs[what]
+        if what == "tensors":
+            diff = [(a, b) for a, b in zip(first, other, strict=False) if a != b]
+            first, other = diff[0] if diff else (len(first), len(other))
+        raise ValueError(f"ranks hold different models ({what}): group rank 0 has "
+                         f"{str(first)[:300]}, group rank {rank} has "
+                         f"{str(other)[:300]}")  # fmt: skip
+
+
+def parallelize(model: nn.Module, tp_size: int = 1, dp_size: int | None = None,
+                sequence_parallel: bool = False):  # fmt: skip
     """Tensor parallel over groups of ``tp_size`` ranks and data parallel (DDP) across them,
     on a 2D ``torch.distributed`` device mesh (dp x tp = world size; ``dp_size`` None: the
     rest of the world). Returns ``(model, mesh)``: the model is wrapped in
@@ -67,15 +287,53 @@ def parallelize(model: nn.Module, tp_size: int = 1, dp_size: int | None = None):
     if not dist.is_initialized():
         raise RuntimeError("parallelize needs torch.distributed initialized (torchrun)")
     world = dist.get_world_size()
-    if tp_size < 1 or world % tp_size:
-        raise ValueError(f"tp_size {tp_size} does not divide the world size {world}")
+    if not isinstance(tp_size, int) or tp_size < 1 or world % tp_size:
+        raise ValueError(f"tp_size {tp_size!r} does not divide the world size {world}")
     dp = world // tp_size if dp_size is None else dp_size
     if dp * tp_size != world:
         raise ValueError(f"dp_size {dp} x tp_size {tp_size} != world size {world}")
+    check_consistent(model)
     device = next(model.parameters()).device
     mesh = init_device_mesh(device.type, (dp, tp_size), mesh_dim_names=("dp", "tp"))
     if tp_size > 1:
-        tensor_parallel(model, mesh.get_group("tp"))
+        tensor_parallel(model, mesh.get_group("tp"), sequence_parallel)
     if dp > 1:
-        model = DistributedDataParallel(model, process_group=mesh.get_group("dp"))
+        # Parameters that get no gradient (BERT's pooler under the masked-LM loss) must be
+        # found each step rather than waited for.
+        model = DistributedDataParallel(model, process_group=mesh.get_group("dp"),
+                                        find_unused_parameters=True)  # fmt: skip
     return model, mesh
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a ``DistributedDataParallel`` wrapper (or the model itself)."""
+    return getattr(model, "module", model)
+
+
+def clip_grad_norm_(model: nn.Module, max_norm: float) -> Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` for a tensor-parallel model: the global norm of
+    the unsharded gradients (each shard counted once, replicated tensors once, shared
+    key/value rows once), the same on every rank; clips in place and returns it."""
+    inner = unwrap(model)
+    layout: TensorParallelLayout | None = getattr(inner, "tp_layout", None)
+    params = [(n, p) for n, p in inner.named_parameters() if p.grad is not None]
+    if not params:
+        return torch.zeros(())
+    total = torch.zeros((), dtype=torch.float32, device=params[0][1].grad.device)
+    for name, p in params:
+        g = p.grad.float()
+        spec = layout.specs.get(name) if layout is not None else None
+        if layout is None or spec is None:
+            total += g.square().sum() / (layout.size if layout is not None else 1)
+        elif isinstance(spec, Shard) and spec.copies is not None:
+            other = [d for d in range(g.dim()) if d != spec.dim]
+            per = g.square().sum(dim=other) if other else g.square()
+            total += (per / spec.copies.to(per)).sum()
+        else:
+            total += g.square().sum()
+    if layout is not None and layout.size > 1:
+        dist.all_reduce(total, group=layout.group)
+    norm = total.sqrt()
+    if math.isfinite(max_norm):
+        torch.nn.utils.clip_grads_with_norm_([p for _, p in params], max_norm, norm)
+    return norm
