@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 from pathlib import Path
@@ -85,6 +86,8 @@ def bench(argv: list[str]) -> int:
 
 
 def train(argv: list[str]) -> int:
+    import torch.distributed as dist
+
     from fastlm.train import TrainingDiverged, config, run
 
     try:
@@ -92,6 +95,14 @@ def train(argv: list[str]) -> int:
     except (ValueError, TrainingDiverged) as e:
         print(f"fastlm train: {e}", file=sys.stderr)
         return 1
+    if dist.is_initialized():  # under torchrun: leave together
+        dist.barrier()
+        dist.destroy_process_group()
+        # Skip interpreter finalization: gloo's worker threads can still hold work objects
+        # then, and tearing those down aborts the process now and then (pytorch#190489).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 _NAME = re.compile(r"^step-(\d{8,})$")
-_TMP_PREFIX = ".tmp-"
+TMP_PREFIX = ".tmp-"
 
 
 def checkpoint_name(step: int) -> str:
@@ -52,7 +52,7 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -78,25 +78,43 @@ def save_checkpoint(
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{checkpoint_name(step)}-", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{checkpoint_name(step)}-", dir=root))
     try:
         safetensors.torch.save_model(model, str(tmp / "model.safetensors"))
         torch.save(state, tmp / "state.pt")
-        (tmp / "trainer.json").write_text(json.dumps(meta, indent=1) + "\n")
-        if extra is not None:
-            extra(tmp)
+        write_meta(tmp, meta, extra)
         for f in tmp.iterdir():
-            _fsync(f)
-        _fsync(tmp)
+            fsync(f)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return finish(tmp, root, step, keep_last)
+
+
+def write_meta(directory: Path, meta: dict[str, Any],
+               extra: Callable[[Path], None] | None) -> list[Path]:  # fmt: skip
+    """Write ``trainer.json`` and the caller's extra files; returns the files written."""
+    before = set(directory.iterdir())
+    (directory / "trainer.json").write_text(json.dumps(meta, indent=1) + "\n")
+    if extra is not None:
+        extra(directory)
+    return sorted(set(directory.iterdir()) - before)
+
+
+def finish(tmp: Path, root: Path, step: int, keep_last: int | None) -> Path:
+    """Rename the complete, flushed ``tmp`` into place as checkpoint ``step``, then drop
+    stale temporary directories and all but the newest ``keep_last`` checkpoints."""
+    try:
+        fsync(tmp)
         final = root / checkpoint_name(step)
         if final.exists():  # saving a step again (after a resume): replace it
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync(root)
+        fsync(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for stale in root.glob(f"{_TMP_PREFIX}*"):
+    for stale in root.glob(f"{TMP_PREFIX}*"):
         shutil.rmtree(stale, ignore_errors=True)
     if keep_last is not None:
         for old in list_checkpoints(root)[:-keep_last]:

@@ -45,6 +45,13 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     adam_eps: float = 1e-8
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    # Parallelism, under torchrun (fastlm.parallel): tensor-parallel ranks per model replica,
+    # data-parallel replicas (0: the rest of the world), sequence parallelism in the tensor-
+    # parallel groups, and the timeout of every collective (a hung rank fails, not hangs).
+    tp: int = 1
+    dp: int = 0
+    sequence_parallel: bool = False
+    dist_timeout: int = 600  # seconds
     # Precision and memory. auto: bf16 autocast on GPUs that support it, else fp32.
     precision: str = "auto"
     checkpointing: int = 0  # activation checkpointing: 0 none, 1 every block, n every n-th
@@ -73,11 +80,13 @@ class TrainConfig:
             "log_every",
             "save_every",
             "keep_last",
+            "tp",
+            "dist_timeout",
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("warmup_steps", "checkpointing", "seed"):
+        for name in ("warmup_steps", "checkpointing", "seed", "dp"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")

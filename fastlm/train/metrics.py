@@ -50,13 +50,15 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class MetricsLog:
-    """Appends records to ``metrics.jsonl`` (and TensorBoard, when installed)."""
+    """Appends records to ``metrics.jsonl`` (and TensorBoard, when installed); a log not
+    ``enabled`` (a distributed run's ranks but the first) only keeps them in memory."""
 
-    def __init__(self, out_dir: Path, tensorboard: bool = True) -> None:
+    def __init__(self, out_dir: Path, tensorboard: bool = True, enabled: bool = True) -> None:
         self.path = out_dir / "metrics.jsonl"
         self.records: list[dict[str, Any]] = []
         self.writer = None
-        if tensorboard:
+        self.enabled = enabled
+        if tensorboard and enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:  # tensorboard is optional
@@ -67,7 +69,7 @@ class MetricsLog:
     def truncate_after(self, step: int) -> None:
         """Drop records past ``step`` (written by a run that was killed after its last
         checkpoint), keeping the rest: a resumed run continues the same log."""
-        if not self.path.is_file():
+        if not self.enabled or not self.path.is_file():
             return
         kept = [r for r in map(json.loads, self.path.read_text().splitlines())
                 if r["step"] <= step]  # fmt: skip
@@ -78,6 +80,8 @@ class MetricsLog:
 
     def write(self, record: dict[str, Any]) -> None:
         self.records.append(record)
+        if not self.enabled:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")

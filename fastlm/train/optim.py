@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from fastlm.parallel.layers import VocabParallelEmbedding
 from fastlm.train.config import TrainConfig
 
 
@@ -14,7 +15,8 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two AdamW groups: decay on weight matrices; none on 1-D parameters (norm scales,
     biases) or embedding tables (GPT-2 / BERT / Llama practice). A weight tied to an
     embedding (a tied LM head) counts as an embedding. Frozen parameters are left out."""
-    no_decay = {id(p) for m in model.modules() if isinstance(m, nn.Embedding)
+    no_decay = {id(p) for m in model.modules()
+                if isinstance(m, (nn.Embedding, VocabParallelEmbedding))
                 for p in m.parameters(recurse=False)}  # fmt: skip
     decay_params, other_params = [], []
     for p in model.parameters():  # each shared Parameter once

@@ -24,7 +24,9 @@ from fastlm.models import presets
 from fastlm.models.bert import BertConfig
 from fastlm.models.gpt import GPTConfig
 from fastlm.models.t5 import T5Config
+from fastlm.parallel.checkpoint import load_sharded
 from fastlm.train import checkpoint as ckpt
+from fastlm.train import distributed
 from fastlm.train.config import TrainConfig
 from fastlm.train.trainer import Trainer
 
@@ -83,12 +85,15 @@ def datasets(config: TrainConfig, model_cfg: Any, tokenizer: Tokenizer,
 
 
 def _say(message: str) -> None:
-    print(f"[fastlm train] {message}", flush=True)
+    if distributed.is_main():
+        print(f"[fastlm train] {message}", flush=True)
 
 
 def build_trainer(config: TrainConfig) -> Trainer:
-    """Everything ``fastlm train`` sets up before the first step."""
+    """Everything ``fastlm train`` sets up before the first step (under torchrun: on every
+    rank, from the same seed)."""
     t0 = time.perf_counter()
+    distributed.init(config)
     presets.config(FAMILIES.get(config.model, (config.model,))[0])  # an unknown name fails now
     docs = read_corpus(config.data, config.text_field) if config.data else default_corpus()
     train_docs, val_docs = split_documents(docs, config.val_fraction)
@@ -101,9 +106,11 @@ def build_trainer(config: TrainConfig) -> Trainer:
         tokenizer = Tokenizer.load(config.tokenizer)
     elif config.resume and saved.is_file():
         tokenizer = Tokenizer.load(saved)  # the resumed run's own, not a retrained one
-    else:
-        tokenizer = Tokenizer.train(train_docs, config.vocab_size)
-        tokenizer.save(saved)
+    else:  # trained once, by rank 0; the other ranks read it
+        if distributed.is_main():
+            Tokenizer.train(train_docs, config.vocab_size).save(saved)
+        distributed.barrier()
+        tokenizer = Tokenizer.load(saved)
         _say(f"trained a byte-level BPE tokenizer ({tokenizer.vocab_size} tokens) -> {saved}")
     model_cfg = model_config(config, tokenizer)
     train_data, val_data = datasets(config, model_cfg, tokenizer, train_docs, val_docs)
@@ -122,6 +129,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
     _say(f"device {trainer.device}, precision {trainer.precision.mode}, "
          f"{config.max_steps} steps of {config.batch_size * config.grad_accum} x "
          f"{config.seq_len} tokens")  # fmt: skip
+    if trainer.layout is not None:
+        layout = trainer.layout
+        _say(f"{layout.tp * layout.dp} ranks: tensor parallel {layout.tp}"
+             f"{' with sequence parallelism' if config.sequence_parallel else ''}, data "
+             f"parallel {layout.dp}")  # fmt: skip
     t0 = time.perf_counter()
     result = trainer.fit()
     first = trainer.losses[min(trainer.losses)] if trainer.losses else float("nan")
@@ -151,7 +163,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     if meta.get("model") is None or meta["model"]["class"] not in _CONFIGS:
         raise ValueError(f"checkpoint {path} does not hold a fastlm model config")
     model = presets.create(_CONFIGS[meta["model"]["class"]](**meta["model"]["fields"]))
-    ckpt.load_checkpoint(path, model, device)
+    load_sharded(model, path)  # a distributed run's shards are reassembled
     return model.to(device).eval(), Tokenizer.load(path / "tokenizer.json")
 
 

@@ -1,4 +1,5 @@
-"""``Trainer``: the single-device training loop.
+"""``Trainer``: the training loop, on one device or under torchrun (see
+``fastlm.train.distributed``).
 
 One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` sequences, forward and
 backward under the precision's autocast, gradients unscaled (fp16) and clipped by global
@@ -16,11 +17,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from fastlm.data import ResumableSampler, collate
+from fastlm.parallel import clip_grad_norm_, unwrap
 from fastlm.train import checkpoint as ckpt
+from fastlm.train import distributed
 from fastlm.train.config import TrainConfig
 from fastlm.train.metrics import (
     MetricsLog,
@@ -49,8 +53,9 @@ class Dataset(Protocol):
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "auto":  # under torchrun, the GPU init() gave this process
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")  # fmt: skip
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r}: no CUDA device is available")
@@ -88,16 +93,25 @@ class Trainer:
         if len(train_data) < config.batch_size:
             raise ValueError(f"train_data has {len(train_data)} examples, fewer than "
                              f"batch_size {config.batch_size}")  # fmt: skip
-        self.model = model.to(self.device)
+        model = model.to(self.device)
         if config.checkpointing:
             if not hasattr(model, "set_checkpointing"):
                 raise ValueError(f"config.checkpointing needs a model with set_checkpointing(); "
                                  f"{type(model).__name__} has none")  # fmt: skip
             model.set_checkpointing(config.checkpointing)
+        self._flops_per_token = flops_per_token(model, config.seq_len)  # of the whole model
+        self.layout: distributed.Layout | None = None
+        if distributed.init(config):
+            self.model, self.layout = distributed.parallelize_model(model, config)
+            if self.layout.dp_rank:  # replicas draw their own dropout masks
+                torch.manual_seed(config.seed + self.layout.dp_rank)
+        else:
+            self.model = model
+        self.main = distributed.is_main()
         self.train_data, self.eval_data = train_data, eval_data
         self.save_extra = save_extra
         self.precision = Precision(resolve(config.precision, self.device), self.device)
-        self.optimizer = build_optimizer(model, config)
+        self.optimizer = build_optimizer(unwrap(self.model), config)
         self.scheduler = build_scheduler(self.optimizer, config)
         self.sampler = ResumableSampler(len(train_data), config.batch_size, config.seed)
         self.out_dir = Path(config.out_dir)
@@ -108,8 +122,7 @@ class Trainer:
         self.lr = config.lr
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._peak = peak_flops(self.device, self.precision.mode)
-        self._flops_per_token = flops_per_token(model, config.seq_len)
-        self.log = MetricsLog(self.out_dir)
+        self.log = MetricsLog(self.out_dir, enabled=self.main)
         if config.resume:
             self.resume(config.resume)
 
@@ -118,7 +131,11 @@ class Trainer:
     def _next_batch(self) -> dict[str, Tensor]:
         if hasattr(self.train_data, "set_epoch"):
             self.train_data.set_epoch(self.sampler.epoch)
-        batch = collate([self.train_data[i] for i in self.sampler.next_batch()])
+        indices = self.sampler.next_batch()
+        if self.layout is not None:  # this replica's share of the global batch
+            share = len(indices) // self.layout.dp
+            indices = indices[self.layout.dp_rank * share : (self.layout.dp_rank + 1) * share]
+        batch = collate([self.train_data[i] for i in indices])
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     # -- one step ----------------------------------------------------------------------------
@@ -130,14 +147,20 @@ class Trainer:
         total, tokens = torch.zeros((), device=self.device), 0
         for _ in range(cfg.grad_accum):
             batch = self._next_batch()
-            tokens += batch["input_ids"].numel()
+            tokens += batch["input_ids"].numel() * (self.layout.dp if self.layout else 1)
             with self.precision.autocast():
                 loss = self.model(**batch).loss
             total += loss.detach().float()
             scaler.scale(loss / cfg.grad_accum).backward()
+        if self.layout is not None:  # the mean over replicas (tensor-parallel ranks agree)
+            dist.all_reduce(total)
+            total /= dist.get_world_size()
         scaler.unscale_(self.optimizer)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm, foreach=True)
+        if self.layout is not None and self.layout.tp > 1:
+            norm = clip_grad_norm_(self.model, max_norm)  # of the unsharded gradients
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm, foreach=True)
         loss_value, norm_value = (total / cfg.grad_accum).item(), norm.item()
         self.lr = self.optimizer.param_groups[0]["lr"]  # this step's, before the schedule moves
         skipped = False
@@ -201,17 +224,23 @@ class Trainer:
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized()
                     else []},
         }  # fmt: skip
-        meta = {
+        meta: dict[str, Any] = {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
             "sampler": self.sampler.state_dict(),
             "precision": self.precision.mode,
             "config": self.config.to_dict(),
-            "model": model_config_dict(self.model),
+            "model": model_config_dict(unwrap(self.model)),
         }
-        self.last_checkpoint = ckpt.save_checkpoint(
-            self.out_dir / "checkpoints", self.step, self.model, state, meta,
-            extra=self.save_extra, keep_last=self.config.keep_last)  # fmt: skip
+        root = self.out_dir / "checkpoints"
+        if self.layout is not None:
+            self.last_checkpoint = distributed.save(root, self.step, self.model, state, meta,
+                                                    self.layout, self.save_extra,
+                                                    self.config.keep_last)  # fmt: skip
+        else:
+            self.last_checkpoint = ckpt.save_checkpoint(
+                root, self.step, self.model, state, meta, extra=self.save_extra,
+                keep_last=self.config.keep_last)  # fmt: skip
         return self.last_checkpoint
 
     def resume(self, where: str | Path) -> Path:
@@ -222,7 +251,10 @@ class Trainer:
         if path is None:
             raise ValueError(f"resume='latest' but {self.out_dir / 'checkpoints'} holds no "
                              f"checkpoint")  # fmt: skip
-        state, meta = ckpt.load_checkpoint(path, self.model, self.device)
+        if self.layout is not None:
+            state, meta = distributed.load(path, self.model, self.layout, self.device)
+        else:
+            state, meta = ckpt.load_checkpoint(path, self.model, self.device)
         if meta["precision"] != self.precision.mode:
             raise ValueError(
                 f"checkpoint {path} was trained in {meta['precision']}; resuming "
@@ -255,7 +287,7 @@ class Trainer:
         interval_loss, interval_tokens, interval_time = 0.0, 0, 0.0
         interval_steps, skipped_steps = 0, 0
         last: dict[str, Any] = {}
-        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not cfg.progress,
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (cfg.progress and self.main),
                    desc="train", unit="step", mininterval=1.0, dynamic_ncols=True)  # fmt: skip
         try:
             while self.step < cfg.max_steps:
@@ -294,7 +326,7 @@ class Trainer:
         finally:
             bar.close()
             self.log.close()
-        if plot_losses(self.log.records, self.out_dir / "loss.png"):
+        if self.main and plot_losses(self.log.records, self.out_dir / "loss.png"):
             last["plot"] = str(self.out_dir / "loss.png")
         return last
 

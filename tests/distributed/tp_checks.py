@@ -51,8 +51,8 @@ def batch(kind: str, rows: int = 4, seqlen: int = 8) -> dict[str, torch.Tensor]:
         labels[:, ::3] = ids[:, ::3]
         masked = ids.clone()
         masked[:, ::3] = 2
-        return {"input_ids": masked, "labels": labels,
-                "attention_mask": torch.ones_like(ids).index_fill_(1, torch.tensor([7]), 0)}  # fmt: skip
+        padded = torch.ones_like(ids).index_fill_(1, torch.tensor([7]), 0)
+        return {"input_ids": masked, "labels": labels, "attention_mask": padded}
     if kind == "t5":
         return {"input_ids": ids, "labels": torch.randint(3, VOCAB, (rows, 4), generator=g)}
     return {"input_ids": ids, "labels": ids}
@@ -101,8 +101,11 @@ def train_both(ref: nn.Module, par: nn.Module, data: dict, mine: slice) -> None:
         mean = loss.detach().clone()
         dist.all_reduce(mean)
         mean /= dist.get_world_size()  # over tp ranks (equal) and dp replicas (shares)
-        torch.testing.assert_close(mean, loss_ref.detach(), **TOL, msg=lambda m: f"loss, step {step}: {m}")
-        torch.testing.assert_close(norm, norm_ref, rtol=1e-4, atol=1e-6, msg=lambda m: f"norm, step {step}: {m}")
+        where = f"step {step}"
+        torch.testing.assert_close(mean, loss_ref.detach(), **TOL,
+                                   msg=lambda m, w=where: f"loss, {w}: {m}")  # fmt: skip
+        torch.testing.assert_close(norm, norm_ref, rtol=1e-4, atol=1e-6,
+                                   msg=lambda m, w=where: f"gradient norm, {w}: {m}")  # fmt: skip
     compare_params(par, ref)
 
 
@@ -150,13 +153,14 @@ def expected_collectives(kind: str, model: nn.Module, sp: bool, tp: int) -> dict
     stack one all-gather each way and one all-reduce per norm parameter backward."""
     c = model.config
     if kind == "t5":
-        attn, mlp, cross = c.num_layers + c.num_decoder_layers, c.num_layers + c.num_decoder_layers, c.num_decoder_layers
+        attn = mlp = c.num_layers + c.num_decoder_layers
+        cross = c.num_decoder_layers
         lookups, stacks = 2, 2
         norms = c.num_layers * 2 + c.num_decoder_layers * 3  # RMSNorm: one weight each
     else:
         attn = mlp = c.num_layers
         cross, lookups, stacks = 0, 1, 1
-        norms = c.num_layers * (2 if kind == "llama" or kind == "llama-kv1" else 4)
+        norms = c.num_layers * (2 if kind.startswith("llama") else 4)  # RMSNorm: no bias
     regions = attn + cross + mlp
     shared_kv = attn if getattr(c, "num_kv_heads", tp) < tp else 0
     all_reduce = lookups + 2 + 1 + cross + shared_kv

@@ -1,0 +1,137 @@
+"""The trainer under ``torchrun``: the process group from torchrun's environment, the
+model parallelized from outside (``fastlm.parallel.parallelize``: tensor parallel within
+groups of ``tp`` ranks, DDP across them), each data-parallel replica reading its share of
+every batch, and checkpoints written as one shard per tensor-parallel rank.
+
+``torchrun --nproc_per_node N -m fastlm.train --tp T [--dp D] ...`` runs the same job as
+``fastlm train``; only rank 0 logs, draws the progress bar and writes the shared files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fastlm.parallel import check_consistent, parallelize, unwrap
+from fastlm.parallel.checkpoint import save_shard, shard_name
+from fastlm.train import checkpoint as ckpt
+from fastlm.train.config import TrainConfig
+
+
+def launched() -> bool:
+    """Whether this process is one of several started by torchrun."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init(config: TrainConfig) -> bool:
+    """Join the process group torchrun set up (NCCL with one GPU per process, else gloo);
+    returns whether the run is distributed. ``--tp``/``--dp`` above 1 need torchrun."""
+    if dist.is_initialized():
+        return True
+    if not launched():
+        if config.tp > 1 or config.dp > 1:
+            raise ValueError(f"tp={config.tp}, dp={config.dp} need one process per rank: "
+                             f"torchrun --nproc_per_node N -m fastlm.train ...")  # fmt: skip
+        return False
+    cuda = config.device != "cpu" and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo",
+                            timeout=datetime.timedelta(seconds=config.dist_timeout))  # fmt: skip
+    return True
+
+
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+@dataclasses.dataclass
+class Layout:
+    """Where this process sits: its tensor-parallel rank and its data-parallel replica."""
+
+    tp: int
+    dp: int
+    tp_rank: int
+    dp_rank: int
+
+    def to_dict(self) -> dict[str, int]:
+        return {"tp": self.tp, "dp": self.dp, "world": self.tp * self.dp}
+
+
+def parallelize_model(model: nn.Module, config: TrainConfig) -> tuple[nn.Module, Layout]:
+    """Check that every rank runs the same model and config, then parallelize."""
+    world = dist.get_world_size()
+    if config.dp and config.tp * config.dp != world:
+        raise ValueError(f"tp {config.tp} x dp {config.dp} != world size {world}")
+    check_consistent(model, extra=config.to_dict())
+    parallel, mesh = parallelize(model, config.tp, config.dp or None, config.sequence_parallel)
+    layout = Layout(config.tp, world // config.tp, mesh.get_local_rank("tp"),
+                    mesh.get_local_rank("dp"))  # fmt: skip
+    if config.batch_size % layout.dp:
+        raise ValueError(f"batch_size {config.batch_size} does not split over {layout.dp} "
+                         f"data-parallel replicas")  # fmt: skip
+    return parallel, layout
+
+
+def save(root: Path, step: int, model: nn.Module, state: dict[str, Any], meta: dict[str, Any],
+         layout: Layout, extra: Any, keep_last: int | None) -> Path:  # fmt: skip
+    """Checkpoint ``step`` of a distributed run, atomically as on one device: every rank
+    writes into one temporary directory (replica 0's tensor-parallel ranks their model
+    shard and optimizer state, every rank its RNG state, rank 0 the rest), then rank 0
+    renames it into place once all are flushed."""
+    rank = dist.get_rank()
+    root.mkdir(parents=True, exist_ok=True)
+    made = [tempfile.mkdtemp(prefix=f"{ckpt.TMP_PREFIX}{ckpt.checkpoint_name(step)}-", dir=root)
+            if rank == 0 else None]  # fmt: skip
+    dist.broadcast_object_list(made, src=0)
+    tmp = Path(made[0])
+    written = [tmp / f"rng-{rank:03d}.pt"]
+    torch.save(state["rng"], written[0])
+    if layout.dp_rank == 0:
+        written.append(save_shard(model, tmp))
+        written.append(tmp / f"state-tp{layout.tp_rank:02d}.pt")
+        torch.save({k: v for k, v in state.items() if k != "rng"}, written[-1])
+    if rank == 0:
+        written += ckpt.write_meta(tmp, {**meta, "parallel": layout.to_dict()}, extra)
+    for f in written:
+        ckpt.fsync(f)
+    dist.barrier()
+    if rank == 0:
+        ckpt.finish(tmp, root, step, keep_last)
+    dist.barrier()
+    return root / ckpt.checkpoint_name(step)
+
+
+def load(path: Path, model: nn.Module, layout: Layout,
+         map_location: torch.device) -> tuple[dict, dict]:  # fmt: skip
+    """Resume a distributed run from its checkpoint: the same layout is required (the
+    optimizer state is sharded as the model was); each rank reads its own files."""
+    meta = ckpt.read_meta(path)
+    saved = meta.get("parallel")
+    if saved != layout.to_dict():
+        raise ValueError(f"checkpoint {path} was written with layout {saved or 'one device'}; "
+                         f"resuming needs the same (this run: {layout.to_dict()}). Its "
+                         f"weights load at any layout: fastlm.parallel.checkpoint."
+                         f"load_sharded")  # fmt: skip
+    import safetensors.torch
+
+    inner = unwrap(model)
+    name = shard_name(layout.tp_rank, layout.tp) if layout.tp > 1 else "model.safetensors"
+    safetensors.torch.load_model(inner, str(path / name), strict=True, device=str(map_location))
+    state = torch.load(path / f"state-tp{layout.tp_rank:02d}.pt", map_location=map_location,
+                       weights_only=True)  # fmt: skip
+    state["rng"] = torch.load(path / f"rng-{dist.get_rank():03d}.pt", weights_only=True)
+    return state, meta
