@@ -115,17 +115,24 @@ def save(root: Path, step: int, model: nn.Module, state: dict[str, Any], meta: d
     return root / ckpt.checkpoint_name(step)
 
 
-def load(path: Path, model: nn.Module, layout: Layout,
-         map_location: torch.device) -> tuple[dict, dict]:  # fmt: skip
-    """Resume a distributed run from its checkpoint: the same layout is required (the
-    optimizer state is sharded as the model was); each rank reads its own files."""
+def require_layout(path: Path, layout: Layout | None) -> dict[str, Any]:
+    """The checkpoint's metadata, if it was written with ``layout`` (None: one device),
+    which resuming needs (the optimizer state is sharded as the model was)."""
     meta = ckpt.read_meta(path)
-    saved = meta.get("parallel")
-    if saved != layout.to_dict():
+    saved, mine = meta.get("parallel"), layout.to_dict() if layout is not None else None
+    if saved != mine:
         raise ValueError(f"checkpoint {path} was written with layout {saved or 'one device'}; "
-                         f"resuming needs the same (this run: {layout.to_dict()}). Its "
+                         f"resuming needs the same (this run: {mine or 'one device'}). Its "
                          f"weights load at any layout: fastlm.parallel.checkpoint."
                          f"load_sharded")  # fmt: skip
+    return meta
+
+
+def load(path: Path, model: nn.Module, layout: Layout,
+         map_location: torch.device) -> tuple[dict, dict]:  # fmt: skip
+    """Resume a distributed run from its checkpoint (written with the same layout): each
+    rank reads its own files."""
+    meta = require_layout(path, layout)
     import safetensors.torch
 
     inner = unwrap(model)

@@ -150,6 +150,14 @@ def train(config: TrainConfig) -> dict[str, Any]:
 # -- generation ------------------------------------------------------------------------------
 
 
+def model_of(checkpoint: str | Path) -> nn.Module:
+    """A freshly initialized model of the config a checkpoint directory records."""
+    meta = ckpt.read_meta(checkpoint)
+    if meta.get("model") is None or meta["model"]["class"] not in _CONFIGS:
+        raise ValueError(f"checkpoint {checkpoint} does not hold a fastlm model config")
+    return presets.create(_CONFIGS[meta["model"]["class"]](**meta["model"]["fields"]))
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Tokenizer]:
     """The model and tokenizer of a checkpoint directory, or of a run directory (its newest
     checkpoint)."""
@@ -159,10 +167,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
         if latest is None:
             raise ValueError(f"{path} is neither a checkpoint nor a run directory with one")
         path = latest
-    meta = ckpt.read_meta(path)
-    if meta.get("model") is None or meta["model"]["class"] not in _CONFIGS:
-        raise ValueError(f"checkpoint {path} does not hold a fastlm model config")
-    model = presets.create(_CONFIGS[meta["model"]["class"]](**meta["model"]["fields"]))
+    model = model_of(path)
     load_sharded(model, path)  # a distributed run's shards are reassembled
     return model.to(device).eval(), Tokenizer.load(path / "tokenizer.json")
 

@@ -254,6 +254,7 @@ class Trainer:
         if self.layout is not None:
             state, meta = distributed.load(path, self.model, self.layout, self.device)
         else:
+            distributed.require_layout(path, None)
             state, meta = ckpt.load_checkpoint(path, self.model, self.device)
         if meta["precision"] != self.precision.mode:
             raise ValueError(
@@ -319,8 +320,10 @@ class Trainer:
                     metrics = self.evaluate()
                     self.log.write({"step": self.step, **metrics})
                     last.update(metrics)
-                    bar.write(f"step {self.step}: validation loss {metrics['val_loss']:.4f}, "
-                              f"perplexity {metrics['val_ppl']:.2f}")  # fmt: skip
+                    if self.main:
+                        bar.write(f"step {self.step}: validation loss "
+                                  f"{metrics['val_loss']:.4f}, perplexity "
+                                  f"{metrics['val_ppl']:.2f}")  # fmt: skip
                 if self.step % cfg.save_every == 0 or done:
                     self.save()
         finally:

@@ -4,11 +4,24 @@ from (outputs, losses over training steps, updated parameters, collectives per s
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import safetensors.torch
+import torch
+
+from fastlm import cli
+from fastlm.data import default_corpus
+from fastlm.parallel.checkpoint import export
+from fastlm.train import latest_checkpoint
+from fastlm.train.run import load_model, model_of
+
+TINY_GPT = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "vocab_size": 400}
 
 # One launch per group of checks (a launch costs a few seconds of start-up per rank).
 LAUNCHES = {
@@ -19,11 +32,12 @@ LAUNCHES = {
 }
 
 
-def torchrun(ranks: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    # --standalone: a local rendezvous on a port the launcher picks itself.
+def torchrun(ranks: int, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    # --standalone: a local rendezvous on a port the launcher picks itself. Every collective
+    # inside times out after at most 60 s (tp_checks.py, --dist-timeout); the launch too.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
            str(ranks), *args]  # fmt: skip
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
 
 
 @pytest.mark.parametrize("launch", LAUNCHES)
@@ -31,3 +45,66 @@ def test_parallel_matches_single_process(launch):
     ranks, checks = LAUNCHES[launch]
     proc = torchrun(ranks, str(Path(__file__).with_name("tp_checks.py")), *checks)
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def _losses(run: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").open()) if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    with (root / "docs.jsonl").open("w") as f:
+        for doc in default_corpus()[:240]:
+            f.write(json.dumps({"text": doc}) + "\n")
+    return root
+
+
+def test_trainer_under_torchrun(corpus, tmp_path, capsys):
+    """``torchrun -m fastlm.train`` at tp=2 and at dp=2 trains as one process does; a tp=2
+    run resumes exactly; its checkpoint loads on one device (and a one-device checkpoint at
+    tp=2) with the same outputs, and exports to a single file."""
+    flags = ["--model", "gpt", "--model-overrides", json.dumps(TINY_GPT), "--data", str(corpus),
+             "--vocab-size", "400", "--seq-len", "32", "--batch-size", "4", "--max-steps", "6",
+             "--save-every", "3", "--eval-every", "3", "--eval-batches", "2", "--log-every", "1",
+             "--warmup-steps", "2", "--keep-last", "5", "--no-progress",
+             "--dist-timeout", "60"]  # fmt: skip
+    one, tp2, dp2 = tmp_path / "one", tmp_path / "tp2", tmp_path / "dp2"
+    assert cli.main(["train", *flags, "--out-dir", str(one)]) == 0
+    for out, layout in ((tp2, ["--tp", "2"]), (dp2, ["--dp", "2"])):
+        proc = torchrun(2, "-m", "fastlm.train", *flags, "--out-dir", str(out), *layout)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert proc.stdout.count("validation loss") == 3  # rank 0 alone logs (2 + final)
+        # fp32 sums in another order, 6 AdamW steps: the losses agree to ~1e-6.
+        assert _losses(out) == pytest.approx(_losses(one), rel=2e-6)
+    third = tp2 / "checkpoints" / "step-00000003"
+    assert sorted(p.name for p in third.glob("model-*")) == [
+        "model-tp00-of-02.safetensors", "model-tp01-of-02.safetensors"]  # fmt: skip
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tp2, resumed)
+    proc = torchrun(2, "-m", "fastlm.train", *flags, "--out-dir", str(resumed), "--tp", "2",
+                    "--resume", str(resumed / "checkpoints" / "step-00000003"))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert _losses(resumed) == _losses(tp2)  # bit for bit
+
+    assert cli.main(["train", *flags, "--out-dir", str(tmp_path / "x"), "--tp", "1",
+                     "--resume", str(third)]) == 1  # fmt: skip
+    assert "resuming needs the same" in capsys.readouterr().err
+
+    last = {run: latest_checkpoint(run / "checkpoints") for run in (one, tp2)}
+    env = {**os.environ, "FASTLM_CHECKPOINTS": os.pathsep.join(map(str, last.values()))}
+    proc = torchrun(2, str(Path(__file__).with_name("tp_checks.py")), "reshard", env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ids = torch.arange(24).reshape(2, 12) % 400
+    for run, path in last.items():
+        model, _ = load_model(run)  # one device: a tp=2 checkpoint reassembled
+        with torch.no_grad():
+            logits = model(ids).logits
+        torch.testing.assert_close(logits, torch.load(path / "tp2_logits.pt"),
+                                   rtol=2e-5, atol=2e-6)  # fmt: skip
+    exported = export(last[tp2], tmp_path / "model.safetensors")
+    model = model_of(last[tp2])
+    safetensors.torch.load_model(model, str(exported))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(ids).logits, load_model(tp2)[0](ids).logits)

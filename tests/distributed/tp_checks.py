@@ -18,7 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastlm.models import create
-from fastlm.parallel import clip_grad_norm_, parallelize, tensor_parallel, unwrap
+from fastlm.parallel import (
+    check_consistent,
+    clip_grad_norm_,
+    parallelize,
+    tensor_parallel,
+    unwrap,
+)
 from fastlm.parallel.layers import Owned, Shard
 
 VOCAB = 96
@@ -305,15 +311,38 @@ def mesh_2x2(rank: int) -> None:
 
 def desync(rank: int) -> None:
     """Ranks holding different models fail at start-up with the difference named."""
-    from fastlm.models import create as make
-
-    model = make("gpt2-tiny", vocab_size=VOCAB, num_layers=2 + rank)
+    model = create("gpt2-tiny", vocab_size=VOCAB, num_layers=2 + rank)
     try:
         tensor_parallel(model)
     except ValueError as e:
-        assert "ranks hold different models" in str(e), e
+        assert "ranks hold different models (config)" in str(e), e
     else:
-        raise AssertionError("desynchronized ranks were not detected")
+        raise AssertionError("ranks with different models were not detected")
+    same = create("gpt2-tiny", vocab_size=VOCAB)
+    try:  # the same model, different training configs
+        check_consistent(same, extra={"lr": 1e-3 * (rank + 1)})
+    except ValueError as e:
+        assert "(extra)" in str(e) and "0.002" in str(e), e
+    else:
+        raise AssertionError("ranks with different configs were not detected")
+
+
+def reshard(rank: int) -> None:
+    """Checkpoints load at another tensor-parallel size: each checkpoint directory in
+    $FASTLM_CHECKPOINTS (one written at tp=2, one on one device) is loaded into a tp=2
+    model; rank 0 saves the logits of fixed ids beside it for the test to compare with
+    the single-device load."""
+    from fastlm.parallel.checkpoint import load_sharded
+    from fastlm.train.run import model_of
+
+    for path in os.environ["FASTLM_CHECKPOINTS"].split(os.pathsep):
+        model = tensor_parallel(model_of(path))
+        load_sharded(model, path)
+        ids = torch.arange(24).reshape(2, 12) % model.config.vocab_size
+        with torch.no_grad():
+            logits = model.eval()(ids).logits
+        if rank == 0:
+            torch.save(logits, os.path.join(path, "tp2_logits.pt"))
 
 
 CHECKS = {
@@ -323,6 +352,7 @@ CHECKS = {
     "data_parallel": data_parallel,
     "mesh_2x2": mesh_2x2,
     "desync": desync,
+    "reshard": reshard,
 }
 
 if __name__ == "__main__":
