@@ -54,11 +54,12 @@ and dp up to the number of visible GPUs.
 GPU targets (from the issue): at least 90 % weak-scaling efficiency for dp and 80 % for tp=2
 on NVLink. **Predicted, not measured** (no GPU run yet): gpt2-medium at 8 x 1024, bf16,
 tp=2 moves 1.64 GB per rank per step (the formula above), ~5-7 ms at the 250-350 GB/s NCCL
-reaches for 16 MB all-reduces between two NVLink GPUs, against ~23 ms of compute per rank
-(17.4 TFLOP per step at ~40 % of 989 TFLOP/s, halved); the region all-reduces are not
-overlapped with compute, so tp=2 should land near 75-80 %, at risk against its target. dp
-all-reduces 0.71 GB of bf16 gradients per step in buckets overlapped with the backward, so
-90 % should hold up to 8 GPUs.
+reaches for 16 MB all-reduces between two NVLink GPUs, against ~25 ms of compute per rank
+(~20 TFLOP per step by PaLM's estimate, ~50 ms on one GPU at 40 % of 989 TFLOP/s, halved);
+the region all-reduces are not overlapped with compute and the halved GEMMs run less
+efficiently, so tp=2 should land near 75-80 %, at risk against its target. dp all-reduces
+0.71 GB of bf16 gradients per step (a ring over 8 GPUs: 1.24 GB per GPU, ~4 ms) in buckets
+overlapped with the ~33 ms backward, so 90 % should hold up to 8 GPUs.
 
 ``python -m bench.bench_parallel [--full] [--device cpu]`` prints the table and writes
 ``parallel.md`` under ``bench/results/<device>/``; ``fastlm bench --only parallel`` does the
@@ -104,8 +105,9 @@ SIZES = {
 }
 STEPS = {True: (2, 5), False: (3, 10)}  # (warm-up, timed) by quick
 TIMEOUT_S = 300  # one launch; also every collective's timeout
+# The collectives counted, each with the argument whose bytes count.
 KINDS = {"all_reduce": "tensor", "all_gather_into_tensor": "output_tensor",
-         "reduce_scatter_tensor": "input"}  # the argument whose bytes count  # fmt: skip
+         "reduce_scatter_tensor": "input"}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,8 +134,9 @@ def layouts(quick: bool, device: torch.device) -> list[Layout]:
         found = [Layout(tp) for tp in sizes] + [Layout(2, sp=True)] * (n >= 2)
         found += [Layout(1, dp) for dp in sizes[1:]]
         return found if not quick else [x for x in found if x.world <= 2]
-    found = [Layout(1), Layout(2), Layout(2, sp=True), Layout(1, 2)]
-    return found if quick else [*found, Layout(4), Layout(2, 2)]
+    if quick:
+        return [Layout(1), Layout(2), Layout(2, sp=True), Layout(1, 2)]
+    return [Layout(1), Layout(2), Layout(4), Layout(2, sp=True), Layout(1, 2), Layout(2, 2)]
 
 
 def tp_comm_bytes(config, batch: int, seqlen: int, tp: int, sp: bool, e: int) -> int:
@@ -351,16 +354,17 @@ def table(results: Sequence[dict]) -> str:
     return format_table(HEADERS, rows(results))
 
 
-def markdown(results: Sequence[dict], env: harness.Environment, seconds: float) -> str:
+def markdown(results: Sequence[dict], env: harness.Environment, seconds: float,
+             load: float) -> str:  # fmt: skip
     r0 = results[0]
     cores = os.cpu_count()
     lines = [
         f"# Tensor and data parallelism: {env.device}",
         "",
-        "| device | backend | torch | commit | date |",
-        "| --- | --- | --- | --- | --- |",
+        "| device | backend | torch | commit | date | load average before |",
+        "| --- | --- | --- | --- | --- | --- |",
         f"| {env.device} ({cores} cores) | {r0['backend']} | {env.torch} | {env.commit} "
-        f"| {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%dT%H:%MZ} |",
+        f"| {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%dT%H:%MZ} | {load:.2f} |",
         "",
         f"`{r0['preset']}`, vocabulary {r0['vocab']}, {r0['batch']} x {r0['seqlen']} tokens "
         f"per data-parallel replica, {'bf16' if r0['device'] == 'cuda' else 'fp32'}, "
@@ -393,6 +397,7 @@ def report(quick: bool, device: torch.device, out: Path | None = None,
     """Measure (``kwargs``: :func:`launch`'s ``size`` and ``steps``), print the table and
     write ``parallel.md`` to ``out`` (default ``bench/results/<device>/``)."""
     env = harness.environment(device)
+    load = os.getloadavg()[0]  # other work on the machine skews every row
     start = time.perf_counter()
     results = measure(chosen or layouts(quick, device), device, quick, **kwargs)
     seconds = time.perf_counter() - start
@@ -401,7 +406,7 @@ def report(quick: bool, device: torch.device, out: Path | None = None,
         print(f"* more ranks than the {os.cpu_count()} cores: oversubscribed")
     path = (out or harness.RESULTS / env.slug) / "parallel.md"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(markdown(results, env, seconds))
+    path.write_text(markdown(results, env, seconds, load))
     print(f"parallel: {len(results)} layouts, {seconds:.1f} s; wrote {path}")
     return results, path
 
