@@ -3,6 +3,7 @@ layers, vocabulary-parallel embedding and cross-entropy, sequence parallelism,
 ``parallelize(model, tp_size, dp_size)`` on a 2D device mesh with DDP, and sharded
 checkpoints that load at any tensor-parallel size."""
 
+from fastlm.parallel.comm import CollectiveCounter
 from fastlm.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -19,6 +20,7 @@ from fastlm.parallel.parallelize import (
 )
 
 __all__ = [
+    "CollectiveCounter",
     "ColumnParallelLinear",
     "RowParallelLinear",
     "TensorParallelLayout",

@@ -19,6 +19,9 @@ tensor-parallel region: the activations between regions stay split along the seq
 
 from __future__ import annotations
 
+import collections
+import inspect
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -120,3 +123,38 @@ def reduce_scatter_group(x: Tensor, group=None, dim: int = 1) -> Tensor:
 
 def all_gather_group(x: Tensor, group=None, dim: int = 1) -> Tensor:
     return _AlongDim.apply(x, "all_gather", dim % x.dim(), group)
+
+
+class CollectiveCounter:
+    """While active (``with CollectiveCounter() as c:``), counts the collectives this
+    process issues through ``torch.distributed`` and the bytes they move, by kind:
+    ``c.calls["all_reduce"]``, ``c.bytes["all_reduce"]`` (the reduced tensor; for
+    all-gather the gathered output, for reduce-scatter the input). DDP's gradient buckets go
+    through its C++ reducer and are not seen."""
+
+    # kind: the argument whose size is the volume moved
+    KINDS = {"all_reduce": "tensor", "all_gather_into_tensor": "output_tensor",
+             "reduce_scatter_tensor": "input"}  # fmt: skip
+
+    def __init__(self) -> None:
+        self.calls: collections.Counter = collections.Counter()
+        self.bytes: collections.Counter = collections.Counter()
+        self._saved: dict = {}
+
+    def __enter__(self) -> CollectiveCounter:
+        for kind, arg in self.KINDS.items():
+            original = self._saved[kind] = getattr(dist, kind)
+            signature = inspect.signature(original)
+
+            def counted(*args, _kind=kind, _arg=arg, _f=original, _sig=signature, **kwargs):
+                t = _sig.bind(*args, **kwargs).arguments[_arg]
+                self.calls[_kind] += 1
+                self.bytes[_kind] += t.numel() * t.element_size()
+                return _f(*args, **kwargs)
+
+            setattr(dist, kind, counted)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for kind, original in self._saved.items():
+            setattr(dist, kind, original)

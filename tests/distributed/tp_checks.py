@@ -7,7 +7,6 @@ the number of collectives per step. A failure raises, and the rank exits non-zer
 
 from __future__ import annotations
 
-import collections
 import datetime
 import os
 import sys
@@ -25,6 +24,7 @@ from fastlm.parallel import (
     tensor_parallel,
     unwrap,
 )
+from fastlm.parallel.comm import CollectiveCounter
 from fastlm.parallel.layers import Owned, Shard
 
 VOCAB = 96
@@ -122,31 +122,6 @@ def outputs_match(ref: nn.Module, par: nn.Module, data: dict) -> None:
         out_ref, out_par = ref(**data, return_logits=True), par(**data, return_logits=True)
     torch.testing.assert_close(out_par.logits, out_ref.logits, **TOL, msg="logits")
     torch.testing.assert_close(out_par.loss, out_ref.loss, **TOL, msg="loss")
-
-
-class CollectiveCounter:
-    """Counts this process's collective calls by kind while active."""
-
-    KINDS = ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor")
-
-    def __init__(self) -> None:
-        self.counts: collections.Counter = collections.Counter()
-        self.saved = {}
-
-    def __enter__(self):
-        for kind in self.KINDS:
-            original = self.saved[kind] = getattr(dist, kind)
-
-            def counted(*args, _kind=kind, _f=original, **kwargs):
-                self.counts[_kind] += 1
-                return _f(*args, **kwargs)
-
-            setattr(dist, kind, counted)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for kind, original in self.saved.items():
-            setattr(dist, kind, original)
 
 
 def expected_collectives(kind: str, model: nn.Module, sp: bool, tp: int) -> dict[str, int]:
@@ -283,7 +258,7 @@ def models(rank: int) -> None:
                 par(**data).loss.backward()
             par.zero_grad()
             expected = expected_collectives(kind, ref, sp, 2)
-            assert dict(counter.counts) == expected, (kind, sp, dict(counter.counts), expected)
+            assert dict(counter.calls) == expected, (kind, sp, dict(counter.calls), expected)
             train_both(ref, par, data, slice(None))
 
 
