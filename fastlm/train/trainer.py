@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -145,13 +146,17 @@ class Trainer:
         cfg, scaler = self.config, self.precision.scaler
         self.model.train()
         total, tokens = torch.zeros((), device=self.device), 0
-        for _ in range(cfg.grad_accum):
+        ddp = getattr(self.model, "no_sync", None)
+        for i in range(cfg.grad_accum):
             batch = self._next_batch()
             tokens += batch["input_ids"].numel() * (self.layout.dp if self.layout else 1)
-            with self.precision.autocast():
-                loss = self.model(**batch).loss
-            total += loss.detach().float()
-            scaler.scale(loss / cfg.grad_accum).backward()
+            # DDP averages the gradients once, in the last micro-batch's backward.
+            last = i == cfg.grad_accum - 1
+            with ddp() if ddp and not last else nullcontext():
+                with self.precision.autocast():
+                    loss = self.model(**batch).loss
+                total += loss.detach().float()
+                scaler.scale(loss / cfg.grad_accum).backward()
         if self.layout is not None:  # the mean over replicas (tensor-parallel ranks agree)
             dist.all_reduce(total)
             total /= dist.get_world_size()

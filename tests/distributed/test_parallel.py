@@ -64,10 +64,11 @@ def test_trainer_under_torchrun(corpus, tmp_path, capsys):
     """``torchrun -m fastlm.train`` at tp=2 and at dp=2 trains as one process does; a tp=2
     run resumes exactly; its checkpoint loads on one device (and a one-device checkpoint at
     tp=2) with the same outputs, and exports to a single file."""
+    # Two micro-batches per step: DDP averages once, in the second one's backward.
     flags = ["--model", "gpt", "--model-overrides", json.dumps(TINY_GPT), "--data", str(corpus),
-             "--vocab-size", "400", "--seq-len", "32", "--batch-size", "4", "--max-steps", "6",
-             "--save-every", "3", "--eval-every", "3", "--eval-batches", "2", "--log-every", "1",
-             "--warmup-steps", "2", "--keep-last", "5", "--no-progress",
+             "--vocab-size", "400", "--seq-len", "32", "--batch-size", "4", "--grad-accum", "2",
+             "--max-steps", "6", "--save-every", "3", "--eval-every", "3", "--eval-batches",
+             "2", "--log-every", "1", "--warmup-steps", "2", "--keep-last", "5", "--no-progress",
              "--dist-timeout", "60"]  # fmt: skip
     one, tp2, dp2 = tmp_path / "one", tmp_path / "tp2", tmp_path / "dp2"
     assert cli.main(["train", *flags, "--out-dir", str(one)]) == 0
