@@ -171,32 +171,26 @@ def shard_linear(layer: nn.Module, dim: int, index: Tensor, group, copies: Tenso
             sum_grad_over(partial.weight, group)
             if dim == 0:
                 _sum_shared_rows(cut.weight, copies, index, full, shared_from, group)
-    elif isinstance(layer, QuantLinear):
-        specs = _shard_quant(layer, dim, index)
-        if dim == 0 and layer.bias is not None:
+    elif isinstance(layer, (QuantLinear, nn.Linear)):
+        if isinstance(layer, QuantLinear):
+            specs = _shard_quant(layer, dim, index)
+        else:
+            specs = {"weight": Shard(dim, index, full, copies)}
+            _take(layer, "weight", dim, index)
+            if dim == 0:
+                _sum_shared_rows(layer.weight, copies, index, full, shared_from, group)
+        if dim == 1:
+            specs.update(_own_bias(layer, group))
+        elif layer.bias is not None:
             specs["bias"] = Shard(0, index, full, copies)
             _take(layer, "bias", 0, index)
-    elif isinstance(layer, nn.Linear):
-        specs = {"weight": Shard(dim, index, full, copies)}
-        _take(layer, "weight", dim, index)
-        if dim == 0 and layer.bias is not None:
-            specs["bias"] = Shard(0, index, full, copies)
-            _take(layer, "bias", 0, index)
-        if dim == 0:
-            _sum_shared_rows(layer.weight, copies, index, full, shared_from, group)
-            if layer.bias is not None:
-                _sum_shared_rows(layer.bias, copies, index, full, shared_from, group)
+            _sum_shared_rows(layer.bias, copies, index, full, shared_from, group)
     else:
         raise TypeError(f"cannot tensor-parallelize a {type(layer).__name__} (nn.Linear, "
                         f"QuantLinear or LoRALinear)")  # fmt: skip
-    if dim == 1 and not isinstance(layer, LoRALinear):  # a LoRA base owns its own bias
-        specs.update(_own_bias(layer, group))
     count = len(index)
     layer.out_features, layer.in_features = ((count, layer.in_features) if dim == 0
                                              else (layer.out_features, count))  # fmt: skip
-    if isinstance(layer, LoRALinear):
-        layer.base_layer.out_features = layer.out_features
-        layer.base_layer.in_features = layer.in_features
     return specs
 
 
