@@ -246,13 +246,17 @@ def _copy(model: nn.Module) -> nn.Module:
 
 
 def models(rank: int) -> None:
-    """tp=2 on 2 ranks, with and without sequence parallelism: eval logits, 5 AdamW steps
-    (losses, gradient norms, parameters) and the collectives of one step."""
+    """tp=2 on 2 ranks, with and without sequence parallelism: eval logits, greedy
+    generation with the KV cache, 5 AdamW steps (losses, gradient norms, parameters) and
+    the collectives of one step."""
     for kind in ("gpt", "llama", "llama-kv1", "bert", "t5"):
         for sp in (False, True):
             ref, par = build(kind), tensor_parallel(build(kind), sequence_parallel=sp)
             data = batch(kind)
             outputs_match(ref, par, data)
+            if kind != "bert":
+                prompt = data["input_ids"][:2, :5]
+                assert torch.equal(par.generate(prompt, 6), ref.generate(prompt, 6)), kind
             par.train()
             with CollectiveCounter() as counter:
                 par(**data).loss.backward()
