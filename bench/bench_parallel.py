@@ -17,11 +17,11 @@ Formulas (``B x S`` tokens per data-parallel replica, the same for every layout)
   weak-scaling efficiency (the batch grows with the replicas); for tp the batch is fixed, so
   it is strong-scaling efficiency of one replica spread over tp devices;
 * communication per step: the collectives ``fastlm.parallel`` issues from Python during one
-  step, counted by wrapping ``torch.distributed``'s ``all_reduce``,
-  ``all_gather_into_tensor`` and ``reduce_scatter_tensor``; bytes are those of the whole
-  (unsplit) tensor on one rank: the all-reduce's tensor, the all-gather's output, the
-  reduce-scatter's input. A ring moves ``2 (n-1)/n`` of that per rank for an all-reduce and
-  ``(n-1)/n`` for the other two;
+  step, counted by ``fastlm.parallel.comm.CollectiveCounter``, which wraps
+  ``torch.distributed``'s ``all_reduce``, ``all_gather_into_tensor`` and
+  ``reduce_scatter_tensor``; bytes are those of the whole (unsplit) tensor on one rank: the
+  all-reduce's tensor, the all-gather's output, the reduce-scatter's input. A ring moves
+  ``2 (n-1)/n`` of that per rank for an all-reduce and ``(n-1)/n`` for the other two;
 * DDP's gradient all-reduce runs in C++ and is not seen by the wrapper: "dp grad all-reduce
   bytes (computed)" is the bytes of the gradients of the parameters that require grad, on
   one rank (its tp shard), reported separately.
@@ -71,7 +71,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import inspect
 import json
 import math
 import os
@@ -80,7 +79,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -103,11 +102,8 @@ SIZES = {
     ("cpu", True): ("gpt2-tiny", 8192, 8, 128),
     ("cpu", False): ("gpt2-tiny", 8192, 8, 128),
 }
-STEPS = {True: (2, 5), False: (3, 10)}  # (warm-up, timed) by quick
+STEPS = {True: (2, 5), False: (3, 20)}  # (warm-up, timed) by quick
 TIMEOUT_S = 300  # one launch; also every collective's timeout
-# The collectives counted, each with the argument whose bytes count.
-KINDS = {"all_reduce": "tensor", "all_gather_into_tensor": "output_tensor",
-         "reduce_scatter_tensor": "input"}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,35 +148,6 @@ def tp_comm_bytes(config, batch: int, seqlen: int, tp: int, sp: bool, e: int) ->
     return e * h * (t * (3 + 8 * n_layers) + r) + loss_reductions + e * 2 * n_layers * per_norm
 
 
-class CommCounter:
-    """While active, counts this process's collectives by kind and sums their bytes (see
-    :data:`KINDS`), by wrapping the ``torch.distributed`` functions ``fastlm.parallel``
-    calls."""
-
-    def __init__(self) -> None:
-        self.counts: dict[str, int] = dict.fromkeys(KINDS, 0)
-        self.bytes: dict[str, int] = dict.fromkeys(KINDS, 0)
-        self.saved: dict[str, Callable] = {}
-
-    def __enter__(self) -> CommCounter:
-        for kind, arg in KINDS.items():
-            original = self.saved[kind] = getattr(dist, kind)
-            signature = inspect.signature(original)
-
-            def counted(*args, _kind=kind, _arg=arg, _f=original, _sig=signature, **kwargs):
-                t = _sig.bind(*args, **kwargs).arguments[_arg]
-                self.counts[_kind] += 1
-                self.bytes[_kind] += t.numel() * t.element_size()
-                return _f(*args, **kwargs)
-
-            setattr(dist, kind, counted)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for kind, original in self.saved.items():
-            setattr(dist, kind, original)
-
-
 # -- the worker (one per rank, under torchrun) --------------------------------------------------
 
 
@@ -199,6 +166,7 @@ def measure_layout(layout: Layout, preset: str, vocab: int, batch: int, seqlen: 
                    warmup: int, steps: int, device: torch.device) -> dict:  # fmt: skip
     """One layout on this rank (every rank of the world calls it); the result is rank 0's."""
     from fastlm.parallel import parallelize, unwrap
+    from fastlm.parallel.comm import CollectiveCounter
 
     model = _model(preset, vocab, device)
     config = model.config
@@ -218,7 +186,7 @@ def measure_layout(layout: Layout, preset: str, vocab: int, batch: int, seqlen: 
 
     for _ in range(max(warmup - 1, 0)):
         step()
-    with CommCounter() as counter:  # the last warm-up step: counted, not timed
+    with CollectiveCounter() as counter:  # the last warm-up step: counted, not timed
         step()
     _sync(device)
     dist.barrier()
@@ -239,7 +207,8 @@ def measure_layout(layout: Layout, preset: str, vocab: int, batch: int, seqlen: 
         "threads": torch.get_num_threads(), "preset": preset, "vocab": vocab, "batch": batch,
         "seqlen": seqlen, "tokens_per_step": tokens, "step_ms": step_s * 1e3,
         "step_ms_all": [t * 1e3 for t in slowest.tolist()], "tokens_per_s": tokens / step_s,
-        "collectives": counter.counts, "comm_bytes_by_kind": counter.bytes,
+        "collectives": {k: counter.calls[k] for k in CollectiveCounter.KINDS},
+        "comm_bytes_by_kind": {k: counter.bytes[k] for k in CollectiveCounter.KINDS},
         "comm_bytes": sum(counter.bytes.values()),
         "comm_bytes_formula": tp_comm_bytes(config, batch, seqlen, layout.tp, layout.sp, e),
         "dp_grad_bytes_computed": 0 if layout.dp == 1 else sum(
