@@ -8,6 +8,7 @@ the number of collectives per step. A failure raises, and the rank exits non-zer
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import sys
 
@@ -65,29 +66,32 @@ def batch(kind: str, rows: int = 4, seqlen: int = 8) -> dict[str, torch.Tensor]:
 
 
 def expect_local(local: torch.Tensor, full: torch.Tensor, spec, rank: int, name: str,
-                 tol: dict = TOL) -> None:  # fmt: skip
-    """``local`` (this rank's tensor) against the reference's ``full`` one."""
+                 tol: dict = TOL) -> float:  # fmt: skip
+    """``local`` (this rank's tensor) against the reference's ``full`` one; returns the
+    largest absolute difference."""
     if isinstance(spec, Shard):
         full = full.index_select(spec.dim, spec.index)
     elif isinstance(spec, Owned) and rank != 0:
         full = torch.zeros_like(full)
     torch.testing.assert_close(local, full, **tol, msg=lambda m: f"{name}: {m}")
+    return float((local - full).abs().max()) if local.numel() else 0.0
 
 
-def compare_params(par: nn.Module, ref: nn.Module) -> None:
+def compare_params(par: nn.Module, ref: nn.Module) -> float:
     inner = unwrap(par)
     layout = getattr(inner, "tp_layout", None)
     specs = layout.specs if layout else {}
     rank = layout.rank if layout else 0
     local = dict(inner.named_parameters())
-    for name, p in ref.named_parameters():
-        expect_local(local[name].detach(), p.detach(), specs.get(name), rank, name, PARAM_TOL)
+    return max(expect_local(local[name].detach(), p.detach(), specs.get(name), rank, name,
+                            PARAM_TOL) for name, p in ref.named_parameters())  # fmt: skip
 
 
-def train_both(ref: nn.Module, par: nn.Module, data: dict, mine: slice) -> None:
+def train_both(ref: nn.Module, par: nn.Module, data: dict, mine: slice) -> dict[str, float]:
     """STEPS AdamW steps with gradient clipping: the reference on the whole batch, the
     parallel model on its data-parallel share ``mine`` of it; losses and parameters
-    equal."""
+    equal. Returns the largest differences (losses, parameters after the last step)."""
+    loss_error = 0.0
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=LR, eps=1e-6)
     opt_par = torch.optim.AdamW([p for p in par.parameters() if p.requires_grad], lr=LR,
                                 eps=1e-6)  # fmt: skip
@@ -112,16 +116,24 @@ def train_both(ref: nn.Module, par: nn.Module, data: dict, mine: slice) -> None:
                                    msg=lambda m, w=where: f"loss, {w}: {m}")  # fmt: skip
         torch.testing.assert_close(norm, norm_ref, rtol=1e-4, atol=1e-6,
                                    msg=lambda m, w=where: f"gradient norm, {w}: {m}")  # fmt: skip
-    compare_params(par, ref)
+        loss_error = max(loss_error, float((mean - loss_ref).abs()))
+    return {"train_loss": loss_error, "params": compare_params(par, ref)}
 
 
-def outputs_match(ref: nn.Module, par: nn.Module, data: dict) -> None:
+def outputs_match(ref: nn.Module, par: nn.Module, data: dict) -> dict[str, float]:
     ref.eval()
     par.eval()
     with torch.no_grad():
         out_ref, out_par = ref(**data, return_logits=True), par(**data, return_logits=True)
     torch.testing.assert_close(out_par.logits, out_ref.logits, **TOL, msg="logits")
     torch.testing.assert_close(out_par.loss, out_ref.loss, **TOL, msg="loss")
+    return {"logits": float((out_par.logits - out_ref.logits).abs().max())}
+
+
+def report(kind: str, layout: str, errors: dict[str, float]) -> None:
+    """One line of the parity table (largest absolute differences), from global rank 0."""
+    if dist.get_rank() == 0:
+        print("PARITY", json.dumps({"model": kind, "layout": layout, **errors}), flush=True)
 
 
 def expected_collectives(kind: str, model: nn.Module, sp: bool, tp: int) -> dict[str, int]:
@@ -253,7 +265,7 @@ def models(rank: int) -> None:
         for sp in (False, True):
             ref, par = build(kind), tensor_parallel(build(kind), sequence_parallel=sp)
             data = batch(kind)
-            outputs_match(ref, par, data)
+            errors = outputs_match(ref, par, data)
             if kind != "bert":
                 prompt = data["input_ids"][:2, :5]
                 assert torch.equal(par.generate(prompt, 6), ref.generate(prompt, 6)), kind
@@ -263,7 +275,8 @@ def models(rank: int) -> None:
             par.zero_grad()
             expected = expected_collectives(kind, ref, sp, 2)
             assert dict(counter.calls) == expected, (kind, sp, dict(counter.calls), expected)
-            train_both(ref, par, data, slice(None))
+            errors.update(train_both(ref, par, data, slice(None)))
+            report(kind, "tp=2 + sequence parallel" if sp else "tp=2", errors)
 
 
 def data_parallel(rank: int) -> None:
@@ -272,7 +285,7 @@ def data_parallel(rank: int) -> None:
         ref = build(kind)
         par, mesh = parallelize(build(kind), tp_size=1)
         dp = mesh.get_local_rank("dp")
-        train_both(ref, par, batch(kind), slice(2 * dp, 2 * dp + 2))
+        report(kind, "dp=2", train_both(ref, par, batch(kind), slice(2 * dp, 2 * dp + 2)))
 
 
 def mesh_2x2(rank: int) -> None:
@@ -282,10 +295,12 @@ def mesh_2x2(rank: int) -> None:
         ref = build(kind)
         par, mesh = parallelize(build(kind), tp_size=2, sequence_parallel=sp)
         dp = mesh.get_local_rank("dp")
-        train_both(ref, par, batch(kind), slice(2 * dp, 2 * dp + 2))
+        errors = train_both(ref, par, batch(kind), slice(2 * dp, 2 * dp + 2))
+        report(kind, f"tp=2 x dp=2{' + sequence parallel' if sp else ''}", errors)
     ref, par = build("llama"), tensor_parallel(build("llama"))
-    outputs_match(ref, par, batch("llama"))
-    train_both(ref, par, batch("llama"), slice(None))
+    errors = outputs_match(ref, par, batch("llama"))
+    errors.update(train_both(ref, par, batch("llama"), slice(None)))
+    report("llama", "tp=4 (2 kv heads, each on 2 ranks)", errors)
 
 
 def desync(rank: int) -> None:
