@@ -2,10 +2,10 @@
 
 ``from_hf(model_or_dir)`` takes an in-memory ``transformers`` model or a local directory
 with ``config.json`` and ``*.safetensors`` (nothing is downloaded) of a GPT-2, Llama, BERT
-or T5 checkpoint and returns the fastlm model with the same weights; ``to_hf(model)`` goes
-back (it needs ``transformers``). The maps are explicit per family: fastlm fuses q/k/v
-into one ``qkv`` projection (``kv`` for cross-attention), and GPT-2's ``Conv1D`` weights
-are stored transposed.
+(bare encoder, masked LM or sequence classification) or T5 checkpoint and returns the
+fastlm model with the same weights; ``to_hf(model)`` goes back (it needs ``transformers``).
+The maps are explicit per family: fastlm fuses q/k/v into one ``qkv`` projection (``kv``
+for cross-attention), and GPT-2's ``Conv1D`` weights are stored transposed.
 """
 
 from __future__ import annotations
@@ -18,7 +18,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fastlm.models.bert import BertConfig, BertForMaskedLM, BertForSequenceClassification
+from fastlm.models.bert import (
+    BertConfig,
+    BertForMaskedLM,
+    BertForSequenceClassification,
+    BertModel,
+)
 from fastlm.models.gpt import GPT, GPTConfig
 from fastlm.models.layers import HF_ACTIVATIONS
 from fastlm.models.t5 import T5, T5Config
@@ -190,6 +195,11 @@ def _llama_rules(c: GPTConfig) -> Iterator[Rule]:
 
 
 def _bert_rules(c: BertConfig, head: str) -> Iterator[Rule]:
+    if head == "encoder":  # transformers' BertModel and ours: the same keys, unprefixed
+        for ours, theirs, kind in _bert_rules(c, "cls"):
+            if ours.startswith("bert."):
+                yield ours[len("bert.") :], tuple(t[len("bert.") :] for t in theirs), kind
+        return
     emb = "bert.embeddings"
     yield "bert.word_emb.weight", (f"{emb}.word_embeddings.weight",), "copy"
     yield "bert.pos_emb.weight", (f"{emb}.position_embeddings.weight",), "copy"
@@ -262,7 +272,10 @@ _FAMILIES: dict[str, tuple[Callable, Callable, type]] = {
 
 
 def _bert_head(state: StateDict) -> str:
-    return "cls" if "classifier.weight" in state else "mlm"
+    if "classifier.weight" in state:
+        return "cls"
+    # BertModel.save_pretrained writes the encoder alone, without the "bert." prefix.
+    return "encoder" if "embeddings.word_embeddings.weight" in state else "mlm"
 
 
 def _read_dir(path: Path) -> tuple[dict[str, Any], StateDict]:
@@ -284,10 +297,11 @@ def _read_dir(path: Path) -> tuple[dict[str, Any], StateDict]:
 
 
 def from_hf(model_or_dir: nn.Module | str | Path) -> nn.Module:
-    """The fastlm model holding the weights of a Hugging Face GPT-2, Llama, BERT (masked LM or
-    sequence classification) or T5 checkpoint: an in-memory ``transformers`` model, or a
-    local directory with ``config.json`` and ``*.safetensors``. Returned in eval mode when
-    the source model was, on the source's device and dtype."""
+    """The fastlm model holding the weights of a Hugging Face GPT-2, Llama, BERT (a bare
+    ``BertModel`` gives :class:`BertModel`, else masked LM or sequence classification) or T5
+    checkpoint: an in-memory ``transformers`` model, or a local directory with
+    ``config.json`` and ``*.safetensors``. Returned in eval mode when the source model was,
+    on the source's device and dtype."""
     if isinstance(model_or_dir, (str, Path)):
         cfg, state = _read_dir(Path(model_or_dir))
         training = False
@@ -306,7 +320,8 @@ def from_hf(model_or_dir: nn.Module | str | Path) -> nn.Module:
     extra = ()
     if model_type == "bert":
         head = _bert_head(state)
-        cls = BertForSequenceClassification if head == "cls" else BertForMaskedLM
+        cls = {"cls": BertForSequenceClassification, "mlm": BertForMaskedLM,
+               "encoder": BertModel}[head]  # fmt: skip
         extra = (head,)
     reference = next(iter(state.values()))
     with torch.device("meta"):
@@ -314,6 +329,8 @@ def from_hf(model_or_dir: nn.Module | str | Path) -> nn.Module:
     ours = {}
     for key, sources, kind in rules(config, *extra):
         missing = [s for s in sources if s not in state]
+        if missing and key in _POOLER:
+            continue  # BertModel(add_pooling_layer=False): _load initializes it
         if missing:
             raise KeyError(f"checkpoint lacks {missing} (needed for {key})")
         tensors = [state[s] for s in sources]
@@ -324,9 +341,14 @@ def from_hf(model_or_dir: nn.Module | str | Path) -> nn.Module:
     return model.train(training)
 
 
+# BERT's pooler, in fastlm's keys: the one part of a BERT encoder a checkpoint may lack.
+_POOLER = {f"{p}pooler.{w}" for p in ("", "bert.") for w in ("weight", "bias")}
+
+
 def _load(model: nn.Module, ours: StateDict) -> None:
     """Load ``ours`` strictly, except parameters the source format does not have (BERT's
-    pooler in a masked-LM checkpoint keeps its initialization), and re-tie tied weights."""
+    pooler, absent from masked-LM checkpoints and from a ``BertModel`` saved without it, is
+    initialized), and re-tie tied weights."""
     if isinstance(model, GPT) and model.config.tie_word_embeddings:
         model.lm_head.weight = model.tok_emb.weight
     if isinstance(model, T5) and model.config.tie_word_embeddings:
@@ -334,12 +356,13 @@ def _load(model: nn.Module, ours: StateDict) -> None:
     expected = set(model.state_dict())
     tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
     untouched = expected - set(ours) - tied
-    if untouched - {"bert.pooler.weight", "bert.pooler.bias"}:
+    if untouched - _POOLER:
         raise KeyError(f"no checkpoint tensors for {sorted(untouched)}")
-    if untouched:  # the pooler, absent from masked-LM checkpoints: initialize as BERT does
+    if untouched:  # initialize the pooler as BERT does
+        pooler = model.pooler if isinstance(model, BertModel) else model.bert.pooler
         with torch.no_grad():
-            model.bert.pooler.weight.normal_(std=model.config.initializer_range)
-            model.bert.pooler.bias.zero_()
+            pooler.weight.normal_(std=model.config.initializer_range)
+            pooler.bias.zero_()
     model.load_state_dict(ours, strict=False)
     # Non-persistent buffers (rotary tables) were created on the meta device: rebuild them.
     for module in model.modules():
@@ -351,9 +374,8 @@ def _rules_of(model: nn.Module) -> list[Rule]:
     if isinstance(model, GPT):
         c = model.config
         return list((_llama_rules if c.position == "rotary" else _gpt2_rules)(c))
-    if isinstance(model, (BertForMaskedLM, BertForSequenceClassification)):
-        head = "mlm" if isinstance(model, BertForMaskedLM) else "cls"
-        return list(_bert_rules(model.config, head))
+    if isinstance(model, (BertModel, BertForMaskedLM, BertForSequenceClassification)):
+        return list(_bert_rules(model.config, _bert_head_of(model)))
     if isinstance(model, T5):
         return list(_t5_rules(model.config))
     raise TypeError(f"model must be a fastlm GPT, BERT or T5 model, got {type(model).__name__}")
@@ -379,7 +401,8 @@ def hf_state_dict(model: nn.Module, tensors: StateDict | None = None) -> StateDi
 
 def to_hf(model: nn.Module) -> nn.Module:
     """The ``transformers`` model holding ``model``'s weights (GPT-2 or Llama for a
-    :class:`GPT` by its configuration, BERT masked LM / sequence classification, T5)."""
+    :class:`GPT` by its configuration, BERT encoder / masked LM / sequence classification,
+    T5)."""
     import transformers
 
     c = getattr(model, "config", None)
@@ -387,11 +410,11 @@ def to_hf(model: nn.Module) -> nn.Module:
         llama = c.position == "rotary"
         hf_config = _llama_hf_config(c, transformers) if llama else _gpt2_hf_config(c, transformers)
         hf_cls = transformers.LlamaForCausalLM if llama else transformers.GPT2LMHeadModel
-    elif isinstance(model, (BertForMaskedLM, BertForSequenceClassification)):
-        head = "mlm" if isinstance(model, BertForMaskedLM) else "cls"
+    elif isinstance(model, (BertModel, BertForMaskedLM, BertForSequenceClassification)):
+        head = _bert_head_of(model)
         hf_config = _bert_hf_config(c, transformers, head)
-        hf_cls = (transformers.BertForMaskedLM if head == "mlm"
-                  else transformers.BertForSequenceClassification)  # fmt: skip
+        hf_cls = {"mlm": transformers.BertForMaskedLM, "encoder": transformers.BertModel,
+                  "cls": transformers.BertForSequenceClassification}[head]  # fmt: skip
     elif isinstance(model, T5):
         hf_config, hf_cls = _t5_hf_config(c, transformers), transformers.T5ForConditionalGeneration
     else:
@@ -413,6 +436,12 @@ def to_hf(model: nn.Module) -> nn.Module:
     if set(missing) - tied:
         raise KeyError(f"no fastlm tensors for transformers' {sorted(set(missing) - tied)}")
     return hf.train(model.training)
+
+
+def _bert_head_of(model: nn.Module) -> str:
+    if isinstance(model, BertModel):
+        return "encoder"
+    return "mlm" if isinstance(model, BertForMaskedLM) else "cls"
 
 
 def _ties_head(hf: nn.Module) -> bool:

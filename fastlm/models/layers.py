@@ -107,6 +107,12 @@ class Attention(nn.Module):
     Self-attention projects q, k, v with one fused ``qkv`` linear ((H + 2 Hkv) * D
     outputs); cross-attention (``cross=True``) has ``q`` and a fused ``kv`` over the
     context. ``o`` projects back. ``softmax_scale`` None is 1/sqrt(D) (T5 uses 1.0).
+
+    ``capture``: None (the default) runs the kernel. A list switches the layer to the
+    materializing path, softmax(q k^T * scale + bias) then times v in fp32, which appends
+    each call's probabilities (B, H, S, S_k), detached, to the list: the attention maps the
+    fused kernel never forms (``fastlm.eval.interpret.capture_attention`` sets and clears
+    it). Slower and O(S^2) in memory, for inspection only; no KV cache.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, head_dim: int, num_kv_heads: int,
@@ -125,6 +131,7 @@ class Attention(nn.Module):
         self.dropout = dropout
         self.softmax_scale = softmax_scale
         self.rotary = rotary
+        self.capture: list[Tensor] | None = None
 
     def project_kv(self, context: Tensor) -> tuple[Tensor, Tensor]:
         """Cross-attention keys and values of ``context`` (B, S, hidden): (B, S, Hkv, D)."""
@@ -149,13 +156,36 @@ class Attention(nn.Module):
             q, k, v = qkv.split([h, hkv, hkv], dim=2)
             if self.rotary is not None:
                 q, k = self.rotary(q, k, position_ids=position_ids)
-        if cache is not None:
+        if self.capture is not None:
+            if cache is not None:
+                raise ValueError("cache: attention capture does not run with a KV cache")
+            out = self._materialized(q, k, v, bias, causal)
+        elif cache is not None:
             out = self._cached(q, k, v, bias, causal, cache)
         else:
             p = self.dropout if self.training else 0.0
             out = ops.flash_attention(q, k, v, causal=causal, softmax_scale=self.softmax_scale,
                                       dropout_p=p, attn_bias=bias)  # fmt: skip
         return self.o(out.reshape(b, s, h * d))
+
+    def _materialized(self, q, k, v, bias, causal) -> Tensor:
+        # The kernel's semantics spelled out: GQA heads repeated, causal masking aligned
+        # bottom-right, rows that see no key give zeros (probabilities and output).
+        rep = self.num_heads // self.num_kv_heads
+        k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+        scale = self.head_dim**-0.5 if self.softmax_scale is None else self.softmax_scale
+        scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
+        if bias is not None:
+            scores = scores + bias.float()
+        if causal:
+            sq, sk = scores.shape[-2:]
+            future = torch.ones(sq, sk, dtype=torch.bool, device=q.device).triu(sk - sq + 1)
+            scores = scores.masked_fill(future, float("-inf"))
+        probs = scores.softmax(-1).nan_to_num(0.0)  # (B, H, Sq, Sk)
+        self.capture.append(probs.detach())
+        p = self.dropout if self.training else 0.0
+        out = torch.einsum("bhqk,bkhd->bqhd", F.dropout(probs, p, self.training), v.float())
+        return out.to(q.dtype)
 
     def _cached(self, q, k, v, bias, causal, cache: KVCache) -> Tensor:
         if bias is None:  # the decode kernel: per-sequence lengths, appends in place

@@ -199,6 +199,34 @@ def test_from_a_safetensors_directory(name, tmp_path):
     assert rel_err(_valid(name, batch, our_logits), _valid(name, batch, hf(**batch).logits)) < 1e-4
 
 
+@pytest.mark.parametrize("pooler", [True, False])
+def test_a_bare_bert_encoder(pooler, tmp_path):
+    """transformers' ``BertModel`` (saved without the ``bert.`` prefix, with or without its
+    pooler) <-> fastlm's: the same hidden states and pooled output, from memory and from a
+    directory, and back."""
+    hf = T.BertModel(bert().config, add_pooling_layer=pooler).eval()
+    hf.save_pretrained(tmp_path)
+    batch = _batch("bert-encoder")
+    batch.pop("labels")
+    mask = batch["attention_mask"].bool()
+    theirs = hf(**batch)
+    for ours in (from_hf(hf), from_hf(tmp_path)):
+        assert type(ours) is fastlm.models.bert.BertModel
+        hidden, pooled = ours(**batch)
+        assert rel_err(hidden[mask], theirs.last_hidden_state[mask]) < 1e-4
+        if pooler:
+            assert rel_err(pooled, theirs.pooler_output) < 1e-4
+        else:  # initialized as BERT's: normal(0, initializer_range) weight, zero bias
+            assert ours.pooler.bias.abs().max() == 0
+            assert 0.5 < ours.pooler.weight.std().item() / ours.config.initializer_range < 1.5
+    if pooler:
+        back = to_hf(from_hf(hf))
+        assert type(back) is T.BertModel
+        assert back.state_dict().keys() == hf.state_dict().keys()
+        for key, t in hf.state_dict().items():
+            assert torch.equal(t, back.state_dict()[key]), key
+
+
 def test_unsupported_checkpoints_say_why(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         from_hf(tmp_path)
