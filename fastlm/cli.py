@@ -1,4 +1,5 @@
-"""The ``fastlm`` command: ``info``, ``train``, ``generate`` and ``bench``."""
+"""The ``fastlm`` command: ``info``, ``train``, ``generate``, ``bench``, ``data clean``,
+``eval`` and ``finetune``."""
 
 from __future__ import annotations
 
@@ -137,6 +138,18 @@ def generate(argv: list[str]) -> int:
     return 0
 
 
+def evaluate(argv: list[str]) -> int:
+    from fastlm.eval import cli as eval_cli
+
+    return eval_cli.main(argv)
+
+
+def finetune(argv: list[str]) -> int:
+    from fastlm.eval import finetune as ft
+
+    return ft.main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastlm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -150,12 +163,20 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("generate", add_help=False, help="sample text from a training checkpoint")
     sub.add_parser("bench", help="run the benchmark suite (quick by default; --help for more)",
                    add_help=False)  # fmt: skip
+    sub.add_parser("eval", add_help=False,
+                   help="n-shot evaluation of a checkpoint on a JSONL task (MMLU, WinoGrande, "
+                        "BIG-Bench Hard shapes)")  # fmt: skip
+    sub.add_parser("finetune", add_help=False,
+                   help="fine-tune a BERT classifier on a TSV/JSONL task, scored as GLUE "
+                        "does")  # fmt: skip
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return info()
-    return {"train": train, "generate": generate, "bench": bench}[args.command](rest)
+    commands = {"train": train, "generate": generate, "bench": bench, "eval": evaluate,
+                "finetune": finetune}  # fmt: skip
+    return commands[args.command](rest)
 
 
 if __name__ == "__main__":
