@@ -138,6 +138,16 @@ def generate(argv: list[str]) -> int:
     return 0
 
 
+def data(argv: list[str]) -> int:
+    if argv[:1] != ["clean"]:
+        print("usage: fastlm data clean IN... OUT [options] (fastlm data clean --help)",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    from fastlm.data import pipeline
+
+    return pipeline.main(argv[1:])
+
+
 def evaluate(argv: list[str]) -> int:
     from fastlm.eval import cli as eval_cli
 
@@ -163,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("generate", add_help=False, help="sample text from a training checkpoint")
     sub.add_parser("bench", help="run the benchmark suite (quick by default; --help for more)",
                    add_help=False)  # fmt: skip
+    sub.add_parser("data", add_help=False,
+                   help="prepare corpora: 'fastlm data clean IN... OUT' normalizes, scrubs PII, "
+                        "filters and deduplicates (--help for its options)")  # fmt: skip
     sub.add_parser("eval", add_help=False,
                    help="n-shot evaluation of a checkpoint on a JSONL task (MMLU, WinoGrande, "
                         "BIG-Bench Hard shapes)")  # fmt: skip
@@ -174,8 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return info()
-    commands = {"train": train, "generate": generate, "bench": bench, "eval": evaluate,
-                "finetune": finetune}  # fmt: skip
+    commands = {"train": train, "generate": generate, "bench": bench, "data": data,
+                "eval": evaluate, "finetune": finetune}  # fmt: skip
     return commands[args.command](rest)
 
 

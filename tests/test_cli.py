@@ -23,3 +23,16 @@ def test_info_rejects_extra_arguments(capsys):
     with pytest.raises(SystemExit):
         cli.main(["info", "--bogus"])
     assert "--bogus" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["data", "clean"], ["eval"], ["finetune"]])
+def test_subcommands_reach_their_own_parsers(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*command, "--help"])
+    assert exit_.value.code == 0
+    assert f"fastlm {' '.join(command)}" in capsys.readouterr().out  # the command's own usage
+
+
+def test_data_needs_a_known_action(capsys):
+    assert cli.main(["data", "shuffle"]) == 2
+    assert "fastlm data clean" in capsys.readouterr().err

@@ -1,18 +1,53 @@
-"""Data for training fastlm models: corpora, tokenization, packing, sampling, objectives.
+"""Data for training fastlm models: corpora, cleaning, tokenization, packing, sampling,
+objectives.
 
 The pipeline, each step a plain function or class:
 
 1. documents: ``default_corpus()`` (the Python standard library's docstrings, no download)
-   or ``read_corpus(paths)``; ``split_documents`` holds out validation documents by hash;
-2. tokens: ``Tokenizer.train(docs, vocab_size)`` or ``Tokenizer.load("tokenizer.json")``,
+   or ``read_corpus(paths)`` (``corpus_files`` + ``iter_file`` to stream them instead);
+2. cleaning: ``clean_corpus(docs, CleanConfig(...))`` -> (docs, ``Report``), streaming with
+   ``Cleaner``: ``normalize`` (Unicode, whitespace, control characters), ``PIIScrubber``
+   (e-mail, phone, IP, card numbers -> placeholders), ``QualityFilter`` (length, letters,
+   repeated lines and n-grams), ``ExactDedup`` and ``NearDedup`` (MinHash + LSH); also the
+   ``fastlm data clean`` command;
+3. split: ``split_documents`` holds out validation documents by hash; ``contamination``
+   lists validation documents that duplicate training ones;
+4. tokens: ``Tokenizer.train(docs, vocab_size)`` or ``Tokenizer.load("tokenizer.json")``,
    then ``encode_batch``;
-3. rows: ``pack(token_lists, seq_len, separator=tokenizer.eos_id)`` -> (N, seq_len) int32;
-4. examples: ``CausalLMDataset``, ``MaskedLMDataset`` or ``SpanCorruptionDataset`` over the
+5. rows: ``pack(token_lists, seq_len, separator=tokenizer.eos_id)`` -> (N, seq_len) int32;
+6. examples: ``CausalLMDataset``, ``MaskedLMDataset`` or ``SpanCorruptionDataset`` over the
    rows, each example a pure function of (seed, epoch, index);
-5. batches: ``ResumableSampler`` indices -> ``collate`` -> model ``forward(**batch)``.
+7. batches: ``ResumableSampler`` indices -> ``collate`` -> model ``forward(**batch)``.
 """
 
-from fastlm.data.corpus import default_corpus, read_corpus, split_documents
+from fastlm.data.clean import (
+    CleanConfig,
+    QualityFilter,
+    Report,
+    alpha_fraction,
+    alpha_fractions,
+    dup_ngram_fractions,
+    normalize,
+    repeated_line_fraction,
+    repeated_line_fractions,
+)
+from fastlm.data.corpus import (
+    corpus_files,
+    default_corpus,
+    iter_file,
+    read_corpus,
+    split_documents,
+)
+from fastlm.data.dedup import (
+    Contamination,
+    ExactDedup,
+    LSHIndex,
+    MinHasher,
+    NearDedup,
+    contamination,
+    jaccard,
+    lsh_params,
+)
 from fastlm.data.objectives import (
     IGNORE_INDEX,
     CausalLMDataset,
@@ -22,6 +57,8 @@ from fastlm.data.objectives import (
     span_corruption_lengths,
 )
 from fastlm.data.packing import ResumableSampler, pack
+from fastlm.data.pipeline import Cleaner, clean_corpus
+from fastlm.data.privacy import PIIScrubber, luhn_valid
 from fastlm.data.tokenizer import NUM_SENTINELS, SPECIAL_TOKENS, Tokenizer
 
 __all__ = [
@@ -29,14 +66,37 @@ __all__ = [
     "NUM_SENTINELS",
     "SPECIAL_TOKENS",
     "CausalLMDataset",
+    "CleanConfig",
+    "Cleaner",
+    "Contamination",
+    "ExactDedup",
+    "LSHIndex",
     "MaskedLMDataset",
+    "MinHasher",
+    "NearDedup",
+    "PIIScrubber",
+    "QualityFilter",
+    "Report",
     "ResumableSampler",
     "SpanCorruptionDataset",
     "Tokenizer",
+    "alpha_fraction",
+    "alpha_fractions",
+    "clean_corpus",
     "collate",
+    "contamination",
+    "corpus_files",
     "default_corpus",
+    "dup_ngram_fractions",
+    "iter_file",
+    "jaccard",
+    "lsh_params",
+    "luhn_valid",
+    "normalize",
     "pack",
     "read_corpus",
+    "repeated_line_fraction",
+    "repeated_line_fractions",
     "span_corruption_lengths",
     "split_documents",
 ]

@@ -20,6 +20,7 @@ import warnings
 import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 # Docstrings shorter than this are mostly one-liners ("Return self.", "Close the file.")
 # that repeat across the library and carry little language; 200 characters is about two
@@ -116,58 +117,57 @@ def default_corpus() -> list[str]:
     return list(_default_corpus())
 
 
-def _read_jsonl(path: Path, text_field: str) -> list[str]:
-    docs = []
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for each non-blank line of a JSONL file, read one line at
+    a time; a line that is not a JSON object raises, naming the file and line."""
+    path = Path(path)
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            where = f"{path}, line {lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+                raise ValueError(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
             if not isinstance(obj, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            if text_field not in obj:
-                raise ValueError(f"{where}: the object has no field {text_field!r}")
-            text = obj[text_field]
-            if not isinstance(text, str):
-                raise ValueError(
-                    f"{where}: field {text_field!r} must be a string, got {type(text).__name__}"
-                )
-            docs.append(text)
-    return docs
+                raise ValueError(f"{path}, line {lineno}: expected a JSON object, got "
+                                 f"{type(obj).__name__}")  # fmt: skip
+            yield lineno, obj
 
 
-def _read_file(path: Path, text_field: str) -> list[str]:
+def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
+    for lineno, obj in iter_jsonl(path):
+        where = f"{path}, line {lineno}"
+        if text_field not in obj:
+            raise ValueError(f"{where}: the object has no field {text_field!r}")
+        text = obj[text_field]
+        if not isinstance(text, str):
+            raise ValueError(
+                f"{where}: field {text_field!r} must be a string, got {type(text).__name__}"
+            )
+        yield text
+
+
+def iter_file(path: str | os.PathLike, text_field: str = "text") -> Iterator[str]:
+    """The documents of one ``.txt`` file (the whole file) or ``.jsonl`` file (the
+    ``text_field`` string of each non-blank line, read line by line: the file is never
+    held in memory), as :func:`read_corpus` describes, empty documents included."""
+    path = Path(path)
     try:
         if path.suffix == ".txt":
-            return [path.read_text(encoding="utf-8")]
-        return _read_jsonl(path, text_field)
+            yield path.read_text(encoding="utf-8")
+        else:
+            yield from _iter_jsonl(path, text_field)
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
 
 
-def read_corpus(paths: Sequence[str | os.PathLike], text_field: str = "text") -> list[str]:
-    """Read documents from ``.txt`` files, ``.jsonl`` files and directories of them.
-
-    - ``.txt``: the whole file (UTF-8, universal newlines) is one document.
-    - ``.jsonl``: each non-blank line is a JSON object whose ``text_field`` string is one
-      document. A line that is not JSON, not an object, lacks the field or holds a
-      non-string raises ``ValueError`` naming the file and the 1-based line number.
-    - directory: searched recursively for ``*.txt`` and ``*.jsonl`` files, read in sorted
-      path order; other files in it are ignored. A directory with none raises.
-
-    Documents come out in the order of ``paths``. Documents that are empty or only
-    whitespace are dropped. A missing path or a file with another extension raises
-    ``ValueError`` naming the path.
-    """
+def corpus_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """The files :func:`read_corpus` reads for ``paths``, in order (directories expanded to
+    their ``.txt`` and ``.jsonl`` files in sorted path order); raises as it does."""
     if isinstance(paths, (str, os.PathLike)):
         raise TypeError(f"paths must be a sequence of paths, got the single path {paths!r}")
-    if not isinstance(text_field, str):
-        raise TypeError(f"text_field must be a str, got {type(text_field).__name__}")
-    docs: list[str] = []
+    found: list[Path] = []
     for p in paths:
         path = Path(p)
         if path.is_dir():
@@ -183,9 +183,28 @@ def read_corpus(paths: Sequence[str | os.PathLike], text_field: str = "text") ->
             files = [path]
         else:
             raise ValueError(f"paths: {path} does not exist")
-        for f in files:
-            docs.extend(d for d in _read_file(f, text_field) if d.strip())
-    return docs
+        found += files
+    return found
+
+
+def read_corpus(paths: Sequence[str | os.PathLike], text_field: str = "text") -> list[str]:
+    """Read documents from ``.txt`` files, ``.jsonl`` files and directories of them.
+
+    - ``.txt``: the whole file (UTF-8, universal newlines) is one document.
+    - ``.jsonl``: each non-blank line is a JSON object whose ``text_field`` string is one
+      document. A line that is not JSON, not an object, lacks the field or holds a
+      non-string raises ``ValueError`` naming the file and the 1-based line number.
+    - directory: searched recursively for ``*.txt`` and ``*.jsonl`` files, read in sorted
+      path order; other files in it are ignored. A directory with none raises.
+
+    Documents come out in the order of ``paths``. Documents that are empty or only
+    whitespace are dropped. A missing path or a file with another extension raises
+    ``ValueError`` naming the path. (:func:`corpus_files` and :func:`iter_file` stream
+    the same documents one at a time.)
+    """
+    if not isinstance(text_field, str):
+        raise TypeError(f"text_field must be a str, got {type(text_field).__name__}")
+    return [d for f in corpus_files(paths) for d in iter_file(f, text_field) if d.strip()]
 
 
 def _hash(doc: str) -> int:

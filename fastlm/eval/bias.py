@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import difflib
-import json
 import os
 from collections import defaultdict
 from collections.abc import Sequence
@@ -24,6 +23,7 @@ from typing import Any
 
 from torch import nn
 
+from fastlm.data.corpus import iter_jsonl
 from fastlm.data.tokenizer import Tokenizer
 from fastlm.eval.metrics import positive_rates
 from fastlm.eval.perplexity import causal_token_nlls, masked_token_nlls
@@ -60,19 +60,7 @@ def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
         with path.open(newline="", encoding="utf-8") as f:
             return list(csv.DictReader(f))
     if suffix in (".jsonl", ".json"):
-        records = []
-        with path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"path: {path} line {n} is not JSON: {e.msg}") from None
-                if not isinstance(record, dict):
-                    raise ValueError(f"path: {path} line {n} is not a JSON object")
-                records.append(record)
-        return records
+        return [record for _, record in iter_jsonl(path)]
     raise ValueError(f"path: expected a .csv or .jsonl file, got {path.name}")
 
 

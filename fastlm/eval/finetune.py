@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from fastlm.data import Tokenizer
+from fastlm.data.corpus import iter_jsonl
 from fastlm.eval import metrics
 from fastlm.models import presets
 from fastlm.models.bert import (
@@ -60,6 +61,7 @@ from fastlm.train import Trainer, TrainingDiverged
 from fastlm.train import checkpoint as ckpt
 from fastlm.train import run as train_run
 from fastlm.train.config import PRECISIONS, TrainConfig
+from fastlm.train.run import model_of
 
 LABELS_FILE = "labels.json"  # in each checkpoint: the Task (label names by id)
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -137,22 +139,12 @@ def _tsv_rows(path: Path, fields: Sequence[str], header: bool) -> list[tuple[int
 
 def _jsonl_rows(path: Path, fields: Sequence[str]) -> list[tuple[int, list[Any]]]:
     out = []
-    with path.open(encoding="utf-8") as f:
-        for line, text in enumerate(f, 1):
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line}: not JSON ({e})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{line}: expected a JSON object, got "
-                                 f"{type(record).__name__}")  # fmt: skip
-            missing = [f for f in fields if f not in record]
-            if missing:
-                raise ValueError(f"{path}:{line}: no field {', '.join(map(repr, missing))}; "
-                                 f"fields: {', '.join(map(repr, record))}")  # fmt: skip
-            out.append((line, [record[f] for f in fields]))
+    for line, record in iter_jsonl(path):
+        missing = [f for f in fields if f not in record]
+        if missing:
+            raise ValueError(f"{path}:{line}: no field {', '.join(map(repr, missing))}; "
+                             f"fields: {', '.join(map(repr, record))}")  # fmt: skip
+        out.append((line, [record[f] for f in fields]))
     return out
 
 
@@ -418,8 +410,9 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu"
     path = _checkpoint_dir(Path(path))
     if not (path / LABELS_FILE).is_file():
         raise ValueError(f"{path} is not a fastlm finetune checkpoint (no {LABELS_FILE})")
-    meta = ckpt.read_meta(path)["model"]
-    model = BertForSequenceClassification(BertConfig(**meta["fields"]))
+    model = model_of(path)
+    if not isinstance(model, BertForSequenceClassification):
+        raise ValueError(f"{path} holds a {type(model).__name__}, not a sequence classifier")
     load_sharded(model, path)
     return model.to(device).eval(), Tokenizer.load(path), Task.load(path / LABELS_FILE)
 

@@ -37,7 +37,6 @@ length for every choice, so there acc_norm equals accuracy. BBH reports ``exact_
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 import string
 from collections.abc import Sequence
@@ -47,6 +46,7 @@ from typing import Any
 from torch import nn
 
 from fastlm.data import Tokenizer
+from fastlm.data.corpus import iter_jsonl
 from fastlm.eval import metrics
 from fastlm.eval.scoring import check_model, encode_pair, generate_until, score
 
@@ -186,29 +186,19 @@ def load_task(path: str | Path, format: str | None = None) -> Task:
     if not path.is_file():
         raise ValueError(f"no such file: {path}")
     examples = []
-    with path.open(encoding="utf-8") as f:
-        for line, text in enumerate(f, 1):
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {line}: not JSON ({e})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path} line {line}: expected a JSON object, got "
-                                 f"{type(record).__name__}")  # fmt: skip
-            try:
-                if format is None:
-                    format = detect_format(record)
-                spec = FORMATS[format]
-                missing = [k for k in spec.fields if k not in record]
-                if missing:
-                    raise ValueError(f"missing {', '.join(map(repr, missing))} for the "
-                                     f"{format} format")  # fmt: skip
-                spec.check(record)
-            except ValueError as e:
-                raise ValueError(f"{path} line {line}: {e}") from None
-            examples.append(Example(line, record))
+    for line, record in iter_jsonl(path):
+        try:
+            if format is None:
+                format = detect_format(record)
+            spec = FORMATS[format]
+            missing = [k for k in spec.fields if k not in record]
+            if missing:
+                raise ValueError(f"missing {', '.join(map(repr, missing))} for the "
+                                 f"{format} format")  # fmt: skip
+            spec.check(record)
+        except ValueError as e:
+            raise ValueError(f"{path}, line {line}: {e}") from None
+        examples.append(Example(line, record))
     if not examples:
         raise ValueError(f"{path} holds no examples")
     return Task(path, format, examples)

@@ -32,6 +32,15 @@ class TrainConfig:
     tokenizer: str | None = None  # a tokenizer.json; None: train a byte-level BPE on the data
     vocab_size: int = 4096  # of the BPE trained when no tokenizer is given
     val_fraction: float = 0.02  # documents held out for validation
+    # Cleaning before the split (fastlm.data.pipeline, as `fastlm data clean`): clean_data
+    # normalizes (Unicode, whitespace), drops exact duplicates and reports validation
+    # documents that duplicate training ones; the other three switch steps within it. The
+    # Gopher-style quality filters are off by default: tuned for web text, they would drop
+    # 7 % of the built-in corpus, mostly docstrings full of doctests.
+    clean_data: bool = True
+    scrub_pii: bool = True
+    near_dedup: bool = True
+    filter_data: bool = False
     seq_len: int = 128
     # Optimization.
     batch_size: int = 16  # sequences per micro-batch
@@ -90,6 +99,9 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        for name in ("clean_data", "scrub_pii", "near_dedup", "filter_data"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:

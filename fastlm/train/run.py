@@ -12,18 +12,21 @@ from torch import nn
 
 from fastlm.data import (
     CausalLMDataset,
+    CleanConfig,
     MaskedLMDataset,
     SpanCorruptionDataset,
     Tokenizer,
+    clean_corpus,
+    contamination,
     default_corpus,
     pack,
     read_corpus,
     split_documents,
 )
 from fastlm.models import presets
-from fastlm.models.bert import BertConfig
-from fastlm.models.gpt import GPTConfig
-from fastlm.models.t5 import T5Config
+from fastlm.models.bert import BertConfig, BertForMaskedLM, BertForSequenceClassification
+from fastlm.models.gpt import GPT, GPTConfig
+from fastlm.models.t5 import T5, T5Config
 from fastlm.parallel.checkpoint import load_sharded
 from fastlm.train import checkpoint as ckpt
 from fastlm.train import distributed
@@ -40,6 +43,7 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
                            num_layers=3)),
 }  # fmt: skip
 _CONFIGS = {c.__name__: c for c in (GPTConfig, BertConfig, T5Config)}
+_MODULES = {m.__name__: m for m in (GPT, BertForMaskedLM, BertForSequenceClassification, T5)}
 
 
 def model_config(config: TrainConfig, tokenizer: Tokenizer) -> GPTConfig | BertConfig | T5Config:
@@ -96,7 +100,17 @@ def build_trainer(config: TrainConfig) -> Trainer:
     distributed.init(config)
     presets.config(FAMILIES.get(config.model, (config.model,))[0])  # an unknown name fails now
     docs = read_corpus(config.data, config.text_field) if config.data else default_corpus()
+    if config.clean_data:
+        clean = CleanConfig(scrub_pii=config.scrub_pii, filters=config.filter_data,
+                            near_dedup=config.near_dedup)  # fmt: skip
+        docs, report = clean_corpus(docs, clean)
     train_docs, val_docs = split_documents(docs, config.val_fraction)
+    if config.clean_data:
+        leaked = contamination(train_docs, val_docs, clean.threshold, clean.num_perm,
+                               clean.shingle, clean.shingle_size, clean.seed)  # fmt: skip
+        _say(f"cleaned: {report.summary()}; {len(leaked)} of {len(val_docs)} validation "
+             f"documents duplicate a training document (same text or estimated Jaccard >= "
+             f"{clean.threshold:g})")  # fmt: skip
     source = ", ".join(config.data) if config.data else "built-in corpus (stdlib docstrings)"
     _say(f"corpus: {source}: {len(train_docs)} training / {len(val_docs)} validation "
          f"documents, {sum(map(len, docs)) / 1e6:.1f} MB of text")  # fmt: skip
@@ -151,11 +165,14 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
 
 def model_of(checkpoint: str | Path) -> nn.Module:
-    """A freshly initialized model of the config a checkpoint directory records."""
+    """A freshly initialized model of the config (and model class) a checkpoint directory
+    records."""
     meta = ckpt.read_meta(checkpoint)
     if meta.get("model") is None or meta["model"]["class"] not in _CONFIGS:
         raise ValueError(f"checkpoint {checkpoint} does not hold a fastlm model config")
-    return presets.create(_CONFIGS[meta["model"]["class"]](**meta["model"]["fields"]))
+    config = _CONFIGS[meta["model"]["class"]](**meta["model"]["fields"])
+    module = _MODULES.get(meta["model"].get("module"))  # older checkpoints: the preset's
+    return module(config) if module is not None else presets.create(config)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Tokenizer]:
@@ -178,6 +195,9 @@ def generate(path: str | Path, prompt: str, max_new_tokens: int = 64, temperatur
     """Continue ``prompt`` (GPT), answer it (T5: the prompt is the encoder input, the result
     the decoder's text), or fill its ``<mask>`` tokens (BERT)."""
     model, tokenizer = load_model(path)
+    if isinstance(model, BertForSequenceClassification):
+        raise ValueError(f"{path} holds a sequence classifier (fastlm finetune): nothing to "
+                         f"generate; a GPT, T5 or masked-LM BERT checkpoint can")  # fmt: skip
     ids = tokenizer.encode(prompt)
     if not ids:
         raise ValueError("prompt is empty")

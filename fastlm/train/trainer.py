@@ -64,13 +64,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 def model_config_dict(model: nn.Module) -> dict[str, Any] | None:
-    """The model's config dataclass as ``{"class": name, "fields": {...}}`` (constructor
-    fields only), so a checkpoint can rebuild the model."""
+    """The model's config dataclass as ``{"class": name, "fields": {...}, "module": the
+    model's class}`` (constructor fields only), so a checkpoint can rebuild the model (a
+    BERT config serves a masked LM and a classifier)."""
     config = getattr(model, "config", None)
     if not dataclasses.is_dataclass(config):
         return None
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
-    return {"class": type(config).__name__, "fields": fields}
+    return {"class": type(config).__name__, "fields": fields, "module": type(model).__name__}
 
 
 class Trainer:

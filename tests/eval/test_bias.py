@@ -216,7 +216,7 @@ def test_crows_pairs_errors(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="record 1 .*direction must be 'stereo' or 'antistereo'"):
         read_crows_pairs(tmp_path / "dir.jsonl")
     (tmp_path / "x.jsonl").write_text("{not json\n")
-    with pytest.raises(ValueError, match="line 1 is not JSON"):
+    with pytest.raises(ValueError, match="line 1: not valid JSON"):
         read_crows_pairs(tmp_path / "x.jsonl")
     (tmp_path / "x.txt").write_text("")
     with pytest.raises(ValueError, match="expected a .csv or .jsonl file"):

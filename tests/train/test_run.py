@@ -91,7 +91,7 @@ def test_train_errors(tmp_path, capsys, monkeypatch):
     for i, text in enumerate(["a long enough document " * 40, "tiny"]):
         (tmp_path / "small" / f"{i}.txt").write_text(text)
     assert cli.main(["train", "--data", str(tmp_path / "small"), "--vocab-size", "400",
-                     "--val-fraction", "0.5", "--no-progress"]) == 1  # fmt: skip
+                     "--val-fraction", "0.5", "--no-progress", "--no-clean-data"]) == 1  # fmt: skip
     assert "the validation split (1 documents)" in capsys.readouterr().err
 
 

@@ -56,9 +56,9 @@ def test_bbh_with_held_out_demonstrations(checkpoints, write_jsonl, capsys):
 
 @pytest.mark.parametrize("make_args, message", [
     (lambda p: ["--task", str(p["dir"] / "missing.jsonl")], "--task: no such file: .*missing"),
-    (lambda p: ["--task", str(p["bad"])], r"--task: .*bad.jsonl line 2: not JSON"),
+    (lambda p: ["--task", str(p["bad"])], r"--task: .*bad.jsonl, line 2: not valid JSON"),
     (lambda p: ["--task", str(p["mmlu"]), "--dev", str(p["bbh"])],
-     r"--dev: .*bbh.jsonl line 1: missing 'question', 'choices', 'answer' for the mmlu format"),
+     r"--dev: .*bbh.jsonl, line 1: missing 'question', 'choices', 'answer' for the mmlu format"),
     (lambda p: ["--task", str(p["bbh"]), "--format", "mmlu"], "--task: .* for the mmlu format"),
     (lambda p: ["--task", str(p["mmlu"]), "--dev", str(p["small"]), "--shots", "3"],
      "--shots: 3 shots exceed the 2 examples of the dev split"),

@@ -81,7 +81,7 @@ WINO = {"sentence": "A _ b.", "option1": "x", "option2": "y", "answer": "1"}
 
 
 @pytest.mark.parametrize("lines, fmt, message", [
-    (['{"input": "x", "target": "y"}', "{not json"], None, r"line 2: not JSON"),
+    (['{"input": "x", "target": "y"}', "{not json"], None, r"line 2: not valid JSON"),
     (["[1, 2]"], None, r"line 1: expected a JSON object, got list"),
     (['{"text": "x"}'], None, r"cannot tell the task format: the first example has no known "
                               r"set of fields \(keys \['text'\]\)"),
