@@ -224,7 +224,10 @@ def from_arguments(args: argparse.Namespace) -> TrainConfig:
         path = (checkpoint.latest_checkpoint(out_dir / "checkpoints")
                 if merged["resume"] == "latest" else Path(merged["resume"]))  # fmt: skip
         if path is not None:  # else the Trainer reports that nothing can be resumed
-            merged = {**checkpoint.read_meta(path)["config"], **merged}
+            saved = checkpoint.read_meta(path)["config"]
+            # A run saved before data cleaning existed continues on the data it began on.
+            saved.setdefault("clean_data", False)
+            merged = {**saved, **merged}
     return TrainConfig.from_dict(merged)
 
 

@@ -150,3 +150,21 @@ def test_resume_takes_the_runs_own_settings(corpus, tmp_path, capsys):
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [r["step"] for r in map(json.loads, lines) if "loss" in r] == list(range(1, 9))
     assert "training loss" in capsys.readouterr().out
+
+
+def test_a_run_saved_before_data_cleaning_resumes_on_its_own_data(corpus, tmp_path, capsys):
+    """A checkpoint whose config has no cleaning keys (written before cleaning existed, when
+    the documents went in as read) resumes without cleaning: cleaning would change the
+    rows under the saved data position."""
+    out = tmp_path / "run"
+    assert cli.main(["train", *flags("gpt", corpus, out), "--no-clean-data"]) == 0
+    for meta_file in (out / "checkpoints").glob("*/trainer.json"):
+        meta = json.loads(meta_file.read_text())
+        for key in ("clean_data", "scrub_pii", "near_dedup", "filter_data"):
+            del meta["config"][key]
+        meta_file.write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert cli.main(["train", "--out-dir", str(out), "--resume", "latest", "--max-steps", "8",
+                     "--no-progress"]) == 0  # fmt: skip
+    assert "cleaned:" not in capsys.readouterr().out
+    assert latest_checkpoint(out / "checkpoints").name == "step-00000008"
