@@ -169,22 +169,15 @@ class Attention(nn.Module):
         return self.o(out.reshape(b, s, h * d))
 
     def _materialized(self, q, k, v, bias, causal) -> Tensor:
-        # The kernel's semantics spelled out: GQA heads repeated, causal masking aligned
-        # bottom-right, rows that see no key give zeros (probabilities and output).
-        rep = self.num_heads // self.num_kv_heads
-        k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
-        scale = self.head_dim**-0.5 if self.softmax_scale is None else self.softmax_scale
-        scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
-        if bias is not None:
-            scores = scores + bias.float()
-        if causal:
-            sq, sk = scores.shape[-2:]
-            future = torch.ones(sq, sk, dtype=torch.bool, device=q.device).triu(sk - sq + 1)
-            scores = scores.masked_fill(future, float("-inf"))
-        probs = scores.softmax(-1).nan_to_num(0.0)  # (B, H, Sq, Sk)
+        # The reference's probabilities (the kernel's masking: causal bottom-right, rows
+        # that see no key give zeros), kept, then applied to v.
+        bias = None if bias is None else bias.float()
+        probs, _ = ops.attention_probs(q.float(), k.float(), causal, self.softmax_scale,
+                                       attn_bias=bias)  # fmt: skip
         self.capture.append(probs.detach())
         p = self.dropout if self.training else 0.0
-        out = torch.einsum("bhqk,bkhd->bqhd", F.dropout(probs, p, self.training), v.float())
+        v = v.float().repeat_interleave(self.num_heads // self.num_kv_heads, dim=2)
+        out = torch.einsum("bhqk,bkhd->bqhd", F.dropout(probs, p, self.training), v)
         return out.to(q.dtype)
 
     def _cached(self, q, k, v, bias, causal, cache: KVCache) -> Tensor:

@@ -2,6 +2,7 @@
 
 from fastlm.ops.activation import bias_act, bias_act_ref
 from fastlm.ops.attention import (
+    attention_probs,
     attention_ref,
     attention_with_kvcache,
     flash_attention,
@@ -24,6 +25,7 @@ from fastlm.ops.rotary import apply_rotary, apply_rotary_ref
 __all__ = [
     "apply_rotary",
     "apply_rotary_ref",
+    "attention_probs",
     "attention_ref",
     "attention_with_kvcache",
     "bias_act",

@@ -15,6 +15,43 @@ from fastlm import backend
 from fastlm.ops.autocast import autocast_policy
 
 
+def attention_probs(
+    q: Tensor,
+    k: Tensor,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    window: tuple[int, int] = (-1, -1),
+    attn_bias: Tensor | None = None,
+    alibi_slopes: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The attention probabilities, materialized: ``(probs (B, H, Sq, Sk), lse (B, H, Sq))``
+    with the masking of :func:`attention_ref` (rows that see no key: probabilities 0, lse
+    -inf)."""
+    seqlen_q, n_heads, head_dim = q.shape[1:]
+    seqlen_k, n_kv_heads = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else softmax_scale
+    k = k.repeat_interleave(n_heads // n_kv_heads, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    i = torch.arange(seqlen_q, device=q.device)[:, None]
+    j = torch.arange(seqlen_k, device=q.device)[None, :]
+    diag = i + seqlen_k - seqlen_q
+    left, right = window
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    visible = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=q.device)
+    if left >= 0:
+        visible &= j >= diag - left
+    if right >= 0:
+        visible &= j <= diag + right
+    if attn_bias is not None:
+        scores = scores + attn_bias
+    if alibi_slopes is not None:
+        scores = scores - alibi_slopes.reshape(-1, n_heads, 1, 1) * (diag - j).abs()
+    scores = scores.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    return torch.exp(scores - lse[..., None]).nan_to_num(0.0), lse
+
+
 def attention_ref(
     q: Tensor,
     k: Tensor,
@@ -36,32 +73,10 @@ def attention_ref(
     ``dropout_mask`` (B, H, Sq, Sk), True = kept, scales kept probabilities by 1/(1 - p).
     Rows that see no key give out 0 and lse -inf. lse: (B, H, Sq).
     """
-    batch, seqlen_q, n_heads, head_dim = q.shape
-    seqlen_k, n_kv_heads = k.shape[1], k.shape[2]
-    scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else softmax_scale
-    k = k.repeat_interleave(n_heads // n_kv_heads, dim=2)
-    v = v.repeat_interleave(n_heads // n_kv_heads, dim=2)
-    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
-    i = torch.arange(seqlen_q, device=q.device)[:, None]
-    j = torch.arange(seqlen_k, device=q.device)[None, :]
-    diag = i + seqlen_k - seqlen_q
-    left, right = window
-    if causal:
-        right = 0 if right < 0 else min(right, 0)
-    visible = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=q.device)
-    if left >= 0:
-        visible &= j >= diag - left
-    if right >= 0:
-        visible &= j <= diag + right
-    if attn_bias is not None:
-        scores = scores + attn_bias
-    if alibi_slopes is not None:
-        scores = scores - alibi_slopes.reshape(-1, n_heads, 1, 1) * (diag - j).abs()
-    scores = scores.masked_fill(~visible, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)
+    probs, lse = attention_probs(q, k, causal, softmax_scale, window, attn_bias, alibi_slopes)
     if dropout_mask is not None:
         probs = probs * dropout_mask / (1.0 - dropout_p)
+    v = v.repeat_interleave(q.shape[2] // v.shape[2], dim=2)
     return torch.einsum("bhqk,bkhd->bqhd", probs, v), lse
 
 
