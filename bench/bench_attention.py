@@ -83,8 +83,7 @@ def attention_flops(b: int, h: int, sq: int, sk: int, d: int, causal: bool, mode
     return {"fwd": forward, "bwd": forward * 5 // 2, "fwd+bwd": forward * 7 // 2}[mode]
 
 
-def attention_bytes(b: int, h: int, h_kv: int, sq: int, sk: int, d: int, e: int,
-                    mode: str) -> int:  # fmt: skip
+def attention_bytes(b: int, h: int, h_kv: int, sq: int, sk: int, d: int, e: int, mode: str) -> int:
     """Bytes moved by the module docstring's formula; ``mode`` is "fwd", "bwd" or "fwd+bwd"."""
     q, kv = b * sq * h * d * e, b * sk * h_kv * d * e
     forward, backward = 2 * q + 2 * kv, 4 * q + 4 * kv
@@ -157,8 +156,9 @@ def _has(module: str) -> bool:
         return False
 
 
-def providers(causal: bool, shape: tuple[int, ...], device: torch.device,
-              quick: bool) -> dict[str, Provider]:  # fmt: skip
+def providers(
+    causal: bool, shape: tuple[int, ...], device: torch.device, quick: bool
+) -> dict[str, Provider]:
     """Every implementation available here for q (B, S, H, D), by name."""
     batch, seqlen, heads, _ = shape
     if device.type != "cuda":
@@ -189,8 +189,9 @@ def _forward(p: Provider, q: Tensor, k: Tensor, v: Tensor) -> Callable[[], objec
     return step
 
 
-def _forward_backward(p: Provider, q: Tensor, k: Tensor, v: Tensor,
-                      dout: Tensor) -> Callable[[], object]:  # fmt: skip
+def _forward_backward(
+    p: Provider, q: Tensor, k: Tensor, v: Tensor, dout: Tensor
+) -> Callable[[], object]:
     # autograd.grad with dout as the output gradient: the gradient of (out * dout).sum()
     # without the extra product, and no accumulation into .grad (a kernel per call).
     def step():
@@ -222,34 +223,42 @@ def _whole_sequence_cases(quick: bool, device: torch.device) -> Iterator[Case]:
         for seqlen in sweep.seqlens:
             batch = max(1, sweep.tokens // seqlen)
             shape = (batch, seqlen, heads, d)  # (B, S, H, D)
-            q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
-                       for _ in range(3))  # fmt: skip
+            q, k, v = (
+                torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3)
+            )
             dout = torch.randn(shape, device=device, dtype=dtype)
             for causal in (False, True):
                 suffix = " causal" if causal else ""
                 for provider, p in providers(causal, shape, device, quick).items():
-                    for mode, fn in (("fwd", _forward(p, q, k, v)),
-                                     ("fwd+bwd", _forward_backward(p, q, k, v, dout))):  # fmt: skip
+                    for mode, fn in (
+                        ("fwd", _forward(p, q, k, v)),
+                        ("fwd+bwd", _forward_backward(p, q, k, v, dout)),
+                    ):
                         if p.probe and not _runs(fn, device):
                             continue
-                        yield Case(f"attention d{d} {mode}{suffix}", provider,
-                                   (batch, heads, d, seqlen), dtype, fn,
-                                   attention_bytes(batch, heads, heads, seqlen, seqlen, d, e,
-                                                   mode),
-                                   attention_flops(batch, heads, seqlen, seqlen, d, causal,
-                                                   mode))  # fmt: skip
+                        yield Case(
+                            f"attention d{d} {mode}{suffix}",
+                            provider,
+                            (batch, heads, d, seqlen),
+                            dtype,
+                            fn,
+                            attention_bytes(batch, heads, heads, seqlen, seqlen, d, e, mode),
+                            attention_flops(batch, heads, seqlen, seqlen, d, causal, mode),
+                        )
 
 
-def decode_providers(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
-                     length: int) -> dict[str, Callable[[], object]]:  # fmt: skip
+def decode_providers(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, length: int
+) -> dict[str, Callable[[], object]]:
     """One new token per sequence against ``length`` cached ones, by name."""
     from fastlm.kernels.attention_decode import attention_decode
 
     scale = q.shape[-1] ** -0.5
     found = {
-        "fastlm-triton": lambda: attention_decode(q, k_cache, v_cache, cache_seqlens,
-                                                  softmax_scale=scale, causal=True),
-    }  # fmt: skip
+        "fastlm-triton": lambda: attention_decode(
+            q, k_cache, v_cache, cache_seqlens, softmax_scale=scale, causal=True
+        ),
+    }
     if _has("flash_attn"):
         from flash_attn import flash_attn_with_kvcache
 
@@ -259,8 +268,7 @@ def decode_providers(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens:
     # The baseline: a length-1 query against the valid slice of the cache, GQA unexpanded.
     qt = q.transpose(1, 2)
     kt, vt = k_cache[:, :length].transpose(1, 2), v_cache[:, :length].transpose(1, 2)
-    found["sdpa"] = lambda: F.scaled_dot_product_attention(qt, kt, vt, scale=scale,
-                                                           enable_gqa=True)  # fmt: skip
+    found["sdpa"] = lambda: F.scaled_dot_product_attention(qt, kt, vt, scale=scale, enable_gqa=True)
     return found
 
 
@@ -270,8 +278,9 @@ def _decode_cases(quick: bool, device: torch.device) -> Iterator[Case]:
     for batch in batches:
         for length in lengths:
             q = torch.randn(batch, 1, h, d, device=device, dtype=dtype)
-            k_cache, v_cache = (torch.randn(batch, length, h_kv, d, device=device, dtype=dtype)
-                                for _ in range(2))  # fmt: skip
+            k_cache, v_cache = (
+                torch.randn(batch, length, h_kv, d, device=device, dtype=dtype) for _ in range(2)
+            )
             seqlens = torch.full((batch,), length, dtype=torch.int32, device=device)
             for provider, call in decode_providers(q, k_cache, v_cache, seqlens, length).items():
 
@@ -279,9 +288,15 @@ def _decode_cases(quick: bool, device: torch.device) -> Iterator[Case]:
                     with torch.no_grad():
                         return call()
 
-                yield Case(f"attention decode b{batch}", provider, (batch, h, h_kv, d, length),
-                           dtype, fn, decode_bytes(batch, h, h_kv, 1, length, d, dtype.itemsize),
-                           4 * batch * h * length * d)  # fmt: skip
+                yield Case(
+                    f"attention decode b{batch}",
+                    provider,
+                    (batch, h, h_kv, d, length),
+                    dtype,
+                    fn,
+                    decode_bytes(batch, h, h_kv, 1, length, d, dtype.itemsize),
+                    4 * batch * h * length * d,
+                )
 
 
 def cases(quick: bool, device: torch.device) -> Iterator[Case]:

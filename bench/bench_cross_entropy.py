@@ -27,8 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.harness import Case, cpu_peak_bytes
-from fastlm import backend
-from fastlm.ops import loss as ce
+from fastlm import backend, ops
 
 # (rows, vocabulary sizes, hidden size of the linear case) per device; CPU sizes keep quick
 # mode to seconds on two cores.
@@ -58,8 +57,8 @@ def providers(device: torch.device) -> dict[str, Provider]:
     on_gpu = device.type == "cuda"
     found = {}
     if on_gpu:  # the interpreter is far too slow to time
-        found["fastlm-triton"] = Provider(ce.cross_entropy, "triton")
-    found["fastlm-torch"] = Provider(ce.cross_entropy, "torch")
+        found["fastlm-triton"] = Provider(ops.cross_entropy, "triton")
+    found["fastlm-torch"] = Provider(ops.cross_entropy, "torch")
     found["torch"] = Provider(F.cross_entropy)
     if on_gpu and importlib.util.find_spec("liger_kernel") is not None:
         from liger_kernel.transformers.functional import liger_cross_entropy
@@ -91,8 +90,8 @@ def _unfused_linear(h, w, t):
 def _linear_providers(device: torch.device) -> dict[str, tuple[Callable, str | None]]:
     found = {}
     if device.type == "cuda":
-        found["fastlm-triton"] = (ce.linear_cross_entropy, "triton")
-    found["fastlm-torch"] = (ce.linear_cross_entropy, "torch")
+        found["fastlm-triton"] = (ops.linear_cross_entropy, "triton")
+    found["fastlm-torch"] = (ops.linear_cross_entropy, "torch")
     found["torch"] = (_unfused_linear, None)
     return found
 
@@ -105,10 +104,24 @@ def cases(quick: bool, device: torch.device) -> Iterator[Case]:
         x = torch.randn(n, v, device=device, dtype=dtype, requires_grad=True)
         t = torch.randint(0, v, (n,), device=device)
         for name, p in providers(device).items():
-            yield Case("cross_entropy fwd", name, (n, v), dtype, _forward(p, x, t),
-                       ce_bytes(n, v, e, False), ce_flops(n, v, False))  # fmt: skip
-            yield Case("cross_entropy fwd+bwd", name, (n, v), dtype, _forward_backward(p, x, t),
-                       ce_bytes(n, v, e, True), ce_flops(n, v, True))  # fmt: skip
+            yield Case(
+                "cross_entropy fwd",
+                name,
+                (n, v),
+                dtype,
+                _forward(p, x, t),
+                ce_bytes(n, v, e, False),
+                ce_flops(n, v, False),
+            )
+            yield Case(
+                "cross_entropy fwd+bwd",
+                name,
+                (n, v),
+                dtype,
+                _forward_backward(p, x, t),
+                ce_bytes(n, v, e, True),
+                ce_flops(n, v, True),
+            )
         del x
         h = torch.randn(n, hidden, device=device, dtype=dtype, requires_grad=True)
         w = torch.randn(v, hidden, device=device, dtype=dtype, requires_grad=True)
@@ -120,8 +133,15 @@ def cases(quick: bool, device: torch.device) -> Iterator[Case]:
 
             # Bytes: hidden, weight and their gradients, plus the cross-entropy over logits.
             moved = 2 * (n + v) * hidden * e + ce_bytes(n, v, e, True)
-            yield Case("linear_cross_entropy fwd+bwd", name, (n, hidden, v), dtype, step,
-                       moved, 6 * n * hidden * v + ce_flops(n, v, True))  # fmt: skip
+            yield Case(
+                "linear_cross_entropy fwd+bwd",
+                name,
+                (n, hidden, v),
+                dtype,
+                step,
+                moved,
+                6 * n * hidden * v + ce_flops(n, v, True),
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,7 +159,7 @@ def memory_report(n: int = 8192, v: int = 32000, hidden: int = 768) -> dict[str,
 
     def fused():
         with backend.use_backend("torch"):
-            return torch.autograd.grad(ce.linear_cross_entropy(h, w, t), [h, w])
+            return torch.autograd.grad(ops.linear_cross_entropy(h, w, t), [h, w])
 
     def unfused():
         return torch.autograd.grad(_unfused_linear(h, w, t), [h, w])

@@ -128,9 +128,15 @@ def stages(docs: Sequence[str]) -> dict[str, Callable[[], int]]:
     def pipeline() -> int:
         return len(clean_corpus(docs, config)[0])
 
-    return {"normalize": normalize_all, "filters": filters, "normalize+filters": normalize_filters,
-            "pii scrub": scrub, "exact dedup": exact, "minhash dedup": minhash,
-            "pipeline": pipeline}  # fmt: skip
+    return {
+        "normalize": normalize_all,
+        "filters": filters,
+        "normalize+filters": normalize_filters,
+        "pii scrub": scrub,
+        "exact dedup": exact,
+        "minhash dedup": minhash,
+        "pipeline": pipeline,
+    }
 
 
 def cases(quick: bool, device: torch.device) -> Iterator[Case]:
@@ -138,8 +144,9 @@ def cases(quick: bool, device: torch.device) -> Iterator[Case]:
         return
     text = corpus(quick)
     for name, fn in stages(text.docs).items():
-        yield Case(f"data {name}", "fastlm", (len(text.docs), text.nbytes), torch.uint8, fn,
-                   text.nbytes)  # fmt: skip
+        yield Case(
+            f"data {name}", "fastlm", (len(text.docs), text.nbytes), torch.uint8, fn, text.nbytes
+        )
 
 
 @dataclasses.dataclass
@@ -215,8 +222,9 @@ def report(quick: bool, out: Path | None = None) -> tuple[list[Row], Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.bench_data",
-                                     description=__doc__.split("\n\n")[0])  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.bench_data", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--full", action="store_true", help="the larger corpus, longer timing")
     parser.add_argument("--out", type=Path, help="folder of data.md (default bench/results/<cpu>)")
     args = parser.parse_args(argv)

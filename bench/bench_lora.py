@@ -161,10 +161,16 @@ def _bnb_net(net: Net, dtype: torch.dtype) -> Net:
     for block in net.layers:
         w = block.proj.weight
         n, k = w.shape
-        lin = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=dtype,
-                                compress_statistics=False, quant_type="nf4")  # fmt: skip
-        lin.weight = bnb.nn.Params4bit(w.detach().to("cpu"), requires_grad=False, blocksize=64,
-                                       compress_statistics=False, quant_type="nf4")  # fmt: skip
+        lin = bnb.nn.Linear4bit(
+            k, n, bias=False, compute_dtype=dtype, compress_statistics=False, quant_type="nf4"
+        )
+        lin.weight = bnb.nn.Params4bit(
+            w.detach().to("cpu"),
+            requires_grad=False,
+            blocksize=64,
+            compress_statistics=False,
+            quant_type="nf4",
+        )
         block.proj = lin.to(w.device)  # bitsandbytes quantizes on the move to the device
     return net
 
@@ -258,8 +264,10 @@ def cases(quick: bool, device: torch.device) -> Iterator[Case]:
             noted.add(name)
             print(f"skipping {name}: {why[:300]}")
 
-    weights = [torch.randn(hidden, hidden, device=device, generator=gen) / hidden**0.5
-               for _ in range(DEPTH)]  # fmt: skip
+    weights = [
+        torch.randn(hidden, hidden, device=device, generator=gen) / hidden**0.5
+        for _ in range(DEPTH)
+    ]
     for structure, depth in (("layer", 1), (f"stack{DEPTH}", DEPTH)):
         for r in ranks:
             op = f"lora fwd+bwd {structure} h={hidden} r={r}"
@@ -277,9 +285,15 @@ def cases(quick: bool, device: torch.device) -> Iterator[Case]:
                     fn = train_step(p.model, x, dy)
                     if p.third_party and not third_party_runs(fn, name, note):
                         continue
-                    yield Case(op, name, (hidden, r, m), dtype, fn,
-                               lora_bytes(m, hidden, hidden, p.r, e, p.weight_bytes, depth),
-                               lora_flops(m, hidden, hidden, p.r, depth))  # fmt: skip
+                    yield Case(
+                        op,
+                        name,
+                        (hidden, r, m),
+                        dtype,
+                        fn,
+                        lora_bytes(m, hidden, hidden, p.r, e, p.weight_bytes, depth),
+                        lora_flops(m, hidden, hidden, p.r, depth),
+                    )
                 del x, dy
             del found
             if device.type == "cuda":

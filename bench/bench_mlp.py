@@ -30,11 +30,14 @@ from fastlm import backend, ops
 # (M tokens, [(N, K)] GEMM shapes, (hidden, intermediate) of the MLP cases) per device.
 SIZES = {
     ("cuda", True): (8192, [(4096, 4096), (11008, 4096)], [(4096, 11008)]),
-    ("cuda", False): (8192, [(4096, 4096), (8192, 8192), (16384, 16384), (11008, 4096)],
-                      [(2048, 5632), (4096, 11008), (8192, 28672)]),
+    ("cuda", False): (
+        8192,
+        [(4096, 4096), (8192, 8192), (16384, 16384), (11008, 4096)],
+        [(2048, 5632), (4096, 11008), (8192, 28672)],
+    ),
     ("cpu", True): (256, [(512, 512)], [(256, 688)]),
     ("cpu", False): (1024, [(1024, 1024), (2752, 1024)], [(1024, 2752)]),
-}  # fmt: skip
+}
 
 
 def gemm_flops(m: int, n: int, k: int, gemms: int = 1) -> int:
@@ -71,8 +74,13 @@ def _eager_gated_mlp(x, wg, wu, wd):
     return F.linear(_eager_gated(x, wg, wu), wd)
 
 
-def _providers(device: torch.device, quick: bool, fused: Callable, eager: Callable,
-               extra: dict[str, Callable] | None = None) -> dict[str, Callable]:  # fmt: skip
+def _providers(
+    device: torch.device,
+    quick: bool,
+    fused: Callable,
+    eager: Callable,
+    extra: dict[str, Callable] | None = None,
+) -> dict[str, Callable]:
     on_gpu = device.type == "cuda"
     found = {}
     if on_gpu:  # the interpreter is far too slow to time
@@ -110,17 +118,35 @@ def cases(quick: bool, device: torch.device) -> Iterator[Case]:
     for n, k in gemm_shapes:
         x, w, wu = randn(m, k), randn(n, k), randn(n, k)
         linear = _providers(
-            device, quick, lambda x, w: ops.linear_act(x, w, None, "gelu_tanh"), _eager_linear_act,
+            device,
+            quick,
+            lambda x, w: ops.linear_act(x, w, None, "gelu_tanh"),
+            _eager_linear_act,
             {"gemm-only": F.linear},
-        )  # fmt: skip
+        )
         for name, fn in linear.items():
-            yield Case("linear_act gelu_tanh fwd", name, (m, n, k), dtype,
-                       _no_grad(fn, x, w), gemm_bytes(m, n, k, e), gemm_flops(m, n, k))  # fmt: skip
-        gated = _providers(device, quick, lambda x, wg, wu: ops.gated_linear(x, wg, wu),
-                           _eager_gated)  # fmt: skip
+            yield Case(
+                "linear_act gelu_tanh fwd",
+                name,
+                (m, n, k),
+                dtype,
+                _no_grad(fn, x, w),
+                gemm_bytes(m, n, k, e),
+                gemm_flops(m, n, k),
+            )
+        gated = _providers(
+            device, quick, lambda x, wg, wu: ops.gated_linear(x, wg, wu), _eager_gated
+        )
         for name, fn in gated.items():
-            yield Case("gated_linear silu fwd", name, (m, n, k), dtype, _no_grad(fn, x, w, wu),
-                       gemm_bytes(m, n, k, e, 2), gemm_flops(m, n, k, 2))  # fmt: skip
+            yield Case(
+                "gated_linear silu fwd",
+                name,
+                (m, n, k),
+                dtype,
+                _no_grad(fn, x, w, wu),
+                gemm_bytes(m, n, k, e, 2),
+                gemm_flops(m, n, k, 2),
+            )
         del x, w, wu
 
     for hidden, inter in mlp_shapes:
@@ -137,10 +163,24 @@ def cases(quick: bool, device: torch.device) -> Iterator[Case]:
         flops = gemm_flops(m, inter, hidden, 3)
         moved = gemm_bytes(m, inter, hidden, e, 3)
         for name, fn in mlp.items():
-            yield Case("gated_mlp silu fwd", name, (m, hidden, inter), dtype,
-                       _no_grad(fn, x, wg, wu, wd), moved, flops)  # fmt: skip
-            yield Case("gated_mlp silu fwd+bwd", name, (m, hidden, inter), dtype,
-                       _fwd_bwd(fn, x, wg, wu, wd), 3 * moved, 3 * flops)  # fmt: skip
+            yield Case(
+                "gated_mlp silu fwd",
+                name,
+                (m, hidden, inter),
+                dtype,
+                _no_grad(fn, x, wg, wu, wd),
+                moved,
+                flops,
+            )
+            yield Case(
+                "gated_mlp silu fwd+bwd",
+                name,
+                (m, hidden, inter),
+                dtype,
+                _fwd_bwd(fn, x, wg, wu, wd),
+                3 * moved,
+                3 * flops,
+            )
         del x, wg, wu, wd
 
 
@@ -190,8 +230,13 @@ def saved_report(m: int = 64, hidden: int = 64, inter: int = 176) -> dict[str, f
         return (torch.randn(*shape, dtype=dt) / shape[-1] ** 0.5).requires_grad_()
 
     x = leaf(m, hidden)
-    wg, wu, wd, b1, b2 = leaf(inter, hidden), leaf(inter, hidden), leaf(hidden, inter), leaf(
-        inter), leaf(hidden)  # fmt: skip
+    wg, wu, wd, b1, b2 = (
+        leaf(inter, hidden),
+        leaf(inter, hidden),
+        leaf(hidden, inter),
+        leaf(inter),
+        leaf(hidden),
+    )
     report = {}
     for name, fn, params in [
         ("gated_mlp", lambda: ops.gated_mlp(x, wg, wu, wd), [wg, wu, wd]),
@@ -207,5 +252,7 @@ def saved_report(m: int = 64, hidden: int = 64, inter: int = 176) -> dict[str, f
 
 if __name__ == "__main__":
     for op, r in saved_report().items():
-        print(f"{op}: saved for backward, fused {r['fused_bytes']} B, eager {r['eager_bytes']} B,"
-              f" ratio {r['ratio']:.3f} (bf16, M=64, hidden 64, intermediate 176)")  # fmt: skip
+        print(
+            f"{op}: saved for backward, fused {r['fused_bytes']} B, eager {r['eager_bytes']} B,"
+            f" ratio {r['ratio']:.3f} (bf16, M=64, hidden 64, intermediate 176)"
+        )

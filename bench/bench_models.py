@@ -27,11 +27,13 @@ from fastlm.models.hf import to_hf
 # (preset, batch, seqlen) for the training cases; (batch sizes, prompt, new) for decoding.
 SIZES = {
     ("cuda", True): ([("gpt2-medium", 8, 1024)], ((1, 16), 128, 64)),
-    ("cuda", False): ([("gpt2", 8, 1024), ("gpt2-medium", 8, 1024), ("llama-1b", 4, 1024)],
-                      ((1, 16), 512, 128)),
+    ("cuda", False): (
+        [("gpt2", 8, 1024), ("gpt2-medium", 8, 1024), ("llama-1b", 4, 1024)],
+        ((1, 16), 512, 128),
+    ),
     ("cpu", True): ([("gpt2-tiny", 4, 128)], ((1, 16), 16, 8)),
     ("cpu", False): ([("gpt2-tiny", 4, 128), ("gpt2", 1, 256)], ((1, 16), 32, 16)),
-}  # fmt: skip
+}
 
 
 def _transformers_available() -> bool:
@@ -98,17 +100,43 @@ def cases(quick: bool, device: torch.device) -> Iterator[Case]:
         tokens = batch * seqlen
         for name, m in providers(model).items():
             m.train()
-            yield Case(f"{preset} fwd", name, (batch, seqlen), dtype, _forward(m, ids),
-                       params * e, 2 * params * tokens, tokens)  # fmt: skip
-            yield Case(f"{preset} fwd+bwd", name, (batch, seqlen), dtype, _train_step(m, ids),
-                       params * e, 6 * params * tokens, tokens)  # fmt: skip
+            yield Case(
+                f"{preset} fwd",
+                name,
+                (batch, seqlen),
+                dtype,
+                _forward(m, ids),
+                params * e,
+                2 * params * tokens,
+                tokens,
+            )
+            yield Case(
+                f"{preset} fwd+bwd",
+                name,
+                (batch, seqlen),
+                dtype,
+                _train_step(m, ids),
+                params * e,
+                6 * params * tokens,
+                tokens,
+            )
         # Decoding the first training preset's model at each batch size.
         if preset != training[0][0]:
             continue
-        prompts = {b: torch.randint(0, model.config.vocab_size, (b, prompt), device=device)
-                   for b in batches}  # fmt: skip
+        prompts = {
+            b: torch.randint(0, model.config.vocab_size, (b, prompt), device=device)
+            for b in batches
+        }
         for name, m in providers(model.eval()).items():
             m.eval()
             for b, ids in prompts.items():
-                yield Case(f"{preset} decode", name, (b, prompt, new), dtype, _decode(m, ids, new),
-                           params * e * new, 2 * params * b * new, b * new)  # fmt: skip
+                yield Case(
+                    f"{preset} decode",
+                    name,
+                    (b, prompt, new),
+                    dtype,
+                    _decode(m, ids, new),
+                    params * e * new,
+                    2 * params * b * new,
+                    b * new,
+                )

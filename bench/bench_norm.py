@@ -160,6 +160,12 @@ def cases(quick: bool, device: torch.device) -> Iterator[Case]:
                 if rms:  # the Llama-style pre-norm step: fused add vs x + r then norm
                     variants.append((f"{name}+residual fwd", _forward(p, x, r), True, False))
                 for op, fn, residual, bwd in variants:
-                    yield Case(op, provider, (m, n), dtype, fn,
-                               norm_bytes(m, n, e, rms, residual, bwd),
-                               norm_flops(m, n, rms, residual, bwd))  # fmt: skip
+                    yield Case(
+                        op,
+                        provider,
+                        (m, n),
+                        dtype,
+                        fn,
+                        norm_bytes(m, n, e, rms, residual, bwd),
+                        norm_flops(m, n, rms, residual, bwd),
+                    )

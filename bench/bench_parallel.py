@@ -162,16 +162,25 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_layout(layout: Layout, preset: str, vocab: int, batch: int, seqlen: int,
-                   warmup: int, steps: int, device: torch.device) -> dict:  # fmt: skip
+def measure_layout(
+    layout: Layout,
+    preset: str,
+    vocab: int,
+    batch: int,
+    seqlen: int,
+    warmup: int,
+    steps: int,
+    device: torch.device,
+) -> dict:
     """One layout on this rank (every rank of the world calls it); the result is rank 0's."""
     from fastlm.parallel import parallelize, unwrap
     from fastlm.parallel.comm import CollectiveCounter
 
     model = _model(preset, vocab, device)
     config = model.config
-    model, mesh = parallelize(model, tp_size=layout.tp, dp_size=layout.dp,
-                              sequence_parallel=layout.sp)  # fmt: skip
+    model, mesh = parallelize(
+        model, tp_size=layout.tp, dp_size=layout.dp, sequence_parallel=layout.sp
+    )
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -202,19 +211,31 @@ def measure_layout(layout: Layout, preset: str, vocab: int, batch: int, seqlen: 
     e = next(unwrap(model).parameters()).element_size()
     tokens = layout.dp * batch * seqlen
     result = {
-        "layout": layout.name, "tp": layout.tp, "dp": layout.dp, "sp": layout.sp,
-        "world": layout.world, "backend": dist.get_backend(), "device": device.type,
-        "threads": torch.get_num_threads(), "preset": preset, "vocab": vocab, "batch": batch,
-        "seqlen": seqlen, "tokens_per_step": tokens, "step_ms": step_s * 1e3,
-        "step_ms_all": [t * 1e3 for t in slowest.tolist()], "tokens_per_s": tokens / step_s,
+        "layout": layout.name,
+        "tp": layout.tp,
+        "dp": layout.dp,
+        "sp": layout.sp,
+        "world": layout.world,
+        "backend": dist.get_backend(),
+        "device": device.type,
+        "threads": torch.get_num_threads(),
+        "preset": preset,
+        "vocab": vocab,
+        "batch": batch,
+        "seqlen": seqlen,
+        "tokens_per_step": tokens,
+        "step_ms": step_s * 1e3,
+        "step_ms_all": [t * 1e3 for t in slowest.tolist()],
+        "tokens_per_s": tokens / step_s,
         "collectives": {k: counter.calls[k] for k in CollectiveCounter.KINDS},
         "comm_bytes_by_kind": {k: counter.bytes[k] for k in CollectiveCounter.KINDS},
         "comm_bytes": sum(counter.bytes.values()),
         "comm_bytes_formula": tp_comm_bytes(config, batch, seqlen, layout.tp, layout.sp, e),
-        "dp_grad_bytes_computed": 0 if layout.dp == 1 else sum(
-            p.numel() * p.element_size() for p in params),
+        "dp_grad_bytes_computed": 0
+        if layout.dp == 1
+        else sum(p.numel() * p.element_size() for p in params),
         "params_per_rank": sum(p.numel() for p in unwrap(model).parameters()),
-    }  # fmt: skip
+    }
     return result
 
 
@@ -242,9 +263,16 @@ def _worker(argv: Sequence[str]) -> None:
     try:
         for spec in args.layout:
             tp, dp, sp = (int(x) for x in spec.split(","))
-            result = measure_layout(Layout(tp, dp, bool(sp)), args.preset, args.vocab,
-                                    args.batch, args.seqlen, args.warmup, args.steps,
-                                    device)  # fmt: skip
+            result = measure_layout(
+                Layout(tp, dp, bool(sp)),
+                args.preset,
+                args.vocab,
+                args.batch,
+                args.seqlen,
+                args.warmup,
+                args.steps,
+                device,
+            )
             if dist.get_rank() == 0:
                 with args.json.open("a") as f:
                     f.write(json.dumps(result) + "\n")
@@ -261,27 +289,54 @@ def _worker(argv: Sequence[str]) -> None:
 # -- the parent ---------------------------------------------------------------------------------
 
 
-def launch(group: Sequence[Layout], device: torch.device, quick: bool,
-           size: tuple[str, int, int, int] | None = None,
-           steps: tuple[int, int] | None = None) -> list[dict]:  # fmt: skip
+def launch(
+    group: Sequence[Layout],
+    device: torch.device,
+    quick: bool,
+    size: tuple[str, int, int, int] | None = None,
+    steps: tuple[int, int] | None = None,
+) -> list[dict]:
     """Run ``group`` (layouts of one world size) in one torchrun launch; their results."""
     (world,) = {x.world for x in group}
     preset, vocab, batch, seqlen = size or SIZES[(device.type, quick)]
     warmup, timed = steps or STEPS[quick]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "results.jsonl"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-               str(world), str(Path(__file__).resolve()), "--worker", "--json", str(out),
-               "--preset", preset, "--vocab", str(vocab), "--batch", str(batch), "--seqlen",
-               str(seqlen), "--warmup", str(warmup), "--steps", str(timed), "--device",
-               device.type]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(world),
+            str(Path(__file__).resolve()),
+            "--worker",
+            "--json",
+            str(out),
+            "--preset",
+            preset,
+            "--vocab",
+            str(vocab),
+            "--batch",
+            str(batch),
+            "--seqlen",
+            str(seqlen),
+            "--warmup",
+            str(warmup),
+            "--steps",
+            str(timed),
+            "--device",
+            device.type,
+        ]
         for x in group:
             cmd += ["--layout", f"{x.tp},{x.dp},{int(x.sp)}"]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}  # torchrun's default, said up front
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
         if proc.returncode != 0:
-            raise RuntimeError(f"{', '.join(x.name for x in group)}: torchrun exited "
-                               f"{proc.returncode}:\n{proc.stderr[-3000:]}")  # fmt: skip
+            raise RuntimeError(
+                f"{', '.join(x.name for x in group)}: torchrun exited "
+                f"{proc.returncode}:\n{proc.stderr[-3000:]}"
+            )
         return [json.loads(line) for line in out.read_text().splitlines()]
 
 
@@ -306,25 +361,41 @@ def _mb(n: int) -> str:
 
 def rows(results: Sequence[dict]) -> list[tuple[str, ...]]:
     return [
-        (r["layout"] + " *" * r["oversubscribed"], str(r["world"]), str(r["tokens_per_step"]),
-         f"{r['step_ms']:.1f}", f"{r['tokens_per_s']:.0f}", str(sum(r["collectives"].values())),
-         _mb(r["comm_bytes"]), _mb(r["comm_bytes_formula"]), _mb(r["dp_grad_bytes_computed"]),
-         "-" if r["efficiency"] is None else f"{100 * r['efficiency']:.0f} %")
+        (
+            r["layout"] + " *" * r["oversubscribed"],
+            str(r["world"]),
+            str(r["tokens_per_step"]),
+            f"{r['step_ms']:.1f}",
+            f"{r['tokens_per_s']:.0f}",
+            str(sum(r["collectives"].values())),
+            _mb(r["comm_bytes"]),
+            _mb(r["comm_bytes_formula"]),
+            _mb(r["dp_grad_bytes_computed"]),
+            "-" if r["efficiency"] is None else f"{100 * r['efficiency']:.0f} %",
+        )
         for r in results
-    ]  # fmt: skip
+    ]
 
 
-HEADERS = ("layout", "ranks", "tokens/step", "step ms", "tokens/s", "collectives/step",
-           "MB/step (measured)", "MB/step (formula)", "dp grad all-reduce MB (computed)",
-           "efficiency vs tp=1")  # fmt: skip
+HEADERS = (
+    "layout",
+    "ranks",
+    "tokens/step",
+    "step ms",
+    "tokens/s",
+    "collectives/step",
+    "MB/step (measured)",
+    "MB/step (formula)",
+    "dp grad all-reduce MB (computed)",
+    "efficiency vs tp=1",
+)
 
 
 def table(results: Sequence[dict]) -> str:
     return format_table(HEADERS, rows(results))
 
 
-def markdown(results: Sequence[dict], env: harness.Environment, seconds: float,
-             load: float) -> str:  # fmt: skip
+def markdown(results: Sequence[dict], env: harness.Environment, seconds: float, load: float) -> str:
     r0 = results[0]
     cores = os.cpu_count()
     lines = [
@@ -350,19 +421,29 @@ def markdown(results: Sequence[dict], env: harness.Environment, seconds: float,
         "over one step. DDP's gradient all-reduce runs in C++ and is computed, not counted.",
     ]
     if any(r["oversubscribed"] for r in results):
-        lines += ["", f"\\* more ranks than the {cores} cores: the step time measures "
-                  "oversubscription, not scaling."]  # fmt: skip
+        lines += [
+            "",
+            f"\\* more ranks than the {cores} cores: the step time measures "
+            "oversubscription, not scaling.",
+        ]
     if r0["device"] == "cpu":
-        lines += ["", "On the CPU gloo moves bytes through shared memory and every rank is one "
-                  "thread: these times measure the overhead of the collectives and of smaller "
-                  "per-rank GEMMs, not the scaling of GPUs over NVLink (targets and "
-                  "predictions in the module docstring)."]  # fmt: skip
+        lines += [
+            "",
+            "On the CPU gloo moves bytes through shared memory and every rank is one "
+            "thread: these times measure the overhead of the collectives and of smaller "
+            "per-rank GEMMs, not the scaling of GPUs over NVLink (targets and "
+            "predictions in the module docstring).",
+        ]
     return "\n".join(lines) + "\n"
 
 
-def report(quick: bool, device: torch.device, out: Path | None = None,
-           chosen: Sequence[Layout] | None = None,
-           **kwargs) -> tuple[list[dict], Path]:  # fmt: skip
+def report(
+    quick: bool,
+    device: torch.device,
+    out: Path | None = None,
+    chosen: Sequence[Layout] | None = None,
+    **kwargs,
+) -> tuple[list[dict], Path]:
     """Measure (``kwargs``: :func:`launch`'s ``size`` and ``steps``), print the table and
     write ``parallel.md`` to ``out`` (default ``bench/results/<device>/``)."""
     env = harness.environment(device)
@@ -402,20 +483,30 @@ def cases(quick: bool, device: torch.device) -> Iterator[Case]:
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     flops = int(flops_per_token(model, seqlen) * batch * seqlen)
     dtype = next(model.parameters()).dtype
-    yield Case(f"{preset} parallel step", "single process", (batch, seqlen), dtype, step,
-               weight_bytes, flops, batch * seqlen)  # fmt: skip
+    yield Case(
+        f"{preset} parallel step",
+        "single process",
+        (batch, seqlen),
+        dtype,
+        step,
+        weight_bytes,
+        flops,
+        batch * seqlen,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--worker" in argv:
         _worker(argv)  # does not return
-    parser = argparse.ArgumentParser(prog="python -m bench.bench_parallel",
-                                     description=__doc__.split("\n\n")[0])  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.bench_parallel", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--full", action="store_true", help="every layout, more steps")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--out", type=Path, help="folder of parallel.md "
-                        "(default bench/results/<device>)")  # fmt: skip
+    parser.add_argument(
+        "--out", type=Path, help="folder of parallel.md (default bench/results/<device>)"
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     results, _ = report(not args.full, device, args.out)

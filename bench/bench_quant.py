@@ -135,16 +135,21 @@ def _bnb(w: Tensor, kind: str) -> tuple[torch.nn.Module, int]:
     # bitsandbytes quantizes a float weight when the module moves to the GPU.
     if kind == "int8":
         lin = bnb.nn.Linear8bitLt(k, n, bias=False, has_fp16_weights=False, threshold=6.0)
-        lin.weight = bnb.nn.Int8Params(w.detach().to("cpu", torch.float16), requires_grad=False,
-                                       has_fp16_weights=False)  # fmt: skip
+        lin.weight = bnb.nn.Int8Params(
+            w.detach().to("cpu", torch.float16), requires_grad=False, has_fp16_weights=False
+        )
         lin = lin.to(w.device)
         return lin, _nbytes(lin.weight) + _nbytes(getattr(lin.weight, "SCB", None))
-    lin = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.bfloat16,
-                            compress_statistics=False, quant_type="nf4")  # fmt: skip
+    lin = bnb.nn.Linear4bit(
+        k, n, bias=False, compute_dtype=torch.bfloat16, compress_statistics=False, quant_type="nf4"
+    )
     lin.weight = bnb.nn.Params4bit(
-        w.detach().to("cpu", torch.bfloat16), requires_grad=False, blocksize=64,
-        compress_statistics=False, quant_type="nf4",
-    )  # fmt: skip
+        w.detach().to("cpu", torch.bfloat16),
+        requires_grad=False,
+        blocksize=64,
+        compress_statistics=False,
+        quant_type="nf4",
+    )
     lin = lin.to(w.device)
     state = lin.weight.quant_state
     nested = getattr(state, "state2", None) if getattr(state, "nested", False) else None
@@ -164,10 +169,11 @@ def _torchao(w: Tensor, bits: int) -> tuple[torch.nn.Module, int]:
             # torchao >= 0.14 (version 2): "tile_packed_to_4d" is the tinygemm kernel (the
             # default "plain" packing needs fbgemm-gpu-genai); earlier: version 1, tinygemm.
             configs += [
-                lambda: tq.Int4WeightOnlyConfig(group_size=128,
-                                                int4_packing_format="tile_packed_to_4d"),
+                lambda: tq.Int4WeightOnlyConfig(
+                    group_size=128, int4_packing_format="tile_packed_to_4d"
+                ),
                 lambda: tq.Int4WeightOnlyConfig(group_size=128),
-            ]  # fmt: skip
+            ]
         if hasattr(tq, "int4_weight_only"):
             configs.append(lambda: tq.int4_weight_only(group_size=128))
     else:
@@ -217,11 +223,13 @@ def providers(w: Tensor, notes: dict[str, str] | None = None) -> dict[str, Provi
         found["bf16 F.linear"] = Provider(_linear(w.bfloat16()), 2 * n * k, torch.bfloat16)
     weights = {name: quantize_weight(w, **kwargs) for name, kwargs in FORMATS.items()}
     for name, qw in weights.items():
-        found[f"fastlm {name}"] = Provider(_fastlm(ops.quant_matmul, qw, fastlm_be),
-                                           weight_bytes(qw), dtype, qw)  # fmt: skip
+        found[f"fastlm {name}"] = Provider(
+            _fastlm(ops.quant_matmul, qw, fastlm_be), weight_bytes(qw), dtype, qw
+        )
     qw8 = weights["int8"]
-    found["fastlm w8a8"] = Provider(_fastlm(ops.w8a8_matmul, qw8, fastlm_be), weight_bytes(qw8),
-                                    dtype, qw8)  # fmt: skip
+    found["fastlm w8a8"] = Provider(
+        _fastlm(ops.w8a8_matmul, qw8, fastlm_be), weight_bytes(qw8), dtype, qw8
+    )
     if w.device.type != "cuda":
         return found
     if backend.cuda_extension_error() is None:
@@ -280,9 +288,15 @@ def cases(quick: bool, device: torch.device) -> Iterator[Case]:
                 fn = _step(p.fn, xs[p.dtype])
                 if p.third_party and not third_party_runs(fn, name, note):
                     continue
-                yield Case(_op(n, k), name, (n, k, m), p.dtype, fn,
-                           quant_bytes(m, n, k, p.weight_bytes, p.dtype.itemsize),
-                           quant_flops(m, n, k))  # fmt: skip
+                yield Case(
+                    _op(n, k),
+                    name,
+                    (n, k, m),
+                    p.dtype,
+                    fn,
+                    quant_bytes(m, n, k, p.weight_bytes, p.dtype.itemsize),
+                    quant_flops(m, n, k),
+                )
             del x, xs
         # Free this size's weights before the next size builds its own.
         del w, found
@@ -337,8 +351,10 @@ def sqnr_markdown(rows: list[dict], n: int, k: int) -> str:
         "| --- | ---: | ---: | ---: |",
     ]
     for r in rows:
-        lines.append(f"| {r['format']} | {r['bits_per_weight']:.3f} | "
-                     f"{r['sqnr_gaussian_db']:.2f} | {r['sqnr_student_t3_db']:.2f} |")  # fmt: skip
+        lines.append(
+            f"| {r['format']} | {r['bits_per_weight']:.3f} | "
+            f"{r['sqnr_gaussian_db']:.2f} | {r['sqnr_student_t3_db']:.2f} |"
+        )
     return "\n".join(lines)
 
 

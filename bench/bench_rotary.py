@@ -26,11 +26,15 @@ from fastlm.ops.rotary import apply_rotary
 # (B, S, Hq, Hk, D) per device; CPU shapes are tiny.
 SIZES = {
     ("cuda", True): [(8, 2048, 32, 8, 128), (1, 8192, 32, 32, 128)],
-    ("cuda", False): [(8, 2048, 32, 8, 128), (1, 8192, 32, 32, 128), (16, 1024, 16, 16, 64),
-                      (8, 2048, 64, 8, 128)],
+    ("cuda", False): [
+        (8, 2048, 32, 8, 128),
+        (1, 8192, 32, 32, 128),
+        (16, 1024, 16, 16, 64),
+        (8, 2048, 64, 8, 128),
+    ],
     ("cpu", True): [(2, 128, 8, 2, 64)],
     ("cpu", False): [(2, 128, 8, 2, 64), (1, 512, 16, 4, 128)],
-}  # fmt: skip
+}
 
 
 def rotary_bytes(b, s, hq, hk, d, e, backward: bool) -> int:
@@ -114,6 +118,12 @@ def cases(quick: bool, device: torch.device) -> Iterator[Case]:
                 ("rotary fwd", _forward(p, q, k), False),
                 ("rotary fwd+bwd", _forward_backward(p, q, k, dq, dk), True),
             ):
-                yield Case(op, provider, (b, s, hq + hk, d), dtype, fn,
-                           rotary_bytes(b, s, hq, hk, d, e, bwd),
-                           rotary_flops(b, s, hq, hk, d, bwd))  # fmt: skip
+                yield Case(
+                    op,
+                    provider,
+                    (b, s, hq + hk, d),
+                    dtype,
+                    fn,
+                    rotary_bytes(b, s, hq, hk, d, e, bwd),
+                    rotary_flops(b, s, hq, hk, d, bwd),
+                )

@@ -77,14 +77,29 @@ def _variants(preset: str) -> Iterator[tuple[str, Callable[[], nn.Module], int]]
         yield "transformers-sdpa" + ("+checkpointing" if checkpointing else ""), hf_model, 0
 
 
-def _step(model: nn.Module, checkpointing: int, device: torch.device, batch: int, seqlen: int,
-          vocab: int, out_dir: str) -> Callable[[], object]:  # fmt: skip
-    config = TrainConfig(batch_size=batch, seq_len=seqlen, checkpointing=checkpointing,
-                         device=device.type, progress=False, out_dir=out_dir,
-                         max_steps=10**6, warmup_steps=0)  # fmt: skip
+def _step(
+    model: nn.Module,
+    checkpointing: int,
+    device: torch.device,
+    batch: int,
+    seqlen: int,
+    vocab: int,
+    out_dir: str,
+) -> Callable[[], object]:
+    config = TrainConfig(
+        batch_size=batch,
+        seq_len=seqlen,
+        checkpointing=checkpointing,
+        device=device.type,
+        progress=False,
+        out_dir=out_dir,
+        max_steps=10**6,
+        warmup_steps=0,
+    )
     # The same tokens for every provider, whatever random state building the model left.
-    rows = torch.randint(0, vocab, (4 * batch, seqlen), dtype=torch.int32,
-                         generator=torch.Generator().manual_seed(0))  # fmt: skip
+    rows = torch.randint(
+        0, vocab, (4 * batch, seqlen), dtype=torch.int32, generator=torch.Generator().manual_seed(0)
+    )
     trainer = Trainer(model, config, CausalLMDataset(rows))
     trainer.train_step()  # allocates the optimizer state outside the measured step
     return trainer.train_step
@@ -102,5 +117,13 @@ def cases(quick: bool, device: torch.device) -> Iterator[Case]:
             del reference
             for provider, factory, checkpointing in _variants(preset):
                 fn = _step(factory(), checkpointing, device, batch, seqlen, vocab, out_dir)
-                yield Case(f"{preset} train step", provider, (batch, seqlen), dtype, fn,
-                           weight_bytes, flops, batch * seqlen)  # fmt: skip
+                yield Case(
+                    f"{preset} train step",
+                    provider,
+                    (batch, seqlen),
+                    dtype,
+                    fn,
+                    weight_bytes,
+                    flops,
+                    batch * seqlen,
+                )

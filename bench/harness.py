@@ -193,8 +193,7 @@ def _commit() -> str | None:
     return out.stdout.strip()
 
 
-def third_party_runs(fn: Callable[[], object], name: str,
-                     note: Callable[[str, str], None]) -> bool:  # fmt: skip
+def third_party_runs(fn: Callable[[], object], name: str, note: Callable[[str, str], None]) -> bool:
     """Call an optional third-party provider's step once, its warnings silenced: True if
     it runs; else the reason goes to ``note(name, reason)`` and the provider is skipped
     with that one line instead of reported as a FAILED case."""
@@ -256,14 +255,33 @@ def run_cases(
 
 
 def table(results: Sequence[Result]) -> str:
-    headers = ("op", "provider", "shape", "dtype", "ms", "GB/s", "% roof", "TFLOP/s", "peak MB",
-               "tok/s")  # fmt: skip
+    headers = (
+        "op",
+        "provider",
+        "shape",
+        "dtype",
+        "ms",
+        "GB/s",
+        "% roof",
+        "TFLOP/s",
+        "peak MB",
+        "tok/s",
+    )
     rows = [
-        (r.op, r.provider, r.shape, r.dtype, f"{r.ms:.4f}", f"{r.gbps:.1f}",
-         f"{r.roofline_pct:.0f}", f"{r.tflops:.3f}", f"{r.peak_mb:.1f}",
-         "-" if r.tokens_per_s is None else f"{r.tokens_per_s:.0f}")
+        (
+            r.op,
+            r.provider,
+            r.shape,
+            r.dtype,
+            f"{r.ms:.4f}",
+            f"{r.gbps:.1f}",
+            f"{r.roofline_pct:.0f}",
+            f"{r.tflops:.3f}",
+            f"{r.peak_mb:.1f}",
+            "-" if r.tokens_per_s is None else f"{r.tokens_per_s:.0f}",
+        )
         for r in results
-    ]  # fmt: skip
+    ]
     return format_table(headers, rows)
 
 

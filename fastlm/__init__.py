@@ -13,8 +13,9 @@ except PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0+unknown"
 
 
-def patch(model: torch.nn.Module, verbose: bool = False,
-          lora: dict | None = None) -> torch.nn.Module:  # fmt: skip
+def patch(
+    model: torch.nn.Module, verbose: bool = False, lora: dict | None = None
+) -> torch.nn.Module:
     """:func:`fastlm.nn.patch` (swap in fastlm's drop-in layers), then, with ``lora``, LoRA
     on the layers it names: ``lora`` holds keyword arguments of
     :func:`fastlm.peft.apply_lora` (``r``, ``alpha``, ``target_modules``, ...), and the
@@ -22,14 +23,17 @@ def patch(model: torch.nn.Module, verbose: bool = False,
     nn.patch(model, verbose=verbose and lora is None)
     if lora is None:
         return model
-    from fastlm.nn.patch import Swap
+    from fastlm.nn.patch_report import Swap
     from fastlm.peft import apply_lora
 
     before = {name for name, m in model.named_modules() if isinstance(m, nn.LoRALinear)}
     apply_lora(model, **lora)
     report = nn.patch_report(model)
-    report.swaps += [Swap(name, "Linear", "LoRALinear") for name, m in model.named_modules()
-                     if isinstance(m, nn.LoRALinear) and name not in before]  # fmt: skip
+    report.swaps += [
+        Swap(name, "Linear", "LoRALinear")
+        for name, m in model.named_modules()
+        if isinstance(m, nn.LoRALinear) and name not in before
+    ]
     if verbose:
         print(report)
     return model

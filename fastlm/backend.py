@@ -7,6 +7,8 @@ Rules (DESIGN.md, "Backends"):
   real hardware (recorded in ``bench/results/``, listed in :data:`GPU_VERIFIED_CUDA`); until
   then ``cuda`` is opt-in and Triton is the default on GPUs.
 * CPU tensors get ``torch``.
+* Meta tensors (shapes only) get ``torch``, forced or not: no backend computes anything on
+  them, and PyTorch's own meta kernels give every output's shape and dtype.
 * ``FASTLM_BACKEND=<name>`` or ``with use_backend(<name>):`` forces a backend. A forced
   backend that cannot serve a call raises :class:`BackendUnavailable` saying why. Forcing
   ``triton`` on CPU tensors runs the kernels under Triton's interpreter.
@@ -148,6 +150,8 @@ def select(op: str, device: torch.device, supports: Mapping[str, Callable[[], st
             return f"{op} has no {name} implementation"
         return backend_error(name, device) or supports[name]()
 
+    if device.type == "meta":
+        return "torch"
     forced = forced_backend()
     if forced is not None:
         why = reason(forced)
@@ -159,8 +163,3 @@ def select(op: str, device: torch.device, supports: Mapping[str, Callable[[], st
             if reason(name) is None:
                 return name
     return "torch"
-
-
-def interpreting(device: torch.device) -> bool:
-    """Triton kernels on CPU tensors run under the interpreter."""
-    return device.type == "cpu"

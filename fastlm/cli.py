@@ -4,15 +4,18 @@
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 import fastlm
-from fastlm import backend
+from fastlm import backend, errors
+
+if TYPE_CHECKING:
+    from fastlm.train.finetune import FinetuneConfig
 
 
 def _versions() -> list[tuple[str, str]]:
@@ -33,8 +36,11 @@ def _versions() -> list[tuple[str, str]]:
 def _device_line() -> tuple[str, torch.device]:
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        return (f"{props.name} (sm_{props.major}{props.minor}, {props.total_memory / 2**30:.0f} "
-                f"GiB, {torch.cuda.device_count()} visible)", torch.device("cuda"))  # fmt: skip
+        return (
+            f"{props.name} (sm_{props.major}{props.minor}, {props.total_memory / 2**30:.0f} "
+            f"GiB, {torch.cuda.device_count()} visible)",
+            torch.device("cuda"),
+        )
     return "cpu (no CUDA device)", torch.device("cpu")
 
 
@@ -77,8 +83,10 @@ def bench(argv: list[str]) -> int:
     # bench/ lives beside fastlm/ in a source checkout (DESIGN.md); it is not installed.
     root = Path(fastlm.__file__).resolve().parent.parent
     if not (root / "bench" / "run.py").is_file():
-        print(f"fastlm bench needs a source checkout of fastlm (no bench/run.py under {root})",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"fastlm bench needs a source checkout of fastlm (no bench/run.py under {root})",
+            file=sys.stderr,
+        )
         return 2
     sys.path.insert(0, str(root))
     from bench import run
@@ -87,24 +95,9 @@ def bench(argv: list[str]) -> int:
 
 
 def train(argv: list[str]) -> int:
-    import torch.distributed as dist
+    from fastlm.train import run
 
-    from fastlm.train import TrainingDiverged, config, run
-
-    try:
-        run.train(config.parse(argv))
-    except (ValueError, TrainingDiverged) as e:
-        print(f"fastlm train: {e}", file=sys.stderr)
-        return 1
-    if dist.is_initialized():  # under torchrun: leave together
-        dist.barrier()
-        dist.destroy_process_group()
-        # Skip interpreter finalization: gloo's worker threads can still hold work objects
-        # then, and tearing those down aborts the process now and then (pytorch#190489).
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-    return 0
+    return run.main(argv)
 
 
 def generate(argv: list[str]) -> int:
@@ -129,19 +122,26 @@ def generate(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     from fastlm.train import run
 
-    try:
-        print(run.generate(args.checkpoint, args.prompt, args.max_new_tokens, args.temperature,
-                           args.top_k, args.greedy, args.seed))  # fmt: skip
-    except ValueError as e:
-        print(f"fastlm generate: {e}", file=sys.stderr)
-        return 1
+    print(
+        run.generate(
+            args.checkpoint,
+            args.prompt,
+            args.max_new_tokens,
+            args.temperature,
+            args.top_k,
+            args.greedy,
+            args.seed,
+        )
+    )
     return 0
 
 
 def data(argv: list[str]) -> int:
     if argv[:1] != ["clean"]:
-        print("usage: fastlm data clean IN... OUT [options] (fastlm data clean --help)",
-              file=sys.stderr)  # fmt: skip
+        print(
+            "usage: fastlm data clean IN... OUT [options] (fastlm data clean --help)",
+            file=sys.stderr,
+        )
         return 2
     from fastlm.data import pipeline
 
@@ -155,9 +155,77 @@ def evaluate(argv: list[str]) -> int:
 
 
 def finetune(argv: list[str]) -> int:
-    from fastlm.eval import finetune as ft
+    from fastlm.train import finetune as ft
 
-    return ft.main(argv)
+    ft.print_summary(ft.finetune(_finetune_config(argv)))
+    return 0
+
+
+def _finetune_config(argv: list[str]) -> FinetuneConfig:
+    from fastlm.train.config import PRECISIONS
+    from fastlm.train.finetune import FinetuneConfig
+
+    parser = argparse.ArgumentParser(
+        prog="fastlm finetune",
+        description="fine-tune a BERT classifier on a TSV/JSONL file and score it as GLUE does",
+    )
+    parser.add_argument("--train", required=True, metavar="FILE", help=".tsv or .jsonl")
+    parser.add_argument("--validation", required=True, metavar="FILE", help=".tsv or .jsonl")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--init",
+        metavar="DIR",
+        help="a fastlm train --model bert checkpoint or run directory, or a "
+        "Hugging Face BERT directory",
+    )
+    source.add_argument("--model", help="a BERT preset (bert-tiny, ...) trained from scratch")
+    parser.add_argument(
+        "--text-fields",
+        default="sentence",
+        metavar="A[,B]",
+        help="the text column(s): one, or two for sentence pairs",
+    )
+    parser.add_argument("--label-field", default="label")
+    parser.add_argument(
+        "--no-header",
+        dest="header",
+        action="store_false",
+        help="TSV files have no header row; fields are 0-based column numbers",
+    )
+    parser.add_argument(
+        "--regression",
+        action="store_true",
+        help="a real-valued label (STS-B): one output, Pearson/Spearman",
+    )
+    parser.add_argument(
+        "--positive-label", help="F1's class for two labels (default: the second label in id order)"
+    )
+    for name, kind in (
+        ("max-length", int),
+        ("epochs", int),
+        ("lr", float),
+        ("batch-size", int),
+        ("warmup-ratio", float),
+        ("weight-decay", float),
+        ("eval-every", int),
+        ("vocab-size", int),
+        ("seed", int),
+    ):
+        default = getattr(FinetuneConfig, name.replace("-", "_"))
+        parser.add_argument(f"--{name}", type=kind, default=default)
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out-dir", default=FinetuneConfig.out_dir)
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the run --out-dir holds first (else a directory with a run is refused)",
+    )
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    args = parser.parse_args(argv)
+    values = vars(args)
+    values["text_fields"] = tuple(f.strip() for f in args.text_fields.split(","))
+    return FinetuneConfig(**values)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,25 +239,41 @@ def main(argv: list[str] | None = None) -> int:
         help="train a model (with no flags: a small GPT on the built-in corpus)",
     )
     sub.add_parser("generate", add_help=False, help="sample text from a training checkpoint")
-    sub.add_parser("bench", help="run the benchmark suite (quick by default; --help for more)",
-                   add_help=False)  # fmt: skip
-    sub.add_parser("data", add_help=False,
-                   help="prepare corpora: 'fastlm data clean IN... OUT' normalizes, scrubs PII, "
-                        "filters and deduplicates (--help for its options)")  # fmt: skip
-    sub.add_parser("eval", add_help=False,
-                   help="n-shot evaluation of a checkpoint on a JSONL task (MMLU, WinoGrande, "
-                        "BIG-Bench Hard shapes)")  # fmt: skip
-    sub.add_parser("finetune", add_help=False,
-                   help="fine-tune a BERT classifier on a TSV/JSONL task, scored as GLUE "
-                        "does")  # fmt: skip
+    sub.add_parser(
+        "bench", help="run the benchmark suite (quick by default; --help for more)", add_help=False
+    )
+    sub.add_parser(
+        "data",
+        add_help=False,
+        help="prepare corpora: 'fastlm data clean IN... OUT' normalizes, scrubs PII, "
+        "filters and deduplicates (--help for its options)",
+    )
+    sub.add_parser(
+        "eval",
+        add_help=False,
+        help="n-shot evaluation of a checkpoint on a JSONL task (MMLU, WinoGrande, "
+        "BIG-Bench Hard shapes)",
+    )
+    sub.add_parser(
+        "finetune",
+        add_help=False,
+        help="fine-tune a BERT classifier on a TSV/JSONL task, scored as GLUE does",
+    )
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return info()
-    commands = {"train": train, "generate": generate, "bench": bench, "data": data,
-                "eval": evaluate, "finetune": finetune}  # fmt: skip
-    return commands[args.command](rest)
+    commands = {
+        "train": train,
+        "generate": generate,
+        "bench": bench,
+        "data": data,
+        "eval": evaluate,
+        "finetune": finetune,
+    }
+    # Every subcommand's refusals become one line here (a bug keeps its traceback).
+    return errors.report(f"fastlm {args.command}", lambda: commands[args.command](rest))
 
 
 if __name__ == "__main__":

@@ -81,10 +81,20 @@ def _keep(seed, rows, cols, dropout_p):
 
 @triton.jit
 def _bias_act_fwd_kernel(
-    X, B, Y, M, N, stride_x, dropout_p, seed,
-    ACT: tl.constexpr, HAS_B: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
+    X,
+    B,
+    Y,
+    M,
+    N,
+    stride_x,
+    dropout_p,
+    seed,
+    ACT: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs, mask = _tile(rows, cols, M, N, stride_x)
@@ -100,11 +110,32 @@ def _bias_act_fwd_kernel(
 
 @triton.jit
 def _bias_act_bwd_kernel(
-    DY, X, B, DX, DB, X_UP, B_UP, DX_UP, DB_UP, Y, M, N, stride_dy, stride_x, rows_per_program,
-    dropout_p, seed,
-    ACT: tl.constexpr, HAS_B: tl.constexpr, HAS_DROPOUT: tl.constexpr, GATED: tl.constexpr,
-    RECOMPUTE: tl.constexpr, DBIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
+    DY,
+    X,
+    B,
+    DX,
+    DB,
+    X_UP,
+    B_UP,
+    DX_UP,
+    DB_UP,
+    Y,
+    M,
+    N,
+    stride_dy,
+    stride_x,
+    rows_per_program,
+    dropout_p,
+    seed,
+    ACT: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    GATED: tl.constexpr,
+    RECOMPUTE: tl.constexpr,
+    DBIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """Backward of ``y = dropout(act(x + b))``, or with GATED of ``y = act(x + b) * (x_up +
     b_up)`` (HAS_B: add the biases; without it, x already includes them). DBIAS writes the
     bias gradients' partial rows. RECOMPUTE also writes ``y`` again, for a following GEMM's
@@ -176,30 +207,70 @@ def bias_act_fwd(x, bias, activation: str, dropout_p: float, seed: int) -> torch
     if y.numel():
         grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(n, BLOCK_N))
         on_device(_bias_act_fwd_kernel, x.device)[grid](
-            x, x if bias is None else bias, y, m, n, x.stride(0), dropout_p, seed,
-            ACT=ACTIVATIONS.index(activation), HAS_B=bias is not None, HAS_DROPOUT=dropout_p > 0,
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=NUM_WARPS,
-        )  # fmt: skip
+            x,
+            x if bias is None else bias,
+            y,
+            m,
+            n,
+            x.stride(0),
+            dropout_p,
+            seed,
+            ACT=ACTIVATIONS.index(activation),
+            HAS_B=bias is not None,
+            HAS_DROPOUT=dropout_p > 0,
+            BLOCK_M=BLOCK_M,
+            BLOCK_N=BLOCK_N,
+            num_warps=NUM_WARPS,
+        )
     return y
 
 
-def bias_act_bwd(dy, x, bias, activation: str, dropout_p: float, seed: int,
-                 recompute: bool = False, dbias: bool | None = None):  # fmt: skip
+def bias_act_bwd(
+    dy,
+    x,
+    bias,
+    activation: str,
+    dropout_p: float,
+    seed: int,
+    recompute: bool = False,
+    dbias: bool | None = None,
+):
     """Returns ``(dx, dbias, y)``: dx in x's dtype, dbias fp32 (N,) or None, and with
     ``recompute`` the forward's output ``y`` again (else None). ``dbias=True`` with no
     ``bias``: x already includes a bias whose gradient is wanted (default: with a bias)."""
-    dx, _, db, _, y = _act_bwd(dy, x, None, bias, None, activation, dropout_p, seed, recompute,
-                               bias is not None if dbias is None else dbias)  # fmt: skip
+    dx, _, db, _, y = _act_bwd(
+        dy,
+        x,
+        None,
+        bias,
+        None,
+        activation,
+        dropout_p,
+        seed,
+        recompute,
+        bias is not None if dbias is None else dbias,
+    )
     return dx, db, y
 
 
-def gated_act_bwd(dy, x, x_up, bias, bias_up, activation: str, recompute: bool = False,
-                  dbias: bool | None = None):  # fmt: skip
+def gated_act_bwd(
+    dy, x, x_up, bias, bias_up, activation: str, recompute: bool = False, dbias: bool | None = None
+):
     """Backward of ``y = act(x + bias) * (x_up + bias_up)`` (biases both given or both None):
     ``(dx, dx_up, dbias, dbias_up, y)``, y recomputed only with ``recompute``; ``dbias`` as
     in :func:`bias_act_bwd`."""
-    return _act_bwd(dy, x, x_up, bias, bias_up, activation, 0.0, 0, recompute,
-                    bias is not None if dbias is None else dbias)  # fmt: skip
+    return _act_bwd(
+        dy,
+        x,
+        x_up,
+        bias,
+        bias_up,
+        activation,
+        0.0,
+        0,
+        recompute,
+        bias is not None if dbias is None else dbias,
+    )
 
 
 def _act_bwd(dy, x, x_up, bias, bias_up, activation, dropout_p, seed, recompute, dbias):
@@ -222,14 +293,33 @@ def _act_bwd(dy, x, x_up, bias, bias_up, activation, dropout_p, seed, recompute,
     if dx.numel():
         # Absent tensors are passed as dx: the constexpr flags keep them untouched.
         on_device(_bias_act_bwd_kernel, x.device)[(groups, triton.cdiv(n, BLOCK_N))](
-            dy, x, dx if bias is None else bias, dx, dx if db is None else db,
-            dx if x_up is None else x_up, dx if bias_up is None else bias_up,
-            dx if dx_up is None else dx_up, dx if db_up is None else db_up,
-            dx if y is None else y, m, n, dy.stride(0), x.stride(0), rows_per_program,
-            dropout_p, seed, ACT=ACTIVATIONS.index(activation), HAS_B=bias is not None,
-            HAS_DROPOUT=dropout_p > 0, GATED=gated, RECOMPUTE=recompute, DBIAS=dbias,
-            BLOCK_M=block_m, BLOCK_N=BLOCK_N, num_warps=NUM_WARPS,
-        )  # fmt: skip
+            dy,
+            x,
+            dx if bias is None else bias,
+            dx,
+            dx if db is None else db,
+            dx if x_up is None else x_up,
+            dx if bias_up is None else bias_up,
+            dx if dx_up is None else dx_up,
+            dx if db_up is None else db_up,
+            dx if y is None else y,
+            m,
+            n,
+            dy.stride(0),
+            x.stride(0),
+            rows_per_program,
+            dropout_p,
+            seed,
+            ACT=ACTIVATIONS.index(activation),
+            HAS_B=bias is not None,
+            HAS_DROPOUT=dropout_p > 0,
+            GATED=gated,
+            RECOMPUTE=recompute,
+            DBIAS=dbias,
+            BLOCK_M=block_m,
+            BLOCK_N=BLOCK_N,
+            num_warps=NUM_WARPS,
+        )
 
     def total(partial):
         return None if partial is None else partial.sum(0)
@@ -242,29 +332,66 @@ def compile_specs() -> list[KernelSpec]:
     in bf16 and fp16; the backwards with the output recomputed (their heaviest form)."""
     specs = []
     for dtype in ("bf16", "fp16"):
-        bwd_types = {"DY": f"*{dtype}", "X": f"*{dtype}", "B": f"*{dtype}", "DX": f"*{dtype}",
-                     "DB": "*fp32", "X_UP": f"*{dtype}", "B_UP": f"*{dtype}",
-                     "DX_UP": f"*{dtype}", "DB_UP": "*fp32", "Y": f"*{dtype}", "M": "i32",
-                     "N": "i32", "stride_dy": "i32", "stride_x": "i32",
-                     "rows_per_program": "i32", "dropout_p": "fp32", "seed": "i32"}  # fmt: skip
+        bwd_types = {
+            "DY": f"*{dtype}",
+            "X": f"*{dtype}",
+            "B": f"*{dtype}",
+            "DX": f"*{dtype}",
+            "DB": "*fp32",
+            "X_UP": f"*{dtype}",
+            "B_UP": f"*{dtype}",
+            "DX_UP": f"*{dtype}",
+            "DB_UP": "*fp32",
+            "Y": f"*{dtype}",
+            "M": "i32",
+            "N": "i32",
+            "stride_dy": "i32",
+            "stride_x": "i32",
+            "rows_per_program": "i32",
+            "dropout_p": "fp32",
+            "seed": "i32",
+        }
         bwd_aligned = tuple(k for k, v in bwd_types.items() if v[0] == "*" or k[0] in "Ns")
         for act, name in enumerate(ACTIVATIONS):
             flags = dict(ACT=act, HAS_B=True, HAS_DROPOUT=True, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
-            specs.append(KernelSpec(
-                label=f"bias_act {dtype} {name} fwd {BLOCK_M}x{BLOCK_N}",
-                kernel=_bias_act_fwd_kernel,
-                signature={"X": f"*{dtype}", "B": f"*{dtype}", "Y": f"*{dtype}", "M": "i32",
-                           "N": "i32", "stride_x": "i32", "dropout_p": "fp32", "seed": "i32"},
-                constexprs=flags, num_warps=NUM_WARPS, aligned=("X", "B", "Y", "N", "stride_x"),
-            ))  # fmt: skip
+            specs.append(
+                KernelSpec(
+                    label=f"bias_act {dtype} {name} fwd {BLOCK_M}x{BLOCK_N}",
+                    kernel=_bias_act_fwd_kernel,
+                    signature={
+                        "X": f"*{dtype}",
+                        "B": f"*{dtype}",
+                        "Y": f"*{dtype}",
+                        "M": "i32",
+                        "N": "i32",
+                        "stride_x": "i32",
+                        "dropout_p": "fp32",
+                        "seed": "i32",
+                    },
+                    constexprs=flags,
+                    num_warps=NUM_WARPS,
+                    aligned=("X", "B", "Y", "N", "stride_x"),
+                )
+            )
             for gated, recompute in ((False, False), (False, True), (True, True)):
                 block_m = _bwd_block_m(not gated, recompute)
-                bwd_flags = dict(flags, HAS_DROPOUT=not gated, GATED=gated, RECOMPUTE=recompute,
-                                 DBIAS=True, BLOCK_M=block_m)  # fmt: skip
-                specs.append(KernelSpec(
-                    label=f"{'gated' if gated else 'bias'}_act {dtype} {name} bwd"
-                          f"{'+recompute' * recompute} {block_m}x{BLOCK_N}",
-                    kernel=_bias_act_bwd_kernel, signature=bwd_types, constexprs=bwd_flags,
-                    num_warps=NUM_WARPS, aligned=bwd_aligned,
-                ))  # fmt: skip
+                bwd_flags = dict(
+                    flags,
+                    HAS_DROPOUT=not gated,
+                    GATED=gated,
+                    RECOMPUTE=recompute,
+                    DBIAS=True,
+                    BLOCK_M=block_m,
+                )
+                specs.append(
+                    KernelSpec(
+                        label=f"{'gated' if gated else 'bias'}_act {dtype} {name} bwd"
+                        f"{'+recompute' * recompute} {block_m}x{BLOCK_N}",
+                        kernel=_bias_act_bwd_kernel,
+                        signature=bwd_types,
+                        constexprs=bwd_flags,
+                        num_warps=NUM_WARPS,
+                        aligned=bwd_aligned,
+                    )
+                )
     return specs

@@ -23,7 +23,6 @@ block over the keys, with no atomics.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 import triton
@@ -53,13 +52,15 @@ def _load_rows(base, rows, stride, offs_d, n_rows, head_dim):
     """Rows ``base + row * stride`` as a (len(rows), BLOCK_D) tile; rows past ``n_rows`` and
     columns past ``head_dim`` read as zero."""
     mask = (rows < n_rows)[:, None] & (offs_d < head_dim)[None, :]
-    return tl.load(base + rows[:, None].to(tl.int64) * stride + offs_d[None, :], mask=mask,
-                   other=0.0)  # fmt: skip
+    return tl.load(
+        base + rows[:, None].to(tl.int64) * stride + offs_d[None, :], mask=mask, other=0.0
+    )
 
 
 @triton.jit
-def _key_range(first_m, len_q, len_k, window_left, window_right, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr):  # fmt: skip
+def _key_range(
+    first_m, len_q, len_k, window_left, window_right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+):
     """[lo, hi): the keys any query row first_m .. first_m + BLOCK_M - 1 can see, lo aligned
     to BLOCK_N (the window clipped to the sequence)."""
     shift = len_k - len_q
@@ -70,9 +71,22 @@ def _key_range(first_m, len_q, len_k, window_left, window_right, BLOCK_M: tl.con
 
 
 @triton.jit
-def _scores(q, k, offs_m, offs_n, seqlen_q, seqlen_k, scale, window_left, window_right,
-            bias_ptrs, slope, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-            HAS_ALIBI: tl.constexpr):  # fmt: skip
+def _scores(
+    q,
+    k,
+    offs_m,
+    offs_n,
+    seqlen_q,
+    seqlen_k,
+    scale,
+    window_left,
+    window_right,
+    bias_ptrs,
+    slope,
+    HAS_MASK: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+):
     """Scaled, biased and masked scores (BLOCK_M, BLOCK_N) in fp32; masked entries, and rows
     or columns past the sequence, are -inf (so nothing is read out of bounds)."""
     shift = seqlen_k - seqlen_q
@@ -80,8 +94,9 @@ def _scores(q, k, offs_m, offs_n, seqlen_q, seqlen_k, scale, window_left, window
     visible = (offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k)
     if HAS_MASK:
         diag = offs_m[:, None] + shift
-        visible &= (offs_n[None, :] >= diag - window_left) & (offs_n[None, :] <= diag
-                                                               + window_right)  # fmt: skip
+        visible &= (offs_n[None, :] >= diag - window_left) & (
+            offs_n[None, :] <= diag + window_right
+        )
     if HAS_BIAS:
         s += tl.load(bias_ptrs, mask=visible, other=0.0).to(tl.float32)
     if HAS_ALIBI:
@@ -100,16 +115,54 @@ def _dropout_keep(seed, b, h, n_heads, offs_m, offs_n, rng_cols, dropout_p):
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, Out, LSE, Bias, Alibi, CuQ, CuK,
-    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
-    stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
-    stride_lb, stride_lh, stride_bb, stride_bh, stride_bm, stride_bn, stride_ab,
-    seqlen_q, seqlen_k, n_heads, group, head_dim,
-    scale, window_left, window_right, dropout_p, seed, rng_cols,
-    IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+    Q,
+    K,
+    V,
+    Out,
+    LSE,
+    Bias,
+    Alibi,
+    CuQ,
+    CuK,
+    stride_qb,
+    stride_qs,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_ob,
+    stride_os,
+    stride_oh,
+    stride_lb,
+    stride_lh,
+    stride_bb,
+    stride_bh,
+    stride_bm,
+    stride_bn,
+    stride_ab,
+    seqlen_q,
+    seqlen_k,
+    n_heads,
+    group,
+    head_dim,
+    scale,
+    window_left,
+    window_right,
+    dropout_p,
+    seed,
+    rng_cols,
+    IS_VARLEN: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // n_heads
@@ -125,8 +178,11 @@ def _attn_fwd_kernel(
     m_mask = offs_m < len_q
     d_mask = offs_d < head_dim
     q_rows = (q_start + offs_m).to(tl.int64)
-    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + q_rows[:, None] * stride_qs
-                + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)  # fmt: skip
+    q = tl.load(
+        Q + b64 * stride_qb + h64 * stride_qh + q_rows[:, None] * stride_qs + offs_d[None, :],
+        mask=m_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )
     k_base = K + b64 * stride_kb + kvh64 * stride_kh + k_start.to(tl.int64) * stride_ks
     v_base = V + b64 * stride_vb + kvh64 * stride_vh + k_start.to(tl.int64) * stride_vs
     bias_base = Bias + b64 * stride_bb + h64 * stride_bh + offs_m[:, None].to(tl.int64) * stride_bm
@@ -134,8 +190,7 @@ def _attn_fwd_kernel(
     if HAS_ALIBI:
         slope = tl.load(Alibi + b64 * stride_ab + h64)
 
-    lo, hi = _key_range(pid_m * BLOCK_M, len_q, len_k, window_left, window_right, BLOCK_M,
-                        BLOCK_N)  # fmt: skip
+    lo, hi = _key_range(pid_m * BLOCK_M, len_q, len_k, window_left, window_right, BLOCK_M, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -143,9 +198,22 @@ def _attn_fwd_kernel(
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         k = _load_rows(k_base, cols, stride_ks, offs_d, len_k, head_dim)
-        s = _scores(q, k, offs_m, cols, len_q, len_k, scale, window_left, window_right,
-                    bias_base + cols[None, :] * stride_bn, slope, HAS_MASK, HAS_BIAS,
-                    HAS_ALIBI)  # fmt: skip
+        s = _scores(
+            q,
+            k,
+            offs_m,
+            cols,
+            len_q,
+            len_k,
+            scale,
+            window_left,
+            window_right,
+            bias_base + cols[None, :] * stride_bn,
+            slope,
+            HAS_MASK,
+            HAS_BIAS,
+            HAS_ALIBI,
+        )
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # Rows with nothing visible yet keep a finite reference, so no inf - inf.
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -162,19 +230,35 @@ def _attn_fwd_kernel(
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
-    tl.store(Out + b64 * stride_ob + h64 * stride_oh + q_rows[:, None] * stride_os
-             + offs_d[None, :], out.to(Out.dtype.element_ty),
-             mask=m_mask[:, None] & d_mask[None, :])  # fmt: skip
+    tl.store(
+        Out + b64 * stride_ob + h64 * stride_oh + q_rows[:, None] * stride_os + offs_d[None, :],
+        out.to(Out.dtype.element_ty),
+        mask=m_mask[:, None] & d_mask[None, :],
+    )
     tl.store(LSE + b64 * stride_lb + h64 * stride_lh + q_rows, lse, mask=m_mask)
 
 
 @triton.jit
 def _attn_bwd_delta_kernel(
-    Out, DO, Delta, CuQ,
-    stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh,
-    seqlen_q, n_heads, head_dim,
-    IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+    Out,
+    DO,
+    Delta,
+    CuQ,
+    stride_ob,
+    stride_os,
+    stride_oh,
+    stride_dob,
+    stride_dos,
+    stride_doh,
+    stride_lb,
+    stride_lh,
+    seqlen_q,
+    n_heads,
+    head_dim,
+    IS_VARLEN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """delta = rowsum(dO * O): the softmax backward's per-row correction."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -187,13 +271,20 @@ def _attn_bwd_delta_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < len_q)[:, None] & (offs_d < head_dim)[None, :]
     rows = (q_start + offs_m).to(tl.int64)[:, None]
-    o = tl.load(Out + b64 * stride_ob + h64 * stride_oh + rows * stride_os + offs_d[None, :],
-                mask=mask, other=0.0)  # fmt: skip
-    do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + rows * stride_dos + offs_d[None, :],
-                 mask=mask, other=0.0)  # fmt: skip
+    o = tl.load(
+        Out + b64 * stride_ob + h64 * stride_oh + rows * stride_os + offs_d[None, :],
+        mask=mask,
+        other=0.0,
+    )
+    do = tl.load(
+        DO + b64 * stride_dob + h64 * stride_doh + rows * stride_dos + offs_d[None, :],
+        mask=mask,
+        other=0.0,
+    )
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    tl.store(Delta + b64 * stride_lb + h64 * stride_lh + q_start + offs_m, delta,
-             mask=offs_m < len_q)  # fmt: skip
+    tl.store(
+        Delta + b64 * stride_lb + h64 * stride_lh + q_start + offs_m, delta, mask=offs_m < len_q
+    )
 
 
 @triton.jit
@@ -206,17 +297,64 @@ def _probabilities(s, lse):
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, Delta, DK, DV, Bias, Alibi, CuQ, CuK,
-    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
-    stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
-    stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
-    stride_lb, stride_lh, stride_bb, stride_bh, stride_bm, stride_bn, stride_ab,
-    seqlen_q, seqlen_k, n_heads, n_kv_heads, group, head_dim,
-    scale, window_left, window_right, dropout_p, seed, rng_cols,
-    IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    Delta,
+    DK,
+    DV,
+    Bias,
+    Alibi,
+    CuQ,
+    CuK,
+    stride_qb,
+    stride_qs,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_dob,
+    stride_dos,
+    stride_doh,
+    stride_dkb,
+    stride_dks,
+    stride_dkh,
+    stride_dvb,
+    stride_dvs,
+    stride_dvh,
+    stride_lb,
+    stride_lh,
+    stride_bb,
+    stride_bh,
+    stride_bm,
+    stride_bn,
+    stride_ab,
+    seqlen_q,
+    seqlen_k,
+    n_heads,
+    n_kv_heads,
+    group,
+    head_dim,
+    scale,
+    window_left,
+    window_right,
+    dropout_p,
+    seed,
+    rng_cols,
+    IS_VARLEN: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """dK and dV of one key block of one KV head, summed over the heads of its group."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -233,10 +371,16 @@ def _attn_bwd_dkdv_kernel(
     d_mask = offs_d < head_dim
     kv_mask = (offs_n < len_k)[:, None] & d_mask[None, :]
     k_rows = (k_start + offs_n).to(tl.int64)[:, None]
-    k = tl.load(K + b64 * stride_kb + kvh64 * stride_kh + k_rows * stride_ks + offs_d[None, :],
-                mask=kv_mask, other=0.0)  # fmt: skip
-    v = tl.load(V + b64 * stride_vb + kvh64 * stride_vh + k_rows * stride_vs + offs_d[None, :],
-                mask=kv_mask, other=0.0)  # fmt: skip
+    k = tl.load(
+        K + b64 * stride_kb + kvh64 * stride_kh + k_rows * stride_ks + offs_d[None, :],
+        mask=kv_mask,
+        other=0.0,
+    )
+    v = tl.load(
+        V + b64 * stride_vb + kvh64 * stride_vh + k_rows * stride_vs + offs_d[None, :],
+        mask=kv_mask,
+        other=0.0,
+    )
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     # Query rows that can see any key of this block.
@@ -264,40 +408,105 @@ def _attn_bwd_dkdv_kernel(
                 + rows[:, None].to(tl.int64) * stride_bm
                 + offs_n[None, :] * stride_bn
             )
-            s = _scores(q, k, rows, offs_n, len_q, len_k, scale, window_left, window_right,
-                        bias_ptrs, slope, HAS_MASK, HAS_BIAS, HAS_ALIBI)  # fmt: skip
+            s = _scores(
+                q,
+                k,
+                rows,
+                offs_n,
+                len_q,
+                len_k,
+                scale,
+                window_left,
+                window_right,
+                bias_ptrs,
+                slope,
+                HAS_MASK,
+                HAS_BIAS,
+                HAS_ALIBI,
+            )
             p = _probabilities(s, lse)
             dp = tl.dot(do, tl.trans(v)).to(tl.float32)
             if HAS_DROPOUT:
                 keep = _dropout_keep(seed, b, h, n_heads, rows, offs_n, rng_cols, dropout_p)
-                dv += tl.dot(tl.trans(tl.where(keep, p / (1.0 - dropout_p), 0.0).to(do.dtype)),
-                             do)  # fmt: skip
+                dv += tl.dot(tl.trans(tl.where(keep, p / (1.0 - dropout_p), 0.0).to(do.dtype)), do)
                 dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
             else:
                 dv += tl.dot(tl.trans(p.to(do.dtype)), do)
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
     store_mask = (offs_n < len_k)[:, None] & d_mask[None, :]
-    tl.store(DK + b64 * stride_dkb + kvh64 * stride_dkh + k_rows * stride_dks + offs_d[None, :],
-             (dk * scale).to(DK.dtype.element_ty), mask=store_mask)  # fmt: skip
-    tl.store(DV + b64 * stride_dvb + kvh64 * stride_dvh + k_rows * stride_dvs + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=store_mask)  # fmt: skip
+    tl.store(
+        DK + b64 * stride_dkb + kvh64 * stride_dkh + k_rows * stride_dks + offs_d[None, :],
+        (dk * scale).to(DK.dtype.element_ty),
+        mask=store_mask,
+    )
+    tl.store(
+        DV + b64 * stride_dvb + kvh64 * stride_dvh + k_rows * stride_dvs + offs_d[None, :],
+        dv.to(DV.dtype.element_ty),
+        mask=store_mask,
+    )
 
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, Delta, DQ, DBias, Bias, Alibi, CuQ, CuK,
-    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
-    stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
-    stride_dqb, stride_dqs, stride_dqh,
-    stride_lb, stride_lh, stride_bb, stride_bh, stride_bm, stride_bn, stride_ab,
-    stride_dbb, stride_dbh, stride_dbm,
-    seqlen_q, seqlen_k, n_heads, group, head_dim,
-    scale, window_left, window_right, dropout_p, seed, rng_cols,
-    IS_VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    Delta,
+    DQ,
+    DBias,
+    Bias,
+    Alibi,
+    CuQ,
+    CuK,
+    stride_qb,
+    stride_qs,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_dob,
+    stride_dos,
+    stride_doh,
+    stride_dqb,
+    stride_dqs,
+    stride_dqh,
+    stride_lb,
+    stride_lh,
+    stride_bb,
+    stride_bh,
+    stride_bm,
+    stride_bn,
+    stride_ab,
+    stride_dbb,
+    stride_dbh,
+    stride_dbm,
+    seqlen_q,
+    seqlen_k,
+    n_heads,
+    group,
+    head_dim,
+    scale,
+    window_left,
+    window_right,
+    dropout_p,
+    seed,
+    rng_cols,
+    IS_VARLEN: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    BIAS_GRAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """dQ of one query block of one head (and dBias, the score gradient, when asked)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -313,10 +522,16 @@ def _attn_bwd_dq_kernel(
     d_mask = offs_d < head_dim
     q_mask = (offs_m < len_q)[:, None] & d_mask[None, :]
     q_rows = (q_start + offs_m).to(tl.int64)[:, None]
-    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + q_rows * stride_qs + offs_d[None, :],
-                mask=q_mask, other=0.0)  # fmt: skip
-    do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + q_rows * stride_dos
-                 + offs_d[None, :], mask=q_mask, other=0.0)  # fmt: skip
+    q = tl.load(
+        Q + b64 * stride_qb + h64 * stride_qh + q_rows * stride_qs + offs_d[None, :],
+        mask=q_mask,
+        other=0.0,
+    )
+    do = tl.load(
+        DO + b64 * stride_dob + h64 * stride_doh + q_rows * stride_dos + offs_d[None, :],
+        mask=q_mask,
+        other=0.0,
+    )
     stat = b64 * stride_lb + h64 * stride_lh + q_start + offs_m
     lse = tl.load(LSE + stat, mask=offs_m < len_q, other=float("-inf"))
     delta = tl.load(Delta + stat, mask=offs_m < len_q, other=0.0)
@@ -329,16 +544,28 @@ def _attn_bwd_dq_kernel(
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(Alibi + b64 * stride_ab + h64)
-    lo, hi = _key_range(pid_m * BLOCK_M, len_q, len_k, window_left, window_right, BLOCK_M,
-                        BLOCK_N)  # fmt: skip
+    lo, hi = _key_range(pid_m * BLOCK_M, len_q, len_k, window_left, window_right, BLOCK_M, BLOCK_N)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         k = _load_rows(k_base, cols, stride_ks, offs_d, len_k, head_dim)
         v = _load_rows(v_base, cols, stride_vs, offs_d, len_k, head_dim)
-        s = _scores(q, k, offs_m, cols, len_q, len_k, scale, window_left, window_right,
-                    bias_base + cols[None, :] * stride_bn, slope, HAS_MASK, HAS_BIAS,
-                    HAS_ALIBI)  # fmt: skip
+        s = _scores(
+            q,
+            k,
+            offs_m,
+            cols,
+            len_q,
+            len_k,
+            scale,
+            window_left,
+            window_right,
+            bias_base + cols[None, :] * stride_bn,
+            slope,
+            HAS_MASK,
+            HAS_BIAS,
+            HAS_ALIBI,
+        )
         p = _probabilities(s, lse)
         dp = tl.dot(do, tl.trans(v)).to(tl.float32)
         if HAS_DROPOUT:
@@ -346,11 +573,17 @@ def _attn_bwd_dq_kernel(
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
         if BIAS_GRAD:
-            tl.store(dbias_base + cols[None, :], ds,
-                     mask=(offs_m < len_q)[:, None] & (cols < len_k)[None, :])  # fmt: skip
+            tl.store(
+                dbias_base + cols[None, :],
+                ds,
+                mask=(offs_m < len_q)[:, None] & (cols < len_k)[None, :],
+            )
         dq += tl.dot(ds.to(k.dtype), k)
-    tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + q_rows * stride_dqs + offs_d[None, :],
-             (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)  # fmt: skip
+    tl.store(
+        DQ + b64 * stride_dqb + h64 * stride_dqh + q_rows * stride_dqs + offs_d[None, :],
+        (dq * scale).to(DQ.dtype.element_ty),
+        mask=q_mask,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -379,15 +612,21 @@ class TileConfig:
 # sequences, whose extra live values (bias tiles, Philox state) need smaller tiles. The plain
 # forward tiles keep warpgroup MMA (wgmma) on sm_90. Checked with Triton 3.6 and 3.8, whose
 # register allocations differ (d=256 dK/dV at 32x64 spills on 3.6 only).
-_FWD = {64: (TileConfig(128, 64, 8, 3), TileConfig(128, 64, 8, 3)),
-        128: (TileConfig(128, 64, 8, 3), TileConfig(64, 32, 8, 2)),
-        256: (TileConfig(64, 32, 4, 2), TileConfig(64, 16, 8, 2))}  # fmt: skip
-_BWD_DKDV = {64: (TileConfig(64, 32, 4, 2), TileConfig(32, 32, 4, 2)),
-             128: (TileConfig(32, 64, 8, 2), TileConfig(16, 64, 8, 2)),
-             256: (TileConfig(16, 32, 8, 2), TileConfig(16, 32, 8, 2))}  # fmt: skip
-_BWD_DQ = {64: (TileConfig(64, 32, 8, 2), TileConfig(64, 32, 8, 2)),
-           128: (TileConfig(64, 32, 8, 2), TileConfig(64, 32, 8, 2)),
-           256: (TileConfig(64, 32, 8, 2), TileConfig(32, 32, 8, 2))}  # fmt: skip
+_FWD = {
+    64: (TileConfig(128, 64, 8, 3), TileConfig(128, 64, 8, 3)),
+    128: (TileConfig(128, 64, 8, 3), TileConfig(64, 32, 8, 2)),
+    256: (TileConfig(64, 32, 4, 2), TileConfig(64, 16, 8, 2)),
+}
+_BWD_DKDV = {
+    64: (TileConfig(64, 32, 4, 2), TileConfig(32, 32, 4, 2)),
+    128: (TileConfig(32, 64, 8, 2), TileConfig(16, 64, 8, 2)),
+    256: (TileConfig(16, 32, 8, 2), TileConfig(16, 32, 8, 2)),
+}
+_BWD_DQ = {
+    64: (TileConfig(64, 32, 8, 2), TileConfig(64, 32, 8, 2)),
+    128: (TileConfig(64, 32, 8, 2), TileConfig(64, 32, 8, 2)),
+    256: (TileConfig(64, 32, 8, 2), TileConfig(32, 32, 8, 2)),
+}
 
 
 def _bucket(head_dim: int) -> int:
@@ -405,18 +644,12 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def window_bounds(window: tuple[int, int]) -> tuple[int | None, int | None]:
-    """flash-attn's ``window`` convention (-1: unbounded side) as kernel bounds."""
-    return tuple(None if side < 0 else side for side in window)
-
-
 def _window(causal: bool, window: tuple[int | None, int | None]) -> tuple[int, int, bool]:
     left, right = window
     if causal:
         right = 0 if right is None else min(right, 0)
     has_mask = left is not None or right is not None
-    return (_UNBOUNDED if left is None else left, _UNBOUNDED if right is None else right,
-            has_mask)  # fmt: skip
+    return (_UNBOUNDED if left is None else left, _UNBOUNDED if right is None else right, has_mask)
 
 
 def _heavy(varlen, bias, alibi_slopes, args: AttentionArgs) -> bool:
@@ -474,23 +707,45 @@ def attention_fwd(
     kernel = on_device(_attn_fwd_kernel, q.device)
     grid = (triton.cdiv(seqlen_q, cfg.block_m), batch * n_heads)
     kernel[grid](
-        q, k, v, out, lse, q if bias is None else bias,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        q if bias is None else bias,
         lse if alibi_slopes is None else alibi_slopes,
-        cu_seqlens_q if varlen else lse, cu_seqlens_k if varlen else lse,
-        *strides_q, *strides_k, *strides_v, *strides_o, *strides_l, *_bias_strides(bias),
+        cu_seqlens_q if varlen else lse,
+        cu_seqlens_k if varlen else lse,
+        *strides_q,
+        *strides_k,
+        *strides_v,
+        *strides_o,
+        *strides_l,
+        *_bias_strides(bias),
         0 if alibi_slopes is None else alibi_slopes.stride(0),
-        seqlen_q, seqlen_k, n_heads, n_heads // k.shape[-2], head_dim,
-        args.softmax_scale, left, right, args.dropout_p, args.seed, seqlen_k,
-        IS_VARLEN=varlen, HAS_MASK=has_mask, HAS_BIAS=bias is not None,
-        HAS_ALIBI=alibi_slopes is not None, HAS_DROPOUT=args.dropout_p > 0,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=_block_d(head_dim),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
+        seqlen_q,
+        seqlen_k,
+        n_heads,
+        n_heads // k.shape[-2],
+        head_dim,
+        args.softmax_scale,
+        left,
+        right,
+        args.dropout_p,
+        args.seed,
+        seqlen_k,
+        IS_VARLEN=varlen,
+        HAS_MASK=has_mask,
+        HAS_BIAS=bias is not None,
+        HAS_ALIBI=alibi_slopes is not None,
+        HAS_DROPOUT=args.dropout_p > 0,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_D=_block_d(head_dim),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
     return out, lse
-
-
-def default_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)
 
 
 def attention_bwd(
@@ -528,8 +783,9 @@ def attention_bwd(
     n_kv_heads = k.shape[-2]
     dbias = None
     if bias_grad:
-        dbias = torch.zeros((batch, n_heads, seqlen_q, seqlen_k), dtype=torch.float32,
-                            device=q.device)  # fmt: skip
+        dbias = torch.zeros(
+            (batch, n_heads, seqlen_q, seqlen_k), dtype=torch.float32, device=q.device
+        )
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_(), dbias
     left, right, has_mask = _window(args.causal, args.window)
@@ -537,43 +793,111 @@ def attention_bwd(
     cu_q = cu_seqlens_q if varlen else lse
     cu_k = cu_seqlens_k if varlen else lse
     flags = dict(
-        IS_VARLEN=varlen, HAS_MASK=has_mask, HAS_BIAS=bias is not None,
-        HAS_ALIBI=alibi_slopes is not None, HAS_DROPOUT=args.dropout_p > 0,
-    )  # fmt: skip
+        IS_VARLEN=varlen,
+        HAS_MASK=has_mask,
+        HAS_BIAS=bias is not None,
+        HAS_ALIBI=alibi_slopes is not None,
+        HAS_DROPOUT=args.dropout_p > 0,
+    )
     shared = (
-        *_bias_strides(bias), 0 if alibi_slopes is None else alibi_slopes.stride(0),
-    )  # fmt: skip
+        *_bias_strides(bias),
+        0 if alibi_slopes is None else alibi_slopes.stride(0),
+    )
     run = (args.softmax_scale, left, right, args.dropout_p, args.seed, seqlen_k)
     bias_arg = q if bias is None else bias
     alibi_arg = lse if alibi_slopes is None else alibi_slopes
 
     delta = torch.empty_like(lse)
     on_device(_attn_bwd_delta_kernel, q.device)[(triton.cdiv(seqlen_q, 64), batch * n_heads)](
-        out, do, delta, cu_q, *_row_strides(out, varlen), *s_do, *strides_l,
-        seqlen_q, n_heads, head_dim,
-        IS_VARLEN=varlen, BLOCK_M=64, BLOCK_D=block_d,
-    )  # fmt: skip
+        out,
+        do,
+        delta,
+        cu_q,
+        *_row_strides(out, varlen),
+        *s_do,
+        *strides_l,
+        seqlen_q,
+        n_heads,
+        head_dim,
+        IS_VARLEN=varlen,
+        BLOCK_M=64,
+        BLOCK_D=block_d,
+    )
     _, kv_cfg, q_cfg = tile_configs(head_dim, _heavy(varlen, bias, alibi_slopes, args))
     on_device(_attn_bwd_dkdv_kernel, q.device)[
         (triton.cdiv(seqlen_k, kv_cfg.block_n), batch * n_kv_heads)
     ](
-        q, k, v, do, lse, delta, dk, dv, bias_arg, alibi_arg, cu_q, cu_k,
-        *s_q, *s_k, *s_v, *s_do, *s_dk, *s_dv, *strides_l, *shared,
-        seqlen_q, seqlen_k, n_heads, n_kv_heads, n_heads // n_kv_heads, head_dim, *run,
-        **flags, BLOCK_M=kv_cfg.block_m, BLOCK_N=kv_cfg.block_n, BLOCK_D=block_d,
-        num_warps=kv_cfg.num_warps, num_stages=kv_cfg.num_stages,
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        do,
+        lse,
+        delta,
+        dk,
+        dv,
+        bias_arg,
+        alibi_arg,
+        cu_q,
+        cu_k,
+        *s_q,
+        *s_k,
+        *s_v,
+        *s_do,
+        *s_dk,
+        *s_dv,
+        *strides_l,
+        *shared,
+        seqlen_q,
+        seqlen_k,
+        n_heads,
+        n_kv_heads,
+        n_heads // n_kv_heads,
+        head_dim,
+        *run,
+        **flags,
+        BLOCK_M=kv_cfg.block_m,
+        BLOCK_N=kv_cfg.block_n,
+        BLOCK_D=block_d,
+        num_warps=kv_cfg.num_warps,
+        num_stages=kv_cfg.num_stages,
+    )
     on_device(_attn_bwd_dq_kernel, q.device)[
         (triton.cdiv(seqlen_q, q_cfg.block_m), batch * n_heads)
     ](
-        q, k, v, do, lse, delta, dq, q if dbias is None else dbias, bias_arg, alibi_arg,
-        cu_q, cu_k, *s_q, *s_k, *s_v, *s_do, *s_dq, *strides_l, *shared,
+        q,
+        k,
+        v,
+        do,
+        lse,
+        delta,
+        dq,
+        q if dbias is None else dbias,
+        bias_arg,
+        alibi_arg,
+        cu_q,
+        cu_k,
+        *s_q,
+        *s_k,
+        *s_v,
+        *s_do,
+        *s_dq,
+        *strides_l,
+        *shared,
         *((0, 0, 0) if dbias is None else dbias.stride()[:3]),
-        seqlen_q, seqlen_k, n_heads, n_heads // n_kv_heads, head_dim, *run,
-        **flags, BIAS_GRAD=dbias is not None,
-        BLOCK_M=q_cfg.block_m, BLOCK_N=q_cfg.block_n, BLOCK_D=block_d,
-        num_warps=q_cfg.num_warps, num_stages=q_cfg.num_stages,
-    )  # fmt: skip
+        seqlen_q,
+        seqlen_k,
+        n_heads,
+        n_heads // n_kv_heads,
+        head_dim,
+        *run,
+        **flags,
+        BIAS_GRAD=dbias is not None,
+        BLOCK_M=q_cfg.block_m,
+        BLOCK_N=q_cfg.block_n,
+        BLOCK_D=block_d,
+        num_warps=q_cfg.num_warps,
+        num_stages=q_cfg.num_stages,
+    )
     return dq, dk, dv, dbias
 
 
@@ -608,8 +932,9 @@ def compile_specs() -> list[KernelSpec]:
         for dtype, t in _DTYPES.items():
             variants = [dict(IS_VARLEN=False, HAS_BIAS=False, HAS_ALIBI=False, HAS_DROPOUT=False)]
             if dtype == torch.bfloat16:
-                variants.append(dict(IS_VARLEN=True, HAS_BIAS=True, HAS_ALIBI=True,
-                                     HAS_DROPOUT=True))  # fmt: skip
+                variants.append(
+                    dict(IS_VARLEN=True, HAS_BIAS=True, HAS_ALIBI=True, HAS_DROPOUT=True)
+                )
             for flags in variants:
                 specs += _specs_for(head_dim, t, dict(HAS_MASK=True, **flags))
     return specs
@@ -628,15 +953,20 @@ def _specs_for(head_dim: int, t: str, flags: dict) -> list[KernelSpec]:
     ]
     specs = []
     for name, kernel, cfg, extra, wgmma in kernels:
-        constexprs = dict(flags, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
-                          **extra)  # fmt: skip
+        constexprs = dict(flags, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, **extra)
         signature = {k: v for k, v in _spec_types(kernel, t).items() if k not in constexprs}
         aligned = tuple(k for k, v in signature.items() if v.startswith("*") or "stride" in k)
-        specs.append(KernelSpec(
-            label=f"attention {t} d={head_dim} {what} {name} {cfg.block_m}x{cfg.block_n} "
-                  f"w={cfg.num_warps}",
-            kernel=kernel, signature=signature, constexprs=constexprs,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, aligned=(*aligned, "head_dim"),
-            needs_wgmma=wgmma,
-        ))  # fmt: skip
+        specs.append(
+            KernelSpec(
+                label=f"attention {t} d={head_dim} {what} {name} {cfg.block_m}x{cfg.block_n} "
+                f"w={cfg.num_warps}",
+                kernel=kernel,
+                signature=signature,
+                constexprs=constexprs,
+                num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages,
+                aligned=(*aligned, "head_dim"),
+                needs_wgmma=wgmma,
+            )
+        )
     return specs

@@ -65,16 +65,45 @@ def _attend(q, k, v, pos, end, last_key, m_i, l_i, acc, qk_scale, CAUSAL: tl.con
 
 @triton.jit
 def _attention_decode_split_kernel(
-    Q, K, V, KNew, VNew, SeqLens, Out, Lse, OPart, LsePart,
-    stride_qb, stride_qs, stride_qh,
-    stride_kb, stride_ks, stride_kh,
-    stride_vb, stride_vs, stride_vh,
-    stride_knb, stride_kns, stride_knh,
-    stride_vnb, stride_vns, stride_vnh,
-    num_kv_heads, group, seqlen_q, seqlen_new, num_splits, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_NEW: tl.constexpr, SPLIT: tl.constexpr,
-):  # fmt: skip
+    Q,
+    K,
+    V,
+    KNew,
+    VNew,
+    SeqLens,
+    Out,
+    Lse,
+    OPart,
+    LsePart,
+    stride_qb,
+    stride_qs,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_knb,
+    stride_kns,
+    stride_knh,
+    stride_vnb,
+    stride_vns,
+    stride_vnh,
+    num_kv_heads,
+    group,
+    seqlen_q,
+    seqlen_new,
+    num_splits,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_NEW: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -114,8 +143,7 @@ def _attention_decode_split_kernel(
         pos64 = pos.to(tl.int64)[:, None]
         k = tl.load(K + pos64 * stride_ks + d[None, :], mask=mask, other=0.0)
         v = tl.load(V + pos64 * stride_vs + d[None, :], mask=mask, other=0.0)
-        m_i, l_i, acc = _attend(q, k, v, pos, cache_end, last_key, m_i, l_i, acc, qk_scale,
-                                CAUSAL)  # fmt: skip
+        m_i, l_i, acc = _attend(q, k, v, pos, cache_end, last_key, m_i, l_i, acc, qk_scale, CAUSAL)
     if HAS_NEW:
         KNew += b * stride_knb + kv_head * stride_knh
         VNew += b * stride_vnb + kv_head * stride_vnh
@@ -131,10 +159,11 @@ def _attention_decode_split_kernel(
             pos64 = pos.to(tl.int64)[:, None]
             tl.store(K + pos64 * stride_ks + d[None, :], k, mask=mask & (pid_m == 0))
             tl.store(V + pos64 * stride_vs + d[None, :], v, mask=mask & (pid_m == 0))
-            m_i, l_i, acc = _attend(q, k, v, pos, hi, last_key, m_i, l_i, acc, qk_scale,
-                                    CAUSAL)  # fmt: skip
+            m_i, l_i, acc = _attend(q, k, v, pos, hi, last_key, m_i, l_i, acc, qk_scale, CAUSAL)
 
-    has_keys = l_i > 0.0
+    # l_i is 0 for a row with no key, else positive, or NaN (a NaN query): NaN must reach
+    # the output and the lse, as in the reference, so test != 0 rather than > 0.
+    has_keys = l_i != 0.0
     out = acc * (1.0 / tl.where(has_keys, l_i, 1.0))[:, None]
     lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
     out_row = (b * seqlen_q + qi) * num_heads + head  # row of (B, Sq, H)
@@ -144,17 +173,25 @@ def _attention_decode_split_kernel(
         tl.store(OPart + part[:, None] * HEAD_DIM + d[None, :], out, mask=mask)
         tl.store(LsePart + part, lse, mask=row_mask)
     else:
-        tl.store(Out + out_row[:, None] * HEAD_DIM + d[None, :], out.to(Out.dtype.element_ty),
-                 mask=mask)  # fmt: skip
+        tl.store(
+            Out + out_row[:, None] * HEAD_DIM + d[None, :], out.to(Out.dtype.element_ty), mask=mask
+        )
         tl.store(Lse + (b * num_heads + head) * seqlen_q + qi, lse * _LN2, mask=row_mask)
 
 
 @triton.jit
 def _attention_decode_combine_kernel(
-    OPart, LsePart, Out, Lse,
-    num_heads, seqlen_q, num_splits,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-):  # fmt: skip
+    OPart,
+    LsePart,
+    Out,
+    Lse,
+    num_heads,
+    seqlen_q,
+    num_splits,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
     """Merge the splits of one (batch, query, head) row: out = sum_s w_s * O_s / sum_s w_s
     with w_s = 2^(lse_s - max lse). Empty splits have lse_s = -inf and O_s = 0: weight 0."""
     row = tl.program_id(0).to(tl.int64)
@@ -168,8 +205,11 @@ def _attention_decode_combine_kernel(
         s_mask = start + s < num_splits
         part = row * num_splits + start + s
         lse = tl.load(LsePart + part, mask=s_mask, other=float("-inf"))
-        o = tl.load(OPart + part[:, None] * HEAD_DIM + d[None, :],
-                    mask=s_mask[:, None] & d_mask[None, :], other=0.0)  # fmt: skip
+        o = tl.load(
+            OPart + part[:, None] * HEAD_DIM + d[None, :],
+            mask=s_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
         m_new = tl.maximum(m, tl.max(lse, 0))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         w = tl.exp2(lse - m_ref)
@@ -177,11 +217,12 @@ def _attention_decode_combine_kernel(
         acc = acc * alpha + tl.sum(w[:, None] * o, 0)
         w_sum = w_sum * alpha + tl.sum(w, 0)
         m = m_new
-    has_keys = w_sum > 0.0
+    has_keys = w_sum != 0.0  # NaN partials stay NaN (see the split kernel)
     out = acc / tl.where(has_keys, w_sum, 1.0)
     tl.store(Out + row * HEAD_DIM + d, out.to(Out.dtype.element_ty), mask=d_mask)
-    lse_row = tl.where(has_keys, (m + tl.log2(tl.where(has_keys, w_sum, 1.0))) * _LN2,
-                       float("-inf"))  # fmt: skip
+    lse_row = tl.where(
+        has_keys, (m + tl.log2(tl.where(has_keys, w_sum, 1.0))) * _LN2, float("-inf")
+    )
     head = row % num_heads
     qi = (row // num_heads) % seqlen_q
     b = row // (num_heads * seqlen_q)
@@ -237,55 +278,16 @@ def _check(cond: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def _validate(q, k_cache, v_cache, cache_seqlens, k_new, v_new, num_splits) -> None:
-    _check(q.dim() == 4, f"q must be (B, Sq, H, D), got shape {tuple(q.shape)}")
-    batch, seqlen_q, heads, head_dim = q.shape
+def _validate(q, k_cache, v_cache, num_splits) -> None:
+    """The launcher's own limits. Shapes, dtypes, devices, lengths and room in the caches
+    are the op's contract (``fastlm.ops.attention_with_kvcache`` checks them for every
+    backend); this kernel trusts them, and would read and write out of bounds without."""
     _check(q.dtype in (torch.float16, torch.bfloat16), f"q must be fp16/bf16, got {q.dtype}")
-    _check(seqlen_q >= 1, "q must hold at least one query (Sq >= 1)")
-    _check(head_dim <= MAX_HEAD_DIM, f"head_dim must be at most {MAX_HEAD_DIM}, got {head_dim}")
+    _check(q.shape[1] >= 1, "q must hold at least one query (Sq >= 1)")
+    _check(q.shape[3] <= MAX_HEAD_DIM, f"head_dim must be at most {MAX_HEAD_DIM}, got {q.shape[3]}")
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-        _check(cache.dim() == 4 and cache.shape[0] == batch and cache.shape[3] == head_dim,
-               f"{name} must be (B={batch}, S_max, Hkv, D={head_dim}), got "
-               f"{tuple(cache.shape)}")  # fmt: skip
-        _check(cache.dtype == q.dtype, f"{name} must have q's dtype {q.dtype}, got {cache.dtype}")
         _check(cache.stride(-1) == 1, f"{name} must have unit stride in head_dim")
-        _check(cache.device == q.device, f"{name} must be on {q.device}, got {cache.device}")
-    _check(k_cache.shape == v_cache.shape, "k_cache and v_cache must have the same shape")
-    kv_heads = k_cache.shape[2]
-    _check(kv_heads >= 1 and heads % kv_heads == 0,
-           f"query heads ({heads}) must be a multiple of KV heads ({kv_heads})")  # fmt: skip
-    _check(cache_seqlens.shape == (batch,) and cache_seqlens.dtype == torch.int32,
-           f"cache_seqlens must be int32 of shape ({batch},), got {cache_seqlens.dtype} "
-           f"{tuple(cache_seqlens.shape)}")  # fmt: skip
-    _check(cache_seqlens.device == q.device, f"cache_seqlens must be on {q.device}")
-    _check((k_new is None) == (v_new is None), "k_new and v_new must be given together")
-    if k_new is not None:
-        for name, new in (("k_new", k_new), ("v_new", v_new)):
-            _check(new.dim() == 4 and new.shape[0] == batch and new.shape[2:] == k_cache.shape[2:],
-                   f"{name} must be (B={batch}, Sq_new, Hkv={kv_heads}, D={head_dim}), got "
-                   f"{tuple(new.shape)}")  # fmt: skip
-            _check(new.dtype == q.dtype, f"{name} must have q's dtype {q.dtype}, got {new.dtype}")
-            _check(new.device == q.device, f"{name} must be on {q.device}, got {new.device}")
-        _check(k_new.shape == v_new.shape, "k_new and v_new must have the same shape")
     _check(num_splits is None or num_splits >= 1, f"num_splits must be >= 1, got {num_splits}")
-
-
-def _check_room(cache_seqlens: torch.Tensor, seqlen_new: int, capacity: int) -> None:
-    """0 <= cache_seqlens and cache_seqlens + seqlen_new <= capacity: the kernel reads and
-    writes exactly there, so anything else would touch memory outside the caches.
-
-    One device-to-host copy of two integers. It is skipped while a CUDA graph is being
-    captured, where a copy is not allowed: graphed callers must guarantee the room.
-    """
-    if cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing():
-        return
-    if cache_seqlens.numel() == 0:
-        return
-    low, high = (int(x) for x in torch.aminmax(cache_seqlens))
-    _check(low >= 0, f"cache_seqlens must be >= 0, got {low}")
-    _check(high + seqlen_new <= capacity,
-           f"no room: cache_seqlens up to {high} plus {seqlen_new} new tokens exceed the "
-           f"cache's {capacity} positions")  # fmt: skip
 
 
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
@@ -311,9 +313,8 @@ def attention_decode(
       H % Hkv == 0 (GQA/MQA: K/V are never repeated in memory).
     cache_seqlens: int32 (B,): valid cached tokens per sequence before appending.
     k_new, v_new: optional (B, Sq_new, Hkv, D): written in place into the caches at positions
-      cache_seqlens[b] .. cache_seqlens[b] + Sq_new - 1, and attended to. Raises ValueError
-      when a sequence has no room for them (checked with one device-to-host copy, skipped
-      during CUDA graph capture).
+      cache_seqlens[b] .. cache_seqlens[b] + Sq_new - 1, and attended to. The caller
+      guarantees 0 <= cache_seqlens[b] <= S_max - Sq_new (the op's contract checks it).
     The key length of sequence b is L_b = cache_seqlens[b] + Sq_new.
     causal: query i (0-based among the Sq queries) sees keys j <= L_b - Sq + i (bottom-right
       aligned, as flash-attn); otherwise all L_b keys.
@@ -324,11 +325,10 @@ def attention_decode(
     log-sum-exp of each row's scaled scores). Rows with no visible key (L_b == 0, or causal
     with nothing visible) give out = 0 and lse = -inf.
     """
-    _validate(q, k_cache, v_cache, cache_seqlens, k_new, v_new, num_splits)
+    _validate(q, k_cache, v_cache, num_splits)
     batch, seqlen_q, heads, head_dim = q.shape
     capacity, kv_heads = k_cache.shape[1], k_cache.shape[2]
     seqlen_new = 0 if k_new is None else k_new.shape[1]
-    _check_room(cache_seqlens, seqlen_new, capacity)
     q = _unit_last_stride(q)
     if k_new is not None:
         k_new, v_new = _unit_last_stride(k_new), _unit_last_stride(v_new)
@@ -345,32 +345,72 @@ def attention_decode(
     split = num_splits > 1
     rows = batch * seqlen_q * heads
     # Scratch is only touched with several splits; a 1-element stand-in keeps the signature.
-    o_part = torch.empty((rows, num_splits, head_dim) if split else (1,), dtype=torch.float32,
-                         device=q.device)  # fmt: skip
-    lse_part = torch.empty((rows, num_splits) if split else (1,), dtype=torch.float32,
-                           device=q.device)  # fmt: skip
+    o_part = torch.empty(
+        (rows, num_splits, head_dim) if split else (1,), dtype=torch.float32, device=q.device
+    )
+    lse_part = torch.empty(
+        (rows, num_splits) if split else (1,), dtype=torch.float32, device=q.device
+    )
     kn = k_cache if k_new is None else k_new
     vn = v_cache if v_new is None else v_new
     kernel = on_device(_attention_decode_split_kernel, q.device)
     kernel[(batch * kv_heads, num_splits, m_blocks)](
-        q, k_cache, v_cache, kn, vn, cache_seqlens, out, lse, o_part, lse_part,
-        q.stride(0), q.stride(1), q.stride(2),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        kn.stride(0), kn.stride(1), kn.stride(2),
-        vn.stride(0), vn.stride(1), vn.stride(2),
-        kv_heads, group, seqlen_q, seqlen_new, num_splits, softmax_scale * math.log2(math.e),
-        HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
-        CAUSAL=causal, HAS_NEW=k_new is not None, SPLIT=split,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
+        q,
+        k_cache,
+        v_cache,
+        kn,
+        vn,
+        cache_seqlens,
+        out,
+        lse,
+        o_part,
+        lse_part,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        kn.stride(0),
+        kn.stride(1),
+        kn.stride(2),
+        vn.stride(0),
+        vn.stride(1),
+        vn.stride(2),
+        kv_heads,
+        group,
+        seqlen_q,
+        seqlen_new,
+        num_splits,
+        softmax_scale * math.log2(math.e),
+        HEAD_DIM=head_dim,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_D=cfg.block_d,
+        CAUSAL=causal,
+        HAS_NEW=k_new is not None,
+        SPLIT=split,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
     if split:
         combine = on_device(_attention_decode_combine_kernel, q.device)
         combine[(rows,)](
-            o_part, lse_part, out, lse, heads, seqlen_q, num_splits,
-            HEAD_DIM=head_dim, BLOCK_D=cfg.block_d, BLOCK_S=COMBINE_BLOCK_S,
+            o_part,
+            lse_part,
+            out,
+            lse,
+            heads,
+            seqlen_q,
+            num_splits,
+            HEAD_DIM=head_dim,
+            BLOCK_D=cfg.block_d,
+            BLOCK_S=COMBINE_BLOCK_S,
             num_warps=_combine_warps(cfg.block_d),
-        )  # fmt: skip
+        )
     return out, lse
 
 
@@ -412,23 +452,55 @@ def _split_spec(head_dim: int, t: str, block_m: int, split: bool) -> KernelSpec:
     cfg = decode_config(head_dim, block_m)
     strides = [f"stride_{p}{s}" for p in ("q", "k", "v", "kn", "vn") for s in "bsh"]
     return KernelSpec(
-        label=(f"attention_decode {t} d={head_dim} tile={block_m}x{cfg.block_n}x{cfg.block_d}"
-               f" w={cfg.num_warps} s={cfg.num_stages} {'split' if split else 'single'}"),
+        label=(
+            f"attention_decode {t} d={head_dim} tile={block_m}x{cfg.block_n}x{cfg.block_d}"
+            f" w={cfg.num_warps} s={cfg.num_stages} {'split' if split else 'single'}"
+        ),
         kernel=_attention_decode_split_kernel,
         signature={
-            "Q": f"*{t}", "K": f"*{t}", "V": f"*{t}", "KNew": f"*{t}", "VNew": f"*{t}",
-            "SeqLens": "*i32", "Out": f"*{t}", "Lse": "*fp32", "OPart": "*fp32",
-            "LsePart": "*fp32", **dict.fromkeys(strides, "i32"),
-            "num_kv_heads": "i32", "group": "i32", "seqlen_q": "i32", "seqlen_new": "i32",
-            "num_splits": "i32", "qk_scale": "fp32",
+            "Q": f"*{t}",
+            "K": f"*{t}",
+            "V": f"*{t}",
+            "KNew": f"*{t}",
+            "VNew": f"*{t}",
+            "SeqLens": "*i32",
+            "Out": f"*{t}",
+            "Lse": "*fp32",
+            "OPart": "*fp32",
+            "LsePart": "*fp32",
+            **dict.fromkeys(strides, "i32"),
+            "num_kv_heads": "i32",
+            "group": "i32",
+            "seqlen_q": "i32",
+            "seqlen_new": "i32",
+            "num_splits": "i32",
+            "qk_scale": "fp32",
         },
-        constexprs=dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
-                        BLOCK_D=cfg.block_d, CAUSAL=True, HAS_NEW=True, SPLIT=split),
+        constexprs=dict(
+            HEAD_DIM=head_dim,
+            BLOCK_M=block_m,
+            BLOCK_N=cfg.block_n,
+            BLOCK_D=cfg.block_d,
+            CAUSAL=True,
+            HAS_NEW=True,
+            SPLIT=split,
+        ),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
-        aligned=("Q", "K", "V", "KNew", "VNew", "SeqLens", "Out", "Lse", "OPart", "LsePart",
-                 *strides),
-    )  # fmt: skip
+        aligned=(
+            "Q",
+            "K",
+            "V",
+            "KNew",
+            "VNew",
+            "SeqLens",
+            "Out",
+            "Lse",
+            "OPart",
+            "LsePart",
+            *strides,
+        ),
+    )
 
 
 def _combine_spec(head_dim: int, t: str) -> KernelSpec:
@@ -439,10 +511,15 @@ def _combine_spec(head_dim: int, t: str) -> KernelSpec:
         f"w={warps}",
         kernel=_attention_decode_combine_kernel,
         signature={
-            "OPart": "*fp32", "LsePart": "*fp32", "Out": f"*{t}", "Lse": "*fp32",
-            "num_heads": "i32", "seqlen_q": "i32", "num_splits": "i32",
+            "OPart": "*fp32",
+            "LsePart": "*fp32",
+            "Out": f"*{t}",
+            "Lse": "*fp32",
+            "num_heads": "i32",
+            "seqlen_q": "i32",
+            "num_splits": "i32",
         },
         constexprs=dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=COMBINE_BLOCK_S),
         num_warps=warps,
         aligned=("OPart", "LsePart", "Out", "Lse"),
-    )  # fmt: skip
+    )

@@ -241,8 +241,13 @@ def ast_source(spec: KernelSpec) -> ASTSource:
 
 def compile_triton(spec: KernelSpec, capability: int) -> Row:
     """Compile ``spec`` for ``sm_<capability>`` and read its resources from the cubin."""
-    row = Row("triton", spec.label, f"sm_{capability}", needs_wide_loads=spec.needs_wide_loads,
-              needs_wgmma=spec.needs_wgmma)  # fmt: skip
+    row = Row(
+        "triton",
+        spec.label,
+        f"sm_{capability}",
+        needs_wide_loads=spec.needs_wide_loads,
+        needs_wgmma=spec.needs_wgmma,
+    )
     start = time.perf_counter()
     try:
         _require_attrs_api()
@@ -296,8 +301,12 @@ def check_triton(modules: Sequence[str], jobs: int) -> list[Row]:
         except Exception as exc:  # an unimportable family fails the check, with its reason
             rows.append(Row("triton", module_name, "-", error=f"{type(exc).__name__}: {exc}"))
             continue
-        items += [(module_name, i, cap) for i, spec in enumerate(specs)
-                  for cap in TRITON_CAPABILITIES if cap in spec.capabilities]  # fmt: skip
+        items += [
+            (module_name, i, cap)
+            for i, spec in enumerate(specs)
+            for cap in TRITON_CAPABILITIES
+            if cap in spec.capabilities
+        ]
     if jobs <= 1:
         return rows + [_compile_item(item) for item in items]
     # fork: workers inherit the imported modules instead of re-importing torch and triton.

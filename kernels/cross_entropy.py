@@ -1,6 +1,6 @@
 """Cross-entropy over (N, V) logits in Triton: per-row loss, log-sum-exp and logits gradient.
 
-Contract (``fastlm.ops.loss`` builds on it):
+Contract (``fastlm.ops.cross_entropy`` builds on it):
 
 * ``logits`` is (N, V), bf16/fp16/fp32, unit column stride and any row stride; the math is
   fp32. ``target`` is (N,) int64 class indices; rows whose target equals ``ignore_index``
@@ -41,8 +41,21 @@ MAX_BLOCK_V = 4096
 
 
 @triton.jit
-def _grad_block(x, cols, mask, target, shift, inv_sum, lse, scale, smoothing, z_loss, V,
-                HAS_SMOOTHING: tl.constexpr, HAS_Z: tl.constexpr):  # fmt: skip
+def _grad_block(
+    x,
+    cols,
+    mask,
+    target,
+    shift,
+    inv_sum,
+    lse,
+    scale,
+    smoothing,
+    z_loss,
+    V,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_Z: tl.constexpr,
+):
     """``scale * dloss/dx`` for one block of a row (see the module docstring); the softmax
     is ``exp(x - shift) * inv_sum``: ``(max, 1 / exp-sum)`` in the forward, which avoids
     the rounding of ``lse`` (``(lse, 1)`` in the backward, which only has ``lse``)."""
@@ -58,11 +71,22 @@ def _grad_block(x, cols, mask, target, shift, inv_sum, lse, scale, smoothing, z_
 
 @triton.jit
 def _cross_entropy_fwd_kernel(
-    Logits, Target, Loss, Lse, DLogits,
-    stride_l, stride_d, V, ignore_index, smoothing, z_loss,
-    HAS_SMOOTHING: tl.constexpr, HAS_Z: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    Logits,
+    Target,
+    Loss,
+    Lse,
+    DLogits,
+    stride_l,
+    stride_d,
+    V,
+    ignore_index,
+    smoothing,
+    z_loss,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
-):  # fmt: skip
+):
     row = tl.program_id(0).to(tl.int64)
     logits = Logits + row * stride_l
     target = tl.load(Target + row)
@@ -101,17 +125,29 @@ def _cross_entropy_fwd_kernel(
             c = start + cols
             mask = c < V
             x = tl.load(logits + c, mask=mask, other=0.0).to(tl.float32)
-            g = _grad_block(x, c, mask, target, m, inv_d, lse, scale, smoothing, z_loss, V,
-                            HAS_SMOOTHING, HAS_Z)  # fmt: skip
+            g = _grad_block(
+                x, c, mask, target, m, inv_d, lse, scale, smoothing, z_loss, V, HAS_SMOOTHING, HAS_Z
+            )
             tl.store(dlogits + c, g.to(DLogits.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _cross_entropy_bwd_kernel(
-    Logits, Target, Lse, DLoss, DLogits,
-    stride_l, stride_d, V, ignore_index, smoothing, z_loss,
-    HAS_SMOOTHING: tl.constexpr, HAS_Z: tl.constexpr, BLOCK_V: tl.constexpr,
-):  # fmt: skip
+    Logits,
+    Target,
+    Lse,
+    DLoss,
+    DLogits,
+    stride_l,
+    stride_d,
+    V,
+    ignore_index,
+    smoothing,
+    z_loss,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     logits = Logits + row * stride_l
     dlogits = DLogits + row * stride_d
@@ -123,8 +159,9 @@ def _cross_entropy_bwd_kernel(
         c = start + cols
         mask = c < V
         x = tl.load(logits + c, mask=mask, other=0.0).to(tl.float32)
-        g = _grad_block(x, c, mask, target, lse, 1.0, lse, scale, smoothing, z_loss, V,
-                        HAS_SMOOTHING, HAS_Z)  # fmt: skip
+        g = _grad_block(
+            x, c, mask, target, lse, 1.0, lse, scale, smoothing, z_loss, V, HAS_SMOOTHING, HAS_Z
+        )
         tl.store(dlogits + c, g.to(DLogits.dtype.element_ty), mask=mask)
 
 
@@ -165,12 +202,22 @@ def cross_entropy_fwd(
     cfg = block_config(v)
     kernel = on_device(_cross_entropy_fwd_kernel, logits.device)
     kernel[(n,)](
-        logits, target, loss, lse, logits if dlogits is None else dlogits,
-        logits.stride(0), logits.stride(0) if dlogits is None else dlogits.stride(0),
-        v, ignore_index, smoothing, z_loss,
-        COMPUTE_GRAD=dlogits is not None, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
+        logits,
+        target,
+        loss,
+        lse,
+        logits if dlogits is None else dlogits,
+        logits.stride(0),
+        logits.stride(0) if dlogits is None else dlogits.stride(0),
+        v,
+        ignore_index,
+        smoothing,
+        z_loss,
+        COMPUTE_GRAD=dlogits is not None,
+        BLOCK_V=cfg.block_v,
+        num_warps=cfg.num_warps,
         **_flags(smoothing, z_loss),
-    )  # fmt: skip
+    )
     return loss, lse
 
 
@@ -194,10 +241,21 @@ def cross_entropy_bwd(
     cfg = block_config(v)
     kernel = on_device(_cross_entropy_bwd_kernel, logits.device)
     kernel[(n,)](
-        logits, target, lse, dloss.float().contiguous(), dlogits,
-        logits.stride(0), dlogits.stride(0), v, ignore_index, smoothing, z_loss,
-        BLOCK_V=cfg.block_v, num_warps=cfg.num_warps, **_flags(smoothing, z_loss),
-    )  # fmt: skip
+        logits,
+        target,
+        lse,
+        dloss.float().contiguous(),
+        dlogits,
+        logits.stride(0),
+        dlogits.stride(0),
+        v,
+        ignore_index,
+        smoothing,
+        z_loss,
+        BLOCK_V=cfg.block_v,
+        num_warps=cfg.num_warps,
+        **_flags(smoothing, z_loss),
+    )
     return dlogits
 
 
@@ -215,32 +273,68 @@ def compile_specs() -> list[KernelSpec]:
         for t in dtypes:
             common = dict(HAS_SMOOTHING=True, HAS_Z=True, BLOCK_V=cfg.block_v)
             for grad in (False, True):
-                specs.append(KernelSpec(
-                    label=f"cross_entropy {t} block={cfg.block_v} w={cfg.num_warps} fwd"
-                    + ("+grad" if grad else ""),
-                    kernel=_cross_entropy_fwd_kernel,
+                specs.append(
+                    KernelSpec(
+                        label=f"cross_entropy {t} block={cfg.block_v} w={cfg.num_warps} fwd"
+                        + ("+grad" if grad else ""),
+                        kernel=_cross_entropy_fwd_kernel,
+                        signature={
+                            "Logits": f"*{t}",
+                            "Target": "*i64",
+                            "Loss": "*fp32",
+                            "Lse": "*fp32",
+                            "DLogits": f"*{t}",
+                            "stride_l": "i32",
+                            "stride_d": "i32",
+                            "V": "i32",
+                            "ignore_index": "i32",
+                            "smoothing": "fp32",
+                            "z_loss": "fp32",
+                        },
+                        constexprs=dict(COMPUTE_GRAD=grad, **common),
+                        num_warps=cfg.num_warps,
+                        aligned=(
+                            "Logits",
+                            "Target",
+                            "Loss",
+                            "Lse",
+                            "DLogits",
+                            "stride_l",
+                            "stride_d",
+                            "V",
+                        ),
+                    )
+                )
+            specs.append(
+                KernelSpec(
+                    label=f"cross_entropy {t} block={cfg.block_v} w={cfg.num_warps} bwd",
+                    kernel=_cross_entropy_bwd_kernel,
                     signature={
-                        "Logits": f"*{t}", "Target": "*i64", "Loss": "*fp32", "Lse": "*fp32",
-                        "DLogits": f"*{t}", "stride_l": "i32", "stride_d": "i32", "V": "i32",
-                        "ignore_index": "i32", "smoothing": "fp32", "z_loss": "fp32",
+                        "Logits": f"*{t}",
+                        "Target": "*i64",
+                        "Lse": "*fp32",
+                        "DLoss": "*fp32",
+                        "DLogits": f"*{t}",
+                        "stride_l": "i32",
+                        "stride_d": "i32",
+                        "V": "i32",
+                        "ignore_index": "i32",
+                        "smoothing": "fp32",
+                        "z_loss": "fp32",
                     },
-                    constexprs=dict(COMPUTE_GRAD=grad, **common),
+                    constexprs=common,
                     num_warps=cfg.num_warps,
-                    aligned=("Logits", "Target", "Loss", "Lse", "DLogits", "stride_l",
-                             "stride_d", "V"),
-                ))  # fmt: skip
-            specs.append(KernelSpec(
-                label=f"cross_entropy {t} block={cfg.block_v} w={cfg.num_warps} bwd",
-                kernel=_cross_entropy_bwd_kernel,
-                signature={
-                    "Logits": f"*{t}", "Target": "*i64", "Lse": "*fp32", "DLoss": "*fp32",
-                    "DLogits": f"*{t}", "stride_l": "i32", "stride_d": "i32", "V": "i32",
-                    "ignore_index": "i32", "smoothing": "fp32", "z_loss": "fp32",
-                },
-                constexprs=common,
-                num_warps=cfg.num_warps,
-                aligned=("Logits", "Target", "Lse", "DLoss", "DLogits", "stride_l",
-                         "stride_d", "V"),
-            ))  # fmt: skip
+                    aligned=(
+                        "Logits",
+                        "Target",
+                        "Lse",
+                        "DLoss",
+                        "DLogits",
+                        "stride_l",
+                        "stride_d",
+                        "V",
+                    ),
+                )
+            )
         block *= 2
     return specs

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from triton.runtime import interpreter
 from triton.runtime.interpreter import InterpretedFunction
-from triton.runtime.jit import JITFunction
+from triton.runtime.jit import JITFunction, KernelInterface
 
 # Keyed by id(): hashing a JITFunction computes its cache key, which walks its dependencies.
 with contextlib.suppress(ImportError):
@@ -105,8 +105,9 @@ def _create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
         bits = t.data.astype(np.uint32) << 16
         return interpreter.TensorHandle(bits.view(np.float32), tl.float32)
 
-    return _interpreter_create_dot(self, widen(a), widen(b), d, input_precision,
-                                   max_num_imprecise_acc)  # fmt: skip
+    return _interpreter_create_dot(
+        self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc
+    )
 
 
 _interpreter_device_call = InterpretedFunction.__call__
@@ -142,10 +143,25 @@ def _interpreter_fixes() -> Iterator[None]:
             InterpretedFunction.__call__ = _interpreter_device_call
 
 
+def _jitted(kernel: KernelInterface) -> JITFunction | InterpretedFunction:
+    """The @triton.jit function inside ``triton.autotune`` / ``triton.heuristics`` wrappers."""
+    while not isinstance(kernel, (JITFunction, InterpretedFunction)):
+        kernel = kernel.fn
+    return kernel
+
+
 class _InterpretedKernel:
-    def __init__(self, kernel: JITFunction) -> None:
-        self._fn = _twin(kernel)
-        self._globals = kernel.fn.__globals__
+    """``kernel`` launched on Triton's interpreter with :func:`_interpreter_fixes`.
+
+    A JITFunction runs as its interpreted twin. With TRITON_INTERPRET=1 set before import,
+    ``@triton.jit`` already built an InterpretedFunction (maybe under an autotuner), which
+    would otherwise run on the stock interpreter (bf16 dots on raw bits: garbage), so it
+    is launched as it is, within the same fixes.
+    """
+
+    def __init__(self, kernel: KernelInterface) -> None:
+        self._fn = _twin(kernel) if isinstance(kernel, JITFunction) else kernel
+        self._globals = _jitted(kernel).fn.__globals__
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
@@ -158,13 +174,15 @@ class _InterpretedKernel:
 _interpreted: dict[int, _InterpretedKernel] = {}
 
 
-def on_device(kernel: JITFunction | InterpretedFunction, device: torch.device):
-    """The launchable form of ``kernel`` for tensors on ``device``.
+def on_device(kernel: KernelInterface, device: torch.device):
+    """The launchable form of ``kernel`` (a @triton.jit function, or an autotuner over one)
+    for tensors on ``device``.
 
     CUDA tensors get the compiled kernel; CPU tensors get Triton's interpreter, which is how
-    every kernel is verified on machines without a GPU (DESIGN.md).
+    every kernel is verified on machines without a GPU (DESIGN.md). Under TRITON_INTERPRET=1
+    tensors on any device get the interpreter, with the same fixes as without it.
     """
-    if device.type == "cuda" or isinstance(kernel, InterpretedFunction):
+    if device.type == "cuda" and isinstance(_jitted(kernel), JITFunction):
         return kernel
     if id(kernel) not in _interpreted:
         _interpreted[id(kernel)] = _InterpretedKernel(kernel)

@@ -32,12 +32,36 @@ from .lora import lora_rank_block, lora_update
 
 @triton.jit
 def _linear_act_fwd_kernel(
-    X, W, W_UP, B, B_UP, Y, PRE, PRE_UP, T, LB, M, N, K, M_BUCKET, stride_xm, dropout_p, seed,
-    lora_scale, R,
-    ACT: tl.constexpr, HAS_B: tl.constexpr, GATED: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    SAVE_PRE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, LORA_R: tl.constexpr,
-):  # fmt: skip
+    X,
+    W,
+    W_UP,
+    B,
+    B_UP,
+    Y,
+    PRE,
+    PRE_UP,
+    T,
+    LB,
+    M,
+    N,
+    K,
+    M_BUCKET,
+    stride_xm,
+    dropout_p,
+    seed,
+    lora_scale,
+    R,
+    ACT: tl.constexpr,
+    HAS_B: tl.constexpr,
+    GATED: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    SAVE_PRE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    LORA_R: tl.constexpr,
+):
     # LORA_R > 0 adds lora_scale * T @ LB.T (kernels/lora.py) before the epilogue.
     # M_BUCKET is only an autotuning key (the M range a tile choice is reused for).
     # Grouped order: GROUP_M row blocks share each column block of W while it is in L2.
@@ -106,8 +130,9 @@ class GemmConfig:
     def triton_config(self) -> triton.Config:
         return triton.Config(
             dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k, GROUP_M=8),
-            num_warps=self.num_warps, num_stages=self.num_stages,
-        )  # fmt: skip
+            num_warps=self.num_warps,
+            num_stages=self.num_stages,
+        )
 
 
 # The autotuning candidates per GPU generation and epilogue: the shapes Triton's matmul
@@ -119,22 +144,38 @@ class GemmConfig:
 # elements per thread at most.
 _CONFIGS = {
     80: {
-        "plain": (GemmConfig(128, 128, 64, 8, 4), GemmConfig(64, 256, 64, 8, 3),
-                  GemmConfig(128, 64, 64, 8, 4), GemmConfig(64, 128, 64, 4, 4),
-                  GemmConfig(64, 64, 64, 4, 4)),
-        "gated": (GemmConfig(128, 64, 64, 8, 3), GemmConfig(128, 64, 32, 8, 3),
-                  GemmConfig(64, 128, 32, 8, 4), GemmConfig(64, 64, 64, 4, 4)),
+        "plain": (
+            GemmConfig(128, 128, 64, 8, 4),
+            GemmConfig(64, 256, 64, 8, 3),
+            GemmConfig(128, 64, 64, 8, 4),
+            GemmConfig(64, 128, 64, 4, 4),
+            GemmConfig(64, 64, 64, 4, 4),
+        ),
+        "gated": (
+            GemmConfig(128, 64, 64, 8, 3),
+            GemmConfig(128, 64, 32, 8, 3),
+            GemmConfig(64, 128, 32, 8, 4),
+            GemmConfig(64, 64, 64, 4, 4),
+        ),
         "dropout": (GemmConfig(128, 64, 64, 8, 4), GemmConfig(64, 64, 64, 4, 4)),
     },
     90: {
-        "plain": (GemmConfig(128, 128, 64, 8, 4), GemmConfig(64, 256, 64, 8, 3),
-                  GemmConfig(128, 64, 64, 8, 4), GemmConfig(64, 128, 64, 4, 4),
-                  GemmConfig(64, 64, 64, 4, 4)),
-        "gated": (GemmConfig(128, 64, 64, 8, 4), GemmConfig(64, 128, 64, 8, 4),
-                  GemmConfig(128, 64, 64, 8, 3), GemmConfig(64, 64, 64, 4, 4)),
+        "plain": (
+            GemmConfig(128, 128, 64, 8, 4),
+            GemmConfig(64, 256, 64, 8, 3),
+            GemmConfig(128, 64, 64, 8, 4),
+            GemmConfig(64, 128, 64, 4, 4),
+            GemmConfig(64, 64, 64, 4, 4),
+        ),
+        "gated": (
+            GemmConfig(128, 64, 64, 8, 4),
+            GemmConfig(64, 128, 64, 8, 4),
+            GemmConfig(128, 64, 64, 8, 3),
+            GemmConfig(64, 64, 64, 4, 4),
+        ),
         "dropout": (GemmConfig(128, 64, 64, 8, 4), GemmConfig(64, 64, 64, 4, 4)),
     },
-}  # fmt: skip
+}
 # Small enough for the interpreter, large enough for tl.dot (16 per side at least).
 _INTERPRETER_CONFIG = GemmConfig(32, 32, 32, 4, 1)
 
@@ -160,8 +201,7 @@ def _m_bucket(m: int) -> int:
     return min(triton.next_power_of_2(m), 4096)
 
 
-def _launch(x, weight, weight_up, bias, bias_up, activation, dropout_p, seed, save_pre,
-            lora=None):  # fmt: skip
+def _launch(x, weight, weight_up, bias, bias_up, activation, dropout_p, seed, save_pre, lora=None):
     m, k = x.shape
     n = weight.shape[0]
     gated = weight_up is not None
@@ -173,43 +213,76 @@ def _launch(x, weight, weight_up, bias, bias_up, activation, dropout_p, seed, sa
     # Absent tensors are passed as y: the constexpr flags keep them untouched.
     t, lora_b, lora_scale = lora if lora is not None else (y, y, 0.0)
     r = t.shape[1] if lora is not None else 0
-    args = (x, weight, y if weight_up is None else weight_up, y if bias is None else bias,
-            y if bias_up is None else bias_up, y, y if pre is None else pre,
-            y if pre_up is None else pre_up, t, lora_b, m, n, k, _m_bucket(m), x.stride(0),
-            dropout_p, seed, lora_scale, r)  # fmt: skip
-    flags = dict(ACT=ACTIVATIONS.index(activation), HAS_B=bias is not None, GATED=gated,
-                 HAS_DROPOUT=dropout_p > 0, SAVE_PRE=save_pre,
-                 LORA_R=lora_rank_block(r))  # fmt: skip
+    args = (
+        x,
+        weight,
+        y if weight_up is None else weight_up,
+        y if bias is None else bias,
+        y if bias_up is None else bias_up,
+        y,
+        y if pre is None else pre,
+        y if pre_up is None else pre_up,
+        t,
+        lora_b,
+        m,
+        n,
+        k,
+        _m_bucket(m),
+        x.stride(0),
+        dropout_p,
+        seed,
+        lora_scale,
+        r,
+    )
+    flags = dict(
+        ACT=ACTIVATIONS.index(activation),
+        HAS_B=bias is not None,
+        GATED=gated,
+        HAS_DROPOUT=dropout_p > 0,
+        SAVE_PRE=save_pre,
+        LORA_R=lora_rank_block(r),
+    )
     if x.device.type == "cuda":
         kernel = _autotuned(_generation(x.device), _kind(gated, dropout_p > 0))
 
         def grid(meta):
             return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-        kernel[grid](*args, **flags)
+        on_device(kernel, x.device)[grid](*args, **flags)
     else:
         cfg = _INTERPRETER_CONFIG
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
         on_device(_linear_act_fwd_kernel, x.device)[grid](
-            *args, **flags, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            GROUP_M=8, num_warps=cfg.num_warps,
-        )  # fmt: skip
+            *args,
+            **flags,
+            BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n,
+            BLOCK_K=cfg.block_k,
+            GROUP_M=8,
+            num_warps=cfg.num_warps,
+        )
     return y, pre, pre_up
 
 
-def linear_act_fwd(x, weight, bias, activation: str, dropout_p: float = 0.0, seed: int = 0,
-                   save_pre: bool = False, lora=None):  # fmt: skip
+def linear_act_fwd(
+    x,
+    weight,
+    bias,
+    activation: str,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    save_pre: bool = False,
+    lora=None,
+):
     """``(y, pre)``: ``y = dropout(act(x @ weight.T + bias))`` in x's dtype, and with
     ``save_pre`` the pre-activation ``x @ weight.T + bias`` for the backward. ``lora``:
     ``(t, b, scale)`` adds ``scale * t @ b.T`` (t (M, r) contiguous, b (N, r)) before the
     activation: a LoRA layer's update."""
-    y, pre, _ = _launch(x, weight, None, bias, None, activation, dropout_p, seed, save_pre,
-                        lora)  # fmt: skip
+    y, pre, _ = _launch(x, weight, None, bias, None, activation, dropout_p, seed, save_pre, lora)
     return y, pre
 
 
-def gated_linear_fwd(x, w_gate, w_up, bias_gate, bias_up, activation: str,
-                     save_pre: bool = False):  # fmt: skip
+def gated_linear_fwd(x, w_gate, w_up, bias_gate, bias_up, activation: str, save_pre: bool = False):
     """``(y, gate, up)``: ``y = act(x @ w_gate.T + bias_gate) * (x @ w_up.T + bias_up)``, and
     with ``save_pre`` the two pre-activations, biases added (else None)."""
     return _launch(x, w_gate, w_up, bias_gate, bias_up, activation, 0.0, 0, save_pre)
@@ -231,18 +304,40 @@ def compile_specs() -> list[KernelSpec]:
 def _spec(generation: int, kind: str, cfg: GemmConfig, dtype: str) -> KernelSpec:
     pointers = ("X", "W", "W_UP", "B", "B_UP", "Y", "PRE", "PRE_UP")
     signature = {name: f"*{dtype}" for name in pointers}
-    signature.update(T=f"*{dtype}", LB=f"*{dtype}", M="i32", N="i32", K="i32",
-                     M_BUCKET="i32", stride_xm="i32", dropout_p="fp32", seed="i32",
-                     lora_scale="fp32", R="i32")  # fmt: skip
-    constexprs = dict(ACT=ACTIVATIONS.index("gelu"), HAS_B=True, GATED=kind == "gated",
-                      HAS_DROPOUT=kind == "dropout", SAVE_PRE=True, BLOCK_M=cfg.block_m,
-                      BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=8,
-                      LORA_R=16 if kind == "plain" else 0)  # fmt: skip
+    signature.update(
+        T=f"*{dtype}",
+        LB=f"*{dtype}",
+        M="i32",
+        N="i32",
+        K="i32",
+        M_BUCKET="i32",
+        stride_xm="i32",
+        dropout_p="fp32",
+        seed="i32",
+        lora_scale="fp32",
+        R="i32",
+    )
+    constexprs = dict(
+        ACT=ACTIVATIONS.index("gelu"),
+        HAS_B=True,
+        GATED=kind == "gated",
+        HAS_DROPOUT=kind == "dropout",
+        SAVE_PRE=True,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        GROUP_M=8,
+        LORA_R=16 if kind == "plain" else 0,
+    )
     return KernelSpec(
         label=f"linear_act {kind} {dtype} {cfg.block_m}x{cfg.block_n}x{cfg.block_k} "
-              f"w={cfg.num_warps} s={cfg.num_stages}",
-        kernel=_linear_act_fwd_kernel, signature=signature, constexprs=constexprs,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        aligned=(*pointers, "N", "K", "stride_xm"), needs_wgmma=True,
+        f"w={cfg.num_warps} s={cfg.num_stages}",
+        kernel=_linear_act_fwd_kernel,
+        signature=signature,
+        constexprs=constexprs,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+        aligned=(*pointers, "N", "K", "stride_xm"),
+        needs_wgmma=True,
         capabilities=(generation,),
-    )  # fmt: skip
+    )

@@ -35,8 +35,9 @@ TILE_ELEMENTS = 4096
 
 
 @triton.jit
-def _normalized_input(X, R, S, x_offs, r_offs, s_offs, mask, HAS_RES: tl.constexpr,
-                      STORE_SUM: tl.constexpr):  # fmt: skip
+def _normalized_input(
+    X, R, S, x_offs, r_offs, s_offs, mask, HAS_RES: tl.constexpr, STORE_SUM: tl.constexpr
+):
     """The values to normalize, as fp32: x, or x + residual rounded to the sum's dtype (and
     stored there when STORE_SUM), exactly as unfused PyTorch would round it."""
     x = tl.load(X + x_offs, mask=mask, other=0.0).to(tl.float32)
@@ -51,12 +52,27 @@ def _normalized_input(X, R, S, x_offs, r_offs, s_offs, mask, HAS_RES: tl.constex
 
 @triton.jit
 def _norm_fwd_kernel(
-    X, R, W, B, Y, S, Mean, Rstd,
-    stride_x, stride_r,
-    M, N, eps,
-    IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_TILE: tl.constexpr,
-):  # fmt: skip
+    X,
+    R,
+    W,
+    B,
+    Y,
+    S,
+    Mean,
+    Rstd,
+    stride_x,
+    stride_r,
+    M,
+    N,
+    eps,
+    IS_RMS: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SINGLE_TILE: tl.constexpr,
+):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     rows = rows.to(tl.int64)
@@ -64,10 +80,16 @@ def _norm_fwd_kernel(
     if SINGLE_TILE:
         mask = row_mask[:, None] & (cols[None, :] < N)
         x = _normalized_input(
-            X, R, S, rows[:, None] * stride_x + cols[None, :],
-            rows[:, None] * stride_r + cols[None, :], rows[:, None] * N + cols[None, :], mask,
-            HAS_RES, True,
-        )  # fmt: skip
+            X,
+            R,
+            S,
+            rows[:, None] * stride_x + cols[None, :],
+            rows[:, None] * stride_r + cols[None, :],
+            rows[:, None] * N + cols[None, :],
+            mask,
+            HAS_RES,
+            True,
+        )
         if IS_RMS:
             xc = x
         else:
@@ -90,8 +112,9 @@ def _norm_fwd_kernel(
         for start in range(0, N, BLOCK_N):
             c = start + cols
             m = c < N
-            x = _normalized_input(X, R, S, row * stride_x + c, row * stride_r + c, row * N + c,
-                                  m, HAS_RES, True)  # fmt: skip
+            x = _normalized_input(
+                X, R, S, row * stride_x + c, row * stride_r + c, row * N + c, m, HAS_RES, True
+            )
             if IS_RMS:
                 m2 += tl.sum(x * x, axis=0)
             else:
@@ -112,8 +135,9 @@ def _norm_fwd_kernel(
         for start in range(0, N, BLOCK_N):
             c = start + cols
             m = c < N
-            x = _normalized_input(X, R, S, row * stride_x + c, row * stride_r + c, row * N + c,
-                                  m, HAS_RES, False)  # fmt: skip
+            x = _normalized_input(
+                X, R, S, row * stride_x + c, row * stride_r + c, row * N + c, m, HAS_RES, False
+            )
             y = (x - mean) * rstd
             if HAS_W:
                 y *= tl.load(W + c, mask=m, other=0.0).to(tl.float32)
@@ -124,12 +148,29 @@ def _norm_fwd_kernel(
 
 @triton.jit
 def _norm_bwd_kernel(
-    DY, XS, W, Mean, Rstd, DS, DX, DW, DB,
-    stride_dy, stride_xs, stride_ds,
-    M, N, rows_per_program,
-    IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_DS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_TILE: tl.constexpr,
-):  # fmt: skip
+    DY,
+    XS,
+    W,
+    Mean,
+    Rstd,
+    DS,
+    DX,
+    DW,
+    DB,
+    stride_dy,
+    stride_xs,
+    stride_ds,
+    M,
+    N,
+    rows_per_program,
+    IS_RMS: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_DS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SINGLE_TILE: tl.constexpr,
+):
     pid = tl.program_id(0)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
@@ -291,15 +332,28 @@ def norm_fwd(
     cfg = tile_config(n)
     kernel = on_device(_norm_fwd_kernel, x.device)
     kernel[(triton.cdiv(m, cfg.block_m),)](
-        x, x if residual is None else residual, x if weight is None else weight,
-        x if bias is None else bias, y, y if res_out is None else res_out,
-        rstd if mean is None else mean, rstd,
-        x.stride(0), 0 if residual is None else residual.stride(0),
-        m, n, eps,
-        IS_RMS=rms, HAS_W=weight is not None, HAS_B=bias is not None,
-        HAS_RES=residual is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        SINGLE_TILE=cfg.single_tile, num_warps=cfg.num_warps,
-    )  # fmt: skip
+        x,
+        x if residual is None else residual,
+        x if weight is None else weight,
+        x if bias is None else bias,
+        y,
+        y if res_out is None else res_out,
+        rstd if mean is None else mean,
+        rstd,
+        x.stride(0),
+        0 if residual is None else residual.stride(0),
+        m,
+        n,
+        eps,
+        IS_RMS=rms,
+        HAS_W=weight is not None,
+        HAS_B=bias is not None,
+        HAS_RES=residual is not None,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        SINGLE_TILE=cfg.single_tile,
+        num_warps=cfg.num_warps,
+    )
     return y, res_out, mean, rstd
 
 
@@ -335,15 +389,30 @@ def norm_bwd(
     db = alloc((programs, n), dtype=torch.float32, device=xs.device) if has_bias else None
     kernel = on_device(_norm_bwd_kernel, xs.device)
     kernel[(programs,)](
-        dy, xs, xs if weight is None else weight, rstd if mean is None else mean, rstd,
-        dx if dresidual_out is None else dresidual_out, dx,
-        rstd if dw is None else dw, rstd if db is None else db,
-        dy.stride(0), xs.stride(0), 0 if dresidual_out is None else dresidual_out.stride(0),
-        m, n, rows_per_program,
-        IS_RMS=rms, HAS_W=weight is not None, HAS_B=has_bias,
-        HAS_DS=dresidual_out is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        SINGLE_TILE=cfg.single_tile, num_warps=cfg.num_warps,
-    )  # fmt: skip
+        dy,
+        xs,
+        xs if weight is None else weight,
+        rstd if mean is None else mean,
+        rstd,
+        dx if dresidual_out is None else dresidual_out,
+        dx,
+        rstd if dw is None else dw,
+        rstd if db is None else db,
+        dy.stride(0),
+        xs.stride(0),
+        0 if dresidual_out is None else dresidual_out.stride(0),
+        m,
+        n,
+        rows_per_program,
+        IS_RMS=rms,
+        HAS_W=weight is not None,
+        HAS_B=has_bias,
+        HAS_DS=dresidual_out is not None,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        SINGLE_TILE=cfg.single_tile,
+        num_warps=cfg.num_warps,
+    )
     return dx, None if dw is None else dw.sum(0), None if db is None else db.sum(0)
 
 
@@ -386,15 +455,26 @@ def _fwd_spec(cfg: TileConfig, t: str, rms: bool, label: str) -> KernelSpec:
         label=label,
         kernel=_norm_fwd_kernel,
         signature={
-            "X": f"*{t}", "R": f"*{t}", "W": f"*{t}", "B": f"*{t}", "Y": f"*{t}", "S": f"*{t}",
-            "Mean": "*fp32", "Rstd": "*fp32", "stride_x": "i32", "stride_r": "i32",
-            "M": "i32", "N": "i32", "eps": "fp32",
+            "X": f"*{t}",
+            "R": f"*{t}",
+            "W": f"*{t}",
+            "B": f"*{t}",
+            "Y": f"*{t}",
+            "S": f"*{t}",
+            "Mean": "*fp32",
+            "Rstd": "*fp32",
+            "stride_x": "i32",
+            "stride_r": "i32",
+            "M": "i32",
+            "N": "i32",
+            "eps": "fp32",
         },
-        constexprs=dict(IS_RMS=rms, HAS_W=True, HAS_B=not rms, HAS_RES=True,
-                        **_tile_constexprs(cfg)),
+        constexprs=dict(
+            IS_RMS=rms, HAS_W=True, HAS_B=not rms, HAS_RES=True, **_tile_constexprs(cfg)
+        ),
         num_warps=cfg.num_warps,
         aligned=("X", "R", "W", "B", "Y", "S", "stride_x", "stride_r", "N"),
-    )  # fmt: skip
+    )
 
 
 def _bwd_spec(cfg: TileConfig, t: str, rms: bool, label: str) -> KernelSpec:
@@ -402,14 +482,37 @@ def _bwd_spec(cfg: TileConfig, t: str, rms: bool, label: str) -> KernelSpec:
         label=label,
         kernel=_norm_bwd_kernel,
         signature={
-            "DY": f"*{t}", "XS": f"*{t}", "W": f"*{t}", "Mean": "*fp32", "Rstd": "*fp32",
-            "DS": f"*{t}", "DX": f"*{t}", "DW": "*fp32", "DB": "*fp32",
-            "stride_dy": "i32", "stride_xs": "i32", "stride_ds": "i32",
-            "M": "i32", "N": "i32", "rows_per_program": "i32",
+            "DY": f"*{t}",
+            "XS": f"*{t}",
+            "W": f"*{t}",
+            "Mean": "*fp32",
+            "Rstd": "*fp32",
+            "DS": f"*{t}",
+            "DX": f"*{t}",
+            "DW": "*fp32",
+            "DB": "*fp32",
+            "stride_dy": "i32",
+            "stride_xs": "i32",
+            "stride_ds": "i32",
+            "M": "i32",
+            "N": "i32",
+            "rows_per_program": "i32",
         },
-        constexprs=dict(IS_RMS=rms, HAS_W=True, HAS_B=not rms, HAS_DS=True,
-                        **_tile_constexprs(cfg)),
+        constexprs=dict(
+            IS_RMS=rms, HAS_W=True, HAS_B=not rms, HAS_DS=True, **_tile_constexprs(cfg)
+        ),
         num_warps=cfg.num_warps,
-        aligned=("DY", "XS", "W", "DS", "DX", "DW", "DB", "stride_dy", "stride_xs",
-                 "stride_ds", "N"),
-    )  # fmt: skip
+        aligned=(
+            "DY",
+            "XS",
+            "W",
+            "DS",
+            "DX",
+            "DW",
+            "DB",
+            "stride_dy",
+            "stride_xs",
+            "stride_ds",
+            "N",
+        ),
+    )

@@ -1,6 +1,6 @@
 """Quantized matmuls in Triton: weight-only int8 / int4 / NF4 dequantize-matmul, and W8A8.
 
-``y = x @ W.T (+ b)`` with W stored as in :mod:`fastlm.quant.formats`: the integer codes are
+``y = x @ W.T (+ b)`` with W stored as in :mod:`fastlm.ops.quant_formats`: the integer codes are
 loaded, unpacked and scaled in registers and fed to tensor cores in x's dtype; no float
 weight is ever written to memory. With groups of 64 or 128 a K tile stays inside one group,
 so the integer codes go to the tensor cores exactly and each tile's partial product is
@@ -53,12 +53,37 @@ def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _quant_matmul_kernel(
-    X, QW, S, Z, S2, SMEAN, CODE, B, Y, T, LB, M, N, K, M_BUCKET, stride_xm, lora_scale, R,
-    BITS: tl.constexpr, NF4: tl.constexpr, HAS_ZEROS: tl.constexpr,
-    DOUBLE_QUANT: tl.constexpr, HAS_B: tl.constexpr, PARTIAL: tl.constexpr,
-    GROUP: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, LORA_R: tl.constexpr,
-):  # fmt: skip
+    X,
+    QW,
+    S,
+    Z,
+    S2,
+    SMEAN,
+    CODE,
+    B,
+    Y,
+    T,
+    LB,
+    M,
+    N,
+    K,
+    M_BUCKET,
+    stride_xm,
+    lora_scale,
+    R,
+    BITS: tl.constexpr,
+    NF4: tl.constexpr,
+    HAS_ZEROS: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    HAS_B: tl.constexpr,
+    PARTIAL: tl.constexpr,
+    GROUP: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    LORA_R: tl.constexpr,
+):
     # LORA_R > 0 adds lora_scale * T @ LB.T (kernels/lora.py: QLoRA; tiled path only).
     # M_BUCKET only keys the autotuner. Split k covers whole K tiles (whole groups for
     # 4-bit), the last split possibly fewer.
@@ -72,10 +97,10 @@ def _quant_matmul_kernel(
         ks = tl.arange(0, BLOCK_K)
         for k0 in range(k_start, k_stop, BLOCK_K):
             k_in = k0 + ks < k_stop
-            x = tl.load(X + rows_in[:, None] * stride_xm + (k0 + ks)[None, :],
-                        mask=k_in[None, :], other=0.0)  # fmt: skip
-            q = tl.load(QW + cols_in[None, :] * K + (k0 + ks)[:, None], mask=k_in[:, None],
-                        other=0)  # fmt: skip
+            x = tl.load(
+                X + rows_in[:, None] * stride_xm + (k0 + ks)[None, :], mask=k_in[None, :], other=0.0
+            )
+            q = tl.load(QW + cols_in[None, :] * K + (k0 + ks)[:, None], mask=k_in[:, None], other=0)
             # Through fp32: exact, and the interpreter converts ints to bf16 wrongly.
             acc = tl.dot(x, q.to(tl.float32).to(x.dtype), acc)
         # Per-channel scales are constant along K: applied once.
@@ -137,6 +162,11 @@ def _round(x):
 
 
 @triton.jit
+def _max_keeping_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _quantize_rows_kernel(X, XQ, XS, K, stride_xm, BLOCK: tl.constexpr):
     """Row ``pid`` of x to int8 with scale ``absmax / 127`` (fp32), symmetric."""
     row = tl.program_id(0).to(tl.int64)
@@ -145,8 +175,10 @@ def _quantize_rows_kernel(X, XQ, XS, K, stride_xm, BLOCK: tl.constexpr):
     absmax = tl.zeros([BLOCK], dtype=tl.float32)
     for k0 in range(0, K, BLOCK):
         x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
-        absmax = tl.maximum(absmax, tl.abs(x))
-    scale = tl.maximum(tl.max(absmax, axis=0), 1e-12) / 127.0
+        absmax = tl.maximum(absmax, tl.abs(x), propagate_nan=tl.PropagateNan.ALL)
+    # A NaN in the row makes its scale, and so its output row, NaN (as the reference does).
+    absmax = tl.reduce(absmax, 0, _max_keeping_nan)
+    scale = tl.maximum(absmax, 1e-12, propagate_nan=tl.PropagateNan.ALL) / 127.0
     tl.store(XS + row, scale)
     for k0 in range(0, K, BLOCK):
         x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
@@ -156,9 +188,21 @@ def _quantize_rows_kernel(X, XQ, XS, K, stride_xm, BLOCK: tl.constexpr):
 
 @triton.jit
 def _w8a8_kernel(
-    XQ, XS, WQ, WS, B, Y, M, N, K, M_BUCKET,
-    HAS_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
+    XQ,
+    XS,
+    WQ,
+    WS,
+    B,
+    Y,
+    M,
+    N,
+    K,
+    M_BUCKET,
+    HAS_B: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     rows, cols, rows_in, cols_in = _tile(M, N, BLOCK_M, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
@@ -171,8 +215,9 @@ def _w8a8_kernel(
     if HAS_B:
         y += tl.load(B + cols_in).to(tl.float32)[None, :]
     mask = (rows < M)[:, None] & (cols < N)[None, :]
-    tl.store(Y + rows.to(tl.int64)[:, None] * N + cols[None, :], y.to(Y.dtype.element_ty),
-             mask=mask)  # fmt: skip
+    tl.store(
+        Y + rows.to(tl.int64)[:, None] * N + cols[None, :], y.to(Y.dtype.element_ty), mask=mask
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,32 +251,63 @@ class QuantConfig:
 # tiles spill there and 4-bit gets its own list.
 _CONFIGS = {
     80: {
-        "skinny": (QuantConfig(16, 64, 128, 4, 3, 4), QuantConfig(16, 64, 128, 4, 3, 8),
-                   QuantConfig(16, 128, 128, 4, 3, 4), QuantConfig(16, 32, 128, 4, 4, 8),
-                   QuantConfig(16, 64, 64, 4, 4, 16)),
-        "tiled8": (QuantConfig(128, 128, 64, 8, 3), QuantConfig(128, 64, 64, 4, 4),
-                   QuantConfig(64, 128, 64, 4, 4), QuantConfig(64, 64, 64, 4, 4)),
-        "tiled4": (QuantConfig(128, 64, 64, 8, 3), QuantConfig(64, 128, 64, 8, 3),
-                   QuantConfig(64, 64, 64, 4, 4)),
+        "skinny": (
+            QuantConfig(16, 64, 128, 4, 3, 4),
+            QuantConfig(16, 64, 128, 4, 3, 8),
+            QuantConfig(16, 128, 128, 4, 3, 4),
+            QuantConfig(16, 32, 128, 4, 4, 8),
+            QuantConfig(16, 64, 64, 4, 4, 16),
+        ),
+        "tiled8": (
+            QuantConfig(128, 128, 64, 8, 3),
+            QuantConfig(128, 64, 64, 4, 4),
+            QuantConfig(64, 128, 64, 4, 4),
+            QuantConfig(64, 64, 64, 4, 4),
+        ),
+        "tiled4": (
+            QuantConfig(128, 64, 64, 8, 3),
+            QuantConfig(64, 128, 64, 8, 3),
+            QuantConfig(64, 64, 64, 4, 4),
+        ),
     },
     90: {
         # Two stages at 64 columns: with three, triton 3.6 spills the NF4 lookups.
-        "skinny": (QuantConfig(16, 64, 128, 4, 2, 4), QuantConfig(16, 64, 128, 4, 2, 8),
-                   QuantConfig(16, 128, 128, 4, 3, 4), QuantConfig(16, 32, 128, 4, 4, 8),
-                   QuantConfig(16, 64, 64, 4, 2, 16)),
-        "tiled8": (QuantConfig(128, 128, 64, 8, 4), QuantConfig(128, 64, 64, 4, 4),
-                   QuantConfig(64, 128, 64, 4, 4), QuantConfig(64, 64, 64, 4, 4),
-                   QuantConfig(64, 128, 128, 8, 3)),
-        "tiled4": (QuantConfig(128, 64, 64, 8, 4), QuantConfig(64, 128, 64, 4, 4),
-                   QuantConfig(64, 64, 64, 4, 4), QuantConfig(64, 128, 128, 8, 3)),
+        "skinny": (
+            QuantConfig(16, 64, 128, 4, 2, 4),
+            QuantConfig(16, 64, 128, 4, 2, 8),
+            QuantConfig(16, 128, 128, 4, 3, 4),
+            QuantConfig(16, 32, 128, 4, 4, 8),
+            QuantConfig(16, 64, 64, 4, 2, 16),
+        ),
+        "tiled8": (
+            QuantConfig(128, 128, 64, 8, 4),
+            QuantConfig(128, 64, 64, 4, 4),
+            QuantConfig(64, 128, 64, 4, 4),
+            QuantConfig(64, 64, 64, 4, 4),
+            QuantConfig(64, 128, 128, 8, 3),
+        ),
+        "tiled4": (
+            QuantConfig(128, 64, 64, 8, 4),
+            QuantConfig(64, 128, 64, 4, 4),
+            QuantConfig(64, 64, 64, 4, 4),
+            QuantConfig(64, 128, 128, 8, 3),
+        ),
     },
-}  # fmt: skip
+}
 _W8A8_CONFIGS = {
-    80: (QuantConfig(128, 128, 64, 8, 3), QuantConfig(64, 128, 64, 4, 4),
-         QuantConfig(64, 64, 64, 4, 4), QuantConfig(16, 64, 128, 4, 4)),
-    90: (QuantConfig(128, 128, 128, 8, 3), QuantConfig(128, 128, 64, 8, 4),
-         QuantConfig(64, 128, 64, 4, 4), QuantConfig(16, 64, 128, 4, 4)),
-}  # fmt: skip
+    80: (
+        QuantConfig(128, 128, 64, 8, 3),
+        QuantConfig(64, 128, 64, 4, 4),
+        QuantConfig(64, 64, 64, 4, 4),
+        QuantConfig(16, 64, 128, 4, 4),
+    ),
+    90: (
+        QuantConfig(128, 128, 128, 8, 3),
+        QuantConfig(128, 128, 64, 8, 4),
+        QuantConfig(64, 128, 64, 4, 4),
+        QuantConfig(16, 64, 128, 4, 4),
+    ),
+}
 # Under the interpreter: one small tile (tl.dot needs 16 per side), split in two on the
 # skinny path so the partial sums are exercised.
 _INTERPRETER = {"skinny": QuantConfig(16, 32, 64, 4, 1, 2), "tiled": QuantConfig(32, 32, 64, 4, 1)}
@@ -259,10 +335,23 @@ def _w8a8_autotuned(generation: int):
     return triton.autotune(configs, key=["M_BUCKET", "N", "K"])(_w8a8_kernel)
 
 
-def quant_matmul_fwd(x, qweight, scales, zeros, scales2, scales_mean, code, bias, bits: int,
-                     nf4: bool, group: int, n: int, lora=None):  # fmt: skip
+def quant_matmul_fwd(
+    x,
+    qweight,
+    scales,
+    zeros,
+    scales2,
+    scales_mean,
+    code,
+    bias,
+    bits: int,
+    nf4: bool,
+    group: int,
+    n: int,
+    lora=None,
+):
     """``x @ W.T + bias`` for x (M, K) fp16/bf16 with a unit stride along K and W (n, K)
-    quantized as :mod:`fastlm.quant.formats` lays it out (``group`` 0: per-channel int8).
+    quantized as :mod:`fastlm.ops.quant_formats` lays it out (``group`` 0: per-channel int8).
     ``lora``: ``(t, b, scale)`` adds ``scale * t @ b.T`` (QLoRA's update). Returns (M, n)
     in x's dtype."""
     m, k = x.shape
@@ -272,20 +361,34 @@ def quant_matmul_fwd(x, qweight, scales, zeros, scales2, scales_mean, code, bias
     path = "skinny" if m <= SKINNY_M else f"tiled{bits}"
     wide = k % 64 == 0  # 4-bit tiles are 64 wide unless K is an odd multiple of 32
     # Absent tensors are passed as y: the constexpr flags keep them untouched.
-    tensors = (qweight, scales, y if zeros is None else zeros,
-               y if scales2 is None else scales2, y if scales_mean is None else scales_mean,
-               y if code is None else code, y if bias is None else bias)  # fmt: skip
+    tensors = (
+        qweight,
+        scales,
+        y if zeros is None else zeros,
+        y if scales2 is None else scales2,
+        y if scales_mean is None else scales_mean,
+        y if code is None else code,
+        y if bias is None else bias,
+    )
     # The skinny path adds a LoRA update after its split-K sum (M <= 16 rows: a tiny GEMM);
     # the tiled one in its epilogue.
     fused = lora if path != "skinny" else None
     t, lora_b, lora_scale = fused if fused is not None else (y, y, 0.0)
     r = t.shape[1] if fused is not None else 0
-    flags = dict(BITS=bits, NF4=nf4, HAS_ZEROS=zeros is not None,
-                 DOUBLE_QUANT=scales2 is not None, HAS_B=bias is not None,
-                 PARTIAL=path == "skinny", GROUP=max(group, 1),
-                 LORA_R=lora_rank_block(r))  # fmt: skip
-    max_split = max(c.split_k for c in (*_CONFIGS[80]["skinny"], *_CONFIGS[90]["skinny"],
-                                        _INTERPRETER["skinny"]))  # fmt: skip
+    flags = dict(
+        BITS=bits,
+        NF4=nf4,
+        HAS_ZEROS=zeros is not None,
+        DOUBLE_QUANT=scales2 is not None,
+        HAS_B=bias is not None,
+        PARTIAL=path == "skinny",
+        GROUP=max(group, 1),
+        LORA_R=lora_rank_block(r),
+    )
+    max_split = max(
+        c.split_k
+        for c in (*_CONFIGS[80]["skinny"], *_CONFIGS[90]["skinny"], _INTERPRETER["skinny"])
+    )
     out = x.new_empty((max_split, m, n), dtype=torch.float32) if path == "skinny" else y
 
     def grid(meta):
@@ -293,19 +396,33 @@ def quant_matmul_fwd(x, qweight, scales, zeros, scales2, scales_mean, code, bias
 
     if x.device.type == "cuda":
         kernel = _autotuned(_generation(x.device), path, group, wide)
-        kernel[grid](x, *tensors, out, t, lora_b, m, n, k, _m_bucket(m), x.stride(0),
-                     lora_scale, r, **flags)  # fmt: skip
+        on_device(kernel, x.device)[grid](
+            x, *tensors, out, t, lora_b, m, n, k, _m_bucket(m), x.stride(0), lora_scale, r, **flags
+        )
         split = kernel.best_config.kwargs["SPLIT_K"]
     else:
         cfg = _INTERPRETER["skinny" if path == "skinny" else "tiled"]
         split = cfg.split_k
-        meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.tile_k(group, wide),
-                    SPLIT_K=split)  # fmt: skip
+        meta = dict(
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.tile_k(group, wide), SPLIT_K=split
+        )
         on_device(_quant_matmul_kernel, x.device)[grid(meta)](
-            x, *tensors, out, t, lora_b, m, n, k, _m_bucket(m), x.stride(0), lora_scale, r,
-            **flags, **meta,
+            x,
+            *tensors,
+            out,
+            t,
+            lora_b,
+            m,
+            n,
+            k,
+            _m_bucket(m),
+            x.stride(0),
+            lora_scale,
+            r,
+            **flags,
+            **meta,
             num_warps=cfg.num_warps,
-        )  # fmt: skip
+        )
     if path == "skinny":
         total = out[:split].sum(dim=0)
         if bias is not None:
@@ -340,7 +457,8 @@ def w8a8_matmul_fwd(xq, xs, wq, ws, bias, out_dtype: torch.dtype):
         return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))
 
     if xq.device.type == "cuda":
-        _w8a8_autotuned(_generation(xq.device))[grid](*args, HAS_B=bias is not None)
+        kernel = _w8a8_autotuned(_generation(xq.device))
+        on_device(kernel, xq.device)[grid](*args, HAS_B=bias is not None)
     else:
         cfg = _INTERPRETER["tiled"]
         meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
@@ -373,37 +491,73 @@ def compile_specs() -> list[KernelSpec]:
                     for dtype in ("bf16", "fp16") if i == 0 else ("bf16",):
                         specs.append(_spec(generation, path, fmt, flags, cfg, dtype))
         for cfg in _W8A8_CONFIGS[generation]:
-            specs.append(KernelSpec(
-                label=f"w8a8 bf16 {cfg.block_m}x{cfg.block_n}x{cfg.block_k} "
-                      f"w={cfg.num_warps} s={cfg.num_stages}",
-                kernel=_w8a8_kernel,
-                signature=dict(XQ="*i8", XS="*fp32", WQ="*i8", WS="*fp32", B="*bf16", Y="*bf16",
-                               M="i32", N="i32", K="i32", M_BUCKET="i32"),
-                constexprs=dict(HAS_B=True, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                                BLOCK_K=cfg.block_k),
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                aligned=("XQ", "XS", "WQ", "WS", "B", "Y", "N", "K"),
-                needs_wgmma=cfg.block_m >= 64, capabilities=(generation,),
-            ))  # fmt: skip
+            specs.append(
+                KernelSpec(
+                    label=f"w8a8 bf16 {cfg.block_m}x{cfg.block_n}x{cfg.block_k} "
+                    f"w={cfg.num_warps} s={cfg.num_stages}",
+                    kernel=_w8a8_kernel,
+                    signature=dict(
+                        XQ="*i8",
+                        XS="*fp32",
+                        WQ="*i8",
+                        WS="*fp32",
+                        B="*bf16",
+                        Y="*bf16",
+                        M="i32",
+                        N="i32",
+                        K="i32",
+                        M_BUCKET="i32",
+                    ),
+                    constexprs=dict(
+                        HAS_B=True, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k
+                    ),
+                    num_warps=cfg.num_warps,
+                    num_stages=cfg.num_stages,
+                    aligned=("XQ", "XS", "WQ", "WS", "B", "Y", "N", "K"),
+                    needs_wgmma=cfg.block_m >= 64,
+                    capabilities=(generation,),
+                )
+            )
     for dtype in ("bf16", "fp16"):
-        specs.append(KernelSpec(
-            label=f"quantize_rows {dtype} block={_QUANTIZE_BLOCK}", kernel=_quantize_rows_kernel,
-            signature=dict(X=f"*{dtype}", XQ="*i8", XS="*fp32", K="i32", stride_xm="i32"),
-            constexprs=dict(BLOCK=_QUANTIZE_BLOCK), num_warps=4,
-            aligned=("X", "XQ", "XS", "K", "stride_xm"),
-        ))  # fmt: skip
+        specs.append(
+            KernelSpec(
+                label=f"quantize_rows {dtype} block={_QUANTIZE_BLOCK}",
+                kernel=_quantize_rows_kernel,
+                signature=dict(X=f"*{dtype}", XQ="*i8", XS="*fp32", K="i32", stride_xm="i32"),
+                constexprs=dict(BLOCK=_QUANTIZE_BLOCK),
+                num_warps=4,
+                aligned=("X", "XQ", "XS", "K", "stride_xm"),
+            )
+        )
     return specs
 
 
-def _spec(generation: int, path: str, fmt: str, flags: dict, cfg: QuantConfig,
-          dtype: str) -> KernelSpec:  # fmt: skip
+def _spec(
+    generation: int, path: str, fmt: str, flags: dict, cfg: QuantConfig, dtype: str
+) -> KernelSpec:
     weight = "*i8" if flags["BITS"] == 8 else "*u8"
     scale = "*fp32" if flags["BITS"] == 8 else ("*i8" if flags["DOUBLE_QUANT"] else "*fp16")
     partial = path == "skinny"
-    signature = dict(X=f"*{dtype}", QW=weight, S=scale, Z="*u8", S2="*fp32", SMEAN="*fp32",
-                     CODE="*fp32", B=f"*{dtype}", Y="*fp32" if partial else f"*{dtype}",
-                     T=f"*{dtype}", LB=f"*{dtype}", M="i32", N="i32", K="i32",
-                     M_BUCKET="i32", stride_xm="i32", lora_scale="fp32", R="i32")  # fmt: skip
+    signature = dict(
+        X=f"*{dtype}",
+        QW=weight,
+        S=scale,
+        Z="*u8",
+        S2="*fp32",
+        SMEAN="*fp32",
+        CODE="*fp32",
+        B=f"*{dtype}",
+        Y="*fp32" if partial else f"*{dtype}",
+        T=f"*{dtype}",
+        LB=f"*{dtype}",
+        M="i32",
+        N="i32",
+        K="i32",
+        M_BUCKET="i32",
+        stride_xm="i32",
+        lora_scale="fp32",
+        R="i32",
+    )
     group = flags["GROUP"] if flags["BITS"] == 4 else 0
     constexprs = dict(
         flags,
@@ -417,10 +571,14 @@ def _spec(generation: int, path: str, fmt: str, flags: dict, cfg: QuantConfig,
     )
     return KernelSpec(
         label=f"quant_matmul {path} {fmt} {dtype} {cfg.block_m}x{cfg.block_n}x"
-              f"{cfg.tile_k(group)} split={cfg.split_k} w={cfg.num_warps} s={cfg.num_stages}",
-        kernel=_quant_matmul_kernel, signature=signature, constexprs=constexprs,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        f"{cfg.tile_k(group)} split={cfg.split_k} w={cfg.num_warps} s={cfg.num_stages}",
+        kernel=_quant_matmul_kernel,
+        signature=signature,
+        constexprs=constexprs,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
         aligned=("X", "QW", "S", "Z", "B", "Y", "N", "K", "stride_xm"),
         # Tensor cores everywhere (mma); warpgroup MMA needs 64-row tiles.
-        needs_wgmma=not partial and cfg.block_m >= 64, capabilities=(generation,),
-    )  # fmt: skip
+        needs_wgmma=not partial and cfg.block_m >= 64,
+        capabilities=(generation,),
+    )

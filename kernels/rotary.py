@@ -39,15 +39,34 @@ def _rotate(a, b, cos, sin):
 
 @triton.jit
 def _rotary_kernel(
-    X, Y, COS, SIN, POS,
-    S, H, R2, D, offset,
-    stride_xb, stride_xs, stride_xh,
-    stride_yb, stride_ys, stride_yh,
-    stride_cos, stride_sin, stride_pb, stride_ps,
-    POS_MODE: tl.constexpr, INTERLEAVED: tl.constexpr, CONJ: tl.constexpr,
-    COPY_REST: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R2: tl.constexpr,
+    X,
+    Y,
+    COS,
+    SIN,
+    POS,
+    S,
+    H,
+    R2,
+    D,
+    offset,
+    stride_xb,
+    stride_xs,
+    stride_xh,
+    stride_yb,
+    stride_ys,
+    stride_yh,
+    stride_cos,
+    stride_sin,
+    stride_pb,
+    stride_ps,
+    POS_MODE: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    CONJ: tl.constexpr,
+    COPY_REST: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_R2: tl.constexpr,
     BLOCK_REST: tl.constexpr,
-):  # fmt: skip
+):
     token = tl.program_id(0).to(tl.int64)
     b = token // S
     s = token % S
@@ -136,14 +155,35 @@ def rotary_apply(
     block_h, block_r2, block_rest, num_warps = block_config(r2, h, d)
     kernel = on_device(_rotary_kernel, x.device)
     kernel[(bsz * s, triton.cdiv(h, block_h))](
-        x, y, cos, sin, pos,
-        s, h, r2, d, offset,
-        x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
-        cos.stride(0), sin.stride(0), stride_pb, stride_ps,
-        POS_MODE=mode, INTERLEAVED=interleaved, CONJ=conj,
-        COPY_REST=not inplace and 2 * r2 < d, BLOCK_H=block_h, BLOCK_R2=block_r2,
-        BLOCK_REST=block_rest, num_warps=num_warps,
-    )  # fmt: skip
+        x,
+        y,
+        cos,
+        sin,
+        pos,
+        s,
+        h,
+        r2,
+        d,
+        offset,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        y.stride(0),
+        y.stride(1),
+        y.stride(2),
+        cos.stride(0),
+        sin.stride(0),
+        stride_pb,
+        stride_ps,
+        POS_MODE=mode,
+        INTERLEAVED=interleaved,
+        CONJ=conj,
+        COPY_REST=not inplace and 2 * r2 < d,
+        BLOCK_H=block_h,
+        BLOCK_R2=block_r2,
+        BLOCK_REST=block_rest,
+        num_warps=num_warps,
+    )
     return y
 
 
@@ -170,8 +210,9 @@ def compile_specs() -> list[KernelSpec]:
     return specs
 
 
-def _spec(d: int, rot: int, h: int, t: str, interleaved: bool, mode: int,
-          conj: bool = False) -> KernelSpec:  # fmt: skip
+def _spec(
+    d: int, rot: int, h: int, t: str, interleaved: bool, mode: int, conj: bool = False
+) -> KernelSpec:
     block_h, block_r2, block_rest, num_warps = block_config(rot // 2, h, d)
     style = "interleaved" if interleaved else "half"
     pos = ("offset", "offsets", "position_ids")[mode]
@@ -180,17 +221,51 @@ def _spec(d: int, rot: int, h: int, t: str, interleaved: bool, mode: int,
         f"w={num_warps} {'bwd' if conj else 'fwd'}",
         kernel=_rotary_kernel,
         signature={
-            "X": f"*{t}", "Y": f"*{t}", "COS": "*fp32", "SIN": "*fp32",
+            "X": f"*{t}",
+            "Y": f"*{t}",
+            "COS": "*fp32",
+            "SIN": "*fp32",
             "POS": "*fp32" if mode == POS_OFFSET else "*i32",
-            "S": "i32", "H": "i32", "R2": "i32", "D": "i32", "offset": "i32",
-            "stride_xb": "i32", "stride_xs": "i32", "stride_xh": "i32",
-            "stride_yb": "i32", "stride_ys": "i32", "stride_yh": "i32",
-            "stride_cos": "i32", "stride_sin": "i32", "stride_pb": "i32", "stride_ps": "i32",
+            "S": "i32",
+            "H": "i32",
+            "R2": "i32",
+            "D": "i32",
+            "offset": "i32",
+            "stride_xb": "i32",
+            "stride_xs": "i32",
+            "stride_xh": "i32",
+            "stride_yb": "i32",
+            "stride_ys": "i32",
+            "stride_yh": "i32",
+            "stride_cos": "i32",
+            "stride_sin": "i32",
+            "stride_pb": "i32",
+            "stride_ps": "i32",
         },
-        constexprs=dict(POS_MODE=mode, INTERLEAVED=interleaved, CONJ=conj,
-                        COPY_REST=rot < d, BLOCK_H=block_h, BLOCK_R2=block_r2,
-                        BLOCK_REST=block_rest),
+        constexprs=dict(
+            POS_MODE=mode,
+            INTERLEAVED=interleaved,
+            CONJ=conj,
+            COPY_REST=rot < d,
+            BLOCK_H=block_h,
+            BLOCK_R2=block_r2,
+            BLOCK_REST=block_rest,
+        ),
         num_warps=num_warps,
-        aligned=("X", "Y", "COS", "SIN", "R2", "D", "stride_xb", "stride_xs", "stride_xh",
-                 "stride_yb", "stride_ys", "stride_yh", "stride_cos", "stride_sin"),
-    )  # fmt: skip
+        aligned=(
+            "X",
+            "Y",
+            "COS",
+            "SIN",
+            "R2",
+            "D",
+            "stride_xb",
+            "stride_xs",
+            "stride_xh",
+            "stride_yb",
+            "stride_ys",
+            "stride_yh",
+            "stride_cos",
+            "stride_sin",
+        ),
+    )

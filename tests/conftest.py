@@ -25,11 +25,14 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_generate_tests(metafunc):
     if "device_backend" in metafunc.fixturenames:
-        metafunc.parametrize("device_backend", [
-            pytest.param(("cpu", "triton"), id="interpreter"),
-            pytest.param(("cuda", "triton"), id="cuda-triton", marks=pytest.mark.gpu),
-            pytest.param(("cuda", "cuda"), id="cuda-cpp", marks=pytest.mark.gpu),
-        ])  # fmt: skip
+        metafunc.parametrize(
+            "device_backend",
+            [
+                pytest.param(("cpu", "triton"), id="interpreter"),
+                pytest.param(("cuda", "triton"), id="cuda-triton", marks=pytest.mark.gpu),
+                pytest.param(("cuda", "cuda"), id="cuda-cpp", marks=pytest.mark.gpu),
+            ],
+        )
 
 
 @pytest.fixture(autouse=True)

@@ -36,3 +36,28 @@ def test_subcommands_reach_their_own_parsers(command, capsys):
 def test_data_needs_a_known_action(capsys):
     assert cli.main(["data", "shuffle"]) == 2
     assert "fastlm data clean" in capsys.readouterr().err
+
+
+def test_one_error_path_for_every_subcommand(monkeypatch, capsys):
+    """The project's refusals (bad input, file system, a diverged run) become one line and
+    exit 1 whichever subcommand raised them; any other exception is a bug and keeps its
+    traceback."""
+    from fastlm.train import TrainingDiverged
+
+    errors = [
+        ValueError("--x: expected y"),
+        OSError(13, "Permission denied", "out"),
+        TrainingDiverged("step 3: non-finite loss"),
+    ]
+    for error in errors:
+        for command in ("train", "generate", "data"):
+
+            def fail(argv, error=error):
+                raise error
+
+            monkeypatch.setattr(cli, command, fail)
+            assert cli.main([command]) == 1
+            assert capsys.readouterr().err == f"fastlm {command}: {error}\n"
+    monkeypatch.setattr(cli, "generate", lambda argv: {}["no such key"])
+    with pytest.raises(KeyError, match="no such key"):
+        cli.main(["generate"])

@@ -18,6 +18,9 @@ The pipeline, each step a plain function or class:
 6. examples: ``CausalLMDataset``, ``MaskedLMDataset`` or ``SpanCorruptionDataset`` over the
    rows, each example a pure function of (seed, epoch, index);
 7. batches: ``ResumableSampler`` indices -> ``collate`` -> model ``forward(**batch)``.
+
+Fine-tuning files: :mod:`fastlm.data.glue` reads GLUE-style TSV / JSONL classification
+files (examples, their label set, BERT's sentence-pair encoding).
 """
 
 from fastlm.data.clean import (

@@ -186,8 +186,7 @@ def _salt(n: int) -> np.ndarray:
     return np.arange(1, n + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
 
 
-def repeated_line_fractions(texts: Sequence[str], hasher: TextHasher | None = None
-                            ) -> np.ndarray:  # fmt: skip
+def repeated_line_fractions(texts: Sequence[str], hasher: TextHasher | None = None) -> np.ndarray:
     """(len(texts),) float64: for each text, the fraction of its non-empty lines (split at
     "\\n") that repeat an earlier line exactly, (lines - distinct lines) / lines; 0.0
     without non-empty lines. (In normalized text a line of whitespace only is empty.)
@@ -227,8 +226,9 @@ def _duplicated(keys: np.ndarray) -> np.ndarray:
     return out
 
 
-def dup_ngram_fractions(texts: Sequence[str], ns: Sequence[int],
-                        hasher: TextHasher | None = None) -> np.ndarray:  # fmt: skip
+def dup_ngram_fractions(
+    texts: Sequence[str], ns: Sequence[int], hasher: TextHasher | None = None
+) -> np.ndarray:
     """(len(texts), len(ns)) float64: for each text and each n, the fraction of the
     characters of its words that lie inside a word n-gram occurring more than once in it.
 
@@ -336,8 +336,10 @@ class CleanConfig:
         for name in ("min_alpha_fraction", "max_repeated_line_fraction"):
             _check_number(name, getattr(self, name), 0, 1, integer=False)
         if not isinstance(self.max_dup_ngram_fraction, dict):
-            raise TypeError(f"max_dup_ngram_fraction must be a dict of n -> fraction, got "
-                            f"{type(self.max_dup_ngram_fraction).__name__}")  # fmt: skip
+            raise TypeError(
+                f"max_dup_ngram_fraction must be a dict of n -> fraction, got "
+                f"{type(self.max_dup_ngram_fraction).__name__}"
+            )
         for n, fraction in self.max_dup_ngram_fraction.items():
             _check_number("max_dup_ngram_fraction keys (n)", n, 1, None, integer=True)
             _check_number(f"max_dup_ngram_fraction[{n}]", fraction, 0, 1, integer=False)
@@ -346,8 +348,7 @@ class CleanConfig:
             raise ValueError("threshold must be > 0: at 0 every document duplicates every other")
         _check_number("num_perm", self.num_perm, 1, None, integer=True)
         if self.shingle not in SHINGLES:
-            raise ValueError(f"shingle must be one of {', '.join(SHINGLES)}, "
-                             f"got {self.shingle!r}")  # fmt: skip
+            raise ValueError(f"shingle must be one of {', '.join(SHINGLES)}, got {self.shingle!r}")
         _check_number("shingle_size", self.shingle_size, 1, None, integer=True)
         _check_number("seed", self.seed, 0, 2**63 - 1, integer=True)
 
@@ -444,43 +445,70 @@ class Report:
             "repeated_lines": f"repeated lines above {c.max_repeated_line_fraction:g}",
             "dup_ngrams": f"duplicated n-gram characters above {{{dup}}}" if dup else "off",
             **self._dedup_rules(),
-        }  # fmt: skip
+        }
 
     def _dedup_rules(self) -> dict[str, str]:
         c = self.config
         return {
             "exact_duplicate": "same text as an earlier document" if c.exact_dedup else "off",
-            "near_duplicate": (f"estimated Jaccard >= {c.threshold:g} with an earlier document "
-                               f"({c.shingle_size}-{c.shingle} shingles, {c.num_perm} "
-                               f"permutations)") if c.near_dedup else "off",
-        }  # fmt: skip
+            "near_duplicate": (
+                f"estimated Jaccard >= {c.threshold:g} with an earlier document "
+                f"({c.shingle_size}-{c.shingle} shingles, {c.num_perm} "
+                f"permutations)"
+            )
+            if c.near_dedup
+            else "off",
+        }
 
     def table(self) -> str:
         """The summary table of ``fastlm data clean``."""
         c = self.config
         pii = ", ".join(f"{self.pii[k]} <{k}>" for k in PII_TYPES)
-        rows = [("normalize", "", f"{self.seconds['normalize']:.2f}",
-                 f"{c.normalization}; changed {self.normalized}"),
-                ("scrub PII", "", f"{self.seconds['scrub']:.2f}",
-                 f"replaced {pii}" if c.scrub_pii else "off")]  # fmt: skip
+        rows = [
+            (
+                "normalize",
+                "",
+                f"{self.seconds['normalize']:.2f}",
+                f"{c.normalization}; changed {self.normalized}",
+            ),
+            (
+                "scrub PII",
+                "",
+                f"{self.seconds['scrub']:.2f}",
+                f"replaced {pii}" if c.scrub_pii else "off",
+            ),
+        ]
         rules = self._rules()
         for i, name in enumerate(FILTERS):
             seconds = f"{self.seconds['filter']:.2f}" if i == 0 else ""
             rows.append((f"filter {name}", str(self.removed[name]), seconds, rules[name]))
         for name, stage in (("exact_duplicate", "exact_dedup"), ("near_duplicate", "near_dedup")):
-            rows.append((name.replace("_", " "), str(self.removed[name]),
-                         f"{self.seconds[stage]:.2f}", rules[name]))  # fmt: skip
+            rows.append(
+                (
+                    name.replace("_", " "),
+                    str(self.removed[name]),
+                    f"{self.seconds[stage]:.2f}",
+                    rules[name],
+                )
+            )
         total = sum(self.seconds.values())
         rate = self.bytes_in / total / 1e6 if total > 0 else float("inf")
-        rows.append(("total", str(self.docs_in - self.docs_out), f"{total:.2f}",
-                     f"{self.docs_in} -> {self.docs_out} documents, {_size(self.bytes_in)} -> "
-                     f"{_size(self.bytes_out)}, {rate:.3g} MB/s"))  # fmt: skip
+        rows.append(
+            (
+                "total",
+                str(self.docs_in - self.docs_out),
+                f"{total:.2f}",
+                f"{self.docs_in} -> {self.docs_out} documents, {_size(self.bytes_in)} -> "
+                f"{_size(self.bytes_out)}, {rate:.3g} MB/s",
+            )
+        )
         headers = ("step", "removed", "seconds", "rule / detail")
         widths = [max(len(r[i]) for r in (headers, *rows)) for i in range(3)]
 
         def line(row: Sequence[str]) -> str:
-            return (f"{row[0]:<{widths[0]}}  {row[1]:>{widths[1]}}  {row[2]:>{widths[2]}}  "
-                    f"{row[3]}").rstrip()  # fmt: skip
+            return (
+                f"{row[0]:<{widths[0]}}  {row[1]:>{widths[1]}}  {row[2]:>{widths[2]}}  {row[3]}"
+            ).rstrip()
 
         rule = "-" * (sum(widths) + 4 + max(len(r[3]) for r in rows) + 2)
         return "\n".join([line(headers), rule, *map(line, rows[:-1]), rule, line(rows[-1])])
@@ -489,9 +517,11 @@ class Report:
         """One line: documents and MB in and out, removals by step, PII replaced."""
         removed = ", ".join(f"{k} {v}" for k, v in self.removed.items() if v)
         pii = ", ".join(f"{v} <{k}>" for k, v in self.pii.items() if v)
-        return (f"{self.docs_in} -> {self.docs_out} documents ({_size(self.bytes_in)} -> "
-                f"{_size(self.bytes_out)}) in {sum(self.seconds.values()):.1f} s; removed: "
-                f"{removed or 'none'}; PII replaced: {pii or 'none'}")  # fmt: skip
+        return (
+            f"{self.docs_in} -> {self.docs_out} documents ({_size(self.bytes_in)} -> "
+            f"{_size(self.bytes_out)}) in {sum(self.seconds.values()):.1f} s; removed: "
+            f"{removed or 'none'}; PII replaced: {pii or 'none'}"
+        )
 
 
 def _size(nbytes: int) -> str:

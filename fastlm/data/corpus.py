@@ -130,8 +130,9 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
             if not isinstance(obj, dict):
-                raise ValueError(f"{path}, line {lineno}: expected a JSON object, got "
-                                 f"{type(obj).__name__}")  # fmt: skip
+                raise ValueError(
+                    f"{path}, line {lineno}: expected a JSON object, got {type(obj).__name__}"
+                )
             yield lineno, obj
 
 

@@ -114,8 +114,9 @@ class MinHasher:
     any process.
     """
 
-    def __init__(self, num_perm: int = 128, shingle: str = "word", shingle_size: int = 5,
-                 seed: int = 0) -> None:  # fmt: skip
+    def __init__(
+        self, num_perm: int = 128, shingle: str = "word", shingle_size: int = 5, seed: int = 0
+    ) -> None:
         if isinstance(num_perm, bool) or not isinstance(num_perm, int) or num_perm < 1:
             raise ValueError(f"num_perm must be a positive int, got {num_perm!r}")
         if shingle not in ("word", "char"):
@@ -228,8 +229,11 @@ class LSHIndex:
         return (bands * self._mult).sum(axis=2, dtype=U64)
 
     def query(self, signature: np.ndarray, keys: np.ndarray) -> tuple[int, float] | None:
-        rows = {r for t, k in zip(self._tables, keys.tolist(), strict=True)
-                if (r := t.get(k)) is not None}  # fmt: skip
+        rows = {
+            r
+            for t, k in zip(self._tables, keys.tolist(), strict=True)
+            if (r := t.get(k)) is not None
+        }
         if not rows:
             return None
         rows_list = sorted(rows)
@@ -258,8 +262,14 @@ class NearDedup:
     ones of the same batch too, so the result does not depend on how the stream is cut.
     Texts without shingles are kept and not indexed."""
 
-    def __init__(self, threshold: float = 0.8, num_perm: int = 128, shingle: str = "word",
-                 shingle_size: int = 5, seed: int = 0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        threshold: float = 0.8,
+        num_perm: int = 128,
+        shingle: str = "word",
+        shingle_size: int = 5,
+        seed: int = 0,
+    ) -> None:
         self.minhash = MinHasher(num_perm, shingle, shingle_size, seed)
         self.index = LSHIndex(threshold, num_perm, seed)
         self._added = 0
@@ -289,9 +299,16 @@ class Contamination:
     exact: bool  # the same text (digest), not only similar shingles
 
 
-def contamination(train_docs: Iterable[str], eval_docs: Iterable[str], threshold: float = 0.8,
-                  num_perm: int = 128, shingle: str = "word", shingle_size: int = 5,
-                  seed: int = 0, batch_chars: int = 1 << 18) -> list[Contamination]:  # fmt: skip
+def contamination(
+    train_docs: Iterable[str],
+    eval_docs: Iterable[str],
+    threshold: float = 0.8,
+    num_perm: int = 128,
+    shingle: str = "word",
+    shingle_size: int = 5,
+    seed: int = 0,
+    batch_chars: int = 1 << 18,
+) -> list[Contamination]:
     """Evaluation documents that exactly or nearly (estimated Jaccard >= ``threshold``)
     duplicate a training document, in evaluation order.
 

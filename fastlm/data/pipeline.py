@@ -21,6 +21,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from fastlm import errors
 from fastlm.data.clean import (
     NORMAL_FORMS,
     SHINGLES,
@@ -56,8 +57,11 @@ class Cleaner:
         self._scrub = PIIScrubber() if c.scrub_pii else None
         self._filter = QualityFilter(c) if c.filters else None
         self._exact = ExactDedup() if c.exact_dedup else None
-        self._near = (NearDedup(c.threshold, c.num_perm, c.shingle, c.shingle_size, c.seed)
-                      if c.near_dedup else None)  # fmt: skip
+        self._near = (
+            NearDedup(c.threshold, c.num_perm, c.shingle, c.shingle_size, c.seed)
+            if c.near_dedup
+            else None
+        )
 
     def __call__(self, docs: Iterable[str]) -> Iterator[str]:
         if isinstance(docs, str):
@@ -104,8 +108,9 @@ class Cleaner:
         return kept
 
 
-def clean_corpus(docs: Iterable[str], config: CleanConfig | None = None
-                 ) -> tuple[list[str], Report]:  # fmt: skip
+def clean_corpus(
+    docs: Iterable[str], config: CleanConfig | None = None
+) -> tuple[list[str], Report]:
     """Clean ``docs`` (:class:`Cleaner`): the documents kept, in order, and the report."""
     cleaner = Cleaner(config)
     return list(cleaner(docs)), cleaner.report
@@ -272,41 +277,52 @@ def _documents(files: Sequence[Path], text_field: str, bar: tqdm) -> Iterator[st
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``fastlm data clean IN... OUT [options]``: 0 on success, 1 when an input cannot be
-    read, 2 for bad arguments."""
+    read or OUT cannot be written, 2 for bad arguments."""
     parser = _parser()
     args = parser.parse_args(argv)
     config = _config(parser, args)
     output = Path(args.output)
     if output.suffix != ".jsonl":
         parser.error(f"argument OUT: must end in .jsonl, got {output}")
-    try:
-        files = corpus_files(args.inputs)
-    except ValueError as e:
-        print(f"fastlm data clean: {e}", file=sys.stderr)
-        return 1
+    return errors.report("fastlm data clean", lambda: _clean(parser, args, config, output))
+
+
+def _clean(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, config: CleanConfig, output: Path
+) -> int:
+    files = corpus_files(args.inputs)
     if output.exists() and any(output.samefile(f) for f in files):
         parser.error(f"argument OUT: {output} is also an input")
     cleaner = Cleaner(config)
     start = time.perf_counter()
-    output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(output.name + ".partial")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        out = partial.open("w", encoding="utf-8")
+    except OSError as e:
+        raise ValueError(f"OUT {output} cannot be written ({e.strerror}: {e.filename})") from None
     total = sum(f.stat().st_size for f in files)
     try:
-        with (partial.open("w", encoding="utf-8") as out,
-              tqdm(total=total, unit="B", unit_scale=True, desc="cleaning",
-                   disable=not args.progress, file=sys.stderr) as bar):  # fmt: skip
+        bar = tqdm(
+            total=total,
+            unit="B",
+            unit_scale=True,
+            desc="cleaning",
+            disable=not args.progress,
+            file=sys.stderr,
+        )
+        with out, bar:
             for doc in cleaner(_documents(files, args.text_field, bar)):
                 out.write(json.dumps({"text": doc}, ensure_ascii=False) + "\n")
         os.replace(partial, output)  # OUT appears complete, or not at all
-    except ValueError as e:  # an input file that cannot be read
-        print(f"fastlm data clean: {e}", file=sys.stderr)
-        return 1
     finally:
         partial.unlink(missing_ok=True)
     seconds = time.perf_counter() - start
     report = cleaner.report
     print(report.table())
     rate = report.bytes_in / 1e6 / max(seconds, 1e-9)
-    print(f"wrote {report.docs_out} documents to {output} in {seconds:.2f} s "
-          f"({rate:.3g} MB/s with reading and writing)")  # fmt: skip
+    print(
+        f"wrote {report.docs_out} documents to {output} in {seconds:.2f} s "
+        f"({rate:.3g} MB/s with reading and writing)"
+    )
     return 0

@@ -57,7 +57,11 @@ _DIGITS_RE = re.compile(
     (?<![\w.+-])
     (?:
         (?P<card>\d{13,19}|\d{4}(?P<sep>[ -])\d{3,6}(?:(?P=sep)\d{3,6}){1,3})
-      | (?P<ipv4>(?:""" + _OCTET + r"""\.){3}""" + _OCTET + r""")
+      | (?P<ipv4>(?:"""
+    + _OCTET
+    + r"""\.){3}"""
+    + _OCTET
+    + r""")
       | (?P<international>\+\d{1,3}(?:[ .-]?\(\d{1,4}\)|[ .-]?\d{1,4})(?:[ .-]?\d{2,4}){1,5})
       | (?P<north_american>(?:1[ .-])?(?:\(\d{3}\)[ ]?|\d{3}[ .-])\d{3}[ .-]\d{4})
       | (?P<trunk>0\d{1,4}(?:[ -]\d{2,4}){2,4})
@@ -65,7 +69,7 @@ _DIGITS_RE = re.compile(
     (?!\w|[.,-]?\d)
     """,
     re.VERBOSE | re.ASCII,
-)  # fmt: skip
+)
 # Digits a phone number of each form may hold: E.164 allows up to 15 with the country code.
 _PHONE_DIGITS = {"international": (8, 15), "north_american": (10, 11), "trunk": (10, 11)}
 
@@ -152,8 +156,15 @@ class PIIScrubber:
         self.counts[key] += 1
         return PLACEHOLDERS[key]
 
-    def _sub(self, text: str, anchors: re.Pattern[str], pattern: re.Pattern[str], before: int,
-             after: int, replace: Callable[[re.Match[str]], str]) -> str:  # fmt: skip
+    def _sub(
+        self,
+        text: str,
+        anchors: re.Pattern[str],
+        pattern: re.Pattern[str],
+        before: int,
+        after: int,
+        replace: Callable[[re.Match[str]], str],
+    ) -> str:
         """``pattern.sub(replace, text)`` for matches that contain a match of ``anchors``
         and lie within ``before`` characters before it and ``after`` after it.
 

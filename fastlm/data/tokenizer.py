@@ -9,6 +9,8 @@ tokenizer lacks one. Trained tokenizers are byte-level, as GPT-2's: every string
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -112,7 +114,11 @@ class Tokenizer:
             path = path / "tokenizer.json"
         if not path.is_file():
             raise ValueError(f"path: no tokenizer file at {path}")
-        return cls(tokenizers.Tokenizer.from_file(str(path)))
+        try:
+            tok = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as e:  # the library raises plain Exception for any unreadable file
+            raise ValueError(f"{path} is not a tokenizer.json file ({e})") from e
+        return cls(tok)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the tokenizer to the file ``path`` (conventionally ``tokenizer.json``),
@@ -146,6 +152,35 @@ class Tokenizer:
             if not 0 <= i < self._vocab_size or self._tok.id_to_token(i) is None:
                 raise ValueError(f"ids: {i} is not a token id of this tokenizer")
         return self._tok.decode(ids, skip_special_tokens=False)
+
+    def _identity(self) -> tuple[list[str], list[list[str]]]:
+        """The tokens by id (gaps as None) and the merges, in the library-independent form
+        the fingerprint hashes."""
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        tokens: list[str | None] = [None] * self._vocab_size
+        for token, i in vocab.items():
+            tokens[i] = token
+        merges = json.loads(self._tok.to_str())["model"].get("merges", [])
+        # tokenizers < 0.20 writes a merge as "a b", later versions as ["a", "b"].
+        return tokens, [m.split(" ", 1) if isinstance(m, str) else list(m) for m in merges]
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the vocabulary (every token with its id, special tokens included) and
+        the merges: equal exactly when the two tokenizers map text to the same ids."""
+        text = json.dumps(self._identity(), ensure_ascii=False, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def difference(self, other: Tokenizer) -> str | None:
+        """The first difference from ``other`` in words (``id 7 is 'ab' here, 'ba'
+        there``), or None when the two map text to the same ids (equal fingerprints)."""
+        pairs = zip(("id", "merge"), self._identity(), other._identity(), strict=True)
+        for what, mine, theirs in pairs:
+            for i in range(max(len(mine), len(theirs))):
+                a = mine[i] if i < len(mine) else None
+                b = theirs[i] if i < len(theirs) else None
+                if a != b:
+                    return f"{what} {i} is {a!r} here, {b!r} there"
+        return None
 
     @property
     def vocab_size(self) -> int:

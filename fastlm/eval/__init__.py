@@ -1,8 +1,9 @@
 """Evaluation of fastlm models.
 
 - ``metrics``: task metrics on plain Python values (accuracy, exact match,
-  precision/recall/F1, Matthews correlation, BLEU and chrF through ``sacrebleu``, ROUGE
-  through ``rouge-score``, demographic parity difference).
+  precision/recall/F1, Matthews correlation, Pearson and Spearman correlation, BLEU and
+  chrF through ``sacrebleu``, ROUGE through ``rouge-score``, demographic parity
+  difference).
 - ``perplexity``: sliding-window perplexity of causal models and pseudo-perplexity of
   masked models on held-out text.
 - ``bias``: CrowS-Pairs paired-sentence likelihood comparison; demographic parity of a
@@ -14,7 +15,6 @@
   Hard formats) and ``fastlm eval``.
 - ``lm_eval_adapter``: fastlm checkpoints as an lm-evaluation-harness model type (imported
   only on demand: fastlm does not need lm-eval).
-- ``finetune``: GLUE-style fine-tuning of a BERT classifier and its scoring.
 
 BLEU, chrF, ROUGE and the heatmaps need the ``fastlm[eval]`` extra (sacrebleu, rouge-score,
 matplotlib), imported only when called, so fastlm imports without it.

@@ -73,8 +73,14 @@ def read_crows_pairs(path: str | os.PathLike) -> list[CrowsPair]:
         if missing:
             raise ValueError(f"path: record {n} of {path} lacks {', '.join(missing)}")
         try:
-            pairs.append(CrowsPair(record["sent_more"], record["sent_less"],
-                                   record["stereo_antistereo"], record["bias_type"]))  # fmt: skip
+            pairs.append(
+                CrowsPair(
+                    record["sent_more"],
+                    record["sent_less"],
+                    record["stereo_antistereo"],
+                    record["bias_type"],
+                )
+            )
         except (TypeError, ValueError) as e:
             raise ValueError(f"path: record {n} of {path}: {e}") from None
     if not pairs:
@@ -93,9 +99,13 @@ def _shared_positions(a: list[int], b: list[int]) -> tuple[list[int], list[int]]
     return pa, pb
 
 
-def pair_log_likelihoods(model: nn.Module, tokenizer: Tokenizer, pairs: Sequence[CrowsPair],
-                         batch_size: int = 16,
-                         shared_only: bool = True) -> list[tuple[float, float]]:  # fmt: skip
+def pair_log_likelihoods(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    pairs: Sequence[CrowsPair],
+    batch_size: int = 16,
+    shared_only: bool = True,
+) -> list[tuple[float, float]]:
     """(score of ``sent_more``, score of ``sent_less``) per pair, in nats.
 
     Causal models (GPT): the log-likelihood sum_t log p(token_t | tokens before), every
@@ -138,8 +148,9 @@ def pair_log_likelihoods(model: nn.Module, tokenizer: Tokenizer, pairs: Sequence
         nlls = masked_token_nlls(model, rows, mask_id, positions, batch_size)
         scores = [-float(t.nansum()) for t in nlls]
     else:
-        raise TypeError(f"model must be a fastlm GPT or BertForMaskedLM, "
-                        f"got {type(model).__name__}")  # fmt: skip
+        raise TypeError(
+            f"model must be a fastlm GPT or BertForMaskedLM, got {type(model).__name__}"
+        )
     return list(zip(scores[::2], scores[1::2], strict=True))
 
 
@@ -157,8 +168,9 @@ class CrowsPairsResult:
     scores: list[tuple[float, float]]
 
 
-def stereotype_preference(pairs: Sequence[CrowsPair],
-                          scores: Sequence[tuple[float, float]]) -> CrowsPairsResult:  # fmt: skip
+def stereotype_preference(
+    pairs: Sequence[CrowsPair], scores: Sequence[tuple[float, float]]
+) -> CrowsPairsResult:
     """The CrowS-Pairs shares from each pair's (sent_more, sent_less) scores."""
     if not pairs:
         raise ValueError("pairs is empty")
@@ -183,9 +195,13 @@ def stereotype_preference(pairs: Sequence[CrowsPair],
     )
 
 
-def crows_pairs(model: nn.Module, tokenizer: Tokenizer,
-                pairs: str | os.PathLike | Sequence[CrowsPair], batch_size: int = 16,
-                shared_only: bool = True) -> CrowsPairsResult:  # fmt: skip
+def crows_pairs(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    pairs: str | os.PathLike | Sequence[CrowsPair],
+    batch_size: int = 16,
+    shared_only: bool = True,
+) -> CrowsPairsResult:
     """CrowS-Pairs for a GPT or BERT model: ``pairs`` or the file holding them, scored by
     :func:`pair_log_likelihoods`."""
     if isinstance(pairs, (str, os.PathLike)):
@@ -202,8 +218,12 @@ class ParityResult:
     rates: dict[str, float]
 
 
-def demographic_parity(path: str | os.PathLike, prediction: str = "prediction",
-                       group: str = "group", positive: object = 1) -> ParityResult:  # fmt: skip
+def demographic_parity(
+    path: str | os.PathLike,
+    prediction: str = "prediction",
+    group: str = "group",
+    positive: object = 1,
+) -> ParityResult:
     """Demographic parity of a classifier's predictions in a CSV or JSONL file with a
     ``prediction`` and a ``group`` column. Values are compared as text (``positive=1``
     matches a CSV "1" and a JSON 1), since CSV holds no types."""
@@ -213,8 +233,11 @@ def demographic_parity(path: str | os.PathLike, prediction: str = "prediction",
     for column in (prediction, group):
         missing = [n for n, r in enumerate(records, 1) if column not in r]
         if missing:
-            raise ValueError(f"{'prediction' if column == prediction else 'group'}: column "
-                             f"{column!r} missing from record {missing[0]} of {path}")  # fmt: skip
-    rates = positive_rates([str(r[prediction]) for r in records],
-                           [str(r[group]) for r in records], str(positive))  # fmt: skip
+            raise ValueError(
+                f"{'prediction' if column == prediction else 'group'}: column "
+                f"{column!r} missing from record {missing[0]} of {path}"
+            )
+    rates = positive_rates(
+        [str(r[prediction]) for r in records], [str(r[group]) for r in records], str(positive)
+    )
     return ParityResult(max(rates.values()) - min(rates.values()), dict(sorted(rates.items())))

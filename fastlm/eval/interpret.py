@@ -30,8 +30,10 @@ def attention_layers(model: nn.Module) -> list[str]:
 
 
 @contextlib.contextmanager
-def capture_attention(model: nn.Module, layers: Iterable[str | int] | None = None,
-                      ) -> Iterator[dict[str, list[Tensor]]]:  # fmt: skip
+def capture_attention(
+    model: nn.Module,
+    layers: Iterable[str | int] | None = None,
+) -> Iterator[dict[str, list[Tensor]]]:
     """Record attention probabilities while the block runs.
 
     ``layers``: names from :func:`attention_layers`, or indices into that list; None for
@@ -54,12 +56,14 @@ def capture_attention(model: nn.Module, layers: Iterable[str | int] | None = Non
         for layer in layers:
             if isinstance(layer, int) and not isinstance(layer, bool):
                 if not -len(names) <= layer < len(names):
-                    raise ValueError(f"layers: index {layer} out of range for {len(names)} "
-                                     "attention layers")  # fmt: skip
+                    raise ValueError(
+                        f"layers: index {layer} out of range for {len(names)} attention layers"
+                    )
                 layer = names[layer]
             if layer not in modules:
-                raise ValueError(f"layers: {layer!r} is not an attention layer; the model "
-                                 f"has {', '.join(names)}")  # fmt: skip
+                raise ValueError(
+                    f"layers: {layer!r} is not an attention layer; the model has {', '.join(names)}"
+                )
             if layer not in chosen:
                 chosen.append(layer)
     for name in chosen:
@@ -75,10 +79,16 @@ def capture_attention(model: nn.Module, layers: Iterable[str | int] | None = Non
             modules[name].capture = None
 
 
-def save_attention_png(maps: Mapping[str, Tensor | Sequence[Tensor]], path: str | os.PathLike,
-                       layer: str, head: int, tokens: Sequence[str] | None = None,
-                       query_tokens: Sequence[str] | None = None, row: int = 0,
-                       call: int = -1) -> None:  # fmt: skip
+def save_attention_png(
+    maps: Mapping[str, Tensor | Sequence[Tensor]],
+    path: str | os.PathLike,
+    layer: str,
+    head: int,
+    tokens: Sequence[str] | None = None,
+    query_tokens: Sequence[str] | None = None,
+    row: int = 0,
+    call: int = -1,
+) -> None:
     """Write one head's attention map as a PNG heatmap (queries down, keys across).
 
     ``maps``: as :func:`capture_attention` yields (or layer name to one (B, H, S_q, S_k)
@@ -110,13 +120,19 @@ def save_attention_png(maps: Mapping[str, Tensor | Sequence[Tensor]], path: str 
         # The Figure API, not pyplot: no global backend switch, no figure left registered.
         from matplotlib.figure import Figure
     except ImportError as e:
-        raise ImportError("saving attention maps needs matplotlib: pip install "
-                          "'fastlm[eval]' (or matplotlib)") from e  # fmt: skip
+        raise ImportError(
+            "saving attention maps needs matplotlib: pip install 'fastlm[eval]' (or matplotlib)"
+        ) from e
     side = max(4.0, 0.3 * max(sq, sk))
     fig = Figure(figsize=(side * sk / max(sq, sk) + 1.5, side * sq / max(sq, sk)))
     ax = fig.subplots()
-    image = ax.imshow(probs[row, head].detach().float().cpu().numpy(), cmap="viridis", vmin=0.0,
-                      vmax=1.0, aspect="auto")  # fmt: skip
+    image = ax.imshow(
+        probs[row, head].detach().float().cpu().numpy(),
+        cmap="viridis",
+        vmin=0.0,
+        vmax=1.0,
+        aspect="auto",
+    )
     fig.colorbar(image, ax=ax)
     if tokens is not None:
         ax.set_xticks(range(sk), labels=list(tokens), rotation=90, fontsize=8)
@@ -129,8 +145,13 @@ def save_attention_png(maps: Mapping[str, Tensor | Sequence[Tensor]], path: str 
     fig.savefig(os.fspath(path), format="png")
 
 
-def token_losses(model: GPT, tokenizer: Tokenizer, text: str, max_length: int | None = None,
-                 stride: int | None = None) -> list[tuple[str, float | None]]:  # fmt: skip
+def token_losses(
+    model: GPT,
+    tokenizer: Tokenizer,
+    text: str,
+    max_length: int | None = None,
+    stride: int | None = None,
+) -> list[tuple[str, float | None]]:
     """Per-token loss attribution: each token of ``text`` with its NLL (nats) under a causal
     model given the tokens before it, None for the first (it has no context). Texts longer
     than the model's positions are scored in sliding windows as :func:`perplexity` does.
@@ -141,5 +162,7 @@ def token_losses(model: GPT, tokenizer: Tokenizer, text: str, max_length: int | 
     if not ids:
         raise ValueError("text encodes to no tokens")
     (nll,) = causal_token_nlls(model, [ids], max_length, stride)
-    return [(tokenizer.decode([i]), None if math.isnan(v) else v)
-            for i, v in zip(ids, nll.tolist(), strict=True)]  # fmt: skip
+    return [
+        (tokenizer.decode([i]), None if math.isnan(v) else v)
+        for i, v in zip(ids, nll.tolist(), strict=True)
+    ]

@@ -1,7 +1,7 @@
 """Task metrics on plain Python values: classification (accuracy, precision/recall/F1,
-Matthews correlation), question answering (exact match), generated text (BLEU and chrF
-through ``sacrebleu``, ROUGE through ``rouge-score``) and group fairness (demographic parity
-difference).
+Matthews correlation), regression (Pearson and Spearman correlation), question answering
+(exact match), generated text (BLEU and chrF through ``sacrebleu``, ROUGE through
+``rouge-score``) and group fairness (demographic parity difference).
 
 Inputs are sequences of equal, non-zero length; tensors and arrays are accepted and read
 with ``tolist()``. Classification and QA scores are fractions in [0, 1]; BLEU and chrF are
@@ -17,6 +17,9 @@ import string
 from collections import Counter
 from collections.abc import Hashable, Sequence
 from typing import Any
+
+import torch
+from torch import Tensor
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
@@ -85,8 +88,9 @@ def normalize_answer(text: str) -> str:
     return " ".join(_ARTICLES.sub(" ", text).split())
 
 
-def exact_match(predictions: Sequence[str], references: Sequence[str | Sequence[str]],
-                normalize: bool = True) -> float:  # fmt: skip
+def exact_match(
+    predictions: Sequence[str], references: Sequence[str | Sequence[str]], normalize: bool = True
+) -> float:
     """Share of predictions equal to their reference, after ``normalize_answer`` unless
     ``normalize`` is False. A reference may be a list of acceptable answers (SQuAD lists
     several): a prediction matching any of them counts."""
@@ -121,9 +125,12 @@ def _f1(precision: float, recall: float) -> float:
     return _ratio(2 * precision * recall, precision + recall)
 
 
-def precision_recall_f1(predictions: Sequence[Hashable], references: Sequence[Hashable],
-                        average: str = "macro",
-                        positive: Hashable = 1) -> dict[str, float]:  # fmt: skip
+def precision_recall_f1(
+    predictions: Sequence[Hashable],
+    references: Sequence[Hashable],
+    average: str = "macro",
+    positive: Hashable = 1,
+) -> dict[str, float]:
     """Precision, recall and F1 of single-label classification, as ``{"precision",
     "recall", "f1"}``.
 
@@ -191,33 +198,41 @@ def _text_inputs(hypotheses: Any, references: Any) -> tuple[list[str], list[list
     return hypotheses, _reference_lists("references", references)
 
 
-def bleu(hypotheses: Sequence[str], references: Sequence[str | Sequence[str]],
-         tokenize: str = "13a", lowercase: bool = False) -> float:  # fmt: skip
+def bleu(
+    hypotheses: Sequence[str],
+    references: Sequence[str | Sequence[str]],
+    tokenize: str = "13a",
+    lowercase: bool = False,
+) -> float:
     """Corpus BLEU (0-100) of ``hypotheses`` against ``references``: one reference string
     per hypothesis, or a list of references per hypothesis (their counts may differ).
     sacrebleu's defaults (13a tokenization, exponential smoothing), so scores compare with
     published sacrebleu numbers."""
     hypotheses, refs = _text_inputs(hypotheses, references)
     sacrebleu = _require("sacrebleu", "sacrebleu")
-    return sacrebleu.corpus_bleu(hypotheses, _reference_streams(refs), tokenize=tokenize,
-                                 lowercase=lowercase).score  # fmt: skip
+    return sacrebleu.corpus_bleu(
+        hypotheses, _reference_streams(refs), tokenize=tokenize, lowercase=lowercase
+    ).score
 
 
-def chrf(hypotheses: Sequence[str], references: Sequence[str | Sequence[str]],
-         word_order: int = 0) -> float:  # fmt: skip
+def chrf(
+    hypotheses: Sequence[str], references: Sequence[str | Sequence[str]], word_order: int = 0
+) -> float:
     """Corpus chrF (0-100) through sacrebleu; ``word_order=2`` is chrF++. References as in
     ``bleu``."""
     hypotheses, refs = _text_inputs(hypotheses, references)
     if not isinstance(word_order, int) or word_order < 0:
         raise ValueError(f"word_order must be a non-negative int, got {word_order!r}")
     sacrebleu = _require("sacrebleu", "sacrebleu")
-    return sacrebleu.corpus_chrf(hypotheses, _reference_streams(refs),
-                                 word_order=word_order).score  # fmt: skip
+    return sacrebleu.corpus_chrf(hypotheses, _reference_streams(refs), word_order=word_order).score
 
 
-def rouge(predictions: Sequence[str], references: Sequence[str | Sequence[str]],
-          types: Sequence[str] = ("rouge1", "rouge2", "rougeL"),
-          use_stemmer: bool = False) -> dict[str, float]:  # fmt: skip
+def rouge(
+    predictions: Sequence[str],
+    references: Sequence[str | Sequence[str]],
+    types: Sequence[str] = ("rouge1", "rouge2", "rougeL"),
+    use_stemmer: bool = False,
+) -> dict[str, float]:
     """Mean ROUGE F-measure over (prediction, reference) pairs for each of ``types``
     (rouge-score's names: "rouge1".."rouge9", "rougeL", "rougeLsum"), in [0, 1]. With
     several references per prediction, each pair takes the best-scoring one
@@ -240,8 +255,9 @@ def rouge(predictions: Sequence[str], references: Sequence[str | Sequence[str]],
     return {t: total / len(predictions) for t, total in totals.items()}
 
 
-def positive_rates(predictions: Sequence[Hashable], groups: Sequence[Hashable],
-                   positive: Hashable = 1) -> dict[Hashable, float]:  # fmt: skip
+def positive_rates(
+    predictions: Sequence[Hashable], groups: Sequence[Hashable], positive: Hashable = 1
+) -> dict[Hashable, float]:
     """Per group, the share of its members predicted ``positive``."""
     predictions, groups = _pair("predictions", predictions, "groups", groups)
     members = Counter(groups)
@@ -249,9 +265,46 @@ def positive_rates(predictions: Sequence[Hashable], groups: Sequence[Hashable],
     return {g: hits[g] / n for g, n in members.items()}
 
 
-def demographic_parity_difference(predictions: Sequence[Hashable], groups: Sequence[Hashable],
-                                  positive: Hashable = 1) -> float:  # fmt: skip
+def demographic_parity_difference(
+    predictions: Sequence[Hashable], groups: Sequence[Hashable], positive: Hashable = 1
+) -> float:
     """Largest minus smallest positive-prediction rate across groups: 0 when the classifier
     says ``positive`` equally often for every group (a single group gives 0)."""
     rates = positive_rates(predictions, groups, positive).values()
     return max(rates) - min(rates)
+
+
+# -- correlation (regression scores: GLUE's STS-B) ----------------------------------------
+
+
+def pearson(x: Sequence[float] | Tensor, y: Sequence[float] | Tensor) -> float:
+    """Pearson's correlation coefficient (NaN when either side is constant: undefined)."""
+    x, y = torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64)
+    if x.shape != y.shape or x.dim() != 1 or x.numel() < 2:
+        raise ValueError(
+            f"x and y must be 1-D of one length >= 2, got shapes "
+            f"{tuple(x.shape)} and {tuple(y.shape)}"
+        )
+    xc, yc = x - x.mean(), y - y.mean()
+    den = math.sqrt(float((xc * xc).sum()) * float((yc * yc).sum()))
+    return float((xc * yc).sum()) / den if den else math.nan
+
+
+def _average_ranks(x: Tensor) -> Tensor:
+    """Ranks from 0, ties sharing the mean of the ranks they span."""
+    order = torch.argsort(x, stable=True)
+    _, group, counts = torch.unique_consecutive(x[order], return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()
+    ranks = torch.empty_like(x)
+    ranks[order] = (ends - (counts.double() + 1) / 2)[group]
+    return ranks
+
+
+def spearman(x: Sequence[float] | Tensor, y: Sequence[float] | Tensor) -> float:
+    """Spearman's rank correlation: Pearson's on the ranks, ties averaged (as SciPy's)."""
+    x, y = torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64)
+    if x.shape != y.shape or x.dim() != 1:
+        raise ValueError(
+            f"x and y must be 1-D of one length, got shapes {tuple(x.shape)} and {tuple(y.shape)}"
+        )
+    return pearson(_average_ranks(x), _average_ranks(y))

@@ -56,16 +56,19 @@ def _evaluating(model: nn.Module) -> Iterator[None]:
 def _head(model: nn.Module, cls: type, what: str) -> tuple[Tensor, Tensor | None]:
     """The output projection (weight, bias) of a ``cls`` model."""
     if not isinstance(model, cls):
-        raise TypeError(f"model must be a fastlm {cls.__name__} for {what}, "
-                        f"got {type(model).__name__}")  # fmt: skip
+        raise TypeError(
+            f"model must be a fastlm {cls.__name__} for {what}, got {type(model).__name__}"
+        )
     if isinstance(model, GPT):
         weight, bias = model.lm_head.weight, None
     else:
         weight, bias = model.decoder_weight, model.head_bias
-    if getattr(weight, "vocab_parallel", None) is not None:
+    layout = getattr(model, "tp_layout", None)
+    if layout is not None and layout.vocab_parallel:
         # Each rank would score against its own vocabulary shard only.
-        raise ValueError("model: its output layer is split over ranks; evaluate the "
-                         "unparallelized model")  # fmt: skip
+        raise ValueError(
+            "model: its output layer is split over ranks; evaluate the unparallelized model"
+        )
     return weight, bias
 
 
@@ -109,8 +112,9 @@ def _window_sizes(model: GPT, max_length: int | None, stride: int | None) -> tup
         max_length = limit
     check_positive("max_length", max_length)
     if max_length < 2 or max_length > limit:
-        raise ValueError(f"max_length must be in [2, {limit}] (the model's positions), "
-                         f"got {max_length}")  # fmt: skip
+        raise ValueError(
+            f"max_length must be in [2, {limit}] (the model's positions), got {max_length}"
+        )
     if stride is None:
         stride = max_length // 2
     check_positive("stride", stride)
@@ -120,9 +124,13 @@ def _window_sizes(model: GPT, max_length: int | None, stride: int | None) -> tup
     return max_length, stride
 
 
-def causal_token_nlls(model: GPT, sequences: Sequence[Sequence[int]],
-                      max_length: int | None = None, stride: int | None = None,
-                      batch_size: int = 8) -> list[Tensor]:  # fmt: skip
+def causal_token_nlls(
+    model: GPT,
+    sequences: Sequence[Sequence[int]],
+    max_length: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 8,
+) -> list[Tensor]:
     """Per sequence, the NLL (nats, float64, (n,)) of each token given its left context in
     sliding windows (see :func:`perplexity`); NaN at positions not scored (the first token,
     and with ``stride == max_length`` the first token of every window)."""
@@ -146,8 +154,13 @@ def causal_token_nlls(model: GPT, sequences: Sequence[Sequence[int]],
                 target[row, first - begin - 1 : end - begin - 1] = seqs[i][first:end]
             h = model(ids.to(device), return_logits=False).hidden_states[:, :-1]
             keep = target != -100
-            nll = ops.linear_cross_entropy(h[keep.to(device)], weight, target[keep].to(device),
-                                           reduction="none", out_dtype=torch.float32)  # fmt: skip
+            nll = ops.linear_cross_entropy(
+                h[keep.to(device)],
+                weight,
+                target[keep].to(device),
+                reduction="none",
+                out_dtype=torch.float32,
+            )
             nll = nll.double().cpu()
             rows, cols = keep.nonzero(as_tuple=True)
             for row, (i, begin, *_) in enumerate(batch):
@@ -162,16 +175,22 @@ def _encode(
     if tokenizer is None:
         return texts
     if not isinstance(tokenizer, Tokenizer):
-        raise TypeError(f"tokenizer must be a fastlm Tokenizer or None, "
-                        f"got {type(tokenizer).__name__}")  # fmt: skip
+        raise TypeError(
+            f"tokenizer must be a fastlm Tokenizer or None, got {type(tokenizer).__name__}"
+        )
     if isinstance(texts, str):
         raise TypeError("texts must be a sequence of strings, got a single str")
     return tokenizer.encode_batch(texts)
 
 
-def perplexity(model: GPT, tokenizer: Tokenizer | None,
-               texts: Sequence[str] | Sequence[Sequence[int]], max_length: int | None = None,
-               stride: int | None = None, batch_size: int = 8) -> PerplexityResult:  # fmt: skip
+def perplexity(
+    model: GPT,
+    tokenizer: Tokenizer | None,
+    texts: Sequence[str] | Sequence[Sequence[int]],
+    max_length: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 8,
+) -> PerplexityResult:
     """Perplexity of a causal model on ``texts`` (strings encoded by ``tokenizer``, or,
     with ``tokenizer`` None, sequences of token ids), each text scored on its own.
 
@@ -188,9 +207,13 @@ def perplexity(model: GPT, tokenizer: Tokenizer | None,
     return PerplexityResult.of(nlls)
 
 
-def masked_token_nlls(model: BertForMaskedLM, sequences: Sequence[Sequence[int]], mask_id: int,
-                      positions: Sequence[Sequence[int]] | None = None,
-                      batch_size: int = 32) -> list[Tensor]:  # fmt: skip
+def masked_token_nlls(
+    model: BertForMaskedLM,
+    sequences: Sequence[Sequence[int]],
+    mask_id: int,
+    positions: Sequence[Sequence[int]] | None = None,
+    batch_size: int = 32,
+) -> list[Tensor]:
     """Per sequence, the NLL (nats, float64, (n,)) of the token at each of its
     ``positions`` (default: all) given the rest of the sequence, that token replaced by
     ``mask_id``; NaN elsewhere. Sequences are complete model inputs (``<cls>``/``<sep>``
@@ -203,8 +226,9 @@ def masked_token_nlls(model: BertForMaskedLM, sequences: Sequence[Sequence[int]]
     limit = model.config.max_position_embeddings
     for i, s in enumerate(seqs):
         if len(s) > limit:
-            raise ValueError(f"sequences[{i}] has {len(s)} tokens, more than the model's "
-                             f"{limit} positions")  # fmt: skip
+            raise ValueError(
+                f"sequences[{i}] has {len(s)} tokens, more than the model's {limit} positions"
+            )
     if positions is None:
         positions = [range(len(s)) for s in seqs]
     elif len(positions) != len(seqs):
@@ -231,18 +255,26 @@ def masked_token_nlls(model: BertForMaskedLM, sequences: Sequence[Sequence[int]]
             rows = torch.arange(len(batch))
             cols = torch.tensor([p for _, p in batch])
             target = torch.stack([seqs[i][p] for i, p in batch])
-            nll = ops.linear_cross_entropy(h[rows.to(device), cols.to(device)], weight,
-                                           target.to(device), bias, reduction="none",
-                                           out_dtype=torch.float32)  # fmt: skip
+            nll = ops.linear_cross_entropy(
+                h[rows.to(device), cols.to(device)],
+                weight,
+                target.to(device),
+                bias,
+                reduction="none",
+                out_dtype=torch.float32,
+            )
             for (i, p), value in zip(batch, nll.double().cpu(), strict=True):
                 out[i][p] = value
     return out
 
 
-def pseudo_perplexity(model: BertForMaskedLM, tokenizer: Tokenizer | None,
-                      texts: Sequence[str] | Sequence[Sequence[int]],
-                      mask_id: int | None = None,
-                      batch_size: int = 32) -> PerplexityResult:  # fmt: skip
+def pseudo_perplexity(
+    model: BertForMaskedLM,
+    tokenizer: Tokenizer | None,
+    texts: Sequence[str] | Sequence[Sequence[int]],
+    mask_id: int | None = None,
+    batch_size: int = 32,
+) -> PerplexityResult:
     """Pseudo-perplexity of a masked model (Salazar et al. 2020, "Masked Language Model
     Scoring"): exp of the mean over tokens of -log p(token | every other token), each token
     masked in turn.

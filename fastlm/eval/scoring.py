@@ -40,8 +40,10 @@ class Score:
 def check_model(model: nn.Module) -> None:
     """Scoring needs a GPT or a T5: a masked LM (BERT) has no left-to-right likelihood."""
     if not isinstance(getattr(model, "config", None), (GPTConfig, T5Config)):
-        raise ValueError(f"model must be a fastlm GPT or T5 (causal or encoder-decoder LM), got "
-                         f"{type(model).__name__}")  # fmt: skip
+        raise ValueError(
+            f"model must be a fastlm GPT or T5 (causal or encoder-decoder LM), got "
+            f"{type(model).__name__}"
+        )
 
 
 def context_limit(model: nn.Module) -> int | None:
@@ -88,23 +90,32 @@ def _pad(
     return ids.to(device), mask.to(device), offsets
 
 
-def _check_requests(requests: Sequence[tuple[Sequence[int], Sequence[int]]], gpt: bool,
-                    limit: int | None) -> None:  # fmt: skip
+def _check_requests(
+    requests: Sequence[tuple[Sequence[int], Sequence[int]]], gpt: bool, limit: int | None
+) -> None:
     for i, (ctx, cont) in enumerate(requests):
         if not cont:
             raise ValueError(f"requests[{i}] has an empty continuation")
         if gpt and not ctx:
-            raise ValueError(f"requests[{i}] has an empty context: a causal model needs at least "
-                             "one token to predict the first continuation token from")  # fmt: skip
+            raise ValueError(
+                f"requests[{i}] has an empty context: a causal model needs at least "
+                "one token to predict the first continuation token from"
+            )
         if limit is not None and len(cont) > limit:
-            raise ValueError(f"requests[{i}]: its continuation ({len(cont)} tokens) exceeds the "
-                             f"model's {limit}-token context")  # fmt: skip
+            raise ValueError(
+                f"requests[{i}]: its continuation ({len(cont)} tokens) exceeds the "
+                f"model's {limit}-token context"
+            )
 
 
 @torch.no_grad()
-def score(model: nn.Module, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
-          batch_size: int = 8, padding: str = "right",
-          progress: bool = False) -> list[Score]:  # fmt: skip
+def score(
+    model: nn.Module,
+    requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+    batch_size: int = 8,
+    padding: str = "right",
+    progress: bool = False,
+) -> list[Score]:
     """The log-likelihood of each ``(context_ids, continuation_ids)`` request, in order.
 
     GPT: the continuation's tokens are predicted from the context and the continuation's
@@ -129,12 +140,16 @@ def score(model: nn.Module, requests: Sequence[tuple[Sequence[int], Sequence[int
     was_training = model.training
     model.eval()
     try:
-        for start in tqdm(range(0, len(order), batch_size), desc="scoring", unit="batch",
-                          disable=not progress):  # fmt: skip
+        for start in tqdm(
+            range(0, len(order), batch_size), desc="scoring", unit="batch", disable=not progress
+        ):
             chunk = order[start : start + batch_size]
             batch = [requests[i] for i in chunk]
-            scores = (_score_gpt(model, batch, padding, device, limit) if gpt
-                      else _score_t5(model, batch, padding, device))  # fmt: skip
+            scores = (
+                _score_gpt(model, batch, padding, device, limit)
+                if gpt
+                else _score_t5(model, batch, padding, device)
+            )
             for i, s in zip(chunk, scores, strict=True):
                 out[i] = s
     finally:
@@ -142,8 +157,15 @@ def score(model: nn.Module, requests: Sequence[tuple[Sequence[int], Sequence[int
     return out
 
 
-def _gather(model: nn.Module, hidden: Tensor, rows: list[int], cols: list[int],
-            targets: list[int], sizes: list[int], scale: float = 1.0) -> list[Score]:  # fmt: skip
+def _gather(
+    model: nn.Module,
+    hidden: Tensor,
+    rows: list[int],
+    cols: list[int],
+    targets: list[int],
+    sizes: list[int],
+    scale: float = 1.0,
+) -> list[Score]:
     """Scores from the hidden states (B, S, hidden) at the positions that predict each
     continuation token: logits only where needed, not (B, S, vocab)."""
     device = hidden.device
@@ -152,14 +174,17 @@ def _gather(model: nn.Module, hidden: Tensor, rows: list[int], cols: list[int],
     target = torch.tensor(targets, device=device)
     logprobs = logits.log_softmax(-1).gather(1, target[:, None])[:, 0]
     hits = logits.argmax(-1) == target
-    request = torch.repeat_interleave(torch.arange(len(sizes), device=device),
-                                      torch.tensor(sizes, device=device))  # fmt: skip
+    request = torch.repeat_interleave(
+        torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device)
+    )
     sums = torch.zeros(len(sizes), dtype=torch.float64, device=device)
     sums.index_add_(0, request, logprobs.double())
     misses = torch.zeros(len(sizes), dtype=torch.long, device=device)
     misses.index_add_(0, request, (~hits).long())
-    return [Score(float(s), int(m) == 0, n) for s, m, n in zip(sums.tolist(), misses.tolist(),
-                                                                sizes, strict=True)]  # fmt: skip
+    return [
+        Score(float(s), int(m) == 0, n)
+        for s, m, n in zip(sums.tolist(), misses.tolist(), sizes, strict=True)
+    ]
 
 
 def _score_gpt(model, requests, padding, device, limit) -> list[Score]:
@@ -184,10 +209,12 @@ def _score_gpt(model, requests, padding, device, limit) -> list[Score]:
 def _score_t5(model, requests, padding, device) -> list[Score]:
     c = model.config
     enc, enc_mask, _ = _pad([[*ctx, c.eos_token_id] for ctx, _ in requests], padding, device)
-    dec, dec_mask, offsets = _pad([[c.decoder_start_token_id, *cont[:-1]] for _, cont in requests],
-                                  padding, device)  # fmt: skip
-    hidden = model(enc, enc_mask, decoder_input_ids=dec, decoder_attention_mask=dec_mask,
-                   return_logits=False).hidden_states  # fmt: skip
+    dec, dec_mask, offsets = _pad(
+        [[c.decoder_start_token_id, *cont[:-1]] for _, cont in requests], padding, device
+    )
+    hidden = model(
+        enc, enc_mask, decoder_input_ids=dec, decoder_attention_mask=dec_mask, return_logits=False
+    ).hidden_states
     r, cols, t, sizes = [], [], [], []
     for b, ((_, cont), offset) in enumerate(zip(requests, offsets, strict=True)):
         r += [b] * len(cont)
@@ -216,13 +243,23 @@ def rolling_windows(
 
 
 @torch.no_grad()
-def generate_until(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[str],
-                   max_new_tokens: int, stop: Sequence[str] = ("\n",), batch_size: int = 8,
-                   do_sample: bool = False, temperature: float = 1.0,
-                   progress: bool = False) -> list[str]:  # fmt: skip
+def generate_until(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    stop: Sequence[str] = ("\n",),
+    batch_size: int = 8,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    progress: bool = False,
+) -> list[str]:
     """The text each model writes after each prompt (GPT: continuing it; T5: its decoder
     answering the encoded prompt), greedy unless ``do_sample``, up to ``max_new_tokens``
-    tokens, cut before EOS and before the first of the ``stop`` strings.
+    tokens, cut before EOS and before the first of the ``stop`` strings. Special tokens
+    (padding, T5 sentinels, ...) are left out of the text, as Hugging Face's
+    ``decode(skip_special_tokens=True)`` and lm-eval's ``hf`` models leave them out: an
+    answer is compared as text, and the same tokens must give the same string.
 
     Every row of a batch runs ``max_new_tokens`` steps unless all emit EOS: ``generate``
     knows token ids, not stop strings. A GPT prompt longer than its context minus
@@ -234,31 +271,41 @@ def generate_until(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[str
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     eos = tokenizer.require("<|endoftext|>", "generation (the end of an answer)")
+    special = tokenizer.special_ids
     gpt = isinstance(model.config, GPTConfig)
     room = None
     if gpt:
         room = context_limit(model) - max_new_tokens
         if room < 1:
-            raise ValueError(f"max_new_tokens ({max_new_tokens}) leaves no room for a prompt in "
-                             f"the model's {context_limit(model)}-token context")  # fmt: skip
+            raise ValueError(
+                f"max_new_tokens ({max_new_tokens}) leaves no room for a prompt in "
+                f"the model's {context_limit(model)}-token context"
+            )
     device = next(model.parameters()).device
     encoded = []
     for ids in tokenizer.encode_batch(list(prompts)):
         encoded.append((ids or [eos])[-room:] if gpt else [*ids, eos])
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     texts: list[str | None] = [None] * len(encoded)
-    for start in tqdm(range(0, len(order), batch_size), desc="generating", unit="batch",
-                      disable=not progress):  # fmt: skip
+    for start in tqdm(
+        range(0, len(order), batch_size), desc="generating", unit="batch", disable=not progress
+    ):
         chunk = order[start : start + batch_size]
         # Left padding: every prompt ends at the last column, where generation continues.
         ids, mask, _ = _pad([encoded[i] for i in chunk], "left", device)
-        out = model.generate(ids, max_new_tokens, do_sample=do_sample, temperature=temperature,
-                             eos_token_id=eos, attention_mask=mask)  # fmt: skip
+        out = model.generate(
+            ids,
+            max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            eos_token_id=eos,
+            attention_mask=mask,
+        )
         new = out[:, ids.shape[1] :] if gpt else out[:, 1:]  # T5: after the start token
         for i, row in zip(chunk, new.tolist(), strict=True):
             if eos in row:
                 row = row[: row.index(eos)]
-            text = tokenizer.decode(row)
+            text = tokenizer.decode([t for t in row if t not in special])
             for s in stop:
                 if s and s in text:
                     text = text[: text.index(s)]

@@ -83,8 +83,9 @@ class _MMLU:
         _text(r, "question")
         choices = r["choices"]
         if not isinstance(choices, list) or not 2 <= len(choices) <= len(_LETTERS):
-            raise ValueError(f"field 'choices' must be a list of 2 to {len(_LETTERS)} strings, "
-                             f"got {choices!r}")  # fmt: skip
+            raise ValueError(
+                f"field 'choices' must be a list of 2 to {len(_LETTERS)} strings, got {choices!r}"
+            )
         if not all(isinstance(c, str) for c in choices):
             raise ValueError(f"field 'choices' must hold strings, got {choices!r}")
         if "subject" in r:
@@ -97,8 +98,10 @@ class _MMLU:
             return answer
         if isinstance(answer, str) and len(answer) == 1 and answer in _LETTERS[:n]:
             return _LETTERS.index(answer)
-        raise ValueError(f"field 'answer' must be a choice index 0..{n - 1} or a letter "
-                         f"{_LETTERS[0]}..{_LETTERS[n - 1]}, got {answer!r}")  # fmt: skip
+        raise ValueError(
+            f"field 'answer' must be a choice index 0..{n - 1} or a letter "
+            f"{_LETTERS[0]}..{_LETTERS[n - 1]}, got {answer!r}"
+        )
 
     def _header(self, r: dict) -> str:
         if "subject" not in r:
@@ -129,8 +132,7 @@ class _WinoGrande:
         if sentence.count("_") != 1:
             raise ValueError(f"field 'sentence' must hold one '_' blank, got {sentence!r}")
         if not sentence[sentence.index("_") + 1 :].strip():
-            raise ValueError(f"field 'sentence' has nothing after its blank to score: "
-                             f"{sentence!r}")  # fmt: skip
+            raise ValueError(f"field 'sentence' has nothing after its blank to score: {sentence!r}")
         self.gold(r)
 
     def gold(self, r: dict) -> int:
@@ -173,8 +175,10 @@ def detect_format(record: dict) -> str:
         return found[0]
     expected = "; ".join(f"{name}: {', '.join(f.fields)}" for name, f in FORMATS.items())
     what = f"fields of {' and '.join(found)}" if found else "no known set of fields"
-    raise ValueError(f"cannot tell the task format: the first example has {what} (keys "
-                     f"{sorted(record)}); expected {expected}; or name the format")  # fmt: skip
+    raise ValueError(
+        f"cannot tell the task format: the first example has {what} (keys "
+        f"{sorted(record)}); expected {expected}; or name the format"
+    )
 
 
 def load_task(path: str | Path, format: str | None = None) -> Task:
@@ -193,8 +197,7 @@ def load_task(path: str | Path, format: str | None = None) -> Task:
             spec = FORMATS[format]
             missing = [k for k in spec.fields if k not in record]
             if missing:
-                raise ValueError(f"missing {', '.join(map(repr, missing))} for the "
-                                 f"{format} format")  # fmt: skip
+                raise ValueError(f"missing {', '.join(map(repr, missing))} for the {format} format")
             spec.check(record)
         except ValueError as e:
             raise ValueError(f"{path}, line {line}: {e}") from None
@@ -204,8 +207,9 @@ def load_task(path: str | Path, format: str | None = None) -> Task:
     return Task(path, format, examples)
 
 
-def split_dev(task: Task, dev: Task | None, shots: int,
-              seed: int) -> tuple[list[Example], list[Example]]:  # fmt: skip
+def split_dev(
+    task: Task, dev: Task | None, shots: int, seed: int
+) -> tuple[list[Example], list[Example]]:
     """The examples to score and the dev pool to draw demonstrations from: all of ``task``
     and ``dev``'s examples, or, without ``dev``, ``shots`` examples of ``task`` held out
     (chosen with ``seed``) and the rest."""
@@ -215,12 +219,15 @@ def split_dev(task: Task, dev: Task | None, shots: int,
         if dev.format != task.format:
             raise ValueError(f"dev split {dev.path} is {dev.format} but the task is {task.format}")
         if shots > len(dev.examples):
-            raise ValueError(f"{shots} shots exceed the {len(dev.examples)} examples of the dev "
-                             f"split {dev.path}")  # fmt: skip
+            raise ValueError(
+                f"{shots} shots exceed the {len(dev.examples)} examples of the dev split {dev.path}"
+            )
         return task.examples, dev.examples
     if shots >= len(task.examples):
-        raise ValueError(f"{shots} shots held out of the {len(task.examples)} examples of "
-                         f"{task.path} leave none to score; give a dev split")  # fmt: skip
+        raise ValueError(
+            f"{shots} shots held out of the {len(task.examples)} examples of "
+            f"{task.path} leave none to score; give a dev split"
+        )
     held = set(random.Random(seed).sample(range(len(task.examples)), shots))
     scored = [e for i, e in enumerate(task.examples) if i not in held]
     return scored, [e for i, e in enumerate(task.examples) if i in held]
@@ -231,8 +238,10 @@ def draw_demos(example: Example, pool: Sequence[Example], shots: int, seed: int)
     fixed by ``seed`` and the example's line number."""
     candidates = [d for d in pool if d.record != example.record]
     if shots > len(candidates):
-        raise ValueError(f"{shots} shots, but only {len(candidates)} dev examples differ from "
-                         f"the one on line {example.line}")  # fmt: skip
+        raise ValueError(
+            f"{shots} shots, but only {len(candidates)} dev examples differ from "
+            f"the one on line {example.line}"
+        )
     return random.Random(f"{seed}/{example.line}").sample(candidates, shots)
 
 
@@ -244,10 +253,18 @@ def requests(format: str, example: Example, demos: Sequence[Example]) -> list[tu
     return spec.requests(example.record, prefix)
 
 
-def evaluate(model: nn.Module, tokenizer: Tokenizer, task: Task, dev: Task | None = None,
-             shots: int = 0, seed: int = 0, batch_size: int = 8, limit: int | None = None,
-             max_new_tokens: int = 32,
-             progress: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]]]:  # fmt: skip
+def evaluate(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    task: Task,
+    dev: Task | None = None,
+    shots: int = 0,
+    seed: int = 0,
+    batch_size: int = 8,
+    limit: int | None = None,
+    max_new_tokens: int = 32,
+    progress: bool = False,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Evaluate ``model`` (a GPT or T5) on ``task`` with ``shots`` demonstrations per example,
     on the first ``limit`` examples to score (all when None).
 
@@ -263,14 +280,20 @@ def evaluate(model: nn.Module, tokenizer: Tokenizer, task: Task, dev: Task | Non
     scored = scored[:limit]
     demos = [draw_demos(e, pool, shots, seed) for e in scored]
     texts = [requests(task.format, e, d) for e, d in zip(scored, demos, strict=True)]
-    results: dict[str, Any] = {"format": task.format, "n": len(scored), "shots": shots,
-                               "seed": seed}  # fmt: skip
-    records = [{"line": e.line, "demos": [d.line for d in ds]}
-               for e, ds in zip(scored, demos, strict=True)]  # fmt: skip
+    results: dict[str, Any] = {
+        "format": task.format,
+        "n": len(scored),
+        "shots": shots,
+        "seed": seed,
+    }
+    records = [
+        {"line": e.line, "demos": [d.line for d in ds]} for e, ds in zip(scored, demos, strict=True)
+    ]
     if task.format == "bbh":
         prompts = [t[0][0] for t in texts]
-        outputs = generate_until(model, tokenizer, prompts, max_new_tokens, ("\n",),
-                                 batch_size, progress=progress)  # fmt: skip
+        outputs = generate_until(
+            model, tokenizer, prompts, max_new_tokens, ("\n",), batch_size, progress=progress
+        )
         predictions = [o.strip() for o in outputs]
         targets = [e.record["target"].strip() for e in scored]
         results["exact_match"] = metrics.exact_match(predictions, targets, normalize=False)
@@ -289,8 +312,13 @@ def evaluate(model: nn.Module, tokenizer: Tokenizer, task: Task, dev: Task | Non
         golds.append(gold)
         preds.append(pred)
         preds_norm.append(pred_norm)
-        record.update(gold=gold, loglikelihoods=lls, prediction=pred, prediction_norm=pred_norm,
-                      correct=pred == gold)  # fmt: skip
+        record.update(
+            gold=gold,
+            loglikelihoods=lls,
+            prediction=pred,
+            prediction_norm=pred_norm,
+            correct=pred == gold,
+        )
     results["accuracy"] = metrics.accuracy(preds, golds)
     results["acc_norm"] = metrics.accuracy(preds_norm, golds)
     return results, records

@@ -12,8 +12,14 @@ import torch
 from torch import Tensor
 
 
-def next_tokens(logits: Tensor, do_sample: bool, temperature: float, top_k: int | None,
-                top_p: float | None, generator: torch.Generator | None) -> Tensor:  # fmt: skip
+def next_tokens(
+    logits: Tensor,
+    do_sample: bool,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
+) -> Tensor:
     """The next token per row of ``logits`` (B, V): argmax, or a sample from the
     temperature-scaled distribution restricted to the ``top_k`` most likely tokens and to the
     smallest set whose probability reaches ``top_p``."""
@@ -34,8 +40,14 @@ def next_tokens(logits: Tensor, do_sample: bool, temperature: float, top_k: int 
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _check(input_ids: Tensor, max_new_tokens: int, temperature: float, top_k: int | None,
-           top_p: float | None, attention_mask: Tensor | None) -> None:  # fmt: skip
+def _check(
+    input_ids: Tensor,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    attention_mask: Tensor | None,
+) -> None:
     if (
         not isinstance(input_ids, Tensor)
         or input_ids.dim() != 2
@@ -54,22 +66,38 @@ def _check(input_ids: Tensor, max_new_tokens: int, temperature: float, top_k: in
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
     if attention_mask is not None:
         if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} differs from "
-                             f"input_ids {tuple(input_ids.shape)}")  # fmt: skip
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} differs from "
+                f"input_ids {tuple(input_ids.shape)}"
+            )
         if bool((attention_mask.sum(1) == 0).any()):
             raise ValueError("attention_mask has a row without tokens")
 
 
 class GenerationMixin:
     """``generate`` for the models; each family implements ``_decode(prompt, lengths,
-    max_new_tokens, select, stop)``."""
+    max_new_tokens, select, stop)``, and one with a fixed number of positions
+    ``position_limit``."""
+
+    def position_limit(self) -> int | None:
+        """The most tokens a sequence may hold (prompt and new ones together), or None
+        when positions are unbounded (relative or rotary)."""
+        return None
 
     @torch.no_grad()
-    def generate(self, input_ids: Tensor, max_new_tokens: int, do_sample: bool = False,
-                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 eos_token_id: int | None = None, attention_mask: Tensor | None = None,
-                 pad_token_id: int | None = None,
-                 generator: torch.Generator | None = None) -> Tensor:  # fmt: skip
+    def generate(
+        self,
+        input_ids: Tensor,
+        max_new_tokens: int,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | None = None,
+        attention_mask: Tensor | None = None,
+        pad_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
         """Generate up to ``max_new_tokens`` per row after ``input_ids`` (B, S).
 
         ``attention_mask`` (B, S): 1 for tokens, 0 for padding (left or right). Greedy unless
@@ -79,18 +107,40 @@ class GenerationMixin:
         (default: the EOS id), and generation stops when every row is finished.
 
         Returns, for decoder-only models, (B, S + n) with the prompt as given; for T5, the
-        decoder sequences (B, 1 + n) starting with the decoder start token.
+        decoder sequences (B, 1 + n) starting with the decoder start token. A model with
+        learned positions refuses a prompt and ``max_new_tokens`` longer than them.
         """
         _check(input_ids, max_new_tokens, temperature, top_k, top_p, attention_mask)
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        limit = self.position_limit()
+        if limit is not None:
+            # The prefill runs the padded prompt at positions 0..S-1; each row's new tokens
+            # follow its own tokens.
+            longest, width = int(mask.sum(1).max()), input_ids.shape[1]
+            if width > limit:
+                padded = f" ({longest} without padding)" if longest < width else ""
+                raise ValueError(
+                    f"the prompt holds {width} tokens{padded}, more than the model's {limit} "
+                    f"positions (max_position_embeddings)"
+                )
+            if longest + max_new_tokens > limit:
+                raise ValueError(
+                    f"the prompt's {longest} tokens and max_new_tokens {max_new_tokens} "
+                    f"exceed the model's {limit} positions (max_position_embeddings): at most "
+                    f"{limit - longest} new tokens fit"
+                )
         pad = eos_token_id if pad_token_id is None else pad_token_id
         was_training = self.training
         self.eval()
         try:
-            return self._decode(input_ids, mask.bool(), max_new_tokens,
-                                lambda logits: next_tokens(logits, do_sample, temperature, top_k,
-                                                           top_p, generator),
-                                eos_token_id, 0 if pad is None else pad)  # fmt: skip
+            return self._decode(
+                input_ids,
+                mask.bool(),
+                max_new_tokens,
+                lambda logits: next_tokens(logits, do_sample, temperature, top_k, top_p, generator),
+                eos_token_id,
+                0 if pad is None else pad,
+            )
         finally:
             self.train(was_training)
 
@@ -101,8 +151,9 @@ def left_align(input_ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     return input_ids.gather(1, order), mask.sum(1)
 
 
-def decode_loop(first_logits: Tensor, max_new_tokens: int, select, step, eos: int | None,
-                pad: int) -> Tensor:  # fmt: skip
+def decode_loop(
+    first_logits: Tensor, max_new_tokens: int, select, step, eos: int | None, pad: int
+) -> Tensor:
     """Pick tokens until ``max_new_tokens`` or every row has emitted ``eos``; ``step(tokens
     (B,), i)`` feeds token i and returns the next logits. Returns (B, n) new tokens."""
     logits, out = first_logits, []

@@ -9,6 +9,7 @@ KV cache), fused norms, fused/gated MLPs, rotary, and the fused linear cross-ent
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 import torch.nn.functional as F
@@ -19,15 +20,14 @@ from fastlm.models.layers import (
     Attention,
     KVCache,
     ModelOutput,
+    VocabProjection,
     check_positive,
     check_probability,
     init_weights,
     lm_loss,
-    logits_of,
     make_mlp,
     make_norm,
     padding_bias,
-    run_blocks,
 )
 from fastlm.nn import RotaryEmbedding
 from fastlm.ops.activation import check_activation
@@ -56,8 +56,13 @@ class GPTConfig:
     head_dim: int = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads",
-                     "max_position_embeddings"):  # fmt: skip
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "max_position_embeddings",
+        ):
             check_positive(name, getattr(self, name))
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
@@ -66,11 +71,13 @@ class GPTConfig:
         check_positive("num_kv_heads", self.num_kv_heads)
         check_positive("intermediate_size", self.intermediate_size)
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads "
-                             f"{self.num_heads}")  # fmt: skip
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+            )
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_kv_heads {self.num_kv_heads} does not divide num_heads "
-                             f"{self.num_heads}")  # fmt: skip
+            raise ValueError(
+                f"num_kv_heads {self.num_kv_heads} does not divide num_heads {self.num_heads}"
+            )
         check_activation(self.activation)
         if self.norm not in ("layernorm", "rmsnorm"):
             raise ValueError(f"norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}")
@@ -85,17 +92,36 @@ class Block(nn.Module):
         super().__init__()
         c = config
         self.norm1 = make_norm(c.norm, c.hidden_size, c.norm_eps)
-        self.attn = Attention(c.hidden_size, c.num_heads, c.head_dim, c.num_kv_heads,
-                              c.attention_bias, c.dropout, rotary=rotary)  # fmt: skip
+        self.attn = Attention(
+            c.hidden_size,
+            c.num_heads,
+            c.head_dim,
+            num_kv_heads=c.num_kv_heads,
+            bias=c.attention_bias,
+            dropout=c.dropout,
+            rotary=rotary,
+        )
         self.norm2 = make_norm(c.norm, c.hidden_size, c.norm_eps)
-        self.mlp = make_mlp(c.hidden_size, c.intermediate_size, c.activation, c.gated_mlp,
-                            c.mlp_bias, 0.0)  # fmt: skip
+        self.mlp = make_mlp(
+            c.hidden_size,
+            c.intermediate_size,
+            c.activation,
+            gated=c.gated_mlp,
+            bias=c.mlp_bias,
+            dropout=0.0,
+        )
         self.dropout = c.dropout
 
-    def forward(self, h: Tensor, bias: Tensor | None, position_ids: Tensor | None,
-                cache: KVCache | None = None) -> Tensor:  # fmt: skip
+    def forward(
+        self,
+        h: Tensor,
+        bias: Tensor | None,
+        position_ids: Tensor | None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
         p = self.dropout if self.training else 0.0
-        a = self.attn(self.norm1(h), bias, True, position_ids, cache=cache)  # (B, S, hidden)
+        x = self.norm1(h)
+        a = self.attn(x, bias=bias, causal=True, position_ids=position_ids, cache=cache)
         x, h = self.norm2(F.dropout(a, p, self.training), residual=h)  # h += a; x = norm(h)
         return h + F.dropout(self.mlp(x), p, self.training)
 
@@ -106,34 +132,68 @@ class GPT(GenerationMixin, nn.Module):
     padding; labels (B, S) are the input ids themselves (shifted inside, -100 ignored), as in
     Hugging Face causal LMs. Returns :class:`ModelOutput`: with labels, the mean loss from
     the fused linear cross-entropy, and no logits unless ``return_logits=True``.
+
+    Freshly built, it starts where its reference does: as Hugging Face's GPT2LMHeadModel
+    (residual output projections scaled by 1 / sqrt(2 x layers)) with learned positions, as
+    its LlamaForCausalLM with rotary ones.
     """
+
+    # How fastlm.parallel may cut it (module names, "*" one part of a name; anything not
+    # named stays whole on every rank), and the stacks of blocks (sequence parallelism and
+    # activation checkpointing act on them).
+    tp_plan = {
+        "blocks.*.attn": "attention",
+        "blocks.*.mlp": "mlp",
+        "tok_emb": "vocab_embedding",
+        "lm_head": "vocab_head",
+        "to_vocab": "vocab_projection",
+    }
+    block_stacks = ("blocks",)
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         c = self.config = config
         self.tok_emb = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.pos_emb = (nn.Embedding(c.max_position_embeddings, c.hidden_size)
-                        if c.position == "learned" else None)  # fmt: skip
+        self.pos_emb = (
+            nn.Embedding(c.max_position_embeddings, c.hidden_size)
+            if c.position == "learned"
+            else None
+        )
         # One rotary module (its cos/sin cache) shared by every layer.
-        rotary = (RotaryEmbedding(c.head_dim, c.max_position_embeddings, c.rope_theta)
-                  if c.position == "rotary" else None)  # fmt: skip
+        rotary = (
+            RotaryEmbedding(c.head_dim, c.max_position_embeddings, c.rope_theta)
+            if c.position == "rotary"
+            else None
+        )
         self.blocks = nn.ModuleList(Block(c, rotary) for _ in range(c.num_layers))
         self.norm_f = make_norm(c.norm, c.hidden_size, c.norm_eps)
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
-        init_weights(self, c.initializer_range)
+        self.to_vocab = VocabProjection()
+        self._init_weights()
         if c.tie_word_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        self.checkpoint_every = 0
 
-    def set_checkpointing(self, every: int) -> None:
-        """Recompute every ``every``-th block's activations in the backward (0: none)."""
-        if not isinstance(every, int) or every < 0:
-            raise ValueError(f"every must be a non-negative int, got {every!r}")
-        self.checkpoint_every = every
+    def _init_weights(self) -> None:
+        c = self.config
+        init_weights(self, c.initializer_range)
+        if c.position == "rotary":  # Llama: every weight at initializer_range
+            return
+        # GPT-2 (as nanoGPT and Megatron): each block adds two branches to the residual
+        # stream, 2 x layers in all; their output projections start at std / sqrt(2 x layers)
+        # so that the stream's variance at initialization does not grow with depth.
+        std = c.initializer_range / math.sqrt(2 * c.num_layers)
+        for block in self.blocks:
+            mlp_out = block.mlp.down_proj if c.gated_mlp else block.mlp.fc2
+            for linear in (block.attn.o, mlp_out):
+                nn.init.normal_(linear.weight, std=std)
 
-    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                      position_ids: Tensor | None = None,
-                      caches: list[KVCache] | None = None) -> Tensor:  # fmt: skip
+    def hidden_states(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        caches: list[KVCache] | None = None,
+    ) -> Tensor:
         """The final-norm hidden states (B, S, hidden)."""
         b, s = input_ids.shape
         if position_ids is None:
@@ -143,29 +203,38 @@ class GPT(GenerationMixin, nn.Module):
             h = h + self.pos_emb(position_ids)
         h = F.dropout(h, self.config.dropout if self.training else 0.0, self.training)
         bias = padding_bias(attention_mask, h.dtype) if caches is None else None
-        if caches is not None:
-            for block, cache in zip(self.blocks, caches, strict=True):
-                h = block(h, None, position_ids, cache)
-        else:
-            h = run_blocks(self.blocks, self.checkpoint_every, self.training, h, bias,
-                           position_ids)  # fmt: skip
+        if caches is None:
+            caches = [None] * len(self.blocks)
+        for block, cache in zip(self.blocks, caches, strict=True):
+            h = block(h, bias=bias, position_ids=position_ids, cache=cache)
         return self.norm_f(h)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                labels: Tensor | None = None, position_ids: Tensor | None = None,
-                return_logits: bool | None = None) -> ModelOutput:  # fmt: skip
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        return_logits: bool | None = None,
+    ) -> ModelOutput:
         h = self.hidden_states(input_ids, attention_mask, position_ids)
         loss = None
         if labels is not None:
-            loss = lm_loss(h[:, :-1], self.lm_head.weight, labels[:, 1:])
+            loss = lm_loss(self.to_vocab, h[:, :-1], labels[:, 1:], self.lm_head.weight)
         want_logits = labels is None if return_logits is None else return_logits
-        logits = logits_of(h, self.lm_head.weight) if want_logits else None
+        logits = self.to_vocab.logits(h, self.lm_head.weight) if want_logits else None
         return ModelOutput(logits=logits, loss=loss, hidden_states=h)
+
+    def position_limit(self) -> int | None:
+        # Rotary positions extend past max_position_embeddings; learned ones end there.
+        return self.config.max_position_embeddings if self.pos_emb is not None else None
 
     def new_caches(self, batch: int, max_len: int, like: Tensor) -> list[KVCache]:
         # Each layer's own head count: a tensor-parallel rank holds some of the heads.
-        return [KVCache.empty(batch, max_len, b.attn.num_kv_heads, b.attn.head_dim, like)
-                for b in self.blocks]  # fmt: skip
+        return [
+            KVCache.empty(batch, max_len, b.attn.num_kv_heads, b.attn.head_dim, like)
+            for b in self.blocks
+        ]
 
     def _decode(self, input_ids, mask, max_new_tokens, select, eos, pad) -> Tensor:
         b, s = input_ids.shape
@@ -175,12 +244,12 @@ class GPT(GenerationMixin, nn.Module):
         for cache in caches:  # the right-padding tail is beyond each length: overwritten
             cache.lengths.copy_(lengths)
         rows = torch.arange(b, device=input_ids.device)
-        first = logits_of(h[rows, lengths - 1], self.lm_head.weight)
+        first = self.to_vocab.logits(h[rows, lengths - 1], self.lm_head.weight)
 
         def step(token: Tensor, i: int) -> Tensor:
             positions = (lengths + i)[:, None]
             h = self.hidden_states(token[:, None], position_ids=positions, caches=caches)
-            return logits_of(h[:, -1], self.lm_head.weight)
+            return self.to_vocab.logits(h[:, -1], self.lm_head.weight)
 
         new = decode_loop(first, max_new_tokens, select, step, eos, pad)
         return torch.cat([input_ids, new.to(input_ids.dtype)], dim=1)

@@ -1,5 +1,5 @@
 """What every model family shares: attention with its KV cache, the MLP choice, masks, the
-output container and per-block activation checkpointing."""
+output container and the projection onto the vocabulary."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import dataclasses
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from fastlm import ops
@@ -53,8 +52,9 @@ def make_norm(kind: str, size: int, eps: float) -> nn.Module:
     raise ValueError(f"norm must be 'layernorm' or 'rmsnorm', got {kind!r}")
 
 
-def make_mlp(hidden: int, intermediate: int, activation: str, gated: bool, bias: bool,
-             dropout: float) -> nn.Module:  # fmt: skip
+def make_mlp(
+    hidden: int, intermediate: int, activation: str, gated: bool, bias: bool, dropout: float
+) -> nn.Module:
     if gated:
         return GatedMLP(hidden, intermediate, activation, bias=bias)
     return FusedMLP(hidden, intermediate, activation=activation, bias=bias, dropout=dropout)
@@ -69,8 +69,7 @@ def padding_bias(attention_mask: Tensor | None, dtype: torch.dtype) -> Tensor | 
         raise ValueError(
             f"attention_mask must be (batch, seqlen), got {tuple(attention_mask.shape)}"
         )
-    bias = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
-    return bias.masked_fill_(attention_mask == 0, float("-inf"))[:, None, None, :]
+    return ops.masks.additive_mask(attention_mask != 0, dtype)[:, None, None, :]
 
 
 def merge_bias(*biases: Tensor | None) -> Tensor | None:
@@ -95,8 +94,11 @@ class KVCache:
     @classmethod
     def empty(cls, batch: int, max_len: int, kv_heads: int, head_dim: int, like: Tensor):
         shape = (batch, max_len, kv_heads, head_dim)
-        return cls(like.new_zeros(shape), like.new_zeros(shape),
-                   torch.zeros(batch, dtype=torch.int32, device=like.device))  # fmt: skip
+        return cls(
+            like.new_zeros(shape),
+            like.new_zeros(shape),
+            torch.zeros(batch, dtype=torch.int32, device=like.device),
+        )
 
 
 class Attention(nn.Module):
@@ -115,9 +117,18 @@ class Attention(nn.Module):
     it). Slower and O(S^2) in memory, for inspection only; no KV cache.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, num_kv_heads: int,
-                 bias: bool, dropout: float = 0.0, softmax_scale: float | None = None,
-                 rotary: RotaryEmbedding | None = None, cross: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        head_dim: int,
+        num_kv_heads: int,
+        bias: bool,
+        dropout: float = 0.0,
+        softmax_scale: float | None = None,
+        rotary: RotaryEmbedding | None = None,
+        cross: bool = False,
+    ) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         q_out, kv_out = num_heads * head_dim, 2 * num_kv_heads * head_dim
@@ -139,10 +150,16 @@ class Attention(nn.Module):
         kv = self.kv(context).view(b, s, 2, self.num_kv_heads, self.head_dim)
         return kv[:, :, 0], kv[:, :, 1]
 
-    def forward(self, x: Tensor, bias: Tensor | None = None, causal: bool = False,
-                position_ids: Tensor | None = None, context: Tensor | None = None,
-                context_kv: tuple[Tensor, Tensor] | None = None,
-                cache: KVCache | None = None) -> Tensor:  # fmt: skip
+    def forward(
+        self,
+        x: Tensor,
+        bias: Tensor | None = None,
+        causal: bool = False,
+        position_ids: Tensor | None = None,
+        context: Tensor | None = None,
+        context_kv: tuple[Tensor, Tensor] | None = None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
         """x: (B, S, hidden). ``bias`` broadcasts to (B, H, S, S_k). Self-attention rotates
         q and k at ``position_ids`` (B, S) when the layer has rotary embeddings. With a
         ``cache``, x holds new tokens that extend each sequence's cache in place."""
@@ -164,16 +181,24 @@ class Attention(nn.Module):
             out = self._cached(q, k, v, bias, causal, cache)
         else:
             p = self.dropout if self.training else 0.0
-            out = ops.flash_attention(q, k, v, causal=causal, softmax_scale=self.softmax_scale,
-                                      dropout_p=p, attn_bias=bias)  # fmt: skip
+            out = ops.flash_attention(
+                q,
+                k,
+                v,
+                causal=causal,
+                softmax_scale=self.softmax_scale,
+                dropout_p=p,
+                attn_bias=bias,
+            )
         return self.o(out.reshape(b, s, h * d))
 
     def _materialized(self, q, k, v, bias, causal) -> Tensor:
         # The reference's probabilities (the kernel's masking: causal bottom-right, rows
         # that see no key give zeros), kept, then applied to v.
         bias = None if bias is None else bias.float()
-        probs, _ = ops.attention_probs(q.float(), k.float(), causal, self.softmax_scale,
-                                       attn_bias=bias)  # fmt: skip
+        probs, _ = ops.attention_probs(
+            q.float(), k.float(), causal, self.softmax_scale, attn_bias=bias
+        )
         self.capture.append(probs.detach())
         p = self.dropout if self.training else 0.0
         v = v.float().repeat_interleave(self.num_heads // self.num_kv_heads, dim=2)
@@ -182,9 +207,16 @@ class Attention(nn.Module):
 
     def _cached(self, q, k, v, bias, causal, cache: KVCache) -> Tensor:
         if bias is None:  # the decode kernel: per-sequence lengths, appends in place
-            out = ops.attention_with_kvcache(q, cache.k, cache.v, cache.lengths, k.contiguous(),
-                                             v.contiguous(), causal=causal,
-                                             softmax_scale=self.softmax_scale)  # fmt: skip
+            out = ops.attention_with_kvcache(
+                q,
+                cache.k,
+                cache.v,
+                cache.lengths,
+                k.contiguous(),
+                v.contiguous(),
+                causal=causal,
+                softmax_scale=self.softmax_scale,
+            )
             cache.lengths += q.shape[1]
             return out
         # A bias (T5's relative positions) needs the general kernel: append, then attend
@@ -193,25 +225,21 @@ class Attention(nn.Module):
         end = start + q.shape[1]
         cache.k[:, start:end], cache.v[:, start:end] = k, v
         cache.lengths += q.shape[1]
-        return ops.flash_attention(q, cache.k[:, :end], cache.v[:, :end], causal=causal,
-                                   softmax_scale=self.softmax_scale, attn_bias=bias)  # fmt: skip
-
-
-def run_blocks(blocks: nn.ModuleList, checkpoint_every: int, training: bool, x: Tensor,
-               *args, **kwargs) -> Tensor:  # fmt: skip
-    """Apply ``blocks`` in order; in training, every ``checkpoint_every``-th block (0: none)
-    recomputes its activations in the backward instead of storing them."""
-    for i, block in enumerate(blocks):
-        if training and checkpoint_every and i % checkpoint_every == 0 and torch.is_grad_enabled():
-            x = torch.utils.checkpoint.checkpoint(block, x, *args, use_reentrant=False, **kwargs)
-        else:
-            x = block(x, *args, **kwargs)
-    return x
+        return ops.flash_attention(
+            q,
+            cache.k[:, :end],
+            cache.v[:, :end],
+            causal=causal,
+            softmax_scale=self.softmax_scale,
+            attn_bias=bias,
+        )
 
 
 def init_weights(module: nn.Module, std: float) -> None:
-    """The initialization GPT-2, BERT and Llama use: normal(0, std) weights, zero biases,
-    unit norm scales."""
+    """Hugging Face's default initialization (its ``PreTrainedModel._init_weights``), which
+    BERT and Llama use as is: normal(0, std) linear and embedding weights, the padding
+    embedding row and biases zero, norm scales one. GPT-2 then rescales its residual
+    projections (:class:`fastlm.models.gpt.GPT`)."""
     for m in module.modules():
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, std=std)
@@ -228,30 +256,42 @@ def init_weights(module: nn.Module, std: float) -> None:
                 nn.init.zeros_(m.bias)
 
 
-def lm_loss(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None = None,
-            scale: float = 1.0) -> Tensor:  # fmt: skip
-    """Mean cross-entropy of ``labels`` (-100 ignored) over ``hidden @ weight.T + bias``
-    without materializing the logits; only labelled rows are projected. fp32, whatever the
-    model's dtype (as Hugging Face's losses: a bf16 scalar is too coarse to log).
+class VocabProjection(nn.Module):
+    """Hidden states onto the vocabulary through the head weight (V, hidden) and bias (V,)
+    that the model holds (so a head tied to the embedding stays tied): as logits, or as
+    the fused cross-entropy of labels without materializing them.
 
-    A head weight split by vocabulary from outside (``fastlm.parallel``) carries a
-    ``vocab_parallel`` object that computes the loss and logits of its shard instead."""
+    Holds no parameters: ``fastlm.parallel`` swaps in a twin with the same two methods when
+    it splits the vocabulary over ranks, so the model never asks whether its head is
+    split."""
+
+    def logits(self, hidden: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        return F.linear(hidden, weight, bias)
+
+    def loss(
+        self, hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None = None
+    ) -> Tensor:
+        """Mean cross-entropy of ``labels`` (N,) given ``hidden`` (N, hidden), in fp32
+        whatever the model's dtype (as Hugging Face's losses: a bf16 scalar is too coarse to
+        log)."""
+        return ops.linear_cross_entropy(hidden, weight, labels, bias=bias, out_dtype=torch.float32)
+
+
+def lm_loss(
+    to_vocab: VocabProjection,
+    hidden: Tensor,
+    labels: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    scale: float = 1.0,
+) -> Tensor:
+    """Mean cross-entropy of ``labels`` (-100 ignored) over the projection ``to_vocab`` of
+    ``hidden`` (scaled by ``scale``) with the head ``weight`` and ``bias``; only the
+    labelled rows are projected."""
     hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
     keep = labels != -100
     if not bool(keep.all()):
         hidden, labels = hidden[keep], labels[keep]
     if scale != 1.0:
         hidden = hidden * scale
-    shard = getattr(weight, "vocab_parallel", None)
-    if shard is not None:
-        return shard.loss(hidden, weight, labels, bias)
-    return ops.linear_cross_entropy(hidden, weight, labels, bias=bias, out_dtype=torch.float32)
-
-
-def logits_of(hidden: Tensor, weight: Tensor, bias: Tensor | None = None,
-              scale: float = 1.0) -> Tensor:  # fmt: skip
-    hidden = hidden * scale if scale != 1.0 else hidden
-    shard = getattr(weight, "vocab_parallel", None)
-    if shard is not None:
-        return shard.logits(hidden, weight, bias)
-    return F.linear(hidden, weight, bias)
+    return to_vocab.loss(hidden, weight, labels, bias)

@@ -10,34 +10,80 @@ from fastlm.models.bert import BertConfig, BertForMaskedLM
 from fastlm.models.gpt import GPT, GPTConfig
 from fastlm.models.t5 import T5, T5Config
 
-_LLAMA = dict(norm="rmsnorm", position="rotary", activation="silu", gated_mlp=True,
-              attention_bias=False, mlp_bias=False, tie_word_embeddings=False)  # fmt: skip
+_LLAMA = dict(
+    norm="rmsnorm",
+    position="rotary",
+    activation="silu",
+    gated_mlp=True,
+    attention_bias=False,
+    mlp_bias=False,
+    tie_word_embeddings=False,
+)
 
 PRESETS: dict[str, tuple[type, dict[str, Any]]] = {
     "gpt2": (GPTConfig, {}),
     "gpt2-medium": (GPTConfig, dict(hidden_size=1024, num_layers=24, num_heads=16)),
-    "gpt2-tiny": (GPTConfig, dict(hidden_size=128, num_layers=2, num_heads=4,
-                                  max_position_embeddings=256)),
+    "gpt2-tiny": (
+        GPTConfig,
+        dict(hidden_size=128, num_layers=2, num_heads=4, max_position_embeddings=256),
+    ),
     # Llama 3.2 1B's shape (it ties its embeddings).
-    "llama-1b": (GPTConfig, dict(_LLAMA, vocab_size=128256, hidden_size=2048, num_layers=16,
-                                 num_heads=32, num_kv_heads=8, intermediate_size=8192,
-                                 max_position_embeddings=8192, rope_theta=500000.0,
-                                 tie_word_embeddings=True)),
-    "llama-tiny": (GPTConfig, dict(_LLAMA, vocab_size=32000, hidden_size=128, num_layers=2,
-                                   num_heads=4, num_kv_heads=2, intermediate_size=344,
-                                   max_position_embeddings=256)),
+    "llama-1b": (
+        GPTConfig,
+        dict(
+            _LLAMA,
+            vocab_size=128256,
+            hidden_size=2048,
+            num_layers=16,
+            num_heads=32,
+            num_kv_heads=8,
+            intermediate_size=8192,
+            max_position_embeddings=8192,
+            rope_theta=500000.0,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "llama-tiny": (
+        GPTConfig,
+        dict(
+            _LLAMA,
+            vocab_size=32000,
+            hidden_size=128,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            intermediate_size=344,
+            max_position_embeddings=256,
+        ),
+    ),
     "bert-base": (BertConfig, {}),
-    "bert-tiny": (BertConfig, dict(hidden_size=128, num_layers=2, num_heads=2,
-                                   intermediate_size=512)),
+    "bert-tiny": (
+        BertConfig,
+        dict(hidden_size=128, num_layers=2, num_heads=2, intermediate_size=512),
+    ),
     "t5-small": (T5Config, {}),
-    "t5-base": (T5Config, dict(hidden_size=768, num_heads=12, intermediate_size=3072,
-                               num_layers=12)),
-    "t5-v1_1-small": (T5Config, dict(hidden_size=512, num_heads=6, intermediate_size=1024,
-                                     num_layers=8, activation="gelu_tanh", gated_mlp=True,
-                                     tie_word_embeddings=False, dropout=0.0)),
-    "t5-tiny": (T5Config, dict(hidden_size=128, head_dim=32, num_heads=4,
-                               intermediate_size=256, num_layers=2)),
-}  # fmt: skip
+    "t5-base": (
+        T5Config,
+        dict(hidden_size=768, num_heads=12, intermediate_size=3072, num_layers=12),
+    ),
+    "t5-v1_1-small": (
+        T5Config,
+        dict(
+            hidden_size=512,
+            num_heads=6,
+            intermediate_size=1024,
+            num_layers=8,
+            activation="gelu_tanh",
+            gated_mlp=True,
+            tie_word_embeddings=False,
+            dropout=0.0,
+        ),
+    ),
+    "t5-tiny": (
+        T5Config,
+        dict(hidden_size=128, head_dim=32, num_heads=4, intermediate_size=256, num_layers=2),
+    ),
+}
 
 _MODELS = {GPTConfig: GPT, BertConfig: BertForMaskedLM, T5Config: T5}
 

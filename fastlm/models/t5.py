@@ -21,14 +21,13 @@ from fastlm.models.layers import (
     Attention,
     KVCache,
     ModelOutput,
+    VocabProjection,
     check_positive,
     check_probability,
     lm_loss,
-    logits_of,
     make_mlp,
     merge_bias,
     padding_bias,
-    run_blocks,
 )
 from fastlm.nn import RMSNorm
 from fastlm.ops.activation import check_activation
@@ -63,16 +62,25 @@ class T5Config:
             self.num_decoder_layers = self.num_layers
         if self.scale_decoder_outputs is None:
             self.scale_decoder_outputs = self.tie_word_embeddings
-        for name in ("vocab_size", "hidden_size", "head_dim", "num_heads", "intermediate_size",
-                     "num_layers", "num_decoder_layers", "relative_attention_num_buckets",
-                     "relative_attention_max_distance"):  # fmt: skip
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "head_dim",
+            "num_heads",
+            "intermediate_size",
+            "num_layers",
+            "num_decoder_layers",
+            "relative_attention_num_buckets",
+            "relative_attention_max_distance",
+        ):
             check_positive(name, getattr(self, name))
         check_activation(self.activation)
         check_probability("dropout", self.dropout)
 
 
-def relative_position_bucket(relative_position: Tensor, bidirectional: bool, num_buckets: int,
-                             max_distance: int) -> Tensor:  # fmt: skip
+def relative_position_bucket(
+    relative_position: Tensor, bidirectional: bool, num_buckets: int, max_distance: int
+) -> Tensor:
     """T5's bucketing of ``key - query`` offsets: half the buckets for exact small offsets,
     the rest logarithmically spaced up to ``max_distance``; bidirectional buckets split by
     sign, unidirectional ones (the decoder) only look back."""
@@ -106,8 +114,9 @@ class RelativePositionBias(nn.Module):
         device = self.embedding.weight.device
         query = torch.arange(query_offset, query_offset + seqlen_q, device=device)[:, None]
         key = torch.arange(seqlen_k, device=device)[None, :]
-        buckets = relative_position_bucket(key - query, self.bidirectional, self.num_buckets,
-                                           self.max_distance)  # fmt: skip
+        buckets = relative_position_bucket(
+            key - query, self.bidirectional, self.num_buckets, self.max_distance
+        )
         return self.embedding(buckets).permute(2, 0, 1)[None]  # (1, H, Sq, Sk)
 
 
@@ -116,29 +125,44 @@ class T5Block(nn.Module):
         super().__init__()
         attn = dict(bias=False, dropout=c.dropout, softmax_scale=1.0)
         self.norm1 = RMSNorm(c.hidden_size, eps=c.norm_eps)
-        self.attn = Attention(c.hidden_size, c.num_heads, c.head_dim, c.num_heads, **attn)
+        self.attn = Attention(
+            c.hidden_size, c.num_heads, c.head_dim, num_kv_heads=c.num_heads, **attn
+        )
         if decoder:
             self.norm_cross = RMSNorm(c.hidden_size, eps=c.norm_eps)
-            self.cross = Attention(c.hidden_size, c.num_heads, c.head_dim, c.num_heads,
-                                   cross=True, **attn)  # fmt: skip
+            self.cross = Attention(
+                c.hidden_size, c.num_heads, c.head_dim, num_kv_heads=c.num_heads, cross=True, **attn
+            )
         self.norm2 = RMSNorm(c.hidden_size, eps=c.norm_eps)
-        self.mlp = make_mlp(c.hidden_size, c.intermediate_size, c.activation, c.gated_mlp,
-                            False, c.dropout)  # fmt: skip
+        self.mlp = make_mlp(
+            c.hidden_size,
+            c.intermediate_size,
+            c.activation,
+            gated=c.gated_mlp,
+            bias=False,
+            dropout=c.dropout,
+        )
         self.decoder = decoder
         self.dropout = c.dropout
         # FusedMLP drops out its hidden layer and its output (T5's feed-forward dropout and
         # the block's); GatedMLP has no dropout, so the block applies the output one.
         self.mlp_drops_output = not c.gated_mlp
 
-    def forward(self, h: Tensor, bias: Tensor | None, context: Tensor | None = None,
-                context_bias: Tensor | None = None, cache: KVCache | None = None,
-                context_kv: tuple[Tensor, Tensor] | None = None) -> Tensor:  # fmt: skip
+    def forward(
+        self,
+        h: Tensor,
+        bias: Tensor | None,
+        context: Tensor | None = None,
+        context_bias: Tensor | None = None,
+        cache: KVCache | None = None,
+        context_kv: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
         p = self.dropout if self.training else 0.0
-        a = self.attn(self.norm1(h), bias, causal=self.decoder, cache=cache)
+        a = self.attn(self.norm1(h), bias=bias, causal=self.decoder, cache=cache)
         h = h + F.dropout(a, p, self.training)
         if self.decoder:
-            a = self.cross(self.norm_cross(h), context_bias, context=context,
-                           context_kv=context_kv)  # fmt: skip
+            x = self.norm_cross(h)
+            a = self.cross(x, bias=context_bias, context=context, context_kv=context_kv)
             h = h + F.dropout(a, p, self.training)
         m = self.mlp(self.norm2(h))
         return h + (m if self.mlp_drops_output else F.dropout(m, p, self.training))
@@ -152,12 +176,16 @@ class T5Stack(nn.Module):
         self.position_bias = RelativePositionBias(c, bidirectional=not decoder)
         self.norm_f = RMSNorm(c.hidden_size, eps=c.norm_eps)
         self.dropout = c.dropout
-        self.checkpoint_every = 0
 
-    def forward(self, h: Tensor, attention_mask: Tensor | None = None,
-                context: Tensor | None = None, context_mask: Tensor | None = None,
-                caches: list[KVCache] | None = None,
-                context_kvs: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:  # fmt: skip
+    def forward(
+        self,
+        h: Tensor,
+        attention_mask: Tensor | None = None,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+        caches: list[KVCache] | None = None,
+        context_kvs: list[tuple[Tensor, Tensor]] | None = None,
+    ) -> Tensor:
         p = self.dropout if self.training else 0.0
         s = h.shape[1]
         offset = 0 if caches is None else int(caches[0].lengths[0])
@@ -165,13 +193,15 @@ class T5Stack(nn.Module):
         bias = merge_bias(bias, padding_bias(attention_mask, h.dtype))
         context_bias = padding_bias(context_mask, h.dtype)
         h = F.dropout(h, p, self.training)
-        if caches is not None:
-            for i, block in enumerate(self.blocks):
-                h = block(h, bias, context, context_bias, caches[i],
-                          None if context_kvs is None else context_kvs[i])  # fmt: skip
-        else:
-            h = run_blocks(self.blocks, self.checkpoint_every, self.training, h, bias, context,
-                           context_bias)  # fmt: skip
+        for i, block in enumerate(self.blocks):
+            h = block(
+                h,
+                bias=bias,
+                context=context,
+                context_bias=context_bias,
+                cache=None if caches is None else caches[i],
+                context_kv=None if context_kvs is None else context_kvs[i],
+            )
         return F.dropout(self.norm_f(h), p, self.training)
 
 
@@ -182,6 +212,20 @@ class T5(GenerationMixin, nn.Module):
     T5. Returns :class:`ModelOutput` (loss from the fused linear cross-entropy; no logits
     with labels unless ``return_logits=True``)."""
 
+    # How fastlm.parallel may cut it (module names, "*" one part of a name; anything not
+    # named stays whole on every rank), and the stacks of blocks (sequence parallelism and
+    # activation checkpointing act on them).
+    tp_plan = {
+        "*.blocks.*.attn": "attention",
+        "decoder.blocks.*.cross": "attention",
+        "*.blocks.*.mlp": "mlp",
+        "*.position_bias.embedding": "position_bias_heads",
+        "shared": "vocab_embedding",
+        "lm_head": "vocab_head",
+        "to_vocab": "vocab_projection",
+    }
+    block_stacks = ("encoder.blocks", "decoder.blocks")
+
     def __init__(self, config: T5Config) -> None:
         super().__init__()
         c = self.config = config
@@ -189,28 +233,31 @@ class T5(GenerationMixin, nn.Module):
         self.encoder = T5Stack(c, decoder=False)
         self.decoder = T5Stack(c, decoder=True)
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        self.to_vocab = VocabProjection()
         self._init_weights()
         if c.tie_word_embeddings:
             self.lm_head.weight = self.shared.weight
 
     def _init_weights(self) -> None:
-        # T5's scheme (Mesh TensorFlow): each projection scaled by its fan-in.
+        # Hugging Face's T5 scheme (from Mesh TensorFlow), each std times
+        # initializer_factor: a projection's std is its fan-in ** -0.5, the query's also
+        # head_dim ** -0.5 (T5 does not scale its attention scores), embeddings and an
+        # untied head 1; norm scales start at the factor itself.
         c, f = self.config, self.config.initializer_factor
         nn.init.normal_(self.shared.weight, std=f)
-        nn.init.normal_(self.lm_head.weight, std=f * c.hidden_size**-0.5)
+        nn.init.normal_(self.lm_head.weight, std=f)
+        q_std = f * (c.hidden_size * c.head_dim) ** -0.5
         for m in self.modules():
             if isinstance(m, nn.Linear) and m is not self.lm_head:
                 nn.init.normal_(m.weight, std=f * m.in_features**-0.5)
             elif isinstance(m, RelativePositionBias):
                 nn.init.normal_(m.embedding.weight, std=f * c.hidden_size**-0.5)
             elif isinstance(m, RMSNorm):
-                nn.init.ones_(m.weight)
-
-    def set_checkpointing(self, every: int) -> None:
-        """Recompute every ``every``-th block's activations in the backward (0: none)."""
-        if not isinstance(every, int) or every < 0:
-            raise ValueError(f"every must be a non-negative int, got {every!r}")
-        self.encoder.checkpoint_every = self.decoder.checkpoint_every = every
+                nn.init.constant_(m.weight, f)
+        for m in self.modules():
+            if isinstance(m, Attention):  # after its linears: q is a slice of the fused qkv
+                q = m.q.weight if m.cross else m.qkv.weight[: m.num_heads * m.head_dim]
+                nn.init.normal_(q, std=q_std)
 
     def shift_right(self, labels: Tensor) -> Tensor:
         start = torch.full_like(labels[:, :1], self.config.decoder_start_token_id)
@@ -223,22 +270,36 @@ class T5(GenerationMixin, nn.Module):
     def head_scale(self) -> float:
         return self.config.hidden_size**-0.5 if self.config.scale_decoder_outputs else 1.0
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                decoder_input_ids: Tensor | None = None, labels: Tensor | None = None,
-                decoder_attention_mask: Tensor | None = None,
-                return_logits: bool | None = None) -> ModelOutput:  # fmt: skip
+    def logits(self, h: Tensor) -> Tensor:
+        """The LM head's logits of decoder states ``h`` (..., hidden)."""
+        scale = self.head_scale()
+        return self.to_vocab.logits(h * scale if scale != 1.0 else h, self.lm_head.weight)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        decoder_input_ids: Tensor | None = None,
+        labels: Tensor | None = None,
+        decoder_attention_mask: Tensor | None = None,
+        return_logits: bool | None = None,
+    ) -> ModelOutput:
         if decoder_input_ids is None:
             if labels is None:
                 raise ValueError("pass decoder_input_ids or labels")
             decoder_input_ids = self.shift_right(labels)
         context = self.encode(input_ids, attention_mask)
-        h = self.decoder(self.shared(decoder_input_ids), decoder_attention_mask, context,
-                         attention_mask)  # fmt: skip
+        h = self.decoder(
+            self.shared(decoder_input_ids),
+            decoder_attention_mask,
+            context=context,
+            context_mask=attention_mask,
+        )
         loss = None
         if labels is not None:
-            loss = lm_loss(h, self.lm_head.weight, labels, scale=self.head_scale())
+            loss = lm_loss(self.to_vocab, h, labels, self.lm_head.weight, scale=self.head_scale())
         want_logits = labels is None if return_logits is None else return_logits
-        logits = logits_of(h, self.lm_head.weight, scale=self.head_scale()) if want_logits else None
+        logits = self.logits(h) if want_logits else None
         return ModelOutput(logits=logits, loss=loss, hidden_states=h)
 
     def _decode(self, input_ids, mask, max_new_tokens, select, eos, pad) -> Tensor:
@@ -246,16 +307,29 @@ class T5(GenerationMixin, nn.Module):
         b = input_ids.shape[0]
         context = self.encode(input_ids, mask)  # once
         like = self.shared.weight
-        caches = [KVCache.empty(b, max_new_tokens + 1, block.attn.num_kv_heads, c.head_dim,
-                                like) for block in self.decoder.blocks]  # fmt: skip
+        caches = [
+            KVCache.empty(b, max_new_tokens + 1, block.attn.num_kv_heads, c.head_dim, like)
+            for block in self.decoder.blocks
+        ]
         context_kvs = [block.cross.project_kv(context) for block in self.decoder.blocks]
 
         def logits_after(tokens: Tensor) -> Tensor:
-            h = self.decoder(self.shared(tokens[:, None]), None, context, mask, caches,
-                             context_kvs)  # fmt: skip
-            return logits_of(h[:, -1], self.lm_head.weight, scale=self.head_scale())
+            h = self.decoder(
+                self.shared(tokens[:, None]),
+                context=context,
+                context_mask=mask,
+                caches=caches,
+                context_kvs=context_kvs,
+            )
+            return self.logits(h[:, -1])
 
         start = torch.full((b,), c.decoder_start_token_id, device=input_ids.device)
-        new = decode_loop(logits_after(start), max_new_tokens, select,
-                          lambda token, i: logits_after(token), eos, pad)  # fmt: skip
+        new = decode_loop(
+            logits_after(start),
+            max_new_tokens,
+            select,
+            lambda token, i: logits_after(token),
+            eos,
+            pad,
+        )
         return torch.cat([start[:, None], new], dim=1)

@@ -2,11 +2,12 @@
 torch modules they replace."""
 
 from fastlm.nn.attention import MultiheadAttention
+from fastlm.nn.cross_entropy import CrossEntropyLoss, LinearCrossEntropyLoss
 from fastlm.nn.lora import LoRALinear
-from fastlm.nn.loss import CrossEntropyLoss, LinearCrossEntropyLoss
 from fastlm.nn.mlp import FusedMLP, GatedMLP
 from fastlm.nn.norm import LayerNorm, RMSNorm
-from fastlm.nn.patch import PatchReport, patch, patch_report
+from fastlm.nn.patch import patch, patch_report
+from fastlm.nn.patch_report import PatchReport
 from fastlm.nn.quant import QuantLinear
 from fastlm.nn.rotary import RotaryEmbedding
 

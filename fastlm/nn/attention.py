@@ -17,13 +17,13 @@ from torch import Tensor
 from fastlm import ops
 
 
-def _additive_mask(mask: Tensor | None, name: str, dtype: torch.dtype) -> Tensor | None:
-    """torch's mask convention: a bool mask is True where attention is not allowed (made
-    ``-inf``), a float mask is added to the scores."""
+def _scores_mask(mask: Tensor | None, name: str, dtype: torch.dtype) -> Tensor | None:
+    """``nn.MultiheadAttention``'s masks as scores to add: a bool mask is True where
+    attention is NOT allowed (the opposite of SDPA's), a float mask is added as it is."""
     if mask is None:
         return None
     if mask.dtype == torch.bool:
-        return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask, float("-inf"))
+        return ops.masks.additive_mask(~mask, dtype)
     if not mask.is_floating_point():
         raise TypeError(f"{name} must be a bool or floating-point tensor, got {mask.dtype}")
     # Under autocast the projections come out in the autocast dtype while a float mask
@@ -73,9 +73,15 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     ) -> tuple[Tensor, Tensor | None]:
         if query.is_nested or key.is_nested or value.is_nested:
             return super().forward(
-                query, key, value, key_padding_mask, need_weights, attn_mask,
-                average_attn_weights, is_causal,
-            )  # fmt: skip
+                query,
+                key,
+                value,
+                key_padding_mask,
+                need_weights,
+                attn_mask,
+                average_attn_weights,
+                is_causal,
+            )
         batch, tgt_len, src_len = self._check_inputs(query, key, value, key_padding_mask, attn_mask)
         if is_causal and attn_mask is None:
             raise ValueError(
@@ -89,7 +95,10 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         seq_first = query.dim() == 3 and not self.batch_first
 
         def heads(x: Tensor) -> Tensor:  # (S, N, E) / (N, S, E) / (S, E) -> (N, H, S, D)
-            x = x.transpose(0, 1) if seq_first else x.reshape(batch, -1, x.shape[-1])
+            if seq_first:
+                x = x.transpose(0, 1)
+            elif x.dim() == 2:
+                x = x.unsqueeze(0)
             return x.unflatten(-1, (num_heads, head_dim)).transpose(1, 2)
 
         q, k, v = heads(q), heads(k), heads(v)
@@ -109,10 +118,10 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         use_causal_hint = is_causal and key_padding_mask is None and not need_weights
         mask = None
         if not use_causal_hint:
-            mask = _additive_mask(attn_mask, "attn_mask", q.dtype)
+            mask = _scores_mask(attn_mask, "attn_mask", q.dtype)
             if mask is not None and mask.dim() == 3:
                 mask = mask.view(batch, num_heads, tgt_len, src_len)
-        padding = _additive_mask(key_padding_mask, "key_padding_mask", q.dtype)
+        padding = _scores_mask(key_padding_mask, "key_padding_mask", q.dtype)
         if padding is not None:
             padding = padding.view(batch, 1, 1, src_len)
             mask = padding if mask is None else mask + padding

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from fastlm.nn.quant import QuantLinear
 from fastlm.ops.lora import lora_linear
-from fastlm.quant.formats import dequantize_weight
+from fastlm.ops.quant_formats import dequantize_weight
 
 
 def _check_rank(r: object) -> int:
@@ -33,12 +33,20 @@ class LoRALinear(nn.Module):
     (:meth:`set_adapter`, or ``None`` for the base alone).
     """
 
-    def __init__(self, base: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
-                 use_rslora: bool = False, adapter_name: str = "default") -> None:  # fmt: skip
+    def __init__(
+        self,
+        base: nn.Module,
+        r: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        adapter_name: str = "default",
+    ) -> None:
         super().__init__()
         if not isinstance(base, (nn.Linear, QuantLinear)):
-            raise TypeError(f"base must be an nn.Linear or a QuantLinear, got "
-                            f"{type(base).__name__}")  # fmt: skip
+            raise TypeError(
+                f"base must be an nn.Linear or a QuantLinear, got {type(base).__name__}"
+            )
         self.base_layer = base.requires_grad_(False)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.lora_A = nn.ModuleDict()
@@ -51,16 +59,25 @@ class LoRALinear(nn.Module):
         self.merged: list[str] = []
         self.add_adapter(adapter_name, r, alpha, dropout, use_rslora)
 
-    def add_adapter(self, name: str, r: int = 8, alpha: float = 16, dropout: float = 0.0,
-                    use_rslora: bool = False) -> None:  # fmt: skip
+    def add_adapter(
+        self,
+        name: str,
+        r: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+    ) -> None:
         """Add adapter ``name`` (and make it active)."""
         _check_rank(r)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} exists already")
-        like = self.base_layer.bias if isinstance(self.base_layer, QuantLinear) else (
-            self.base_layer.weight)  # fmt: skip
+        like = (
+            self.base_layer.bias
+            if isinstance(self.base_layer, QuantLinear)
+            else (self.base_layer.weight)
+        )
         dtype = like.dtype if like is not None and like.is_floating_point() else torch.float32
         device = self.base_layer.qweight.device if like is None else like.device
         a = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
@@ -89,8 +106,12 @@ class LoRALinear(nn.Module):
             return self.base_layer(x)
         a, b = self.lora_A[name], self.lora_B[name]
         base = self.base_layer
-        fusable = (type(base) is nn.Linear and base.weight.dtype == a.weight.dtype
-                   or isinstance(base, QuantLinear) and base.act_bits is None)  # fmt: skip
+        fusable = (
+            type(base) is nn.Linear
+            and base.weight.dtype == a.weight.dtype
+            or isinstance(base, QuantLinear)
+            and base.act_bits is None
+        )
         if fusable and a.weight.dtype == x.dtype:
             # Base GEMM (float or dequantized in registers) and low-rank update in one kernel.
             dropout = self.lora_dropout[name]
@@ -114,15 +135,22 @@ class LoRALinear(nn.Module):
         base = self.base_layer
         if isinstance(base, QuantLinear):
             if not requantize:
-                raise ValueError("the base layer is quantized: merging would re-quantize it "
-                                 "(lossy, no unmerge); pass requantize=True to do so")  # fmt: skip
+                raise ValueError(
+                    "the base layer is quantized: merging would re-quantize it "
+                    "(lossy, no unmerge); pass requantize=True to do so"
+                )
             w = dequantize_weight(base.quantized_weight) + self.delta_weight(name)
             dense = base.dequantize(torch.float32)
             dense.weight.copy_(w)
             self.base_layer = QuantLinear.from_linear(
-                dense, base.bits, base.group_size if base.bits == 4 else None, base.scheme,
-                base.act_bits, base.symmetric, hasattr(base, "scales2"),
-            ).requires_grad_(False)  # fmt: skip
+                dense,
+                base.bits,
+                base.group_size if base.bits == 4 else None,
+                base.scheme,
+                base.act_bits,
+                base.symmetric,
+                hasattr(base, "scales2"),
+            ).requires_grad_(False)
             if base.bias is not None:
                 self.base_layer.bias.data = base.bias.data.clone()
             del self.lora_A[name], self.lora_B[name], self.lora_dropout[name]

@@ -52,8 +52,11 @@ class FusedMLP(torch.nn.Module):
     ) -> None:
         super().__init__()
         out_features = in_features if out_features is None else out_features
-        for name, value in (("in_features", in_features), ("hidden_features", hidden_features),
-                            ("out_features", out_features)):  # fmt: skip
+        for name, value in (
+            ("in_features", in_features),
+            ("hidden_features", hidden_features),
+            ("out_features", out_features),
+        ):
             _check_size(name, value)
         check_activation(activation)
         if not 0.0 <= dropout < 1.0:
@@ -68,8 +71,9 @@ class FusedMLP(torch.nn.Module):
         p = self.dropout if self.training else 0.0
         if not _plain(self.fc1, self.fc2):
             return F.dropout(self.fc2(dense_act(self.fc1, x, self.activation, p)), p)
-        return fused_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
-                         self.activation, p)  # fmt: skip
+        return fused_mlp(
+            x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, self.activation, p
+        )
 
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}, dropout={self.dropout}"
@@ -110,9 +114,16 @@ class GatedMLP(torch.nn.Module):
         if not _plain(self.gate_proj, self.up_proj, self.down_proj):
             gate = dense_act(self.gate_proj, x, self.activation)
             return self.down_proj(gate * self.up_proj(x))
-        return gated_mlp(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight,
-                         self.activation, self.gate_proj.bias, self.up_proj.bias,
-                         self.down_proj.bias)  # fmt: skip
+        return gated_mlp(
+            x,
+            self.gate_proj.weight,
+            self.up_proj.weight,
+            self.down_proj.weight,
+            self.activation,
+            self.gate_proj.bias,
+            self.up_proj.bias,
+            self.down_proj.bias,
+        )
 
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}"

@@ -38,7 +38,7 @@ from transformers.modeling_utils import AttentionInterface, PreTrainedModel
 from fastlm import ops
 from fastlm.nn.mlp import GatedMLP
 from fastlm.nn.norm import RMSNorm
-from fastlm.nn.patch import PatchReport, Skip, Swap
+from fastlm.nn.patch_report import PatchReport, Skip, Swap
 
 ATTN_IMPLEMENTATION = "fastlm"
 
@@ -127,14 +127,13 @@ def fastlm_attention_forward(
     bias = position_bias
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
-            fill = torch.tensor(float("-inf"), dtype=query.dtype, device=query.device)
-            base = torch.zeros((), dtype=query.dtype, device=query.device)
-            bias = torch.where(attention_mask, base if bias is None else bias, fill)
+            bias = ops.masks.additive_mask(attention_mask, query.dtype, bias)
         else:
             bias = attention_mask if bias is None else bias + attention_mask
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, S, H, D) views
-    out = ops.flash_attention(q, k, v, causal=causal, softmax_scale=scaling, dropout_p=dropout,
-                              attn_bias=bias)  # fmt: skip
+    out = ops.flash_attention(
+        q, k, v, causal=causal, softmax_scale=scaling, dropout_p=dropout, attn_bias=bias
+    )
     return out.contiguous(), None
 
 
@@ -158,8 +157,7 @@ def _switch_attention(model: PreTrainedModel, report: PatchReport) -> None:
         register_attention()
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
         if current != ATTN_IMPLEMENTATION:
-            report.swaps.append(Swap("config._attn_implementation", current,
-                                     ATTN_IMPLEMENTATION))  # fmt: skip
+            report.swaps.append(Swap("config._attn_implementation", current, ATTN_IMPLEMENTATION))
     else:
         report.skipped.append(Skip("", "attention", reason))
     report.attn_implementation = model.config._attn_implementation
@@ -189,8 +187,9 @@ class _HFRMSNorm(RMSNorm):
             out_dtype = w
         else:
             out_dtype = torch.promote_types(x.dtype, torch.float32)
-        return ops.rms_norm(x, self.normalized_shape, self.weight, self.eps, residual=residual,
-                            out_dtype=out_dtype)  # fmt: skip
+        return ops.rms_norm(
+            x, self.normalized_shape, self.weight, self.eps, residual=residual, out_dtype=out_dtype
+        )
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, dtype_rule={self.dtype_rule!r}"
@@ -214,8 +213,9 @@ def _gated_mlp(old: torch.nn.Module) -> tuple[torch.nn.Module | None, str]:
     if len({lin.bias is None for lin in linears}) > 1:
         return None, "some of its projections have a bias and some do not"
     gate = old.gate_proj
-    new = GatedMLP(gate.in_features, gate.out_features, activation, bias=gate.bias is not None,
-                   device="meta")  # fmt: skip
+    new = GatedMLP(
+        gate.in_features, gate.out_features, activation, bias=gate.bias is not None, device="meta"
+    )
     new.gate_proj, new.up_proj, new.down_proj = linears
     return new, f"fastlm.nn.GatedMLP({activation!r})"
 
@@ -297,19 +297,27 @@ def _swap_loss(model: PreTrainedModel, report: PatchReport) -> None:
     # The same heuristic transformers applies to attention: a forward that never calls
     # self.loss_function computes its loss itself (BERT's masked-LM, T5's).
     if "self.loss_function(" not in source:
-        report.skipped.append(Skip("", "loss", f"{type(model).__name__}.forward computes its "
-                                   "loss itself, not through self.loss_function"))  # fmt: skip
+        report.skipped.append(
+            Skip(
+                "",
+                "loss",
+                f"{type(model).__name__}.forward computes its "
+                "loss itself, not through self.loss_function",
+            )
+        )
         return
     loss_type = getattr(model, "loss_type", None)
     # As the loss_function property resolves it, without its warning.
     resolved = LOSS_MAPPING[loss_type if loss_type in LOSS_MAPPING else "ForCausalLM"]
     if resolved is not ForCausalLMLoss:
-        report.skipped.append(Skip("loss_function", resolved.__name__,
-                                   "fastlm swaps the causal-LM loss only"))  # fmt: skip
+        report.skipped.append(
+            Skip("loss_function", resolved.__name__, "fastlm swaps the causal-LM loss only")
+        )
         return
     model.loss_function = causal_lm_loss
-    report.swaps.append(Swap("loss_function", "ForCausalLMLoss",
-                             f"{__name__}.{causal_lm_loss.__name__}"))  # fmt: skip
+    report.swaps.append(
+        Swap("loss_function", "ForCausalLMLoss", f"{__name__}.{causal_lm_loss.__name__}")
+    )
 
 
 def patch_hf(model: PreTrainedModel, report: PatchReport) -> None:

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from fastlm.ops.quant import quant_matmul, w8a8_matmul
-from fastlm.quant.formats import (
+from fastlm.ops.quant_formats import (
     DQ_BLOCK,
     QuantizedWeight,
     check_format,
@@ -16,7 +16,7 @@ from fastlm.quant.formats import (
 
 
 class QuantLinear(nn.Module):
-    """``y = x @ W.T + bias`` with W stored quantized (see :mod:`fastlm.quant.formats`).
+    """``y = x @ W.T + bias`` with W stored quantized (see :mod:`fastlm.ops.quant_formats`).
 
     Built from a float layer with :meth:`from_linear`; ``dequantize()`` gives an
     ``nn.Linear`` back. The state dict holds the stored tensors (``qweight``, ``scales``,
@@ -28,10 +28,20 @@ class QuantLinear(nn.Module):
     int8 tensor cores (W8A8, inference only).
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 4,
-                 group_size: int | None = None, scheme: str = "int", symmetric: bool = False,
-                 double_quant: bool = False, act_bits: int | None = None, device=None,
-                 dtype=None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        bits: int = 4,
+        group_size: int | None = None,
+        scheme: str = "int",
+        symmetric: bool = False,
+        double_quant: bool = False,
+        act_bits: int | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
         super().__init__()
         group = check_format(bits, group_size, scheme, in_features)
         if bits == 4 and in_features % 2:
@@ -52,13 +62,13 @@ class QuantLinear(nn.Module):
             self.register_buffer("scales", torch.empty(n, dtype=torch.float32, device=device))
         else:
             g = k // group
-            self.register_buffer("qweight", torch.empty(n, k // 2, dtype=torch.uint8,
-                                                        device=device))  # fmt: skip
+            self.register_buffer(
+                "qweight", torch.empty(n, k // 2, dtype=torch.uint8, device=device)
+            )
             scale_dtype = torch.int8 if double_quant else torch.float16
             self.register_buffer("scales", torch.empty(n, g, dtype=scale_dtype, device=device))
             if not self.symmetric:
-                self.register_buffer("zeros", torch.empty(n, g, dtype=torch.uint8,
-                                                          device=device))  # fmt: skip
+                self.register_buffer("zeros", torch.empty(n, g, dtype=torch.uint8, device=device))
             if double_quant:
                 blocks = -(-n * g // DQ_BLOCK)
                 self.register_buffer("scales2", torch.empty(blocks, device=device))
@@ -66,9 +76,16 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(n, device=device, dtype=dtype)) if bias else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int | None = None,
-                    scheme: str = "int", act_bits: int | None = None, symmetric: bool = False,
-                    double_quant: bool = False) -> QuantLinear:  # fmt: skip
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        bits: int = 4,
+        group_size: int | None = None,
+        scheme: str = "int",
+        act_bits: int | None = None,
+        symmetric: bool = False,
+        double_quant: bool = False,
+    ) -> QuantLinear:
         """Quantize ``linear``'s weight; the bias is kept in its dtype. A ``linear`` on the
         meta device gives an empty layer of the right shapes: the skeleton a quantized
         checkpoint loads into (``load_state_dict(..., assign=True)``) without any float
@@ -76,13 +93,22 @@ class QuantLinear(nn.Module):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         w = linear.weight
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, bits,
-                    group_size, scheme, symmetric, double_quant, act_bits, device=w.device,
-                    dtype=w.dtype)  # fmt: skip
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            bits,
+            group_size,
+            scheme,
+            symmetric,
+            double_quant,
+            act_bits,
+            device=w.device,
+            dtype=w.dtype,
+        )
         if w.is_meta:
             return layer
-        qw = quantize_weight(w, bits, group_size, scheme, symmetric,
-                             double_quant)  # fmt: skip
+        qw = quantize_weight(w, bits, group_size, scheme, symmetric, double_quant)
         for name, tensor in qw.tensors().items():
             getattr(layer, name).copy_(tensor)
         if linear.bias is not None:
@@ -92,10 +118,18 @@ class QuantLinear(nn.Module):
     @property
     def quantized_weight(self) -> QuantizedWeight:
         """The stored weight (views of this layer's buffers)."""
-        return QuantizedWeight(self.scheme, self.bits, (self.out_features, self.in_features),
-                               self.group_size, self.symmetric, self.qweight, self.scales,
-                               getattr(self, "zeros", None), getattr(self, "scales2", None),
-                               getattr(self, "scales_mean", None))  # fmt: skip
+        return QuantizedWeight(
+            self.scheme,
+            self.bits,
+            (self.out_features, self.in_features),
+            self.group_size,
+            self.symmetric,
+            self.qweight,
+            self.scales,
+            getattr(self, "zeros", None),
+            getattr(self, "scales2", None),
+            getattr(self, "scales_mean", None),
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         if self.act_bits == 8:
@@ -105,8 +139,13 @@ class QuantLinear(nn.Module):
     def dequantize(self, dtype: torch.dtype | None = None) -> nn.Linear:
         """An ``nn.Linear`` with the weight this layer stands for."""
         dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
-        linear = nn.Linear(self.in_features, self.out_features, self.bias is not None,
-                           device=self.qweight.device, dtype=dtype)  # fmt: skip
+        linear = nn.Linear(
+            self.in_features,
+            self.out_features,
+            self.bias is not None,
+            device=self.qweight.device,
+            dtype=dtype,
+        )
         with torch.no_grad():
             linear.weight.copy_(dequantize_weight(self.quantized_weight, dtype))
             if self.bias is not None:
@@ -116,8 +155,11 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         fmt = f"int{self.bits}" if self.scheme == "int" else self.scheme
         group = "" if self.bits == 8 else f", group_size={self.group_size}"
-        extra = (", symmetric" if self.symmetric and self.bits == 4 and self.scheme == "int"
-                 else "") + (", double_quant" if hasattr(self, "scales2") else "")  # fmt: skip
+        extra = (
+            ", symmetric" if self.symmetric and self.bits == 4 and self.scheme == "int" else ""
+        ) + (", double_quant" if hasattr(self, "scales2") else "")
         act = ", act_bits=8" if self.act_bits else ""
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, {fmt}{group}{extra}{act}")  # fmt: skip
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, {fmt}{group}{extra}{act}"
+        )

@@ -70,8 +70,9 @@ class RotaryEmbedding(torch.nn.Module):
         """Recompute the cos/sin tables in place of whatever they hold (after ``to_empty()``,
         e.g. for a model built on the meta device)."""
         length = max(self.cos_cached.shape[0], self.max_position_embeddings)
-        self.cos_cached, self.sin_cached = self._tables(length, self.cos_cached.device,
-                                                        self.cos_cached.dtype)  # fmt: skip
+        self.cos_cached, self.sin_cached = self._tables(
+            length, self.cos_cached.device, self.cos_cached.dtype
+        )
 
     def _extend(self, length: int) -> None:
         if length <= self.cos_cached.shape[0]:

@@ -1,5 +1,7 @@
 """The functional API: one module per op with its reference, custom op and backend choice."""
 
+# Not an op (__all__ lists the ops, each with conformance rows): the mask helpers.
+from fastlm.ops import masks as masks
 from fastlm.ops.activation import bias_act, bias_act_ref
 from fastlm.ops.attention import (
     attention_probs,
@@ -9,7 +11,7 @@ from fastlm.ops.attention import (
     flash_attention_varlen,
     scaled_dot_product_attention,
 )
-from fastlm.ops.loss import cross_entropy, cross_entropy_ref, linear_cross_entropy
+from fastlm.ops.cross_entropy import cross_entropy, cross_entropy_ref, linear_cross_entropy
 from fastlm.ops.mlp import (
     fused_mlp,
     gated_linear,

@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastlm import backend
+from fastlm.ops._common import FLOAT32_AND_HALF_DTYPES, absent, as_rows, dtype_error, supports
 from fastlm.ops.autocast import autocast_policy
+from fastlm.ops.contract import check_int, check_real, describe
 
 ACTIVATIONS = ("identity", "relu", "gelu", "gelu_tanh", "silu")
 _TORCH_ACT = {
@@ -22,7 +24,6 @@ _TORCH_ACT = {
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "silu": F.silu,
 }
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def bias_act_ref(x: Tensor, bias: Tensor | None = None, activation: str = "gelu") -> Tensor:
@@ -38,26 +39,30 @@ def bias_act(
     dropout_p: float = 0.0,
     seed: int | None = None,
 ) -> Tensor:
-    """``dropout(act(x + bias))`` over the last dim of ``x`` (any leading dims).
+    """``dropout(act(x + bias))`` over the last dim of ``x`` (any leading dims), in x's dtype.
 
     activation: one of ``identity, relu, gelu`` (erf), ``gelu_tanh``, ``silu``. ``bias``:
     (N,) matching the last dim. ``dropout_p`` drops with a mask fixed by ``seed`` (None: drawn
     from torch's generator); the backward reuses the same mask. Math in fp32.
     """
     if not isinstance(x, Tensor) or not x.is_floating_point():
-        raise TypeError("x must be a floating-point tensor")
+        raise TypeError(f"x must be a floating-point tensor, got {describe(x)}")
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension (features last)")
     check_activation(activation)
     if bias is not None:
+        if not isinstance(bias, Tensor) or not bias.is_floating_point():
+            raise TypeError(f"bias must be a floating-point tensor, got {describe(bias)}")
         if tuple(bias.shape) != (x.shape[-1],):
             raise ValueError(f"bias must have shape ({x.shape[-1]},), got {tuple(bias.shape)}")
         if bias.device != x.device:
             raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
-        if not bias.is_floating_point():
-            raise TypeError(f"bias must be floating point, got {bias.dtype}")
     seed = check_dropout(dropout_p, seed)
     name = backend.select("bias_act", x.device, _support(x, bias))
     if name == "torch":
-        return seeded_dropout(bias_act_ref(x, bias, activation), dropout_p, seed)
+        # A wider bias promotes the sum: computed at that precision, returned in x's dtype.
+        y = bias_act_ref(x, bias, activation).to(x.dtype)
+        return seeded_dropout(y, dropout_p, seed)
     return torch.ops.fastlm.bias_act(x, bias, activation, float(dropout_p), seed)
 
 
@@ -70,8 +75,10 @@ def check_activation(activation: str) -> None:
 def check_dropout(dropout_p: float, seed: int | None) -> int:
     """Validate ``dropout_p`` and return the seed to use (drawn from torch's generator when
     None and dropout is on, so ``torch.manual_seed`` makes runs repeatable)."""
-    if not 0.0 <= dropout_p < 1.0:
+    if not 0.0 <= check_real("dropout_p", dropout_p) < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if seed is not None:
+        check_int("seed", seed, 0)
     if dropout_p > 0 and seed is None:
         return int(torch.randint(0, 2**31 - 1, ()).item())
     return seed or 0
@@ -89,17 +96,11 @@ def seeded_dropout(y: Tensor, dropout_p: float, seed: int) -> Tensor:
 
 def _support(x, bias):
     def triton_error():
-        for arg, t in (("x", x), ("bias", bias)):
-            if t is not None and t.dtype not in _KERNEL_DTYPES:
-                return f"{arg} dtype {t.dtype} is not one of {_KERNEL_DTYPES}"
-        return None
+        return dtype_error("x", x, FLOAT32_AND_HALF_DTYPES) or dtype_error(
+            "bias", bias, FLOAT32_AND_HALF_DTYPES
+        )
 
-    return {"triton": triton_error, "torch": lambda: None}
-
-
-def _rows(t: Tensor) -> Tensor:
-    t = t.reshape(-1, t.shape[-1])
-    return t if t.stride(-1) == 1 else t.contiguous()
+    return supports(triton_error)
 
 
 @torch.library.custom_op("fastlm::bias_act", mutates_args=())
@@ -109,7 +110,7 @@ def _bias_act_op(
     from fastlm.kernels.activation import bias_act_fwd
 
     bias_ = None if bias is None else bias.contiguous()
-    return bias_act_fwd(_rows(x), bias_, activation, dropout_p, seed).view(x.shape)
+    return bias_act_fwd(as_rows(x), bias_, activation, dropout_p, seed).view(x.shape)
 
 
 @_bias_act_op.register_fake
@@ -134,10 +135,21 @@ def _bias_act_bwd_op(
     from fastlm.kernels.activation import bias_act_bwd
 
     bias_ = None if bias is None else bias.contiguous()
-    dx, db, y = bias_act_bwd(_rows(grad), _rows(x), bias_, activation, dropout_p, seed,
-                             recompute, dbias or bias is not None)  # fmt: skip
-    return (dx.view(x.shape), x.new_empty(0, dtype=torch.float32) if db is None else db,
-            x.new_empty(0) if y is None else y.view(x.shape))  # fmt: skip
+    dx, db, y = bias_act_bwd(
+        as_rows(grad),
+        as_rows(x),
+        bias_,
+        activation,
+        dropout_p,
+        seed,
+        recompute,
+        dbias or bias is not None,
+    )
+    return (
+        dx.view(x.shape),
+        absent(x, torch.float32) if db is None else db,
+        absent(x) if y is None else y.view(x.shape),
+    )
 
 
 @_bias_act_bwd_op.register_fake
@@ -164,15 +176,20 @@ def _gated_act_bwd_op(
     from fastlm.kernels.activation import gated_act_bwd
 
     biases = [None if b is None else b.contiguous() for b in (bias_gate, bias_up)]
-    dg, du, dbg, dbu, y = gated_act_bwd(_rows(grad), _rows(gate), _rows(up), *biases,
-                                        activation, recompute,
-                                        dbias or bias_gate is not None)  # fmt: skip
+    dg, du, dbg, dbu, y = gated_act_bwd(
+        as_rows(grad),
+        as_rows(gate),
+        as_rows(up),
+        *biases,
+        activation,
+        recompute,
+        dbias or bias_gate is not None,
+    )
 
-    def fp32_or_empty(db):
-        return gate.new_empty(0, dtype=torch.float32) if db is None else db
+    def fp32_or_absent(db):
+        return absent(gate, torch.float32) if db is None else db
 
-    return (dg, du, fp32_or_empty(dbg), fp32_or_empty(dbu),
-            gate.new_empty(0) if y is None else y)  # fmt: skip
+    return (dg, du, fp32_or_absent(dbg), fp32_or_absent(dbu), absent(gate) if y is None else y)
 
 
 @_gated_act_bwd_op.register_fake

@@ -12,7 +12,19 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastlm import backend
+from fastlm.ops._common import HALF_DTYPES, absent, last_dim_contiguous, supports
+from fastlm.ops.activation import check_dropout
 from fastlm.ops.autocast import autocast_policy
+from fastlm.ops.contract import check_int, check_real, describe, values_readable
+from fastlm.ops.masks import (
+    UNBOUNDED,
+    Window,
+    additive_mask,
+    causal_window,
+    diagonal_offset,
+    visible,
+    window_bounds,
+)
 
 
 def attention_probs(
@@ -27,29 +39,39 @@ def attention_probs(
     """The attention probabilities, materialized: ``(probs (B, H, Sq, Sk), lse (B, H, Sq))``
     with the masking of :func:`attention_ref` (rows that see no key: probabilities 0, lse
     -inf)."""
-    seqlen_q, n_heads, head_dim = q.shape[1:]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
+    window = window_bounds(window)
+    return _probs(
+        q, k, causal=causal, scale=scale, window=window, bias=attn_bias, slopes=alibi_slopes
+    )
+
+
+def _probs(
+    q: Tensor,
+    k: Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    window: Window,
+    bias: Tensor | None,
+    slopes: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`attention_probs` with the window as a :data:`~fastlm.ops.masks.Window`."""
+    seqlen_q, n_heads = q.shape[1:3]
     seqlen_k, n_kv_heads = k.shape[1], k.shape[2]
-    scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else softmax_scale
     k = k.repeat_interleave(n_heads // n_kv_heads, dim=2)
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
-    i = torch.arange(seqlen_q, device=q.device)[:, None]
-    j = torch.arange(seqlen_k, device=q.device)[None, :]
-    diag = i + seqlen_k - seqlen_q
-    left, right = window
-    if causal:
-        right = 0 if right < 0 else min(right, 0)
-    visible = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=q.device)
-    if left >= 0:
-        visible &= j >= diag - left
-    if right >= 0:
-        visible &= j <= diag + right
-    if attn_bias is not None:
-        scores = scores + attn_bias
-    if alibi_slopes is not None:
-        scores = scores - alibi_slopes.reshape(-1, n_heads, 1, 1) * (diag - j).abs()
-    scores = scores.masked_fill(~visible, float("-inf"))
+    if bias is not None:
+        scores = scores + bias
+    if slopes is not None:
+        offset = diagonal_offset(seqlen_q, seqlen_k, q.device)
+        scores = scores - slopes.reshape(-1, n_heads, 1, 1) * offset.abs()
+    seen = visible(seqlen_q, seqlen_k, causal, window, q.device)
+    scores = scores.masked_fill(~seen, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
-    return torch.exp(scores - lse[..., None]).nan_to_num(0.0), lse
+    # Only rows that see no key (lse -inf) are zeroed: a NaN score stays NaN, as in PyTorch.
+    probs = torch.exp(scores - lse[..., None]).masked_fill(lse[..., None] == float("-inf"), 0.0)
+    return probs, lse
 
 
 def attention_ref(
@@ -73,7 +95,37 @@ def attention_ref(
     ``dropout_mask`` (B, H, Sq, Sk), True = kept, scales kept probabilities by 1/(1 - p).
     Rows that see no key give out 0 and lse -inf. lse: (B, H, Sq).
     """
-    probs, lse = attention_probs(q, k, causal, softmax_scale, window, attn_bias, alibi_slopes)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
+    window = window_bounds(window)
+    return _reference(
+        q,
+        k,
+        v,
+        causal=causal,
+        scale=scale,
+        window=window,
+        bias=attn_bias,
+        slopes=alibi_slopes,
+        dropout_mask=dropout_mask,
+        dropout_p=dropout_p,
+    )
+
+
+def _reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    window: Window = UNBOUNDED,
+    bias: Tensor | None = None,
+    slopes: Tensor | None = None,
+    dropout_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> tuple[Tensor, Tensor]:
+    """:func:`attention_ref` with the window as a :data:`~fastlm.ops.masks.Window`."""
+    probs, lse = _probs(q, k, causal=causal, scale=scale, window=window, bias=bias, slopes=slopes)
     if dropout_mask is not None:
         probs = probs * dropout_mask / (1.0 - dropout_p)
     v = v.repeat_interleave(q.shape[2] // v.shape[2], dim=2)
@@ -81,9 +133,9 @@ def attention_ref(
 
 
 # ---------------------------------------------------------------------------------------------
-# Public API.
+# Public API. Each entry point runs its contract (the checks below) before it picks a backend.
 
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256  # flash-attn's limit, and the Triton kernels'
 
 
 @autocast_policy(lower_precision=True)
@@ -105,10 +157,10 @@ def flash_attention(
     Args:
         q: (B, Sq, H, D); k, v: (B, Sk, Hkv, D) with H % Hkv == 0 (GQA/MQA: K/V are never
             repeated in memory). fp16/bf16 on the Triton kernels (fp32/fp64 on the torch
-            backend); D up to 256; any strides with a contiguous last dim.
+            backend); D from 1 to 256; any strides with a contiguous last dim.
         causal: query i sees keys j <= i + Sk - Sq (aligned bottom-right, as FlashAttention
             >= 2.1: with Sq > Sk the first Sq - Sk rows see nothing).
-        softmax_scale: defaults to 1/sqrt(D).
+        softmax_scale: a finite number; defaults to 1/sqrt(D).
         dropout_p: dropout on the attention probabilities; ``seed`` fixes the mask (the same
             seed gives the same mask, and backward regenerates it). ``seed=None`` draws one
             from torch's default generator.
@@ -119,13 +171,28 @@ def flash_attention(
         alibi_slopes: fp32 (H,) or (B, H); adds ``-slope * |i + Sk - Sq - j|``.
         return_lse: also return the fp32 log-sum-exp of each row's scores, (B, H, Sq).
 
-    Rows that see no key give zeros (and lse -inf), never NaN.
+    Rows that see no key give zeros (and lse -inf), never NaN. A NaN in a row's query, or
+    in a key, value or bias entry the row sees, gives NaN, as PyTorch's attention does; one
+    in an entry the row does not see may reach it or not depending on the backend (SDPA
+    adds the mask to a NaN score; the Triton kernels skip key blocks outside the window).
     """
     _check_qkv(q, k, v, packed=False)
     bias = _check_bias(attn_bias, q.shape[0], q.shape[2], q.shape[1], k.shape[1], q)
     slopes = _check_alibi(alibi_slopes, q.shape[0], q.shape[2], q)
-    out, lse = _attention(q, k, v, causal, softmax_scale, dropout_p, window, bias, slopes,
-                          seed, None, None, q.shape[1], k.shape[1], return_lse)  # fmt: skip
+    scale = _check_scale(softmax_scale, q.shape[-1])
+    out, lse = _attention(
+        q,
+        k,
+        v,
+        causal=causal,
+        scale=scale,
+        window=window_bounds(window),
+        dropout_p=dropout_p,
+        seed=check_dropout(dropout_p, seed),
+        bias=bias,
+        slopes=slopes,
+        need_lse=return_lse,
+    )
     return (out, lse) if return_lse else out
 
 
@@ -148,14 +215,26 @@ def flash_attention_varlen(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """:func:`flash_attention` over packed variable-length sequences, as
     ``flash_attn_varlen_func``: q (total_q, H, D), k/v (total_k, Hkv, D); sequence b is rows
-    ``cu_seqlens[b]:cu_seqlens[b + 1]`` (int32, B + 1 entries, starting at 0); masks align
-    within each sequence. lse is (H, total_q)."""
+    ``cu_seqlens[b]:cu_seqlens[b + 1]`` (int32, B + 1 non-decreasing entries from 0 to the
+    packed length); ``max_seqlen_q``/``max_seqlen_k`` are at least the longest sequence's
+    length. Masks align within each sequence. lse is (H, total_q)."""
     _check_qkv(q, k, v, packed=True)
     batch = _check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q, k, max_seqlen_q, max_seqlen_k)
     slopes = _check_alibi(alibi_slopes, batch, q.shape[1], q)
-    out, lse = _attention(q, k, v, causal, softmax_scale, dropout_p, window, None, slopes,
-                          seed, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                          return_lse)  # fmt: skip
+    scale = _check_scale(softmax_scale, q.shape[-1])
+    out, lse = _attention(
+        q,
+        k,
+        v,
+        causal=causal,
+        scale=scale,
+        window=window_bounds(window),
+        dropout_p=dropout_p,
+        seed=check_dropout(dropout_p, seed),
+        slopes=slopes,
+        packed=(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
+        need_lse=return_lse,
+    )
     return (out, lse) if return_lse else out
 
 
@@ -173,37 +252,42 @@ def scaled_dot_product_attention(
     """Same signature, (..., heads, seqlen, head_dim) layout and semantics as
     ``torch.nn.functional.scaled_dot_product_attention``: a boolean ``attn_mask`` marks
     allowed positions, a float one is added to the scores, ``is_causal`` is aligned top-left.
-    Rows with no allowed key give zeros. On CPU tensors this is PyTorch's own function."""
+    Rows with no allowed key give zeros; a NaN query row that sees a key gives NaN. On CPU
+    tensors this is PyTorch's own function. The Triton kernels take 4-D fp16/bf16 tensors
+    with value's head_dim equal to query's, up to 256."""
+    _check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     name = backend.select("attention", query.device, _sdpa_support(query, key, value))
     if name == "torch":
-        return F.scaled_dot_product_attention(
+        out = F.scaled_dot_product_attention(
             query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
         )
-    if is_causal and attn_mask is not None:
-        raise ValueError("attn_mask and is_causal cannot both be set")
-    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
-        raise ValueError(
-            f"query, key and value must be 4-D (batch, heads, seqlen, head_dim) on "
-            f"the {name} backend, got {query.dim()}-D, {key.dim()}-D, {value.dim()}-D"
-        )
-    if not enable_gqa and key.shape[1] != query.shape[1]:
-        raise ValueError(f"key has {key.shape[1]} heads and query {query.shape[1]}: set "
-                         "enable_gqa=True for grouped-query attention")  # fmt: skip
-    q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, S, H, D) views
-    _check_qkv(q, k, v, packed=False)
+        # PyTorch's fused CPU kernel drops a NaN query row to zeros; its math path, and the
+        # reference, give NaN. With S > 0 every row sees a key (top-left causal included).
+        if key.shape[-2] > 0:
+            out = out.masked_fill(query.isnan().any(-1, keepdim=True), math.nan)
+        return out
+    # (B, S, H, D) views; key and value broadcast over the batch as in torch.
+    q = query.transpose(1, 2)
+    k, v = (t.expand(query.shape[0], *t.shape[1:]).transpose(1, 2) for t in (key, value))
     batch, seqlen_q, n_heads = q.shape[:3]
     seqlen_k = k.shape[1]
     bias = None
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
-            attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(
-                ~attn_mask, float("-inf")
-            )
+            attn_mask = additive_mask(attn_mask, q.dtype)
         bias = _check_bias(attn_mask, batch, n_heads, seqlen_q, seqlen_k, q, name="attn_mask")
-    # Top-left causal: j <= i, i.e. a window's right bound of -(Sk - Sq) at bottom-right.
-    window = (None, seqlen_q - seqlen_k) if is_causal else (None, None)
-    out, _ = _attention(q, k, v, False, scale, dropout_p, window, bias, None, None, None, None,
-                        seqlen_q, seqlen_k, False, bounds=True)  # fmt: skip
+    out, _ = _attention(
+        q,
+        k,
+        v,
+        causal=False,
+        scale=_check_scale(scale, q.shape[-1], "scale"),
+        # Top-left causal: j <= i, i.e. a window's right bound of -(Sk - Sq) at bottom-right.
+        window=(None, seqlen_q - seqlen_k) if is_causal else UNBOUNDED,
+        dropout_p=dropout_p,
+        seed=check_dropout(dropout_p, None),
+        bias=bias,
+    )
     return out.transpose(1, 2)
 
 
@@ -223,16 +307,20 @@ def attention_with_kvcache(
     """Decode attention: a few new queries against per-sequence KV caches, as
     ``flash_attn_with_kvcache``. Inference only (no autograd).
 
-    q: (B, Sq, H, D); k_cache, v_cache: (B, S_max, Hkv, D), H % Hkv == 0; cache_seqlens:
-    int32 (B,) tokens already cached. ``k_new``/``v_new`` (B, Sq_new, Hkv, D) are written
-    into the caches in place at ``cache_seqlens[b]:`` and attended to (apply rotary
+    q: (B, Sq, H, D), Sq >= 1, D from 1 to 256; k_cache, v_cache: (B, S_max, Hkv, D) in q's
+    dtype, H % Hkv == 0; cache_seqlens: int32 (B,) tokens already cached, each in
+    ``[0, S_max - Sq_new]``. ``k_new``/``v_new`` (B, Sq_new, Hkv, D), both or neither, are
+    written into the caches in place at ``cache_seqlens[b]:`` and attended to (apply rotary
     embeddings to them first: that hook is the caller's). Sequence b then has
     ``L_b = cache_seqlens[b] + Sq_new`` keys; causal query i sees keys ``j <= L_b - Sq + i``.
-    ``num_splits`` splits long caches across programs (flash-decoding); None chooses.
+    ``num_splits`` (an int >= 1) splits long caches across programs (flash-decoding); None
+    chooses. The Triton kernel takes fp16/bf16 caches with a unit stride on D.
     Returns out (B, Sq, H, D) (and fp32 lse (B, H, Sq)); a row with no key gives zeros.
     """
-    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    name = backend.select("attention", q.device, _support(q))
+    scale = _check_kvcache(
+        q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, num_splits
+    )
+    name = backend.select("attention", q.device, _kvcache_support(q, k_cache, v_cache))
     out, lse = torch.ops.fastlm.attention_kvcache(
         q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, num_splits, name
     )
@@ -241,50 +329,69 @@ def attention_with_kvcache(
 
 @torch.library.custom_op("fastlm::attention_kvcache", mutates_args=("k_cache", "v_cache"))
 def _attention_kvcache_op(
-    q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, k_new: Tensor | None,
-    v_new: Tensor | None, causal: bool, scale: float, num_splits: int | None,
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_seqlens: Tensor,
+    k_new: Tensor | None,
+    v_new: Tensor | None,
+    causal: bool,
+    scale: float,
+    num_splits: int | None,
     backend_name: str,
-) -> tuple[Tensor, Tensor]:  # fmt: skip
+) -> tuple[Tensor, Tensor]:
     if backend_name == "torch":
         return _torch_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale)
     from fastlm.kernels.attention_decode import attention_decode
 
-    return attention_decode(q, k_cache, v_cache, cache_seqlens, k_new=k_new, v_new=v_new,
-                            softmax_scale=scale, causal=causal,
-                            num_splits=num_splits)  # fmt: skip
+    return attention_decode(
+        q,
+        k_cache,
+        v_cache,
+        cache_seqlens,
+        k_new=k_new,
+        v_new=v_new,
+        softmax_scale=scale,
+        causal=causal,
+        num_splits=num_splits,
+    )
 
 
 @_attention_kvcache_op.register_fake
-def _(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, num_splits,
-      backend_name):  # fmt: skip
-    return torch.empty_like(q), q.new_empty((q.shape[0], q.shape[2], q.shape[1]),
-                                            dtype=torch.float32)  # fmt: skip
+def _(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, num_splits, backend_name):
+    return torch.empty_like(q), q.new_empty(
+        (q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32
+    )
 
 
 def _torch_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale):
     """The torch backend of :func:`attention_with_kvcache`: append, then the reference per
-    sequence (in fp32)."""
-    lengths = cache_seqlens.tolist()
+    sequence (in fp32, or fp64 for fp64)."""
+    compute = torch.promote_types(q.dtype, torch.float32)
     n_new = 0 if k_new is None else k_new.shape[1]
-    if any(n + n_new > k_cache.shape[1] for n in lengths):
-        raise ValueError(f"cache_seqlens + {n_new} new tokens exceed the cache's "
-                         f"{k_cache.shape[1]} slots")  # fmt: skip
-    outs, lses = [], []
-    for b, n in enumerate(lengths):
+    outs, lses = (
+        [q.new_empty((0, *q.shape[1:]))],
+        [q.new_empty((0, q.shape[2], q.shape[1]), dtype=torch.float32)],
+    )
+    for b, n in enumerate(cache_seqlens.tolist()):
         if n_new:
             k_cache[b, n : n + n_new] = k_new[b]
             v_cache[b, n : n + n_new] = v_new[b]
         keys = slice(0, n + n_new)
-        out, lse = attention_ref(q[b : b + 1].float(), k_cache[b : b + 1, keys].float(),
-                                 v_cache[b : b + 1, keys].float(), causal,
-                                 scale)  # fmt: skip
+        out, lse = _reference(
+            q[b : b + 1].to(compute),
+            k_cache[b : b + 1, keys].to(compute),
+            v_cache[b : b + 1, keys].to(compute),
+            causal=causal,
+            scale=scale,
+        )
         outs.append(out.to(q.dtype))
-        lses.append(lse)
+        lses.append(lse.float())
     return torch.cat(outs), torch.cat(lses)
 
 
 # ---------------------------------------------------------------------------------------------
-# Checks.
+# Checks: the contract every backend shares.
 
 
 def _check_qkv(q: Tensor, k: Tensor, v: Tensor, packed: bool) -> None:
@@ -301,19 +408,34 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor, packed: bool) -> None:
             raise TypeError(f"{name} is {t.dtype} but q is {q.dtype}")
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
-    head_dim = q.shape[-1]
-    if k.shape[-1] != head_dim or v.shape[-1] != head_dim:
-        raise ValueError(f"head_dim must match: q {head_dim}, k {k.shape[-1]}, v {v.shape[-1]}")
-    if head_dim > 256:
-        raise ValueError(f"head_dim {head_dim} is over the supported 256")
+    _check_head_dim(q.shape[-1], k.shape[-1], v.shape[-1])
     if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and "
-                         f"{tuple(v.shape)}")  # fmt: skip
-    if q.shape[-2] % k.shape[-2]:
-        raise ValueError(f"query heads ({q.shape[-2]}) must be a multiple of key/value heads "
-                         f"({k.shape[-2]})")  # fmt: skip
+        raise ValueError(
+            f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
+    _check_heads(q.shape[-2], k.shape[-2])
     if not packed and k.shape[0] != q.shape[0]:
         raise ValueError(f"k has batch {k.shape[0]} but q has {q.shape[0]}")
+
+
+def _check_head_dim(head_dim: int, k_dim: int, v_dim: int) -> None:
+    if k_dim != head_dim or v_dim != head_dim:
+        raise ValueError(f"head_dim must match: q {head_dim}, k {k_dim}, v {v_dim}")
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be in [1, {MAX_HEAD_DIM}], got {head_dim}")
+
+
+def _check_heads(n_heads: int, n_kv_heads: int) -> None:
+    if n_kv_heads < 1 or n_heads % n_kv_heads:
+        raise ValueError(
+            f"query heads ({n_heads}) must be a multiple of key/value heads ({n_kv_heads})"
+        )
+
+
+def _check_scale(softmax_scale, head_dim: int, name: str = "softmax_scale") -> float:
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    return check_real(name, softmax_scale)
 
 
 def _check_bias(bias, batch, n_heads, seqlen_q, seqlen_k, q, name="attn_bias"):
@@ -336,33 +458,196 @@ def _check_bias(bias, batch, n_heads, seqlen_q, seqlen_k, q, name="attn_bias"):
 def _check_alibi(slopes, batch, n_heads, q):
     if slopes is None:
         return None
-    if slopes.dtype != torch.float32:
-        raise TypeError(f"alibi_slopes must be float32, got {slopes.dtype}")
+    if not isinstance(slopes, Tensor) or slopes.dtype != torch.float32:
+        raise TypeError(f"alibi_slopes must be a float32 tensor, got {describe(slopes)}")
     if slopes.device != q.device:
         raise ValueError(f"alibi_slopes is on {slopes.device} but q is on {q.device}")
     if tuple(slopes.shape) not in ((n_heads,), (batch, n_heads)):
-        raise ValueError(f"alibi_slopes must be ({n_heads},) or ({batch}, {n_heads}), got "
-                         f"{tuple(slopes.shape)}")  # fmt: skip
+        raise ValueError(
+            f"alibi_slopes must be ({n_heads},) or ({batch}, {n_heads}), got {tuple(slopes.shape)}"
+        )
     return slopes.expand(batch, n_heads)
 
 
 def _check_cu_seqlens(cu_q, cu_k, q, k, max_seqlen_q, max_seqlen_k) -> int:
-    for name, cu, total in (("cu_seqlens_q", cu_q, q.shape[0]), ("cu_seqlens_k", cu_k,
-                                                                   k.shape[0])):  # fmt: skip
-        if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
-            raise ValueError(f"{name} must be a 1-D int32 tensor of batch + 1 offsets")
+    """Offsets from 0 to the packed length, non-decreasing, each sequence no longer than its
+    max_seqlen. The values are read with one device-to-host copy per tensor, skipped where
+    they cannot be read (see :func:`~fastlm.ops.contract.values_readable`)."""
+    check_int("max_seqlen_q", max_seqlen_q, 1)
+    check_int("max_seqlen_k", max_seqlen_k, 1)
+    for name, cu, total, max_name, longest in (
+        ("cu_seqlens_q", cu_q, q.shape[0], "max_seqlen_q", max_seqlen_q),
+        ("cu_seqlens_k", cu_k, k.shape[0], "max_seqlen_k", max_seqlen_k),
+    ):
+        if not isinstance(cu, Tensor) or cu.dtype != torch.int32:
+            raise TypeError(f"{name} must be an int32 tensor, got {describe(cu)}")
+        if cu.dim() != 1 or cu.numel() < 2:
+            raise ValueError(
+                f"{name} must be 1-D with batch + 1 >= 2 offsets, got shape {tuple(cu.shape)}"
+            )
         if cu.device != q.device:
             raise ValueError(f"{name} is on {cu.device} but q is on {q.device}")
-        if not torch.compiler.is_compiling():
-            first, last = cu[0].item(), cu[-1].item()
-            if first != 0 or last != total:
-                raise ValueError(f"{name} must run from 0 to the packed length {total}, got "
-                                 f"{first}..{last}")  # fmt: skip
+        if not values_readable(cu):
+            continue
+        lengths = cu.diff()
+        first, last, shortest, longest_seen = torch.stack(
+            (cu[0], cu[-1], lengths.min(), lengths.max())
+        ).tolist()
+        if first != 0 or last != total:
+            raise ValueError(
+                f"{name} must run from 0 to the packed length {total}, got {first}..{last}"
+            )
+        if shortest < 0:
+            i = int((lengths < 0).nonzero()[0, 0])
+            raise ValueError(
+                f"{name} must be non-decreasing, got {name}[{i}] = "
+                f"{int(cu[i])} > {name}[{i + 1}] = {int(cu[i + 1])}"
+            )
+        if longest_seen > longest:
+            raise ValueError(
+                f"{max_name} = {longest} is less than the longest sequence in {name} "
+                f"({longest_seen} rows)"
+            )
     if cu_q.numel() != cu_k.numel():
         raise ValueError("cu_seqlens_q and cu_seqlens_k must have the same length")
-    if max_seqlen_q < 1 or max_seqlen_k < 1:
-        raise ValueError("max_seqlen_q and max_seqlen_k must be positive")
     return cu_q.numel() - 1
+
+
+def _check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> None:
+    """torch's rules for ``F.scaled_dot_product_attention``, refused with named errors."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if t.dtype != query.dtype:
+            raise TypeError(f"{name} is {t.dtype} but query is {query.dtype}")
+        if t.device != query.device:
+            raise ValueError(f"{name} is on {t.device} but query is on {query.device}")
+        if t.dim() != query.dim() or t.dim() < 2:
+            raise ValueError(
+                f"{name} must be (..., seqlen, head_dim) with query's "
+                f"{query.dim()} dims, got shape {tuple(t.shape)}"
+            )
+    if key.shape[-1] != query.shape[-1]:
+        raise ValueError(f"head_dim must match: query {query.shape[-1]}, key {key.shape[-1]}")
+    if query.shape[-1] < 1:
+        raise ValueError(f"head_dim must be >= 1, got {query.shape[-1]}")
+    if key.shape[-2] != value.shape[-2]:
+        raise ValueError(
+            f"key and value must have the same seqlen, got {key.shape[-2]} and {value.shape[-2]}"
+        )
+    if query.dim() >= 3:
+        heads, kv_heads = query.shape[-3], key.shape[-3]
+        if value.shape[-3] != kv_heads:
+            raise ValueError(f"key has {kv_heads} heads but value {value.shape[-3]}")
+        if enable_gqa:
+            _check_heads(heads, kv_heads)
+        elif kv_heads not in (heads, 1):
+            raise ValueError(
+                f"key has {kv_heads} heads and query {heads}: set "
+                "enable_gqa=True for grouped-query attention"
+            )
+        for name, t in (("key", key), ("value", value)):
+            if tuple(torch.broadcast_shapes(t.shape[:-3], query.shape[:-3])) != query.shape[:-3]:
+                raise ValueError(
+                    f"{name}'s batch dims {tuple(t.shape[:-3])} do not broadcast "
+                    f"to query's {tuple(query.shape[:-3])}"
+                )
+    if attn_mask is not None:
+        if not isinstance(attn_mask, Tensor) or not (
+            attn_mask.dtype == torch.bool or attn_mask.is_floating_point()
+        ):
+            raise TypeError(f"attn_mask must be a bool or float tensor, got {describe(attn_mask)}")
+        if attn_mask.device != query.device:
+            raise ValueError(f"attn_mask is on {attn_mask.device} but query is on {query.device}")
+        full = (*query.shape[:-1], key.shape[-2])
+        try:
+            broadcast = tuple(torch.broadcast_shapes(attn_mask.shape, full))
+        except RuntimeError:
+            broadcast = None
+        if broadcast != full:
+            raise ValueError(
+                f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast "
+                f"to (..., seqlen_q, seqlen_k) = {full}"
+            )
+        if is_causal:
+            raise ValueError("attn_mask and is_causal cannot both be set")
+    # A given seed validates dropout_p without drawing one from torch's generator, which
+    # would shift the random stream PyTorch's own SDPA then draws its mask from.
+    check_dropout(dropout_p, 0)
+    _check_scale(scale, query.shape[-1], "scale")
+
+
+def _check_kvcache(
+    q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, num_splits
+) -> float:
+    """The contract of :func:`attention_with_kvcache`; returns the softmax scale."""
+    for name, t in (
+        ("q", q),
+        ("k_cache", k_cache),
+        ("v_cache", v_cache),
+        ("k_new", k_new),
+        ("v_new", v_new),
+    ):
+        if t is None and name in ("k_new", "v_new"):
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name} must be 4-D (batch, seqlen, heads, head_dim), got shape {tuple(t.shape)}"
+            )
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} is {t.dtype} but q is {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    batch, seqlen_q, n_heads, head_dim = q.shape
+    if seqlen_q < 1:
+        raise ValueError("q must hold at least one query (Sq >= 1)")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(
+            f"k_cache and v_cache must have the same shape, got "
+            f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
+    if k_cache.shape[0] != batch:
+        raise ValueError(f"k_cache has batch {k_cache.shape[0]} but q has {batch}")
+    _check_head_dim(head_dim, k_cache.shape[3], v_cache.shape[3])
+    _check_heads(n_heads, k_cache.shape[2])
+    if (k_new is None) != (v_new is None):
+        raise ValueError("k_new and v_new must be given together")
+    n_new = 0
+    if k_new is not None:
+        expected = (batch, k_new.shape[1], *k_cache.shape[2:])
+        for name, t in (("k_new", k_new), ("v_new", v_new)):
+            if tuple(t.shape) != expected:
+                raise ValueError(
+                    f"{name} must be (batch, Sq_new, Hkv, head_dim) = {expected}, as the "
+                    f"caches, got {tuple(t.shape)}"
+                )
+        n_new = k_new.shape[1]
+    if not isinstance(cache_seqlens, Tensor) or cache_seqlens.dtype != torch.int32:
+        raise TypeError(f"cache_seqlens must be an int32 tensor, got {describe(cache_seqlens)}")
+    if tuple(cache_seqlens.shape) != (batch,):
+        raise ValueError(
+            f"cache_seqlens must have shape (batch,) = ({batch},), got {tuple(cache_seqlens.shape)}"
+        )
+    if cache_seqlens.device != q.device:
+        raise ValueError(f"cache_seqlens is on {cache_seqlens.device} but q is on {q.device}")
+    if batch and values_readable(cache_seqlens):
+        low, high = torch.stack(torch.aminmax(cache_seqlens)).tolist()  # one device sync
+        if low < 0:
+            raise ValueError(f"cache_seqlens must be >= 0, got {low}")
+        if high + n_new > k_cache.shape[1]:
+            raise ValueError(
+                f"no room: cache_seqlens up to {high} plus {n_new} new tokens "
+                f"exceed the cache's {k_cache.shape[1]} positions"
+            )
+    if num_splits is not None:
+        check_int("num_splits", num_splits, 1)
+    return _check_scale(softmax_scale, head_dim)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,43 +656,104 @@ def _check_cu_seqlens(cu_q, cu_k, q, k, max_seqlen_q, max_seqlen_k) -> int:
 
 def _support(q: Tensor) -> dict:
     def triton_error():
-        if q.dtype not in _KERNEL_DTYPES:
+        if q.dtype not in HALF_DTYPES:
             return f"the attention kernels take fp16/bf16, got {q.dtype}"
         return None
 
-    return {"triton": triton_error, "torch": lambda: None}
+    return supports(triton_error)
 
 
 def _sdpa_support(query, key, value) -> dict:
-    return _support(query)
+    def triton_error():
+        if query.dim() != 4:
+            return (
+                f"the attention kernels take 4-D (batch, heads, seqlen, head_dim) tensors, "
+                f"got {query.dim()}-D"
+            )
+        if value.shape[-1] != query.shape[-1]:
+            return (
+                f"the attention kernels need value's head_dim ({value.shape[-1]}) equal "
+                f"to query's ({query.shape[-1]})"
+            )
+        if query.shape[-1] > MAX_HEAD_DIM:
+            return (
+                f"the attention kernels take head_dim up to {MAX_HEAD_DIM}, got {query.shape[-1]}"
+            )
+        return _support(query)["triton"]()
+
+    return supports(triton_error)
 
 
-def _attention(q, k, v, causal, softmax_scale, dropout_p, window, bias, slopes, seed, cu_q,
-               cu_k, max_q, max_k, need_lse, bounds=False):  # fmt: skip
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    left, right = window if bounds else _window_bounds(window)
-    if dropout_p > 0 and seed is None:
-        seed = int(torch.randint(0, 2**31 - 1, ()).item())
+def _kvcache_support(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> dict:
+    def triton_error():
+        if q.dtype not in HALF_DTYPES:
+            return f"the decode kernel takes fp16/bf16, got {q.dtype}"
+        for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if cache.stride(-1) != 1:
+                return (
+                    f"the decode kernel writes {name} in place and needs a unit stride on "
+                    "its head_dim"
+                )
+        return None
+
+    return supports(triton_error)
+
+
+def _attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    window: Window,
+    dropout_p: float,
+    seed: int,
+    bias: Tensor | None = None,
+    slopes: Tensor | None = None,
+    packed: tuple[Tensor, Tensor, int, int] | None = None,
+    need_lse: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Checked arguments to the chosen backend. ``packed`` is (cu_seqlens_q, cu_seqlens_k,
+    max_seqlen_q, max_seqlen_k) for packed sequences. Returns ``(out, lse)``; the torch
+    backend computes lse only when ``need_lse``."""
+    cu_q, cu_k, max_q, max_k = packed or (None, None, q.shape[1], k.shape[1])
     name = backend.select("attention", q.device, _support(q))
     if name == "torch":
-        return _torch_attention(q, k, v, causal, scale, dropout_p, (left, right), bias, slopes,
-                                seed or 0, cu_q, cu_k, need_lse)  # fmt: skip
+        return _torch_attention(
+            q,
+            k,
+            v,
+            causal=causal,
+            scale=scale,
+            window=window,
+            dropout_p=dropout_p,
+            seed=seed,
+            bias=bias,
+            slopes=slopes,
+            cu_seqlens=None if packed is None else packed[:2],
+            need_lse=need_lse,
+        )
+    # The custom op's schema takes flat arguments: the window as its two sides.
+    left, right = window
     return torch.ops.fastlm.attention_fwd(
-        _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v), bias, slopes,
-        cu_q, cu_k, max_q, max_k, causal, scale, left, right, float(dropout_p), seed or 0, name,
-    )  # fmt: skip
-
-
-def _window_bounds(window):
-    if len(window) != 2 or not all(isinstance(w, int) for w in window):
-        raise ValueError(f"window must be (left, right) ints, -1 for unbounded, got {window!r}")
-    return tuple(None if w < 0 else w for w in window)
-
-
-def _last_dim_contiguous(t: Tensor) -> Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
+        last_dim_contiguous(q),
+        last_dim_contiguous(k),
+        last_dim_contiguous(v),
+        bias,
+        slopes,
+        cu_q,
+        cu_k,
+        max_q,
+        max_k,
+        causal,
+        scale,
+        left,
+        right,
+        float(dropout_p),
+        seed,
+        name,
+    )
 
 
 def _kernel_args(causal, scale, left, right, dropout_p, seed):
@@ -418,21 +764,50 @@ def _kernel_args(causal, scale, left, right, dropout_p, seed):
 
 @torch.library.custom_op("fastlm::attention_fwd", mutates_args=())
 def _attention_fwd_op(
-    q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, alibi_slopes: Tensor | None,
-    cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None, max_seqlen_q: int,
-    max_seqlen_k: int, causal: bool, scale: float, window_left: int | None,
-    window_right: int | None, dropout_p: float, seed: int, backend_name: str,
-) -> tuple[Tensor, Tensor]:  # fmt: skip
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Tensor | None,
+    alibi_slopes: Tensor | None,
+    cu_seqlens_q: Tensor | None,
+    cu_seqlens_k: Tensor | None,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    scale: float,
+    window_left: int | None,
+    window_right: int | None,
+    dropout_p: float,
+    seed: int,
+    backend_name: str,
+) -> tuple[Tensor, Tensor]:
     from fastlm.kernels.attention import attention_fwd
 
     args = _kernel_args(causal, scale, window_left, window_right, dropout_p, seed)
-    return attention_fwd(q, k, v, args, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
-                         max_seqlen_q, max_seqlen_k)  # fmt: skip
+    return attention_fwd(
+        q, k, v, args, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
+    )
 
 
 @_attention_fwd_op.register_fake
-def _(q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-      causal, scale, window_left, window_right, dropout_p, seed, backend_name):  # fmt: skip
+def _(
+    q,
+    k,
+    v,
+    bias,
+    alibi_slopes,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    causal,
+    scale,
+    window_left,
+    window_right,
+    dropout_p,
+    seed,
+    backend_name,
+):
     if cu_seqlens_q is not None:
         lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
     else:
@@ -442,29 +817,76 @@ def _(q, k, v, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
 
 @torch.library.custom_op("fastlm::attention_bwd", mutates_args=())
 def _attention_bwd_op(
-    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-    bias: Tensor | None, bias_grad: bool, alibi_slopes: Tensor | None,
-    cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None, max_seqlen_q: int,
-    max_seqlen_k: int, causal: bool, scale: float, window_left: int | None,
-    window_right: int | None, dropout_p: float, seed: int, backend_name: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    bias: Tensor | None,
+    bias_grad: bool,
+    alibi_slopes: Tensor | None,
+    cu_seqlens_q: Tensor | None,
+    cu_seqlens_k: Tensor | None,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    scale: float,
+    window_left: int | None,
+    window_right: int | None,
+    dropout_p: float,
+    seed: int,
+    backend_name: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dbias); dbias is the fp32 (B, H, Sq, Sk) score gradient or empty."""
     from fastlm.kernels.attention import attention_bwd
 
     args = _kernel_args(causal, scale, window_left, window_right, dropout_p, seed)
     dq, dk, dv, dbias = attention_bwd(
-        _last_dim_contiguous(grad_out), q, k, v, out, lse, args, bias, bias_grad, alibi_slopes,
-        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-    )  # fmt: skip
-    return dq, dk, dv, q.new_empty(0, dtype=torch.float32) if dbias is None else dbias
+        last_dim_contiguous(grad_out),
+        q,
+        k,
+        v,
+        out,
+        lse,
+        args,
+        bias,
+        bias_grad,
+        alibi_slopes,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+    )
+    return dq, dk, dv, absent(q, torch.float32) if dbias is None else dbias
 
 
 @_attention_bwd_op.register_fake
-def _(grad_out, q, k, v, out, lse, bias, bias_grad, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
-      max_seqlen_q, max_seqlen_k, causal, scale, window_left, window_right, dropout_p, seed,
-      backend_name):  # fmt: skip
-    dbias = (bias.new_empty(bias.shape, dtype=torch.float32) if bias_grad else
-             q.new_empty(0, dtype=torch.float32))  # fmt: skip
+def _(
+    grad_out,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    bias,
+    bias_grad,
+    alibi_slopes,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    causal,
+    scale,
+    window_left,
+    window_right,
+    dropout_p,
+    seed,
+    backend_name,
+):
+    dbias = (
+        bias.new_empty(bias.shape, dtype=torch.float32) if bias_grad else absent(q, torch.float32)
+    )
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
 
 
@@ -482,84 +904,163 @@ def _attention_backward(ctx, grad_out, _grad_lse):
     max_q, max_k, causal, scale, left, right, p, seed, name = ctx.options
     bias_grad = bias is not None and ctx.needs_input_grad[3]
     dq, dk, dv, dbias = torch.ops.fastlm.attention_bwd(
-        grad_out, q, k, v, out, lse, bias, bias_grad, slopes, cu_q, cu_k, max_q, max_k,
-        causal, scale, left, right, p, seed, name,
-    )  # fmt: skip
+        grad_out,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        bias,
+        bias_grad,
+        slopes,
+        cu_q,
+        cu_k,
+        max_q,
+        max_k,
+        causal,
+        scale,
+        left,
+        right,
+        p,
+        seed,
+        name,
+    )
     dbias = dbias.to(bias.dtype) if bias_grad else None
     return (dq, dk, dv, dbias, *([None] * 12))
 
 
-torch.library.register_autograd("fastlm::attention_fwd", _attention_backward,
-                                setup_context=_attention_setup_context)  # fmt: skip
+torch.library.register_autograd(
+    "fastlm::attention_fwd", _attention_backward, setup_context=_attention_setup_context
+)
 
 
-def _torch_attention(q, k, v, causal, scale, dropout_p, bounds, bias, slopes, seed, cu_q, cu_k,
-                     need_lse):  # fmt: skip
-    """The torch backend. PyTorch's SDPA with the masks as one additive mask, its dropout
-    seeded by ``seed`` (reproducible, though not the Triton kernels' random stream); the
-    reference formula in fp32 when the log-sum-exp is asked for. Packed sequences run one at
-    a time."""
-    if cu_q is not None:
+def _torch_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    window: Window,
+    dropout_p: float,
+    seed: int,
+    bias: Tensor | None,
+    slopes: Tensor | None,
+    cu_seqlens: tuple[Tensor, Tensor] | None,
+    need_lse: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """The torch backend. PyTorch's SDPA with the masks as one additive mask (fp32, so an
+    fp32 bias or ALiBi is not rounded to the inputs' dtype first), its dropout seeded by
+    ``seed`` (reproducible, though not the Triton kernels' random stream); the reference
+    formula in fp32 when the log-sum-exp is asked for. Packed sequences run one at a time."""
+    if cu_seqlens is not None:
+        if q.device.type == "meta":  # no offsets to read: shapes only
+            lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+            return torch.empty_like(q), lse if need_lse else None
+        starts_q, starts_k = (cu.tolist() for cu in cu_seqlens)
         outs, lses = [], []
-        for b in range(cu_q.numel() - 1):
-            rows, cols = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
-            o, lse = _torch_attention(q[None, rows], k[None, cols], v[None, cols], causal,
-                                      scale, dropout_p, bounds, None,
-                                      None if slopes is None else slopes[b : b + 1], seed + b,
-                                      None, None, need_lse)  # fmt: skip
+        for b in range(len(starts_q) - 1):
+            rows = slice(starts_q[b], starts_q[b + 1])
+            cols = slice(starts_k[b], starts_k[b + 1])
+            o, lse = _torch_attention(
+                q[None, rows],
+                k[None, cols],
+                v[None, cols],
+                causal=causal,
+                scale=scale,
+                window=window,
+                dropout_p=dropout_p,
+                seed=seed + b,
+                bias=None,
+                slopes=None if slopes is None else slopes[b : b + 1],
+                cu_seqlens=None,
+                need_lse=need_lse,
+            )
             outs.append(o[0])
             lses.append(None if lse is None else lse[0])
         return torch.cat(outs), torch.cat(lses, dim=-1) if need_lse else None
+    compute = torch.promote_types(q.dtype, torch.float32)
     if need_lse:
-        # attention_ref speaks flash-attn's window convention (-1: unbounded).
-        window = tuple(-1 if side is None else side for side in bounds)
-        compute = torch.promote_types(q.dtype, torch.float32)
         mask = None
         if dropout_p > 0:
             gen = torch.Generator(device=q.device).manual_seed(seed)
             shape = (q.shape[0], q.shape[2], q.shape[1], k.shape[1])
             mask = torch.rand(shape, generator=gen, device=q.device) >= dropout_p
-        out, lse = attention_ref(
-            q.to(compute), k.to(compute), v.to(compute), causal, scale, window,
-            None if bias is None else bias.to(compute), slopes, mask, dropout_p,
-        )  # fmt: skip
+        out, lse = _reference(
+            q.to(compute),
+            k.to(compute),
+            v.to(compute),
+            causal=causal,
+            scale=scale,
+            window=window,
+            bias=None if bias is None else bias.to(compute),
+            slopes=slopes,
+            dropout_mask=mask,
+            dropout_p=dropout_p,
+        )
         return out.to(q.dtype), lse.float()
-    mask = _additive_mask(q, k, causal, bounds, bias, slopes)
+    seen = None
+    if causal_window(window, causal) != UNBOUNDED:
+        seen = visible(q.shape[1], k.shape[1], causal, window, q.device)
+    mask = _sdpa_mask(q.shape[1], k.shape[1], seen, bias, slopes, compute, q.device)
+    if mask is not None and not _sdpa_takes_wider_mask(q.device):
+        mask = _rounded_mask(mask, q.dtype)
     with torch.random.fork_rng(devices=[q.device] if q.device.type == "cuda" else []):
         if dropout_p > 0:
             torch.manual_seed(seed)
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-            dropout_p=dropout_p, scale=scale, enable_gqa=q.shape[2] != k.shape[2],
-        )  # fmt: skip
-    return out.transpose(1, 2), None
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=mask,
+            dropout_p=dropout_p,
+            scale=scale,
+            enable_gqa=q.shape[2] != k.shape[2],
+        )
+    return _nan_rows_as_reference(out.transpose(1, 2), q, k.shape[1], seen), None
 
 
-def _additive_mask(q, k, causal, bounds, bias, slopes):
-    """Window bounds (None: unbounded), causal, bias and ALiBi as one additive mask for SDPA
-    (None when none apply)."""
-    seqlen_q, seqlen_k = q.shape[1], k.shape[1]
-    i = torch.arange(seqlen_q, device=q.device)[:, None]
-    j = torch.arange(seqlen_k, device=q.device)[None, :]
-    diag = i + seqlen_k - seqlen_q
-    left, right = bounds
-    if causal:
-        right = 0 if right is None else min(right, 0)
-    mask = None
-    if left is not None or right is not None:
-        visible = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=q.device)
-        if left is not None:
-            visible &= j >= diag - left
-        if right is not None:
-            visible &= j <= diag + right
-        mask = torch.zeros(visible.shape, dtype=torch.float32, device=q.device)
-        mask = mask.masked_fill(~visible, float("-inf"))
+def _nan_rows_as_reference(out: Tensor, q: Tensor, seqlen_k: int, seen: Tensor | None):
+    """PyTorch's fused CPU kernel takes a NaN query row for one that sees no key and gives
+    it zeros, and gives NaN to a NaN row that sees none; the reference (and PyTorch's math
+    path) give NaN exactly where the row sees a key. out, q: (B, Sq, H, D)."""
+    if seqlen_k == 0:
+        return out
+    nan_rows = q.isnan().any(-1, keepdim=True)  # (B, Sq, H, 1)
+    if seen is None:
+        return out.masked_fill(nan_rows, math.nan)
+    sees_key = seen.any(-1)[:, None, None]  # (Sq, 1, 1)
+    out = out.masked_fill(nan_rows & sees_key, math.nan)
+    return out.masked_fill(nan_rows & ~sees_key, 0.0)
+
+
+def _sdpa_takes_wider_mask(device: torch.device) -> bool:
+    """Whether SDPA adds a float32 mask to half-precision scores as it is. PyTorch's CPU
+    kernels do (and faster than a bf16 mask); CUDA's memory-efficient kernel refuses a mask
+    whose dtype is not the query's."""
+    return device.type == "cpu"
+
+
+def _rounded_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """``mask`` in ``dtype``, each row first shifted so its largest entry is 0: softmax
+    ignores a per-row constant, and the entries near the row's top, which carry its weight,
+    then round to within ``dtype``'s precision of their distance from the top rather than of
+    their size (ALiBi's distances reach the sequence length)."""
+    top = mask.amax(-1, keepdim=True)
+    return (mask - torch.where(torch.isfinite(top), top, 0.0)).to(dtype)
+
+
+def _sdpa_mask(seqlen_q, seqlen_k, seen, bias, slopes, dtype, device):
+    """The visible keys (``seen``, None: all), bias and ALiBi as one additive ``dtype`` mask
+    for SDPA (None when none apply)."""
+    mask = None if seen is None else additive_mask(seen, dtype)
     if bias is not None:
-        mask = bias.float() if mask is None else mask + bias.float()
+        mask = bias.to(dtype) if mask is None else mask + bias.to(dtype)
     if slopes is not None:
-        alibi = -slopes.reshape(slopes.shape[0], -1, 1, 1) * (diag - j).abs()
+        distance = diagonal_offset(seqlen_q, seqlen_k, device).abs()
+        alibi = -slopes.to(dtype).reshape(slopes.shape[0], -1, 1, 1) * distance
         mask = alibi if mask is None else mask + alibi
-    return None if mask is None else mask.to(q.dtype)
+    return mask
 
 
 backend.register_op("attention", ("triton", "torch"))

@@ -11,26 +11,35 @@ that product); the base stays frozen.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from fastlm import backend
+from fastlm.ops._common import HALF_DTYPES, supports
 from fastlm.ops.activation import check_dropout, seeded_dropout
 from fastlm.ops.autocast import autocast_policy
-from fastlm.quant.formats import NF4_CODE, QuantizedWeight, dequantize_weight
-
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+from fastlm.ops.contract import check_real, describe
+from fastlm.ops.quant import linear
+from fastlm.ops.quant_formats import NF4_CODE, QuantizedWeight, dequantize_weight
 
 
 def _dense(weight: Tensor | QuantizedWeight, dtype: torch.dtype) -> Tensor:
     return dequantize_weight(weight, dtype) if isinstance(weight, QuantizedWeight) else weight
 
 
-def lora_linear_ref(x: Tensor, weight: Tensor | QuantizedWeight, bias: Tensor | None,
-                    lora_a: Tensor, lora_b: Tensor, scale: float) -> Tensor:  # fmt: skip
+def lora_linear_ref(
+    x: Tensor,
+    weight: Tensor | QuantizedWeight,
+    bias: Tensor | None,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float,
+) -> Tensor:
     """The unfused formula (no dropout), a quantized weight dequantized in x's dtype."""
-    base = F.linear(x, _dense(weight, x.dtype), bias)
+    base = linear(x, _dense(weight, x.dtype), bias)
     return base + scale * F.linear(F.linear(x, lora_a), lora_b)
 
 
@@ -48,10 +57,53 @@ def lora_linear(
     """``x @ weight.T + bias + scale * dropout(x) @ lora_a.T @ lora_b.T``.
 
     x: (..., K); weight (N, K) frozen, a tensor or a ``QuantizedWeight`` (QLoRA); lora_a
-    (r, K); lora_b (N, r). Gradients reach x, lora_a and lora_b (not weight or bias).
+    (r, K); lora_b (N, r), all in x's dtype; bias (N,) of any float dtype. Returns (..., N)
+    in x's dtype. Gradients reach x, lora_a and lora_b (not weight or bias).
     """
-    quantized = isinstance(weight, QuantizedWeight)
+    scale = _check(x, weight, bias, lora_a, lora_b, scale)
+    seed = check_dropout(dropout_p, seed)
+
+    def triton_error():
+        if x.dtype not in HALF_DTYPES:
+            return f"the fused kernel takes fp16/bf16, got {x.dtype}"
+        return None
+
+    name = backend.select("lora_linear", x.device, supports(triton_error))
+    if name == "torch":
+        dropped = seeded_dropout(x, dropout_p, seed)
+        base = linear(x, _dense(weight, x.dtype), bias)
+        return base + scale * F.linear(F.linear(dropped, lora_a), lora_b)
+    return _LoRALinear.apply(x, weight, bias, lora_a, lora_b, scale, float(dropout_p), seed)
+
+
+def _check(x, weight, bias, lora_a, lora_b, scale) -> float:
+    """The contract of :func:`lora_linear`: one float dtype and device throughout, shapes
+    that chain, a finite scale (returned as a float)."""
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {describe(x)}")
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension (features last)")
+    if isinstance(weight, QuantizedWeight):
+        if weight.qweight.device != x.device:
+            raise ValueError(f"weight is on {weight.qweight.device} but x is on {x.device}")
+    elif not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise TypeError(f"weight must be a 2-D tensor or a QuantizedWeight, got {describe(weight)}")
+    # The bias may keep its own float dtype (QuantLinear's does); the rest is x's.
+    if bias is not None and (not isinstance(bias, Tensor) or not bias.is_floating_point()):
+        raise TypeError(f"bias must be a floating-point tensor, got {describe(bias)}")
+    for name, t in (("weight", weight), ("bias", bias), ("lora_a", lora_a), ("lora_b", lora_b)):
+        if t is None or isinstance(t, QuantizedWeight):
+            continue
+        if name != "bias" and (not isinstance(t, Tensor) or t.dtype != x.dtype):
+            raise TypeError(f"{name} must be a tensor of x's dtype {x.dtype}, got {describe(t)}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
     n, k = weight.shape
+    if lora_a.dim() != 2 or lora_b.dim() != 2:
+        raise ValueError(
+            f"lora_a and lora_b must be 2-D (r, K) and (N, r), got "
+            f"{tuple(lora_a.shape)} and {tuple(lora_b.shape)}"
+        )
     if x.shape[-1] != k or lora_a.shape[1] != k or lora_b.shape[0] != n:
         raise ValueError(
             f"shapes do not chain: x {tuple(x.shape)}, weight {tuple(weight.shape)}"
@@ -59,42 +111,36 @@ def lora_linear(
         )
     if lora_a.shape[0] != lora_b.shape[1]:
         raise ValueError(f"lora_a has rank {lora_a.shape[0]}, lora_b {lora_b.shape[1]}")
-    seed = check_dropout(dropout_p, seed)
-
-    def triton_error():
-        dtypes = {x.dtype, lora_a.dtype, lora_b.dtype} | (
-            {weight.dtype} if not quantized else set()
-        )
-        if len(dtypes) > 1 or x.dtype not in _KERNEL_DTYPES:
-            return f"the fused kernel takes one fp16/bf16 dtype, got {sorted(map(str, dtypes))}"
-        return None
-
-    name = backend.select("lora_linear", x.device, {"triton": triton_error,
-                                                    "torch": lambda: None})  # fmt: skip
-    if name == "torch":
-        dropped = seeded_dropout(x, dropout_p, seed)
-        base = F.linear(x, _dense(weight, x.dtype), bias)
-        return base + scale * F.linear(F.linear(dropped, lora_a), lora_b)
-    return _LoRALinear.apply(x, weight, bias, lora_a, lora_b, float(scale), float(dropout_p),
-                             seed)  # fmt: skip
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    return check_real("scale", scale)
 
 
 class _LoRALinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scale, dropout_p, seed):
-        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).contiguous()
         t = F.linear(seeded_dropout(x2, dropout_p, seed), lora_a).contiguous()
         lora = (t, lora_b.contiguous(), scale)
         if isinstance(weight, QuantizedWeight):
             from fastlm.kernels.quant import quant_matmul_fwd
 
-            code = (torch.tensor(NF4_CODE, device=x.device) if weight.scheme == "nf4"
-                    else None)  # fmt: skip
-            y = quant_matmul_fwd(x2, weight.qweight, weight.scales, weight.zeros, weight.scales2,
-                                 weight.scales_mean, code, bias, weight.bits,
-                                 weight.scheme == "nf4",
-                                 weight.group_size if weight.bits == 4 else 0, weight.shape[0],
-                                 lora=lora)  # fmt: skip
+            code = torch.tensor(NF4_CODE, device=x.device) if weight.scheme == "nf4" else None
+            y = quant_matmul_fwd(
+                x2,
+                weight.qweight,
+                weight.scales,
+                weight.zeros,
+                weight.scales2,
+                weight.scales_mean,
+                code,
+                bias,
+                weight.bits,
+                weight.scheme == "nf4",
+                weight.group_size if weight.bits == 4 else 0,
+                weight.shape[0],
+                lora=lora,
+            )
             ctx.weight = weight
             ctx.save_for_backward(x2, t, lora_a, lora_b)
         else:

@@ -17,11 +17,15 @@ Triton is forced (the interpreter).
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from fastlm import backend
+from fastlm.ops._common import HALF_DTYPES, absent, as_rows, supports
 from fastlm.ops.activation import (
     bias_act_ref,
     check_activation,
@@ -29,8 +33,8 @@ from fastlm.ops.activation import (
     seeded_dropout,
 )
 from fastlm.ops.autocast import autocast_policy
+from fastlm.ops.contract import describe
 
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 # Philox streams of the two dropouts in fused_mlp: hidden (seed) and output (seed + 1).
 _OUTPUT_DROPOUT_STREAM = 1
 
@@ -73,12 +77,13 @@ def linear_act(
     """
     _check(x, activation, weight=weight, bias=bias)
     seed = check_dropout(dropout_p, seed)
-    name = backend.select("linear_act", x.device, _support(x, weight, bias))
-    if name == "torch":
-        return seeded_dropout(linear_act_ref(x, weight, bias, activation), dropout_p, seed)
-    save = _grad_needed(x, weight, bias)
-    y, _ = torch.ops.fastlm.linear_act(x, weight, bias, activation, float(dropout_p), seed, save)
-    return y
+    return _dispatch(
+        "linear_act",
+        x,
+        (weight, bias),
+        (activation, float(dropout_p), seed),
+        lambda: seeded_dropout(linear_act_ref(x, weight, bias, activation), dropout_p, seed),
+    )
 
 
 @autocast_policy(lower_precision=True)
@@ -96,14 +101,13 @@ def gated_linear(
     x: (..., K); w_gate, w_up: (N, K); biases (N,), both or neither; result (..., N).
     """
     _check(x, activation, w_gate=w_gate, w_up=w_up, bias_gate=bias_gate, bias_up=bias_up)
-    name = backend.select("gated_linear", x.device,
-                          _support(x, w_gate, w_up, bias_gate, bias_up))  # fmt: skip
-    if name == "torch":
-        return gated_linear_ref(x, w_gate, w_up, activation, bias_gate, bias_up)
-    save = _grad_needed(x, w_gate, w_up, bias_gate, bias_up)
-    y, _, _ = torch.ops.fastlm.gated_linear(x, w_gate, w_up, bias_gate, bias_up, activation,
-                                            save)  # fmt: skip
-    return y
+    return _dispatch(
+        "gated_linear",
+        x,
+        (w_gate, w_up, bias_gate, bias_up),
+        (activation,),
+        lambda: gated_linear_ref(x, w_gate, w_up, activation, bias_gate, bias_up),
+    )
 
 
 @autocast_policy(lower_precision=True)
@@ -125,15 +129,20 @@ def fused_mlp(
     _check(x, activation, fc1_weight=fc1_weight, fc1_bias=fc1_bias)
     _check_chain(fc1_weight, fc2_weight, fc2_bias, "fc1_weight", "fc2")
     seed = check_dropout(dropout_p, seed)
-    params = (fc1_weight, fc1_bias, fc2_weight, fc2_bias)
-    name = backend.select("fused_mlp", x.device, _support(x, *params))
-    if name == "torch":
+
+    def torch_backend():
         h = seeded_dropout(linear_act_ref(x, fc1_weight, fc1_bias, activation), dropout_p, seed)
-        return seeded_dropout(F.linear(h, fc2_weight, fc2_bias), dropout_p,
-                              seed + _OUTPUT_DROPOUT_STREAM)  # fmt: skip
-    save = _grad_needed(x, *params)
-    y, _ = torch.ops.fastlm.fused_mlp(x, *params, activation, float(dropout_p), seed, save)
-    return y
+        return seeded_dropout(
+            F.linear(h, fc2_weight, fc2_bias), dropout_p, seed + _OUTPUT_DROPOUT_STREAM
+        )
+
+    return _dispatch(
+        "fused_mlp",
+        x,
+        (fc1_weight, fc1_bias, fc2_weight, fc2_bias),
+        (activation, float(dropout_p), seed),
+        torch_backend,
+    )
 
 
 @autocast_policy(lower_precision=True)
@@ -152,17 +161,27 @@ def gated_mlp(
 
     x: (..., hidden); gate/up weights: (intermediate, hidden); down: (hidden', intermediate).
     """
-    _check(x, activation, gate_weight=gate_weight, up_weight=up_weight, gate_bias=gate_bias,
-           up_bias=up_bias)  # fmt: skip
+    _check(
+        x,
+        activation,
+        gate_weight=gate_weight,
+        up_weight=up_weight,
+        gate_bias=gate_bias,
+        up_bias=up_bias,
+    )
     _check_chain(gate_weight, down_weight, down_bias, "gate_weight", "down")
-    params = (gate_weight, up_weight, down_weight, gate_bias, up_bias, down_bias)
-    name = backend.select("gated_mlp", x.device, _support(x, *params))
-    if name == "torch":
+
+    def torch_backend():
         h = gated_linear_ref(x, gate_weight, up_weight, activation, gate_bias, up_bias)
         return F.linear(h, down_weight, down_bias)
-    save = _grad_needed(x, *params)
-    y, _, _ = torch.ops.fastlm.gated_mlp(x, *params, activation, save)
-    return y
+
+    return _dispatch(
+        "gated_mlp",
+        x,
+        (gate_weight, up_weight, down_weight, gate_bias, up_bias, down_bias),
+        (activation,),
+        torch_backend,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,7 +192,7 @@ def _check(x: Tensor, activation: str, **params: Tensor | None) -> None:
     """x, the activation, and weights (``*weight`` / ``w_*``, (N, K)) each followed by its
     optional bias ((N,)), named as the caller's arguments."""
     if not isinstance(x, Tensor) or not x.is_floating_point():
-        raise TypeError("x must be a floating-point tensor")
+        raise TypeError(f"x must be a floating-point tensor, got {describe(x)}")
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension (features last)")
     check_activation(activation)
@@ -182,19 +201,20 @@ def _check(x: Tensor, activation: str, **params: Tensor | None) -> None:
         if t is None:
             continue
         if not isinstance(t, Tensor) or not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor")
+            raise TypeError(f"{name} must be a floating-point tensor, got {describe(t)}")
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-        if "bias" in name:
-            if tuple(t.shape) != (out_features,):
-                raise ValueError(f"{name} must have shape ({out_features},), got "
-                                 f"{tuple(t.shape)}")  # fmt: skip
-            continue
-        if t.dim() != 2 or t.shape[1] != x.shape[-1]:
-            raise ValueError(f"{name} must be (out_features, {x.shape[-1]}) for x with "
-                             f"{x.shape[-1]} features, got {tuple(t.shape)}")  # fmt: skip
         if t.dtype != x.dtype:
             raise TypeError(f"{name} dtype {t.dtype} differs from x's {x.dtype}")
+        if "bias" in name:
+            if tuple(t.shape) != (out_features,):
+                raise ValueError(f"{name} must have shape ({out_features},), got {tuple(t.shape)}")
+            continue
+        if t.dim() != 2 or t.shape[1] != x.shape[-1]:
+            raise ValueError(
+                f"{name} must be (out_features, {x.shape[-1]}) for x with "
+                f"{x.shape[-1]} features, got {tuple(t.shape)}"
+            )
         if out_features is not None and t.shape[0] != out_features:
             raise ValueError(f"{name} has {t.shape[0]} rows, the other weight {out_features}")
         out_features = t.shape[0]
@@ -203,52 +223,72 @@ def _check(x: Tensor, activation: str, **params: Tensor | None) -> None:
         raise ValueError(f"{biases[0]} and {biases[1]} must be given together or not at all")
 
 
-def _check_chain(first: Tensor, weight: Tensor, bias: Tensor | None, first_name: str,
-                 layer: str) -> None:  # fmt: skip
+def _check_chain(
+    first: Tensor, weight: Tensor, bias: Tensor | None, first_name: str, layer: str
+) -> None:
     """The second layer of an MLP: its weight reads the first's outputs."""
     hidden = first.shape[0]
-    if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] != hidden:
-        shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
-        raise ValueError(f"{layer}_weight must be (out_features, {hidden}) to follow "
-                         f"{first_name}, got {shape}")  # fmt: skip
-    if weight.dtype != first.dtype or weight.device != first.device:
-        raise TypeError(f"{layer}_weight must match {first_name}'s dtype and device")
+    for name, t in ((f"{layer}_weight", weight), (f"{layer}_bias", bias)):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {describe(t)}")
+        if t.dtype != first.dtype:
+            raise TypeError(f"{name} dtype {t.dtype} differs from {first_name}'s {first.dtype}")
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")
+    if weight.dim() != 2 or weight.shape[1] != hidden:
+        raise ValueError(
+            f"{layer}_weight must be (out_features, {hidden}) to follow "
+            f"{first_name}, got {tuple(weight.shape)}"
+        )
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"{layer}_bias must have shape ({weight.shape[0]},), got "
-                         f"{tuple(bias.shape)}")  # fmt: skip
+        raise ValueError(
+            f"{layer}_bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}"
+        )
 
 
-def _support(x: Tensor, *params: Tensor | None):
+def _dispatch(
+    op: str,
+    x: Tensor,
+    params: tuple[Tensor | None, ...],
+    options: tuple,
+    torch_backend: Callable[[], Tensor],
+) -> Tensor:
+    """Checked arguments to the backend chosen for ``op``: ``torch_backend()``, or the
+    custom op ``fastlm::<op>(x, *params, *options, save)``, which keeps the pre-activations
+    for the backward (``save``) only when a gradient will be asked for."""
+
     def triton_error():
-        if x.dtype not in _KERNEL_DTYPES:
+        if x.dtype not in HALF_DTYPES:
             return f"the Triton GEMM takes fp16/bf16 inputs, got {x.dtype}"
-        for t in params:
-            if t is not None and not t.is_floating_point():
-                return f"parameter dtype {t.dtype} is not floating point"
         return None
 
-    return {"triton": triton_error, "torch": lambda: None}
-
-
-def _grad_needed(*tensors: Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-def _rows(t: Tensor) -> Tensor:
-    t = t.reshape(-1, t.shape[-1])
-    return t if t.stride(-1) == 1 else t.contiguous()
+    if backend.select(op, x.device, supports(triton_error)) == "torch":
+        return torch_backend()
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params))
+    return getattr(torch.ops.fastlm, op)(x, *params, *options, save)[0]
 
 
 def _opt(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.contiguous()
 
 
-def _empty(like: Tensor) -> Tensor:
-    return like.new_empty(0)
-
-
 def _out_shape(x: Tensor, n: int) -> tuple[int, ...]:
     return (*x.shape[:-1], n)
+
+
+def _outputs(x: Tensor, y: Tensor, *saved: Tensor | None) -> tuple[Tensor, ...]:
+    """A custom op's outputs: the kernel's (M, N) result in x's leading shape, then the
+    pre-activations it saved (absent when it saved none)."""
+    return (y.view(_out_shape(x, y.shape[-1])), *(absent(x) if t is None else t for t in saved))
+
+
+def _fake_outputs(x: Tensor, out_features: int, hidden: int, save: bool, n_saved: int):
+    """A fake impl's outputs: y (..., out_features) and ``n_saved`` pre-activations (M,
+    hidden), empty unless ``save``."""
+    saved = (math.prod(x.shape[:-1]), hidden) if save else 0
+    return (x.new_empty(_out_shape(x, out_features)), *(x.new_empty(saved) for _ in range(n_saved)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,15 +309,15 @@ def _linear_act_op(
 ) -> tuple[Tensor, Tensor]:
     from fastlm.kernels.mlp import linear_act_fwd
 
-    y, pre = linear_act_fwd(_rows(x), weight.contiguous(), _opt(bias), activation, dropout_p,
-                            seed, save)  # fmt: skip
-    return y.view(_out_shape(x, weight.shape[0])), _empty(x) if pre is None else pre
+    y, pre = linear_act_fwd(
+        as_rows(x), weight.contiguous(), _opt(bias), activation, dropout_p, seed, save
+    )
+    return _outputs(x, y, pre)
 
 
 @_linear_act_op.register_fake
 def _(x, weight, bias, activation, dropout_p, seed, save):
-    n = weight.shape[0]
-    return x.new_empty(_out_shape(x, n)), x.new_empty((x.numel() // x.shape[-1], n) if save else 0)
+    return _fake_outputs(x, weight.shape[0], weight.shape[0], save, 1)
 
 
 def _linear_act_setup(ctx, inputs, output):
@@ -288,15 +328,16 @@ def _linear_act_setup(ctx, inputs, output):
 
 def _linear_act_backward(ctx, grad, _grad_pre):
     x, weight, bias, pre = ctx.saved_tensors
-    x2 = _rows(x)
+    x2 = as_rows(x)
     pre = pre if pre.numel() or not x2.numel() else F.linear(x2, weight, bias)
-    dpre, db, _ = _bias_act_grad(_rows(grad), pre, bias, *ctx.options, recompute=False)
+    dpre, db, _ = _bias_act_grad(as_rows(grad), pre, bias, *ctx.options, recompute=False)
     dx = (dpre @ weight).view(x.shape)
     return dx, dpre.T @ x2, _cast(db, bias), None, None, None, None
 
 
-torch.library.register_autograd("fastlm::linear_act", _linear_act_backward,
-                                setup_context=_linear_act_setup)  # fmt: skip
+torch.library.register_autograd(
+    "fastlm::linear_act", _linear_act_backward, setup_context=_linear_act_setup
+)
 
 
 @torch.library.custom_op("fastlm::gated_linear", mutates_args=())
@@ -311,18 +352,21 @@ def _gated_linear_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     from fastlm.kernels.mlp import gated_linear_fwd
 
-    y, gate, up = gated_linear_fwd(_rows(x), w_gate.contiguous(), w_up.contiguous(),
-                                   _opt(bias_gate), _opt(bias_up), activation, save)  # fmt: skip
-    if gate is None:
-        gate, up = _empty(x), _empty(x)
-    return y.view(_out_shape(x, w_gate.shape[0])), gate, up
+    y, gate, up = gated_linear_fwd(
+        as_rows(x),
+        w_gate.contiguous(),
+        w_up.contiguous(),
+        _opt(bias_gate),
+        _opt(bias_up),
+        activation,
+        save,
+    )
+    return _outputs(x, y, gate, up)
 
 
 @_gated_linear_op.register_fake
 def _(x, w_gate, w_up, bias_gate, bias_up, activation, save):
-    n = w_gate.shape[0]
-    pre = (x.numel() // x.shape[-1], n) if save else 0
-    return x.new_empty(_out_shape(x, n)), x.new_empty(pre), x.new_empty(pre)
+    return _fake_outputs(x, w_gate.shape[0], w_gate.shape[0], save, 2)
 
 
 def _gated_linear_setup(ctx, inputs, output):
@@ -333,18 +377,18 @@ def _gated_linear_setup(ctx, inputs, output):
 
 def _gated_linear_backward(ctx, grad, _grad_gate, _grad_up):
     x, w_gate, w_up, bias_gate, bias_up, gate, up = ctx.saved_tensors
-    x2 = _rows(x)
+    x2 = as_rows(x)
     gate, up = _gated_pre(x2, w_gate, w_up, bias_gate, bias_up, gate, up)
     dgate, dup, dbg, dbu, _ = torch.ops.fastlm.gated_act_bwd(
-        _rows(grad), gate, up, None, None, ctx.activation, False, bias_gate is not None
+        as_rows(grad), gate, up, None, None, ctx.activation, False, bias_gate is not None
     )
     dx = torch.addmm(dgate @ w_gate, dup, w_up).view(x.shape)
-    return (dx, dgate.T @ x2, dup.T @ x2, _cast(dbg, bias_gate), _cast(dbu, bias_up), None,
-            None)  # fmt: skip
+    return (dx, dgate.T @ x2, dup.T @ x2, _cast(dbg, bias_gate), _cast(dbu, bias_up), None, None)
 
 
-torch.library.register_autograd("fastlm::gated_linear", _gated_linear_backward,
-                                setup_context=_gated_linear_setup)  # fmt: skip
+torch.library.register_autograd(
+    "fastlm::gated_linear", _gated_linear_backward, setup_context=_gated_linear_setup
+)
 
 
 @torch.library.custom_op("fastlm::fused_mlp", mutates_args=())
@@ -361,17 +405,23 @@ def _fused_mlp_op(
 ) -> tuple[Tensor, Tensor]:
     from fastlm.kernels.mlp import linear_act_fwd
 
-    h, pre = linear_act_fwd(_rows(x), fc1_weight.contiguous(), _opt(fc1_bias), activation,
-                            dropout_p, seed, save)  # fmt: skip
-    y, _ = linear_act_fwd(h, fc2_weight.contiguous(), _opt(fc2_bias), "identity", dropout_p,
-                          seed + _OUTPUT_DROPOUT_STREAM)  # fmt: skip
-    return y.view(_out_shape(x, fc2_weight.shape[0])), _empty(x) if pre is None else pre
+    h, pre = linear_act_fwd(
+        as_rows(x), fc1_weight.contiguous(), _opt(fc1_bias), activation, dropout_p, seed, save
+    )
+    y, _ = linear_act_fwd(
+        h,
+        fc2_weight.contiguous(),
+        _opt(fc2_bias),
+        "identity",
+        dropout_p,
+        seed + _OUTPUT_DROPOUT_STREAM,
+    )
+    return _outputs(x, y, pre)
 
 
 @_fused_mlp_op.register_fake
 def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, dropout_p, seed, save):
-    pre = (x.numel() // x.shape[-1], fc1_weight.shape[0]) if save else 0
-    return x.new_empty(_out_shape(x, fc2_weight.shape[0])), x.new_empty(pre)
+    return _fake_outputs(x, fc2_weight.shape[0], fc1_weight.shape[0], save, 1)
 
 
 def _fused_mlp_setup(ctx, inputs, output):
@@ -384,10 +434,11 @@ def _fused_mlp_setup(ctx, inputs, output):
 def _fused_mlp_backward(ctx, grad, _grad_pre):
     x, fc1_weight, fc1_bias, fc2_weight, pre = ctx.saved_tensors
     activation, dropout_p, seed = ctx.options
-    x2, dy = _rows(x), _rows(grad)
+    x2, dy = as_rows(x), as_rows(grad)
     if dropout_p > 0:  # the output dropout's backward is the same mask applied to dy
-        dy = torch.ops.fastlm.bias_act(dy, None, "identity", dropout_p,
-                                       seed + _OUTPUT_DROPOUT_STREAM)  # fmt: skip
+        dy = torch.ops.fastlm.bias_act(
+            dy, None, "identity", dropout_p, seed + _OUTPUT_DROPOUT_STREAM
+        )
     pre = pre if pre.numel() or not x2.numel() else F.linear(x2, fc1_weight, fc1_bias)
     dpre, db1, h = _bias_act_grad(dy @ fc2_weight, pre, fc1_bias, *ctx.options, recompute=True)
     db2 = _bias_grad(dy, ctx.fc2_bias_dtype)
@@ -395,8 +446,9 @@ def _fused_mlp_backward(ctx, grad, _grad_pre):
     return (dx, dpre.T @ x2, _cast(db1, fc1_bias), dy.T @ h, db2, None, None, None, None)
 
 
-torch.library.register_autograd("fastlm::fused_mlp", _fused_mlp_backward,
-                                setup_context=_fused_mlp_setup)  # fmt: skip
+torch.library.register_autograd(
+    "fastlm::fused_mlp", _fused_mlp_backward, setup_context=_fused_mlp_setup
+)
 
 
 @torch.library.custom_op("fastlm::gated_mlp", mutates_args=())
@@ -413,44 +465,58 @@ def _gated_mlp_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     from fastlm.kernels.mlp import gated_linear_fwd, linear_act_fwd
 
-    h, gate, up = gated_linear_fwd(_rows(x), gate_weight.contiguous(), up_weight.contiguous(),
-                                   _opt(gate_bias), _opt(up_bias), activation, save)  # fmt: skip
+    h, gate, up = gated_linear_fwd(
+        as_rows(x),
+        gate_weight.contiguous(),
+        up_weight.contiguous(),
+        _opt(gate_bias),
+        _opt(up_bias),
+        activation,
+        save,
+    )
     y, _ = linear_act_fwd(h, down_weight.contiguous(), _opt(down_bias), "identity")
-    if gate is None:
-        gate, up = _empty(x), _empty(x)
-    return y.view(_out_shape(x, down_weight.shape[0])), gate, up
+    return _outputs(x, y, gate, up)
 
 
 @_gated_mlp_op.register_fake
 def _(x, gate_weight, up_weight, down_weight, gate_bias, up_bias, down_bias, activation, save):
-    pre = (x.numel() // x.shape[-1], gate_weight.shape[0]) if save else 0
-    y = x.new_empty(_out_shape(x, down_weight.shape[0]))
-    return y, x.new_empty(pre), x.new_empty(pre)
+    return _fake_outputs(x, down_weight.shape[0], gate_weight.shape[0], save, 2)
 
 
 def _gated_mlp_setup(ctx, inputs, output):
     x, gate_weight, up_weight, down_weight, gate_bias, up_bias, down_bias, activation, _ = inputs
-    ctx.save_for_backward(x, gate_weight, up_weight, down_weight, gate_bias, up_bias,
-                          output[1], output[2])  # fmt: skip
+    ctx.save_for_backward(
+        x, gate_weight, up_weight, down_weight, gate_bias, up_bias, output[1], output[2]
+    )
     ctx.down_bias_dtype = None if down_bias is None else down_bias.dtype
     ctx.activation = activation
 
 
 def _gated_mlp_backward(ctx, grad, _grad_gate, _grad_up):
     x, gate_weight, up_weight, down_weight, gate_bias, up_bias, gate, up = ctx.saved_tensors
-    x2, dy = _rows(x), _rows(grad)
+    x2, dy = as_rows(x), as_rows(grad)
     gate, up = _gated_pre(x2, gate_weight, up_weight, gate_bias, up_bias, gate, up)
     dgate, dup, dbg, dbu, h = torch.ops.fastlm.gated_act_bwd(
         dy @ down_weight, gate, up, None, None, ctx.activation, True, gate_bias is not None
     )
     db_down = _bias_grad(dy, ctx.down_bias_dtype)
     dx = torch.addmm(dgate @ gate_weight, dup, up_weight).view(x.shape)
-    return (dx, dgate.T @ x2, dup.T @ x2, dy.T @ h, _cast(dbg, gate_bias), _cast(dbu, up_bias),
-            db_down, None, None)  # fmt: skip
+    return (
+        dx,
+        dgate.T @ x2,
+        dup.T @ x2,
+        dy.T @ h,
+        _cast(dbg, gate_bias),
+        _cast(dbu, up_bias),
+        db_down,
+        None,
+        None,
+    )
 
 
-torch.library.register_autograd("fastlm::gated_mlp", _gated_mlp_backward,
-                                setup_context=_gated_mlp_setup)  # fmt: skip
+torch.library.register_autograd(
+    "fastlm::gated_mlp", _gated_mlp_backward, setup_context=_gated_mlp_setup
+)
 
 
 def _bias_act_grad(dy, pre, bias, activation, dropout_p, seed, recompute):
@@ -459,8 +525,9 @@ def _bias_act_grad(dy, pre, bias, activation, dropout_p, seed, recompute):
     if activation == "identity" and dropout_p == 0 and not recompute:
         db = dy.sum(0, dtype=torch.float32) if bias is not None else None
         return dy, db, None
-    dpre, db, y = torch.ops.fastlm.bias_act_bwd(dy, pre, None, activation, dropout_p, seed,
-                                                recompute, bias is not None)  # fmt: skip
+    dpre, db, y = torch.ops.fastlm.bias_act_bwd(
+        dy, pre, None, activation, dropout_p, seed, recompute, bias is not None
+    )
     return dpre, db, y
 
 

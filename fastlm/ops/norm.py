@@ -8,18 +8,24 @@ Both norms share one pair of ``torch.library`` custom ops, ``fastlm::norm_fwd`` 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+import numbers
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from fastlm import backend
+from fastlm.ops._common import (
+    FLOAT32_AND_HALF_DTYPES,
+    SupportCheck,
+    absent,
+    as_rows,
+    dtype_error,
+    supports,
+)
 from fastlm.ops.autocast import autocast_policy
-
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_FLOAT_DTYPES = (*_KERNEL_DTYPES, torch.float64)
-
+from fastlm.ops.contract import FLOAT_DTYPES, check_float, check_real
 
 # ---------------------------------------------------------------------------------------------
 # References: the plainest formulas, run by the tests in float64 as the oracle.
@@ -114,22 +120,36 @@ def default_rms_eps(dtype: torch.dtype) -> float:
 
 
 def _as_shape(normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
-    if isinstance(normalized_shape, int):
+    if _is_int(normalized_shape):
         return (normalized_shape,)
     return tuple(normalized_shape)
 
 
-def _check_float(name: str, t: Tensor) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+def _is_int(d: object) -> bool:
+    # SymInts are sizes under torch.compile's dynamic shapes.
+    return isinstance(d, (numbers.Integral, torch.SymInt)) and not isinstance(d, bool)
+
+
+def _check_shape(normalized_shape: object) -> tuple[int, ...]:
+    """``normalized_shape`` as a tuple of positive ints (an int, or a sequence of them, as
+    ``torch.nn.functional.layer_norm`` takes)."""
+    if _is_int(normalized_shape) or isinstance(normalized_shape, (list, tuple)):
+        shape = _as_shape(normalized_shape)
+        if all(_is_int(d) for d in shape):
+            if not shape or any(d < 1 for d in shape):
+                raise ValueError(
+                    f"normalized_shape must be one or more positive ints, got {normalized_shape!r}"
+                )
+            return shape
+    raise TypeError(
+        f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}"
+    )
 
 
 def _check_like(name: str, t: Tensor | None, shape: tuple[int, ...], x: Tensor) -> None:
     if t is None:
         return
-    _check_float(name, t)
+    check_float(name, t)
     if tuple(t.shape) != shape:
         raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
     if t.device != x.device:
@@ -137,10 +157,8 @@ def _check_like(name: str, t: Tensor | None, shape: tuple[int, ...], x: Tensor) 
 
 
 def _norm(x, normalized_shape, weight, bias, eps, residual, out_dtype, rms):
-    _check_float("x", x)
-    shape = _as_shape(normalized_shape)
-    if not shape or any(not isinstance(d, int) or d < 1 for d in shape):
-        raise ValueError(f"normalized_shape must be positive ints, got {normalized_shape!r}")
+    check_float("x", x)
+    shape = _check_shape(normalized_shape)
     if tuple(x.shape[-len(shape) :]) != shape or x.dim() < len(shape):
         raise ValueError(
             f"normalized_shape {shape} must match the trailing dims of x, got x shape "
@@ -150,18 +168,18 @@ def _norm(x, normalized_shape, weight, bias, eps, residual, out_dtype, rms):
     _check_like("bias", bias, shape, x)
     _check_like("residual", residual, tuple(x.shape), x)
     s_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
-    if eps is None:
-        eps = default_rms_eps(s_dtype)
-    if not eps >= 0:
-        raise ValueError(f"eps must be a non-negative number, got {eps}")
+    eps = default_rms_eps(s_dtype) if eps is None else check_real("eps", eps)
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
     if out_dtype is None:
         out_dtype = s_dtype
-    elif out_dtype not in _FLOAT_DTYPES:
+    elif not isinstance(out_dtype, torch.dtype) or out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"out_dtype must be a floating-point dtype, got {out_dtype}")
     name = backend.select(
-        "rms_norm" if rms else "layer_norm", x.device,
+        "rms_norm" if rms else "layer_norm",
+        x.device,
         _support(x, weight, bias, residual, out_dtype, math.prod(shape)),
-    )  # fmt: skip
+    )
     if name == "torch":
         return _torch_norm(x, shape, weight, bias, float(eps), residual, out_dtype, rms)
     y, s, _, _ = torch.ops.fastlm.norm_fwd(
@@ -195,17 +213,8 @@ def _torch_norm(x, shape, weight, bias, eps, residual, out_dtype, rms):
 # Custom ops. Inside, tensors are viewed as (M, N) rows; outputs are reshaped back.
 
 
-def _rows(t: Tensor, n: int) -> Tensor:
-    t = t.reshape(-1, n)
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _vector(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.reshape(-1).contiguous()
-
-
-def _empty(like: Tensor) -> Tensor:
-    return like.new_empty(0, dtype=torch.float32)
 
 
 @torch.library.custom_op("fastlm::norm_fwd", mutates_args=())
@@ -223,15 +232,15 @@ def _norm_fwd_op(
     """Returns ``(y, residual_out, mean, rstd)``; absent outputs are empty tensors."""
     n = math.prod(normalized_shape)
     s_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
-    x2 = _rows(x, n)
-    r2 = None if residual is None else _rows(residual.to(s_dtype), n)
+    x2 = as_rows(x, n)
+    r2 = None if residual is None else as_rows(residual.to(s_dtype), n)
     y, s, mean, rstd = FORWARD[backend_name](
         x2, _vector(weight), _vector(bias), r2, eps, rms, out_dtype
     )
     return (
         y.view(x.shape),
-        _empty(x) if s is None else s.view(x.shape),
-        _empty(x) if mean is None else mean,
+        absent(x, torch.float32) if s is None else s.view(x.shape),
+        absent(x, torch.float32) if mean is None else mean,
         rstd,
     )
 
@@ -242,9 +251,7 @@ def _(x, weight, bias, residual, normalized_shape, eps, rms, out_dtype, backend_
     s_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
     return (
         x.new_empty(x.shape, dtype=out_dtype),
-        x.new_empty(0, dtype=torch.float32)
-        if residual is None
-        else x.new_empty(x.shape, dtype=s_dtype),
+        absent(x, torch.float32) if residual is None else x.new_empty(x.shape, dtype=s_dtype),
         x.new_empty(0 if rms else m, dtype=torch.float32),
         x.new_empty(m, dtype=torch.float32),
     )
@@ -266,21 +273,26 @@ def _norm_bwd_op(
     """Returns ``(dx, dweight, dbias)``: dx in ``xs.dtype``, the others float32 (N,) or
     empty. ``xs`` is the tensor that was normalized; ``dresidual_out`` is added to dx."""
     n = math.prod(normalized_shape)
-    ds2 = None if dresidual_out is None else _rows(dresidual_out.to(xs.dtype), n)
+    ds2 = None if dresidual_out is None else as_rows(dresidual_out.to(xs.dtype), n)
     dx, dw, db = BACKWARD[backend_name](
-        _rows(dy, n), _rows(xs, n), _vector(weight), None if rms else mean, rstd, ds2, rms,
+        as_rows(dy, n),
+        as_rows(xs, n),
+        _vector(weight),
+        None if rms else mean,
+        rstd,
+        ds2,
+        rms,
         has_bias,
-    )  # fmt: skip
+    )
     return (
         dx.view(xs.shape),
-        _empty(xs) if dw is None else dw,
-        _empty(xs) if db is None else db,
+        absent(xs, torch.float32) if dw is None else dw,
+        absent(xs, torch.float32) if db is None else db,
     )
 
 
 @_norm_bwd_op.register_fake
-def _(dy, xs, weight, mean, rstd, dresidual_out, normalized_shape, rms, has_bias,
-      backend_name):  # fmt: skip
+def _(dy, xs, weight, mean, rstd, dresidual_out, normalized_shape, rms, has_bias, backend_name):
     n = math.prod(normalized_shape)
     return (
         xs.new_empty(xs.shape),
@@ -311,9 +323,17 @@ def _backward(ctx, dy, ds, _dmean, _drstd):
     if dy is None:  # only the residual output was used downstream
         dy = torch.zeros_like(xs)
     dx, dw, db = torch.ops.fastlm.norm_bwd(
-        dy, xs, weight, mean, rstd, ds if has_residual else None,
-        ctx.normalized_shape, ctx.rms, ctx.has_bias, ctx.backend_name,
-    )  # fmt: skip
+        dy,
+        xs,
+        weight,
+        mean,
+        rstd,
+        ds if has_residual else None,
+        ctx.normalized_shape,
+        ctx.rms,
+        ctx.has_bias,
+        ctx.backend_name,
+    )
     dweight = None if weight is None else dw.view(weight.shape).to(weight.dtype)
     dbias = db.view(ctx.normalized_shape).to(ctx.bias_dtype) if ctx.has_bias else None
     dres = dx.to(ctx.residual_dtype) if has_residual else None
@@ -328,31 +348,30 @@ torch.library.register_autograd("fastlm::norm_fwd", _backward, setup_context=_se
 # contract of ``kernels/norm.py``.
 
 
-def _kernel_dtype_error(name: str, t: Tensor | None) -> str | None:
-    if t is not None and t.dtype not in _KERNEL_DTYPES:
-        return f"{name} dtype {t.dtype} is not one of {_KERNEL_DTYPES}"
-    return None
-
-
 def _first_error(*errors: str | None) -> str | None:
     return next((e for e in errors if e is not None), None)
 
 
-def _support(x, weight, bias, residual, out_dtype, n) -> dict[str, Callable[[], str | None]]:
+def _support(x, weight, bias, residual, out_dtype, n) -> dict[str, SupportCheck]:
     """Per backend, a check returning why it cannot serve these arguments (or None)."""
 
     def triton_error():
         return _first_error(
-            *(_kernel_dtype_error(k, t) for k, t in (("x", x), ("weight", weight),
-                                                     ("bias", bias), ("residual", residual))),
-            None if out_dtype in _KERNEL_DTYPES else f"out_dtype {out_dtype} is not supported",
-        )  # fmt: skip
+            *(
+                dtype_error(k, t, FLOAT32_AND_HALF_DTYPES)
+                for k, t in (("x", x), ("weight", weight), ("bias", bias), ("residual", residual))
+            ),
+            None
+            if out_dtype in FLOAT32_AND_HALF_DTYPES
+            else f"out_dtype {out_dtype} is not supported",
+        )
 
     def cuda_error():
-        return _first_error(triton_error(), _cuda_layout_error(x, weight, bias, residual,
-                                                               out_dtype, n))  # fmt: skip
+        return _first_error(
+            triton_error(), _cuda_layout_error(x, weight, bias, residual, out_dtype, n)
+        )
 
-    return {"cuda": cuda_error, "triton": triton_error, "torch": lambda: None}
+    return supports(triton_error, cuda_error)
 
 
 def _cuda_layout_error(x2, w, b, r2, out_dtype, n) -> str | None:
@@ -389,7 +408,7 @@ def _cuda_fwd(x2, w, b, r2, eps, rms, out_dtype):
 
 
 def _cuda_bwd(dy2, xs2, w, mean, rstd, ds2, rms, has_bias):
-    stats = _empty(rstd) if mean is None else mean
+    stats = absent(rstd, torch.float32) if mean is None else mean
     dx, dw, db = torch.ops.fastlm_C.norm_bwd(
         dy2, xs2, w, stats, rstd, ds2, rms, has_bias, xs2.dtype
     )

@@ -13,22 +13,33 @@ QLoRA); the backward multiplies by the dequantized weight.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from fastlm import backend
+from fastlm.ops._common import HALF_DTYPES, as_rows, supports
 from fastlm.ops.autocast import autocast_policy
-from fastlm.quant.formats import NF4_CODE, QuantizedWeight, dequantize_weight
+from fastlm.ops.contract import describe
+from fastlm.ops.quant_formats import NF4_CODE, QuantizedWeight, dequantize_weight
 
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 GEMV_MAX_M = 8  # rows the CUDA C++ GEMV serves
 
 
 def quant_matmul_ref(x: Tensor, qw: QuantizedWeight, bias: Tensor | None = None) -> Tensor:
     """Dequantize in x's dtype, then ``F.linear`` (the torch backend; run in float64 by the
     tests as the oracle)."""
-    return F.linear(x, dequantize_weight(qw, x.dtype), bias)
+    return linear(x, dequantize_weight(qw, x.dtype), bias)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear`` in x's dtype, with a bias of any float dtype: a quantized layer keeps its
+    bias in the dtype it was trained in (``QuantLinear``), which ``F.linear`` refuses."""
+    if bias is None or bias.dtype == x.dtype:
+        return F.linear(x, weight, bias)
+    return (F.linear(x, weight) + bias).to(x.dtype)
 
 
 def quantize_rows_ref(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -41,25 +52,29 @@ def _check(x: Tensor, qw: QuantizedWeight, bias: Tensor | None) -> None:
     if not isinstance(qw, QuantizedWeight):
         raise TypeError(f"qw must be a fastlm.quant.QuantizedWeight, got {type(qw).__name__}")
     if not isinstance(x, Tensor) or not x.is_floating_point():
-        raise TypeError("x must be a floating-point tensor")
+        raise TypeError(f"x must be a floating-point tensor, got {describe(x)}")
     n, k = qw.shape
     if x.dim() < 1 or x.shape[-1] != k:
         raise ValueError(f"x must be (..., {k}), got shape {tuple(x.shape)}")
     if qw.qweight.device != x.device:
         raise ValueError(f"qw is on {qw.qweight.device} but x is on {x.device}")
-    if bias is not None and (tuple(bias.shape) != (n,) or bias.device != x.device):
-        raise ValueError(f"bias must be ({n},) on {x.device}, got {tuple(bias.shape)} on "
-                         f"{bias.device}")  # fmt: skip
+    if bias is not None:
+        if not isinstance(bias, Tensor) or not bias.is_floating_point():
+            raise TypeError(f"bias must be a floating-point tensor, got {describe(bias)}")
+        if tuple(bias.shape) != (n,) or bias.device != x.device:
+            raise ValueError(
+                f"bias must be ({n},) on {x.device}, got {tuple(bias.shape)} on {bias.device}"
+            )
 
 
 def _support(x: Tensor, qw: QuantizedWeight, rows: int):
     def triton_error():
-        if x.dtype not in _KERNEL_DTYPES:
+        if x.dtype not in HALF_DTYPES:
             return f"the Triton kernels take fp16/bf16 activations, got {x.dtype}"
         return None
 
     def cuda_error():
-        if x.dtype not in _KERNEL_DTYPES:
+        if x.dtype not in HALF_DTYPES:
             return f"the CUDA GEMV takes fp16/bf16 activations, got {x.dtype}"
         if qw.scheme != "int":
             return "the CUDA GEMV serves int4/int8, not nf4"
@@ -67,26 +82,37 @@ def _support(x: Tensor, qw: QuantizedWeight, rows: int):
             return f"the CUDA GEMV serves M <= {GEMV_MAX_M} rows, got {rows}"
         return None
 
-    return {"cuda": cuda_error, "triton": triton_error, "torch": lambda: None}
+    return supports(triton_error, cuda_error)
 
 
 @autocast_policy(lower_precision=True)
 def quant_matmul(x: Tensor, qw: QuantizedWeight, bias: Tensor | None = None) -> Tensor:
     """``x @ W.T + bias`` for a quantized W (N, K).
 
-    x: (..., K), fp16/bf16 on the GPU kernels (fp32 runs the torch path); bias (N,) or None.
-    Returns (..., N) in x's dtype, accumulated in fp32.
+    x: (..., K), fp16/bf16 on the GPU kernels (fp32 runs the torch path); bias (N,) of any
+    float dtype, or None. Returns (..., N) in x's dtype, accumulated in fp32.
     """
     _check(x, qw, bias)
-    rows = x.numel() // max(x.shape[-1], 1)
+    rows = math.prod(x.shape[:-1])
     name = backend.select("quant_matmul", x.device, _support(x, qw, rows))
     if name == "torch":
         return quant_matmul_ref(x, qw, bias)
     n, _ = qw.shape
     return torch.ops.fastlm.quant_matmul(
-        x, qw.qweight, qw.scales, qw.zeros, qw.scales2, qw.scales_mean, bias, qw.scheme,
-        qw.bits, qw.group_size, qw.symmetric, n, name,
-    )  # fmt: skip
+        x,
+        qw.qweight,
+        qw.scales,
+        qw.zeros,
+        qw.scales2,
+        qw.scales_mean,
+        bias,
+        qw.scheme,
+        qw.bits,
+        qw.group_size,
+        qw.symmetric,
+        n,
+        name,
+    )
 
 
 @autocast_policy(lower_precision=True)
@@ -97,9 +123,8 @@ def w8a8_matmul(x: Tensor, qw: QuantizedWeight, bias: Tensor | None = None) -> T
     _check(x, qw, bias)
     if qw.bits != 8:
         raise ValueError(f"w8a8_matmul needs an 8-bit weight, got bits={qw.bits}")
-    name = backend.select("w8a8_matmul", x.device, {"triton": lambda: None,
-                                                    "torch": lambda: None})  # fmt: skip
-    x2 = x.reshape(-1, x.shape[-1])
+    name = backend.select("w8a8_matmul", x.device, supports(triton=lambda: None))
+    x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
     n = qw.shape[0]
     if name == "torch":
         xq, xs = quantize_rows_ref(x2)
@@ -118,8 +143,9 @@ def w8a8_matmul(x: Tensor, qw: QuantizedWeight, bias: Tensor | None = None) -> T
 
 def _weight(qweight, scales, zeros, scales2, scales_mean, scheme, bits, group, symmetric, n):
     k = qweight.shape[1] * (2 if bits == 4 else 1)
-    return QuantizedWeight(scheme, bits, (n, k), group, symmetric, qweight, scales, zeros,
-                           scales2, scales_mean)  # fmt: skip
+    return QuantizedWeight(
+        scheme, bits, (n, k), group, symmetric, qweight, scales, zeros, scales2, scales_mean
+    )
 
 
 @torch.library.custom_op("fastlm::quant_matmul", mutates_args=())
@@ -138,27 +164,55 @@ def _quant_matmul_op(
     n: int,
     name: str,
 ) -> Tensor:
-    x2 = x.reshape(-1, x.shape[-1])
-    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    x2 = as_rows(x)
     if name == "cuda":
         x2 = x2.contiguous()
-        y = torch.ops.fastlm_C.quant_gemv(x2, qweight, scales, zeros, bits,
-                                          group_size if bits == 4 else 0)  # fmt: skip
+        y = torch.ops.fastlm_C.quant_gemv(
+            x2, qweight, scales, zeros, bits, group_size if bits == 4 else 0
+        )
         if bias is not None:
             y = y + bias
     else:
         from fastlm.kernels.quant import quant_matmul_fwd
 
-        code = (torch.tensor(NF4_CODE, dtype=torch.float32, device=x.device)
-                if scheme == "nf4" else None)  # fmt: skip
-        y = quant_matmul_fwd(x2, qweight, scales, zeros, scales2, scales_mean, code, bias,
-                             bits, scheme == "nf4", group_size if bits == 4 else 0, n)  # fmt: skip
+        code = (
+            torch.tensor(NF4_CODE, dtype=torch.float32, device=x.device)
+            if scheme == "nf4"
+            else None
+        )
+        y = quant_matmul_fwd(
+            x2,
+            qweight,
+            scales,
+            zeros,
+            scales2,
+            scales_mean,
+            code,
+            bias,
+            bits,
+            scheme == "nf4",
+            group_size if bits == 4 else 0,
+            n,
+        )
     return y.view(*x.shape[:-1], n)
 
 
 @_quant_matmul_op.register_fake
-def _(x, qweight, scales, zeros, scales2, scales_mean, bias, scheme, bits, group_size,
-      symmetric, n, name):  # fmt: skip
+def _(
+    x,
+    qweight,
+    scales,
+    zeros,
+    scales2,
+    scales_mean,
+    bias,
+    scheme,
+    bits,
+    group_size,
+    symmetric,
+    n,
+    name,
+):
     return x.new_empty((*x.shape[:-1], n))
 
 

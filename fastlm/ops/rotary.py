@@ -7,16 +7,20 @@ gradients with the angle negated, since a rotation's transpose is its inverse.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
 from fastlm import backend
+from fastlm.ops._common import (
+    FLOAT32_AND_HALF_DTYPES,
+    SupportCheck,
+    dtype_error,
+    last_dim_contiguous,
+    supports,
+)
 from fastlm.ops.autocast import autocast_policy
+from fastlm.ops.contract import check_float, values_readable
 
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_FLOAT_DTYPES = (*_KERNEL_DTYPES, torch.float64)
 _INT_DTYPES = (torch.int32, torch.int64)
 
 
@@ -112,7 +116,15 @@ def apply_rotary(
         torch.ops.fastlm.rotary_(q, k, cos, sin, positions, offset, interleaved, False, name)
         return q, k
     q_rot, k_rot = torch.ops.fastlm.rotary(
-        _unit_last(q), _unit_last(k), cos, sin, positions, offset, interleaved, False, name
+        last_dim_contiguous(q),
+        last_dim_contiguous(k),
+        cos,
+        sin,
+        positions,
+        offset,
+        interleaved,
+        False,
+        name,
     )
     if inplace:
         return q.copy_(q_rot), k.copy_(k_rot)
@@ -130,7 +142,7 @@ def _validate(q, k, cos, sin, position_ids, offset) -> tuple[Tensor | None, int]
     """Check the arguments; return the kernel's ``positions`` (None, offsets (B,) or ids
     (B, S)) and scalar offset."""
     for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
-        _check_tensor(name, t, _FLOAT_DTYPES, "a floating-point tensor")
+        check_float(name, t)
     if q.dim() != 4:
         raise ValueError(f"q must be 4-D (B, S, H, D), got shape {tuple(q.shape)}")
     if k.dim() != 4 or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
@@ -171,8 +183,9 @@ def _validate(q, k, cos, sin, position_ids, offset) -> tuple[Tensor | None, int]
     if isinstance(offset, Tensor):
         _check_tensor("offset", offset, _INT_DTYPES, "an int or an int32/int64 tensor")
         if offset.shape != (bsz,):
-            raise ValueError(f"offset tensor must have shape (B,) = ({bsz},), got "
-                             f"{tuple(offset.shape)}")  # fmt: skip
+            raise ValueError(
+                f"offset tensor must have shape (B,) = ({bsz},), got {tuple(offset.shape)}"
+            )
         if offset.device != q.device:
             raise ValueError(f"offset is on {offset.device} but q is on {q.device}")
         _check_range("offset", offset, 0, max_pos - seqlen + 1)
@@ -188,8 +201,8 @@ def _validate(q, k, cos, sin, position_ids, offset) -> tuple[Tensor | None, int]
 
 
 def _check_range(name: str, t: Tensor, low: int, high: int) -> None:
-    # Reads the values back (a device sync), so it is skipped while torch.compile traces.
-    if torch.compiler.is_compiling() or t.numel() == 0:
+    # Reads the values back (a device sync), so it is skipped where they cannot be read.
+    if t.numel() == 0 or not values_readable(t):
         return
     lo, hi = t.min().item(), t.max().item()
     if lo < low or hi >= high:
@@ -197,10 +210,6 @@ def _check_range(name: str, t: Tensor, low: int, high: int) -> None:
             f"{name} values must lie in [{low}, {high}) so every position is in "
             f"[0, max_positions = cos.shape[0]); got min {lo}, max {hi}"
         )
-
-
-def _unit_last(t: Tensor) -> Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _torch_rotary(x, cos, sin, interleaved, positions, offset) -> Tensor:
@@ -212,8 +221,9 @@ def _torch_rotary(x, cos, sin, interleaved, positions, offset) -> Tensor:
         pos = _positions(bsz, seqlen, None, offset if positions is None else positions, x.device)
     else:
         pos = positions
-    return apply_rotary_ref(x.to(compute), cos.to(compute), sin.to(compute), interleaved,
-                            pos).to(x.dtype)  # fmt: skip
+    return apply_rotary_ref(x.to(compute), cos.to(compute), sin.to(compute), interleaved, pos).to(
+        x.dtype
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,12 +289,19 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dq, dk):
     cos, sin, positions = ctx.saved_tensors
-    dq = torch.zeros_like(dq) if dq is None else _unit_last(dq)
-    dk = torch.zeros_like(dk) if dk is None else _unit_last(dk)
+    dq = torch.zeros_like(dq) if dq is None else last_dim_contiguous(dq)
+    dk = torch.zeros_like(dk) if dk is None else last_dim_contiguous(dk)
     dq, dk = torch.ops.fastlm.rotary(
-        dq, dk, cos, sin, positions, ctx.offset, ctx.interleaved, not ctx.conj,
+        dq,
+        dk,
+        cos,
+        sin,
+        positions,
+        ctx.offset,
+        ctx.interleaved,
+        not ctx.conj,
         ctx.backend_name,
-    )  # fmt: skip
+    )
     return dq, dk, None, None, None, None, None, None, None
 
 
@@ -295,18 +312,18 @@ torch.library.register_autograd("fastlm::rotary", _backward, setup_context=_setu
 # Compiled backends.
 
 
-def _support(q, k, cos, sin, inplace) -> dict[str, Callable[[], str | None]]:
+def _support(q, k, cos, sin, inplace) -> dict[str, SupportCheck]:
     """Per backend, a check returning why it cannot serve these arguments (or None)."""
 
     def triton_error():
         for name, t in (("q", q), ("k", k)):
-            if t.dtype not in _KERNEL_DTYPES:
-                return f"{name} dtype {t.dtype} is not one of {_KERNEL_DTYPES}"
+            if error := dtype_error(name, t, FLOAT32_AND_HALF_DTYPES):
+                return error
             if inplace and t.stride(-1) != 1:
                 return f"in place needs {name} with a unit stride on its last dim"
         return None
 
-    return {"triton": triton_error, "torch": lambda: None}
+    return supports(triton_error)
 
 
 def _triton_rotary(x, cos, sin, positions, offset, interleaved, conj, out):

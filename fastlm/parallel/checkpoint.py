@@ -62,8 +62,11 @@ def save_shard(model: nn.Module, directory: str | os.PathLike) -> Path:
         safetensors.torch.save_model(inner, str(path))
         return path
     path = Path(directory) / shard_name(layout.rank, layout.size)
-    meta = {"rank": layout.rank, "size": layout.size,
-            "specs": {name: _describe(spec) for name, spec in layout.specs.items()}}  # fmt: skip
+    meta = {
+        "rank": layout.rank,
+        "size": layout.size,
+        "specs": {name: _describe(spec) for name, spec in layout.specs.items()},
+    }
     safetensors.torch.save_model(inner, str(path), metadata={_META_KEY: json.dumps(meta)})
     return path
 
@@ -75,8 +78,10 @@ def _shard_files(directory: Path) -> list[Path]:
     size = int(files[0].name.split("-of-")[1].split(".")[0])
     expected = [directory / shard_name(r, size) for r in range(size)]
     if files != expected:
-        raise ValueError(f"{directory} holds shards {[f.name for f in files]}, expected "
-                         f"{[f.name for f in expected]}")  # fmt: skip
+        raise ValueError(
+            f"{directory} holds shards {[f.name for f in files]}, expected "
+            f"{[f.name for f in expected]}"
+        )
     return files
 
 
@@ -144,8 +149,10 @@ def load_sharded(model: nn.Module, directory: str | os.PathLike) -> None:
     missing = sorted(set(own) - set(full))
     unexpected = sorted(set(full) - set(own))
     if missing or unexpected:
-        raise ValueError(f"checkpoint {directory} does not match the model: missing "
-                         f"{missing[:10]}, unexpected {unexpected[:10]}")  # fmt: skip
+        raise ValueError(
+            f"checkpoint {directory} does not match the model: missing "
+            f"{missing[:10]}, unexpected {unexpected[:10]}"
+        )
     inner.load_state_dict(full)
 
 

@@ -36,8 +36,10 @@ def _all_reduce(x: Tensor, group) -> Tensor:
 def _split(x: Tensor, dim: int, group) -> Tensor:
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     if x.shape[dim] % world:
-        raise ValueError(f"dimension {dim} of size {x.shape[dim]} does not split over "
-                         f"{world} tensor-parallel ranks")  # fmt: skip
+        raise ValueError(
+            f"dimension {dim} of size {x.shape[dim]} does not split over "
+            f"{world} tensor-parallel ranks"
+        )
     return x.chunk(world, dim=dim)[rank].contiguous()
 
 
@@ -52,8 +54,10 @@ def _gather(x: Tensor, dim: int, group) -> Tensor:
 def _reduce_scatter(x: Tensor, dim: int, group) -> Tensor:
     world = dist.get_world_size(group)
     if x.shape[dim] % world:
-        raise ValueError(f"dimension {dim} of size {x.shape[dim]} does not split over "
-                         f"{world} tensor-parallel ranks")  # fmt: skip
+        raise ValueError(
+            f"dimension {dim} of size {x.shape[dim]} does not split over "
+            f"{world} tensor-parallel ranks"
+        )
     front = x.movedim(dim, 0).contiguous()
     out = front.new_empty((front.shape[0] // world, *front.shape[1:]))
     dist.reduce_scatter_tensor(out, front, group=group)
@@ -133,8 +137,11 @@ class CollectiveCounter:
     through its C++ reducer and are not seen."""
 
     # kind: the argument whose size is the volume moved
-    KINDS = {"all_reduce": "tensor", "all_gather_into_tensor": "output_tensor",
-             "reduce_scatter_tensor": "input"}  # fmt: skip
+    KINDS = {
+        "all_reduce": "tensor",
+        "all_gather_into_tensor": "output_tensor",
+        "reduce_scatter_tensor": "input",
+    }
 
     def __init__(self) -> None:
         self.calls: collections.Counter = collections.Counter()

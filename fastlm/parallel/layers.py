@@ -21,6 +21,8 @@ Standalone layers for models of one's own:
 - :func:`vocab_parallel_cross_entropy`: cross-entropy of vocabulary-split logits without
   gathering them: the max, the sum of exponentials and the target logit are all-reduced in
   fp32.
+- :class:`VocabParallelProjection`: a model's logits and loss through a vocabulary-split
+  head, built on the two above.
 """
 
 from __future__ import annotations
@@ -91,8 +93,13 @@ def _own_bias(module: nn.Module, group) -> dict[str, Spec]:
     return {"bias": Owned()}
 
 
-def sum_grad_over(param: nn.Parameter, group, rows: Tensor | None = None,
-                  slots: Tensor | None = None, buffer_rows: int = 0) -> None:  # fmt: skip
+def sum_grad_over(
+    param: nn.Parameter,
+    group,
+    rows: Tensor | None = None,
+    slots: Tensor | None = None,
+    buffer_rows: int = 0,
+) -> None:
     """Make ``param``'s gradient the sum of every rank's: for a replicated parameter whose
     gradient each rank computes from its share of the work (a LoRA factor beside a sharded
     base, a norm under sequence parallelism). With ``rows``, only those rows (dimension 0)
@@ -135,8 +142,10 @@ def _shard_quant(layer: QuantLinear, dim: int, index: Tensor) -> dict[str, Spec]
         return specs
     group = layer.group_size
     if start % group or stop % group:
-        raise ValueError(f"in_features shard [{start}, {stop}) of a 4-bit layer must align "
-                         f"with its group_size {group}")  # fmt: skip
+        raise ValueError(
+            f"in_features shard [{start}, {stop}) of a 4-bit layer must align "
+            f"with its group_size {group}"
+        )
     packed = torch.arange(start // 2, stop // 2)
     groups = torch.arange(start // group, stop // group)
     specs["qweight"] = Shard(1, packed, full_k // 2)
@@ -148,8 +157,14 @@ def _shard_quant(layer: QuantLinear, dim: int, index: Tensor) -> dict[str, Spec]
     return specs
 
 
-def shard_linear(layer: nn.Module, dim: int, index: Tensor, group, copies: Tensor | None = None,
-                 shared_from: int = 0) -> dict[str, Spec]:  # fmt: skip
+def shard_linear(
+    layer: nn.Module,
+    dim: int,
+    index: Tensor,
+    group,
+    copies: Tensor | None = None,
+    shared_from: int = 0,
+) -> dict[str, Spec]:
     """Keep positions ``index`` of ``layer``'s output features (``dim`` 0: column-parallel)
     or input features (``dim`` 1: row-parallel), in place; returns each cut tensor's spec,
     by name within ``layer``. ``copies`` (column-parallel) counts the ranks holding each
@@ -162,8 +177,11 @@ def shard_linear(layer: nn.Module, dim: int, index: Tensor, group, copies: Tenso
             "base_layer", shard_linear(layer.base_layer, dim, index, group, copies, shared_from)
         )
         for name in layer.lora_A:
-            cut, partial = ((layer.lora_B[name], layer.lora_A[name]) if dim == 0
-                            else (layer.lora_A[name], layer.lora_B[name]))  # fmt: skip
+            cut, partial = (
+                (layer.lora_B[name], layer.lora_A[name])
+                if dim == 0
+                else (layer.lora_A[name], layer.lora_B[name])
+            )
             key = f"lora_{'B' if dim == 0 else 'A'}.{name}.weight"
             specs[key] = Shard(dim, index, full, copies)
             _take(cut, "weight", dim, index)
@@ -186,16 +204,20 @@ def shard_linear(layer: nn.Module, dim: int, index: Tensor, group, copies: Tenso
             _take(layer, "bias", 0, index)
             _sum_shared_rows(layer.bias, copies, index, full, shared_from, group)
     else:
-        raise TypeError(f"cannot tensor-parallelize a {type(layer).__name__} (nn.Linear, "
-                        f"QuantLinear or LoRALinear)")  # fmt: skip
+        raise TypeError(
+            f"cannot tensor-parallelize a {type(layer).__name__} (nn.Linear, "
+            f"QuantLinear or LoRALinear)"
+        )
     count = len(index)
-    layer.out_features, layer.in_features = ((count, layer.in_features) if dim == 0
-                                             else (layer.out_features, count))  # fmt: skip
+    layer.out_features, layer.in_features = (
+        (count, layer.in_features) if dim == 0 else (layer.out_features, count)
+    )
     return specs
 
 
-def _sum_shared_rows(param: nn.Parameter, copies: Tensor | None, index: Tensor, full: int,
-                     shared_from: int, group) -> None:  # fmt: skip
+def _sum_shared_rows(
+    param: nn.Parameter, copies: Tensor | None, index: Tensor, full: int, shared_from: int, group
+) -> None:
     """Rows held by several ranks (``copies`` > 1, all at or after row ``shared_from`` of
     the full layer's ``full``) get their gradients summed over the ranks holding them."""
     if copies is None or not bool((copies > 1).any()):
@@ -247,13 +269,15 @@ class VocabParallelEmbedding(nn.Module):
         self.start, self.stop = shard_range(embedding.num_embeddings, group, "vocab_size")
         self.num_embeddings, self.embedding_dim = embedding.weight.shape
         pad = embedding.padding_idx
-        self.padding_idx = pad - self.start if pad is not None and self.start <= pad < self.stop \
-            else None  # fmt: skip
+        self.padding_idx = (
+            pad - self.start if pad is not None and self.start <= pad < self.stop else None
+        )
         self.group = group
-        self.weight = nn.Parameter(embedding.weight.detach()[self.start : self.stop].clone(),
-                                   requires_grad=embedding.weight.requires_grad)  # fmt: skip
-        self.specs = {"weight": Shard(0, torch.arange(self.start, self.stop),
-                                      self.num_embeddings)}  # fmt: skip
+        self.weight = nn.Parameter(
+            embedding.weight.detach()[self.start : self.stop].clone(),
+            requires_grad=embedding.weight.requires_grad,
+        )
+        self.specs = {"weight": Shard(0, torch.arange(self.start, self.stop), self.num_embeddings)}
 
     def forward(self, ids: Tensor) -> Tensor:
         mine = (ids >= self.start) & (ids < self.stop)
@@ -262,23 +286,28 @@ class VocabParallelEmbedding(nn.Module):
         return reduce_from_group(out, self.group)
 
 
-@dataclasses.dataclass
-class VocabShard:
-    """Attached by ``tensor_parallel`` to a vocabulary-split head weight as
-    ``weight.vocab_parallel``: the model's loss and logits helpers hand the head over to it
-    (so the models themselves stay free of process groups)."""
+class VocabParallelProjection(nn.Module):
+    """What ``tensor_parallel`` swaps in for a model's projection onto the vocabulary once
+    its head weight is split by vocabulary rows (this rank's from ``start``): the same
+    ``logits`` and ``loss`` methods on the shard, the logits all-gathered, the loss the
+    :func:`vocab_parallel_cross_entropy` of the local logits (never gathered)."""
 
-    start: int
-    group: object
+    def __init__(self, start: int, group=None) -> None:
+        super().__init__()
+        self.start, self.group = start, group
 
-    def logits(self, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    def logits(self, hidden: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         local = F.linear(copy_to_group(hidden, self.group), weight, bias)
         return gather_from_group(local, self.group)
 
-    def loss(self, hidden: Tensor, weight: Tensor, labels: Tensor,
-             bias: Tensor | None) -> Tensor:  # fmt: skip
+    def loss(
+        self, hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None = None
+    ) -> Tensor:
         local = F.linear(copy_to_group(hidden, self.group), weight, bias)
         return vocab_parallel_cross_entropy(local, labels, self.start, self.group)
+
+    def extra_repr(self) -> str:
+        return f"start={self.start}"
 
 
 class _VocabParallelCE(torch.autograd.Function):
@@ -312,8 +341,9 @@ class _VocabParallelCE(torch.autograd.Function):
         return d.to(ctx.dtype), None, None, None, None
 
 
-def vocab_parallel_cross_entropy(logits: Tensor, target: Tensor, vocab_start: int,
-                                 group=None, ignore_index: int = -100) -> Tensor:  # fmt: skip
+def vocab_parallel_cross_entropy(
+    logits: Tensor, target: Tensor, vocab_start: int, group=None, ignore_index: int = -100
+) -> Tensor:
     """Mean cross-entropy over the non-ignored rows of ``logits`` (N, V / tp), this rank's
     vocabulary slice starting at ``vocab_start``; fp32; gradients to ``logits`` (in their
     dtype). Two all-reduces: the row max, then the sum of exponentials with the target

@@ -1,20 +1,44 @@
 """``parallelize(model, tp_size, dp_size)``: Megatron-style tensor parallelism inside groups
-of ``tp_size`` ranks and DDP across them, applied from outside to a built GPT, BERT or T5
-(the models know nothing of process groups).
+of ``tp_size`` ranks and DDP across them, applied from outside to a built model by reading
+the plan its class declares (the models know nothing of process groups, and this module
+imports none of them).
 
-Tensor parallel (:func:`tensor_parallel`): every attention and MLP becomes a *region*. Its
-first projections are cut column-wise (attention by heads: each rank keeps ``H / tp`` query
-heads and ``Hkv / tp`` key/value heads, or one key/value head shared by ``tp / Hkv`` ranks
-when there are fewer), its last projection row-wise, and forward hooks on the region put
-the input through ``copy_to_group`` and the output through ``reduce_from_group``: one
-all-reduce per region in the forward, one in the backward, and the fused MLP kernels still
-run whole on each rank's slice. The token embedding and the LM head are split by
-vocabulary, and the loss is the vocabulary-parallel cross-entropy (logits never gathered).
-T5's relative-position bias is split by heads.
+The plan, ``tp_plan``: a class attribute mapping module names (parameter names for
+``"vocab_bias"``), ``*`` standing for one part of a name (``"blocks.*.attn"``), to how the
+module is cut. Modules the plan does not name stay whole on every rank. The kinds:
+
+- ``"attention"``: a region split by heads. The module holds ``num_heads``,
+  ``num_kv_heads`` and ``head_dim``, and either a fused ``qkv`` linear (output rows: the
+  query heads, then the key heads, then the value heads) or, with ``cross`` true, ``q``
+  and a fused ``kv`` (key heads, then value heads), and ``o``. Each rank keeps ``H / tp``
+  query heads and ``Hkv / tp`` key/value heads (GQA), or one key/value head shared by
+  ``tp / Hkv`` ranks when there are fewer; ``q``/``qkv``/``kv`` are cut column-wise and
+  ``o`` row-wise by those heads.
+- ``"mlp"``: a region over a :class:`~fastlm.nn.FusedMLP` (``fc1`` column-wise, ``fc2``
+  row-wise) or :class:`~fastlm.nn.GatedMLP` (``gate_proj``, ``up_proj`` / ``down_proj``),
+  split along the intermediate features; the fused kernels still run whole on each rank.
+- ``"position_bias_heads"``: an ``nn.Embedding`` of per-head biases (T5's relative
+  positions), its columns (the heads) split as the attention's.
+- ``"vocab_embedding"``: the token embedding, its rows (the vocabulary) split; each rank
+  looks up the ids it owns.
+- ``"vocab_head"``: a linear onto the vocabulary, its rows split as the embedding's (a
+  head tied to the embedding stays tied to its shard).
+- ``"vocab_bias"``: a bias over the vocabulary (a parameter), split the same way.
+- ``"vocab_projection"``: the model's projection onto the vocabulary (an ``nn.Module`` with
+  ``logits(hidden, weight, bias)`` and ``loss(hidden, weight, labels, bias)``), replaced
+  by :class:`~fastlm.parallel.layers.VocabParallelProjection`: the logits are gathered, and
+  the loss is the vocabulary-parallel cross-entropy (logits never gathered).
+- ``"replicate"``: kept whole on every rank (the default; named where it informs).
+
+A region's input goes through ``copy_to_group`` and its output through
+``reduce_from_group`` (forward hooks): one all-reduce per region in the forward, one in the
+backward.
 
 Sequence parallelism (``sequence_parallel=True``, training only): between regions the
-activations stay split along the sequence; a region all-gathers its input and
-reduce-scatters its output instead, and the norms' gradients are summed over the ranks.
+activations stay split along the sequence, from the first block of each stack the model
+declares in ``block_stacks`` (names of its ``nn.ModuleList``s of blocks) to the end of its
+last; a region all-gathers its input and reduce-scatters its output instead, and the
+norms' gradients are summed over the ranks.
 
 Every cut is recorded in ``model.tp_layout`` (a :class:`TensorParallelLayout`), which
 sharded checkpoints and the gradient norm read.
@@ -24,16 +48,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from fastlm.models.bert import BertForMaskedLM, BertForSequenceClassification
-from fastlm.models.gpt import GPT
-from fastlm.models.layers import Attention
-from fastlm.models.t5 import T5, RelativePositionBias
 from fastlm.nn.mlp import FusedMLP, GatedMLP
 from fastlm.parallel.comm import (
     all_gather_group,
@@ -47,35 +68,67 @@ from fastlm.parallel.layers import (
     Shard,
     Spec,
     VocabParallelEmbedding,
-    VocabShard,
+    VocabParallelProjection,
     prefixed,
     shard_linear,
     shard_range,
     sum_grad_over,
 )
 
-# Per model class: the token embedding, the LM head's weight owner and bias attribute
-# (None: no vocabulary head). The embeddings are split by vocabulary; a head tied to its
-# embedding stays tied to the shard.
-VOCAB_PLAN: dict[type, tuple[str, str | None, str | None]] = {
-    GPT: ("tok_emb", "lm_head", None),
-    T5: ("shared", "lm_head", None),
-    BertForMaskedLM: ("bert.word_emb", None, "head_bias"),
-    BertForSequenceClassification: ("bert.word_emb", None, None),
-}
+REGION_KINDS = ("attention", "mlp")
+VOCAB_KINDS = ("vocab_embedding", "vocab_head", "vocab_bias", "vocab_projection")
+PLAN_KINDS = (*REGION_KINDS, "position_bias_heads", *VOCAB_KINDS, "replicate")
 
 
 @dataclasses.dataclass
 class TensorParallelLayout:
-    """How a model was cut: its tensor-parallel group, size and rank, and for each cut
-    tensor (by state-dict name) its :class:`Shard` or ``Owned`` spec; tensors not named are
-    replicated."""
+    """How a model was cut: its tensor-parallel group, size and rank, whether its
+    vocabulary (embedding, head, loss) was split, and for each cut tensor (by state-dict
+    name) its :class:`Shard` or ``Owned`` spec; tensors not named are replicated."""
 
     group: object
     size: int
     rank: int
     sequence_parallel: bool
     specs: dict[str, Spec]
+    vocab_parallel: bool = False
+
+
+def _pattern(name: str) -> re.Pattern:
+    return re.compile(r"[^.]+".join(re.escape(part) for part in name.split("*")))
+
+
+def read_plan(model: nn.Module) -> dict[str, str]:
+    """Every module (and, for ``"vocab_bias"``, parameter) of ``model`` that its class's
+    ``tp_plan`` names, by name, with its kind, in the order of ``named_modules()`` then
+    ``named_parameters()``. Raises if the model has no plan, if a kind is unknown, or if a
+    pattern names nothing or a name is matched twice."""
+    plan = getattr(type(model), "tp_plan", None)
+    if plan is None:
+        raise TypeError(
+            f"model: {type(model).__name__} declares no tensor-parallel plan (a tp_plan class "
+            f"attribute mapping module names to cuts: see fastlm.parallel.parallelize)"
+        )
+    for pattern, kind in plan.items():
+        if kind not in PLAN_KINDS:
+            raise ValueError(
+                f"{type(model).__name__}.tp_plan[{pattern!r}]: unknown kind {kind!r} "
+                f"(one of {', '.join(PLAN_KINDS)})"
+            )
+    names = [n for n, _ in model.named_modules()] + [n for n, _ in model.named_parameters()]
+    cuts: dict[str, str] = {}
+    for pattern, kind in plan.items():
+        regex = _pattern(pattern)
+        found = [n for n in names if regex.fullmatch(n)]
+        if not found:
+            raise ValueError(f"{type(model).__name__}.tp_plan[{pattern!r}] names nothing")
+        for name in found:
+            if name in cuts:
+                raise ValueError(
+                    f"{type(model).__name__}.tp_plan: {name} is both {cuts[name]!r} and {kind!r}"
+                )
+            cuts[name] = kind
+    return {name: cuts[name] for name in names if name in cuts}
 
 
 def _heads(count: int, tp: int, what: str) -> int:
@@ -85,11 +138,12 @@ def _heads(count: int, tp: int, what: str) -> int:
 
 
 def _rows(heads: Iterable[int], head_dim: int, offset: int = 0) -> Tensor:
-    return torch.cat([torch.arange(offset + h * head_dim, offset + (h + 1) * head_dim)
-                      for h in heads])  # fmt: skip
+    return torch.cat(
+        [torch.arange(offset + h * head_dim, offset + (h + 1) * head_dim) for h in heads]
+    )
 
 
-def _shard_attention(attn: Attention, tp: int, rank: int, group) -> dict[str, Spec]:
+def _shard_attention(attn: nn.Module, tp: int, rank: int, group) -> dict[str, Spec]:
     h, hkv, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
     per_rank = _heads(h, tp, "num_heads")
     q_heads = range(rank * per_rank, (rank + 1) * per_rank)
@@ -98,8 +152,9 @@ def _shard_attention(attn: Attention, tp: int, rank: int, group) -> dict[str, Sp
     elif tp % hkv == 0:  # fewer key/value heads than ranks: each serves tp / hkv ranks
         kv_heads, shared_by = [rank // (tp // hkv)], tp // hkv
     else:
-        raise ValueError(f"num_kv_heads = {hkv} neither splits over nor divides {tp} "
-                         f"tensor-parallel ranks")  # fmt: skip
+        raise ValueError(
+            f"num_kv_heads = {hkv} neither splits over nor divides {tp} tensor-parallel ranks"
+        )
     q, k, v = _rows(q_heads, d), _rows(kv_heads, d, h * d), _rows(kv_heads, d, (h + hkv) * d)
     kv_copies = torch.full((len(k) + len(v),), shared_by)
     specs: dict[str, Spec] = {}
@@ -109,16 +164,23 @@ def _shard_attention(attn: Attention, tp: int, rank: int, group) -> dict[str, Sp
         specs.update(prefixed("kv", shard_linear(attn.kv, 0, kv, group, kv_copies)))
     else:
         copies = torch.cat([torch.ones(len(q), dtype=torch.long), kv_copies])
-        specs.update(prefixed("qkv", shard_linear(attn.qkv, 0, torch.cat([q, k, v]), group,
-                                                  copies, shared_from=h * d)))  # fmt: skip
+        specs.update(
+            prefixed(
+                "qkv",
+                shard_linear(attn.qkv, 0, torch.cat([q, k, v]), group, copies, shared_from=h * d),
+            )
+        )
     specs.update(prefixed("o", shard_linear(attn.o, 1, q, group)))
     attn.num_heads, attn.num_kv_heads = per_rank, len(kv_heads)
     return specs
 
 
 def _shard_mlp(mlp: nn.Module, group) -> dict[str, Spec]:
-    first, last = ((["fc1"], "fc2") if isinstance(mlp, FusedMLP)
-                   else (["gate_proj", "up_proj"], "down_proj"))  # fmt: skip
+    if not isinstance(mlp, (FusedMLP, GatedMLP)):
+        raise TypeError(f"an 'mlp' cut needs a FusedMLP or GatedMLP, got {type(mlp).__name__}")
+    first, last = (
+        (["fc1"], "fc2") if isinstance(mlp, FusedMLP) else (["gate_proj", "up_proj"], "down_proj")
+    )
     hidden = getattr(mlp, last).in_features
     index = torch.arange(*shard_range(hidden, group, "intermediate_size"))
     specs: dict[str, Spec] = {}
@@ -126,6 +188,14 @@ def _shard_mlp(mlp: nn.Module, group) -> dict[str, Spec]:
         specs.update(prefixed(name, shard_linear(getattr(mlp, name), 0, index, group)))
     specs.update(prefixed(last, shard_linear(getattr(mlp, last), 1, index, group)))
     return specs
+
+
+def _shard_position_bias(embedding: nn.Embedding, group) -> dict[str, Spec]:
+    full = embedding.embedding_dim
+    heads = torch.arange(*shard_range(full, group, "num_heads"))
+    embedding.weight = nn.Parameter(embedding.weight.detach()[:, heads].clone())
+    embedding.embedding_dim = len(heads)
+    return {"weight": Shard(1, heads, full)}
 
 
 def _make_region(module: nn.Module, group, sequence_parallel: bool) -> None:
@@ -153,6 +223,12 @@ def _sequence_parallel(model: nn.Module, regions: set[nn.Module], group) -> None
     """Split the activations along the sequence from the first block of each stack to the
     end of its last; parameters used on the split activations (the norms) get their
     gradients summed over the ranks."""
+    stacks = getattr(type(model), "block_stacks", None)
+    if stacks is None:
+        raise TypeError(
+            f"sequence_parallel: {type(model).__name__} declares no block_stacks (the names "
+            f"of its nn.ModuleLists of blocks)"
+        )
 
     def split(mod, args):
         return (scatter_to_group(args[0], group, dim=1), *args[1:]) if mod.training else None
@@ -160,91 +236,94 @@ def _sequence_parallel(model: nn.Module, regions: set[nn.Module], group) -> None
     def join(mod, args, output):
         return gather_from_group(output, group, dim=1) if mod.training else None
 
-    for stack in model.modules():
-        if not isinstance(stack, nn.ModuleList) or not any(
-            isinstance(m, Attention) for block in stack for m in block.modules()
-        ):
-            continue
+    inside = {id(p) for r in regions for p in r.parameters()}
+    for stack in map(model.get_submodule, stacks):
         stack[0].register_forward_pre_hook(split)
         stack[-1].register_forward_hook(join)
-        inside = {id(p) for r in regions for p in r.parameters()}
         for block in stack:
             for p in block.parameters():
                 if id(p) not in inside:
                     sum_grad_over(p, group)
 
 
-def _shard_vocab(model: nn.Module, group) -> dict[str, Spec]:
-    plan = next((p for cls, p in VOCAB_PLAN.items() if isinstance(model, cls)), None)
-    if plan is None:
+def _shard_vocab(model: nn.Module, cuts: dict[str, str], group) -> dict[str, Spec]:
+    """Split the plan's vocabulary embedding, head and bias by rows, and swap in the
+    vocabulary-parallel projection."""
+    by_kind = {kind: [n for n, k in cuts.items() if k == kind] for kind in VOCAB_KINDS}
+    if not any(by_kind.values()):
         return {}
-    emb_name, head_name, bias_name = plan
+    if len(by_kind["vocab_embedding"]) != 1:
+        raise ValueError(
+            f"{type(model).__name__}.tp_plan: a split vocabulary needs one "
+            f"'vocab_embedding', got {by_kind['vocab_embedding']}"
+        )
+    (emb_name,) = by_kind["vocab_embedding"]
     parent_name, _, attr = emb_name.rpartition(".")
     parent = model.get_submodule(parent_name)
     old = getattr(parent, attr)
     emb = VocabParallelEmbedding(old, group)
     setattr(parent, attr, emb)
     specs = {f"{emb_name}.weight": emb.specs["weight"]}
-    shard = VocabShard(emb.start, group)
-    emb.weight.vocab_parallel = shard
-    if head_name is not None:
+    rows = torch.arange(emb.start, emb.stop)
+    for head_name in by_kind["vocab_head"]:
         head = model.get_submodule(head_name)
         if head.weight is old.weight:  # tied: the head reads the embedding's shard
             head.weight = emb.weight
             head.out_features = emb.weight.shape[0]
             specs[f"{head_name}.weight"] = emb.specs["weight"]
         else:
-            index = torch.arange(emb.start, emb.stop)
-            specs.update(prefixed(head_name, shard_linear(head, 0, index, group)))
-            head.weight.vocab_parallel = shard
-    if bias_name is not None:
-        full = getattr(model, bias_name)
-        setattr(model, bias_name, nn.Parameter(full.detach()[emb.start : emb.stop].clone()))
-        specs[bias_name] = Shard(0, torch.arange(emb.start, emb.stop), full.shape[0])
+            specs.update(prefixed(head_name, shard_linear(head, 0, rows, group)))
+    for bias_name in by_kind["vocab_bias"]:
+        owner_name, _, attr = bias_name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        full = getattr(owner, attr)
+        setattr(owner, attr, nn.Parameter(full.detach()[emb.start : emb.stop].clone()))
+        specs[bias_name] = Shard(0, rows, full.shape[0])
+    for name in by_kind["vocab_projection"]:
+        owner_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(owner_name), attr, VocabParallelProjection(emb.start, group))
     return specs
 
 
-def tensor_parallel(model: nn.Module, group=None, sequence_parallel: bool = False,
-                    vocab_parallel: bool = True) -> nn.Module:  # fmt: skip
-    """Shard ``model``'s attention, MLPs (and, with ``vocab_parallel``, its token
-    embedding and LM head) over ``group`` (default: the world), in place, by slicing the
-    full weights every rank holds, so the result does not depend on the number of ranks.
-    Every rank of the group must hold the same model (checked). Apply LoRA and
-    quantization before this, not after. Returns ``model`` with ``model.tp_layout``."""
+def tensor_parallel(
+    model: nn.Module, group=None, sequence_parallel: bool = False, vocab_parallel: bool = True
+) -> nn.Module:
+    """Shard ``model`` over ``group`` (default: the world) as its class's ``tp_plan`` says
+    (the vocabulary kinds only with ``vocab_parallel``), in place, by slicing the full
+    weights every rank holds, so the result does not depend on the number of ranks. Every
+    rank of the group must hold the same model (checked). Apply LoRA and quantization
+    before this, not after. Returns ``model`` with ``model.tp_layout``."""
     if not dist.is_initialized():
-        raise RuntimeError("tensor_parallel needs torch.distributed initialized "
-                           "(launch with torchrun)")  # fmt: skip
+        raise RuntimeError(
+            "tensor_parallel needs torch.distributed initialized (launch with torchrun)"
+        )
     if hasattr(model, "tp_layout"):
         raise ValueError("model is tensor-parallel already")
+    cuts = read_plan(model)
     check_consistent(model, group)
     tp, rank = dist.get_world_size(group), dist.get_rank(group)
     specs: dict[str, Spec] = {}
     regions: set[nn.Module] = set()
-    for name, module in list(model.named_modules()):
-        if isinstance(module, Attention):
-            cut = _shard_attention(module, tp, rank, group)
-        elif isinstance(module, (FusedMLP, GatedMLP)):
-            cut = _shard_mlp(module, group)
-        elif isinstance(module, RelativePositionBias):
-            heads = torch.arange(*shard_range(module.embedding.embedding_dim, group,
-                                              "num_heads"))  # fmt: skip
-            full = module.embedding.embedding_dim
-            module.embedding.weight = nn.Parameter(
-                module.embedding.weight.detach()[:, heads].clone()
-            )
-            module.embedding.embedding_dim = len(heads)
-            specs.update(prefixed(name, {"embedding.weight": Shard(1, heads, full)}))
+    for name, kind in cuts.items():
+        if kind == "attention":
+            cut = _shard_attention(model.get_submodule(name), tp, rank, group)
+        elif kind == "mlp":
+            cut = _shard_mlp(model.get_submodule(name), group)
+        elif kind == "position_bias_heads":
+            specs.update(prefixed(name, _shard_position_bias(model.get_submodule(name), group)))
             continue
         else:
             continue
+        module = model.get_submodule(name)
         _make_region(module, group, sequence_parallel)
         regions.add(module)
         specs.update(prefixed(name, cut))
     if vocab_parallel:
-        specs.update(_shard_vocab(model, group))
+        specs.update(_shard_vocab(model, cuts, group))
     if sequence_parallel:
         _sequence_parallel(model, regions, group)
-    model.tp_layout = TensorParallelLayout(group, tp, rank, sequence_parallel, specs)
+    split_vocab = vocab_parallel and "vocab_embedding" in cuts.values()
+    model.tp_layout = TensorParallelLayout(group, tp, rank, sequence_parallel, specs, split_vocab)
     return model
 
 
@@ -270,13 +349,16 @@ def check_consistent(model: nn.Module, group=None, extra: object = None) -> None
         if what == "tensors":
             diff = [(a, b) for a, b in zip(first, other, strict=False) if a != b]
             first, other = diff[0] if diff else (len(first), len(other))
-        raise ValueError(f"ranks hold different models ({what}): group rank 0 has "
-                         f"{str(first)[:300]}, group rank {rank} has "
-                         f"{str(other)[:300]}")  # fmt: skip
+        raise ValueError(
+            f"ranks hold different models ({what}): group rank 0 has "
+            f"{str(first)[:300]}, group rank {rank} has "
+            f"{str(other)[:300]}"
+        )
 
 
-def parallelize(model: nn.Module, tp_size: int = 1, dp_size: int | None = None,
-                sequence_parallel: bool = False):  # fmt: skip
+def parallelize(
+    model: nn.Module, tp_size: int = 1, dp_size: int | None = None, sequence_parallel: bool = False
+):
     """Tensor parallel over groups of ``tp_size`` ranks and data parallel (DDP) across them,
     on a 2D ``torch.distributed`` device mesh (dp x tp = world size; ``dp_size`` None: the
     rest of the world). Returns ``(model, mesh)``: the model is wrapped in
@@ -300,8 +382,9 @@ def parallelize(model: nn.Module, tp_size: int = 1, dp_size: int | None = None,
     if dp > 1:
         # Parameters that get no gradient (BERT's pooler under the masked-LM loss) must be
         # found each step rather than waited for.
-        model = DistributedDataParallel(model, process_group=mesh.get_group("dp"),
-                                        find_unused_parameters=True)  # fmt: skip
+        model = DistributedDataParallel(
+            model, process_group=mesh.get_group("dp"), find_unused_parameters=True
+        )
     return model, mesh
 
 

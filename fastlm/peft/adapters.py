@@ -34,8 +34,7 @@ def _check(bottleneck: int, activation: str, init_scale: float) -> None:
     if isinstance(bottleneck, bool) or not isinstance(bottleneck, int) or bottleneck < 1:
         raise ValueError(f"bottleneck must be a positive int, got {bottleneck!r}")
     check_activation(activation)
-    if isinstance(init_scale, bool) or not isinstance(init_scale, (int, float)) \
-            or init_scale < 0:  # fmt: skip
+    if isinstance(init_scale, bool) or not isinstance(init_scale, (int, float)) or init_scale < 0:
         raise ValueError(f"init_scale must be a non-negative number, got {init_scale!r}")
 
 
@@ -49,9 +48,15 @@ class Adapter(nn.Module):
     projection and activation run as one fused GEMM, :func:`fastlm.ops.linear_act`).
     """
 
-    def __init__(self, hidden_size: int, bottleneck: int, activation: str = "relu",
-                 init_scale: float = 1e-3, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        hidden_size: int,
+        bottleneck: int,
+        activation: str = "relu",
+        init_scale: float = 1e-3,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
             raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
@@ -107,8 +112,9 @@ def _hidden_size(name: str, projection: nn.Module) -> int:
     base = projection.base_layer if isinstance(projection, Adapted) else projection
     size = getattr(base, "out_features", None)
     if not isinstance(size, int):
-        raise ValueError(f"{name} ({type(base).__name__}) has no out_features, so the "
-                         f"adapter's width is unknown")  # fmt: skip
+        raise ValueError(
+            f"{name} ({type(base).__name__}) has no out_features, so the adapter's width is unknown"
+        )
     return size
 
 
@@ -121,9 +127,13 @@ def _factory(module: nn.Module) -> dict:
     return {}
 
 
-def apply_adapters(model: nn.Module, bottleneck: int,
-                   where: str | Sequence[str] = ("attention", "mlp"), activation: str = "relu",
-                   init_scale: float = 1e-3) -> nn.Module:  # fmt: skip
+def apply_adapters(
+    model: nn.Module,
+    bottleneck: int,
+    where: str | Sequence[str] = ("attention", "mlp"),
+    activation: str = "relu",
+    init_scale: float = 1e-3,
+) -> nn.Module:
     """Insert an :class:`Adapter` (width ``bottleneck``) after every transformer block's
     attention output projection (``where`` has ``"attention"``) and/or after its MLP
     (``"mlp"``), freeze every other parameter, and return ``model``.
@@ -137,8 +147,9 @@ def apply_adapters(model: nn.Module, bottleneck: int,
     """
     places = (where,) if isinstance(where, str) else tuple(where)
     if not places or any(p not in PLACES for p in places) or len(set(places)) != len(places):
-        raise ValueError(f"where must be a non-empty selection of {PLACES} without repeats, "
-                         f"got {where!r}")  # fmt: skip
+        raise ValueError(
+            f"where must be a non-empty selection of {PLACES} without repeats, got {where!r}"
+        )
     _check(bottleneck, activation, init_scale)
     blocks = _blocks(model)
     if not blocks:

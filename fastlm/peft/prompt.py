@@ -30,9 +30,11 @@ def _find_embedding(model: nn.Module) -> nn.Embedding:
         embedding = model.get_input_embeddings()
         if isinstance(embedding, nn.Embedding):
             return embedding
-    raise ValueError(f"{type(model).__name__} is not supported: no token embedding found "
-                     f"(tok_emb, bert.word_emb or get_input_embeddings()); "
-                     f"pass embedding=")  # fmt: skip
+    raise ValueError(
+        f"{type(model).__name__} is not supported: no token embedding found "
+        f"(tok_emb, bert.word_emb or get_input_embeddings()); "
+        f"pass embedding="
+    )
 
 
 class PromptTuning(nn.Module):
@@ -55,23 +57,36 @@ class PromptTuning(nn.Module):
     (``config.max_position_embeddings``), P + S must fit.
     """
 
-    def __init__(self, model: nn.Module, num_virtual_tokens: int, init: str = "random",
-                 embedding: nn.Embedding | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: nn.Module,
+        num_virtual_tokens: int,
+        init: str = "random",
+        embedding: nn.Embedding | None = None,
+    ) -> None:
         super().__init__()
-        if isinstance(num_virtual_tokens, bool) or not isinstance(num_virtual_tokens, int) \
-                or num_virtual_tokens < 1:  # fmt: skip
-            raise ValueError(f"num_virtual_tokens must be a positive int, got "
-                             f"{num_virtual_tokens!r}")  # fmt: skip
+        if (
+            isinstance(num_virtual_tokens, bool)
+            or not isinstance(num_virtual_tokens, int)
+            or num_virtual_tokens < 1
+        ):
+            raise ValueError(
+                f"num_virtual_tokens must be a positive int, got {num_virtual_tokens!r}"
+            )
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
         params = inspect.signature(model.forward).parameters
         missing = [n for n in ("input_ids", "attention_mask", "labels") if n not in params]
         if missing:
-            raise ValueError(f"{type(model).__name__} is not supported: its forward takes no "
-                             f"{', '.join(missing)}")  # fmt: skip
+            raise ValueError(
+                f"{type(model).__name__} is not supported: its forward takes no "
+                f"{', '.join(missing)}"
+            )
         if "decoder_input_ids" in params:
-            raise ValueError(f"{type(model).__name__} is not supported: encoder-decoder models "
-                             f"embed their decoder inputs with the same table")  # fmt: skip
+            raise ValueError(
+                f"{type(model).__name__} is not supported: encoder-decoder models "
+                f"embed their decoder inputs with the same table"
+            )
         if embedding is None:
             embedding = _find_embedding(model)
         elif not isinstance(embedding, nn.Embedding):
@@ -81,11 +96,14 @@ class PromptTuning(nn.Module):
         self.embedding_name = next((n for n, m in model.named_modules() if m is embedding), None)
         if self.embedding_name is None:
             raise ValueError(f"embedding is not a submodule of {type(model).__name__}")
-        self.max_positions = getattr(getattr(model, "config", None), "max_position_embeddings",
-                                     None)  # fmt: skip
+        self.max_positions = getattr(
+            getattr(model, "config", None), "max_position_embeddings", None
+        )
         if self.max_positions is not None and num_virtual_tokens >= self.max_positions:
-            raise ValueError(f"num_virtual_tokens {num_virtual_tokens} leaves no room in the "
-                             f"model's {self.max_positions} positions")  # fmt: skip
+            raise ValueError(
+                f"num_virtual_tokens {num_virtual_tokens} leaves no room in the "
+                f"model's {self.max_positions} positions"
+            )
         self.model = model.requires_grad_(False)
         self.num_virtual_tokens = num_virtual_tokens
         weight = embedding.weight.detach()
@@ -97,8 +115,13 @@ class PromptTuning(nn.Module):
             prompt = (prompt * weight.float().std()).to(weight.dtype)
         self.prompt = nn.Parameter(prompt)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                labels: Tensor | None = None, **kwargs) -> object:  # fmt: skip
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        **kwargs,
+    ) -> object:
         """input_ids (B, S); attention_mask (B, S), 1 for tokens and 0 for padding (the
         virtual tokens are always attended); labels as the model takes them: (B, S) labels
         get -100 (ignored) on the virtual tokens, other shapes (a classifier's (B,)) pass
@@ -115,13 +138,13 @@ class PromptTuning(nn.Module):
         b, s = input_ids.shape
         p = self.num_virtual_tokens
         if self.max_positions is not None and p + s > self.max_positions:
-            raise ValueError(f"{p} virtual + {s} input tokens exceed the model's "
-                             f"{self.max_positions} positions")  # fmt: skip
+            raise ValueError(
+                f"{p} virtual + {s} input tokens exceed the model's {self.max_positions} positions"
+            )
 
         def prepend(name: str, fill: int, x: Tensor) -> Tensor:
             if tuple(x.shape) != (b, s):
-                raise ValueError(f"{name} must be ({b}, {s}) like input_ids, got "
-                                 f"{tuple(x.shape)}")  # fmt: skip
+                raise ValueError(f"{name} must be ({b}, {s}) like input_ids, got {tuple(x.shape)}")
             return torch.cat([x.new_full((b, p), fill), x], dim=1)
 
         ids = prepend("input_ids", 0, input_ids)  # placeholders: their embeddings are replaced
@@ -141,8 +164,10 @@ class PromptTuning(nn.Module):
             # A second call would embed something else (a decoder's inputs, say) and get the
             # prompt too: refuse rather than compute silently wrong numbers.
             if calls or tuple(out.shape[:2]) != (b, p + s):
-                raise ValueError(f"the embedding {self.embedding_name} was called on other "
-                                 f"inputs in the same forward: unsupported model")  # fmt: skip
+                raise ValueError(
+                    f"the embedding {self.embedding_name} was called on other "
+                    f"inputs in the same forward: unsupported model"
+                )
             calls.append(True)
             return torch.cat([self.prompt.to(out.dtype).expand(b, p, -1), out[:, p:]], dim=1)
 

@@ -1,22 +1,14 @@
-"""Weight quantization: formats (``quantize_weight`` / ``dequantize_weight``) and
-``quantize_(model)``; the layer is :class:`fastlm.nn.QuantLinear`, the kernels
+"""Weight quantization: ``quantize_(model)``, and the formats it stores
+(``quantize_weight`` / ``dequantize_weight``, defined in :mod:`fastlm.ops.quant_formats`
+beneath the ops that read them); the layer is :class:`fastlm.nn.QuantLinear`, the kernels
 :func:`fastlm.ops.quant_matmul` / :func:`fastlm.ops.w8a8_matmul`."""
 
-from fastlm.quant.formats import (
+from fastlm.ops.quant_formats import (
     NF4_CODE,
     QuantizedWeight,
     dequantize_weight,
     quantize_weight,
 )
-
-
-def __getattr__(name: str):
-    # quantize_ needs fastlm.nn, whose ops import this package's formats: loaded on use.
-    if name == "quantize_":
-        from fastlm.quant.model import quantize_
-
-        return quantize_
-    raise AttributeError(f"module 'fastlm.quant' has no attribute {name!r}")
-
+from fastlm.quant.model import quantize_
 
 __all__ = ["NF4_CODE", "QuantizedWeight", "dequantize_weight", "quantize_", "quantize_weight"]

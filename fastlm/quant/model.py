@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from fastlm.nn.quant import QuantLinear
-from fastlm.quant.formats import check_format
+from fastlm.ops.quant_formats import check_format
 
 log = logging.getLogger("fastlm.quant")
 
@@ -23,10 +23,17 @@ def _matches(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(tail, p) for tail in tails for p in patterns)
 
 
-def quantize_(model: nn.Module, bits: int = 4, group_size: int | None = None,
-              scheme: str = "int", include: Sequence[str] | None = None,
-              exclude: Sequence[str] = ("lm_head",), symmetric: bool = False,
-              double_quant: bool = False, act_bits: int | None = None) -> list[str]:  # fmt: skip
+def quantize_(
+    model: nn.Module,
+    bits: int = 4,
+    group_size: int | None = None,
+    scheme: str = "int",
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] = ("lm_head",),
+    symmetric: bool = False,
+    double_quant: bool = False,
+    act_bits: int | None = None,
+) -> list[str]:
     """Replace, in place, every ``nn.Linear`` of ``model`` whose name matches ``include``
     (None: all) and not ``exclude`` (globs over qualified names or their dotted tails:
     ``"lm_head"``, ``"blocks.0.*"``, ``"*.o"``) by a :class:`QuantLinear` of the format.
@@ -46,12 +53,22 @@ def quantize_(model: nn.Module, bits: int = 4, group_size: int | None = None,
             continue
         k = module.in_features
         if bits == 4 and (k % group or k % 2):
-            log.warning("fastlm.quant: %s left unquantized: in_features %d is not a multiple "
-                        "of group_size %d", name, k, group)  # fmt: skip
+            log.warning(
+                "fastlm.quant: %s left unquantized: in_features %d is not a multiple "
+                "of group_size %d",
+                name,
+                k,
+                group,
+            )
             continue
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, attr, QuantLinear.from_linear(module, bits, group_size, scheme, act_bits,
-                                                      symmetric, double_quant))  # fmt: skip
+        setattr(
+            parent,
+            attr,
+            QuantLinear.from_linear(
+                module, bits, group_size, scheme, act_bits, symmetric, double_quant
+            ),
+        )
         done.append(name)
     return done

@@ -1,8 +1,9 @@
 """``python -m fastlm.train`` (what ``torchrun ... -m fastlm.train`` starts on each rank):
-the ``fastlm train`` command."""
+the ``fastlm train`` job, its refusals reported as the ``fastlm`` command reports them."""
 
 import sys
 
-from fastlm.cli import train
+from fastlm import errors
+from fastlm.train import run
 
-sys.exit(train(sys.argv[1:]))
+sys.exit(errors.report("fastlm train", lambda: run.main(sys.argv[1:])))

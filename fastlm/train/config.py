@@ -6,11 +6,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import types
 import typing
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import torch
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -73,8 +75,10 @@ class TrainConfig:
     out_dir: str = "runs/fastlm"
     # "" starts afresh; "latest" continues from out_dir's newest checkpoint; or a path.
     resume: str = ""
+    # A new run refuses an out_dir holding another run; overwrite deletes that run first.
+    overwrite: bool = False
     seed: int = 0
-    device: str = "auto"  # auto: cuda if available, else cpu
+    device: str = "auto"  # auto: cuda if available, else cpu; or cpu, cuda, cuda:N
     progress: bool = True  # tqdm progress bar
 
     def __post_init__(self) -> None:
@@ -99,28 +103,44 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-        for name in ("clean_data", "scrub_pii", "near_dedup", "filter_data"):
+        for name in ("clean_data", "scrub_pii", "near_dedup", "filter_data", "overwrite"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        for key, value in self.model_overrides.items():  # what the model config may not check
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"model_overrides[{key!r}] must be finite, got {value!r}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        # The closed ranges above exclude NaN and infinity; these open ones must refuse them.
         for name in ("lr", "adam_eps"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number > 0, got {value}")
         for name in ("weight_decay", "grad_clip"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
         self.betas = tuple(self.betas)
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, "
-                             f"got {self.precision!r}")  # fmt: skip
+            raise ValueError(
+                f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
+            )
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, "
-                             f"got {self.schedule!r}")  # fmt: skip
+            raise ValueError(
+                f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"
+            )
+        if self.device != "auto":
+            try:
+                kind = torch.device(self.device).type
+            except (RuntimeError, TypeError):
+                kind = None
+            # The trainer saves and restores the RNG states of these two.
+            if kind not in ("cpu", "cuda"):
+                raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -131,8 +151,10 @@ class TrainConfig:
         valid = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(values) - set(valid))
         if unknown:
-            raise ValueError(f"unknown config key(s) {', '.join(map(repr, unknown))}; valid "
-                             f"keys: {', '.join(valid)}")  # fmt: skip
+            raise ValueError(
+                f"unknown config key(s) {', '.join(map(repr, unknown))}; valid "
+                f"keys: {', '.join(valid)}"
+            )
         hints = typing.get_type_hints(cls)
         return cls(**{k: _check_type(k, v, hints[k]) for k, v in values.items()})
 
@@ -142,19 +164,31 @@ class TrainConfig:
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"config file {path} does not exist")
-        text = path.read_text()
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            values = yaml.safe_load(text) or {}
-        elif path.suffix == ".json":
-            values = json.loads(text)
-        else:
+        if path.suffix not in (".yaml", ".yml", ".json"):
             raise ValueError(f"config file {path} must end in .yaml, .yml or .json")
-        return cls.from_dict(values)
+        try:
+            values = _parse(path)
+            return cls.from_dict(values)
+        except ValueError as e:
+            raise ValueError(f"config file {path}: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _parse(path: Path) -> Any:
+    text = path.read_text()  # UnicodeDecodeError is a ValueError
+    if path.suffix == ".json":
+        return json.loads(text)  # JSONDecodeError is one too, and says where
+    import yaml
+
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.MarkedYAMLError as e:  # a syntax error: the library's message spans lines
+        mark = e.problem_mark
+        raise ValueError(
+            f"not valid YAML (line {mark.line + 1}, column {mark.column + 1}: {e.problem})"
+        ) from None
 
 
 def _check_type(key: str, value: Any, hint: Any) -> Any:
@@ -171,9 +205,12 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
         str: lambda: isinstance(value, str),
         list: lambda: isinstance(value, list) and all(isinstance(v, str) for v in value),
         dict: lambda: isinstance(value, dict),
-        tuple: lambda: (isinstance(value, (list, tuple)) and len(value) == len(args)
-                        and all(isinstance(v, (int, float)) for v in value)),
-    }[origin or hint]  # fmt: skip
+        tuple: lambda: (
+            isinstance(value, (list, tuple))
+            and len(value) == len(args)
+            and all(isinstance(v, (int, float)) for v in value)
+        ),
+    }[origin or hint]
     if not ok():
         raise ValueError(f"config key {key!r} must be {_type_name(hint)}, got {value!r}")
     return float(value) if hint is float else value
@@ -209,29 +246,3 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         else:
             base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
             parser.add_argument(flag, type=base[0], default=default)
-
-
-def from_arguments(args: argparse.Namespace) -> TrainConfig:
-    """Defaults < the resumed checkpoint's settings < the config file < the flags given: so
-    ``fastlm train --out-dir X --resume latest`` continues run X with its own settings."""
-    given = {k: v for k, v in vars(args).items() if k != "config"}
-    base = TrainConfig.from_file(args.config).to_dict() if args.config else {}
-    merged = {**base, **given}
-    if merged.get("resume"):
-        from fastlm.train import checkpoint
-
-        out_dir = Path(merged.get("out_dir", TrainConfig.out_dir))
-        path = (checkpoint.latest_checkpoint(out_dir / "checkpoints")
-                if merged["resume"] == "latest" else Path(merged["resume"]))  # fmt: skip
-        if path is not None:  # else the Trainer reports that nothing can be resumed
-            saved = checkpoint.read_meta(path)["config"]
-            # A run saved before data cleaning existed continues on the data it began on.
-            saved.setdefault("clean_data", False)
-            merged = {**saved, **merged}
-    return TrainConfig.from_dict(merged)
-
-
-def parse(argv: Sequence[str]) -> TrainConfig:
-    parser = argparse.ArgumentParser(prog="fastlm train")
-    add_arguments(parser)
-    return from_arguments(parser.parse_args(argv))

@@ -13,17 +13,21 @@ import dataclasses
 import datetime
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+import fastlm.train.checkpoint as ckpt
+from fastlm.models import loading
 from fastlm.parallel import check_consistent, parallelize, unwrap
 from fastlm.parallel.checkpoint import save_shard, shard_name
-from fastlm.train import checkpoint as ckpt
 from fastlm.train.config import TrainConfig
+
+T = TypeVar("T")
 
 
 def launched() -> bool:
@@ -38,14 +42,17 @@ def init(config: TrainConfig) -> bool:
         return True
     if not launched():
         if config.tp > 1 or config.dp > 1:
-            raise ValueError(f"tp={config.tp}, dp={config.dp} need one process per rank: "
-                             f"torchrun --nproc_per_node N -m fastlm.train ...")  # fmt: skip
+            raise ValueError(
+                f"tp={config.tp}, dp={config.dp} need one process per rank: "
+                f"torchrun --nproc_per_node N -m fastlm.train ..."
+            )
         return False
     cuda = config.device != "cpu" and torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo",
-                            timeout=datetime.timedelta(seconds=config.dist_timeout))  # fmt: skip
+    dist.init_process_group(
+        "nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=config.dist_timeout)
+    )
     return True
 
 
@@ -56,6 +63,15 @@ def is_main() -> bool:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def from_main(make: Callable[[], T]) -> T:
+    """``make()``, run by rank 0 alone and sent to every rank (one process, itself)."""
+    if not dist.is_initialized():
+        return make()
+    box = [make() if is_main() else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 @dataclasses.dataclass
@@ -78,24 +94,37 @@ def parallelize_model(model: nn.Module, config: TrainConfig) -> tuple[nn.Module,
         raise ValueError(f"tp {config.tp} x dp {config.dp} != world size {world}")
     check_consistent(model, extra=config.to_dict())
     parallel, mesh = parallelize(model, config.tp, config.dp or None, config.sequence_parallel)
-    layout = Layout(config.tp, world // config.tp, mesh.get_local_rank("tp"),
-                    mesh.get_local_rank("dp"))  # fmt: skip
+    layout = Layout(
+        config.tp, world // config.tp, mesh.get_local_rank("tp"), mesh.get_local_rank("dp")
+    )
     if config.batch_size % layout.dp:
-        raise ValueError(f"batch_size {config.batch_size} does not split over {layout.dp} "
-                         f"data-parallel replicas")  # fmt: skip
+        raise ValueError(
+            f"batch_size {config.batch_size} does not split over {layout.dp} data-parallel replicas"
+        )
     return parallel, layout
 
 
-def save(root: Path, step: int, model: nn.Module, state: dict[str, Any], meta: dict[str, Any],
-         layout: Layout, extra: Any, keep_last: int | None) -> Path:  # fmt: skip
+def save(
+    root: Path,
+    step: int,
+    model: nn.Module,
+    state: dict[str, Any],
+    meta: dict[str, Any],
+    layout: Layout,
+    extra: Any,
+    keep_last: int | None,
+) -> Path:
     """Checkpoint ``step`` of a distributed run, atomically as on one device: every rank
     writes into one temporary directory (replica 0's tensor-parallel ranks their model
     shard and optimizer state, every rank its RNG state, rank 0 the rest), then rank 0
     renames it into place once all are flushed."""
     rank = dist.get_rank()
     root.mkdir(parents=True, exist_ok=True)
-    made = [tempfile.mkdtemp(prefix=f"{ckpt.TMP_PREFIX}{ckpt.checkpoint_name(step)}-", dir=root)
-            if rank == 0 else None]  # fmt: skip
+    made = [
+        tempfile.mkdtemp(prefix=f"{ckpt.TMP_PREFIX}{loading.checkpoint_name(step)}-", dir=root)
+        if rank == 0
+        else None
+    ]
     dist.broadcast_object_list(made, src=0)
     tmp = Path(made[0])
     written = [tmp / f"rng-{rank:03d}.pt"]
@@ -112,33 +141,33 @@ def save(root: Path, step: int, model: nn.Module, state: dict[str, Any], meta: d
     if rank == 0:
         ckpt.finish(tmp, root, step, keep_last)
     dist.barrier()
-    return root / ckpt.checkpoint_name(step)
+    return root / loading.checkpoint_name(step)
 
 
 def require_layout(path: Path, layout: Layout | None) -> dict[str, Any]:
     """The checkpoint's metadata, if it was written with ``layout`` (None: one device),
     which resuming needs (the optimizer state is sharded as the model was)."""
-    meta = ckpt.read_meta(path)
+    meta = loading.read_meta(path)
     saved, mine = meta.get("parallel"), layout.to_dict() if layout is not None else None
     if saved != mine:
-        raise ValueError(f"checkpoint {path} was written with layout {saved or 'one device'}; "
-                         f"resuming needs the same (this run: {mine or 'one device'}). Its "
-                         f"weights load at any layout: fastlm.parallel.checkpoint."
-                         f"load_sharded")  # fmt: skip
+        raise ValueError(
+            f"checkpoint {path} was written with layout {saved or 'one device'}; "
+            f"resuming needs the same (this run: {mine or 'one device'}). Its "
+            f"weights load at any layout: fastlm.parallel.checkpoint."
+            f"load_sharded"
+        )
     return meta
 
 
-def load(path: Path, model: nn.Module, layout: Layout,
-         map_location: torch.device) -> tuple[dict, dict]:  # fmt: skip
+def load(
+    path: Path, model: nn.Module, layout: Layout, map_location: torch.device
+) -> tuple[dict, dict]:
     """Resume a distributed run from its checkpoint (written with the same layout): each
     rank reads its own files."""
     meta = require_layout(path, layout)
-    import safetensors.torch
-
-    inner = unwrap(model)
     name = shard_name(layout.tp_rank, layout.tp) if layout.tp > 1 else "model.safetensors"
-    safetensors.torch.load_model(inner, str(path / name), strict=True, device=str(map_location))
-    state = torch.load(path / f"state-tp{layout.tp_rank:02d}.pt", map_location=map_location,
-                       weights_only=True)  # fmt: skip
-    state["rng"] = torch.load(path / f"rng-{dist.get_rank():03d}.pt", weights_only=True)
+    ckpt.load_weights(path, name, unwrap(model), map_location)
+    state = ckpt.read_state(path, f"state-tp{layout.tp_rank:02d}.pt", map_location)
+    if isinstance(state, dict):
+        state["rng"] = ckpt.read_state(path, f"rng-{dist.get_rank():03d}.pt")
     return state, meta

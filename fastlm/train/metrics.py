@@ -35,8 +35,9 @@ def flops_per_token(model: nn.Module, seq_len: int) -> float:
     attention layer for the score and value products. Recomputation by activation
     checkpointing is not counted: MFU measures useful work."""
     linear = {id(m.weight): m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear)}
-    attention = sum(12 * m.num_heads * m.head_dim * seq_len
-                    for m in model.modules() if isinstance(m, Attention))  # fmt: skip
+    attention = sum(
+        12 * m.num_heads * m.head_dim * seq_len for m in model.modules() if isinstance(m, Attention)
+    )
     return 6.0 * sum(linear.values()) + attention
 
 
@@ -51,28 +52,43 @@ def peak_memory_mb(device: torch.device) -> float:
 
 class MetricsLog:
     """Appends records to ``metrics.jsonl`` (and TensorBoard, when installed); a log not
-    ``enabled`` (a distributed run's ranks but the first) only keeps them in memory."""
+    ``enabled`` (a distributed run's ranks but the first) only keeps them in memory.
+    Nothing is written before the first record."""
 
     def __init__(self, out_dir: Path, tensorboard: bool = True, enabled: bool = True) -> None:
         self.path = out_dir / "metrics.jsonl"
         self.records: list[dict[str, Any]] = []
         self.writer = None
         self.enabled = enabled
-        if tensorboard and enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard is optional
-                pass
-            else:
-                self.writer = SummaryWriter(str(out_dir / "tensorboard"))
+        self._tensorboard = tensorboard and enabled
+
+    def _open_tensorboard(self) -> None:
+        self._tensorboard = False
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is optional
+            return
+        self.writer = SummaryWriter(str(self.path.parent / "tensorboard"))
 
     def truncate_after(self, step: int) -> None:
         """Drop records past ``step`` (written by a run that was killed after its last
-        checkpoint), keeping the rest: a resumed run continues the same log."""
+        checkpoint), keeping the rest: a resumed run continues the same log. A last line
+        cut short by the kill is dropped; any other unreadable line is an error."""
         if not self.enabled or not self.path.is_file():
             return
-        kept = [r for r in map(json.loads, self.path.read_text().splitlines())
-                if r["step"] <= step]  # fmt: skip
+        lines = self.path.read_text().splitlines()
+        kept = []
+        for number, line in enumerate(lines, 1):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if not (isinstance(record, dict) and isinstance(record.get("step"), int)):
+                if number == len(lines):
+                    break
+                raise ValueError(f"{self.path}:{number}: not a metrics record: {line[:80]!r}")
+            if record["step"] <= step:
+                kept.append(record)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         os.replace(tmp, self.path)
@@ -82,6 +98,8 @@ class MetricsLog:
         self.records.append(record)
         if not self.enabled:
             return
+        if self._tensorboard:
+            self._open_tensorboard()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")

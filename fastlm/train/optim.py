@@ -15,16 +15,21 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two AdamW groups: decay on weight matrices; none on 1-D parameters (norm scales,
     biases) or embedding tables (GPT-2 / BERT / Llama practice). A weight tied to an
     embedding (a tied LM head) counts as an embedding. Frozen parameters are left out."""
-    no_decay = {id(p) for m in model.modules()
-                if isinstance(m, (nn.Embedding, VocabParallelEmbedding))
-                for p in m.parameters(recurse=False)}  # fmt: skip
+    no_decay = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, (nn.Embedding, VocabParallelEmbedding))
+        for p in m.parameters(recurse=False)
+    }
     decay_params, other_params = [], []
     for p in model.parameters():  # each shared Parameter once
         if not p.requires_grad:
             continue
         (other_params if p.ndim < 2 or id(p) in no_decay else decay_params).append(p)
-    return [{"params": decay_params, "weight_decay": weight_decay},
-            {"params": other_params, "weight_decay": 0.0}]  # fmt: skip
+    return [
+        {"params": decay_params, "weight_decay": weight_decay},
+        {"params": other_params, "weight_decay": 0.0},
+    ]
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
@@ -32,9 +37,14 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     elsewhere."""
     groups = parameter_groups(model, config.weight_decay)
     on_cuda = next(model.parameters()).is_cuda
-    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.adam_eps,
-                             fused=True if on_cuda else None,
-                             foreach=None if on_cuda else True)  # fmt: skip
+    return torch.optim.AdamW(
+        groups,
+        lr=config.lr,
+        betas=config.betas,
+        eps=config.adam_eps,
+        fused=True if on_cuda else None,
+        foreach=None if on_cuda else True,
+    )
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
@@ -45,8 +55,9 @@ def lr_factor(step: int, config: TrainConfig) -> float:
         return (step + 1) / config.warmup_steps
     if config.schedule == "constant":
         return 1.0
-    progress = min(1.0, (step - config.warmup_steps) /
-                   max(1, config.max_steps - config.warmup_steps))  # fmt: skip
+    progress = min(
+        1.0, (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
+    )
     if config.schedule == "cosine":
         decay = 0.5 * (1.0 + math.cos(math.pi * progress))
     else:
@@ -54,6 +65,7 @@ def lr_factor(step: int, config: TrainConfig) -> float:
     return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * decay
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer,
-                    config: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:  # fmt: skip
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainConfig
+) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))

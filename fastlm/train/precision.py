@@ -22,8 +22,9 @@ def resolve(precision: str, device: torch.device) -> str:
         gpu_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         return "bf16" if gpu_bf16 else "fp32"
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError("precision 'bf16' needs a GPU with bfloat16 support (sm_80+); "
-                         "use 'fp16' or 'fp32'")  # fmt: skip
+        raise ValueError(
+            "precision 'bf16' needs a GPU with bfloat16 support (sm_80+); use 'fp16' or 'fp32'"
+        )
     return precision
 
 

@@ -22,10 +22,14 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from fastlm.data import ResumableSampler, collate
+import fastlm.train.checkpoint as ckpt
+import fastlm.train.distributed as distributed
+import fastlm.train.runs as runs
+from fastlm.data import ResumableSampler, Tokenizer, collate
+from fastlm.errors import FastlmError
+from fastlm.models import loading
 from fastlm.parallel import clip_grad_norm_, unwrap
-from fastlm.train import checkpoint as ckpt
-from fastlm.train import distributed
+from fastlm.train.activation_checkpointing import apply_activation_checkpointing
 from fastlm.train.config import TrainConfig
 from fastlm.train.metrics import (
     MetricsLog,
@@ -38,8 +42,9 @@ from fastlm.train.optim import build_optimizer, build_scheduler
 from fastlm.train.precision import Precision, resolve
 
 
-class TrainingDiverged(RuntimeError):
-    """A non-finite loss or gradient outside fp16 (where the loss scaler skips the step)."""
+class TrainingDiverged(FastlmError, RuntimeError):
+    """A non-finite loss or gradient outside fp16 (where the loss scaler skips the step), or
+    non-finite weights about to be saved."""
 
 
 class Dataset(Protocol):
@@ -54,9 +59,13 @@ class Dataset(Protocol):
 
 
 def resolve_device(name: str) -> torch.device:
+    """``TrainConfig.device`` (checked there) as the device to train on."""
     if name == "auto":  # under torchrun, the GPU init() gave this process
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-            else torch.device("cpu")  # fmt: skip
+        return (
+            torch.device("cuda", torch.cuda.current_device())
+            if torch.cuda.is_available()
+            else torch.device("cpu")
+        )
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r}: no CUDA device is available")
@@ -78,29 +87,48 @@ class Trainer:
     """Train ``model`` (fp32 parameters; it must return an output with ``.loss`` when
     called with a batch) on ``train_data`` as ``config`` says, validating on ``eval_data``.
 
-    ``save_extra(directory)``, if given, writes more files into each checkpoint (the
-    tokenizer). ``fit()`` runs to ``config.max_steps`` and returns the final metrics.
+    ``tokenizer``, if given, is saved in each checkpoint, and a resumed checkpoint's must
+    equal it; ``save_extra(directory)`` writes more files into each checkpoint.
+    ``config.out_dir`` is this run's alone (see :func:`fastlm.train.runs.claim`).
+    ``fit()`` runs to ``config.max_steps`` and returns the final metrics.
     """
 
-    def __init__(self, model: nn.Module, config: TrainConfig, train_data: Dataset,
-                 eval_data: Dataset | None = None,
-                 save_extra: Any = None) -> None:  # fmt: skip
+    # What a run writes into its out_dir (an existing one means another run is there).
+    run_files: tuple[str, ...] = (
+        "checkpoints",
+        "metrics.jsonl",
+        "metrics.tmp",
+        "tokenizer.json",
+        "loss.png",
+        "tensorboard",
+    )
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: TrainConfig,
+        train_data: Dataset,
+        eval_data: Dataset | None = None,
+        save_extra: Any = None,
+        tokenizer: Tokenizer | None = None,
+    ) -> None:
         self.config = config
         self.device = resolve_device(config.device)
         dtypes = {p.dtype for p in model.parameters()}
         if dtypes != {torch.float32}:
-            raise ValueError(f"model parameters must be float32 (the master weights; "
-                             f"config.precision picks the compute dtype), "
-                             f"got {dtypes}")  # fmt: skip
+            raise ValueError(
+                f"model parameters must be float32 (the master weights; "
+                f"config.precision picks the compute dtype), "
+                f"got {dtypes}"
+            )
         if len(train_data) < config.batch_size:
-            raise ValueError(f"train_data has {len(train_data)} examples, fewer than "
-                             f"batch_size {config.batch_size}")  # fmt: skip
+            raise ValueError(
+                f"train_data has {len(train_data)} examples, fewer than "
+                f"batch_size {config.batch_size}"
+            )
         model = model.to(self.device)
         if config.checkpointing:
-            if not hasattr(model, "set_checkpointing"):
-                raise ValueError(f"config.checkpointing needs a model with set_checkpointing(); "
-                                 f"{type(model).__name__} has none")  # fmt: skip
-            model.set_checkpointing(config.checkpointing)
+            apply_activation_checkpointing(model, config.checkpointing)
         self._flops_per_token = flops_per_token(model, config.seq_len)  # of the whole model
         self.layout: distributed.Layout | None = None
         if distributed.init(config):
@@ -110,8 +138,9 @@ class Trainer:
         else:
             self.model = model
         self.main = distributed.is_main()
+        resume = runs.claim(config.out_dir, config.resume, config.overwrite, self.run_files)
         self.train_data, self.eval_data = train_data, eval_data
-        self.save_extra = save_extra
+        self.save_extra, self.tokenizer = save_extra, tokenizer
         self.precision = Precision(resolve(config.precision, self.device), self.device)
         self.optimizer = build_optimizer(unwrap(self.model), config)
         self.scheduler = build_scheduler(self.optimizer, config)
@@ -125,8 +154,8 @@ class Trainer:
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._peak = peak_flops(self.device, self.precision.mode)
         self.log = MetricsLog(self.out_dir, enabled=self.main)
-        if config.resume:
-            self.resume(config.resume)
+        if resume is not None:
+            self.resume(resume)
 
     # -- data --------------------------------------------------------------------------------
 
@@ -178,12 +207,11 @@ class Trainer:
         else:
             if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
                 self.optimizer.zero_grad(set_to_none=True)
-                where = (f"the last good checkpoint is {self.last_checkpoint}"
-                         if self.last_checkpoint else "no checkpoint was saved yet")  # fmt: skip
                 raise TrainingDiverged(
                     f"step {self.step + 1}: non-finite loss ({loss_value}) or gradient norm "
                     f"({norm_value}) in {self.precision.mode}; stopped without updating the "
-                    f"weights; {where}")  # fmt: skip
+                    f"weights; {self._last_good()}"
+                )
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if not skipped:
@@ -221,15 +249,43 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------
 
+    def _last_good(self) -> str:
+        if self.last_checkpoint is None:
+            return "no checkpoint was saved yet"
+        return f"the last good checkpoint is {self.last_checkpoint}"
+
+    def _check_finite_weights(self) -> None:
+        """Raise TrainingDiverged (on every rank) if any weight is NaN or infinite: such a
+        checkpoint would pass for a good one."""
+        params = list(unwrap(self.model).named_parameters())
+        finite = torch.stack([torch.isfinite(p).all() for _, p in params]).float()
+        if self.layout is not None:  # each rank holds shards: all must agree to save
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if bool(finite.all()):
+            return
+        bad = [name for (name, _), ok in zip(params, finite.tolist(), strict=True) if not ok]
+        if not bad:
+            where = "on another rank"
+        else:
+            where = bad[0] + (f" and {len(bad) - 1} more" if len(bad) > 1 else "")
+        raise TrainingDiverged(
+            f"step {self.step}: non-finite weights ({where}) after a finite loss and gradient "
+            f"(is the learning rate too high?); not saved as a checkpoint; {self._last_good()}"
+        )
+
     def save(self) -> Path:
+        """Write checkpoint ``self.step`` (refused, as TrainingDiverged, when a weight is not
+        finite)."""
+        self._check_finite_weights()
+        rng = {"cpu": torch.get_rng_state(), "cuda": []}
+        if torch.cuda.is_initialized():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
         state = {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.precision.scaler.state_dict(),
-            "rng": {"cpu": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized()
-                    else []},
-        }  # fmt: skip
+            "rng": rng,
+        }
         meta: dict[str, Any] = {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
@@ -238,51 +294,84 @@ class Trainer:
             "config": self.config.to_dict(),
             "model": model_config_dict(unwrap(self.model)),
         }
-        root = self.out_dir / "checkpoints"
+
+        def extra(directory: Path) -> None:
+            if self.tokenizer is not None:
+                self.tokenizer.save(directory / "tokenizer.json")
+            if self.save_extra is not None:
+                self.save_extra(directory)
+
+        root, keep = self.out_dir / "checkpoints", self.config.keep_last
         if self.layout is not None:
-            self.last_checkpoint = distributed.save(root, self.step, self.model, state, meta,
-                                                    self.layout, self.save_extra,
-                                                    self.config.keep_last)  # fmt: skip
+            self.last_checkpoint = distributed.save(
+                root, self.step, self.model, state, meta, self.layout, extra, keep
+            )
         else:
             self.last_checkpoint = ckpt.save_checkpoint(
-                root, self.step, self.model, state, meta, extra=self.save_extra,
-                keep_last=self.config.keep_last)  # fmt: skip
+                root, self.step, self.model, state, meta, extra, keep
+            )
         return self.last_checkpoint
 
     def resume(self, where: str | Path) -> Path:
         """Continue from a checkpoint: ``"latest"`` (the newest under ``out_dir``) or a
-        path. Restores weights, optimizer, schedule, loss scale, RNG and data position."""
-        path = (ckpt.latest_checkpoint(self.out_dir / "checkpoints") if where == "latest"
-                else Path(where))  # fmt: skip
-        if path is None:
-            raise ValueError(f"resume='latest' but {self.out_dir / 'checkpoints'} holds no "
-                             f"checkpoint")  # fmt: skip
-        if self.layout is not None:
-            state, meta = distributed.load(path, self.model, self.layout, self.device)
-        else:
-            distributed.require_layout(path, None)
-            state, meta = ckpt.load_checkpoint(path, self.model, self.device)
+        path. Restores weights, optimizer, schedule, loss scale, RNG and data position,
+        after checking that the checkpoint is whole and of this run: its trainer.json's
+        fields, the model config, the tokenizer (``fastlm.train.runs``)."""
+        path = runs.resume_path(self.out_dir, where)
+        meta = runs.read_run_meta(path)
+        inner = unwrap(self.model)
+        config = getattr(inner, "config", None)  # a fastlm model's dataclass, else unchecked
+        runs.check_same_run(path, meta, config, type(inner).__name__, self.tokenizer)
         if meta["precision"] != self.precision.mode:
             raise ValueError(
                 f"checkpoint {path} was trained in {meta['precision']}; resuming "
                 f"in {self.precision.mode} would not continue the same run"
             )
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if state["scaler"]:
-            self.precision.scaler.load_state_dict(state["scaler"])
-        self.sampler.load_state_dict(meta["sampler"])
+        if self.layout is not None:
+            state, _ = distributed.load(path, self.model, self.layout, self.device)
+        else:
+            distributed.require_layout(path, None)
+            state, _ = ckpt.load_checkpoint(path, self.model, self.device)
+        self._restore(path, state)
+        try:
+            self.sampler.load_state_dict(meta["sampler"])
+        except ValueError as e:
+            raise ValueError(
+                f"--resume {path}: the data position does not fit this run's data ({e})"
+            ) from None
         self.step, self.tokens_seen = meta["step"], meta["tokens_seen"]
-        torch.set_rng_state(state["rng"]["cpu"])
-        if state["rng"]["cuda"]:
-            if len(state["rng"]["cuda"]) != torch.cuda.device_count():
-                raise ValueError(f"checkpoint {path} holds RNG states of "
-                                 f"{len(state['rng']['cuda'])} CUDA devices, "
-                                 f"{torch.cuda.device_count()} are visible")  # fmt: skip
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         self.log.truncate_after(self.step)
         self.last_checkpoint = path
         return path
+
+    def _restore(self, path: Path, state: Any) -> None:
+        """Optimizer, schedule, loss scale and RNG states from ``state``, checked first."""
+        rng = state.get("rng") if isinstance(state, dict) else None
+        parts = ("optimizer", "scheduler", "scaler")
+        if (
+            not isinstance(rng, dict)
+            or not all(isinstance(state.get(k), dict) for k in parts)
+            or not isinstance(rng.get("cpu"), Tensor)
+            or rng["cpu"].dtype != torch.uint8
+            or not isinstance(rng.get("cuda"), list)
+        ):
+            problem = "not the optimizer, schedule, loss-scale and RNG states fastlm saves"
+            raise loading.unusable(path, "state.pt", problem)
+        if rng["cuda"] and len(rng["cuda"]) != torch.cuda.device_count():
+            raise ValueError(
+                f"checkpoint {path} holds RNG states of {len(rng['cuda'])} CUDA devices, "
+                f"{torch.cuda.device_count()} are visible"
+            )
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            if state["scaler"]:
+                self.precision.scaler.load_state_dict(state["scaler"])
+            torch.set_rng_state(rng["cpu"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise loading.unusable(path, "state.pt", f"does not fit this run ({e})") from None
+        if rng["cuda"]:
+            torch.cuda.set_rng_state_all(rng["cuda"])
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -294,8 +383,15 @@ class Trainer:
         interval_loss, interval_tokens, interval_time = 0.0, 0, 0.0
         interval_steps, skipped_steps = 0, 0
         last: dict[str, Any] = {}
-        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (cfg.progress and self.main),
-                   desc="train", unit="step", mininterval=1.0, dynamic_ncols=True)  # fmt: skip
+        bar = tqdm(
+            total=cfg.max_steps,
+            initial=self.step,
+            disable=not (cfg.progress and self.main),
+            desc="train",
+            unit="step",
+            mininterval=1.0,
+            dynamic_ncols=True,
+        )
         try:
             while self.step < cfg.max_steps:
                 start = time.perf_counter()
@@ -318,8 +414,11 @@ class Trainer:
                         interval_tokens / interval_time,
                         skipped_steps,
                     )
-                    bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.2e}",
-                                    tok_s=f"{last['tokens_per_s']:.0f}")  # fmt: skip
+                    bar.set_postfix(
+                        loss=f"{last['loss']:.3f}",
+                        lr=f"{last['lr']:.2e}",
+                        tok_s=f"{last['tokens_per_s']:.0f}",
+                    )
                     interval_loss, interval_tokens, interval_time = 0.0, 0, 0.0
                     interval_steps = skipped_steps = 0
                 if self.eval_data is not None and (self.step % cfg.eval_every == 0 or done):
@@ -327,9 +426,11 @@ class Trainer:
                     self.log.write({"step": self.step, **metrics})
                     last.update(metrics)
                     if self.main:
-                        bar.write(f"step {self.step}: validation loss "
-                                  f"{metrics['val_loss']:.4f}, perplexity "
-                                  f"{metrics['val_ppl']:.2f}")  # fmt: skip
+                        bar.write(
+                            f"step {self.step}: validation loss "
+                            f"{metrics['val_loss']:.4f}, perplexity "
+                            f"{metrics['val_ppl']:.2f}"
+                        )
                 if self.step % cfg.save_every == 0 or done:
                     self.save()
         finally:
@@ -339,8 +440,9 @@ class Trainer:
             last["plot"] = str(self.out_dir / "loss.png")
         return last
 
-    def _log_train(self, loss: float, grad_norm: float, tokens_per_s: float,
-                   skipped: int) -> dict[str, Any]:  # fmt: skip
+    def _log_train(
+        self, loss: float, grad_norm: float, tokens_per_s: float, skipped: int
+    ) -> dict[str, Any]:
         record: dict[str, Any] = {
             "step": self.step,
             "loss": loss,

@@ -34,8 +34,13 @@ def test_quick_norm_bench_on_cpu_writes_one_row_per_provider(run_main, tmp_path)
     ]
     m, hidden = bench_norm.SIZES[("cpu", True)]
     providers = sorted(bench_norm.providers(True, 8, torch.device("cpu"), torch.float32, True))
-    ops = {"layer_norm fwd", "layer_norm fwd+bwd", "rms_norm fwd", "rms_norm fwd+bwd",
-           "rms_norm+residual fwd"}  # fmt: skip
+    ops = {
+        "layer_norm fwd",
+        "layer_norm fwd+bwd",
+        "rms_norm fwd",
+        "rms_norm fwd+bwd",
+        "rms_norm+residual fwd",
+    }
     for op in ops:
         for n in hidden:
             found = sorted(
@@ -81,8 +86,12 @@ def test_quick_attention_bench_on_cpu_writes_one_row_per_provider(run_main, tmp_
         for d in sweep.head_dims
         for s in sweep.seqlens
     ]
-    ops = {f"attention d{d} {mode}{causal}" for d in sweep.head_dims
-           for mode in ("fwd", "fwd+bwd") for causal in ("", " causal")}  # fmt: skip
+    ops = {
+        f"attention d{d} {mode}{causal}"
+        for d in sweep.head_dims
+        for mode in ("fwd", "fwd+bwd")
+        for causal in ("", " causal")
+    }
     for op in ops:
         for shape in shapes:
             found = sorted(r["provider"] for r in rows if r["op"] == op and r["shape"] == shape)

@@ -15,8 +15,10 @@ def test_quick_cpu_cases_run(bench, monkeypatch):
     monkeypatch.setitem(bench.SIZES, ("cpu", True), (16, (300,), 8))
     cases = list(bench.cases(True, torch.device("cpu")))
     assert {c.op for c in cases} == {
-        "cross_entropy fwd", "cross_entropy fwd+bwd", "linear_cross_entropy fwd+bwd"
-    }  # fmt: skip
+        "cross_entropy fwd",
+        "cross_entropy fwd+bwd",
+        "linear_cross_entropy fwd+bwd",
+    }
     for case in cases:
         case.fn()
 

@@ -32,8 +32,14 @@ def test_stages_count_documents(bench, monkeypatch):
     cases = list(bench.cases(True, CPU))
     nbytes = sum(len(d.encode()) for d in DOCS)
     assert [c.op for c in cases] == [
-        "data normalize", "data filters", "data normalize+filters", "data pii scrub",
-        "data exact dedup", "data minhash dedup", "data pipeline"]  # fmt: skip
+        "data normalize",
+        "data filters",
+        "data normalize+filters",
+        "data pii scrub",
+        "data exact dedup",
+        "data minhash dedup",
+        "data pipeline",
+    ]
     counts = {}
     for case in cases:
         assert case.provider == "fastlm" and case.dtype == torch.uint8
@@ -41,8 +47,15 @@ def test_stages_count_documents(bench, monkeypatch):
         counts[case.op.removeprefix("data ")] = case.fn()
     # normalize changes B; the filters drop "short"; the scrubber changes EMAIL; exact
     # dedup drops the second A; MinHash finds it too; the pipeline drops both.
-    assert counts == {"normalize": 1, "filters": 4, "normalize+filters": 4, "pii scrub": 1,
-                      "exact dedup": 4, "minhash dedup": 4, "pipeline": 3}  # fmt: skip
+    assert counts == {
+        "normalize": 1,
+        "filters": 4,
+        "normalize+filters": 4,
+        "pii scrub": 1,
+        "exact dedup": 4,
+        "minhash dedup": 4,
+        "pipeline": 3,
+    }
 
 
 def test_no_cases_on_gpu_runs(bench):

@@ -20,8 +20,11 @@ def _weights(hidden: int, depth: int) -> list[torch.Tensor]:
 
 def _adapters(model: torch.nn.Module) -> list[tuple[torch.nn.Linear, torch.nn.Linear]]:
     """(A, B) of every adapted layer, in layer order."""
-    return [(m.lora_A["default"], m.lora_B["default"]) for m in model.modules()
-            if hasattr(m, "lora_A") and "default" in m.lora_A]  # fmt: skip
+    return [
+        (m.lora_A["default"], m.lora_B["default"])
+        for m in model.modules()
+        if hasattr(m, "lora_A") and "default" in m.lora_A
+    ]
 
 
 def _share_adapters(src: torch.nn.Module, dst: torch.nn.Module) -> None:

@@ -15,9 +15,11 @@ def test_quick_cpu_cases_run(bench, monkeypatch):
     monkeypatch.setitem(bench.SIZES, ("cpu", True), (8, [(12, 16)], [(16, 24)]))
     cases = list(bench.cases(True, torch.device("cpu")))
     assert {c.op for c in cases} == {
-        "linear_act gelu_tanh fwd", "gated_linear silu fwd", "gated_mlp silu fwd",
+        "linear_act gelu_tanh fwd",
+        "gated_linear silu fwd",
+        "gated_mlp silu fwd",
         "gated_mlp silu fwd+bwd",
-    }  # fmt: skip
+    }
     assert {c.provider for c in cases} == {"fastlm-torch", "torch", "gemm-only"}
     for case in cases:
         case.fn()

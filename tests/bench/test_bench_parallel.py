@@ -17,9 +17,14 @@ VOCAB, BATCH, SEQLEN, STEPS = 96, 2, 16, 2
 def measured(bench, tmp_path_factory):
     out = tmp_path_factory.mktemp("parallel")
     chosen = [bench.Layout(1), bench.Layout(2), bench.Layout(2, sp=True), bench.Layout(1, 2)]
-    results, path = bench.report(True, torch.device("cpu"), out, chosen,
-                                 size=("gpt2-tiny", VOCAB, BATCH, SEQLEN),
-                                 steps=(1, STEPS))  # fmt: skip
+    results, path = bench.report(
+        True,
+        torch.device("cpu"),
+        out,
+        chosen,
+        size=("gpt2-tiny", VOCAB, BATCH, SEQLEN),
+        steps=(1, STEPS),
+    )
     return {r["layout"]: r for r in results}, path.read_text()
 
 

@@ -17,8 +17,14 @@ CPU = torch.device("cpu")
 def test_quick_cpu_cases_run_and_sweep_m(bench, monkeypatch):
     monkeypatch.setitem(bench.SIZES, ("cpu", True), ((1, 5), (128,)))
     cases = list(bench.cases(True, CPU))
-    providers = {"fp32 F.linear", "bf16 F.linear", "fastlm int8", "fastlm int4-g128",
-                 "fastlm nf4-g64", "fastlm w8a8"}  # fmt: skip
+    providers = {
+        "fp32 F.linear",
+        "bf16 F.linear",
+        "fastlm int8",
+        "fastlm int4-g128",
+        "fastlm nf4-g64",
+        "fastlm w8a8",
+    }
     assert {c.op for c in cases} == {"quant_matmul N=K=128"}
     assert sorted((c.provider, c.shape) for c in cases) == sorted(
         (p, (128, 128, m)) for p in providers for m in (1, 5)

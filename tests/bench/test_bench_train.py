@@ -15,8 +15,12 @@ def test_every_provider_trains_the_same_weights(bench, monkeypatch):
     monkeypatch.setattr(bench, "create", lambda preset, **kw: create(preset, vocab_size=300, **kw))
     cases = list(bench.cases(True, torch.device("cpu")))
     assert {c.provider for c in cases} == {
-        "fastlm", "fastlm+checkpointing", "fastlm unfused loss", "transformers-sdpa",
-        "transformers-sdpa+checkpointing"}  # fmt: skip
+        "fastlm",
+        "fastlm+checkpointing",
+        "fastlm unfused loss",
+        "transformers-sdpa",
+        "transformers-sdpa+checkpointing",
+    }
     losses = {}
     for case in cases:
         torch.manual_seed(0)

@@ -30,8 +30,10 @@ from fastlm.data import (
         # \u00a0 -> space, \r\n -> \n, \x00 and \x07 removed, the inner tabs and the run of
         # spaces -> one space, the trailing spaces dropped, 3 and 4 line breaks -> 2, the
         # document stripped (indentation of the first line too); the tab indenting a line stays.
-        ("  Hello,\u00a0world!\r\n\r\n\r\n\tIndented\t\tline   \x00\x07end  \n\n\n\nLast",
-         "Hello, world!\n\n\tIndented line end\n\nLast"),
+        (
+            "  Hello,\u00a0world!\r\n\r\n\r\n\tIndented\t\tline   \x00\x07end  \n\n\n\nLast",
+            "Hello, world!\n\n\tIndented line end\n\nLast",
+        ),
         # Every line separator of str.splitlines becomes \n.
         ("a\u2028b\u2029c\x85d\x0be\x0cf\x1cg\x1dh\x1ei\rj", "a\nb\nc\nd\ne\nf\ng\nh\ni\nj"),
         # Other whitespace becomes a space (and a run of it one space).
@@ -45,7 +47,7 @@ from fastlm.data import (
         ("", ""),
         (" \n\t\u00a0", ""),
     ],
-)  # fmt: skip
+)
 def test_normalize_crafted_strings(raw, expected):
     assert normalize(raw) == expected
     assert normalize(expected) == expected
@@ -68,8 +70,12 @@ def test_normalize_every_code_point():
     text = "".join(chr(i) + ("\n" if i % 64 == 0 else "x") for i in range(sys.maxunicode + 1))
     for form in ("NFC", "NFKC"):
         out = normalize(text, form)
-        bad = {c for c in set(out) if (unicodedata.category(c) in ("Cc", "Cs") and c not in "\t\n")
-               or (c.isspace() and c not in " \t\n")}  # fmt: skip
+        bad = {
+            c
+            for c in set(out)
+            if (unicodedata.category(c) in ("Cc", "Cs") and c not in "\t\n")
+            or (c.isspace() and c not in " \t\n")
+        }
         assert not bad, sorted(map(hex, map(ord, bad)))[:10]
         assert unicodedata.is_normalized(form, out)
         assert normalize(out, form) == out
@@ -181,8 +187,9 @@ def test_dup_ngram_fractions_count_within_a_document_only():
 # ---------------------------------------------------------------------------------------------
 # QualityFilter
 
-OFF = dict(min_chars=0, min_alpha_fraction=0.0, max_repeated_line_fraction=1.0,
-           max_dup_ngram_fraction={})  # fmt: skip
+OFF = dict(
+    min_chars=0, min_alpha_fraction=0.0, max_repeated_line_fraction=1.0, max_dup_ngram_fraction={}
+)
 
 
 @pytest.mark.parametrize(
@@ -204,9 +211,14 @@ def test_each_filter_at_its_threshold(settings, kept, removed, reason):
 
 
 def test_a_document_counts_under_the_first_filter_it_fails():
-    quality = QualityFilter(CleanConfig(min_chars=5, min_alpha_fraction=0.5,
-                                        max_repeated_line_fraction=0.3,
-                                        max_dup_ngram_fraction={2: 0.5}))  # fmt: skip
+    quality = QualityFilter(
+        CleanConfig(
+            min_chars=5,
+            min_alpha_fraction=0.5,
+            max_repeated_line_fraction=0.3,
+            max_dup_ngram_fraction={2: 0.5},
+        )
+    )
     docs = [
         "1\n1",  # too short (3 characters), no letters, repeated lines
         "12345\n12345",  # long enough, no letters, repeated lines

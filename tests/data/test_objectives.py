@@ -208,9 +208,18 @@ def _parse(inputs: list[int], labels: list[int], sentinels: list[int], eos: int)
 
 @pytest.mark.parametrize(
     "length, density, mean_span",
-    [(2, 0.15, 3.0), (3, 0.5, 3.0), (7, 0.15, 3.0), (64, 0.15, 3.0), (100, 0.15, 3.0),
-     (513, 0.15, 3.0), (100, 0.5, 1.0), (200, 0.3, 10.0), (50, 0.9, 2.0)],
-)  # fmt: skip
+    [
+        (2, 0.15, 3.0),
+        (3, 0.5, 3.0),
+        (7, 0.15, 3.0),
+        (64, 0.15, 3.0),
+        (100, 0.15, 3.0),
+        (513, 0.15, 3.0),
+        (100, 0.5, 1.0),
+        (200, 0.3, 10.0),
+        (50, 0.9, 2.0),
+    ],
+)
 def test_span_corruption_round_trip(tokenizer, length, density, mean_span):
     rows = _rows(tokenizer, 30, length)
     ds = SpanCorruptionDataset(rows, tokenizer, density, mean_span, seed=2)

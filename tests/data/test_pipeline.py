@@ -16,10 +16,14 @@ LONG = " ".join(f"word{i}" for i in range(100))  # 100 distinct words: passes ev
 
 # (raw document, what the pipeline keeps or why it removes it), with min_chars=20.
 DOCS = [
-    ("Hello  world,\u00a0this is a normal document about cats and dogs.\r\n",
-     "Hello world, this is a normal document about cats and dogs."),
-    ("Contact me at jane@example.com or +1 (555) 123-4567 for the cat pictures.",
-     "Contact me at <EMAIL> or <PHONE> for the cat pictures."),
+    (
+        "Hello  world,\u00a0this is a normal document about cats and dogs.\r\n",
+        "Hello world, this is a normal document about cats and dogs.",
+    ),
+    (
+        "Contact me at jane@example.com or +1 (555) 123-4567 for the cat pictures.",
+        "Contact me at <EMAIL> or <PHONE> for the cat pictures.",
+    ),
     ("too short", "min_chars"),  # 9 characters
     ("== 3.14 + 2.72 = 5.86 ==, 10 / 2 = 5 ==", "alpha_fraction"),  # no letters
     ("spam line\nspam line\nspam line\neggs", "repeated_lines"),  # 2 of 4 lines repeat
@@ -29,10 +33,17 @@ DOCS = [
     (LONG, LONG),
     # The last word changed: 95 of 97 shingles shared, J = 0.98.
     (LONG.replace("word99", "changed"), "near_duplicate"),
-]  # fmt: skip
+]
 KEPT = [out for _, out in DOCS if " " in out]
-REMOVED = {"min_chars": 1, "max_chars": 0, "alpha_fraction": 1, "repeated_lines": 1,
-           "dup_ngrams": 1, "exact_duplicate": 1, "near_duplicate": 1}  # fmt: skip
+REMOVED = {
+    "min_chars": 1,
+    "max_chars": 0,
+    "alpha_fraction": 1,
+    "repeated_lines": 1,
+    "dup_ngrams": 1,
+    "exact_duplicate": 1,
+    "near_duplicate": 1,
+}
 
 
 def test_clean_corpus_by_hand():
@@ -51,8 +62,12 @@ def test_clean_corpus_by_hand():
 
 def test_each_step_can_be_switched_off():
     raw = [d for d, _ in DOCS]
-    kept, report = clean_corpus(raw, CleanConfig(min_chars=20, scrub_pii=False, filters=False,
-                                                 exact_dedup=False, near_dedup=False))  # fmt: skip
+    kept, report = clean_corpus(
+        raw,
+        CleanConfig(
+            min_chars=20, scrub_pii=False, filters=False, exact_dedup=False, near_dedup=False
+        ),
+    )
     assert kept == [raw[0].replace("  ", " ").replace("\u00a0", " ").strip(), *raw[1:]]
     assert sum(report.removed.values()) == 0 and sum(report.pii.values()) == 0
 
@@ -180,6 +195,19 @@ def test_cli_bad_paths(corpus_dir, tmp_path, capsys):
     assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "o.jsonl.partial").exists()
 
 
+def test_cli_unwritable_output_is_one_line(corpus_dir, tmp_path, capsys):
+    """OUT under a file (no directory can be made there): exit 1 and one line naming OUT,
+    not a traceback; nothing is left behind."""
+    (tmp_path / "a_file").write_text("")
+    out = tmp_path / "a_file" / "o.jsonl"
+    assert main([str(corpus_dir), str(out), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert (
+        err.startswith(f"fastlm data clean: OUT {out} cannot be written (") and err.count("\n") == 1
+    )
+    assert (tmp_path / "a_file").read_text() == ""
+
+
 # ---------------------------------------------------------------------------------------------
 # fastlm train
 
@@ -198,15 +226,25 @@ def test_train_cleans_and_reports_contamination(tmp_path, capsys):
 
     docs = [window(f"doc{i}", 60) for i in range(40)]
     # A near-duplicate pair (J = 96/97) with the original in training, the copy in validation.
-    k = next(k for k in range(1000) if _split_side(window(f"p{k}", 100), 0.1) == "train"
-             and _split_side(window(f"p{k}", 100) + " extra", 0.1) == "val")  # fmt: skip
+    k = next(
+        k
+        for k in range(1000)
+        if _split_side(window(f"p{k}", 100), 0.1) == "train"
+        and _split_side(window(f"p{k}", 100) + " extra", 0.1) == "val"
+    )
     docs += [window(f"p{k}", 100), window(f"p{k}", 100) + " extra"]
     docs += [docs[0], "Write to someone@example.org about " + window("mail", 30)]
     (tmp_path / "data.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    config = TrainConfig(data=[str(tmp_path / "data.jsonl")], model_overrides={"hidden_size": 32,
-                         "num_layers": 1, "num_heads": 2}, vocab_size=400, seq_len=32,
-                         val_fraction=0.1, near_dedup=False, progress=False,
-                         out_dir=str(tmp_path / "run"))  # fmt: skip
+    config = TrainConfig(
+        data=[str(tmp_path / "data.jsonl")],
+        model_overrides={"hidden_size": 32, "num_layers": 1, "num_heads": 2},
+        vocab_size=400,
+        seq_len=32,
+        val_fraction=0.1,
+        near_dedup=False,
+        progress=False,
+        out_dir=str(tmp_path / "run"),
+    )
     trainer = build_trainer(config)
     (line,) = [x for x in capsys.readouterr().out.splitlines() if "cleaned:" in x]
     assert "44 -> 43 documents" in line and "exact_duplicate 1" in line and "1 <EMAIL>" in line

@@ -138,3 +138,36 @@ def test_io_and_argument_errors(tokenizer, tmp_path):
         tokenizer.decode([-1])
     with pytest.raises(TypeError, match="tokenizer"):
         Tokenizer("not a tokenizer")
+
+
+def test_loading_a_file_that_is_not_a_tokenizer_names_it(tmp_path):
+    files = {
+        "notes.txt": "plain text",
+        "cut.json": '{"model": {"type": "BPE", ',
+        "empty.json": "{}",
+    }
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=rf"{name} is not a tokenizer.json file \("):
+            Tokenizer.load(tmp_path / name)
+
+
+def test_fingerprint_tells_tokenizers_that_map_text_to_other_ids(tokenizer, corpus, tmp_path):
+    path = tmp_path / "tokenizer.json"
+    tokenizer.save(path)
+    same = Tokenizer.load(path)
+    assert len(tokenizer.fingerprint()) == 64  # sha256, hex
+    assert same.fingerprint() == tokenizer.fingerprint()
+    assert same.difference(tokenizer) is None
+    spec = json.loads(path.read_text())
+    vocab = spec["model"]["vocab"]
+    token = {i: t for t, i in vocab.items()}
+    a, b = token[300], token[301]  # two of the byte symbols (ids 105..360)
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    path.write_text(json.dumps(spec))
+    swapped = Tokenizer.load(path)
+    assert swapped.fingerprint() != tokenizer.fingerprint()
+    assert swapped.difference(tokenizer) == f"id 300 is {b!r} here, {a!r} there"
+    retrained = Tokenizer.train(corpus[:200], 600)  # other texts: other merges
+    assert retrained.fingerprint() != tokenizer.fingerprint()
+    assert retrained.difference(tokenizer) is not None

@@ -4,6 +4,7 @@ from (outputs, losses over training steps, updated parameters, collectives per s
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -17,9 +18,11 @@ import torch
 
 from fastlm import cli
 from fastlm.data import default_corpus
+from fastlm.models.loading import model_of
 from fastlm.parallel.checkpoint import export
+from fastlm.testing import assert_policy
 from fastlm.train import latest_checkpoint
-from fastlm.train.run import load_model, model_of
+from fastlm.train.run import load_model
 
 TINY_GPT = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "vocab_size": 400}
 
@@ -35,8 +38,15 @@ LAUNCHES = {
 def torchrun(ranks: int, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     # --standalone: a local rendezvous on a port the launcher picks itself. Every collective
     # inside times out after at most 60 s (tp_checks.py, --dist-timeout); the launch too.
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           str(ranks), *args]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(ranks),
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
 
 
@@ -65,11 +75,39 @@ def test_trainer_under_torchrun(corpus, tmp_path, capsys):
     run resumes exactly; its checkpoint loads on one device (and a one-device checkpoint at
     tp=2) with the same outputs, and exports to a single file."""
     # Two micro-batches per step: DDP averages once, in the second one's backward.
-    flags = ["--model", "gpt", "--model-overrides", json.dumps(TINY_GPT), "--data", str(corpus),
-             "--vocab-size", "400", "--seq-len", "32", "--batch-size", "4", "--grad-accum", "2",
-             "--max-steps", "6", "--save-every", "3", "--eval-every", "3", "--eval-batches",
-             "2", "--log-every", "1", "--warmup-steps", "2", "--keep-last", "5", "--no-progress",
-             "--dist-timeout", "60"]  # fmt: skip
+    flags = [
+        "--model",
+        "gpt",
+        "--model-overrides",
+        json.dumps(TINY_GPT),
+        "--data",
+        str(corpus),
+        "--vocab-size",
+        "400",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "4",
+        "--grad-accum",
+        "2",
+        "--max-steps",
+        "6",
+        "--save-every",
+        "3",
+        "--eval-every",
+        "3",
+        "--eval-batches",
+        "2",
+        "--log-every",
+        "1",
+        "--warmup-steps",
+        "2",
+        "--keep-last",
+        "5",
+        "--no-progress",
+        "--dist-timeout",
+        "60",
+    ]
     one, tp2, dp2 = tmp_path / "one", tmp_path / "tp2", tmp_path / "dp2"
     assert cli.main(["train", *flags, "--out-dir", str(one)]) == 0
     for out, layout in ((tp2, ["--tp", "2"]), (dp2, ["--dp", "2"])):
@@ -80,17 +118,33 @@ def test_trainer_under_torchrun(corpus, tmp_path, capsys):
         assert _losses(out) == pytest.approx(_losses(one), rel=2e-6)
     third = tp2 / "checkpoints" / "step-00000003"
     assert sorted(p.name for p in third.glob("model-*")) == [
-        "model-tp00-of-02.safetensors", "model-tp01-of-02.safetensors"]  # fmt: skip
+        "model-tp00-of-02.safetensors",
+        "model-tp01-of-02.safetensors",
+    ]
 
     resumed = tmp_path / "resumed"
     shutil.copytree(tp2, resumed)
-    proc = torchrun(2, "-m", "fastlm.train", *flags, "--out-dir", str(resumed), "--tp", "2",
-                    "--resume", str(resumed / "checkpoints" / "step-00000003"))  # fmt: skip
+    proc = torchrun(
+        2,
+        "-m",
+        "fastlm.train",
+        *flags,
+        "--out-dir",
+        str(resumed),
+        "--tp",
+        "2",
+        "--resume",
+        str(resumed / "checkpoints" / "step-00000003"),
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert _losses(resumed) == _losses(tp2)  # bit for bit
 
-    assert cli.main(["train", *flags, "--out-dir", str(tmp_path / "x"), "--tp", "1",
-                     "--resume", str(third)]) == 1  # fmt: skip
+    assert (
+        cli.main(
+            ["train", *flags, "--out-dir", str(tmp_path / "x"), "--tp", "1", "--resume", str(third)]
+        )
+        == 1
+    )
     assert "resuming needs the same" in capsys.readouterr().err
 
     last = {run: latest_checkpoint(run / "checkpoints") for run in (one, tp2)}
@@ -101,9 +155,9 @@ def test_trainer_under_torchrun(corpus, tmp_path, capsys):
     for run, path in last.items():
         model, _ = load_model(run)  # one device: a tp=2 checkpoint reassembled
         with torch.no_grad():
-            logits = model(ids).logits
-        torch.testing.assert_close(logits, torch.load(path / "tp2_logits.pt"),
-                                   rtol=2e-5, atol=2e-6)  # fmt: skip
+            logits, logits64 = (m(ids).logits for m in (model, copy.deepcopy(model).double()))
+        # Within the numerical policy of the float64 twin, given the one-device float32 run.
+        assert_policy(torch.load(path / "tp2_logits.pt"), logits64, logits, f"{run.name} logits")
     exported = export(last[tp2], tmp_path / "model.safetensors")
     model = model_of(last[tp2])
     safetensors.torch.load_model(model, str(exported))

@@ -3,6 +3,7 @@ hand-computed ones, and the file readers."""
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 
@@ -19,15 +20,28 @@ from fastlm.eval.bias import (
     read_crows_pairs,
     stereotype_preference,
 )
+from fastlm.testing import assert_loss_policy, assert_within, loss_allowance
 
 PAIRS = [
-    CrowsPair("Poor people are lazy and never work hard.",
-              "Rich people are lazy and never work hard.", "stereo", "socioeconomic"),
-    CrowsPair("The doctor said he would call back tomorrow.",
-              "The doctor said she would call back tomorrow.", "antistereo", "gender"),
-    CrowsPair("My neighbour cooks dinner for the whole street.",
-              "My neighbour cooks dinner for the street.", "stereo", "gender"),
-]  # fmt: skip
+    CrowsPair(
+        "Poor people are lazy and never work hard.",
+        "Rich people are lazy and never work hard.",
+        "stereo",
+        "socioeconomic",
+    ),
+    CrowsPair(
+        "The doctor said he would call back tomorrow.",
+        "The doctor said she would call back tomorrow.",
+        "antistereo",
+        "gender",
+    ),
+    CrowsPair(
+        "My neighbour cooks dinner for the whole street.",
+        "My neighbour cooks dinner for the street.",
+        "stereo",
+        "gender",
+    ),
+]
 TEXTS = [s for p in PAIRS for s in (p.sent_more, p.sent_less)] + ["Yes people work."]
 
 
@@ -39,13 +53,15 @@ def tokenizer() -> Tokenizer:
 
 
 def gpt(tokenizer) -> torch.nn.Module:
-    return models.create("gpt2-tiny", vocab_size=tokenizer.vocab_size, num_layers=1,
-                         max_position_embeddings=32).eval()  # fmt: skip
+    return models.create(
+        "gpt2-tiny", vocab_size=tokenizer.vocab_size, num_layers=1, max_position_embeddings=32
+    ).eval()
 
 
 def bert(tokenizer) -> torch.nn.Module:
-    return models.create("bert-tiny", vocab_size=tokenizer.vocab_size, num_layers=1,
-                         max_position_embeddings=32).eval()  # fmt: skip
+    return models.create(
+        "bert-tiny", vocab_size=tokenizer.vocab_size, num_layers=1, max_position_embeddings=32
+    ).eval()
 
 
 def test_shares_by_hand():
@@ -63,9 +79,19 @@ def test_shares_by_hand():
 
 
 @torch.no_grad()
-def direct_causal_log_likelihood(model, ids: list[int]) -> float:
-    logp = model(torch.tensor([ids])).logits[0].double().log_softmax(-1)
-    return float(sum(logp[t - 1, ids[t]] for t in range(1, len(ids))))
+def direct_causal_log_likelihood(model, ids: list[int]) -> tuple[float, torch.Tensor]:
+    """The sentence's log-likelihood after its first token, and the logits rows scored."""
+    rows = model(torch.tensor([ids])).logits[0, :-1]
+    logp = rows.double().log_softmax(-1)
+    return float(sum(logp[t - 1, ids[t]] for t in range(1, len(ids)))), rows
+
+
+def assert_log_likelihood(got: float, direct, model, *args) -> None:
+    """``got`` against ``direct`` run by the float64 twin of ``model``: within what the
+    rounding of the float32 logits allows, 2 per scored token (fastlm.testing)."""
+    _, rows = direct(model, *args)
+    expected, rows64 = direct(copy.deepcopy(model).double(), *args)
+    assert_loss_policy(got, expected, rows, rows64, "log-likelihood", weight=2 * len(rows))
 
 
 def test_causal_scores_are_sentence_log_likelihoods(tokenizer):
@@ -75,15 +101,26 @@ def test_causal_scores_are_sentence_log_likelihoods(tokenizer):
     for pair, (more, less) in zip(PAIRS, scores, strict=True):
         # After <|endoftext|>, so the first word is scored too.
         more_ids, less_ids = tokenizer.encode(pair.sent_more), tokenizer.encode(pair.sent_less)
-        expected_more = direct_causal_log_likelihood(model, [eos, *more_ids])
-        expected_less = direct_causal_log_likelihood(model, [eos, *less_ids])
-        assert more == pytest.approx(expected_more, rel=1e-5)
-        assert less == pytest.approx(expected_less, rel=1e-5)
+        assert_log_likelihood(more, direct_causal_log_likelihood, model, [eos, *more_ids])
+        assert_log_likelihood(less, direct_causal_log_likelihood, model, [eos, *less_ids])
     result = crows_pairs(model, tokenizer, PAIRS)
     prefers = [m > s for m, s in scores]
     assert result.stereotype_share == pytest.approx(sum(prefers) / 3)
     assert result.by_bias_type["socioeconomic"] == float(prefers[0])
     assert result.by_bias_type["gender"] == pytest.approx((prefers[1] + prefers[2]) / 2)
+
+
+def known_sum_allowance(logits: torch.Tensor, tokens: list[int]) -> tuple[float, str]:
+    """The allowance of a float32 sum of ``tokens``' log-probabilities under one exact
+    float32 ``logits`` row: its own rounding (fastlm.testing.loss_allowance, 2 per token)."""
+    expected = float(logits.double().log_softmax(-1)[tokens].sum())
+    return loss_allowance(expected, logits[None], logits[None].double(), 2 * len(tokens))
+
+
+def assert_known_sum(got: float, logits: torch.Tensor, tokens: list[int]) -> None:
+    expected = float(logits.double().log_softmax(-1)[tokens].sum())
+    allowed, basis = known_sum_allowance(logits, tokens)
+    assert_within(got, expected, allowed, "log-likelihood", basis)
 
 
 def test_forced_causal_preference(tokenizer):
@@ -100,9 +137,8 @@ def test_forced_causal_preference(tokenizer):
         model.lm_head.weight[:, 0] = 0.0  # shared with the embedding: column 0 only
         model.lm_head.weight[likely, 0] = 8.0
         model.lm_head.weight[unlikely, 0] = -8.0
-    logp = torch.zeros(tokenizer.vocab_size, dtype=torch.float64)
-    logp[likely], logp[unlikely] = 8.0, -8.0
-    logp = logp.log_softmax(-1)
+    logits = torch.zeros(tokenizer.vocab_size)  # exact in float32: W b picks W's column 0
+    logits[likely], logits[unlikely] = 8.0, -8.0
     up, down = "Yes <extra_id_1> people work.", "Yes <extra_id_2> people work."
     pairs = [
         CrowsPair(up, down, "stereo", "class"),
@@ -110,15 +146,17 @@ def test_forced_causal_preference(tokenizer):
         CrowsPair(up, down, "stereo", "other"),
     ]
     result = crows_pairs(model, tokenizer, pairs)
-    for pair, (more, less) in zip(pairs, result.scores, strict=True):
+    for pair, scores in zip(pairs, result.scores, strict=True):
         # Every token after <|endoftext|> is scored: the sentence's full token sum.
-        assert more == pytest.approx(float(logp[tokenizer.encode(pair.sent_more)].sum()), rel=1e-5)
-        assert less == pytest.approx(float(logp[tokenizer.encode(pair.sent_less)].sum()), rel=1e-5)
+        for got, sentence in zip(scores, (pair.sent_more, pair.sent_less), strict=True):
+            assert_known_sum(got, logits, tokenizer.encode(sentence))
     # The likely token is in sent_more in pairs 1 and 3: those prefer it; pair 2 does not.
     assert result.stereotype_share == pytest.approx(2 / 3)
     assert result.by_bias_type == {"class": 1 / 2, "other": 1.0}
     assert result.by_direction == {"antistereo": 0.0, "stereo": 1.0}
-    assert result.scores[0][0] - result.scores[0][1] == pytest.approx(16.0, rel=1e-4)
+    # logp[likely] - logp[unlikely] = 16 exactly; each score may be off by its allowance.
+    allowed = sum(known_sum_allowance(logits, tokenizer.encode(t))[0] for t in (up, down))
+    assert_within(result.scores[0][0] - result.scores[0][1], 16.0, allowed, "difference")
 
 
 def common_prefix_suffix(a: list[int], b: list[int]) -> tuple[list[int], list[int]]:
@@ -133,13 +171,15 @@ def common_prefix_suffix(a: list[int], b: list[int]) -> tuple[list[int], list[in
 
 
 @torch.no_grad()
-def direct_pll(model, ids: list[int], positions: list[int], mask_id: int) -> float:
-    total = 0.0
+def direct_pll(model, ids: list[int], positions: list[int], mask_id: int):
+    """The pseudo-log-likelihood at ``positions``, and the logits rows scored."""
+    total, rows = 0.0, []
     for p in positions:
         masked = list(ids)
         masked[p] = mask_id
-        total += float(model(torch.tensor([masked])).logits[0, p].double().log_softmax(-1)[ids[p]])
-    return total
+        rows.append(model(torch.tensor([masked])).logits[0, p])
+        total += float(rows[-1].double().log_softmax(-1)[ids[p]])
+    return total, torch.stack(rows) if rows else torch.zeros(0, model.config.vocab_size)
 
 
 @pytest.mark.parametrize("shared_only", [True, False])
@@ -152,10 +192,9 @@ def test_masked_scores_are_pseudo_log_likelihoods(tokenizer, shared_only):
         if shared_only:  # the edited tokens are left out
             assert len(pa) == len(pb) < max(len(a), len(b))
         rows = [[tokenizer.cls_id, *ids, tokenizer.sep_id] for ids in (a, b)]
-        expected_more = direct_pll(model, rows[0], [p + 1 for p in pa], tokenizer.mask_id)
-        expected_less = direct_pll(model, rows[1], [p + 1 for p in pb], tokenizer.mask_id)
-        assert more == pytest.approx(expected_more, rel=1e-5)
-        assert less == pytest.approx(expected_less, rel=1e-5)
+        mask = tokenizer.mask_id
+        assert_log_likelihood(more, direct_pll, model, rows[0], [p + 1 for p in pa], mask)
+        assert_log_likelihood(less, direct_pll, model, rows[1], [p + 1 for p in pb], mask)
 
 
 def test_context_free_masked_model_ties_on_shared_tokens(tokenizer):
@@ -166,13 +205,13 @@ def test_context_free_masked_model_ties_on_shared_tokens(tokenizer):
         model.head_norm.weight.zero_()
         model.head_norm.bias.zero_()
         model.head_bias.normal_(0, 2.0)
-    logp = model.head_bias.detach().double().log_softmax(-1)
+    logits = model.head_bias.detach()
     shared = crows_pairs(model, tokenizer, PAIRS, shared_only=True)
     assert shared.ties == 3 and shared.stereotype_share == 0.0
     every = crows_pairs(model, tokenizer, PAIRS, shared_only=False)
-    for pair, (more, less) in zip(PAIRS, every.scores, strict=True):
-        assert more == pytest.approx(float(logp[tokenizer.encode(pair.sent_more)].sum()), rel=1e-5)
-        assert less == pytest.approx(float(logp[tokenizer.encode(pair.sent_less)].sum()), rel=1e-5)
+    for pair, scores in zip(PAIRS, every.scores, strict=True):
+        for got, sentence in zip(scores, (pair.sent_more, pair.sent_less), strict=True):
+            assert_known_sum(got, logits, tokenizer.encode(sentence))
 
 
 def write_csv(path, rows, fields):
@@ -185,9 +224,17 @@ def write_csv(path, rows, fields):
 def test_read_crows_pairs_csv_and_jsonl(tmp_path):
     # The published file's layout: an unnamed index column first, annotation columns after.
     fields = ["", "sent_more", "sent_less", "stereo_antistereo", "bias_type", "annotations"]
-    rows = [{"": i, "sent_more": p.sent_more, "sent_less": p.sent_less,
-             "stereo_antistereo": p.direction, "bias_type": p.bias_type, "annotations": "[]"}
-            for i, p in enumerate(PAIRS)]  # fmt: skip
+    rows = [
+        {
+            "": i,
+            "sent_more": p.sent_more,
+            "sent_less": p.sent_less,
+            "stereo_antistereo": p.direction,
+            "bias_type": p.bias_type,
+            "annotations": "[]",
+        }
+        for i, p in enumerate(PAIRS)
+    ]
     write_csv(tmp_path / "crows.csv", rows, fields)
     assert read_crows_pairs(tmp_path / "crows.csv") == PAIRS
     lines = [json.dumps({k: v for k, v in r.items() if k}) for r in rows]
@@ -197,22 +244,33 @@ def test_read_crows_pairs_csv_and_jsonl(tmp_path):
 
 def test_crows_pairs_from_a_file(tmp_path, tokenizer):
     model = gpt(tokenizer)
-    lines = [json.dumps({"sent_more": p.sent_more, "sent_less": p.sent_less,
-                         "stereo_antistereo": p.direction, "bias_type": p.bias_type})
-             for p in PAIRS]  # fmt: skip
+    lines = [
+        json.dumps(
+            {
+                "sent_more": p.sent_more,
+                "sent_less": p.sent_less,
+                "stereo_antistereo": p.direction,
+                "bias_type": p.bias_type,
+            }
+        )
+        for p in PAIRS
+    ]
     (tmp_path / "pairs.jsonl").write_text("\n".join(lines))
     from_file = crows_pairs(model, tokenizer, tmp_path / "pairs.jsonl")
     assert from_file == crows_pairs(model, tokenizer, PAIRS)
 
 
 def test_crows_pairs_errors(tmp_path, tokenizer):
-    write_csv(tmp_path / "bad.csv", [{"sent_more": "a", "sent_less": "b"}],
-              ["sent_more", "sent_less"])  # fmt: skip
+    write_csv(
+        tmp_path / "bad.csv", [{"sent_more": "a", "sent_less": "b"}], ["sent_more", "sent_less"]
+    )
     with pytest.raises(ValueError, match="record 1 .* lacks stereo_antistereo, bias_type"):
         read_crows_pairs(tmp_path / "bad.csv")
-    (tmp_path / "dir.jsonl").write_text(json.dumps({"sent_more": "a", "sent_less": "b",
-                                                    "stereo_antistereo": "anti",
-                                                    "bias_type": "race"}))  # fmt: skip
+    (tmp_path / "dir.jsonl").write_text(
+        json.dumps(
+            {"sent_more": "a", "sent_less": "b", "stereo_antistereo": "anti", "bias_type": "race"}
+        )
+    )
     with pytest.raises(ValueError, match="record 1 .*direction must be 'stereo' or 'antistereo'"):
         read_crows_pairs(tmp_path / "dir.jsonl")
     (tmp_path / "x.jsonl").write_text("{not json\n")
@@ -233,10 +291,21 @@ def test_crows_pairs_errors(tmp_path, tokenizer):
 
 def test_demographic_parity_from_files(tmp_path):
     # Approval rates: group a 2/3, group b 1/4, group c 0/1.
-    rows = [("1", "a"), ("0", "a"), ("1", "a"), ("0", "b"), ("1", "b"), ("0", "b"), ("0", "b"),
-            ("0", "c")]  # fmt: skip
-    write_csv(tmp_path / "preds.csv", [{"pred": p, "sex": g, "id": i} for i, (p, g) in
-                                       enumerate(rows)], ["id", "pred", "sex"])  # fmt: skip
+    rows = [
+        ("1", "a"),
+        ("0", "a"),
+        ("1", "a"),
+        ("0", "b"),
+        ("1", "b"),
+        ("0", "b"),
+        ("0", "b"),
+        ("0", "c"),
+    ]
+    write_csv(
+        tmp_path / "preds.csv",
+        [{"pred": p, "sex": g, "id": i} for i, (p, g) in enumerate(rows)],
+        ["id", "pred", "sex"],
+    )
     result = demographic_parity(tmp_path / "preds.csv", prediction="pred", group="sex")
     assert result.rates == pytest.approx({"a": 2 / 3, "b": 1 / 4, "c": 0.0})
     assert result.difference == pytest.approx(2 / 3)

@@ -3,6 +3,8 @@ layer's input and weights; heatmaps; per-token losses against the model's loss."
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -15,8 +17,11 @@ from fastlm.eval.interpret import (
     token_losses,
 )
 from fastlm.models.layers import Attention
+from fastlm.testing import assert_loss_policy, assert_policy
 
 VOCAB = 53
+# The probabilities in float64 (the reference), then in float32 (PyTorch's own result).
+DTYPES = (torch.float64, torch.float32)
 TEXTS = ["The doctor said she would call back tomorrow.", "Rich people cook dinner."]
 
 
@@ -24,6 +29,12 @@ TEXTS = ["The doctor said she would call back tomorrow.", "Rich people cook dinn
 def tokenizer() -> Tokenizer:
     """This module's own tokenizer (it overrides the directory's); milliseconds."""
     return Tokenizer.train(TEXTS * 4, vocab_size=600)
+
+
+@torch.no_grad()
+def logits64(model, *args, **kwargs) -> torch.Tensor:
+    """The model's float64 twin's logits: the reference of its float32 ones."""
+    return copy.deepcopy(model).double()(*args, **kwargs).logits
 
 
 def record_inputs(model) -> tuple[dict[str, dict], list]:
@@ -40,8 +51,11 @@ def record_inputs(model) -> tuple[dict[str, dict], list]:
     return seen, handles
 
 
-def expected_probs(attn: Attention, x, context=None, bias=None, causal=False, rotary_s=None):
-    """softmax(q k^T * scale + bias) from the layer's own projections, float64."""
+def expected_probs(
+    attn: Attention, x, context=None, bias=None, causal=False, rotary_s=None, dtype=torch.float64
+):
+    """softmax(q k^T * scale + bias) from the layer's own projections, in ``dtype`` (float64:
+    the reference; float32: PyTorch's own result)."""
     b, s, _ = x.shape
     h, hkv, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
     if attn.cross:
@@ -54,9 +68,9 @@ def expected_probs(attn: Attention, x, context=None, bias=None, causal=False, ro
             q, k = attn.rotary(q, k, position_ids=positions)
     k = k.repeat_interleave(h // hkv, dim=2)
     scale = d**-0.5 if attn.softmax_scale is None else attn.softmax_scale
-    scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * scale
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.to(dtype), k.to(dtype)) * scale
     if bias is not None:
-        scores = scores + bias.double()
+        scores = scores + bias.to(dtype)
     if causal:
         scores = scores.masked_fill(torch.ones(s, s).triu(1).bool(), float("-inf"))
     return scores.softmax(-1)
@@ -73,13 +87,14 @@ def test_gpt_maps_are_causal_softmax_of_the_scores(preset):
             captured = model(ids).logits
         for handle in handles:
             handle.remove()
-    torch.testing.assert_close(captured, plain, atol=1e-5, rtol=1e-5)  # the output is unchanged
+    # The output is unchanged: as close to the float64 model as the kernel's.
+    assert_policy(captured, logits64(model, ids), plain, "logits with capture")
     assert list(maps) == ["blocks.0.attn", "blocks.1.attn"]
     for name, (probs,) in maps.items():
         attn = model.get_submodule(name)
         assert probs.shape == (2, attn.num_heads, 11, 11) and probs.dtype == torch.float32
-        expected = expected_probs(attn, seen[name]["x"], causal=True)
-        torch.testing.assert_close(probs.double(), expected, atol=1e-5, rtol=1e-5)
+        expected = [expected_probs(attn, seen[name]["x"], causal=True, dtype=dt) for dt in DTYPES]
+        assert_policy(probs, *expected, name)
         assert (probs.triu(1) == 0).all()  # no query sees a later key
         torch.testing.assert_close(probs.sum(-1), torch.ones(2, attn.num_heads, 11))
     # Capture off again: the kernel runs, nothing is appended.
@@ -102,12 +117,13 @@ def test_bert_maps_mask_padding():
             captured = model(ids, mask).logits
         for handle in handles:
             handle.remove()
-    torch.testing.assert_close(captured, plain, atol=1e-5, rtol=1e-5)
+    assert_policy(captured, logits64(model, ids, mask), plain, "logits with capture")
     ((name, (probs,)),) = maps.items()
     assert name == "bert.blocks.1.attn"
     bias = torch.zeros(2, 1, 1, 9).masked_fill(mask[:, None, None, :] == 0, float("-inf"))
-    expected = expected_probs(model.get_submodule(name), seen[name]["x"], bias=bias)
-    torch.testing.assert_close(probs.double(), expected, atol=1e-5, rtol=1e-5)
+    attn = model.get_submodule(name)
+    expected = [expected_probs(attn, seen[name]["x"], bias=bias, dtype=dt) for dt in DTYPES]
+    assert_policy(probs, *expected, name)
     assert (probs[1, :, :, 6:] == 0).all()  # no query attends to padding
     torch.testing.assert_close(probs.sum(-1), torch.ones(2, 2, 9))
 
@@ -125,24 +141,27 @@ def test_t5_maps_carry_the_position_bias():
             captured = model(src, src_mask, decoder_input_ids=tgt).logits
         for handle in handles:
             handle.remove()
-        padding = torch.zeros(2, 1, 1, 7).masked_fill(src_mask[:, None, None, :] == 0,
-                                                      float("-inf"))  # fmt: skip
+        padding = torch.zeros(2, 1, 1, 7).masked_fill(
+            src_mask[:, None, None, :] == 0, float("-inf")
+        )
         # T5's relative-position biases (unscaled scores), from each stack's bucket table.
         enc_bias = model.encoder.position_bias(7, 7) + padding
         dec_bias = model.decoder.position_bias(5, 5)
-    torch.testing.assert_close(captured, plain, atol=1e-5, rtol=1e-5)
+    reference = logits64(model, src, src_mask, decoder_input_ids=tgt)
+    assert_policy(captured, reference, plain, "logits with capture")
     assert len(maps) == 2 + 2 * 2  # encoder self; decoder self and cross, per layer
     for name, (probs,) in maps.items():
         attn = model.get_submodule(name)
         x, context = seen[name]["x"], seen[name]["context"]
         if name.startswith("encoder"):
-            expected = expected_probs(attn, x, bias=enc_bias)
+            args, kwargs = (x,), dict(bias=enc_bias)
         elif name.endswith("cross"):
-            expected = expected_probs(attn, x, context, bias=padding)
+            args, kwargs = (x, context), dict(bias=padding)
             assert probs.shape == (2, 4, 5, 7)
         else:
-            expected = expected_probs(attn, x, bias=dec_bias, causal=True)
-        torch.testing.assert_close(probs.double(), expected, atol=1e-5, rtol=1e-5)
+            args, kwargs = (x,), dict(bias=dec_bias, causal=True)
+        expected = [expected_probs(attn, *args, **kwargs, dtype=dt) for dt in DTYPES]
+        assert_policy(probs, *expected, name)
 
 
 def test_capture_selection_and_errors():
@@ -206,8 +225,9 @@ def test_save_attention_png_errors(tmp_path):
 
 @pytest.mark.parametrize("positions", [64, 8])  # one window; sliding windows
 def test_token_losses_average_to_the_model_loss(tokenizer, positions):
-    model = models.create("gpt2-tiny", vocab_size=tokenizer.vocab_size,
-                          max_position_embeddings=positions).eval()  # fmt: skip
+    model = models.create(
+        "gpt2-tiny", vocab_size=tokenizer.vocab_size, max_position_embeddings=positions
+    ).eval()
     text = TEXTS[0]
     losses = token_losses(model, tokenizer, text, stride=1)
     ids = tokenizer.encode(text)
@@ -216,16 +236,20 @@ def test_token_losses_average_to_the_model_loss(tokenizer, positions):
     assert "".join(t for t, _ in losses) == text
     assert losses[0][1] is None
     nll = torch.tensor([v for _, v in losses[1:]], dtype=torch.float64)
+    # Against the float64 model, within what the rounding of float32 logits allows.
+    twin = copy.deepcopy(model).double()
     with torch.no_grad():
         if len(ids) <= positions:  # the model's own loss on the text
-            expected = model(torch.tensor([ids]), labels=torch.tensor([ids])).loss
-            assert float(nll.mean()) == pytest.approx(float(expected), rel=1e-5)
+            batch = dict(input_ids=torch.tensor([ids]), labels=torch.tensor([ids]))
+            out, out64 = (m(**batch, return_logits=True) for m in (model, twin))
+            rows, rows64 = (o.logits[0, :-1] for o in (out, out64))
+            assert_loss_policy(float(nll.mean()), out64.loss, rows, rows64, "mean NLL")
         else:  # each token after its last positions - 1 tokens
             for t in range(1, len(ids)):
                 ctx = torch.tensor([ids[max(0, t - positions + 1) : t + 1]])
-                logits = model(ctx).logits[0, -2].double()
-                assert float(nll[t - 1]) == pytest.approx(-float(logits.log_softmax(-1)[ids[t]]),
-                                                          rel=1e-5)  # fmt: skip
+                row, row64 = (m(ctx).logits[0, -2] for m in (model, twin))
+                expected = -float(row64.log_softmax(-1)[ids[t]])
+                assert_loss_policy(float(nll[t - 1]), expected, row, row64, f"NLL {t}")
     with pytest.raises(ValueError, match="text encodes to no tokens"):
         token_losses(model, tokenizer, "")
     with pytest.raises(TypeError, match="tokenizer must be a fastlm Tokenizer"):

@@ -108,8 +108,9 @@ def test_classification_matches_sklearn():
         preds = torch.randint(0, k, (n,), generator=g).tolist()
         refs = torch.randint(0, k, (n,), generator=g).tolist()
         for average in ("macro", "micro"):
-            p, r, f, _ = sk.precision_recall_fscore_support(refs, preds, average=average,
-                                                            zero_division=0)  # fmt: skip
+            p, r, f, _ = sk.precision_recall_fscore_support(
+                refs, preds, average=average, zero_division=0
+            )
             got = metrics.precision_recall_f1(preds, refs, average)
             assert got == approx({"precision": p, "recall": r, "f1": f})
         if len(set(preds) | set(refs)) > 1:
@@ -119,8 +120,11 @@ def test_classification_matches_sklearn():
 
 
 HYPS = ["the cat sat on the mat", "a quick brown fox jumps over the lazy dog", "hello there"]
-REFS = ["the cat is sitting on the mat", "the quick brown fox jumped over the lazy dog",
-        "hello there general"]  # fmt: skip
+REFS = [
+    "the cat is sitting on the mat",
+    "the quick brown fox jumped over the lazy dog",
+    "hello there general",
+]
 
 
 def test_bleu_and_chrf_match_sacrebleu():
@@ -154,8 +158,10 @@ def test_rouge_matches_rouge_score():
     rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
     types = ("rouge1", "rouge2", "rougeL")
     scorer = rouge_scorer.RougeScorer(list(types))
-    expected = {t: sum(scorer.score(r, h)[t].fmeasure for h, r in zip(HYPS, REFS, strict=True))
-                / len(HYPS) for t in types}  # fmt: skip
+    expected = {
+        t: sum(scorer.score(r, h)[t].fmeasure for h, r in zip(HYPS, REFS, strict=True)) / len(HYPS)
+        for t in types
+    }
     assert metrics.rouge(HYPS, REFS) == pytest.approx(expected)
     stem = rouge_scorer.RougeScorer(["rougeLsum"], use_stemmer=True)
     expected = sum(stem.score(r, h)["rougeLsum"].fmeasure for h, r in zip(HYPS, REFS, strict=True))
@@ -187,8 +193,9 @@ def test_demographic_parity_difference():
     assert metrics.demographic_parity_difference([1, 0, 1, 0], [0, 0, 1, 1]) == 0.0
 
 
-@pytest.mark.parametrize("fn", [metrics.accuracy, metrics.matthews_corrcoef,
-                                metrics.precision_recall_f1])  # fmt: skip
+@pytest.mark.parametrize(
+    "fn", [metrics.accuracy, metrics.matthews_corrcoef, metrics.precision_recall_f1]
+)
 def test_classification_errors(fn):
     with pytest.raises(ValueError, match="predictions has 2 items but references has 3"):
         fn([0, 1], [0, 1, 1])
@@ -237,8 +244,10 @@ def test_missing_libraries_name_the_extra(monkeypatch):
 def test_imports_without_the_eval_extra():
     # Block sacrebleu and rouge_score (as on a machine without them): fastlm.eval.metrics
     # must still import and compute what needs neither.
-    code = ("import sys; sys.modules['sacrebleu'] = None; sys.modules['rouge_score'] = None\n"
-            "from fastlm.eval import metrics\n"
-            "print(metrics.accuracy([1, 0], [1, 1]))")  # fmt: skip
+    code = (
+        "import sys; sys.modules['sacrebleu'] = None; sys.modules['rouge_score'] = None\n"
+        "from fastlm.eval import metrics\n"
+        "print(metrics.accuracy([1, 0], [1, 1]))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert math.isclose(float(out.stdout), 0.5)

@@ -3,7 +3,9 @@ against models whose logits are known by construction."""
 
 from __future__ import annotations
 
+import copy
 import math
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -16,11 +18,16 @@ from fastlm.eval.perplexity import (
     perplexity,
     pseudo_perplexity,
 )
+from fastlm.testing import assert_loss_policy
 
 VOCAB = 61
 POSITIONS = 16
-TEXTS = ["The doctor said she would call back tomorrow.", "Rich people cook dinner.",
-         "Poor people are lazy.", "The engineer fixed the bridge."]  # fmt: skip
+TEXTS = [
+    "The doctor said she would call back tomorrow.",
+    "Rich people cook dinner.",
+    "Poor people are lazy.",
+    "The engineer fixed the bridge.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -31,37 +38,67 @@ def tokenizer() -> Tokenizer:
 
 
 def tiny_gpt(preset: str = "gpt2-tiny") -> torch.nn.Module:
-    model = models.create(preset, vocab_size=VOCAB, max_position_embeddings=POSITIONS,
-                          num_layers=1)  # fmt: skip
+    model = models.create(preset, vocab_size=VOCAB, max_position_embeddings=POSITIONS, num_layers=1)
     return model.eval()
 
 
 def tiny_bert(vocab: int = VOCAB) -> torch.nn.Module:
-    return models.create("bert-tiny", vocab_size=vocab, max_position_embeddings=48,
-                         num_layers=1).eval()  # fmt: skip
+    return models.create(
+        "bert-tiny", vocab_size=vocab, max_position_embeddings=48, num_layers=1
+    ).eval()
+
+
+def twins(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The model and its float64 twin (the reference its float32 scores are held to)."""
+    return model, copy.deepcopy(model).double()
 
 
 @torch.no_grad()
-def naive_causal_nlls(model, ids: list[int], max_length: int, stride: int) -> list[float]:
+def naive_causal_nlls(model, ids: list[int], max_length: int, stride: int) -> Naive:
     """Each token scored alone with the context the sliding windows give it, in closed form:
     windows start at multiples of the stride, and token t belongs to the first window that
     reaches past it, k = max(0, ceil((t - max_length + 1) / stride)); its context is the
     window's tokens before it (none, and so unscored, when the window starts at t)."""
-    out = [math.nan] * min(1, len(ids))
+    out, rows = [math.nan] * min(1, len(ids)), []
     for t in range(1, len(ids)):
         begin = max(0, -(-(t - max_length + 1) // stride)) * stride
         if begin == t:
             out.append(math.nan)
             continue
-        logits = model(torch.tensor([ids[begin:t]])).logits[0, -1].double()
-        out.append(-float(logits.log_softmax(-1)[ids[t]]))
-    return out
+        rows.append(model(torch.tensor([ids[begin:t]])).logits[0, -1])
+        out.append(-float(rows[-1].double().log_softmax(-1)[ids[t]]))
+    return Naive(out, rows)
 
 
-def assert_nlls(got: torch.Tensor, expected: list[float]) -> None:
-    expected = torch.tensor(expected, dtype=torch.float64)
+@dataclass
+class Naive:
+    """A naive loop's per-token NLLs (NaN: unscored) and the logits rows it scored with."""
+
+    nlls: list[float]
+    rows: list[torch.Tensor]
+
+
+def reference(naive, model, *args) -> tuple[Naive, Naive]:
+    """The naive loop by the model (float32) and by its float64 twin (the reference)."""
+    return tuple(naive(m, *args) for m in twins(model))
+
+
+def assert_nll_sum(got: float, runs: list[tuple[Naive, Naive]], name: str = "nll") -> None:
+    """A float32 sum of token NLLs against the float64 naive loops' ``runs``: within what the
+    rounding of the float32 logits allows, 2 per token (fastlm.testing)."""
+    expected = math.fsum(v for _, r64 in runs for v in r64.nlls if not math.isnan(v))
+    rows, rows64 = (torch.stack([row for run in runs for row in run[i].rows]) for i in (0, 1))
+    assert_loss_policy(got, expected, rows, rows64, name, weight=2 * len(rows))
+
+
+def assert_nlls(got: torch.Tensor, runs: tuple[Naive, Naive]) -> None:
+    """Per-token NLLs: NaN where unscored, each within 2 x the logits' allowance."""
+    expected = torch.tensor(runs[1].nlls, dtype=torch.float64)
     assert torch.equal(got.isnan(), expected.isnan())
-    torch.testing.assert_close(got.nan_to_num(0.0), expected.nan_to_num(0.0), atol=1e-4, rtol=1e-4)
+    scored = ~expected.isnan()
+    rows, rows64 = (torch.stack(run.rows) if run.rows else torch.zeros(0, VOCAB) for run in runs)
+    # float32 values (the kernels' NLLs), held as float64
+    assert_loss_policy(got[scored].float(), expected[scored], rows, rows64, "token NLLs")
 
 
 def test_one_window_is_exp_of_the_model_loss():
@@ -69,26 +106,32 @@ def test_one_window_is_exp_of_the_model_loss():
     ids = torch.randint(0, VOCAB, (POSITIONS,))
     result = perplexity(model, None, [ids], max_length=POSITIONS, stride=POSITIONS)
     with torch.no_grad():
-        loss = float(model(ids[None], labels=ids[None]).loss)
+        out, out64 = (m(ids[None], labels=ids[None], return_logits=True) for m in twins(model))
     assert result.tokens == POSITIONS - 1
-    assert result.perplexity == pytest.approx(math.exp(loss), rel=1e-5)
-    assert result.nll == pytest.approx(loss * (POSITIONS - 1), rel=1e-5)
+    assert result.perplexity == math.exp(result.nll / result.tokens)
+    logits, logits64 = (o.logits[0, :-1] for o in (out, out64))
+    n = POSITIONS - 1  # a sum of n token NLLs
+    assert_loss_policy(result.nll, float(out64.loss) * n, logits, logits64, "nll", weight=2 * n)
 
 
 def test_disjoint_windows_are_exp_of_the_pooled_chunk_losses():
     model = tiny_gpt()
     ids = torch.randint(0, VOCAB, (37,))
     length = 8
-    total, count = 0.0, 0
+    total, count, rows, rows64 = 0.0, 0, [], []
     with torch.no_grad():
         for chunk in ids.split(length):  # 8, 8, 8, 8, 5 tokens
             if len(chunk) > 1:
-                total += float(model(chunk[None], labels=chunk[None]).loss) * (len(chunk) - 1)
+                batch = dict(input_ids=chunk[None], labels=chunk[None], return_logits=True)
+                out, out64 = (m(**batch) for m in twins(model))
+                total += float(out64.loss) * (len(chunk) - 1)
                 count += len(chunk) - 1
+                rows += [out.logits[0, :-1]]
+                rows64 += [out64.logits[0, :-1]]
     result = perplexity(model, None, [ids.tolist()], max_length=length, stride=length)
     assert (result.tokens, count) == (32, 32)  # 7 + 7 + 7 + 7 + 4
-    assert result.nll == pytest.approx(total, rel=1e-5)
-    assert result.perplexity == pytest.approx(math.exp(total / count), rel=1e-5)
+    assert_loss_policy(result.nll, total, torch.cat(rows), torch.cat(rows64), weight=2 * count)
+    assert result.perplexity == math.exp(result.nll / result.tokens)
 
 
 @pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny"])
@@ -97,8 +140,9 @@ def test_sliding_windows_match_the_naive_loop(preset, max_length, stride):
     model = tiny_gpt(preset)
     texts = [torch.randint(0, VOCAB, (n,)).tolist() for n in (29, 1, 0, 2, 9)]
     nlls = causal_token_nlls(model, texts, max_length, stride, batch_size=3)
-    for ids, got in zip(texts, nlls, strict=True):
-        assert_nlls(got, naive_causal_nlls(model, ids, max_length, stride))
+    runs = [reference(naive_causal_nlls, model, ids, max_length, stride) for ids in texts]
+    for got, run in zip(nlls, runs, strict=True):
+        assert_nlls(got, run)
     # Every token but the first counted once, unless disjoint windows skip window starts.
     tokens = sum(int((~t.isnan()).sum()) for t in nlls)
     once = sum(max(0, len(ids) - 1) for ids in texts)
@@ -106,8 +150,7 @@ def test_sliding_windows_match_the_naive_loop(preset, max_length, stride):
     assert tokens == once - skipped
     result = perplexity(model, None, texts, max_length, stride, batch_size=2)
     assert result.tokens == tokens
-    expected = sum(float(t.nansum()) for t in nlls)
-    assert result.nll == pytest.approx(expected, rel=1e-6)
+    assert_nll_sum(result.nll, runs)
 
 
 def test_known_logits_count_every_token_once():
@@ -119,18 +162,20 @@ def test_known_logits_count_every_token_once():
     with torch.no_grad():
         model.norm_f.weight.zero_()
         model.norm_f.bias.normal_(0, 3.0)
-        logp = (model.lm_head.weight.double() @ model.norm_f.bias.double()).log_softmax(-1)
+        logits = model.lm_head.weight @ model.norm_f.bias
+        logits64 = model.lm_head.weight.double() @ model.norm_f.bias.double()
     ids = torch.randint(0, VOCAB, (40,))
-    expected = -float(logp[ids[1:]].sum())
+    expected = -float(logits64.log_softmax(-1)[ids[1:]].sum())
     result = perplexity(model, None, [ids], max_length=6, stride=4)
     assert result.tokens == 39
-    assert result.nll == pytest.approx(expected, rel=1e-5)
-    assert result.perplexity == pytest.approx(math.exp(expected / 39), rel=1e-5)
+    assert_loss_policy(result.nll, expected, logits[None], logits64[None], weight=2 * 39)
+    assert result.perplexity == math.exp(result.nll / result.tokens)
 
 
 def test_strings_through_the_tokenizer(tokenizer):
-    model = models.create("gpt2-tiny", vocab_size=tokenizer.vocab_size, num_layers=1,
-                          max_position_embeddings=32).eval()  # fmt: skip
+    model = models.create(
+        "gpt2-tiny", vocab_size=tokenizer.vocab_size, num_layers=1, max_position_embeddings=32
+    ).eval()
     by_text = perplexity(model, tokenizer, TEXTS, max_length=4, stride=3)
     by_ids = perplexity(model, None, [tokenizer.encode(t) for t in TEXTS], 4, 3)
     assert by_text == by_ids
@@ -144,7 +189,10 @@ def test_training_flag_restored_and_batches_agree():
     assert model.training
     many = perplexity(model, None, texts, max_length=8, stride=3, batch_size=16)
     assert many.tokens == one.tokens
-    assert many.nll == pytest.approx(one.nll, rel=1e-5)
+    # Both against the float64 naive loop, within 2 x their logits' allowance per token.
+    runs = [reference(naive_causal_nlls, model.eval(), t.tolist(), 8, 3) for t in texts]
+    assert_nll_sum(one.nll, runs, "one by one")
+    assert_nll_sum(many.nll, runs, "16 at a time")
 
 
 def test_nothing_scored_is_nan():
@@ -175,14 +223,14 @@ def test_perplexity_errors(tokenizer):
 
 
 @torch.no_grad()
-def naive_pll(model, ids: list[int], positions: list[int], mask_id: int) -> list[float]:
-    out = []
+def naive_pll(model, ids: list[int], positions: list[int], mask_id: int) -> Naive:
+    out, rows = [], []
     for p in positions:
         masked = list(ids)
         masked[p] = mask_id
-        logits = model(torch.tensor([masked])).logits[0, p].double()
-        out.append(-float(logits.log_softmax(-1)[ids[p]]))
-    return out
+        rows.append(model(torch.tensor([masked])).logits[0, p])
+        out.append(-float(rows[-1].double().log_softmax(-1)[ids[p]]))
+    return Naive(out, rows)
 
 
 def test_pseudo_perplexity_matches_the_naive_loop():
@@ -191,31 +239,33 @@ def test_pseudo_perplexity_matches_the_naive_loop():
     texts = [torch.randint(0, VOCAB - 1, (n,)).tolist() for n in (9, 3, 14)]
     # batch_size 4 puts copies of different lengths (so padding) in one forward.
     result = pseudo_perplexity(model, None, texts, mask_id=mask_id, batch_size=4)
-    expected = [v for ids in texts for v in naive_pll(model, ids, list(range(len(ids))), mask_id)]
-    assert result.tokens == len(expected) == 26
-    assert result.nll == pytest.approx(sum(expected), rel=1e-5)
-    assert result.perplexity == pytest.approx(math.exp(sum(expected) / 26), rel=1e-5)
+    runs = [reference(naive_pll, model, ids, list(range(len(ids))), mask_id) for ids in texts]
+    assert result.tokens == sum(len(r.nlls) for r, _ in runs) == 26
+    assert_nll_sum(result.nll, runs)
+    assert result.perplexity == math.exp(result.nll / result.tokens)
 
 
 def test_masked_token_nlls_at_chosen_positions():
     model = tiny_bert()
     ids = torch.randint(0, VOCAB - 1, (11,)).tolist()
     (got,) = masked_token_nlls(model, [ids], VOCAB - 1, positions=[[0, 4, 10]], batch_size=2)
-    expected = [math.nan] * 11
-    for p, v in zip([0, 4, 10], naive_pll(model, ids, [0, 4, 10], VOCAB - 1), strict=True):
-        expected[p] = v
-    assert_nlls(got, expected)
+    runs = reference(naive_pll, model, ids, [0, 4, 10], VOCAB - 1)
+    for run in runs:  # NaN where unscored
+        scored = dict(zip([0, 4, 10], run.nlls, strict=True))
+        run.nlls = [scored.get(p, math.nan) for p in range(11)]
+    assert_nlls(got, runs)
 
 
 def test_pseudo_perplexity_with_the_tokenizer_scores_the_text_between_cls_and_sep(tokenizer):
     model = tiny_bert(tokenizer.vocab_size)
     result = pseudo_perplexity(model, tokenizer, TEXTS, batch_size=8)
-    expected = []
+    runs = []
     for text in TEXTS:
         ids = [tokenizer.cls_id, *tokenizer.encode(text), tokenizer.sep_id]
-        expected += naive_pll(model, ids, list(range(1, len(ids) - 1)), tokenizer.mask_id)
-    assert result.tokens == len(expected)
-    assert result.nll == pytest.approx(sum(expected), rel=1e-5)
+        inner = list(range(1, len(ids) - 1))
+        runs.append(reference(naive_pll, model, ids, inner, tokenizer.mask_id))
+    assert result.tokens == sum(len(r.nlls) for r, _ in runs)
+    assert_nll_sum(result.nll, runs)
 
 
 def test_pseudo_perplexity_of_known_logits():
@@ -225,12 +275,13 @@ def test_pseudo_perplexity_of_known_logits():
         model.head_norm.weight.zero_()
         model.head_norm.bias.zero_()
         model.head_bias.normal_(0, 2.0)
-    logp = model.head_bias.detach().double().log_softmax(-1)
+    logits = model.head_bias.detach()
     ids = torch.randint(0, VOCAB - 1, (12,))
     result = pseudo_perplexity(model, None, [ids], mask_id=VOCAB - 1)
-    expected = -float(logp[ids].sum())
-    assert result.nll == pytest.approx(expected, rel=1e-5)
-    assert result.perplexity == pytest.approx(math.exp(expected / 12), rel=1e-5)
+    expected = -float(logits.double().log_softmax(-1)[ids].sum())
+    # The logits are exact (float32 bias values): only the NLLs' own float32 rounding.
+    assert_loss_policy(result.nll, expected, logits[None], logits[None].double(), weight=2 * 12)
+    assert result.perplexity == math.exp(result.nll / result.tokens)
 
 
 def test_pseudo_perplexity_errors(tokenizer):

@@ -109,8 +109,12 @@ def test_gated_act_backward_matches_reference(device_backend, activation, dtype,
     dgate_terms = 4 * (dy.double() * u).abs() * _DERIVATIVE_TERMS[activation](g)
     dup_terms = 4 * (dy.double() * bias_act_ref(g, None, activation)).abs()
     got = [dgate, dup] + ([dbg.to(dtype), dbu.to(dtype)] if with_bias else [])
-    scales = [dgate_terms.max().item(), dup_terms.max().item(),
-              summand_scale(dgate_terms, 0), summand_scale(dup_terms, 0)]  # fmt: skip
+    scales = [
+        dgate_terms.max().item(),
+        dup_terms.max().item(),
+        summand_scale(dgate_terms, 0),
+        summand_scale(dup_terms, 0),
+    ]
     names = ["dgate", "dup", "dbias_gate", "dbias_up"]
     for name, a, r, b, scale in zip(names, got, ref_grads, base_grads, scales, strict=False):
         assert_policy(a, r, b, name, scale=scale)

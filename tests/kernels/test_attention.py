@@ -11,65 +11,25 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from fastlm.kernels import attention as kernels
 
-from fastlm.ops.attention import attention_ref
-from fastlm.testing import assert_policy, poisoned_outputs
+from fastlm.ops import masks
+from fastlm.ops.attention import attention_probs, attention_ref
+from fastlm.testing import (
+    assert_attention_policy,
+    assert_lse,
+    assert_policy,
+    attention_grad_scales,
+    poisoned_outputs,
+    sdpa_baseline,
+)
 
 DTYPES = [torch.float16, torch.bfloat16]
 
 
-def _visible(seqlen_q, seqlen_k, causal, window, device):
-    i = torch.arange(seqlen_q, device=device)[:, None]
-    j = torch.arange(seqlen_k, device=device)[None, :]
-    diag = i + seqlen_k - seqlen_q
-    left, right = window
-    if causal:
-        right = 0 if right < 0 else min(right, 0)
-    visible = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device)
-    if left >= 0:
-        visible &= j >= diag - left
-    if right >= 0:
-        visible &= j <= diag + right
-    return visible, diag - j
-
-
-def _sdpa_baseline(q, k, v, causal, scale, window, bias, alibi):
-    """PyTorch's SDPA at the inputs' dtype, (B, S, H, D) layout, with one additive mask."""
-    visible, distance = _visible(q.shape[1], k.shape[1], causal, window, q.device)
-    mask = torch.zeros(visible.shape, dtype=torch.float32, device=q.device)
-    mask = mask.masked_fill(~visible, float("-inf"))
-    if bias is not None:
-        mask = mask + bias.float()
-    if alibi is not None:
-        mask = mask - alibi.float().reshape(-1, q.shape[2], 1, 1) * distance.abs()
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask.to(q.dtype),
-        scale=scale, enable_gqa=True,
-    )  # fmt: skip
-    return out.transpose(1, 2)
-
-
-def _grad_scales(q, k, v, do, out, probs, scale):
-    """Floors' scales for dq, dk, dv: the largest sums of |terms| each gradient adds up,
-    ``dS = P * (dP - delta)`` then ``dq = scale * dS k``, ``dk = scale * dS^T q``,
-    ``dv = P^T dO``. They cancel (a single key gives dq = 0 exactly), so one ulp of the
-    terms, not of the result, is what rounding can cost."""
-    group = q.shape[2] // k.shape[2]
-    k, v = (t.double().repeat_interleave(group, dim=2) for t in (k, v))
-    do, out = do.double(), out.double()
-    dp = torch.einsum("bqhd,bkhd->bhqk", do, v).abs()
-    delta = (do * out).sum(-1).transpose(1, 2).abs()[..., None]
-    terms = probs * (dp + delta)  # (B, H, Sq, Sk)
-    dq = scale * terms.sum(-1).max() * k.abs().max()
-    dk = scale * terms.sum(-2).max() * q.double().abs().max()
-    dv = (probs.sum(-2).max() * do.abs().max()).item()
-    return dq.item(), dk.item(), dv
-
-
-def run_case(device, b, sq, sk, h, hkv, d, dtype, causal=False, window=(-1, -1),
-             bias_shape=None, alibi=False):  # fmt: skip
+def run_case(
+    device, b, sq, sk, h, hkv, d, dtype, causal=False, window=(-1, -1), bias_shape=None, alibi=False
+):
     """Forward and backward through the Triton kernels, checked against the reference."""
     q = torch.randn(b, sq, h, d, dtype=dtype, device=device)
     k, v = (torch.randn(b, sk, hkv, d, dtype=dtype, device=device) for _ in range(2))
@@ -77,15 +37,24 @@ def run_case(device, b, sq, sk, h, hkv, d, dtype, causal=False, window=(-1, -1),
     bias = None if bias_shape is None else torch.randn(bias_shape, dtype=dtype, device=device)
     slopes = torch.rand(h, device=device) if alibi else None
     scale = 1.0 / math.sqrt(d)
-    args = kernels.AttentionArgs(causal, scale, kernels.window_bounds(window), 0.0, 0)
+    args = kernels.AttentionArgs(causal, scale, masks.window_bounds(window), 0.0, 0)
     bias4 = None if bias is None else bias.expand(b, h, sq, sk)
     slopes2 = None if slopes is None else slopes.expand(b, h)
 
     with poisoned_outputs():
         out, lse = kernels.attention_fwd(q, k, v, args, bias=bias4, alibi_slopes=slopes2)
-        dq, dk, dv, dbias = kernels.attention_bwd(do, q, k, v, out, lse, args, bias=bias4,
-                                                  bias_grad=bias is not None,
-                                                  alibi_slopes=slopes2)  # fmt: skip
+        dq, dk, dv, dbias = kernels.attention_bwd(
+            do,
+            q,
+            k,
+            v,
+            out,
+            lse,
+            args,
+            bias=bias4,
+            bias_grad=bias is not None,
+            alibi_slopes=slopes2,
+        )
 
     def grads(dt):
         leaves = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
@@ -93,11 +62,11 @@ def run_case(device, b, sq, sk, h, hkv, d, dtype, causal=False, window=(-1, -1),
         if dt == torch.float64:
             o, lse_ = attention_ref(*leaves, causal, scale, window, b_, slopes)
         else:
-            o, lse_ = _sdpa_baseline(*leaves, causal, scale, window, b_, slopes), None
+            o, lse_ = sdpa_baseline(*leaves, causal, scale, window, b_, slopes), None
         wanted = leaves + ([b_] if b_ is not None else [])
         return o, lse_, torch.autograd.grad((o * do.to(dt)).sum(), wanted)
 
-    ref_out, ref_lse, ref_grads = grads(torch.float64)
+    ref_out, _, ref_grads = grads(torch.float64)
     base_out, _, base_grads = grads(dtype)
     eye = torch.eye(sk, dtype=torch.float64, device=device)[None, :, None, :].expand(b, sk, hkv, sk)
     probs = attention_ref(
@@ -110,13 +79,12 @@ def run_case(device, b, sq, sk, h, hkv, d, dtype, causal=False, window=(-1, -1),
         None if bias is None else bias.double(),
         slopes,
     )[0].transpose(1, 2)
-    scales = _grad_scales(q, k, v, do, ref_out, probs, scale)  # fmt: skip
+    scales = attention_grad_scales(q, k, v, do, ref_out, probs, scale)
     assert_policy(out, ref_out, base_out, "out")
-    visible = torch.isfinite(ref_lse)
-    assert torch.equal(torch.isfinite(lse), visible), "rows with no visible key must be -inf"
-    torch.testing.assert_close(lse[visible].double(), ref_lse[visible], rtol=0, atol=1e-5)
-    for name, got, ref, base, floor_scale in zip(("dq", "dk", "dv"), (dq, dk, dv), ref_grads,
-                                                 base_grads, scales, strict=False):  # fmt: skip
+    assert_lse(lse, q, k, causal, scale, window, bias, slopes)
+    for name, got, ref, base, floor_scale in zip(
+        ("dq", "dk", "dv"), (dq, dk, dv), ref_grads, base_grads, scales, strict=False
+    ):
         assert_policy(got, ref, base, name, scale=floor_scale)
     if bias is not None:
         reduce_dims = tuple(i for i, n in enumerate(bias.shape) if n == 1)
@@ -155,8 +123,9 @@ def test_sliding_window(device_backend, window, causal):
     run_case(device, 2, 33, 41, 4, 2, 32, torch.bfloat16, causal=causal, window=window)
 
 
-@pytest.mark.parametrize("bias_shape", [(2, 4, 23, 29), (1, 4, 23, 29), (1, 1, 23, 29),
-                                        (2, 1, 1, 29)])  # fmt: skip
+@pytest.mark.parametrize(
+    "bias_shape", [(2, 4, 23, 29), (1, 4, 23, 29), (1, 1, 23, 29), (2, 1, 1, 29)]
+)
 def test_bias_and_its_gradient(device_backend, bias_shape):
     device, backend = device_backend
     if backend != "triton":
@@ -199,6 +168,31 @@ def _recover_dropout(device, seed, p, causal, bias=None):
     return q, k, eye, args, out, lse
 
 
+def _check_dropout_case(out, grads, inputs, do, keep, p, causal):
+    """float32 kernels with dropout against the float64 reference given the recovered mask
+    ``keep``, with the same reference in float32 as PyTorch's own result."""
+
+    def run(dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in inputs]
+        bias = leaves[3] if len(leaves) > 3 else None
+        masks = dict(causal=causal, attn_bias=bias, dropout_mask=keep, dropout_p=p)
+        o, _ = attention_ref(*leaves[:3], **masks)
+        return o, torch.autograd.grad((o * do.to(dtype)).sum(), leaves)
+
+    (ref_out, ref_grads), (base_out, base_grads) = run(torch.float64), run(torch.float32)
+    q, k, v = (t.double() for t in inputs[:3])
+    bias = inputs[3].double() if len(inputs) > 3 else None
+    scale = q.shape[-1] ** -0.5
+    probs, _ = attention_probs(q, k, causal, scale, attn_bias=bias)
+    # The gradients' floors from the summed terms, with the kept, rescaled probabilities.
+    scales = attention_grad_scales(q, k, v, do, ref_out, probs * keep / (1 - p), scale)
+    assert_policy(out, ref_out, base_out, "out")
+    for name, *results, floor_scale in zip(
+        ("dq", "dk", "dv", "dbias"), grads, ref_grads, base_grads, (*scales, None), strict=False
+    ):
+        assert_policy(*results, name, scale=floor_scale)
+
+
 def test_dropout_keep_rate_mask_and_gradients(device_backend):
     device, backend = device_backend
     if backend != "triton":
@@ -209,16 +203,9 @@ def test_dropout_keep_rate_mask_and_gradients(device_backend):
     n = keep.numel()
     rate = keep.float().mean().item()
     assert abs(rate - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n), rate
-    ref_out, _ = attention_ref(q.double(), k.double(), eye.double(), dropout_mask=keep,
-                               dropout_p=p)  # fmt: skip
-    torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-6)
     do = torch.randn_like(out)
     dq, dk, dv, _ = kernels.attention_bwd(do, q, k, eye, out, lse, args)
-    leaves = [t.double().requires_grad_() for t in (q, k, eye)]
-    ref_out, _ = attention_ref(*leaves, dropout_mask=keep, dropout_p=p)
-    ref = torch.autograd.grad((ref_out * do.double()).sum(), leaves)
-    for got, want in zip((dq, dk, dv), ref, strict=True):
-        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+    _check_dropout_case(out, (dq, dk, dv), (q, k, eye), do, keep, p, causal=False)
 
 
 def test_dropout_with_bias_and_its_gradient(device_backend):
@@ -232,15 +219,10 @@ def test_dropout_with_bias_and_its_gradient(device_backend):
     q, k, eye, args, out, lse = _recover_dropout(device, 99, p, causal=True, bias=bias)
     keep = out.permute(0, 2, 1, 3) > 0
     do = torch.randn_like(out)
-    dq, dk, dv, dbias = kernels.attention_bwd(do, q, k, eye, out, lse, args, bias=bias,
-                                              bias_grad=True)  # fmt: skip
-    leaves = [t.double().requires_grad_() for t in (q, k, eye, bias)]
-    ref_out, _ = attention_ref(*leaves[:3], causal=True, attn_bias=leaves[3],
-                               dropout_mask=keep, dropout_p=p)  # fmt: skip
-    torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-6)
-    ref = torch.autograd.grad((ref_out * do.double()).sum(), leaves)
-    for got, want in zip((dq, dk, dv, dbias), ref, strict=True):
-        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+    dq, dk, dv, dbias = kernels.attention_bwd(
+        do, q, k, eye, out, lse, args, bias=bias, bias_grad=True
+    )
+    _check_dropout_case(out, (dq, dk, dv, dbias), (q, k, eye, bias), do, keep, p, causal=True)
 
 
 def test_dropout_is_reproducible_by_seed(device_backend):
@@ -264,12 +246,15 @@ def test_varlen_matches_per_sequence_dense(device_backend):
     cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32)
     cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32)
     q = torch.randn(sum(lens_q), h, d, dtype=torch.bfloat16, device=device)
-    k, v = (torch.randn(sum(lens_k), hkv, d, dtype=torch.bfloat16, device=device)
-            for _ in range(2))  # fmt: skip
+    k, v = (torch.randn(sum(lens_k), hkv, d, dtype=torch.bfloat16, device=device) for _ in range(2))
     do = torch.randn_like(q)
     args = kernels.AttentionArgs(True, 1.0 / math.sqrt(d), (None, None), 0.0, 0)
-    packed = dict(cu_seqlens_q=cu_q.to(device), cu_seqlens_k=cu_k.to(device),
-                  max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k))  # fmt: skip
+    packed = dict(
+        cu_seqlens_q=cu_q.to(device),
+        cu_seqlens_k=cu_k.to(device),
+        max_seqlen_q=max(lens_q),
+        max_seqlen_k=max(lens_k),
+    )
     with poisoned_outputs():
         out, lse = kernels.attention_fwd(q, k, v, args, **packed)
         dq, dk, dv, _ = kernels.attention_bwd(do, q, k, v, out, lse, args, **packed)
@@ -277,13 +262,8 @@ def test_varlen_matches_per_sequence_dense(device_backend):
         rows, cols = slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i + 1])
         if lq == 0:
             continue
-        leaves = [t[None, s].detach().double().requires_grad_()
-                  for t, s in ((q, rows), (k, cols), (v, cols))]  # fmt: skip
-        ref_out, ref_lse = attention_ref(*leaves, causal=True)
-        ref = torch.autograd.grad((ref_out * do[None, rows].double()).sum(), leaves)
-        tol = dict(rtol=2e-2, atol=2e-2)
-        torch.testing.assert_close(out[rows].double(), ref_out[0], **tol)
-        visible = torch.isfinite(ref_lse[0])
-        torch.testing.assert_close(lse[:, rows][visible].double(), ref_lse[0][visible], **tol)
-        for got, want in zip((dq[rows], dk[cols], dv[cols]), ref, strict=True):
-            torch.testing.assert_close(got.double(), want[0], **tol)
+        # Each sequence under the numerical policy of dense attention on it alone.
+        seq = [t[None, s] for t, s in ((q, rows), (k, cols), (v, cols))]
+        grads = [g[None, s] for g, s in ((dq, rows), (dk, cols), (dv, cols))]
+        assert_attention_policy(out[None, rows], grads, *seq, do[None, rows], causal=True)
+        assert_lse(lse[None, :, rows], *seq[:2], causal=True)

@@ -62,9 +62,15 @@ def test_sass_is_split_by_function_and_arch():
 
 @pytest.mark.parametrize(
     ("opcode", "bits"),
-    [("LDG.E.128", 128), ("LDG.E.64", 64), ("LDG.E", 32), ("LDG.E.U16", 16),
-     ("LDG.E.EL.S8", 8), ("LDGSTS.E.BYPASS.LTC128B.128", 128)],
-)  # fmt: skip
+    [
+        ("LDG.E.128", 128),
+        ("LDG.E.64", 64),
+        ("LDG.E", 32),
+        ("LDG.E.U16", 16),
+        ("LDG.E.EL.S8", 8),
+        ("LDGSTS.E.BYPASS.LTC128B.128", 128),
+    ],
+)
 def test_access_bits(opcode, bits):
     assert cc.access_bits(opcode) == bits
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from fastlm.kernels import cross_entropy as kernels
 
-from fastlm.ops.loss import cross_entropy_ref
+from fastlm.ops.cross_entropy import cross_entropy_ref
 from fastlm.testing import assert_policy, poisoned_outputs
 
 IGNORE = -100
@@ -40,8 +40,9 @@ def _rows_and_grad(x, t, dloss, smoothing, z, dtype):
     if dtype == torch.float64:
         rows = cross_entropy_ref(leaf, t, IGNORE, smoothing, "none", z)
     else:
-        rows = F.cross_entropy(leaf, t, ignore_index=IGNORE, reduction="none",
-                               label_smoothing=smoothing)  # fmt: skip
+        rows = F.cross_entropy(
+            leaf, t, ignore_index=IGNORE, reduction="none", label_smoothing=smoothing
+        )
         if z:
             rows = rows + z * torch.logsumexp(leaf, -1) ** 2 * (t != IGNORE)
     (grad,) = torch.autograd.grad(rows, leaf, dloss.to(rows.dtype))
@@ -59,8 +60,9 @@ def run_case(device, n, v, dtype, smoothing=0.0, z=0.0, ignore_rows=(), x=None, 
         in_place = x.clone()
         loss2, _ = kernels.cross_entropy_fwd(in_place, t, IGNORE, smoothing, z, in_place)
         bwd_in_place = x.clone()
-        kernels.cross_entropy_bwd(dloss, bwd_in_place, t, lse, IGNORE, smoothing, z,
-                                  out=bwd_in_place)  # fmt: skip
+        kernels.cross_entropy_bwd(
+            dloss, bwd_in_place, t, lse, IGNORE, smoothing, z, out=bwd_in_place
+        )
     ref_rows, ref_grad = _rows_and_grad(x, t, dloss, smoothing, z, torch.float64)
     base_rows, base_grad = _rows_and_grad(x, t, dloss, smoothing, z, dtype)
     assert loss.dtype == lse.dtype == torch.float32 and dlogits.dtype == dtype

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from fastlm.kernels import norm as kernels
 
 from fastlm.ops.norm import BACKWARD, FORWARD
-from fastlm.testing import assert_policy, poisoned_outputs, summand_scale
+from fastlm.testing import assert_equal, assert_policy, poisoned_outputs, summand_scale
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -54,8 +54,21 @@ def _dx_scale(s, w, dy, ds, eps, rms):
     return (terms if ds is None else terms + ds.double().abs()).max().item()
 
 
-def run_case(device, backend, m, n, dtype, rms, affine, residual, x=None, dy=None, eps=1e-5,
-             weight_dtype=None, out_dtype=None):  # fmt: skip
+def run_case(
+    device,
+    backend,
+    m,
+    n,
+    dtype,
+    rms,
+    affine,
+    residual,
+    x=None,
+    dy=None,
+    eps=1e-5,
+    weight_dtype=None,
+    out_dtype=None,
+):
     """Forward and backward through ``backend``'s kernels, checked against the reference."""
     x = torch.randn(m, n, dtype=dtype, device=device) if x is None else x
     wdt = weight_dtype or dtype
@@ -77,7 +90,7 @@ def run_case(device, backend, m, n, dtype, rms, affine, residual, x=None, dy=Non
     assert_policy(y, ref[0], base[0].to(out_dtype), "y")
     if residual:
         assert s.dtype == dtype
-        torch.testing.assert_close(s, base[1], rtol=0, atol=0)  # same rounding as torch's add
+        assert_equal(s, base[1], "residual sum", "one rounding, as torch's add")
     assert_policy(dx, ref[2], base[2], "dx", scale=_dx_scale(ref[1], w, dy, ds, eps, rms))
     xhat = _torch_norm(ref[1], None, None, eps, rms)
     if affine:
@@ -99,8 +112,16 @@ SIZES = [1, 7, 64, 257, 1000, 4099]
 def test_norm_matches_reference(device_backend, rms, dtype, n, features):
     device, backend = device_backend
     m = 19 if n < 1024 else 3
-    run_case(device, backend, m, n, dtype, rms, affine=features != "plain",
-             residual=features == "residual")  # fmt: skip
+    run_case(
+        device,
+        backend,
+        m,
+        n,
+        dtype,
+        rms,
+        affine=features != "plain",
+        residual=features == "residual",
+    )
 
 
 @pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
@@ -139,8 +160,18 @@ def test_mixed_precision_weight_and_output(device_backend):
     """bf16 activations with float32 weights (mixed-precision training) and a float32 output."""
     device, backend = device_backend
     for rms in (False, True):
-        run_case(device, backend, 11, 320, torch.bfloat16, rms, affine=True, residual=False,
-                 weight_dtype=torch.float32, out_dtype=torch.float32)  # fmt: skip
+        run_case(
+            device,
+            backend,
+            11,
+            320,
+            torch.bfloat16,
+            rms,
+            affine=True,
+            residual=False,
+            weight_dtype=torch.float32,
+            out_dtype=torch.float32,
+        )
 
 
 def test_no_rows(device_backend):
@@ -178,5 +209,4 @@ def test_offsets_past_2_31_elements(device_backend):
     x = storage.as_strided((m, n), (stride, 1))
     x.copy_(torch.randn(m, n))
     dy = torch.randn(m, n, dtype=torch.bfloat16, device=device)
-    run_case(device, backend, m, n, torch.bfloat16, False, affine=True, residual=False,
-             x=x, dy=dy)  # fmt: skip
+    run_case(device, backend, m, n, torch.bfloat16, False, affine=True, residual=False, x=x, dy=dy)

@@ -10,14 +10,16 @@ import pytest
 import torch
 
 from fastlm.ops.rotary import FORWARD, apply_rotary_ref
-from fastlm.testing import assert_policy, poisoned_outputs
+from fastlm.testing import assert_equal, assert_policy, poisoned_outputs
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def _tables(max_pos, r2, device):
-    angles = torch.outer(torch.arange(max_pos, dtype=torch.float64),
-                         10000.0 ** (-torch.arange(r2, dtype=torch.float64) / r2))  # fmt: skip
+    angles = torch.outer(
+        torch.arange(max_pos, dtype=torch.float64),
+        10000.0 ** (-torch.arange(r2, dtype=torch.float64) / r2),
+    )
     return angles.cos().float().to(device), angles.sin().float().to(device)
 
 
@@ -33,8 +35,18 @@ def _positions_arg(kind, b, s, max_pos, device):
     return ids, 0, dict(position_ids=ids)
 
 
-def run_case(device, backend, shape, rot, dtype, interleaved, pos_kind="offset", x=None,
-             inplace=False, conj=False):  # fmt: skip
+def run_case(
+    device,
+    backend,
+    shape,
+    rot,
+    dtype,
+    interleaved,
+    pos_kind="offset",
+    x=None,
+    inplace=False,
+    conj=False,
+):
     b, s, h, d = shape
     max_pos = s + 5
     x = torch.randn(shape, dtype=dtype, device=device) if x is None else x
@@ -50,11 +62,11 @@ def run_case(device, backend, shape, rot, dtype, interleaved, pos_kind="offset",
     if inplace:
         assert y is x
     else:
-        torch.testing.assert_close(x, before, rtol=0, atol=0)  # input untouched
+        assert_equal(x, before, "x", "the input is untouched")
         assert y.is_contiguous()
     assert y.dtype == dtype and y.shape == x.shape
     assert_policy(y, ref, base, "y")
-    torch.testing.assert_close(y[..., rot:], before[..., rot:], rtol=0, atol=0)
+    assert_equal(y[..., rot:], before[..., rot:], "y", "dims past rotary_dim pass through")
     return y
 
 
@@ -103,8 +115,7 @@ def test_strided_input(device_backend, interleaved):
     qkv = torch.randn(2, 5, 3, 3, 32, device=device, dtype=torch.bfloat16)
     run_case(device, backend, (2, 5, 3, 32), 32, torch.bfloat16, interleaved, x=qkv[:, :, 1])
     bhsd = torch.randn(2, 3, 5, 32, device=device, dtype=torch.float16).transpose(1, 2)
-    run_case(device, backend, (2, 5, 3, 32), 16, torch.float16, interleaved, "position_ids",
-             x=bhsd)  # fmt: skip
+    run_case(device, backend, (2, 5, 3, 32), 16, torch.float16, interleaved, "position_ids", x=bhsd)
 
 
 @pytest.mark.parametrize("interleaved", [False, True], ids=["half", "interleaved"])
@@ -113,9 +124,18 @@ def test_inplace(device_backend, interleaved, dtype):
     device, backend = device_backend
     qkv = torch.randn(2, 3, 3, 2, 24, device=device, dtype=dtype)
     other = qkv[:, :, 2].clone()
-    run_case(device, backend, (2, 3, 2, 24), 16, dtype, interleaved, "offsets", x=qkv[:, :, 0],
-             inplace=True)  # fmt: skip
-    torch.testing.assert_close(qkv[:, :, 2], other, rtol=0, atol=0)  # neighbours untouched
+    run_case(
+        device,
+        backend,
+        (2, 3, 2, 24),
+        16,
+        dtype,
+        interleaved,
+        "offsets",
+        x=qkv[:, :, 0],
+        inplace=True,
+    )
+    assert_equal(qkv[:, :, 2], other, "v", "neighbours are untouched")
 
 
 @pytest.mark.parametrize("interleaved", [False, True], ids=["half", "interleaved"])
@@ -131,8 +151,9 @@ def test_backward_is_the_transpose(device_backend, interleaved, dtype):
     ids = torch.randint(0, s + 2, (b, s), device=device)
     y = apply_rotary_ref(x, cos.double().cpu(), sin.double().cpu(), interleaved, ids.cpu())
     (ref,) = torch.autograd.grad(y, x, dy.double().cpu())
-    dx = run_case(device, backend, (b, s, h, d), rot, dtype, interleaved, x=dy, conj=True,
-                  pos_kind="offset")  # fmt: skip
+    dx = run_case(
+        device, backend, (b, s, h, d), rot, dtype, interleaved, x=dy, conj=True, pos_kind="offset"
+    )
     with poisoned_outputs():
         dx = FORWARD[backend](dy, cos, sin, ids, 0, interleaved, True, None)
     base = apply_rotary_ref(dy, cos, -sin, interleaved, position_ids=ids)

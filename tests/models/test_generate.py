@@ -19,15 +19,36 @@ SPECIAL = dict(pad_token_id=0, eos_token_id=EOS, bos_token_id=1)
 
 def _models():
     return {
-        "gpt2": T.GPT2LMHeadModel(T.GPT2Config(n_embd=48, n_head=4, n_layer=2, vocab_size=VOCAB,
-                                               n_positions=64, **SPECIAL)),
-        "llama": T.LlamaForCausalLM(T.LlamaConfig(
-            hidden_size=48, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
-            intermediate_size=88, vocab_size=VOCAB, **SPECIAL)),
-        "t5": T.T5ForConditionalGeneration(T.T5Config(
-            d_model=48, num_heads=4, d_kv=12, num_layers=2, d_ff=72, vocab_size=VOCAB,
-            decoder_start_token_id=0, pad_token_id=0, eos_token_id=EOS)),
-    }  # fmt: skip
+        "gpt2": T.GPT2LMHeadModel(
+            T.GPT2Config(
+                n_embd=48, n_head=4, n_layer=2, vocab_size=VOCAB, n_positions=64, **SPECIAL
+            )
+        ),
+        "llama": T.LlamaForCausalLM(
+            T.LlamaConfig(
+                hidden_size=48,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                num_hidden_layers=2,
+                intermediate_size=88,
+                vocab_size=VOCAB,
+                **SPECIAL,
+            )
+        ),
+        "t5": T.T5ForConditionalGeneration(
+            T.T5Config(
+                d_model=48,
+                num_heads=4,
+                d_kv=12,
+                num_layers=2,
+                d_ff=72,
+                vocab_size=VOCAB,
+                decoder_start_token_id=0,
+                pad_token_id=0,
+                eos_token_id=EOS,
+            )
+        ),
+    }
 
 
 def _left_padded_prompts(batch=3, seqlen=9):
@@ -77,14 +98,53 @@ def test_greedy_on_the_triton_kernels_picks_the_top_token_of_the_torch_backend()
 
 
 def test_eos_finishes_a_row_and_pads_it():
+    """A row that emits EOS is finished: padded from there on while the other row continues
+    as greedy decoding does, until every row is finished or max_new_tokens."""
     model = create("gpt2-tiny", vocab_size=VOCAB).eval()
-    ids = torch.randint(EOS + 1, VOCAB, (2, 4))
-    greedy = model.generate(ids, 6)
-    eos = int(greedy[0, 5])  # the second generated token of row 0 acts as EOS
+    prompts = torch.randint(EOS + 1, VOCAB, (8, 4))
+    greedy = model.generate(prompts, 6)[:, 4:].tolist()
+    # EOS: a token one row emits within its first 5 new tokens and another row never does,
+    # so the first finishes early and is padded (0) while the second runs to the end.
+    i, j, eos = next(
+        (i, j, token)
+        for i in range(8)
+        for j in range(8)
+        for token in greedy[i][:5]
+        if token != 0 and token not in greedy[j]
+    )
+    ids = prompts[[i, j]]
     out = model.generate(ids, 6, eos_token_id=eos, pad_token_id=0)
-    first = (out[0, 4:] == eos).nonzero()[0].item()
-    assert (out[0, 4 + first + 1 :] == 0).all()
-    assert torch.equal(out[:, : 4 + first + 1], greedy[:, : 4 + first + 1])
+    stop = greedy[i].index(eos) + 1
+    assert out.shape == (2, 10)
+    assert torch.equal(out[:, :4], ids)
+    assert out[0, 4:].tolist() == greedy[i][:stop] + [0] * (6 - stop), (greedy[i], eos)
+    assert out[1, 4:].tolist() == greedy[j]
+    # Generation stops once every row has finished: row i at once, row j at its first EOS.
+    eos = greedy[i][0]
+    stops = [row.index(eos) + 1 if eos in row else 6 for row in (greedy[i], greedy[j])]
+    assert model.generate(ids, 6, eos_token_id=eos, pad_token_id=0).shape == (2, 4 + max(stops))
+
+
+def test_generate_refuses_more_positions_than_the_model_has():
+    """Learned positions end at max_position_embeddings: a longer prompt, or more new tokens
+    than fit after it, is refused naming the limit (not an IndexError). Rotary positions
+    extend, so a Llama-style model generates past it."""
+    model = create("gpt2-tiny", vocab_size=VOCAB, num_layers=1).eval()  # 256 positions
+    assert model.position_limit() == 256
+    too_long = r"the prompt holds 257 tokens, more than the model's 256 positions"
+    with pytest.raises(ValueError, match=too_long):
+        model.generate(torch.randint(EOS + 1, VOCAB, (1, 257)), 1)
+    ids = torch.randint(EOS + 1, VOCAB, (2, 250))
+    too_many = "the prompt's 250 tokens and max_new_tokens 7 exceed the model's 256 positions"
+    with pytest.raises(ValueError, match=too_many + r" \(max_position_embeddings\): at most 6"):
+        model.generate(ids, 7)
+    assert model.generate(ids, 6).shape == (2, 256)  # exactly the limit
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # row 0 is shorter: its new tokens follow its own 247
+    assert model.generate(ids, 6, attention_mask=mask).shape == (2, 256)
+    rotary = create("llama-tiny", vocab_size=VOCAB, num_layers=1, max_position_embeddings=8)
+    assert rotary.position_limit() is None
+    assert rotary.eval().generate(torch.randint(EOS + 1, VOCAB, (1, 6)), 4).shape == (1, 10)
 
 
 def test_sampling_controls():
@@ -104,14 +164,17 @@ def test_sampling_controls():
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("kwargs, word", [
-    (dict(max_new_tokens=-1), "max_new_tokens"),
-    (dict(temperature=0.0), "temperature"),
-    (dict(top_k=0), "top_k"),
-    (dict(top_p=1.5), "top_p"),
-    (dict(attention_mask=torch.ones(1, 3)), "attention_mask"),
-    (dict(input_ids=torch.ones(2, 4)), "input_ids"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "kwargs, word",
+    [
+        (dict(max_new_tokens=-1), "max_new_tokens"),
+        (dict(temperature=0.0), "temperature"),
+        (dict(top_k=0), "top_k"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(attention_mask=torch.ones(1, 3)), "attention_mask"),
+        (dict(input_ids=torch.ones(2, 4)), "input_ids"),
+    ],
+)
 def test_bad_input(kwargs, word):
     model = create("gpt2-tiny", vocab_size=VOCAB)
     args = dict(input_ids=torch.ones(2, 4, dtype=torch.long), max_new_tokens=2) | kwargs

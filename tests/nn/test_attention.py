@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fastlm
-from fastlm.testing import assert_policy
+from fastlm.testing import assert_equal, assert_policy
 
 CONFIGS = [
     dict(embed_dim=16, num_heads=4),
@@ -26,7 +26,7 @@ CONFIGS = [
         add_bias_kv=True,
         add_zero_attn=True,
         batch_first=True,
-    ),  # fmt: skip
+    ),
     dict(embed_dim=16, num_heads=4, dropout=0.3),  # compared in eval mode: no dropout
     dict(embed_dim=16, num_heads=2, batch_first=True, dtype=torch.bfloat16),
     dict(embed_dim=24, num_heads=3, kdim=16, add_bias_kv=True, dtype=torch.bfloat16),
@@ -36,9 +36,18 @@ CONFIG_IDS = [
     for kw in CONFIGS
 ]
 SCENARIOS = [
-    "self", "cross", "kv_shared", "kpm_bool", "kpm_float", "attn2d_bool", "attn3d_float",
-    "both_masks", "causal", "causal_kpm", "unbatched",
-]  # fmt: skip
+    "self",
+    "cross",
+    "kv_shared",
+    "kpm_bool",
+    "kpm_float",
+    "attn2d_bool",
+    "attn3d_float",
+    "both_masks",
+    "causal",
+    "causal_kpm",
+    "unbatched",
+]
 # Averaging over heads is one mean after everything else: a few scenarios cover it.
 CASES = [(s, w) for s in SCENARIOS for w in ("none", "per_head")] + [
     (s, "averaged") for s in ("self", "both_masks", "unbatched")
@@ -149,7 +158,7 @@ def test_same_parameters_state_dict_and_repr(kwargs):
     assert list(our_sd) == list(ref_sd)
     for key in ref_sd:
         assert our_sd[key].shape == ref_sd[key].shape and our_sd[key].dtype == ref_sd[key].dtype
-        torch.testing.assert_close(our_sd[key], ref_sd[key], rtol=0, atol=0)  # same init
+        assert_equal(our_sd[key], ref_sd[key], key, "the same initialization")
     assert [n for n, _ in ours.named_parameters()] == [n for n, _ in ref.named_parameters()]
     assert repr(ours) == repr(ref)
     assert isinstance(ours, torch.nn.MultiheadAttention)
@@ -189,8 +198,9 @@ def test_matches_torch_outputs_weights_and_grads(kwargs, scenario, weights_mode)
     # Parameter gradients sum over every token; a random-order fp32 sum of T terms carries
     # ~sqrt(T) ulps of rounding, whichever order adds them, so the floor scales by that.
     tokens = max(x.numel() // x.shape[-1] for x in in64)
-    for (name, p), p_ref, p64 in zip(ours.named_parameters(), ref.parameters(),
-                                     ref64.parameters(), strict=True):  # fmt: skip
+    for (name, p), p_ref, p64 in zip(
+        ours.named_parameters(), ref.parameters(), ref64.parameters(), strict=True
+    ):
         scale = tokens**0.5 * p64.grad.abs().max().item()
         assert_policy(p.grad, p64.grad, p_ref.grad, f"d{name}", scale=scale)
 
@@ -264,6 +274,20 @@ def test_fully_masked_query_gives_zero_attention_not_nan(need_weights):
     assert torch.isfinite(q.grad).all()
 
 
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_empty_batch_gives_torchs_empty_result(batch_first, need_weights):
+    ours, ref, _ = _modules(dict(embed_dim=16, num_heads=4, batch_first=batch_first))
+    x = torch.randn(0, 5, 16) if batch_first else torch.randn(5, 0, 16)
+    out, weights = ours(x, x, x, need_weights=need_weights)
+    ref_out, ref_weights = ref(x, x, x, need_weights=need_weights)
+    assert out.shape == ref_out.shape == x.shape
+    if need_weights:
+        assert weights.shape == ref_weights.shape == (0, 5, 5)
+    else:
+        assert weights is None and ref_weights is None
+
+
 def test_bad_inputs_raise_naming_the_argument():
     mha = fastlm.nn.MultiheadAttention(16, 4, kdim=8, vdim=8)
     q, k = torch.randn(5, 2, 16), torch.randn(7, 2, 8)
@@ -326,8 +350,11 @@ def test_patch_swaps_multihead_attention_in_place(monkeypatch):
 
     calls = []
     real_sdpa = fastlm.ops.scaled_dot_product_attention
-    monkeypatch.setattr(fastlm.ops, "scaled_dot_product_attention",
-                        lambda *a, **k: calls.append(1) or real_sdpa(*a, **k))  # fmt: skip
+    monkeypatch.setattr(
+        fastlm.ops,
+        "scaled_dot_product_attention",
+        lambda *a, **k: calls.append(1) or real_sdpa(*a, **k),
+    )
     torch.testing.assert_close(model(x), before)
     assert len(calls) == 2  # with autograd on, the encoder layer calls its self_attn
     calls.clear()

@@ -14,7 +14,7 @@ import torch
 
 import fastlm
 from fastlm.nn.patch import class_name
-from fastlm.testing import assert_policy, max_error
+from fastlm.testing import assert_equal, assert_policy, max_error
 
 VOCAB = 101
 BATCH, SEQ, DEC_SEQ = 2, 9, 7
@@ -44,21 +44,42 @@ def hf():
 # Large initializations (0.3, not 0.02) make attention peaked, so a wrong mask or a dropped
 # bias moves the logits by far more than the tolerances.
 def _gpt2(hf):
-    config = hf.GPT2Config(n_embd=48, n_layer=2, n_head=3, n_positions=32, vocab_size=VOCAB,
-                           initializer_range=0.3, bos_token_id=0, eos_token_id=0)  # fmt: skip
+    config = hf.GPT2Config(
+        n_embd=48,
+        n_layer=2,
+        n_head=3,
+        n_positions=32,
+        vocab_size=VOCAB,
+        initializer_range=0.3,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     return hf.GPT2LMHeadModel(config)
 
 
 def _bert(hf):
-    config = hf.BertConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=3,
-                           intermediate_size=70, vocab_size=VOCAB, max_position_embeddings=32,
-                           initializer_range=0.3)  # fmt: skip
+    config = hf.BertConfig(
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        intermediate_size=70,
+        vocab_size=VOCAB,
+        max_position_embeddings=32,
+        initializer_range=0.3,
+    )
     return hf.BertForMaskedLM(config)
 
 
 def _t5(hf):
-    config = hf.T5Config(d_model=48, d_kv=16, num_heads=3, d_ff=70, num_layers=2,
-                         vocab_size=VOCAB, decoder_start_token_id=0)  # fmt: skip
+    config = hf.T5Config(
+        d_model=48,
+        d_kv=16,
+        num_heads=3,
+        d_ff=70,
+        num_layers=2,
+        vocab_size=VOCAB,
+        decoder_start_token_id=0,
+    )
     model = hf.T5ForConditionalGeneration(config)
     # Relative position biases of order 1 (not T5's 0.14): without them the logits move by
     # 10-25x the tolerance, so a dropped or misaligned bias fails.
@@ -70,10 +91,17 @@ def _t5(hf):
 
 
 def _llama(hf):
-    config = hf.LlamaConfig(hidden_size=48, head_dim=16, num_attention_heads=4,
-                            num_key_value_heads=2, intermediate_size=70, num_hidden_layers=2,
-                            vocab_size=VOCAB, max_position_embeddings=32,
-                            initializer_range=0.3)  # fmt: skip
+    config = hf.LlamaConfig(
+        hidden_size=48,
+        head_dim=16,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=70,
+        num_hidden_layers=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=32,
+        initializer_range=0.3,
+    )
     return hf.LlamaForCausalLM(config)
 
 
@@ -81,16 +109,29 @@ MODELS = {"gpt2": _gpt2, "bert": _bert, "t5": _t5, "llama": _llama}
 # Parameters whose gradients are compared: embeddings, a norm, projections, T5's relative
 # position biases (their gradient flows through fastlm's attention bias).
 GRAD_PARAMS = {
-    "gpt2": ["transformer.wte.weight", "transformer.h.0.ln_1.weight",
-             "transformer.h.1.attn.c_attn.weight"],
-    "bert": ["bert.embeddings.LayerNorm.weight", "bert.encoder.layer.0.attention.self.query.weight",
-             "bert.encoder.layer.1.output.dense.weight"],
-    "t5": ["shared.weight", "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
-           "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
-           "decoder.block.1.layer.1.layer_norm.weight"],
-    "llama": ["model.embed_tokens.weight", "model.layers.0.input_layernorm.weight",
-              "model.layers.0.mlp.gate_proj.weight", "model.layers.1.self_attn.k_proj.weight"],
-}  # fmt: skip
+    "gpt2": [
+        "transformer.wte.weight",
+        "transformer.h.0.ln_1.weight",
+        "transformer.h.1.attn.c_attn.weight",
+    ],
+    "bert": [
+        "bert.embeddings.LayerNorm.weight",
+        "bert.encoder.layer.0.attention.self.query.weight",
+        "bert.encoder.layer.1.output.dense.weight",
+    ],
+    "t5": [
+        "shared.weight",
+        "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+        "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+        "decoder.block.1.layer.1.layer_norm.weight",
+    ],
+    "llama": [
+        "model.embed_tokens.weight",
+        "model.layers.0.input_layernorm.weight",
+        "model.layers.0.mlp.gate_proj.weight",
+        "model.layers.1.self_attn.k_proj.weight",
+    ],
+}
 
 
 def _inputs(name):
@@ -103,8 +144,9 @@ def _inputs(name):
     else:
         mask[1, -3:] = 0
     if name == "t5":
-        return dict(input_ids=ids, attention_mask=mask,
-                    labels=torch.randint(0, VOCAB, (BATCH, DEC_SEQ)))  # fmt: skip
+        return dict(
+            input_ids=ids, attention_mask=mask, labels=torch.randint(0, VOCAB, (BATCH, DEC_SEQ))
+        )
     if name == "bert":
         labels = torch.where(torch.rand(BATCH, SEQ) < 0.5, ids, -100)
         return dict(input_ids=ids, attention_mask=mask, labels=labels)
@@ -150,30 +192,42 @@ def test_patched_model_matches_unpatched(hf, name, dtype, backend):
         # few ulps of its scale, as the summed terms' roundings add up (tests/models does
         # the same).
         scale = 8 * ref[2][p].abs().max().item()
-        assert_policy(ours[2][p], ref[2][p], base[2][p], f"grad {p}", GRAD_FACTOR[backend],
-                      scale=scale)  # fmt: skip
+        assert_policy(
+            ours[2][p], ref[2][p], base[2][p], f"grad {p}", GRAD_FACTOR[backend], scale=scale
+        )
 
 
 # Module path -> what it became, for one module of each kind; and what is left alone.
 EXPECTED_SWAPS = {
-    "gpt2": {"transformer.h.0.ln_1": "fastlm.nn.LayerNorm", "transformer.ln_f":
-             "fastlm.nn.LayerNorm", "loss_function": "fastlm.nn.patch_hf.causal_lm_loss"},
-    "bert": {"bert.embeddings.LayerNorm": "fastlm.nn.LayerNorm",
-             "bert.encoder.layer.1.output.LayerNorm": "fastlm.nn.LayerNorm"},
-    "t5": {"encoder.block.0.layer.0.layer_norm": "fastlm.nn.RMSNorm (T5LayerNorm dtypes)",
-           "decoder.final_layer_norm": "fastlm.nn.RMSNorm (T5LayerNorm dtypes)"},
-    "llama": {"model.layers.0.input_layernorm": "fastlm.nn.RMSNorm (LlamaRMSNorm dtypes)",
-              "model.norm": "fastlm.nn.RMSNorm (LlamaRMSNorm dtypes)",
-              "model.layers.1.mlp": "fastlm.nn.GatedMLP('silu')",
-              "loss_function": "fastlm.nn.patch_hf.causal_lm_loss"},
-}  # fmt: skip
+    "gpt2": {
+        "transformer.h.0.ln_1": "fastlm.nn.LayerNorm",
+        "transformer.ln_f": "fastlm.nn.LayerNorm",
+        "loss_function": "fastlm.nn.patch_hf.causal_lm_loss",
+    },
+    "bert": {
+        "bert.embeddings.LayerNorm": "fastlm.nn.LayerNorm",
+        "bert.encoder.layer.1.output.LayerNorm": "fastlm.nn.LayerNorm",
+    },
+    "t5": {
+        "encoder.block.0.layer.0.layer_norm": "fastlm.nn.RMSNorm (T5LayerNorm dtypes)",
+        "decoder.final_layer_norm": "fastlm.nn.RMSNorm (T5LayerNorm dtypes)",
+    },
+    "llama": {
+        "model.layers.0.input_layernorm": "fastlm.nn.RMSNorm (LlamaRMSNorm dtypes)",
+        "model.norm": "fastlm.nn.RMSNorm (LlamaRMSNorm dtypes)",
+        "model.layers.1.mlp": "fastlm.nn.GatedMLP('silu')",
+        "loss_function": "fastlm.nn.patch_hf.causal_lm_loss",
+    },
+}
 EXPECTED_SKIPS = {
     "gpt2": {"transformer.h.0.mlp": "Conv1D"},
     "bert": {"bert.encoder.layer.0.intermediate": "split", "": "computes its loss itself"},
-    "t5": {"encoder.block.0.layer.1.DenseReluDense": "state_dict keys",
-           "": "computes its loss itself"},
+    "t5": {
+        "encoder.block.0.layer.1.DenseReluDense": "state_dict keys",
+        "": "computes its loss itself",
+    },
     "llama": {"model.rotary_emb": "apply_rotary_pos_emb"},
-}  # fmt: skip
+}
 # The norm class each model uses, as the report names it, and how many it has.
 NORMS = {
     "gpt2": ("torch.nn.LayerNorm", 5),
@@ -228,14 +282,21 @@ def test_patching_twice_changes_nothing_more(hf):
     report = fastlm.nn.patch_report(model)
     assert report.swaps == [] and report.attn_implementation == "fastlm"
     assert all(m is modules[p] for p, m in model.named_modules())
-    torch.testing.assert_close(model(**inputs).logits, first, rtol=0, atol=0)
+    assert_equal(model(**inputs).logits, first, "logits", "the same modules and weights")
 
 
 def test_mlps_that_are_not_exact_are_skipped(hf):
-    model = hf.LlamaForCausalLM(hf.LlamaConfig(hidden_size=32, num_attention_heads=2,
-                                               num_key_value_heads=2, intermediate_size=40,
-                                               num_hidden_layers=2, vocab_size=VOCAB,
-                                               hidden_act="relu2"))  # fmt: skip
+    model = hf.LlamaForCausalLM(
+        hf.LlamaConfig(
+            hidden_size=32,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            intermediate_size=40,
+            num_hidden_layers=2,
+            vocab_size=VOCAB,
+            hidden_act="relu2",
+        )
+    )
 
     class AdapterLinear(torch.nn.Linear):  # stands for a LoRA or quantized layer
         pass
@@ -261,16 +322,25 @@ def test_a_shared_module_is_swapped_in_every_place(hf):
 
     first, second = (layer.mlp for layer in model.model.layers)
     assert type(first) is fastlm.nn.GatedMLP and second is first
-    assert [s.path for s in fastlm.nn.patch_report(model).swaps
-            if s.before == "LlamaMLP"] == ["model.layers.0.mlp"]  # fmt: skip
+    assert [s.path for s in fastlm.nn.patch_report(model).swaps if s.before == "LlamaMLP"] == [
+        "model.layers.0.mlp"
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
 # The pieces, against transformers' own.
 
 
-ATTENTION_CASES = ["causal", "bool", "float", "bias+bool", "bias+causal", "decode", "gqa",
-                   "static_prefill"]  # fmt: skip
+ATTENTION_CASES = [
+    "causal",
+    "bool",
+    "float",
+    "bias+bool",
+    "bias+causal",
+    "decode",
+    "gqa",
+    "static_prefill",
+]
 
 
 def _attention_args(case, dtype):
@@ -343,16 +413,17 @@ def test_attention_rejects_softcap(hf):
         fastlm_attention_forward(module, query, key, value, mask, softcap=30.0)
 
 
-NORM_DTYPES = [(w, x) for w in (torch.float32, torch.bfloat16)
-               for x in (torch.float32, torch.bfloat16)]  # fmt: skip
+NORM_DTYPES = [
+    (w, x) for w in (torch.float32, torch.bfloat16) for x in (torch.float32, torch.bfloat16)
+]
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("weight_dtype, x_dtype", NORM_DTYPES, ids=lambda d: str(d)[6:])
-@pytest.mark.parametrize("name, norm_path", [("llama", "model.norm"),
-                                             ("t5", "encoder.final_layer_norm")])  # fmt: skip
-def test_rms_norms_keep_transformers_dtypes(hf, name, norm_path, weight_dtype, x_dtype,
-                                            backend):  # fmt: skip
+@pytest.mark.parametrize(
+    "name, norm_path", [("llama", "model.norm"), ("t5", "encoder.final_layer_norm")]
+)
+def test_rms_norms_keep_transformers_dtypes(hf, name, norm_path, weight_dtype, x_dtype, backend):
     """Mixed weight and input dtypes (T5 checkpoints keep ``wo`` in fp32, so a bf16 T5 feeds
     fp32 into bf16 norms): the swapped norm returns transformers' norm's dtype, with values
     in policy."""
@@ -371,8 +442,9 @@ def test_rms_norms_keep_transformers_dtypes(hf, name, norm_path, weight_dtype, x
     x = torch.randn(3, 5, original.weight.shape[0], dtype=x_dtype) * 4
     base = unpatched(x)
     # The plain formula in float64: transformers' norms compute in float32 even when float64.
-    ref = fastlm.ops.rms_norm_ref(x.double(), x.shape[-1:], original.weight.double(),
-                                  original.variance_epsilon)  # fmt: skip
+    ref = fastlm.ops.rms_norm_ref(
+        x.double(), x.shape[-1:], original.weight.double(), original.variance_epsilon
+    )
     with fastlm.use_backend(backend):
         y = swapped(x)
     assert y.dtype == base.dtype
@@ -388,8 +460,12 @@ def test_causal_lm_loss_matches_transformers(hf):
     labels = torch.randint(0, VOCAB, (2, 9))
     labels[0, :4] = -100
     shifted = torch.randint(0, VOCAB, (2, 9))
-    for kwargs in ({}, {"num_items_in_batch": torch.tensor(11)}, {"shift_labels": shifted},
-                   {"ignore_index": 5, "num_items_in_batch": 7}):  # fmt: skip
+    for kwargs in (
+        {},
+        {"num_items_in_batch": torch.tensor(11)},
+        {"shift_labels": shifted},
+        {"ignore_index": 5, "num_items_in_batch": 7},
+    ):
         target = labels.masked_fill(labels == -100, kwargs.get("ignore_index", -100))
         ours = causal_lm_loss(logits, target, VOCAB, **kwargs)
         theirs = ForCausalLMLoss(logits, target, VOCAB, **kwargs)
@@ -403,8 +479,9 @@ def test_causal_lm_loss_matches_transformers(hf):
 
 
 def test_plain_torch_model_report():
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8),
-                                torch.nn.Sequential(torch.nn.RMSNorm(8)))  # fmt: skip
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Sequential(torch.nn.RMSNorm(8))
+    )
     assert fastlm.nn.patch_report(model) is None
     fastlm.patch(model)
     report = fastlm.nn.patch_report(model)
@@ -429,8 +506,9 @@ def test_fastlm_imports_and_patches_without_transformers():
         "assert type(model[0]) is fastlm.nn.LayerNorm\n"
         "assert 'fastlm.nn.patch_hf' not in sys.modules\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert "torch.nn.LayerNorm -> fastlm.nn.LayerNorm" in result.stdout
 

@@ -14,6 +14,7 @@ import fastlm
 from fastlm.models import create
 from fastlm.nn import QuantLinear
 from fastlm.quant import dequantize_weight, quantize_, quantize_weight
+from fastlm.testing import assert_equal
 
 FORMATS = {
     "int8": dict(bits=8),
@@ -32,12 +33,14 @@ def test_from_linear_forward_and_dequantize(fmt):
     x = torch.randn(3, 256)
     w = layer.dequantize().weight
     kw = {k: v for k, v in FORMATS[fmt].items() if k != "act_bits"}
-    torch.testing.assert_close(w, dequantize_weight(quantize_weight(linear.weight, **kw)))
+    assert_equal(
+        w, dequantize_weight(quantize_weight(linear.weight, **kw)), "weight", "one quantization"
+    )
     y = layer(x)
     rel = (y - linear(x)).norm() / linear(x).norm()
     assert rel < (0.02 if FORMATS[fmt]["bits"] == 8 else 0.15), rel
     if "act_bits" not in FORMATS[fmt]:
-        torch.testing.assert_close(y, layer.dequantize()(x))  # the CPU path is exactly that
+        assert_equal(y, layer.dequantize()(x), "y", "the CPU path is exactly that")
     assert torch.equal(layer.bias, linear.bias)
     assert "in_features=256, out_features=40" in repr(layer)
 
@@ -55,7 +58,7 @@ def test_state_dict_round_trips_through_safetensors_without_floats(fmt, tmp_path
     for k, v in layer.state_dict().items():
         assert torch.equal(v, fresh.state_dict()[k]), k
     x = torch.randn(2, 512)
-    torch.testing.assert_close(fresh(x), layer(x), rtol=0, atol=0)
+    assert_equal(fresh(x), layer(x), "output", "the same buffers")
 
 
 def test_stored_size_of_int4_g128_is_about_4_2_bits_per_weight(tmp_path):
@@ -89,7 +92,7 @@ def test_quantized_checkpoint_loads_into_a_meta_model(tmp_path):
     assert skeleton.blocks[0].mlp.fc1.qweight.is_meta
     skeleton.load_state_dict(safetensors.torch.load_file(str(path)), strict=True, assign=True)
     ids = torch.randint(0, 300, (2, 9))
-    torch.testing.assert_close(skeleton.eval()(ids).logits, model(ids).logits, rtol=0, atol=0)
+    assert_equal(skeleton.eval()(ids).logits, model(ids).logits, "logits", "the same tensors")
 
 
 def test_quantize_model_skips_with_reasons_and_matches_its_dequantized_self(caplog):
@@ -110,7 +113,7 @@ def test_quantize_model_skips_with_reasons_and_matches_its_dequantized_self(capl
         parent, _, attr = name.rpartition(".")
         layer = model.get_submodule(name)
         setattr(model.get_submodule(parent), attr, layer.dequantize())
-    torch.testing.assert_close(model(ids).logits, after, rtol=1e-5, atol=1e-5)
+    assert_equal(model(ids).logits, after, "logits", "the CPU path dequantizes, then F.linear")
 
 
 @pytest.mark.parametrize("name", ["llama-tiny", "bert-tiny"])

@@ -57,17 +57,20 @@ def test_matches_transformers_llama_itself(backend_name, dtype):
     from transformers.models.llama import modeling_llama
 
     b, s, heads, head_dim, base = 2, 9, 4, 32, 500000.0
-    config = transformers.LlamaConfig(hidden_size=heads * head_dim, num_attention_heads=heads,
-                                      num_key_value_heads=heads, rope_theta=base,
-                                      max_position_embeddings=128)  # fmt: skip
+    config = transformers.LlamaConfig(
+        hidden_size=heads * head_dim,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        rope_theta=base,
+        max_position_embeddings=128,
+    )
     q = torch.randn(b, s, heads, head_dim, dtype=dtype)
     k = torch.randn(b, s, heads, head_dim, dtype=dtype)
     ids = torch.randint(0, 128, (b, s))
 
     def hf(q, k):  # transformers works on (B, H, S, D)
         cos, sin = modeling_llama.LlamaRotaryEmbedding(config)(q, ids)
-        qt, kt = modeling_llama.apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2),
-                                                     cos, sin)  # fmt: skip
+        qt, kt = modeling_llama.apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
         return qt.transpose(1, 2), kt.transpose(1, 2)
 
     rope = RotaryEmbedding(head_dim, max_position_embeddings=128, base=base)

@@ -8,6 +8,7 @@ import torch
 import fastlm
 from fastlm import ops
 from fastlm.ops.activation import ACTIVATIONS
+from fastlm.testing import assert_policy, summand_scale
 
 
 @pytest.mark.parametrize("be", ["torch", "triton"])
@@ -18,13 +19,19 @@ def test_bias_act_forward_and_grads(be, activation):
     with fastlm.use_backend(be):
         y = ops.bias_act(x, bias, activation)
         grads = torch.autograd.grad(y.float().sum(), (x, bias))
-    xd, bd = (t.detach().double().requires_grad_() for t in (x, bias))
-    ref = ops.bias_act_ref(xd, bd, activation)
-    ref_grads = torch.autograd.grad(ref.sum(), (xd, bd))
-    tol = dict(rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(y.double(), ref, **tol)
-    for got, want in zip(grads, ref_grads, strict=True):
-        torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=0.3)
+
+    def reference(dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (x, bias)]
+        out = ops.bias_act_ref(*leaves, activation)
+        return out, torch.autograd.grad(out.sum(), leaves)
+
+    (ref, ref_grads), (base, base_grads) = reference(torch.float64), reference(x.dtype)
+    assert_policy(y, ref, base, "y")
+    # dbias adds up dx over the rows: one ulp of the sum of their magnitudes.
+    scales = (None, summand_scale(ref_grads[0], (0, 1)))
+    names = ("dx", "dbias")
+    for name, *tensors, scale in zip(names, grads, ref_grads, base_grads, scales, strict=True):
+        assert_policy(*tensors, name, scale=scale)
 
 
 @pytest.mark.parametrize("be", ["torch", "triton"])
@@ -38,8 +45,9 @@ def test_dropout_reproducible_by_seed(be):
 
 def test_compiles_fullgraph_with_the_custom_op():
     x, bias = torch.randn(4, 32), torch.randn(32)
-    fn = torch.compile(lambda x, b: ops.bias_act(x, b, "silu") * 2, fullgraph=True,
-                       backend="aot_eager")  # fmt: skip
+    fn = torch.compile(
+        lambda x, b: ops.bias_act(x, b, "silu") * 2, fullgraph=True, backend="aot_eager"
+    )
     with fastlm.use_backend("triton"):
         torch.testing.assert_close(fn(x, bias), ops.bias_act(x, bias, "silu") * 2)
 

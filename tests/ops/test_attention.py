@@ -13,9 +13,10 @@ import torch.nn.functional as F
 
 import fastlm
 from fastlm import backend, ops
+from fastlm.ops import attention as attention_ops
+from fastlm.testing import assert_attention_policy, assert_lse, assert_policy, assert_within
 
 BACKENDS = ["torch", "triton"]
-TOL = dict(rtol=3e-2, atol=3e-2)  # bf16 outputs against the fp64 reference
 
 
 def _qkv(b=2, sq=13, sk=17, h=4, hkv=2, d=32, dtype=torch.bfloat16, grad=True):
@@ -40,16 +41,21 @@ def test_flash_attention_all_features_with_gradients(be):
     slopes = torch.rand(4)
     do = torch.randn(2, 13, 4, 32, dtype=torch.bfloat16)
     with fastlm.use_backend(be):
-        out, lse = ops.flash_attention(q, k, v, causal=True, window=(6, -1), attn_bias=bias,
-                                       alibi_slopes=slopes, return_lse=True)  # fmt: skip
+        out, lse = ops.flash_attention(
+            q,
+            k,
+            v,
+            causal=True,
+            window=(6, -1),
+            attn_bias=bias,
+            alibi_slopes=slopes,
+            return_lse=True,
+        )
         grads = torch.autograd.grad((out * do).sum(), (q, k, v, bias))
-    ref_out, ref_lse, ref_grads = _ref_grads(q, k, v, do, bias, causal=True, window=(6, -1),
-                                             alibi_slopes=slopes)  # fmt: skip
-    torch.testing.assert_close(out.double(), ref_out, **TOL)
-    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-3, atol=1e-3)
     assert grads[3].shape == bias.shape  # summed over the broadcast dims
-    for got, want in zip(grads, ref_grads, strict=True):
-        torch.testing.assert_close(got.double(), want, **TOL)
+    masks = dict(causal=True, window=(6, -1))
+    assert_attention_policy(out, grads, q, k, v, do, bias=bias, alibi=slopes, **masks)
+    assert_lse(lse, q.detach(), k.detach(), bias=bias.detach(), alibi=slopes, **masks)
 
 
 @pytest.mark.parametrize("be", BACKENDS)
@@ -74,20 +80,23 @@ def test_varlen_equals_dense_per_sequence(be):
         grads = torch.autograd.grad(out.float().sum(), (q, k, v))
     for i in range(len(lens)):
         rows = slice(cu[i], cu[i + 1])
-        leaves = [t[None, rows].detach().double().requires_grad_() for t in (q, k, v)]
-        ref, _ = ops.attention_ref(*leaves, causal=True)
-        ref_grads = torch.autograd.grad(ref.sum(), leaves)
-        torch.testing.assert_close(out[rows].double(), ref[0], **TOL)
-        for got, want in zip(grads, ref_grads, strict=True):
-            torch.testing.assert_close(got[rows].double(), want[0], **TOL)
+        seq = [t[None, rows] for t in (q, k, v)]
+        seq_grads = [g[None, rows] for g in grads]
+        ones = torch.ones_like(seq[0])  # the gradient of out.sum()
+        assert_attention_policy(out[None, rows], seq_grads, *seq, ones, causal=True)
 
 
 @pytest.mark.parametrize("be", BACKENDS)
 @pytest.mark.parametrize(
     "mask_kind, is_causal, sq, sk",
-    [("none", False, 9, 9), ("none", True, 7, 12), ("none", True, 12, 7), ("bool", False, 9, 11),
-     ("float", False, 9, 11)],
-)  # fmt: skip
+    [
+        ("none", False, 9, 9),
+        ("none", True, 7, 12),
+        ("none", True, 12, 7),
+        ("bool", False, 9, 11),
+        ("float", False, 9, 11),
+    ],
+)
 def test_sdpa_matches_torch(be, mask_kind, is_causal, sq, sk):
     """Same semantics as F.scaled_dot_product_attention, top-left causal included."""
     q = torch.randn(2, 4, sq, 32, dtype=torch.bfloat16)
@@ -99,23 +108,30 @@ def test_sdpa_matches_torch(be, mask_kind, is_causal, sq, sk):
     elif mask_kind == "float":
         mask = torch.randn(1, 4, sq, sk, dtype=torch.bfloat16)
     with fastlm.use_backend(be):
-        got = ops.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                               enable_gqa=True)  # fmt: skip
-    f32 = [t.float() for t in (q, k, v)]
-    want = F.scaled_dot_product_attention(
-        *f32, attn_mask=mask if mask is None or mask.dtype == torch.bool else mask.float(),
-        is_causal=is_causal, enable_gqa=True,
-    )  # fmt: skip
-    if is_causal and sq > sk:  # rows that see no key: torch's math gives NaN, fastlm zeros
-        want = want.nan_to_num(0.0)
-    torch.testing.assert_close(got.float(), want, **TOL)
+        got = ops.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True
+        )
+
+    def torch_sdpa(dtype):
+        floats = mask is not None and mask.dtype != torch.bool
+        out = F.scaled_dot_product_attention(
+            *(t.to(dtype) for t in (q, k, v)),
+            attn_mask=mask.to(dtype) if floats else mask,
+            is_causal=is_causal,
+            enable_gqa=True,
+        )
+        # Rows that see no key: torch's math gives NaN, fastlm zeros.
+        return out.nan_to_num(0.0) if is_causal and sq > sk else out
+
+    assert_policy(got, torch_sdpa(torch.float64), torch_sdpa(q.dtype))
 
 
 def test_multihead_attention_fast_path_uses_fastlm_sdpa(monkeypatch):
     calls = []
     real = ops.scaled_dot_product_attention
-    monkeypatch.setattr(ops, "scaled_dot_product_attention",
-                        lambda *a, **kw: calls.append(1) or real(*a, **kw))  # fmt: skip
+    monkeypatch.setattr(
+        ops, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    )
     mha = fastlm.nn.MultiheadAttention(16, 4, batch_first=True)
     x = torch.randn(2, 5, 16)
     mha(x, x, x, need_weights=False)
@@ -135,8 +151,11 @@ def test_cpu_default_is_torch_and_triton_is_forceable():
 
 def test_torch_compile_fullgraph_with_custom_op():
     q, k, v = _qkv(grad=False)
-    fn = torch.compile(lambda q, k, v: ops.flash_attention(q, k, v, causal=True),
-                       fullgraph=True, backend="aot_eager")  # fmt: skip
+    fn = torch.compile(
+        lambda q, k, v: ops.flash_attention(q, k, v, causal=True),
+        fullgraph=True,
+        backend="aot_eager",
+    )
     with fastlm.use_backend("triton"):
         torch.testing.assert_close(fn(q, k, v), ops.flash_attention(q, k, v, causal=True))
 
@@ -154,11 +173,14 @@ def test_opcheck_forward_op():
         (lambda q, k, v: (q[:, :, :3], k, v), ValueError, "heads"),
         (lambda q, k, v: (q, k.float(), v), TypeError, "k"),
         (lambda q, k, v: (q, k, v.to("meta")), ValueError, "v"),
-        (lambda q, k, v: (q.expand(2, 13, 4, 32)[..., :1].repeat(1, 1, 1, 300), k, v),
-         ValueError, "head_dim"),
+        (
+            lambda q, k, v: (q.expand(2, 13, 4, 32)[..., :1].repeat(1, 1, 1, 300), k, v),
+            ValueError,
+            "head_dim",
+        ),
         (lambda q, k, v: (q[0], k, v), ValueError, "q"),
     ],
-)  # fmt: skip
+)
 def test_bad_input_names_the_argument(make, error, word):
     q, k, v = _qkv(grad=False)
     with pytest.raises(error, match=word):
@@ -190,13 +212,16 @@ def test_kvcache_backends_agree_and_append_in_place(causal):
     for be in BACKENDS:
         k_cache, v_cache = (torch.zeros(b, s_max, hkv, d, dtype=torch.bfloat16) for _ in "kv")
         with fastlm.use_backend(be):
-            out = ops.attention_with_kvcache(q, k_cache, v_cache, lengths, k_new, v_new,
-                                             causal=causal)  # fmt: skip
+            out = ops.attention_with_kvcache(
+                q, k_cache, v_cache, lengths, k_new, v_new, causal=causal
+            )
         for i, n in enumerate(lengths.tolist()):
             assert torch.equal(k_cache[i, n : n + 2], k_new[i])
             assert torch.equal(v_cache[i, n : n + 2], v_new[i])
         results[be] = out
-    torch.testing.assert_close(results["torch"], results["triton"], **TOL)
+    # Both round an fp32 result to bf16 once: they may differ by one bf16 ulp.
+    ulp = torch.finfo(torch.bfloat16).eps * results["torch"].abs().max().item()
+    assert_within(results["triton"], results["torch"], ulp, "out", "one bf16 ulp of max |out|")
 
 
 def test_kvcache_decode_step_compiles_fullgraph():
@@ -205,8 +230,7 @@ def test_kvcache_decode_step_compiles_fullgraph():
     lengths = torch.tensor([3, 5], dtype=torch.int32)
 
     def step(q, k_cache, v_cache, k_new, v_new):
-        return ops.attention_with_kvcache(q, k_cache, v_cache, lengths, k_new, v_new,
-                                          causal=True)  # fmt: skip
+        return ops.attention_with_kvcache(q, k_cache, v_cache, lengths, k_new, v_new, causal=True)
 
     caches = [torch.zeros(2, 8, 2, 16, dtype=torch.float16) for _ in range(4)]
     eager = step(q, caches[0], caches[1], k_new, v_new)
@@ -215,3 +239,148 @@ def test_kvcache_decode_step_compiles_fullgraph():
     )
     torch.testing.assert_close(compiled, eager)
     assert torch.equal(caches[2], caches[0]) and torch.equal(caches[3], caches[1])
+
+
+# --- issue 16: one contract, checked before the backend ----------------------------------------
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+def test_kvcache_refuses_what_the_torch_backend_used_to_accept(be):
+    """The issue's reproductions: each was accepted by the torch backend (a k_new written at
+    slot 6 from a negative length, a batch row dropped, a q batch ignored, int64 output)."""
+    q = torch.randn(2, 1, 2, 16, dtype=torch.bfloat16)
+    kc, vc = torch.randn(2, 8, 2, 16, dtype=torch.bfloat16), torch.randn(2, 8, 2, 16).bfloat16()
+    kn, vn = torch.randn(2, 1, 2, 16).bfloat16(), torch.randn(2, 1, 2, 16).bfloat16()
+    lengths = torch.tensor([3, 5], dtype=torch.int32)
+    with fastlm.use_backend(be):
+        with pytest.raises(ValueError, match="cache_seqlens must be >= 0, got -2"):
+            ops.attention_with_kvcache(q, kc, vc, torch.tensor([-2, 5], dtype=torch.int32), kn, vn)
+        with pytest.raises(ValueError, match=r"cache_seqlens must have shape \(batch,\) = \(2,\)"):
+            ops.attention_with_kvcache(q, kc, vc, torch.tensor([3], dtype=torch.int32))
+        with pytest.raises(ValueError, match="k_cache has batch 2 but q has 3"):
+            ops.attention_with_kvcache(torch.randn(3, 1, 2, 16).bfloat16(), kc, vc, lengths)
+        with pytest.raises(TypeError, match="q must be a floating-point tensor"):
+            ops.attention_with_kvcache(q.long(), kc.long(), vc.long(), lengths)
+        with pytest.raises(ValueError, match="no room"):
+            ops.attention_with_kvcache(q, kc, vc, torch.tensor([3, 8], dtype=torch.int32), kn, vn)
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+def test_varlen_refuses_decreasing_offsets_and_short_max_seqlen(be):
+    q = torch.randn(6, 2, 16, dtype=torch.float16)
+    cu = torch.tensor([0, 4, 2, 6], dtype=torch.int32)  # torch gave 8 rows, Triton 6
+    good = torch.tensor([0, 4, 4, 6], dtype=torch.int32)
+    with fastlm.use_backend(be):
+        with pytest.raises(ValueError, match=r"non-decreasing, got cu_seqlens_q\[1\] = 4 > "):
+            ops.flash_attention_varlen(q, q, q, cu, good, 4, 4)
+        with pytest.raises(ValueError, match="max_seqlen_k = 3 is less than the longest"):
+            ops.flash_attention_varlen(q, q, q, good, good, 4, 3)
+        assert ops.flash_attention_varlen(q, q, q, good, good, 4, 4).shape == q.shape
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["alibi", "bias", "varlen alibi"])
+def test_fp32_bias_and_alibi_keep_their_precision(be, dtype, kind):
+    """Seqlen_q 64 > seqlen_k 16, non-causal: the ALiBi distances reach 63, and an fp32 bias
+    rounded to bf16 before SDPA adds it gave 4x PyTorch's error (issue 16)."""
+    _check_bias_precision(be, dtype, kind)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["alibi", "bias"])
+def test_mask_rounded_to_the_query_dtype_keeps_the_precision(monkeypatch, dtype, kind):
+    """Where SDPA takes only a mask of the query's dtype (CUDA's memory-efficient kernel),
+    the torch backend shifts each row by its largest entry before rounding: that branch,
+    taken on the CPU."""
+    monkeypatch.setattr(attention_ops, "_sdpa_takes_wider_mask", lambda device: False)
+    _check_bias_precision("torch", dtype, kind)
+
+
+def _check_bias_precision(be, dtype, kind):
+    """Against the float64 reference; the baseline is PyTorch's own SDPA at this dtype,
+    given the fp32 bias."""
+    b, sq, sk, h, d = 2, 64, 16, 4, 32
+    q = torch.randn(b, sq, h, d, dtype=dtype)
+    k, v = torch.randn(b, sk, h, d, dtype=dtype), torch.randn(b, sk, h, d, dtype=dtype)
+    slopes = torch.rand(h) if "alibi" in kind else None
+    # A large common offset: rounding it alone would move every score by up to 0.06 in bf16.
+    bias = 3 * torch.randn(b, h, sq, sk) + 20 if kind == "bias" else None
+    with fastlm.use_backend(be):
+        if kind == "varlen alibi":
+            cu_q, cu_k = (torch.arange(0, b * s + 1, s, dtype=torch.int32) for s in (sq, sk))
+            out = ops.flash_attention_varlen(
+                *(t.flatten(0, 1) for t in (q, k, v)), cu_q, cu_k, sq, sk, alibi_slopes=slopes
+            ).view(q.shape)
+        else:
+            out = ops.flash_attention(q, k, v, attn_bias=bias, alibi_slopes=slopes)
+    ref, _ = ops.attention_ref(
+        q.double(),
+        k.double(),
+        v.double(),
+        attn_bias=None if bias is None else bias.double(),
+        alibi_slopes=slopes,
+    )
+    if bias is None:
+        distance = (torch.arange(sq)[:, None] + sk - sq - torch.arange(sk)[None, :]).abs()
+        bias = -slopes[:, None, None] * distance
+    baseline = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias.float()
+    ).transpose(1, 2)
+    assert_policy(out, ref, baseline, f"{kind} out")
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+def test_nan_query_gives_nan_where_the_row_sees_a_key(be):
+    """PyTorch's fused CPU kernel gave a NaN query row zeros; NaN in must give NaN out, and a
+    row that sees no key (causal, Sq > Sk) still zeros."""
+    q, k, v = _qkv(b=1, sq=6, sk=3, h=2, hkv=2, d=16, grad=False)
+    q[0, 0, 1, 4] = q[0, 5, 0, 2] = float("nan")  # row 0 sees no key, row 5 sees all
+    with fastlm.use_backend(be):
+        out = ops.flash_attention(q, k, v, causal=True)
+        lse_out, lse = ops.flash_attention(q, k, v, causal=True, return_lse=True)
+        decode = ops.attention_with_kvcache(
+            q[:, 5:], k.clone(), v.clone(), torch.tensor([3], dtype=torch.int32)
+        )
+    for o in (out, lse_out):
+        assert o[0, 5, 0].isnan().all() and not o[0, 5, 1].isnan().any()
+        assert (o[0, 0] == 0).all()
+    assert lse[0, 0, 5].isnan() and lse[0, 1, 0] == float("-inf")
+    assert decode[0, 0, 0].isnan().all() and not decode[0, 0, 1].isnan().any()
+
+
+@pytest.mark.parametrize(
+    "call, word",
+    [
+        (lambda q, k, v: ops.flash_attention(q, k, v, softmax_scale=float("nan")), "softmax_scale"),
+        (lambda q, k, v: ops.flash_attention(q, k, v, softmax_scale="0.1"), "softmax_scale"),
+        (
+            lambda q, k, v: ops.scaled_dot_product_attention(
+                *(t.transpose(1, 2) for t in (q, k, v)), scale=float("inf"), enable_gqa=True
+            ),
+            "scale",
+        ),
+        (lambda q, k, v: ops.flash_attention(q[..., :0], k[..., :0], v[..., :0]), "head_dim"),
+    ],
+)
+@pytest.mark.parametrize("be", BACKENDS)
+def test_non_finite_scale_and_empty_head_dim_are_refused(call, word, be):
+    q, k, v = _qkv(grad=False)
+    with fastlm.use_backend(be), pytest.raises((ValueError, TypeError), match=word):
+        call(q, k, v)
+
+
+def test_meta_tensors_give_meta_outputs_under_autocast():
+    q, k, v = (t.to("meta") for t in _qkv(grad=False))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ops.flash_attention(q, k, v, causal=True)
+    assert out.device.type == "meta" and out.shape == q.shape and out.dtype == q.dtype
+
+
+def test_sdpa_on_cpu_is_torchs_own_dropout_stream_included():
+    """The contract validates dropout_p without drawing from torch's generator."""
+    q, k, v = (torch.randn(2, 4, 9, 16) for _ in range(3))
+    torch.manual_seed(3)
+    ours = ops.scaled_dot_product_attention(q, k, v, dropout_p=0.3)
+    torch.manual_seed(3)
+    assert torch.equal(ours, F.scaled_dot_product_attention(q, k, v, dropout_p=0.3))

@@ -18,20 +18,43 @@ def _leaf(*shape, dtype=torch.float32):
 
 # (name, make args, op, casts to the autocast dtype)
 CASES = [
-    ("linear_act", lambda: (_leaf(5, 24), _leaf(16, 24), _leaf(16)),
-     lambda x, w, b: ops.linear_act(x, w, b, "gelu"), True),
-    ("gated_mlp", lambda: (_leaf(5, 24), _leaf(16, 24), _leaf(16, 24), _leaf(24, 16)),
-     lambda x, g, u, d: ops.gated_mlp(x, g, u, d), True),
-    ("linear_cross_entropy",
-     lambda: (_leaf(6, 24), _leaf(40, 24), torch.randint(0, 40, (6,))),
-     lambda h, w, t: ops.linear_cross_entropy(h, w, t, out_dtype=torch.float32), True),
-    ("flash_attention", lambda: (_leaf(1, 7, 2, 16), _leaf(1, 7, 2, 16), _leaf(1, 7, 2, 16)),
-     lambda q, k, v: ops.flash_attention(q, k, v, causal=True), True),
-    ("layer_norm", lambda: (_leaf(5, 24, dtype=torch.bfloat16), _leaf(24), _leaf(24)),
-     lambda x, w, b: ops.layer_norm(x, 24, w, b), False),
-    ("bias_act", lambda: (_leaf(5, 24, dtype=torch.bfloat16), _leaf(24)),
-     lambda x, b: ops.bias_act(x, b, "silu"), False),
-]  # fmt: skip
+    (
+        "linear_act",
+        lambda: (_leaf(5, 24), _leaf(16, 24), _leaf(16)),
+        lambda x, w, b: ops.linear_act(x, w, b, "gelu"),
+        True,
+    ),
+    (
+        "gated_mlp",
+        lambda: (_leaf(5, 24), _leaf(16, 24), _leaf(16, 24), _leaf(24, 16)),
+        lambda x, g, u, d: ops.gated_mlp(x, g, u, d),
+        True,
+    ),
+    (
+        "linear_cross_entropy",
+        lambda: (_leaf(6, 24), _leaf(40, 24), torch.randint(0, 40, (6,))),
+        lambda h, w, t: ops.linear_cross_entropy(h, w, t, out_dtype=torch.float32),
+        True,
+    ),
+    (
+        "flash_attention",
+        lambda: (_leaf(1, 7, 2, 16), _leaf(1, 7, 2, 16), _leaf(1, 7, 2, 16)),
+        lambda q, k, v: ops.flash_attention(q, k, v, causal=True),
+        True,
+    ),
+    (
+        "layer_norm",
+        lambda: (_leaf(5, 24, dtype=torch.bfloat16), _leaf(24), _leaf(24)),
+        lambda x, w, b: ops.layer_norm(x, 24, w, b),
+        False,
+    ),
+    (
+        "bias_act",
+        lambda: (_leaf(5, 24, dtype=torch.bfloat16), _leaf(24)),
+        lambda x, b: ops.bias_act(x, b, "silu"),
+        False,
+    ),
+]
 
 
 def _cast_expected(args, casts):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import fastlm
 from fastlm import backend, ops
 from fastlm.ops import norm as norm_ops
-from fastlm.testing import assert_policy, summand_scale
+from fastlm.testing import assert_equal, assert_policy, summand_scale
 
 BACKENDS_HERE = ["torch", "triton"]  # triton on CPU tensors = the interpreter
 
@@ -141,8 +141,7 @@ def test_fused_residual_gradients_reach_both_inputs(be):
     y_base = F.rms_norm(s_base, (40,), w, eps=1e-6)
     base = _grads((y_base * dy).sum() + (s_base * ds).sum(), (x, r, w))
     leaves64 = [t.detach().double().requires_grad_() for t in (x, r, w)]
-    y_ref, s_ref = ops.rms_norm_ref(leaves64[0], (40,), leaves64[2], eps=1e-6,
-                                    residual=leaves64[1])  # fmt: skip
+    y_ref, s_ref = ops.rms_norm_ref(leaves64[0], (40,), leaves64[2], eps=1e-6, residual=leaves64[1])
     ref = _grads((y_ref * dy.double()).sum() + (s_ref * ds.double()).sum(), leaves64)
     assert torch.equal(s, s_base)
     assert_policy(y, y_ref, y_base, "y")
@@ -172,7 +171,7 @@ def test_mixed_residual_dtype_promotes(be):
         y, s = ops.layer_norm(x, 32, residual=r)
         (y.float().sum() + s.sum()).backward()
     assert s.dtype == torch.float32 and y.dtype == torch.float32
-    torch.testing.assert_close(s, x.float() + r, rtol=0, atol=0)
+    assert_equal(s, x.float() + r, "s", "one float32 add, as torch's")
     assert x.grad.dtype == torch.bfloat16 and r.grad.dtype == torch.float32
 
 
@@ -289,20 +288,29 @@ def test_fake_impl_matches_real_outputs():
         (lambda x: ops.layer_norm(x, 8, weight=torch.randn(7)), ValueError, "weight"),
         (lambda x: ops.layer_norm(x, 8, bias=torch.randn(8, 1)), ValueError, "bias"),
         (lambda x: ops.layer_norm(x.long(), 8), TypeError, "x"),
-        (lambda x: ops.rms_norm(x, 8, weight=torch.ones(8, dtype=torch.int32)), TypeError,
-         "weight"),
-        (lambda x: ops.layer_norm(x, 8, weight=torch.randn(8, device="meta")), ValueError,
-         "weight"),
+        (
+            lambda x: ops.rms_norm(x, 8, weight=torch.ones(8, dtype=torch.int32)),
+            TypeError,
+            "weight",
+        ),
+        (
+            lambda x: ops.layer_norm(x, 8, weight=torch.randn(8, device="meta")),
+            ValueError,
+            "weight",
+        ),
         (lambda x: ops.rms_norm(x, 8, residual=torch.randn(4, 9)), ValueError, "residual"),
-        (lambda x: ops.rms_norm(x, 8, residual=torch.randn(4, 8, device="meta")), ValueError,
-         "residual"),
+        (
+            lambda x: ops.rms_norm(x, 8, residual=torch.randn(4, 8, device="meta")),
+            ValueError,
+            "residual",
+        ),
         (lambda x: ops.layer_norm(x, 9), ValueError, "normalized_shape"),
         (lambda x: ops.layer_norm(x, (0,)), ValueError, "normalized_shape"),
         (lambda x: ops.layer_norm(x, 8, eps=-1.0), ValueError, "eps"),
         (lambda x: ops.layer_norm(x, 8, out_dtype=torch.int8), TypeError, "out_dtype"),
         (lambda x: ops.layer_norm([1.0], 1), TypeError, "x"),
     ],
-)  # fmt: skip
+)
 def test_bad_input_names_the_argument(call, error, word):
     with pytest.raises(error, match=rf"\b{word}\b"):
         call(torch.randn(4, 8))

@@ -46,8 +46,7 @@ def test_gradients_reach_x_and_bias(backend):
 def test_fp32_on_cpu_runs_the_torch_path_and_autocast_casts():
     qw = quantize_weight(torch.randn(16, 64), bits=8)
     x = torch.randn(3, 64)
-    torch.testing.assert_close(ops.quant_matmul(x, qw),
-                               x @ dequantize_weight(qw).T)  # fmt: skip
+    torch.testing.assert_close(ops.quant_matmul(x, qw), x @ dequantize_weight(qw).T)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert ops.quant_matmul(x, qw).dtype == torch.bfloat16
     with fastlm.use_backend("triton"), pytest.raises(BackendUnavailable, match="fp16/bf16"):

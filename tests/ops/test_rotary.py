@@ -121,8 +121,9 @@ def test_inplace_under_autograd_copies_back():
 def test_gradcheck_float64_torch_backend():
     q, k, cos, sin = _inputs(b=1, s=3, hq=1, hk=1, d=8, rot=6, dtype=torch.float64)
     q.requires_grad_(), k.requires_grad_()
-    assert torch.autograd.gradcheck(lambda a, b: apply_rotary(a, b, cos.double(), sin.double(),
-                                                              offset=1), (q, k))  # fmt: skip
+    assert torch.autograd.gradcheck(
+        lambda a, b: apply_rotary(a, b, cos.double(), sin.double(), offset=1), (q, k)
+    )
 
 
 @pytest.mark.parametrize("name", BACKENDS_HERE)
@@ -140,8 +141,7 @@ def test_torch_compile_fullgraph(name):
         out = compiled(q, k)
         (g,) = torch.autograd.grad(out, q)
         torch.testing.assert_close(out, f(q, k))
-    torch.testing.assert_close(g, apply_rotary_ref(torch.ones_like(q), cos, -sin,
-                                                   position_ids=ids))  # fmt: skip
+    torch.testing.assert_close(g, apply_rotary_ref(torch.ones_like(q), cos, -sin, position_ids=ids))
 
 
 # --- bad input -----------------------------------------------------------------------------
@@ -154,25 +154,28 @@ def _bad(**override):
     return args
 
 
-@pytest.mark.parametrize("override, error, match", [
-    (dict(q=[1.0]), TypeError, "q must be a torch.Tensor"),
-    (dict(k=torch.ones(2, 5, 2, 32, dtype=torch.int64)), TypeError, "k must be"),
-    (dict(q=torch.randn(5, 4, 32)), ValueError, "q must be 4-D"),
-    (dict(k=torch.randn(2, 6, 2, 32)), ValueError, "k must be"),
-    (dict(cos=torch.randn(16)), ValueError, "cos must be"),
-    (dict(sin=torch.randn(16, 4)), ValueError, "sin must have"),
-    (dict(cos=torch.randn(16, 20), sin=torch.randn(16, 20)), ValueError, "rotary_dim"),
-    (dict(offset=12), ValueError, "offset"),
-    (dict(offset=-1), ValueError, "offset"),
-    (dict(offset=1.5), TypeError, "offset"),
-    (dict(offset=torch.tensor([0, 12])), ValueError, "offset"),
-    (dict(offset=torch.tensor([0])), ValueError, "offset"),
-    (dict(offset=torch.tensor([0.0, 1.0])), TypeError, "offset"),
-    (dict(position_ids=torch.full((2, 5), 16)), ValueError, "position_ids"),
-    (dict(position_ids=torch.zeros(3, 5, dtype=torch.int64)), ValueError, "position_ids"),
-    (dict(position_ids=torch.zeros(2, 5)), TypeError, "position_ids"),
-    (dict(position_ids=torch.zeros(2, 5, dtype=torch.int64), offset=1), ValueError, "offset"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "override, error, match",
+    [
+        (dict(q=[1.0]), TypeError, "q must be a torch.Tensor"),
+        (dict(k=torch.ones(2, 5, 2, 32, dtype=torch.int64)), TypeError, "k must be"),
+        (dict(q=torch.randn(5, 4, 32)), ValueError, "q must be 4-D"),
+        (dict(k=torch.randn(2, 6, 2, 32)), ValueError, "k must be"),
+        (dict(cos=torch.randn(16)), ValueError, "cos must be"),
+        (dict(sin=torch.randn(16, 4)), ValueError, "sin must have"),
+        (dict(cos=torch.randn(16, 20), sin=torch.randn(16, 20)), ValueError, "rotary_dim"),
+        (dict(offset=12), ValueError, "offset"),
+        (dict(offset=-1), ValueError, "offset"),
+        (dict(offset=1.5), TypeError, "offset"),
+        (dict(offset=torch.tensor([0, 12])), ValueError, "offset"),
+        (dict(offset=torch.tensor([0])), ValueError, "offset"),
+        (dict(offset=torch.tensor([0.0, 1.0])), TypeError, "offset"),
+        (dict(position_ids=torch.full((2, 5), 16)), ValueError, "position_ids"),
+        (dict(position_ids=torch.zeros(3, 5, dtype=torch.int64)), ValueError, "position_ids"),
+        (dict(position_ids=torch.zeros(2, 5)), TypeError, "position_ids"),
+        (dict(position_ids=torch.zeros(2, 5, dtype=torch.int64), offset=1), ValueError, "offset"),
+    ],
+)
 def test_bad_input_names_the_argument(override, error, match):
     with pytest.raises(error, match=match):
         apply_rotary(**_bad(**override))

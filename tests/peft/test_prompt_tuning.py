@@ -4,6 +4,8 @@ output."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +13,7 @@ from torch import nn
 
 from fastlm.models import create
 from fastlm.peft.prompt import PromptTuning
+from fastlm.testing import assert_loss_policy
 
 VOCAB, P = 100, 5
 
@@ -34,8 +37,9 @@ def test_shapes_and_only_the_prompt_trains():
     assert sum("tok_emb" in k for k in wrapped.state_dict()) == 1
 
 
-@pytest.mark.parametrize("make", [gpt, lambda: gpt("llama-tiny"), bert],
-                         ids=["gpt2", "llama", "bert"])  # fmt: skip
+@pytest.mark.parametrize(
+    "make", [gpt, lambda: gpt("llama-tiny"), bert], ids=["gpt2", "llama", "bert"]
+)
 def test_the_prompt_is_what_the_model_sees(make):
     # Real tokens' outputs depend on the prompt (causal and bidirectional attention alike),
     # and the gradient reaches it.
@@ -70,9 +74,11 @@ def test_gpt_loss_ignores_the_virtual_tokens():
     mask[0, :2] = 0  # left padding: attention still sees every virtual token
     labels = ids.masked_fill(mask == 0, -100)
     labels[:, 0] = -100  # the first token is predicted from the prompt: left out below
-    out = wrapped(ids, attention_mask=mask, labels=labels, return_logits=True)
-    manual = F.cross_entropy(out.logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1))
-    torch.testing.assert_close(out.loss, manual, rtol=1e-5, atol=1e-5)
+    inputs = dict(attention_mask=mask, labels=labels, return_logits=True)
+    out, out64 = (m(ids, **inputs) for m in (wrapped, copy.deepcopy(wrapped).double()))
+    logits, logits64 = (o.logits[:, :-1].reshape(-1, VOCAB) for o in (out, out64))
+    manual = F.cross_entropy(logits64, labels[:, 1:].reshape(-1))  # in float64
+    assert_loss_policy(out.loss, manual, logits, logits64)
     # With its label, the first real token counts too: predicted from the last virtual one.
     assert not torch.allclose(wrapped(ids, attention_mask=mask, labels=ids).loss, out.loss)
 
@@ -82,9 +88,11 @@ def test_bert_mlm_loss_ignores_the_virtual_tokens():
     ids = torch.randint(1, VOCAB, (2, 9))
     labels = torch.full_like(ids, -100)
     labels[:, [2, 5]] = ids[:, [2, 5]]
-    out = wrapped(ids, labels=labels, token_type_ids=torch.zeros_like(ids), return_logits=True)
-    manual = F.cross_entropy(out.logits.reshape(-1, VOCAB), labels.reshape(-1))
-    torch.testing.assert_close(out.loss, manual, rtol=1e-5, atol=1e-5)
+    inputs = dict(labels=labels, token_type_ids=torch.zeros_like(ids), return_logits=True)
+    out, out64 = (m(ids, **inputs) for m in (wrapped, copy.deepcopy(wrapped).double()))
+    logits, logits64 = (o.logits.reshape(-1, VOCAB) for o in (out, out64))
+    manual = F.cross_entropy(logits64, labels.reshape(-1))  # in float64
+    assert_loss_policy(out.loss, manual, logits, logits64)
 
 
 def test_position_ids_follow_the_prompt():
@@ -92,8 +100,9 @@ def test_position_ids_follow_the_prompt():
     ids = torch.randint(0, VOCAB, (2, 6))
     default = wrapped(ids, return_logits=True).logits
     positions = torch.arange(6).expand(2, 6)
-    torch.testing.assert_close(wrapped(ids, position_ids=positions, return_logits=True).logits,
-                               default)  # fmt: skip
+    torch.testing.assert_close(
+        wrapped(ids, position_ids=positions, return_logits=True).logits, default
+    )
 
 
 def test_a_few_steps_reduce_the_loss():
@@ -123,9 +132,14 @@ def test_init():
 
 def test_hugging_face_causal_lm():
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2)  # fmt: skip
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     wrapped = PromptTuning(transformers.LlamaForCausalLM(cfg).eval(), P)
     ids = torch.randint(0, VOCAB, (2, 6))
     out = wrapped(ids, attention_mask=torch.ones_like(ids), labels=ids)

@@ -20,8 +20,9 @@ def test_decay_only_on_weight_matrices(name):
     assert (decay["weight_decay"], other["weight_decay"]) == (0.1, 0.0)
     ids = [id(p) for p in decay["params"] + other["params"]]
     assert len(ids) == len(set(ids)) == len({id(p) for p in model.parameters()})
-    embeddings = {id(p) for m in model.modules() if isinstance(m, nn.Embedding)
-                  for p in m.parameters()}  # fmt: skip
+    embeddings = {
+        id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()
+    }
     for module_name, p in model.named_parameters(remove_duplicate=False):
         expect_decay = p.ndim == 2 and id(p) not in embeddings
         assert (id(p) in {id(q) for q in decay["params"]}) == expect_decay, module_name

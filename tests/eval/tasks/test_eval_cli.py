@@ -11,27 +11,53 @@ import pytest
 from fastlm.eval import cli, tasks
 from fastlm.train.run import load_model
 
-MMLU = [{"question": f"What is {a} + {b}?", "choices": [str(a + b), str(a * b), str(a - b), "0"],
-         "answer": i % 4}
-        for i, (a, b) in enumerate([(1, 2), (3, 4), (5, 6), (7, 8), (2, 9)])]  # fmt: skip
-BBH = [{"input": f"Sort: {w}", "target": " ".join(sorted(w.split()))}
-       for w in ("b a", "c a b", "trophy box", "sky blue", "one two three", "z y")]  # fmt: skip
+MMLU = [
+    {
+        "question": f"What is {a} + {b}?",
+        "choices": [str(a + b), str(a * b), str(a - b), "0"],
+        "answer": i % 4,
+    }
+    for i, (a, b) in enumerate([(1, 2), (3, 4), (5, 6), (7, 8), (2, 9)])
+]
+BBH = [
+    {"input": f"Sort: {w}", "target": " ".join(sorted(w.split()))}
+    for w in ("b a", "c a b", "trophy box", "sky blue", "one two three", "z y")
+]
 
 
 def test_multiple_choice_with_a_dev_file(checkpoints, write_jsonl, tmp_path, capsys):
     task, dev = write_jsonl("task.jsonl", MMLU), write_jsonl("dev.jsonl", MMLU[::-1])
     out = tmp_path / "results" / "mmlu.json"
-    argv = ["--checkpoint", str(checkpoints["gpt"]), "--task", str(task), "--dev", str(dev),
-            "--shots", "2", "--seed", "3", "--batch-size", "4", "--output", str(out),
-            "--no-progress"]  # fmt: skip
+    argv = [
+        "--checkpoint",
+        str(checkpoints["gpt"]),
+        "--task",
+        str(task),
+        "--dev",
+        str(dev),
+        "--shots",
+        "2",
+        "--seed",
+        "3",
+        "--batch-size",
+        "4",
+        "--output",
+        str(out),
+        "--no-progress",
+    ]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     saved = json.loads(out.read_text())
     model, tokenizer = load_model(checkpoints["gpt"])
-    results, records = tasks.evaluate(model, tokenizer, tasks.load_task(task),
-                                      tasks.load_task(dev), shots=2, seed=3)  # fmt: skip
-    assert saved["results"] == {"task": str(task), "dev": str(dev),
-                                "checkpoint": str(checkpoints["gpt"]), **results}  # fmt: skip
+    results, records = tasks.evaluate(
+        model, tokenizer, tasks.load_task(task), tasks.load_task(dev), shots=2, seed=3
+    )
+    assert saved["results"] == {
+        "task": str(task),
+        "dev": str(dev),
+        "checkpoint": str(checkpoints["gpt"]),
+        **results,
+    }
     assert saved["records"] == records
     assert printed.splitlines() == [
         f"task      {task} (mmlu)",
@@ -45,35 +71,70 @@ def test_multiple_choice_with_a_dev_file(checkpoints, write_jsonl, tmp_path, cap
 
 def test_bbh_with_held_out_demonstrations(checkpoints, write_jsonl, capsys):
     task = write_jsonl("bbh.jsonl", BBH)
-    assert cli.main(["--checkpoint", str(checkpoints["t5"]), "--task", str(task), "--shots", "1",
-                     "--limit", "3", "--max-new-tokens", "4"]) == 0  # fmt: skip
+    assert (
+        cli.main(
+            [
+                "--checkpoint",
+                str(checkpoints["t5"]),
+                "--task",
+                str(task),
+                "--shots",
+                "1",
+                "--limit",
+                "3",
+                "--max-new-tokens",
+                "4",
+            ]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.splitlines()
-    assert lines[:3] == [f"task         {task} (bbh)",
-                         "shots        1 (dev: held out from the task file; seed 0)",
-                         "examples     3"]  # fmt: skip
+    assert lines[:3] == [
+        f"task         {task} (bbh)",
+        "shots        1 (dev: held out from the task file; seed 0)",
+        "examples     3",
+    ]
     assert lines[3].startswith("exact_match  ") and len(lines) == 4
 
 
-@pytest.mark.parametrize("make_args, message", [
-    (lambda p: ["--task", str(p["dir"] / "missing.jsonl")], "--task: no such file: .*missing"),
-    (lambda p: ["--task", str(p["bad"])], r"--task: .*bad.jsonl, line 2: not valid JSON"),
-    (lambda p: ["--task", str(p["mmlu"]), "--dev", str(p["bbh"])],
-     r"--dev: .*bbh.jsonl, line 1: missing 'question', 'choices', 'answer' for the mmlu format"),
-    (lambda p: ["--task", str(p["bbh"]), "--format", "mmlu"], "--task: .* for the mmlu format"),
-    (lambda p: ["--task", str(p["mmlu"]), "--dev", str(p["small"]), "--shots", "3"],
-     "--shots: 3 shots exceed the 2 examples of the dev split"),
-    (lambda p: ["--task", str(p["mmlu"]), "--shots", "5"],
-     "--shots: 5 shots held out of the 5 examples .* leave none to score"),
-    (lambda p: ["--task", str(p["mmlu"]), "--checkpoint", str(p["dir"])],
-     "--checkpoint: .* is neither a checkpoint nor a run directory"),
-    (lambda p: ["--task", str(p["mmlu"]), "--checkpoint", str(p["bert"])],
-     "--checkpoint: model must be a fastlm GPT or T5"),
-    (lambda p: ["--task", str(p["mmlu"]), "--device", "abacus"], "--device: "),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "make_args, message",
+    [
+        (lambda p: ["--task", str(p["dir"] / "missing.jsonl")], "--task: no such file: .*missing"),
+        (lambda p: ["--task", str(p["bad"])], r"--task: .*bad.jsonl, line 2: not valid JSON"),
+        (
+            lambda p: ["--task", str(p["mmlu"]), "--dev", str(p["bbh"])],
+            r"--dev: .*bbh.jsonl, line 1: missing 'question', 'choices', 'answer' "
+            r"for the mmlu format",
+        ),
+        (lambda p: ["--task", str(p["bbh"]), "--format", "mmlu"], "--task: .* for the mmlu format"),
+        (
+            lambda p: ["--task", str(p["mmlu"]), "--dev", str(p["small"]), "--shots", "3"],
+            "--shots: 3 shots exceed the 2 examples of the dev split",
+        ),
+        (
+            lambda p: ["--task", str(p["mmlu"]), "--shots", "5"],
+            "--shots: 5 shots held out of the 5 examples .* leave none to score",
+        ),
+        (
+            lambda p: ["--task", str(p["mmlu"]), "--checkpoint", str(p["dir"])],
+            "--checkpoint: .* is neither a checkpoint nor a run directory",
+        ),
+        (
+            lambda p: ["--task", str(p["mmlu"]), "--checkpoint", str(p["bert"])],
+            "--checkpoint: model must be a fastlm GPT or T5",
+        ),
+        (lambda p: ["--task", str(p["mmlu"]), "--device", "abacus"], "--device: "),
+    ],
+)
 def test_errors_name_the_argument(make_args, message, checkpoints, write_jsonl, tmp_path, capsys):
-    paths = {"dir": tmp_path, "mmlu": write_jsonl("mmlu.jsonl", MMLU),
-             "small": write_jsonl("small.jsonl", MMLU[:2]), "bbh": write_jsonl("bbh.jsonl", BBH),
-             "bert": checkpoints["bert"]}  # fmt: skip
+    paths = {
+        "dir": tmp_path,
+        "mmlu": write_jsonl("mmlu.jsonl", MMLU),
+        "small": write_jsonl("small.jsonl", MMLU[:2]),
+        "bbh": write_jsonl("bbh.jsonl", BBH),
+        "bert": checkpoints["bert"],
+    }
     paths["bad"] = write_jsonl("bad.jsonl", MMLU[:1])
     paths["bad"].write_text(paths["bad"].read_text() + "{oops\n")
     args = make_args(paths)
@@ -87,8 +148,16 @@ def test_errors_name_the_argument(make_args, message, checkpoints, write_jsonl, 
     assert re.search(message, captured.err), captured.err
 
 
-@pytest.mark.parametrize("bad", [["--shots", "-1"], ["--shots", "two"], ["--batch-size", "0"],
-                                 ["--format", "squad"], ["--limit", "0"]])  # fmt: skip
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--shots", "-1"],
+        ["--shots", "two"],
+        ["--batch-size", "0"],
+        ["--format", "squad"],
+        ["--limit", "0"],
+    ],
+)
 def test_bad_flags_are_usage_errors(bad, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["--checkpoint", "x", "--task", "y", *bad])

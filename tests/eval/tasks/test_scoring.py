@@ -3,10 +3,13 @@ request, and greedy decoding by a full forward per token."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from fastlm.eval import scoring
+from fastlm.testing import assert_loss_policy
 
 FAMILIES = ["gpt", "llama", "t5"]
 REQUESTS = [  # contexts and continuations of different lengths, so batches pad
@@ -28,34 +31,40 @@ def test_encode_pair_splits_where_the_context_ends(tokenizer):
     assert scoring.encode_pair(tokenizer, "Answer: ", "B") == (ctx, cont)
     # A merge across the boundary: the continuation is encoded on its own.
     words = ["the", "trophy", "suitcase", "container", "Return"]
-    straddling = [w for w in words
-                  if tokenizer.encode(w)[: len(tokenizer.encode(w[:-1]))]
-                  != tokenizer.encode(w[:-1])]  # fmt: skip
+    straddling = [
+        w
+        for w in words
+        if tokenizer.encode(w)[: len(tokenizer.encode(w[:-1]))] != tokenizer.encode(w[:-1])
+    ]
     assert straddling, "the test needs a word whose last letter merges into its last token"
     w = straddling[0]
-    assert scoring.encode_pair(tokenizer, w[:-1], w[-1]) == (tokenizer.encode(w[:-1]),
-                                                             tokenizer.encode(w[-1]))  # fmt: skip
+    assert scoring.encode_pair(tokenizer, w[:-1], w[-1]) == (
+        tokenizer.encode(w[:-1]),
+        tokenizer.encode(w[-1]),
+    )
     with pytest.raises(ValueError, match="continuation is empty"):
         scoring.encode_pair(tokenizer, "Answer:", "")
 
 
 @pytest.mark.parametrize("padding", ["right", "left"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_batched_scores_equal_one_forward_per_request(family, padding, models, tokenizer,
-                                                      naive_logprob):  # fmt: skip
+def test_batched_scores_equal_one_forward_per_request(
+    family, padding, models, tokenizer, assert_logprob
+):
     model = models[family]
     pairs = [scoring.encode_pair(tokenizer, c, k) for c, k in REQUESTS]
     got = scoring.score(model, pairs, batch_size=3, padding=padding)
-    for (ctx, cont), s in zip(pairs, got, strict=True):
-        assert s.tokens == len(cont)
-        assert s.logprob == pytest.approx(naive_logprob(model, ctx, cont), rel=1e-5, abs=1e-4)
     one_batch = scoring.score(model, pairs, batch_size=len(pairs), padding=padding)
-    assert [s.logprob for s in one_batch] == pytest.approx([s.logprob for s in got], abs=1e-4)
+    for pair, s, s1 in zip(pairs, got, one_batch, strict=True):
+        assert s.tokens == len(pair[1])
+        assert_logprob(s.logprob, model, [pair], "batches of 3")
+        assert_logprob(s1.logprob, model, [pair], "one batch")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_flag_says_whether_argmax_decoding_gives_the_continuation(
-        family, models, tokenizer, naive_greedy_ids):  # fmt: skip
+    family, models, tokenizer, naive_greedy_ids
+):
     """A continuation the model decodes greedily is greedy; the same with its last token
     changed is not."""
     model = models[family]
@@ -79,10 +88,12 @@ def test_a_long_gpt_context_loses_its_oldest_tokens(models, tokenizer):
     assert len(ctx) > limit
     kept = (ctx + cont)[:-1][-limit:]  # the input the model can read
     with torch.no_grad():
-        logits = model(torch.tensor([kept])).logits[0, -len(cont) :].double()
-    expected = sum(float(logits.log_softmax(-1)[j, t]) for j, t in enumerate(cont))
+        twin = copy.deepcopy(model).double()
+        rows, rows64 = (m(torch.tensor([kept])).logits[0, -len(cont) :] for m in (model, twin))
+    expected = sum(float(rows64.log_softmax(-1)[j, t]) for j, t in enumerate(cont))
     (got,) = scoring.score(model, [(ctx, cont)])
-    assert got.logprob == pytest.approx(expected, rel=1e-5, abs=1e-4)
+    # Against the float64 model: 2 x the logits' allowance per token (fastlm.testing).
+    assert_loss_policy(got.logprob, expected, rows, rows64, "logprob", weight=2 * len(cont))
     with pytest.raises(ValueError, match=r"requests\[0\]: its continuation \(193 tokens\)"):
         scoring.score(model, [([1], [5] * (limit + 1))])
 
@@ -104,17 +115,24 @@ def test_score_errors(models):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generation_equals_naive_greedy_decoding(family, models, tokenizer, naive_greedy):
     model = models[family]
-    prompts = ["Q: Is the sky blue?\nA:", "Return", "The trophy did not fit in the suitcase",
-               "Question: what is the answer?\nA. one\nB. two\nAnswer:", ""]  # fmt: skip
+    prompts = [
+        "Q: Is the sky blue?\nA:",
+        "Return",
+        "The trophy did not fit in the suitcase",
+        "Question: what is the answer?\nA. one\nB. two\nAnswer:",
+        "",
+    ]
     got = scoring.generate_until(model, tokenizer, prompts, 6, stop=(), batch_size=2)
     for p, text in zip(prompts, got, strict=True):
         ids = tokenizer.encode(p) or [tokenizer.eos_id]  # an empty GPT prompt reads an EOS
         assert text == naive_greedy(model, tokenizer, ids, 6, stop="\0")
-    # Stop strings cut the text before the first of them.
-    full = got[0]
+    # Stop strings cut the text before the first of them (in the longest text: special
+    # tokens, which these untrained models emit often, are left out of the texts).
+    i = max(range(len(got)), key=lambda i: len(got[i]))
+    full = got[i]
     assert len(full) > 2
     a, b = full[1], full[2]
-    cut = scoring.generate_until(model, tokenizer, prompts[:1], 6, stop=(b, a), batch_size=2)
+    cut = scoring.generate_until(model, tokenizer, prompts[i : i + 1], 6, stop=(b, a), batch_size=2)
     assert cut == [full[: min(full.index(a), full.index(b))]]
 
 

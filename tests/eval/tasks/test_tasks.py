@@ -20,35 +20,75 @@ MMLU_TEST = [
     {"question": "What is 2 + 2?", "choices": ["3", "4", "5", "22"], "answer": "B"},
     {"question": "Which one barks?", "choices": ["cat", "fish", "bird", "dog"], "answer": 3},
     {"question": "What is the answer?", "choices": ["one", "two", "three", "four"], "answer": 0},
-    {"question": "Return the number of items", "choices": ["len", "sum", "max", "min"],
-     "answer": 0},
+    {
+        "question": "Return the number of items",
+        "choices": ["len", "sum", "max", "min"],
+        "answer": 0,
+    },
     {"question": "Is the sky blue?", "choices": ["yes", "no", "maybe", "never"], "answer": 0},
-    {"question": "Which is a container?", "choices": ["box", "idea", "song", "walk"],
-     "answer": "A"},
-]  # fmt: skip
+    {
+        "question": "Which is a container?",
+        "choices": ["box", "idea", "song", "walk"],
+        "answer": "A",
+    },
+]
 WINO_DEV = [
-    {"sentence": "The cup fell off the table because _ was wobbly.", "option1": "the cup",
-     "option2": "the table", "answer": "2"},
-    {"sentence": "Anna thanked Beth because _ had helped her.", "option1": "Anna",
-     "option2": "Beth", "answer": "2"},
-]  # fmt: skip
+    {
+        "sentence": "The cup fell off the table because _ was wobbly.",
+        "option1": "the cup",
+        "option2": "the table",
+        "answer": "2",
+    },
+    {
+        "sentence": "Anna thanked Beth because _ had helped her.",
+        "option1": "Anna",
+        "option2": "Beth",
+        "answer": "2",
+    },
+]
 WINO_TEST = [
-    {"sentence": "The trophy did not fit in the suitcase because the _ was too big.",
-     "option1": "trophy", "option2": "suitcase", "answer": "1"},
-    {"sentence": "The trophy did not fit in the suitcase because the _ was too small.",
-     "option1": "trophy", "option2": "suitcase", "answer": "2"},
-    {"sentence": "Sam gave Kim the book because _ had finished reading it.",
-     "option1": "Sam", "option2": "Kim", "answer": "1"},
-    {"sentence": "The container held the items until _ broke.", "option1": "the container",
-     "option2": "the items", "answer": "1"},
-]  # fmt: skip
+    {
+        "sentence": "The trophy did not fit in the suitcase because the _ was too big.",
+        "option1": "trophy",
+        "option2": "suitcase",
+        "answer": "1",
+    },
+    {
+        "sentence": "The trophy did not fit in the suitcase because the _ was too small.",
+        "option1": "trophy",
+        "option2": "suitcase",
+        "answer": "2",
+    },
+    {
+        "sentence": "Sam gave Kim the book because _ had finished reading it.",
+        "option1": "Sam",
+        "option2": "Kim",
+        "answer": "1",
+    },
+    {
+        "sentence": "The container held the items until _ broke.",
+        "option1": "the container",
+        "option2": "the items",
+        "answer": "1",
+    },
+]
 BBH_DEV = [
     {"input": "not ( True ) and False is", "target": "False"},
     {"input": "Sort: b a", "target": "a b"},
 ]
-BBH_TEST = [{"input": text, "target": "unused"} for text in (
-    "Is the sky blue?", "True and not False is", "Sort: trophy suitcase", "Return the items",
-    "What is the answer?", "Which one barks?", "Q: A: Q:", "the container is")]  # fmt: skip
+BBH_TEST = [
+    {"input": text, "target": "unused"}
+    for text in (
+        "Is the sky blue?",
+        "True and not False is",
+        "Sort: trophy suitcase",
+        "Return the items",
+        "What is the answer?",
+        "Which one barks?",
+        "Q: A: Q:",
+        "the container is",
+    )
+]
 
 
 def example(record, line=1):
@@ -80,29 +120,45 @@ MMLU = {"question": "q?", "choices": ["a", "b", "c", "d"], "answer": 0}
 WINO = {"sentence": "A _ b.", "option1": "x", "option2": "y", "answer": "1"}
 
 
-@pytest.mark.parametrize("lines, fmt, message", [
-    (['{"input": "x", "target": "y"}', "{not json"], None, r"line 2: not valid JSON"),
-    (["[1, 2]"], None, r"line 1: expected a JSON object, got list"),
-    (['{"text": "x"}'], None, r"cannot tell the task format: the first example has no known "
-                              r"set of fields \(keys \['text'\]\)"),
-    (['{"input": "x", "target": "y", "question": "q", "choices": ["a", "b"], "answer": 0}'],
-     None, "fields of mmlu and bbh"),
-    (['{"input": "x", "target": "y"}'], "mmlu",
-     r"line 1: missing 'question', 'choices', 'answer' for the mmlu format"),
-    ([MMLU, {**MMLU, "answer": 4}], None,
-     r"line 2: field 'answer' must be a choice index 0..3 or a letter A..D, got 4"),
-    ([{**MMLU, "answer": "E"}], None, "got 'E'"),
-    ([{**MMLU, "answer": True}], None, "got True"),
-    ([{**MMLU, "choices": "abcd"}], None, "field 'choices' must be a list of 2 to 26 strings"),
-    ([{**MMLU, "choices": ["a", 2]}], None, "field 'choices' must hold strings"),
-    ([{**MMLU, "question": 3}], None, "field 'question' must be a string, got int"),
-    ([{**WINO, "sentence": "A _ b _."}], None, "field 'sentence' must hold one '_' blank"),
-    ([{**WINO, "sentence": "It was _  "}], None, "has nothing after its blank to score"),
-    ([{**WINO, "answer": "3"}], None, "field 'answer' must be \"1\" or \"2\", got '3'"),
-    ([{"input": "x", "target": " "}], None, "field 'target' is empty"),
-    ([], None, "holds no examples"),
-    ([MMLU], "squad", "format must be one of mmlu, winogrande, bbh, got 'squad'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "lines, fmt, message",
+    [
+        (['{"input": "x", "target": "y"}', "{not json"], None, r"line 2: not valid JSON"),
+        (["[1, 2]"], None, r"line 1: expected a JSON object, got list"),
+        (
+            ['{"text": "x"}'],
+            None,
+            r"cannot tell the task format: the first example has no known "
+            r"set of fields \(keys \['text'\]\)",
+        ),
+        (
+            ['{"input": "x", "target": "y", "question": "q", "choices": ["a", "b"], "answer": 0}'],
+            None,
+            "fields of mmlu and bbh",
+        ),
+        (
+            ['{"input": "x", "target": "y"}'],
+            "mmlu",
+            r"line 1: missing 'question', 'choices', 'answer' for the mmlu format",
+        ),
+        (
+            [MMLU, {**MMLU, "answer": 4}],
+            None,
+            r"line 2: field 'answer' must be a choice index 0..3 or a letter A..D, got 4",
+        ),
+        ([{**MMLU, "answer": "E"}], None, "got 'E'"),
+        ([{**MMLU, "answer": True}], None, "got True"),
+        ([{**MMLU, "choices": "abcd"}], None, "field 'choices' must be a list of 2 to 26 strings"),
+        ([{**MMLU, "choices": ["a", 2]}], None, "field 'choices' must hold strings"),
+        ([{**MMLU, "question": 3}], None, "field 'question' must be a string, got int"),
+        ([{**WINO, "sentence": "A _ b _."}], None, "field 'sentence' must hold one '_' blank"),
+        ([{**WINO, "sentence": "It was _  "}], None, "has nothing after its blank to score"),
+        ([{**WINO, "answer": "3"}], None, "field 'answer' must be \"1\" or \"2\", got '3'"),
+        ([{"input": "x", "target": " "}], None, "field 'target' is empty"),
+        ([], None, "holds no examples"),
+        ([MMLU], "squad", "format must be one of mmlu, winogrande, bbh, got 'squad'"),
+    ],
+)
 def test_bad_task_files_name_the_line_and_field(lines, fmt, message, tmp_path):
     path = tmp_path / "task.jsonl"
     path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
@@ -133,12 +189,14 @@ def test_mmlu_prompts_at_0_1_and_3_shots():
     context = "\n\n".join([DEMO_SKY, DEMO_1PLUS1, DEMO_COLOUR, Q_2PLUS2])
     assert three == [(context, k) for k in letters]
     # A subject adds MMLU's header, once, before the demonstrations.
-    subject = tasks.requests("mmlu", example({**MMLU_TEST[0], "subject": "high_school_math"}),
-                             [example(MMLU_DEV[0])])  # fmt: skip
+    subject = tasks.requests(
+        "mmlu", example({**MMLU_TEST[0], "subject": "high_school_math"}), [example(MMLU_DEV[0])]
+    )
     header = "The following are multiple choice questions (with answers) about high school math."
     assert subject[1] == (header + "\n\n" + DEMO_1PLUS1 + "\n\n" + Q_2PLUS2, " B")
-    two = tasks.requests("mmlu", example({"question": "Q?", "choices": ["x", "y"], "answer": 1}),
-                         [])  # fmt: skip
+    two = tasks.requests(
+        "mmlu", example({"question": "Q?", "choices": ["x", "y"], "answer": 1}), []
+    )
     assert two == [("Q?\nA. x\nB. y\nAnswer:", " A"), ("Q?\nA. x\nB. y\nAnswer:", " B")]
 
 
@@ -149,8 +207,10 @@ def test_winogrande_partial_scoring_prompts():
         ("The trophy did not fit in the suitcase because the suitcase", " was too big."),
     ]
     demos = [example(WINO_DEV[1]), example(WINO_DEV[0])]
-    prefix = ("Anna thanked Beth because Beth had helped her.\n\n"
-              "The cup fell off the table because the table was wobbly.\n\n")  # fmt: skip
+    prefix = (
+        "Anna thanked Beth because Beth had helped her.\n\n"
+        "The cup fell off the table because the table was wobbly.\n\n"
+    )
     assert tasks.requests("winogrande", scored, demos) == [
         (prefix + "The trophy did not fit in the suitcase because the trophy", " was too big."),
         (prefix + "The trophy did not fit in the suitcase because the suitcase", " was too big."),
@@ -162,9 +222,12 @@ def test_bbh_prompts():
     assert tasks.requests("bbh", scored, []) == [("Q: True and False is\nA:", " False")]
     demos = [example(BBH_DEV[1]), example(BBH_DEV[0])]
     assert tasks.requests("bbh", scored, demos) == [
-        ("Q: Sort: b a\nA: a b\n\nQ: not ( True ) and False is\nA: False\n\n"
-         "Q: True and False is\nA:", " False")
-    ]  # fmt: skip
+        (
+            "Q: Sort: b a\nA: a b\n\nQ: not ( True ) and False is\nA: False\n\n"
+            "Q: True and False is\nA:",
+            " False",
+        )
+    ]
 
 
 # -- dev split and demonstrations --------------------------------------------------------
@@ -199,8 +262,9 @@ def test_demonstrations_are_seeded_and_never_the_scored_example(write_jsonl):
         assert e.record not in [d.record for d in drawn]  # its copy in dev is skipped
     draws = {tuple(d.line for d in tasks.draw_demos(scored[0], pool, 5, seed)) for seed in range(8)}
     assert len(draws) > 1
-    with pytest.raises(ValueError, match="9 shots, but only 8 dev examples differ from the "
-                                         "one on line 1"):  # fmt: skip
+    with pytest.raises(
+        ValueError, match="9 shots, but only 8 dev examples differ from the one on line 1"
+    ):
         tasks.draw_demos(scored[0], pool, 9, seed=0)
 
 
@@ -228,22 +292,34 @@ def label(fmt, record, index):
 
 
 @pytest.mark.parametrize("shots", [0, 2])
-@pytest.mark.parametrize("fmt, dev_records, records", [
-    ("mmlu", MMLU_DEV, MMLU_TEST), ("winogrande", WINO_DEV, WINO_TEST)])  # fmt: skip
+@pytest.mark.parametrize(
+    "fmt, dev_records, records",
+    [("mmlu", MMLU_DEV, MMLU_TEST), ("winogrande", WINO_DEV, WINO_TEST)],
+)
 @pytest.mark.parametrize("family", ["gpt", "t5"])
-def test_accuracy_on_a_task_labelled_by_the_naive_loop(family, fmt, dev_records, records, shots,
-                                                       models, tokenizer, naive_logprob,
-                                                       write_jsonl):  # fmt: skip
+def test_accuracy_on_a_task_labelled_by_the_naive_loop(
+    family,
+    fmt,
+    dev_records,
+    records,
+    shots,
+    models,
+    tokenizer,
+    naive_logprob,
+    assert_logprob,
+    write_jsonl,
+):
     """Each example's choices are scored here one unpadded forward at a time; even examples
     are labelled with the model's favourite (right), odd ones with its least favourite
     (wrong), so the expected accuracy is known before the evaluation runs."""
     model = models[family]
     dev = tasks.load_task(write_jsonl("dev.jsonl", dev_records))
     unlabelled = tasks.load_task(write_jsonl("unlabelled.jsonl", records))
-    naive, lengths = [], []
+    naive, lengths, encoded = [], [], []
     for e in unlabelled.examples:
         pairs = tasks.requests(fmt, e, tasks.draw_demos(e, dev.examples, shots, seed=3))
-        naive.append([naive_logprob(model, *encode_pair(tokenizer, c, k)) for c, k in pairs])
+        encoded.append([encode_pair(tokenizer, c, k) for c, k in pairs])
+        naive.append([naive_logprob(model, *pair) for pair in encoded[-1]])
         lengths.append([len(k.lstrip()) for _, k in pairs])
     for lls in naive:  # clear preferences: rounding cannot flip them
         top, second = sorted(lls, reverse=True)[:2]
@@ -255,16 +331,24 @@ def test_accuracy_on_a_task_labelled_by_the_naive_loop(family, fmt, dev_records,
     task = tasks.load_task(write_jsonl("task.jsonl", labelled))
     results, out = tasks.evaluate(model, tokenizer, task, dev, shots, seed=3, batch_size=3)
     n = len(records)
-    assert results == {"format": fmt, "n": n, "shots": shots, "seed": 3,
-                       "accuracy": pytest.approx((n + 1) // 2 / n),
-                       "acc_norm": results["acc_norm"]}  # fmt: skip
-    norm = [max(range(len(lls)), key=lambda i, lls=lls, c=c: lls[i] / c[i])
-            for lls, c in zip(naive, lengths, strict=True)]  # fmt: skip
+    assert results == {
+        "format": fmt,
+        "n": n,
+        "shots": shots,
+        "seed": 3,
+        "accuracy": pytest.approx((n + 1) // 2 / n),
+        "acc_norm": results["acc_norm"],
+    }
+    norm = [
+        max(range(len(lls)), key=lambda i, lls=lls, c=c: lls[i] / c[i])
+        for lls, c in zip(naive, lengths, strict=True)
+    ]
     assert results["acc_norm"] == pytest.approx(
         sum(p == g for p, g in zip(norm, gold, strict=True)) / n
     )
-    for record, lls, b, g in zip(out, naive, best, gold, strict=True):
-        assert record["loglikelihoods"] == pytest.approx(lls, rel=1e-5, abs=1e-4)
+    for record, pairs, b, g in zip(out, encoded, best, gold, strict=True):
+        for ll, pair in zip(record["loglikelihoods"], pairs, strict=True):
+            assert_logprob(ll, model, [pair])
         assert record["prediction"] == b and record["gold"] == g
         assert record["correct"] == (b == g)
         assert len(record["demos"]) == shots
@@ -286,8 +370,9 @@ def test_held_out_demonstrations_and_limit(models, tokenizer, write_jsonl):
 
 
 @pytest.mark.parametrize("family", ["gpt", "t5"])
-def test_bbh_exact_match_against_naive_greedy_decoding(family, models, tokenizer, naive_greedy,
-                                                       write_jsonl):  # fmt: skip
+def test_bbh_exact_match_against_naive_greedy_decoding(
+    family, models, tokenizer, naive_greedy, write_jsonl
+):
     """Targets are the naive greedy answers for even examples and something else for odd
     ones: exact match is the share of even examples with a non-empty answer."""
     model = models[family]
@@ -299,12 +384,20 @@ def test_bbh_exact_match_against_naive_greedy_decoding(family, models, tokenizer
         answers.append(naive_greedy(model, tokenizer, tokenizer.encode(prompt), 8).strip())
     hits = [i % 2 == 0 and bool(a) for i, a in enumerate(answers)]
     assert sum(hits) >= 2
-    labelled = [{**r, "target": a if hit else a + "#"}
-                for r, a, hit in zip(BBH_TEST, answers, hits, strict=True)]  # fmt: skip
+    labelled = [
+        {**r, "target": a if hit else a + "#"}
+        for r, a, hit in zip(BBH_TEST, answers, hits, strict=True)
+    ]
     task = tasks.load_task(write_jsonl("task.jsonl", labelled))
-    results, out = tasks.evaluate(model, tokenizer, task, dev, shots=1, batch_size=3,
-                                  max_new_tokens=8)  # fmt: skip
-    assert results == {"format": "bbh", "n": len(BBH_TEST), "shots": 1, "seed": 0,
-                       "exact_match": pytest.approx(sum(hits) / len(BBH_TEST))}  # fmt: skip
+    results, out = tasks.evaluate(
+        model, tokenizer, task, dev, shots=1, batch_size=3, max_new_tokens=8
+    )
+    assert results == {
+        "format": "bbh",
+        "n": len(BBH_TEST),
+        "shots": 1,
+        "seed": 0,
+        "exact_match": pytest.approx(sum(hits) / len(BBH_TEST)),
+    }
     assert [r["prediction"] for r in out] == answers
     assert [r["correct"] for r in out] == hits

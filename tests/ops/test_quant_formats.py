@@ -7,8 +7,13 @@ import math
 import pytest
 import torch
 
-from fastlm.quant import NF4_CODE, dequantize_weight, quantize_weight
-from fastlm.quant.formats import pack_int4, unpack_int4
+from fastlm.ops.quant_formats import (
+    NF4_CODE,
+    dequantize_weight,
+    pack_int4,
+    quantize_weight,
+    unpack_int4,
+)
 
 FORMATS = {
     "int8": dict(bits=8, group_size=None),
@@ -80,10 +85,24 @@ def test_sqnr_floors(kind):
     """Signal-to-quantization-noise ratios above floors: ~2 dB under what each format
     reaches on 96 x 512 Gaussian weights; for Student-t, whose rare huge outliers make the
     ratio noisy, ~2 dB under the worst of 300 seeds."""
-    floors = {"gaussian": {"int8": 40, "int4-g32": 19.5, "int4-g128": 18, "int4-sym-g64": 16.5,
-                           "nf4-g64": 18.5, "nf4-g64-dq": 18.5},
-              "student-t": {"int8": 24, "int4-g32": 16, "int4-g128": 13, "int4-sym-g64": 12,
-                            "nf4-g64": 14, "nf4-g64-dq": 14}}[kind]  # fmt: skip
+    floors = {
+        "gaussian": {
+            "int8": 40,
+            "int4-g32": 19.5,
+            "int4-g128": 18,
+            "int4-sym-g64": 16.5,
+            "nf4-g64": 18.5,
+            "nf4-g64-dq": 18.5,
+        },
+        "student-t": {
+            "int8": 24,
+            "int4-g32": 16,
+            "int4-g128": 13,
+            "int4-sym-g64": 12,
+            "nf4-g64": 14,
+            "nf4-g64-dq": 14,
+        },
+    }[kind]
     w = weights(kind)
     for fmt, floor in floors.items():
         got = sqnr_db(w, dequantize_weight(quantize_weight(w, **FORMATS[fmt])))
@@ -109,14 +128,17 @@ def test_dequantize_dtypes():
     assert torch.equal(dequantize_weight(qw, torch.bfloat16), d64.to(torch.bfloat16))
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(bits=3), "bits must be 4 or 8"),
-    (dict(bits=4, group_size=100), "group_size must be one of"),
-    (dict(bits=4, group_size=64, scheme="fp4"), "scheme must be one of"),
-    (dict(bits=8, group_size=64), "scaled per output channel"),
-    (dict(bits=8, group_size=None, scheme="nf4"), "'nf4' is 4-bit"),
-    (dict(bits=4, group_size=64, double_quant=True), "double_quant applies to"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(bits=3), "bits must be 4 or 8"),
+        (dict(bits=4, group_size=100), "group_size must be one of"),
+        (dict(bits=4, group_size=64, scheme="fp4"), "scheme must be one of"),
+        (dict(bits=8, group_size=64), "scaled per output channel"),
+        (dict(bits=8, group_size=None, scheme="nf4"), "'nf4' is 4-bit"),
+        (dict(bits=4, group_size=64, double_quant=True), "double_quant applies to"),
+    ],
+)
 def test_bad_formats(kwargs, match):
     with pytest.raises(ValueError, match=match):
         quantize_weight(torch.randn(8, 128), **kwargs)
@@ -127,3 +149,19 @@ def test_bad_weights():
         quantize_weight(torch.randn(8, 96), bits=4, group_size=64)
     with pytest.raises(TypeError, match="2-D floating-point"):
         quantize_weight(torch.randint(0, 3, (8, 128)), bits=8, group_size=None)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_weights_are_refused_naming_the_element(fmt, bad):
+    """A NaN used to spread through its group's scale (and, double-quantized, through every
+    block's), turning whole outputs NaN; inf was refused only for some formats."""
+    w = torch.randn(8, 128)
+    w[5, 77] = bad
+    with pytest.raises(ValueError, match=r"weight must be finite: weight\[5, 77\]"):
+        quantize_weight(w, **FORMATS[fmt])
+
+
+def test_empty_input_features_are_refused():
+    with pytest.raises(ValueError, match="K >= 1"):
+        quantize_weight(torch.randn(8, 0), bits=8)

@@ -10,6 +10,7 @@ correlation are not all trivially 1.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -20,7 +21,10 @@ import tokenizers
 import torch
 
 from fastlm import cli
-from fastlm.eval import finetune as ft
+from fastlm.data import glue
+from fastlm.eval import metrics
+from fastlm.testing import assert_policy
+from fastlm.train import finetune as ft
 from fastlm.train import latest_checkpoint
 
 # Common English words: every sentence is made of them, plus the keyword.
@@ -81,8 +85,7 @@ def segment_task(rng: random.Random, n: int) -> list[tuple[str, str, str]]:
 
 
 def corrupt(rng: random.Random, labels: list, names: list) -> list:
-    return [rng.choice([n for n in names if n != y]) if rng.random() < NOISE else y
-            for y in labels]  # fmt: skip
+    return [rng.choice([n for n in names if n != y]) if rng.random() < NOISE else y for y in labels]
 
 
 def write_tsv(path, header, rows):
@@ -152,55 +155,69 @@ def test_pair_truncation_matches_the_tokenizers_library():
         for a in range(14):
             for b in range(14):
                 ids = tok.encode(" ".join("a" * a), " ".join("b" * b)).ids
-                assert ft.truncated_lengths(a, b, budget) == (ids.count(1), ids.count(2))
+                assert glue.truncated_lengths(a, b, budget) == (ids.count(1), ids.count(2))
 
 
 def test_labels_are_numbered_in_a_stable_order(tmp_path):
     def task(labels):
-        return ft.Task.from_examples([ft.Example(i, ("x",), y) for i, y in enumerate(labels)],
-                                     regression=False)  # fmt: skip
+        return glue.GlueTask.from_examples(
+            [glue.GlueExample(i, ("x",), y) for i, y in enumerate(labels)], regression=False
+        )
 
     assert task(["10", "2", "-1", "2"]).labels == ("-1", "2", "10")  # numbers by value
     assert task(["neutral", "entailment", "contradiction"]).labels == (
-        "contradiction", "entailment", "neutral")  # fmt: skip
+        "contradiction",
+        "entailment",
+        "neutral",
+    )
     t = task(["b", "a"])
     t.save(tmp_path / "labels.json")
-    assert ft.Task.load(tmp_path / "labels.json") == t
-    assert ft.Task.from_examples([], regression=True).num_labels == 1
+    assert glue.GlueTask.load(tmp_path / "labels.json") == t
+    assert glue.GlueTask.from_examples([], regression=True).num_labels == 1
 
 
 def test_correlations_against_their_definitions():
     x = [1.0, 2.0, 2.0, 3.0, 7.5, -1.0]
     y = [0.5, 3.0, 2.0, 4.0, 4.0, 0.0]
-    assert ft.pearson(x, y) == pytest.approx(pearson_of(x, y), abs=1e-12)
-    assert ft.spearman(x, y) == pytest.approx(pearson_of(ranks_of(x), ranks_of(y)), abs=1e-12)
-    assert ft.spearman(x, [v**3 for v in x]) == pytest.approx(1.0)
-    assert math.isnan(ft.pearson([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]))  # undefined, not 0
+    assert metrics.pearson(x, y) == pytest.approx(pearson_of(x, y), abs=1e-12)
+    assert metrics.spearman(x, y) == pytest.approx(pearson_of(ranks_of(x), ranks_of(y)), abs=1e-12)
+    assert metrics.spearman(x, [v**3 for v in x]) == pytest.approx(1.0)
+    assert math.isnan(metrics.pearson([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]))  # undefined, not 0
 
 
 def test_glue_columns_by_name(tmp_path):
     """MRPC's layout (a byte-order mark, columns named with spaces and '#', quotes that are
     text) and CoLA's header-less one, by column number."""
     mrpc = tmp_path / "mrpc.tsv"
-    mrpc.write_text('\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n'
-                    '1\t702876\t702977\tHe said "yes".\tHe said yes.\n'
-                    '\n'
-                    '0\t2108705\t2108831\tOne\tTwo\n', encoding="utf-8")  # fmt: skip
-    examples = ft.read_examples(mrpc, ["#1 String", "#2 String"], "Quality")
+    mrpc.write_text(
+        "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
+        '1\t702876\t702977\tHe said "yes".\tHe said yes.\n'
+        "\n"
+        "0\t2108705\t2108831\tOne\tTwo\n",
+        encoding="utf-8",
+    )
+    examples = glue.read_examples(mrpc, ["#1 String", "#2 String"], "Quality")
     assert [(e.line, e.texts, e.label) for e in examples] == [
-        (2, ('He said "yes".', "He said yes."), "1"), (4, ("One", "Two"), "0")]  # fmt: skip
-    cola = write_tsv(tmp_path / "cola.tsv", ["gj04", "1", "", "Our friends won't buy this."],
-                     [["gj04", "0", "*", "They drank the pub."]])  # fmt: skip
-    examples = ft.read_examples(cola, ["3"], "1", header=False)
-    assert [(e.texts, e.label) for e in examples] == [(("Our friends won't buy this.",), "1"),
-                                                      (("They drank the pub.",), "0")]  # fmt: skip
+        (2, ('He said "yes".', "He said yes."), "1"),
+        (4, ("One", "Two"), "0"),
+    ]
+    cola = write_tsv(
+        tmp_path / "cola.tsv",
+        ["gj04", "1", "", "Our friends won't buy this."],
+        [["gj04", "0", "*", "They drank the pub."]],
+    )
+    examples = glue.read_examples(cola, ["3"], "1", header=False)
+    assert [(e.texts, e.label) for e in examples] == [
+        (("Our friends won't buy this.",), "1"),
+        (("They drank the pub.",), "0"),
+    ]
 
 
 # -- fine-tuning from scratch ----------------------------------------------------------------
 
 
 def finetune(capsys, *args):
-    code = ft.main([*args, "--no-progress"])
+    code = cli.main(["finetune", *args, "--no-progress"])
     out, err = capsys.readouterr()
     assert code == 0, err
     return out
@@ -215,13 +232,29 @@ def test_single_sentences_from_a_tsv(tmp_path, capsys):
     train, val = keyword_task(rng, 480), keyword_task(rng, 200)
     gold = corrupt(rng, [y for _, y in val], [0, 1])
     write_tsv(tmp_path / "train.tsv", ["sentence", "label"], train)
-    write_tsv(tmp_path / "dev.tsv", ["sentence", "label"],
-              [(s, y) for (s, _), y in zip(val, gold, strict=True)])  # fmt: skip
+    write_tsv(
+        tmp_path / "dev.tsv",
+        ["sentence", "label"],
+        [(s, y) for (s, _), y in zip(val, gold, strict=True)],
+    )
     out_dir = tmp_path / "run"
-    printed = finetune(capsys, "--train", str(tmp_path / "train.tsv"), "--validation",
-                       str(tmp_path / "dev.tsv"), "--model", "bert-tiny", "--epochs", "2",
-                       "--batch-size", "16", "--vocab-size", "1000",
-                       "--out-dir", str(out_dir))  # fmt: skip
+    printed = finetune(
+        capsys,
+        "--train",
+        str(tmp_path / "train.tsv"),
+        "--validation",
+        str(tmp_path / "dev.tsv"),
+        "--model",
+        "bert-tiny",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--vocab-size",
+        "1000",
+        "--out-dir",
+        str(out_dir),
+    )
     results = json.loads((out_dir / "results.json").read_text())
     predictions = read_jsonl(out_dir / "predictions.jsonl")
     assert [p["line"] for p in predictions] == list(range(2, 202))
@@ -231,10 +264,10 @@ def test_single_sentences_from_a_tsv(tmp_path, capsys):
     assert results["labels"] == ["0", "1"] and results["positive_label"] == "1"
     assert m["accuracy"] > 0.75
     assert m["accuracy"] == pytest.approx(
-        sum(a == b for a, b in zip(labels, predicted, strict=True)) / 200, abs=1e-12)  # fmt: skip
+        sum(a == b for a, b in zip(labels, predicted, strict=True)) / 200, abs=1e-12
+    )
     assert m["f1"] == pytest.approx(f1_of(labels, predicted, "1"), abs=1e-12)
-    assert m["matthews_corrcoef"] == pytest.approx(mcc_of(labels, predicted, ["0", "1"]),
-                                                   abs=1e-12)  # fmt: skip
+    assert m["matthews_corrcoef"] == pytest.approx(mcc_of(labels, predicted, ["0", "1"]), abs=1e-12)
     assert "f1 (binary, positive '1')" in printed and f"{m['accuracy']:.4f}" in printed
     # A validation pass after each epoch of 30 steps, logged with the training metrics.
     logged = [r for r in read_jsonl(out_dir / "metrics.jsonl") if "val_accuracy" in r]
@@ -243,8 +276,9 @@ def test_single_sentences_from_a_tsv(tmp_path, capsys):
     # The checkpoint predicts the same, loaded afresh; its encoder can start another task.
     model, tokenizer, task = ft.load_classifier(out_dir)
     assert task.labels == ("0", "1")
-    data = ft.ClassificationDataset(ft.encode(tokenizer, [(s,) for s, _ in val], 128),
-                                    torch.zeros(200))  # fmt: skip
+    data = glue.ClassificationDataset(
+        glue.encode(tokenizer, [(s,) for s, _ in val], 128), torch.zeros(200)
+    )
     again = [task.labels[i] for i in ft.predict(model, data).argmax(-1).tolist()]
     assert again == predicted
     encoder, _ = ft.pretrained_encoder(out_dir)
@@ -263,10 +297,27 @@ def test_sentence_pairs_from_a_jsonl_file(tmp_path, capsys):
     dev = [(a, b, y) for (a, b, _), y in zip(val, gold, strict=True)]
     write_jsonl(tmp_path / "dev.jsonl", [{"s1": a, "s2": b, "where": y} for a, b, y in dev])
     out_dir = tmp_path / "run"
-    printed = finetune(capsys, "--train", str(tmp_path / "train.jsonl"), "--validation",
-                       str(tmp_path / "dev.jsonl"), "--text-fields", "s1,s2", "--label-field",
-                       "where", "--model", "bert-tiny", "--epochs", "3", "--batch-size", "16",
-                       "--vocab-size", "1000", "--out-dir", str(out_dir))  # fmt: skip
+    printed = finetune(
+        capsys,
+        "--train",
+        str(tmp_path / "train.jsonl"),
+        "--validation",
+        str(tmp_path / "dev.jsonl"),
+        "--text-fields",
+        "s1,s2",
+        "--label-field",
+        "where",
+        "--model",
+        "bert-tiny",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "16",
+        "--vocab-size",
+        "1000",
+        "--out-dir",
+        str(out_dir),
+    )
     results = json.loads((out_dir / "results.json").read_text())
     assert results["labels"] == names and results["f1_average"] == "macro"
     predictions = read_jsonl(out_dir / "predictions.jsonl")
@@ -274,8 +325,7 @@ def test_sentence_pairs_from_a_jsonl_file(tmp_path, capsys):
     assert labels == gold
     m = results["metrics"]
     assert m["accuracy"] > 0.75
-    assert m["f1"] == pytest.approx(sum(f1_of(labels, predicted, c) for c in names) / 3,
-                                    abs=1e-12)  # fmt: skip
+    assert m["f1"] == pytest.approx(sum(f1_of(labels, predicted, c) for c in names) / 3, abs=1e-12)
     assert m["matthews_corrcoef"] == pytest.approx(mcc_of(labels, predicted, names), abs=1e-12)
     assert "f1 (macro)" in printed
 
@@ -297,11 +347,28 @@ def test_regression(tmp_path, capsys):
     write_tsv(tmp_path / "train.tsv", ["sentence", "score"], rows(480))
     write_tsv(tmp_path / "dev.tsv", ["sentence", "score"], rows(200))
     out_dir = tmp_path / "run"
-    printed = finetune(capsys, "--train", str(tmp_path / "train.tsv"), "--validation",
-                       str(tmp_path / "dev.tsv"), "--label-field", "score", "--regression",
-                       "--model", "bert-tiny", "--epochs", "2", "--batch-size", "16",
-                       "--lr", "2e-3", "--vocab-size", "1000",
-                       "--out-dir", str(out_dir))  # fmt: skip
+    printed = finetune(
+        capsys,
+        "--train",
+        str(tmp_path / "train.tsv"),
+        "--validation",
+        str(tmp_path / "dev.tsv"),
+        "--label-field",
+        "score",
+        "--regression",
+        "--model",
+        "bert-tiny",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--lr",
+        "2e-3",
+        "--vocab-size",
+        "1000",
+        "--out-dir",
+        str(out_dir),
+    )
     results = json.loads((out_dir / "results.json").read_text())
     predictions = read_jsonl(out_dir / "predictions.jsonl")
     labels, predicted = [p["label"] for p in predictions], [p["prediction"] for p in predictions]
@@ -309,8 +376,9 @@ def test_regression(tmp_path, capsys):
     m = results["metrics"]
     assert m["pearson"] > 0.5
     assert m["pearson"] == pytest.approx(pearson_of(predicted, labels), abs=1e-9)
-    assert m["spearman"] == pytest.approx(pearson_of(ranks_of(predicted), ranks_of(labels)),
-                                          abs=1e-9)  # fmt: skip
+    assert m["spearman"] == pytest.approx(
+        pearson_of(ranks_of(predicted), ranks_of(labels)), abs=1e-9
+    )
     assert "pearson" in printed and "accuracy" not in printed
     model, _, task = ft.load_classifier(out_dir)
     assert task.regression and model.config.num_labels == 1
@@ -322,11 +390,23 @@ def test_regression(tmp_path, capsys):
 def small_pair_files(tmp_path, n_train=64):
     rng = random.Random(SEED)
     for name, n in (("train", n_train), ("dev", 24)):
-        write_tsv(tmp_path / f"{name}.tsv", ["sentence1", "sentence2", "label"],
-                  segment_task(rng, n))  # fmt: skip
-    return ["--train", str(tmp_path / "train.tsv"), "--validation", str(tmp_path / "dev.tsv"),
-            "--text-fields", "sentence1,sentence2", "--batch-size", "16", "--epochs", "1",
-            "--max-length", "32"]  # fmt: skip
+        write_tsv(
+            tmp_path / f"{name}.tsv", ["sentence1", "sentence2", "label"], segment_task(rng, n)
+        )
+    return [
+        "--train",
+        str(tmp_path / "train.tsv"),
+        "--validation",
+        str(tmp_path / "dev.tsv"),
+        "--text-fields",
+        "sentence1,sentence2",
+        "--batch-size",
+        "16",
+        "--epochs",
+        "1",
+        "--max-length",
+        "32",
+    ]
 
 
 def assert_fresh_classifier(model, num_labels):
@@ -341,13 +421,38 @@ def test_from_a_fastlm_bert_checkpoint(tmp_path, capsys):
     docs = [" ".join(" ".join(_words(rng)) + "." for _ in range(4)) for _ in range(120)]
     write_jsonl(tmp_path / "docs.jsonl", [{"text": d} for d in docs])
     tiny = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}
-    assert cli.main(["train", "--model", "bert", "--model-overrides", json.dumps(tiny),
-                     "--data", str(tmp_path / "docs.jsonl"), "--vocab-size", "400",
-                     "--seq-len", "32", "--batch-size", "4", "--max-steps", "2",
-                     "--warmup-steps", "1", "--eval-batches", "1", "--no-progress",
-                     "--out-dir", str(tmp_path / "mlm")]) == 0  # fmt: skip
-    saved = safetensors.torch.load_file(latest_checkpoint(tmp_path / "mlm" / "checkpoints")
-                                        / "model.safetensors")  # fmt: skip
+    assert (
+        cli.main(
+            [
+                "train",
+                "--model",
+                "bert",
+                "--model-overrides",
+                json.dumps(tiny),
+                "--data",
+                str(tmp_path / "docs.jsonl"),
+                "--vocab-size",
+                "400",
+                "--seq-len",
+                "32",
+                "--batch-size",
+                "4",
+                "--max-steps",
+                "2",
+                "--warmup-steps",
+                "1",
+                "--eval-batches",
+                "1",
+                "--no-progress",
+                "--out-dir",
+                str(tmp_path / "mlm"),
+            ]
+        )
+        == 0
+    )
+    saved = safetensors.torch.load_file(
+        latest_checkpoint(tmp_path / "mlm" / "checkpoints") / "model.safetensors"
+    )
     encoder, tokenizer = ft.pretrained_encoder(tmp_path / "mlm")
     model = ft.classifier_from(encoder, 3)
     copied = model.bert.state_dict()
@@ -357,8 +462,14 @@ def test_from_a_fastlm_bert_checkpoint(tmp_path, capsys):
     assert_fresh_classifier(model, 3)
     capsys.readouterr()
     out_dir = tmp_path / "ft"
-    finetune(capsys, *small_pair_files(tmp_path), "--init", str(tmp_path / "mlm"), "--out-dir",
-             str(out_dir))  # fmt: skip
+    finetune(
+        capsys,
+        *small_pair_files(tmp_path),
+        "--init",
+        str(tmp_path / "mlm"),
+        "--out-dir",
+        str(out_dir),
+    )
     tuned, tuned_tokenizer, task = ft.load_classifier(out_dir)
     assert task.labels == ("first", "none", "second")
     assert tuned.config.hidden_size == 32 and tuned_tokenizer.vocab_size == tokenizer.vocab_size
@@ -370,16 +481,32 @@ def hf_bert_dir(tmp_path):
     encoder keys) with a WordPiece ``tokenizer.json`` (and ``vocab.txt``) of the task's
     words."""
     T = pytest.importorskip("transformers")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *dict.fromkeys(FILLER), KEY,
-             "##s", ".", ","]  # fmt: skip
-    config = T.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1,
-                          num_attention_heads=2, intermediate_size=64,
-                          max_position_embeddings=64)  # fmt: skip
+    vocab = [
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+        *dict.fromkeys(FILLER),
+        KEY,
+        "##s",
+        ".",
+        ",",
+    ]
+    config = T.BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     hf = T.BertModel(config).eval()
     path = tmp_path / "hf"
     hf.save_pretrained(path)
-    tok = tokenizers.Tokenizer(tokenizers.models.WordPiece({w: i for i, w in enumerate(vocab)},
-                                                           unk_token="[UNK]"))  # fmt: skip
+    tok = tokenizers.Tokenizer(
+        tokenizers.models.WordPiece({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]")
+    )
     tok.normalizer = tokenizers.normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = tokenizers.pre_tokenizers.BertPreTokenizer()
     tok.add_special_tokens(vocab[:5])
@@ -397,19 +524,45 @@ def test_from_a_hugging_face_bert_directory(hf_bert_dir, tmp_path, capsys):
     mask[1, 6:] = 0
     types = (torch.arange(9) >= 5).long().expand(3, 9)
     hidden, pooled = model.bert(ids, mask, types)
-    theirs = hf(input_ids=ids, attention_mask=mask, token_type_ids=types)
+    inputs = dict(input_ids=ids, attention_mask=mask, token_type_ids=types)
+    theirs, ref = hf(**inputs), copy.deepcopy(hf).double()(**inputs)
+    # Against transformers in float64, with transformers in float32 as PyTorch's own result.
     valid = mask.bool()
-    torch.testing.assert_close(hidden[valid], theirs.last_hidden_state[valid], rtol=1e-4,
-                               atol=1e-5)  # fmt: skip
-    torch.testing.assert_close(pooled, theirs.pooler_output, rtol=1e-4, atol=1e-5)
+    states = (t.last_hidden_state[valid] for t in (ref, theirs))
+    assert_policy(hidden[valid], *states, "hidden states")
+    assert_policy(pooled, ref.pooler_output, theirs.pooler_output, "pooled")
     assert_fresh_classifier(model, 2)
     out_dir = tmp_path / "ft"
-    finetune(capsys, *small_pair_files(tmp_path), "--init", str(path), "--out-dir",
-             str(out_dir))  # fmt: skip
-    assert ft.main([*small_pair_files(tmp_path), "--init", str(path), "--max-length", "65"]) == 1
+    finetune(capsys, *small_pair_files(tmp_path), "--init", str(path), "--out-dir", str(out_dir))
+    assert (
+        cli.main(
+            ["finetune", *small_pair_files(tmp_path), "--init", str(path), "--max-length", "65"]
+        )
+        == 1
+    )
     assert "max_length 65 exceeds the model's 64 positions" in capsys.readouterr().err
     _, tokenizer, _ = ft.load_classifier(out_dir)
     assert tokenizer.token_id("[CLS]") == 2
+
+
+def test_a_bert_pre_training_checkpoint_gives_its_encoder_and_pooler(hf_bert_dir, tmp_path):
+    """How BERT checkpoints are published (``BertForPreTraining``): the encoder and its
+    trained pooler load; the next-sentence head, which fine-tuning does not use, is left
+    out with a warning naming it."""
+    path, hf, T = hf_bert_dir
+    pre = T.BertForPreTraining(hf.config).eval()
+    pre.save_pretrained(tmp_path / "pre")
+    (tmp_path / "pre" / "tokenizer.json").write_bytes((path / "tokenizer.json").read_bytes())
+    with pytest.warns(UserWarning, match=r"ignored 2 tensors \(cls\.seq_relationship"):
+        encoder, _ = ft.pretrained_encoder(tmp_path / "pre")
+    ids = torch.randint(5, hf.config.vocab_size, (3, 9))
+    hidden, pooled = encoder(ids)
+    theirs = pre.bert(ids)
+    for got, want in ((hidden, theirs.last_hidden_state), (pooled, theirs.pooler_output)):
+        # fp32 epsilon times the longest reduction (the 64-wide intermediate layer).
+        bound = torch.finfo(torch.float32).eps * 64 * want.abs().max().item()
+        err = (got - want).abs().max().item()
+        assert err <= bound, f"max |fastlm - transformers| = {err:.3g} > {bound:.3g}"
 
 
 def test_pairs_encode_as_hugging_faces_bert_tokenizer(hf_bert_dir, tmp_path):
@@ -419,8 +572,10 @@ def test_pairs_encode_as_hugging_faces_bert_tokenizer(hf_bert_dir, tmp_path):
     path, _, T = hf_bert_dir
     reference = T.BertTokenizer(str(path / "vocab.txt"))
     rng = random.Random(SEED)
-    pairs = [(" ".join(_words(rng, 1, 12)).capitalize() + ", Zebras.", " ".join(_words(rng, 1, 12)))
-             for _ in range(40)]  # fmt: skip
+    pairs = [
+        (" ".join(_words(rng, 1, 12)).capitalize() + ", Zebras.", " ".join(_words(rng, 1, 12)))
+        for _ in range(40)
+    ]
     vocab_only = tmp_path / "vocab_only"  # as the slow tokenizer saves a model directory
     vocab_only.mkdir()
     for name in ("config.json", "model.safetensors", "vocab.txt"):
@@ -428,7 +583,7 @@ def test_pairs_encode_as_hugging_faces_bert_tokenizer(hf_bert_dir, tmp_path):
     (vocab_only / "tokenizer_config.json").write_text('{"do_lower_case": true}')
     for tokenizer in (ft.pretrained_encoder(path)[1], ft.pretrained_encoder(vocab_only)[1]):
         for max_length in (8, 13, 64):
-            got = ft.encode(tokenizer, pairs, max_length)
+            got = glue.encode(tokenizer, pairs, max_length)
             for i, (a, b) in enumerate(pairs):
                 want = reference(a, b, truncation="longest_first", max_length=max_length)
                 n = int(got["attention_mask"][i].sum())
@@ -441,8 +596,11 @@ def test_pairs_encode_as_hugging_faces_bert_tokenizer(hf_bert_dir, tmp_path):
 
 
 def test_bad_input_fails_with_a_message(tmp_path, capsys):
-    train = write_tsv(tmp_path / "train.tsv", ["sentence", "label"],
-                      [("good film", "pos"), ("bad film", "neg")] * 8)  # fmt: skip
+    train = write_tsv(
+        tmp_path / "train.tsv",
+        ["sentence", "label"],
+        [("good film", "pos"), ("bad film", "neg")] * 8,
+    )
     dev = write_tsv(tmp_path / "dev.tsv", ["sentence", "label"], [("fine film", "meh")])
     csv = tmp_path / "train.csv"
     csv.write_text(train.read_text())
@@ -450,34 +608,76 @@ def test_bad_input_fails_with_a_message(tmp_path, capsys):
     empty.write_text("sentence\tlabel\n")
     records = [{"sentence": "ok", "label": "pos"}, {"text": "no sentence", "label": "neg"}]
     jsonl = write_jsonl(tmp_path / "dev.jsonl", records)
-    base = ["--model", "bert-tiny", "--batch-size", "4", "--vocab-size", "400", "--out-dir",
-            str(tmp_path / "out"), "--no-progress"]  # fmt: skip
+    base = [
+        "--model",
+        "bert-tiny",
+        "--batch-size",
+        "4",
+        "--vocab-size",
+        "400",
+        "--out-dir",
+        str(tmp_path / "out"),
+        "--no-progress",
+    ]
     cases = [
-        ([str(train), str(dev), "--text-fields", "sentence1,sentence2"],
-         "has no column 'sentence1', 'sentence2'; its columns: 'sentence', 'label'"),
+        (
+            [str(train), str(dev), "--text-fields", "sentence1,sentence2"],
+            "has no column 'sentence1', 'sentence2'; its columns: 'sentence', 'label'",
+        ),
         ([str(train), str(dev), "--label-field", "gold"], "has no column 'gold'"),
         ([str(train), str(empty)], "empty.tsv holds no examples"),
-        ([str(train), str(dev)], "dev.tsv:2: label 'meh' does not occur in the training file "
-                                 "(its labels: 'neg', 'pos')"),
+        (
+            [str(train), str(dev)],
+            "dev.tsv:2: label 'meh' does not occur in the training file (its labels: 'neg', 'pos')",
+        ),
         ([str(train), str(jsonl)], "dev.jsonl:2: no field 'sentence'"),
         ([str(train), str(tmp_path / "missing.tsv")], "missing.tsv does not exist"),
         ([str(train), str(csv)], "train.csv: the data format is told by the suffix"),
         ([str(train), str(train), "--batch-size", "32"], "16 examples, fewer than batch_size 32"),
         ([str(train), str(train), "--regression"], "label 'pos' is not a finite number"),
-        ([str(train), str(train), "--positive-label", "maybe"],
-         "positive_label 'maybe' is not a training label"),
+        (
+            [str(train), str(train), "--positive-label", "maybe"],
+            "positive_label 'maybe' is not a training label",
+        ),
         ([str(train), str(train), "--model", "gpt2-tiny"], "'gpt2-tiny' is not a BERT preset"),
-    ]  # fmt: skip
+    ]
     for (train_file, dev_file, *extra), message in cases:
-        code = ft.main(["--train", train_file, "--validation", dev_file, *base, *extra])
+        code = cli.main(
+            ["finetune", "--train", train_file, "--validation", dev_file, *base, *extra]
+        )
         err = capsys.readouterr().err
         assert code == 1 and message in err, (extra, err)
         assert err.startswith("fastlm finetune: ")
-    for init, message in ((tmp_path, "neither a fastlm checkpoint"),
-                          (tmp_path / "nowhere", "nowhere is not a directory")):  # fmt: skip
-        code = ft.main(["--train", str(train), "--validation", str(train), "--init",
-                        str(init), "--batch-size", "4"])  # fmt: skip
+    for init, message in (
+        (tmp_path, "neither a fastlm checkpoint"),
+        (tmp_path / "nowhere", "nowhere is not a directory"),
+    ):
+        code = cli.main(
+            [
+                "finetune",
+                "--train",
+                str(train),
+                "--validation",
+                str(train),
+                "--init",
+                str(init),
+                "--batch-size",
+                "4",
+            ]
+        )
         assert code == 1 and message in capsys.readouterr().err
     with pytest.raises(SystemExit):  # --init and --model together: argparse's usage error
-        ft.main(["--train", str(train), "--validation", str(dev), "--init", "x", "--model", "y"])
+        cli.main(
+            [
+                "finetune",
+                "--train",
+                str(train),
+                "--validation",
+                str(dev),
+                "--init",
+                "x",
+                "--model",
+                "y",
+            ]
+        )
     assert not (tmp_path / "out").exists()  # everything rejected before any work

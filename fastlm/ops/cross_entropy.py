@@ -18,17 +18,23 @@ gradient is only known in the backward, so the backward recomputes the chunks.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from fastlm import backend
+from fastlm.ops._common import (
+    FLOAT32_AND_HALF_DTYPES,
+    SupportCheck,
+    absent,
+    dtype_error,
+    last_dim_contiguous,
+    supports,
+)
 from fastlm.ops.autocast import autocast_policy
+from fastlm.ops.contract import check_float, check_real, values_readable
 
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_FLOAT_DTYPES = (*_KERNEL_DTYPES, torch.float64)
 _REDUCTIONS = ("mean", "sum", "none")
 _INT32 = (-(2**31), 2**31 - 1)
 
@@ -94,7 +100,7 @@ def cross_entropy(
     _check_common(logits, target, "logits", ignore_index, label_smoothing, reduction, z_loss)
     v = logits.shape[1]
     if weight is not None:
-        _check_float("weight", weight)
+        check_float("weight", weight)
         if tuple(weight.shape) != (v,) or weight.device != logits.device:
             raise ValueError(
                 f"weight must be a ({v},) tensor on {logits.device}, got shape "
@@ -102,8 +108,9 @@ def cross_entropy(
             )
     name = backend.select("cross_entropy", logits.device, _support(logits, weight, ignore_index))
     if name == "torch":
-        return _torch_cross_entropy(logits, target, ignore_index, label_smoothing, reduction,
-                                    z_loss, weight)  # fmt: skip
+        return _torch_cross_entropy(
+            logits, target, ignore_index, label_smoothing, reduction, z_loss, weight
+        )
     rows, _ = torch.ops.fastlm.cross_entropy_fwd(
         logits, target, ignore_index, float(label_smoothing), float(z_loss), name
     )
@@ -141,27 +148,29 @@ def linear_cross_entropy(
     ``weight`` and ``bias``; for "mean"/"sum" they are computed during the forward (see the
     module docstring).
     """
-    _check_float("hidden", hidden)
+    check_float("hidden", hidden)
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be 2-D (N, H), got shape {tuple(hidden.shape)}")
-    _check_float("weight", weight)
+    check_float("weight", weight)
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[1] or weight.shape[0] < 1:
         raise ValueError(
             f"weight must be (V, {hidden.shape[1]}) with V >= 1, got {tuple(weight.shape)}"
         )
+    if bias is not None:
+        check_float("bias", bias)
     for arg, t in (("weight", weight), ("bias", bias)):
-        if t is not None and (t.dtype != hidden.dtype or t.device != hidden.device):
-            raise ValueError(
-                f"{arg} must have hidden's dtype and device ({hidden.dtype}, {hidden.device}),"
-                f" got {t.dtype} on {t.device}"
-            )
+        if t is not None and t.dtype != hidden.dtype:
+            raise TypeError(f"{arg} must have hidden's dtype {hidden.dtype}, got {t.dtype}")
+        if t is not None and t.device != hidden.device:
+            raise ValueError(f"{arg} is on {t.device} but hidden is on {hidden.device}")
     v = weight.shape[0]
     if bias is not None and tuple(bias.shape) != (v,):
         raise ValueError(f"bias must have shape ({v},), got {tuple(bias.shape)}")
     _check_target(target, hidden.shape[0], v, hidden.device, ignore_index)
     _check_options(ignore_index, label_smoothing, reduction, z_loss)
-    if out_dtype is not None and not (isinstance(out_dtype, torch.dtype)
-                                      and out_dtype.is_floating_point):  # fmt: skip
+    if out_dtype is not None and not (
+        isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point
+    ):
         raise TypeError(f"out_dtype must be a floating-point dtype, got {out_dtype!r}")
     n, h = hidden.shape
     if chunk_size is None:
@@ -175,9 +184,18 @@ def linear_cross_entropy(
         t is not None and t.requires_grad for t in (hidden, weight, bias)
     )
     loss, _, _, _ = torch.ops.fastlm.linear_cross_entropy_fwd(
-        hidden, weight, bias, target, ignore_index, float(label_smoothing), float(z_loss),
-        reduction, chunk_size, needs_grad and reduction != "none", name,
-    )  # fmt: skip
+        hidden,
+        weight,
+        bias,
+        target,
+        ignore_index,
+        float(label_smoothing),
+        float(z_loss),
+        reduction,
+        chunk_size,
+        needs_grad and reduction != "none",
+        name,
+    )
     if reduction == "mean":
         loss = loss / (target != ignore_index).sum()
     return loss.to(hidden.dtype if out_dtype is None else out_dtype)
@@ -192,22 +210,16 @@ def default_chunk_size(n: int, h: int, v: int) -> int:
     """Rows per chunk: the power of two nearest ``N / ceil(V / H)`` (Liger's choice), so
     a (chunk, V) logits chunk holds about as many elements as ``hidden`` (N, H), and at
     least :data:`MIN_CHUNK_ROWS`."""
-    return max(MIN_CHUNK_ROWS, triton_next_power_of_2(math.ceil(n / math.ceil(v / h))))
+    return max(MIN_CHUNK_ROWS, _next_power_of_2(math.ceil(n / math.ceil(v / h))))
 
 
-def triton_next_power_of_2(x: int) -> int:
+def _next_power_of_2(x: int) -> int:
+    # triton.next_power_of_2's rule, without importing Triton (the torch backend needs none).
     return 1 << max(0, x - 1).bit_length()
 
 
 # ---------------------------------------------------------------------------------------------
 # Validation.
-
-
-def _check_float(name: str, t: Tensor) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
 
 
 def _check_target(target: Tensor, n: int, v: int, device: torch.device, ignore_index) -> None:
@@ -219,8 +231,9 @@ def _check_target(target: Tensor, n: int, v: int, device: torch.device, ignore_i
         raise ValueError(f"target must have shape ({n},), got {tuple(target.shape)}")
     if target.device != device:
         raise ValueError(f"target is on {target.device} but the logits are on {device}")
-    # Checked where it costs no device sync; on GPUs the kernels give NaN for such rows.
-    if device.type == "cpu" and not torch.compiler.is_compiling() and n:
+    # One device-to-host copy on GPUs, where an out-of-range class would be a device-side
+    # assert on the torch backend and NaN on the kernels; skipped where values cannot be read.
+    if n and values_readable(target):
         bad = (target != ignore_index) & ((target < 0) | (target >= v))
         if bad.any():
             i = int(bad.nonzero()[0, 0])
@@ -230,16 +243,16 @@ def _check_target(target: Tensor, n: int, v: int, device: torch.device, ignore_i
 def _check_options(ignore_index, label_smoothing, reduction, z_loss) -> None:
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    if not 0.0 <= label_smoothing <= 1.0:
+    if not 0.0 <= check_real("label_smoothing", label_smoothing) <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if not (z_loss >= 0.0 and math.isfinite(z_loss)):
+    if check_real("z_loss", z_loss) < 0.0:
         raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss}")
 
 
 def _check_common(logits, target, name, ignore_index, label_smoothing, reduction, z_loss):
-    _check_float(name, logits)
+    check_float(name, logits)
     if logits.dim() != 2 or logits.shape[1] < 1:
         raise ValueError(f"{name} must be 2-D (N, V) with V >= 1, got {tuple(logits.shape)}")
     _check_target(target, logits.shape[0], logits.shape[1], logits.device, ignore_index)
@@ -247,25 +260,24 @@ def _check_common(logits, target, name, ignore_index, label_smoothing, reduction
 
 
 def _kernel_error(name: str, t: Tensor, ignore_index: int) -> str | None:
-    if t.dtype not in _KERNEL_DTYPES:
-        return f"{name} dtype {t.dtype} is not one of {_KERNEL_DTYPES}"
+    if error := dtype_error(name, t, FLOAT32_AND_HALF_DTYPES):
+        return error
     if not _INT32[0] <= ignore_index <= _INT32[1]:
         return f"ignore_index {ignore_index} does not fit the kernels' int32"
     return None
 
 
-def _support(logits, weight, ignore_index) -> dict[str, Callable[[], str | None]]:
+def _support(logits, weight, ignore_index) -> dict[str, SupportCheck]:
     def triton_error():
         if weight is not None:
             return "class weights (weight=) are supported on the torch backend only"
         return _kernel_error("logits", logits, ignore_index)
 
-    return {"triton": triton_error, "torch": lambda: None}
+    return supports(triton_error)
 
 
-def _linear_support(hidden, ignore_index) -> dict[str, Callable[[], str | None]]:
-    return {"triton": lambda: _kernel_error("hidden", hidden, ignore_index),
-            "torch": lambda: None}  # fmt: skip
+def _linear_support(hidden, ignore_index) -> dict[str, SupportCheck]:
+    return supports(lambda: _kernel_error("hidden", hidden, ignore_index))
 
 
 def _reduce(rows: Tensor, target: Tensor, ignore_index: int, reduction: str) -> Tensor:
@@ -281,8 +293,14 @@ def _reduce(rows: Tensor, target: Tensor, ignore_index: int, reduction: str) -> 
 
 def _torch_cross_entropy(logits, target, ignore_index, smoothing, reduction, z_loss, weight):
     target = target.long()
-    loss = F.cross_entropy(logits, target, weight, ignore_index=ignore_index,
-                           reduction=reduction, label_smoothing=smoothing)  # fmt: skip
+    loss = F.cross_entropy(
+        logits,
+        target,
+        weight,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=smoothing,
+    )
     if z_loss == 0.0:
         return loss
     valid = target != ignore_index
@@ -335,11 +353,13 @@ def _triton_rows(logits, target, ignore_index, smoothing, z_loss, grad, row_scal
     from fastlm.kernels import cross_entropy as kernels
 
     if not grad or row_scale is None:
-        return kernels.cross_entropy_fwd(logits, target, ignore_index, smoothing, z_loss,
-                                         logits if grad else None)  # fmt: skip
+        return kernels.cross_entropy_fwd(
+            logits, target, ignore_index, smoothing, z_loss, logits if grad else None
+        )
     loss, lse = kernels.cross_entropy_fwd(logits, target, ignore_index, smoothing, z_loss)
-    kernels.cross_entropy_bwd(row_scale, logits, target, lse, ignore_index, smoothing, z_loss,
-                              out=logits)  # fmt: skip
+    kernels.cross_entropy_bwd(
+        row_scale, logits, target, lse, ignore_index, smoothing, z_loss, out=logits
+    )
     return loss, lse
 
 
@@ -352,10 +372,6 @@ def _triton_bwd(dloss, logits, target, lse, ignore_index, smoothing, z_loss):
 ROWS = {"torch": _torch_rows, "triton": _triton_rows}
 FORWARD = {"triton": lambda *a: _triton_rows(*a, grad=False)}
 BACKWARD = {"triton": _triton_bwd}
-
-
-def _rows(t: Tensor) -> Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,7 +389,11 @@ def _cross_entropy_fwd_op(
 ) -> tuple[Tensor, Tensor]:
     """Per-row ``(loss, lse)``, float32 (N,)."""
     return FORWARD[backend_name](
-        _rows(logits), target.long().contiguous(), ignore_index, label_smoothing, z_loss
+        last_dim_contiguous(logits),
+        target.long().contiguous(),
+        ignore_index,
+        label_smoothing,
+        z_loss,
     )
 
 
@@ -396,9 +416,14 @@ def _cross_entropy_bwd_op(
 ) -> Tensor:
     """``dlogits`` (N, V) in the dtype of ``logits`` from the per-row gradient ``dloss``."""
     return BACKWARD[backend_name](
-        dloss, _rows(logits), target.long().contiguous(), lse, ignore_index, label_smoothing,
+        dloss,
+        last_dim_contiguous(logits),
+        target.long().contiguous(),
+        lse,
+        ignore_index,
+        label_smoothing,
         z_loss,
-    )  # fmt: skip
+    )
 
 
 @_cross_entropy_bwd_op.register_fake
@@ -429,8 +454,19 @@ torch.library.register_autograd(
 # linear_cross_entropy custom ops (both backends: the chunked algorithm is the same).
 
 
-def _chunked(hidden, weight, bias, target, ignore_index, smoothing, z_loss, chunk_size,
-             backend_name, grad, row_scale=None):  # fmt: skip
+def _chunked(
+    hidden,
+    weight,
+    bias,
+    target,
+    ignore_index,
+    smoothing,
+    z_loss,
+    chunk_size,
+    backend_name,
+    grad,
+    row_scale=None,
+):
     """Loop over token chunks: logits chunk, per-row loss, and (``grad``) the chunk's
     d_hidden rows and its d_weight/d_bias contributions. Returns ``(loss_rows, dhidden,
     dweight, dbias)``; the gradients are of ``sum_i row_scale_i * loss_i`` (scale 1 when
@@ -448,8 +484,9 @@ def _chunked(hidden, weight, bias, target, ignore_index, smoothing, z_loss, chun
         hc = hidden[start:end]
         logits = F.linear(hc, weight, bias)  # (chunk, V): the only vocabulary-sized buffer
         scale = None if row_scale is None else row_scale[start:end]
-        loss[start:end], _ = rows_fn(logits, target[start:end], ignore_index, smoothing,
-                                     z_loss, grad, scale)  # fmt: skip
+        loss[start:end], _ = rows_fn(
+            logits, target[start:end], ignore_index, smoothing, z_loss, grad, scale
+        )
         if not grad:
             continue
         # logits now holds dloss/dlogits for this chunk.
@@ -465,10 +502,6 @@ def _chunked(hidden, weight, bias, target, ignore_index, smoothing, z_loss, chun
 
 def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)  # float64 stays float64 (gradcheck)
-
-
-def _empty(like: Tensor) -> Tensor:
-    return like.new_empty(0, dtype=torch.float32)
 
 
 @torch.library.custom_op("fastlm::linear_cross_entropy_fwd", mutates_args=())
@@ -490,22 +523,41 @@ def _linear_ce_fwd_op(
     ``compute_grad``, the gradients of that sum (dweight/dbias float32; empty tensors
     otherwise)."""
     loss, dh, dw, db = _chunked(
-        hidden.contiguous(), weight.contiguous(), bias, target, ignore_index, label_smoothing,
-        z_loss, chunk_size, backend_name, compute_grad,
-    )  # fmt: skip
+        hidden.contiguous(),
+        weight.contiguous(),
+        bias,
+        target,
+        ignore_index,
+        label_smoothing,
+        z_loss,
+        chunk_size,
+        backend_name,
+        compute_grad,
+    )
     if reduction != "none":
         loss = loss.sum()
     return (
         loss,
-        _empty(hidden) if dh is None else dh,
-        _empty(hidden) if dw is None else dw,
-        _empty(hidden) if db is None else db,
+        absent(hidden, torch.float32) if dh is None else dh,
+        absent(hidden, torch.float32) if dw is None else dw,
+        absent(hidden, torch.float32) if db is None else db,
     )
 
 
 @_linear_ce_fwd_op.register_fake
-def _(hidden, weight, bias, target, ignore_index, label_smoothing, z_loss, reduction,
-      chunk_size, compute_grad, backend_name):  # fmt: skip
+def _(
+    hidden,
+    weight,
+    bias,
+    target,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    reduction,
+    chunk_size,
+    compute_grad,
+    backend_name,
+):
     n, h = hidden.shape
     v = weight.shape[0]
     f32 = torch.float32
@@ -532,15 +584,34 @@ def _linear_ce_bwd_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Recomputes the chunks for reduction "none": gradients of ``sum_i dloss_i * loss_i``."""
     _, dh, dw, db = _chunked(
-        hidden.contiguous(), weight.contiguous(), bias, target, ignore_index, label_smoothing,
-        z_loss, chunk_size, backend_name, True, dloss.float(),
-    )  # fmt: skip
-    return dh, dw, _empty(hidden) if db is None else db
+        hidden.contiguous(),
+        weight.contiguous(),
+        bias,
+        target,
+        ignore_index,
+        label_smoothing,
+        z_loss,
+        chunk_size,
+        backend_name,
+        True,
+        dloss.float(),
+    )
+    return dh, dw, absent(hidden, torch.float32) if db is None else db
 
 
 @_linear_ce_bwd_op.register_fake
-def _(dloss, hidden, weight, bias, target, ignore_index, label_smoothing, z_loss, chunk_size,
-      backend_name):  # fmt: skip
+def _(
+    dloss,
+    hidden,
+    weight,
+    bias,
+    target,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    chunk_size,
+    backend_name,
+):
     v = weight.shape[0]
     return (
         hidden.new_empty(hidden.shape),
@@ -550,8 +621,19 @@ def _(dloss, hidden, weight, bias, target, ignore_index, label_smoothing, z_loss
 
 
 def _linear_setup_context(ctx, inputs, output):
-    (hidden, weight, bias, target, ignore_index, smoothing, z_loss, reduction, chunk_size,
-     _, backend_name) = inputs  # fmt: skip
+    (
+        hidden,
+        weight,
+        bias,
+        target,
+        ignore_index,
+        smoothing,
+        z_loss,
+        reduction,
+        chunk_size,
+        _,
+        backend_name,
+    ) = inputs
     _, dh, dw, db = output
     ctx.reduction = reduction
     ctx.has_bias = bias is not None
@@ -572,9 +654,17 @@ def _linear_backward(ctx, dloss, _ddh, _ddw, _ddb):
         hidden, weight, bias, target = ctx.saved_tensors
         ignore_index, smoothing, z_loss, chunk_size, backend_name = ctx.args
         dh, dw, db = torch.ops.fastlm.linear_cross_entropy_bwd(
-            dloss, hidden, weight, bias, target, ignore_index, smoothing, z_loss, chunk_size,
+            dloss,
+            hidden,
+            weight,
+            bias,
+            target,
+            ignore_index,
+            smoothing,
+            z_loss,
+            chunk_size,
             backend_name,
-        )  # fmt: skip
+        )
         return dh, dw.to(w_dtype), db.to(b_dtype) if ctx.has_bias else None, *none
     dh, dw, db = ctx.saved_tensors
     if dh.numel() == 0 and dw.numel() == 0:

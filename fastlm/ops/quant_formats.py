@@ -35,11 +35,23 @@ DQ_BLOCK = 256  # absmax values per second-level scale (QLoRA's choice)
 # QLoRA's NF4 code (Dettmers et al. 2023, appendix E): the 16 quantiles of N(0, 1) scaled to
 # [-1, 1], with an exact zero.
 NF4_CODE = (
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-)  # fmt: skip
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+)
 
 
 @dataclasses.dataclass
@@ -94,8 +106,10 @@ def check_format(bits: int, group_size: int | None, scheme: str, k: int | None =
         raise ValueError(f"scheme 'nf4' is 4-bit, got bits={bits}")
     if bits == 8:
         if group_size is not None:
-            raise ValueError("8-bit weights are scaled per output channel: group_size must be "
-                             f"None, got {group_size}")  # fmt: skip
+            raise ValueError(
+                "8-bit weights are scaled per output channel: group_size must be "
+                f"None, got {group_size}"
+            )
         return k if k is not None else 0
     if group_size is None:
         group_size = DEFAULT_GROUP[scheme]
@@ -137,6 +151,14 @@ def quantize_weight(
     if not isinstance(weight, Tensor) or not weight.is_floating_point() or weight.dim() != 2:
         raise TypeError("weight must be a 2-D floating-point tensor (N, K)")
     n, k = weight.shape
+    if k == 0:
+        raise ValueError("weight must have at least one input feature (K >= 1), got K = 0")
+    # One NaN or inf would spread through its group's (or channel's) scale, and with double
+    # quantization through every block's: refuse it rather than quantize it.
+    finite = torch.isfinite(weight)
+    if not bool(finite.all()):
+        row, col = (int(i) for i in (~finite).nonzero()[0])
+        raise ValueError(f"weight must be finite: weight[{row}, {col}] = {weight[row, col].item()}")
     g = check_format(bits, group_size, scheme, k)
     if double_quant and scheme != "nf4":
         raise ValueError("double_quant applies to scheme 'nf4' only")
@@ -152,23 +174,22 @@ def quantize_weight(
         absmax = _fp16_scale(groups.abs().amax(dim=2))  # quantize against what is stored
         code = torch.tensor(NF4_CODE, device=w.device)
         q = (groups / absmax[..., None]).unsqueeze(-1).sub(code).abs().argmin(dim=-1)
-        qw = QuantizedWeight("nf4", 4, (n, k), g, True, pack_int4(q.view(n, k)),
-                             absmax.half())  # fmt: skip
+        qw = QuantizedWeight("nf4", 4, (n, k), g, True, pack_int4(q.view(n, k)), absmax.half())
         if double_quant:
             qw.scales, qw.scales2, qw.scales_mean = _double_quantize(absmax)
         return qw
     if symmetric:
         scales = _fp16_scale(groups.abs().amax(dim=2) / 7)
         q = torch.round(groups / scales[..., None]).clamp(-8, 7) + 8
-        return QuantizedWeight("int", 4, (n, k), g, True, pack_int4(q.view(n, k)),
-                               scales.half())  # fmt: skip
+        return QuantizedWeight("int", 4, (n, k), g, True, pack_int4(q.view(n, k)), scales.half())
     # Asymmetric over [min(w, 0), max(w, 0)], so that 0 stays exactly representable.
     lo, hi = groups.amin(dim=2).clamp_max(0), groups.amax(dim=2).clamp_min(0)
     scales = _fp16_scale((hi - lo) / 15)
     zeros = torch.round(-lo / scales).clamp(0, 15)
     q = (torch.round(groups / scales[..., None]) + zeros[..., None]).clamp(0, 15)
-    return QuantizedWeight("int", 4, (n, k), g, False, pack_int4(q.view(n, k)),
-                           scales.half(), zeros.to(torch.uint8))  # fmt: skip
+    return QuantizedWeight(
+        "int", 4, (n, k), g, False, pack_int4(q.view(n, k)), scales.half(), zeros.to(torch.uint8)
+    )
 
 
 def _fp16_scale(scale: Tensor) -> Tensor:

@@ -1,0 +1,68 @@
+"""Pieces of the op contracts (DESIGN.md, "Backends") that several op modules share.
+
+Each op module checks its own arguments in one ``_check...`` function before it calls
+:func:`fastlm.backend.select`; these helpers are the parts those checks have in common.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import Tensor
+
+# The floating-point dtypes every op's contract takes (the torch backend computes in all).
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def values_readable(*tensors: Tensor | None) -> bool:
+    """Whether a check may read these tensors' values (a device-to-host copy) now.
+
+    Not while ``torch.compile`` traces (fake tensors hold no values), not on meta tensors
+    (shapes only), and not while a CUDA graph is being captured (no copies allowed): a
+    graphed or compiled caller must guarantee what such a check would have refused.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    for t in tensors:
+        if t is None:
+            continue
+        if t.device.type == "meta":
+            return False
+        if t.is_cuda and torch.cuda.is_current_stream_capturing():
+            return False
+    return True
+
+
+def check_float(name: str, t: object) -> None:
+    """Refuse anything but a tensor of one of :data:`FLOAT_DTYPES`, naming ``name``."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+
+
+def check_real(name: str, value: object) -> float:
+    """``value`` as a float, refusing anything that is not a finite real number (a bool, a
+    tensor, NaN, inf), naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def check_int(name: str, value: object, low: int) -> int:
+    """``value`` as an int ``>= low`` (a bool is refused), naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return int(value)
+
+
+def describe(value: object) -> str:
+    """A tensor's dtype, or any other value's type: what an error says it got."""
+    return str(value.dtype) if isinstance(value, Tensor) else type(value).__name__
