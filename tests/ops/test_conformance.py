@@ -54,7 +54,10 @@ class Case:
     computes the answer from the inputs (run in float64, and at the inputs' dtype for the
     baseline); None compares shapes and dtypes only (random dropout masks differ by
     backend). ``collect`` picks the tensors to compare from the result and the inputs
-    (in-place ops)."""
+    (in-place ops). ``floor_scale`` gives the size at which the policy's one-ulp floor is
+    taken, from the inputs and the float64 reference, where rounding in a correct
+    computation can reach beyond one ulp of the result (None: the reference's largest
+    element)."""
 
     op: str
     name: str
@@ -65,6 +68,7 @@ class Case:
     unavailable: dict[str, str] = dataclasses.field(default_factory=dict)
     collect: Callable[[Any, tuple, dict], tuple[Tensor, ...]] | None = None
     meta: bool = False
+    floor_scale: Callable[[tuple, dict, Tensor], float] | None = None
 
     @property
     def id(self) -> str:
@@ -759,10 +763,31 @@ def gemm_cases() -> list[Case]:
     return cases
 
 
+def loss_floor_scale(logits: Tensor, kwargs: dict, ref: Tensor) -> float:
+    """Where a correct cross-entropy may round: each row's loss is the difference of its
+    log-sum-exp and its target's logit, numbers of size up to max|logit| + log V that are
+    rounded before they cancel (an ulp each at that size); a mean or sum of n non-negative
+    row losses adds up to n - 1 roundings in their sum, as many in the weights' (or the
+    count's), and one in the division, at the result's size."""
+    finite = logits[torch.isfinite(logits)]
+    largest = finite.abs().max().item() if finite.numel() else 0.0
+    row = 2 * (largest + math.log(logits.shape[-1]))
+    if kwargs.get("reduction", "mean") == "none" or ref.numel() == 0:
+        return row
+    return row + (2 * logits.shape[0] - 1) / 2 * ref.abs().max().item()
+
+
 def loss_cases() -> list[Case]:
     def ce(name, make, expect=OK, **kw):
         return Case(
-            "cross_entropy", name, ops.cross_entropy, make, expect, ops.cross_entropy_ref, **kw
+            "cross_entropy",
+            name,
+            ops.cross_entropy,
+            make,
+            expect,
+            ops.cross_entropy_ref,
+            floor_scale=lambda args, kwargs, ref: loss_floor_scale(args[0].double(), kwargs, ref),
+            **kw,
         )
 
     def lce(name, make, expect=OK, **kw):
@@ -773,6 +798,9 @@ def loss_cases() -> list[Case]:
             make,
             expect,
             ref_linear_ce,
+            floor_scale=lambda args, kwargs, ref: loss_floor_scale(
+                args[0].double() @ args[1].double().T, kwargs, ref
+            ),
             **kw,
         )
 
@@ -1032,8 +1060,11 @@ def expected_kind(case: Case, be: str) -> str:
     return OK if case.expect == OK else case.expect[0].__name__
 
 
-def _compare(actual: Tensor, ref: Tensor, baseline: Tensor, label: str) -> None:
-    """Same NaN places and infinities as the reference; the rest within the policy."""
+def _compare(
+    actual: Tensor, ref: Tensor, baseline: Tensor, label: str, scale: float | None
+) -> None:
+    """Same NaN places and infinities as the reference; the rest within the policy, its
+    floor one ulp at ``scale`` (None: the reference's largest element)."""
     nan_got, nan_ref = actual.isnan(), ref.isnan()
     if not torch.equal(nan_got, nan_ref):
         raise AssertionError(
@@ -1047,7 +1078,7 @@ def _compare(actual: Tensor, ref: Tensor, baseline: Tensor, label: str) -> None:
         )
     finite = torch.isfinite(ref)
     base = torch.where(torch.isfinite(baseline.double()), baseline.double(), ref)
-    assert_policy(actual[finite], ref[finite], base[finite], label)
+    assert_policy(actual[finite], ref[finite], base[finite], label, scale=scale)
 
 
 def check_case(case: Case, device: torch.device) -> dict[str, Outcome]:
@@ -1090,7 +1121,9 @@ def check_case(case: Case, device: torch.device) -> dict[str, Outcome]:
     baseline = _as_tuple(case.ref(*_map(args, low), **_map(kwargs, low)))
     for be, tensors in served.items():
         for i, (got, ref, base) in enumerate(zip(tensors, reference, baseline, strict=True)):
-            _compare(got.cpu(), ref, base, f"{case.id} on {be}, output {i}")
+            finite = ref[torch.isfinite(ref)]
+            scale = None if case.floor_scale is None else case.floor_scale(args, kwargs, finite)
+            _compare(got.cpu(), ref, base, f"{case.id} on {be}, output {i}", scale)
     return outcomes
 
 
