@@ -63,10 +63,25 @@ def _why_not_cuda(config) -> str | None:
     return None
 
 
+def _why_not_auto() -> str | None:
+    """Why ``FASTLM_BUILD_CUDA=auto`` skips a build it could do: no GPU here to run it on
+    (minutes of nvcc for nothing), and no architecture asked for by name."""
+    import torch
+
+    if torch.cuda.is_available() or os.environ.get("FASTLM_CUDA_ARCHS", "").strip():
+        return None
+    return (
+        "no CUDA device here, so FASTLM_BUILD_CUDA=auto skips fastlm._C (set "
+        "FASTLM_BUILD_CUDA=1 or FASTLM_CUDA_ARCHS to build it for another machine)"
+    )
+
+
 def _cuda_extension(config):
     """(ext_modules, cmdclass) for fastlm._C, or empty ones when it is not built."""
     mode = config.build_mode()
     reason = "FASTLM_BUILD_CUDA=0" if mode == "0" else _why_not_cuda(config)
+    if reason is None and mode == "auto":
+        reason = _why_not_auto()
     if reason is not None:
         if mode == "1":
             raise RuntimeError(f"FASTLM_BUILD_CUDA=1, but fastlm._C cannot be built: {reason}")

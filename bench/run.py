@@ -18,10 +18,6 @@ if __package__ in (None, ""):
     # over the source tree (whose fastlm/ lacks the kernels/ mapping of an install).
     sys.path.append(str(Path(__file__).resolve().parent.parent))
 
-import torch
-
-from bench import harness
-
 BENCH_DIR = Path(__file__).resolve().parent
 
 
@@ -30,7 +26,10 @@ def available() -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fastlm bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="fastlm bench",
+        description="Run the benchmark suite and write CSV, JSON and a plot per device.",
+    )
     parser.add_argument("--full", action="store_true", help="every size (default: quick)")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--out", type=Path, help="results folder (default bench/results/<dev>)")
@@ -42,13 +41,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"run only this bench (repeatable): {', '.join(available())}",
     )
     args = parser.parse_args(argv)
+    # After parsing: --help and a mistyped flag answer without waiting for torch.
+    import torch
+
+    from bench import harness
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     quick, rep_ms = not args.full, 40 if not args.full else 100
     env = harness.environment(device)
     start = time.perf_counter()
     device_gbps = harness.copy_bandwidth(device, rep_ms)
-    print(f"{env.device}: copy bandwidth {device_gbps:.1f} GB/s (read + write), the roofline")
+    if device_gbps is None:
+        print(f"{env.device}: no roofline on a CPU (its caches outrun a DRAM copy)")
+    else:
+        print(f"{env.device}: copy bandwidth {device_gbps:.1f} GB/s (read + write), the roofline")
 
     results, errors = [], []
     for name in args.only or available():

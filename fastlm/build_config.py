@@ -7,7 +7,8 @@ Standard library only: it must run before anything else is importable.
 Environment:
 
 * ``FASTLM_BUILD_CUDA``: ``1`` (build the extension or fail), ``0`` (pure Python),
-  ``auto`` (default: build when torch has CUDA and a toolkit is found).
+  ``auto`` (default: build when torch has CUDA, a toolkit is found, and a GPU is visible
+  or ``FASTLM_CUDA_ARCHS`` names the targets).
 * ``FASTLM_CUDA_ARCHS``: GPU architectures to compile for, e.g. ``"80;90a"``,
   ``"sm_80,sm_90a"`` or ``"8.0 9.0a"``. Default ``80`` and ``90a``.
 * ``CUDA_HOME`` / ``CUDA_PATH``: the toolkit root, when ``nvcc`` on ``PATH`` is not it.

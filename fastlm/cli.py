@@ -1,5 +1,5 @@
-"""The ``fastlm`` command: ``info``, ``train``, ``generate``, ``bench``, ``data clean``,
-``eval`` and ``finetune``."""
+"""The ``fastlm`` command. It parses before it imports torch: ``--help``, ``--version`` and
+a mistyped flag answer at once; each subcommand loads what it needs when it runs."""
 
 from __future__ import annotations
 
@@ -9,16 +9,23 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 import fastlm
-from fastlm import backend, errors
+from fastlm import errors
 
 if TYPE_CHECKING:
-    from fastlm.train.finetune import FinetuneConfig
+    import torch
+
+    from fastlm.train.config import FinetuneConfig
+
+DESCRIPTION = (
+    "fastlm: fused transformer kernels under drop-in PyTorch modules. Train, sample, "
+    "evaluate and fine-tune small models, clean corpora, and benchmark the kernels."
+)
 
 
 def _versions() -> list[tuple[str, str]]:
+    import torch
+
     try:
         import triton
 
@@ -34,6 +41,8 @@ def _versions() -> list[tuple[str, str]]:
 
 
 def _device_line() -> tuple[str, torch.device]:
+    import torch
+
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         return (
@@ -46,6 +55,8 @@ def _device_line() -> tuple[str, torch.device]:
 
 def backend_status(op: str, name: str, device: torch.device) -> str:
     """One-line availability of backend ``name`` for ``op`` on ``device``."""
+    from fastlm import backend
+
     if name == "torch":
         return "yes (the CPU default)"
     if device.type == "cpu":
@@ -64,6 +75,9 @@ def backend_status(op: str, name: str, device: torch.device) -> str:
 
 
 def info() -> int:
+    import fastlm.ops  # noqa: F401  (importing the ops registers their backends)
+    from fastlm import backend
+
     for key, value in _versions():
         print(f"{key:<10}{value}")
     device_text, device = _device_line()
@@ -95,9 +109,12 @@ def bench(argv: list[str]) -> int:
 
 
 def train(argv: list[str]) -> int:
+    from fastlm.train.config import argument_parser
+
+    args = argument_parser().parse_args(argv)  # --help and flag errors answer before torch
     from fastlm.train import run
 
-    return run.main(argv)
+    return run.main(args)
 
 
 def generate(argv: list[str]) -> int:
@@ -112,7 +129,9 @@ def generate(argv: list[str]) -> int:
     parser.add_argument(
         "--prompt",
         required=True,
-        help="GPT: text to continue; T5: the encoder input; BERT: text with <mask>",
+        help="GPT: text to continue; T5: text with sentinels <extra_id_0>, <extra_id_1>, ... "
+        "where spans are missing (it writes each sentinel and its span); BERT: text with "
+        "<mask> where tokens are missing",
     )
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.8)
@@ -155,15 +174,15 @@ def evaluate(argv: list[str]) -> int:
 
 
 def finetune(argv: list[str]) -> int:
+    config = _finetune_config(argv)  # --help and flag errors answer before torch loads
     from fastlm.train import finetune as ft
 
-    ft.print_summary(ft.finetune(_finetune_config(argv)))
+    ft.print_summary(ft.finetune(config))
     return 0
 
 
 def _finetune_config(argv: list[str]) -> FinetuneConfig:
-    from fastlm.train.config import PRECISIONS
-    from fastlm.train.finetune import FinetuneConfig
+    from fastlm.train.config import PRECISIONS, FinetuneConfig
 
     parser = argparse.ArgumentParser(
         prog="fastlm finetune",
@@ -229,7 +248,8 @@ def _finetune_config(argv: list[str]) -> FinetuneConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fastlm", description=__doc__)
+    parser = argparse.ArgumentParser(prog="fastlm", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"fastlm {fastlm.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, device, and which backends each op can use here")
     # These parse their own flags (--help lists them).

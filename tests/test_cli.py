@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.metadata
+import subprocess
+import sys
+
 import pytest
 
 from fastlm import backend, cli
+from fastlm.train import TrainConfig
 
 
 def test_info_lists_versions_device_and_every_backend_of_every_op(capsys):
@@ -17,6 +23,17 @@ def test_info_lists_versions_device_and_every_backend_of_every_op(capsys):
     for op, names in ops.items():
         for name in names:
             assert any(line.split()[:2] == [op, name] for line in out.splitlines()), (op, name)
+
+
+def test_info_in_a_fresh_interpreter_lists_the_ops():
+    """``import fastlm`` loads no op: ``fastlm info`` must load them itself, all of them
+    (this process has imported every test module, and with them every op module)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "fastlm.cli", "info"], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    listed = {line.split()[0] for line in done.stdout.splitlines() if line.startswith("  ")}
+    assert set(backend.registered_ops()) <= listed, done.stdout
 
 
 def test_info_rejects_extra_arguments(capsys):
@@ -61,3 +78,87 @@ def test_one_error_path_for_every_subcommand(monkeypatch, capsys):
     monkeypatch.setattr(cli, "generate", lambda argv: {}["no such key"])
     with pytest.raises(KeyError, match="no such key"):
         cli.main(["generate"])
+
+
+def _run_without_torch(code: str) -> str:
+    """Run ``code`` in a fresh interpreter; fail if it imported torch."""
+    probe = f"import sys\n{code}\nassert 'torch' not in sys.modules, 'torch was imported'\n"
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["--version"],
+        ["info", "--help"],
+        ["train", "--help"],
+        ["train", "--max-steps", "x"],
+        ["generate", "--help"],
+        ["finetune", "--help"],
+        ["finetune", "--epochs", "x"],
+        ["eval", "--help"],
+        ["data", "clean", "--help"],
+        ["bench", "--help"],
+    ],
+    ids=" ".join,
+)
+def test_help_version_and_flag_errors_answer_before_torch_loads(argv):
+    code = f"from fastlm import cli\ntry:\n    cli.main({argv!r})\nexcept SystemExit:\n    pass\n"
+    _run_without_torch(code)
+
+
+def test_version_is_the_installed_one(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"fastlm {importlib.metadata.version('fastlm')}"
+
+
+def test_top_level_help_is_plain_text(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert "``" not in out and ":func:" not in out, out
+
+
+def test_every_train_flag_says_its_meaning_default_and_choices(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        doc = " ".join(field.metadata["doc"].split())
+        assert doc and f"{doc} (default: " in text, (flag, doc)
+        for choice in field.metadata["choices"] or ():
+            assert choice in text, (flag, choice)
+    assert "{cosine,linear,constant}" in text and "{auto,fp32,bf16,fp16}" in text
+
+
+def test_subpackages_load_on_first_use_and_import_fastlm_loads_nothing():
+    out = _run_without_torch(
+        "import fastlm\n"
+        "print(sorted(m for m in sys.modules if m.startswith('fastlm.')))\n"
+        "print(fastlm.__version__)\n"
+    )
+    assert out.splitlines()[0] == "[]", out
+    code = (
+        "import fastlm\n"
+        "for name in fastlm.SUBPACKAGES:\n"
+        "    assert getattr(fastlm, name).__name__ == f'fastlm.{name}', name\n"
+        "assert fastlm.models.create('llama-tiny') is not None\n"
+        "assert callable(fastlm.peft.apply_lora) and callable(fastlm.quant.quantize_)\n"
+        "assert fastlm.use_backend is fastlm.backend.use_backend\n"
+        "try:\n"
+        "    fastlm.no_such_thing\n"
+        "except AttributeError as e:\n"
+        "    assert 'no_such_thing' in str(e)\n"
+        "else:\n"
+        "    raise AssertionError('no AttributeError')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -23,83 +23,50 @@ Fine-tuning files: :mod:`fastlm.data.glue` reads GLUE-style TSV / JSONL classifi
 files (examples, their label set, BERT's sentence-pair encoding).
 """
 
-from fastlm.data.clean import (
-    CleanConfig,
-    QualityFilter,
-    Report,
-    alpha_fraction,
-    alpha_fractions,
-    dup_ngram_fractions,
-    normalize,
-    repeated_line_fraction,
-    repeated_line_fractions,
-)
-from fastlm.data.corpus import (
-    corpus_files,
-    default_corpus,
-    iter_file,
-    read_corpus,
-    split_documents,
-)
-from fastlm.data.dedup import (
-    Contamination,
-    ExactDedup,
-    LSHIndex,
-    MinHasher,
-    NearDedup,
-    contamination,
-    jaccard,
-    lsh_params,
-)
-from fastlm.data.objectives import (
-    IGNORE_INDEX,
-    CausalLMDataset,
-    MaskedLMDataset,
-    SpanCorruptionDataset,
-    collate,
-    span_corruption_lengths,
-)
-from fastlm.data.packing import ResumableSampler, pack
-from fastlm.data.pipeline import Cleaner, clean_corpus
-from fastlm.data.privacy import PIIScrubber, luhn_valid
-from fastlm.data.tokenizer import NUM_SENTINELS, SPECIAL_TOKENS, Tokenizer
+from fastlm import lazy
 
-__all__ = [
-    "IGNORE_INDEX",
-    "NUM_SENTINELS",
-    "SPECIAL_TOKENS",
-    "CausalLMDataset",
-    "CleanConfig",
-    "Cleaner",
-    "Contamination",
-    "ExactDedup",
-    "LSHIndex",
-    "MaskedLMDataset",
-    "MinHasher",
-    "NearDedup",
-    "PIIScrubber",
-    "QualityFilter",
-    "Report",
-    "ResumableSampler",
-    "SpanCorruptionDataset",
-    "Tokenizer",
-    "alpha_fraction",
-    "alpha_fractions",
-    "clean_corpus",
-    "collate",
-    "contamination",
-    "corpus_files",
-    "default_corpus",
-    "dup_ngram_fractions",
-    "iter_file",
-    "jaccard",
-    "lsh_params",
-    "luhn_valid",
-    "normalize",
-    "pack",
-    "read_corpus",
-    "repeated_line_fraction",
-    "repeated_line_fractions",
-    "span_corruption_lengths",
-    "split_documents",
-]
+__getattr__, __dir__, __all__ = lazy.exports(
+    __name__,
+    {
+        "fastlm.data.clean": (
+            "CleanConfig",
+            "QualityFilter",
+            "Report",
+            "alpha_fraction",
+            "alpha_fractions",
+            "dup_ngram_fractions",
+            "normalize",
+            "repeated_line_fraction",
+            "repeated_line_fractions",
+        ),
+        "fastlm.data.corpus": (
+            "corpus_files",
+            "default_corpus",
+            "iter_file",
+            "read_corpus",
+            "split_documents",
+        ),
+        "fastlm.data.dedup": (
+            "Contamination",
+            "ExactDedup",
+            "LSHIndex",
+            "MinHasher",
+            "NearDedup",
+            "contamination",
+            "jaccard",
+            "lsh_params",
+        ),
+        "fastlm.data.objectives": (
+            "IGNORE_INDEX",
+            "CausalLMDataset",
+            "MaskedLMDataset",
+            "SpanCorruptionDataset",
+            "collate",
+            "span_corruption_lengths",
+        ),
+        "fastlm.data.packing": ("ResumableSampler", "pack"),
+        "fastlm.data.pipeline": ("Cleaner", "clean_corpus"),
+        "fastlm.data.privacy": ("PIIScrubber", "luhn_valid"),
+        "fastlm.data.tokenizer": ("NUM_SENTINELS", "SPECIAL_TOKENS", "Tokenizer"),
+    },
+)

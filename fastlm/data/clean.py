@@ -415,9 +415,10 @@ STAGES = ("normalize", "scrub", "filter", "exact_dedup", "near_dedup")
 @dataclasses.dataclass
 class Report:
     """What a cleaning run did: documents and bytes (UTF-8) in and out, documents changed
-    by normalization, PII replaced per type, documents removed per step (``FILTERS``, then
-    ``"exact_duplicate"`` and ``"near_duplicate"``; each removed document is counted once,
-    so ``docs_in - docs_out == sum(removed.values())``) and seconds spent per stage."""
+    by normalization (and how many of those the Unicode form changed), PII replaced per
+    type, documents removed per step (``FILTERS``, then ``"exact_duplicate"`` and
+    ``"near_duplicate"``; each removed document is counted once, so ``docs_in - docs_out ==
+    sum(removed.values())``) and seconds spent per stage."""
 
     config: CleanConfig
     docs_in: int = 0
@@ -425,6 +426,7 @@ class Report:
     bytes_in: int = 0
     bytes_out: int = 0
     normalized: int = 0
+    unicode_normalized: int = 0
     pii: dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(PII_TYPES, 0))
     removed: dict[str, int] = dataclasses.field(
         default_factory=lambda: dict.fromkeys((*FILTERS, "exact_duplicate", "near_duplicate"), 0)
@@ -469,7 +471,8 @@ class Report:
                 "normalize",
                 "",
                 f"{self.seconds['normalize']:.2f}",
-                f"{c.normalization}; changed {self.normalized}",
+                f"changed {self.normalized} documents; {self.unicode_normalized} of them "
+                f"by {c.normalization}",
             ),
             (
                 "scrub PII",

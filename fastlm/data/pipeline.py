@@ -16,6 +16,7 @@ import os
 import re
 import sys
 import time
+import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -76,6 +77,10 @@ class Cleaner:
         t0 = time.perf_counter()
         texts = [normalize(d, form) for d in batch]
         r.normalized += sum(a != b for a, b in zip(texts, batch, strict=True))
+        # ASCII text is in every normal form: only the others can change code points.
+        r.unicode_normalized += sum(
+            not d.isascii() and not unicodedata.is_normalized(form, d) for d in batch
+        )
         t1 = time.perf_counter()
         r.seconds["normalize"] += t1 - t0
         if self._scrub is not None:

@@ -8,11 +8,8 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from fastlm.errors import report
 from fastlm.eval import tasks
-from fastlm.eval.scoring import check_model
 
 
 def _count(minimum: int):
@@ -117,6 +114,10 @@ def _evaluate(argv: list[str] | None) -> int:
         tasks.split_dev(task, dev, args.shots, args.seed)
     except ValueError as e:
         return _fail(f"--shots: {e}")
+    import torch  # after the task files are checked: --help and bad files answer at once
+
+    from fastlm.eval.scoring import check_model
+
     try:
         device = torch.device(args.device)
     except RuntimeError as e:

@@ -41,14 +41,14 @@ import random
 import string
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
-
-from fastlm.data import Tokenizer
 from fastlm.data.corpus import iter_jsonl
-from fastlm.eval import metrics
-from fastlm.eval.scoring import check_model, encode_pair, generate_until, score
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from fastlm.data import Tokenizer
 
 _LETTERS = string.ascii_uppercase
 _SEPARATOR = "\n\n"  # between demonstrations, and before the question
@@ -273,6 +273,11 @@ def evaluate(
     ``line``, the dev lines of its ``demos``, and per choice the ``loglikelihoods`` with the
     ``prediction`` (an index), or the generated ``prediction`` and the ``target``.
     """
+    # Here, not at the top: reading and checking task files (fastlm eval's own checks, before
+    # any model loads) needs no torch.
+    from fastlm.eval import metrics
+    from fastlm.eval.scoring import check_model, encode_pair, generate_until, score
+
     check_model(model)
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive int or None, got {limit!r}")

@@ -12,6 +12,7 @@ from fastlm.ops.attention import (
     scaled_dot_product_attention,
 )
 from fastlm.ops.cross_entropy import cross_entropy, cross_entropy_ref, linear_cross_entropy
+from fastlm.ops.lora import lora_linear, lora_linear_ref
 from fastlm.ops.mlp import (
     fused_mlp,
     gated_linear,
@@ -45,6 +46,8 @@ __all__ = [
     "linear_act",
     "linear_act_ref",
     "linear_cross_entropy",
+    "lora_linear",
+    "lora_linear_ref",
     "quant_matmul",
     "quant_matmul_ref",
     "rms_norm",

@@ -4,6 +4,9 @@ the ``fastlm train`` job, its refusals reported as the ``fastlm`` command report
 import sys
 
 from fastlm import errors
-from fastlm.train import run
+from fastlm.train.config import argument_parser
 
-sys.exit(errors.report("fastlm train", lambda: run.main(sys.argv[1:])))
+args = argument_parser().parse_args()  # --help and flag errors answer before torch loads
+from fastlm.train import run  # noqa: E402
+
+sys.exit(errors.report("fastlm train", lambda: run.main(args)))

@@ -1,21 +1,34 @@
 """``TrainConfig``: every setting of a training run, typed, with its validation, and its
-loading from a YAML/JSON file and from ``fastlm train`` flags."""
+loading from a YAML/JSON file and from ``fastlm train`` flags; ``FinetuneConfig``, the
+settings of ``fastlm finetune``. Torch-free: the commands parse and answer ``--help``
+before torch loads."""
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
+import re
 import types
 import typing
 from pathlib import Path
 from typing import Any
 
-import torch
-
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "linear", "constant")
+# Devices whose RNG states the trainer saves and restores.
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def setting(default: Any, doc: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A config field with its documentation (and allowed values) beside it: the one source
+    of ``fastlm train --help``."""
+    metadata = {"doc": doc, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: copy.copy(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 @dataclasses.dataclass
@@ -23,63 +36,86 @@ class TrainConfig:
     """Settings of a training run. The defaults train a small GPT on the built-in corpus in a
     few minutes on a 2-core CPU (``fastlm train`` with no arguments)."""
 
-    # Model: a family ("gpt", "bert", "t5": small CPU-sized defaults, see fastlm.train.run)
-    # or any preset name of fastlm.models.presets, with config fields overridden on top.
-    model: str = "gpt"
-    model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
-    # Data: text (.txt) / JSONL files or directories; empty: the built-in corpus (docstrings
-    # of Python's standard library, no download).
-    data: list[str] = dataclasses.field(default_factory=list)
-    text_field: str = "text"  # the JSONL field holding a document's text
-    tokenizer: str | None = None  # a tokenizer.json; None: train a byte-level BPE on the data
-    vocab_size: int = 4096  # of the BPE trained when no tokenizer is given
-    val_fraction: float = 0.02  # documents held out for validation
-    # Cleaning before the split (fastlm.data.pipeline, as `fastlm data clean`): clean_data
-    # normalizes (Unicode, whitespace), drops exact duplicates and reports validation
-    # documents that duplicate training ones; the other three switch steps within it. The
-    # Gopher-style quality filters are off by default: tuned for web text, they would drop
+    # Model.
+    model: str = setting(
+        "gpt",
+        "a family (gpt, bert, t5: small CPU-sized models) or any preset (gpt2, llama-tiny, "
+        "t5-small, bert-base, ...)",
+    )
+    model_overrides: dict[str, Any] = setting(
+        {}, "model config fields set on top of --model, e.g. '{\"num_layers\": 6}'"
+    )
+    # Data.
+    data: list[str] = setting(
+        [],
+        "text (.txt) or JSONL files or directories; none: the built-in corpus (docstrings of "
+        "Python's standard library, no download)",
+    )
+    text_field: str = setting("text", "the JSONL field holding a document's text")
+    tokenizer: str | None = setting(
+        None, "a tokenizer.json; none: train a byte-level BPE of --vocab-size on the data"
+    )
+    vocab_size: int = setting(4096, "vocabulary of the BPE trained when no --tokenizer is given")
+    val_fraction: float = setting(0.02, "fraction of documents held out for validation")
+    # The Gopher-style quality filters are off by default: tuned for web text, they would drop
     # 7 % of the built-in corpus, mostly docstrings full of doctests.
-    clean_data: bool = True
-    scrub_pii: bool = True
-    near_dedup: bool = True
-    filter_data: bool = False
-    seq_len: int = 128
+    clean_data: bool = setting(
+        True,
+        "clean the corpus before the split: Unicode and whitespace normalization, exact "
+        "dedup, a report of validation documents that duplicate training ones",
+    )
+    scrub_pii: bool = setting(
+        True, "replace e-mails, phones, IPs and card numbers by placeholders (with cleaning)"
+    )
+    near_dedup: bool = setting(True, "drop near-duplicate documents, MinHash (with cleaning)")
+    filter_data: bool = setting(
+        False, "apply the quality filters (length, letters, repetition; with cleaning)"
+    )
+    seq_len: int = setting(128, "tokens per training sequence")
     # Optimization.
-    batch_size: int = 16  # sequences per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    max_steps: int = 300
-    lr: float = 2e-3
-    min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
-    warmup_steps: int = 20
-    schedule: str = "cosine"
-    weight_decay: float = 0.1  # not applied to norms, biases and embeddings
-    betas: tuple[float, float] = (0.9, 0.95)
-    adam_eps: float = 1e-8
-    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
-    # Parallelism, under torchrun (fastlm.parallel): tensor-parallel ranks per model replica,
-    # data-parallel replicas (0: the rest of the world), sequence parallelism in the tensor-
-    # parallel groups, and the timeout of every collective (a hung rank fails, not hangs).
-    tp: int = 1
-    dp: int = 0
-    sequence_parallel: bool = False
-    dist_timeout: int = 600  # seconds
-    # Precision and memory. auto: bf16 autocast on GPUs that support it, else fp32.
-    precision: str = "auto"
-    checkpointing: int = 0  # activation checkpointing: 0 none, 1 every block, n every n-th
+    batch_size: int = setting(16, "sequences per micro-batch")
+    grad_accum: int = setting(1, "micro-batches per optimizer step")
+    max_steps: int = setting(300, "optimizer steps")
+    lr: float = setting(2e-3, "peak learning rate (AdamW)")
+    min_lr_ratio: float = setting(0.1, "the schedule decays to lr * min_lr_ratio")
+    warmup_steps: int = setting(20, "linear warmup steps from 0 to lr")
+    schedule: str = setting("cosine", "decay after warmup", SCHEDULES)
+    weight_decay: float = setting(0.1, "AdamW weight decay (never on norms, biases and embeddings)")
+    betas: tuple[float, float] = setting((0.9, 0.95), "AdamW betas")
+    adam_eps: float = setting(1e-8, "AdamW epsilon")
+    grad_clip: float = setting(1.0, "max global gradient norm; 0 disables clipping")
+    # Parallelism, under torchrun (fastlm.parallel).
+    tp: int = setting(1, "tensor-parallel ranks per model replica (torchrun)")
+    dp: int = setting(0, "data-parallel replicas; 0: the rest of the world (torchrun)")
+    sequence_parallel: bool = setting(
+        False, "sequence parallelism within the tensor-parallel groups"
+    )
+    dist_timeout: int = setting(
+        600, "seconds before a collective times out (a hung rank fails, not hangs)"
+    )
+    # Precision and memory.
+    precision: str = setting(
+        "auto", "auto: bf16 autocast on GPUs that support it, else fp32", PRECISIONS
+    )
+    checkpointing: int = setting(
+        0, "activation checkpointing: 0 none, 1 every block, n every n-th block"
+    )
     # Evaluation, logging, checkpoints.
-    eval_every: int = 100  # steps between validation passes (and one at the end)
-    eval_batches: int = 16  # batches per validation pass (fewer if the split is smaller)
-    log_every: int = 10
-    save_every: int = 100  # steps between checkpoints (and one at the end)
-    keep_last: int = 2  # checkpoints kept
-    out_dir: str = "runs/fastlm"
-    # "" starts afresh; "latest" continues from out_dir's newest checkpoint; or a path.
-    resume: str = ""
-    # A new run refuses an out_dir holding another run; overwrite deletes that run first.
-    overwrite: bool = False
-    seed: int = 0
-    device: str = "auto"  # auto: cuda if available, else cpu; or cpu, cuda, cuda:N
-    progress: bool = True  # tqdm progress bar
+    eval_every: int = setting(100, "steps between validation passes (and one at the end)")
+    eval_batches: int = setting(16, "batches per validation pass (fewer if the split is smaller)")
+    log_every: int = setting(10, "steps between log lines")
+    save_every: int = setting(100, "steps between checkpoints (and one at the end)")
+    keep_last: int = setting(2, "checkpoints kept")
+    out_dir: str = setting("runs/fastlm", "the run directory: checkpoints, metrics, loss plot")
+    resume: str = setting(
+        "", "latest: continue from --out-dir's newest checkpoint; or a checkpoint path"
+    )
+    overwrite: bool = setting(
+        False, "delete the run --out-dir holds first (else a directory with a run is refused)"
+    )
+    seed: int = setting(0, "seed of initialization, data order and dropout")
+    device: str = setting("auto", "auto (cuda if available, else cpu), cpu, cuda or cuda:N")
+    progress: bool = setting(True, "show a tqdm progress bar")
 
     def __post_init__(self) -> None:
         for name in (
@@ -133,14 +169,8 @@ class TrainConfig:
             raise ValueError(
                 f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"
             )
-        if self.device != "auto":
-            try:
-                kind = torch.device(self.device).type
-            except (RuntimeError, TypeError):
-                kind = None
-            # The trainer saves and restores the RNG states of these two.
-            if kind not in ("cpu", "cuda"):
-                raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -174,6 +204,77 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class FinetuneConfig:
+    """Settings of a fine-tuning run (``fastlm finetune`` flags). Exactly one of ``init`` (a
+    pretrained encoder, :func:`pretrained_encoder`) and ``model`` (a BERT preset or
+    ``bert``, trained from scratch: tests and demos) is given."""
+
+    train: str
+    validation: str
+    init: str | None = None
+    model: str | None = None
+    text_fields: tuple[str, ...] = ("sentence",)
+    label_field: str = "label"
+    header: bool = True  # TSV files open with a header row naming the columns
+    regression: bool = False  # one real-valued output (STS-B), scored by correlation
+    positive_label: str | None = None  # F1's class for two labels; None: the second id
+    max_length: int = 128
+    epochs: int = 3
+    # None: 2e-5 from a pretrained encoder (BERT's fine-tuning range is 2e-5..5e-5); 1e-3
+    # from scratch, where nothing learned is there to preserve.
+    lr: float | None = None
+    batch_size: int = 32
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    eval_every: int = 0  # steps between validations; 0: once per epoch
+    vocab_size: int = 4096  # of the BPE trained for a model from scratch
+    precision: str = "auto"
+    device: str = "auto"
+    out_dir: str = "runs/finetune"
+    overwrite: bool = False  # delete the run out_dir holds (else it is refused)
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if (self.init is None) == (self.model is None):
+            raise ValueError(
+                "give exactly one of init (a pretrained encoder) and model (a "
+                "preset trained from scratch)"
+            )
+        self.text_fields = tuple(self.text_fields)
+        if len(self.text_fields) not in (1, 2) or not all(self.text_fields):
+            raise ValueError(
+                f"text_fields must name one or two fields, got {list(self.text_fields)}"
+            )
+        for name in ("max_length", "epochs", "batch_size", "vocab_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("eval_every", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
+            )
+        if self.regression and self.positive_label is not None:
+            raise ValueError("positive_label is for classification, not regression")
+
+    @property
+    def learning_rate(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 2e-5 if self.init is not None else 1e-3
 
 
 def _parse(path: Path) -> Any:
@@ -220,29 +321,51 @@ def _type_name(hint: Any) -> str:
     return getattr(hint, "__name__", None) if typing.get_origin(hint) is None else str(hint)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per field (``--max-steps``, ``--no-progress``, ...), plus ``--config``."""
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per field (``--max-steps``, ``--no-progress``, ...), each with its
+    documentation, default and allowed values; plus ``--config``."""
     parser.add_argument(
         "--config", metavar="FILE", help="YAML or JSON file of settings; flags given override it"
     )
     hints = typing.get_type_hints(TrainConfig)
+    defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         flag, hint = "--" + f.name.replace("_", "-"), hints[f.name]
-        default = argparse.SUPPRESS  # only flags actually given override the file
+        default = getattr(defaults, f.name)
+        help_text = f"{f.metadata['doc']} (default: {_shown_default(f.name, default)})"
+        # SUPPRESS: only flags actually given override the config file and the resumed run.
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text}
         if hint is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            kwargs["action"] = argparse.BooleanOptionalAction
         elif f.name == "model_overrides":
-            parser.add_argument(
-                flag,
-                type=json.loads,
-                default=default,
-                metavar="JSON",
-                help="model config fields, e.g. '{\"num_layers\": 6}'",
-            )
+            kwargs.update(type=json.loads, metavar="JSON")
         elif f.name == "data":
-            parser.add_argument(flag, nargs="+", default=default, metavar="PATH")
+            kwargs.update(nargs="+", metavar="PATH")
         elif f.name == "betas":
-            parser.add_argument(flag, nargs=2, type=float, default=default, metavar="B")
+            kwargs.update(nargs=2, type=float, metavar="B")
         else:
             base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-            parser.add_argument(flag, type=base[0], default=default)
+            kwargs.update(type=base[0], choices=f.metadata["choices"])
+        parser.add_argument(flag, **kwargs)
+
+
+def _shown_default(name: str, value: Any) -> str:
+    if isinstance(value, bool):
+        flag = name.replace("_", "-")
+        return f"--{flag}" if value else f"--no-{flag}"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value) if value else "none"
+    if isinstance(value, tuple):
+        return " ".join(map(str, value))
+    return "none" if value in (None, "") else str(value)
+
+
+def argument_parser() -> argparse.ArgumentParser:
+    """``fastlm train``'s parser (torch-free: ``--help`` and flag errors answer at once)."""
+    parser = argparse.ArgumentParser(
+        prog="fastlm train",
+        description="Train a GPT, BERT or T5 model. Settings come from the defaults, then the "
+        "resumed run's own, then --config, then the flags given.",
+    )
+    _add_arguments(parser)
+    return parser

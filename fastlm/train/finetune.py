@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -52,7 +51,7 @@ from fastlm.models.bert import (
 )
 from fastlm.models.hf import from_hf
 from fastlm.parallel import unwrap
-from fastlm.train.config import PRECISIONS, TrainConfig
+from fastlm.train.config import FinetuneConfig, TrainConfig
 from fastlm.train.trainer import Trainer
 
 LABELS_FILE = "labels.json"  # in each checkpoint: the GlueTask (label names by id)
@@ -199,77 +198,6 @@ def classifier_from(encoder: BertModel, num_labels: int) -> BertForSequenceClass
 # -- the job ---------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class FinetuneConfig:
-    """Settings of a fine-tuning run (``fastlm finetune`` flags). Exactly one of ``init`` (a
-    pretrained encoder, :func:`pretrained_encoder`) and ``model`` (a BERT preset or
-    ``bert``, trained from scratch: tests and demos) is given."""
-
-    train: str
-    validation: str
-    init: str | None = None
-    model: str | None = None
-    text_fields: tuple[str, ...] = ("sentence",)
-    label_field: str = "label"
-    header: bool = True  # TSV files open with a header row naming the columns
-    regression: bool = False  # one real-valued output (STS-B), scored by correlation
-    positive_label: str | None = None  # F1's class for two labels; None: the second id
-    max_length: int = 128
-    epochs: int = 3
-    # None: 2e-5 from a pretrained encoder (BERT's fine-tuning range is 2e-5..5e-5); 1e-3
-    # from scratch, where nothing learned is there to preserve.
-    lr: float | None = None
-    batch_size: int = 32
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.01
-    eval_every: int = 0  # steps between validations; 0: once per epoch
-    vocab_size: int = 4096  # of the BPE trained for a model from scratch
-    precision: str = "auto"
-    device: str = "auto"
-    out_dir: str = "runs/finetune"
-    overwrite: bool = False  # delete the run out_dir holds (else it is refused)
-    seed: int = 0
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if (self.init is None) == (self.model is None):
-            raise ValueError(
-                "give exactly one of init (a pretrained encoder) and model (a "
-                "preset trained from scratch)"
-            )
-        self.text_fields = tuple(self.text_fields)
-        if len(self.text_fields) not in (1, 2) or not all(self.text_fields):
-            raise ValueError(
-                f"text_fields must name one or two fields, got {list(self.text_fields)}"
-            )
-        for name in ("max_length", "epochs", "batch_size", "vocab_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("eval_every", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(
-                f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
-            )
-        if self.regression and self.positive_label is not None:
-            raise ValueError("positive_label is for classification, not regression")
-
-    @property
-    def learning_rate(self) -> float:
-        if self.lr is not None:
-            return self.lr
-        return 2e-5 if self.init is not None else 1e-3
-
-
 class FinetuneTrainer(Trainer):
     """The Trainer, validating with GLUE's metrics on the whole validation set (not
     perplexity on its first batches). The last validation's outputs stay in
@@ -300,9 +228,14 @@ class FinetuneTrainer(Trainer):
         labels = self.eval_data.labels
         loss = _loss(self.task, self.outputs, labels)
         scores = glue_metrics(self.task, self.outputs, labels, self.positive)
-        # The Trainer logs val_ppl; for a regression loss there is none.
-        ppl = math.nan if self.task.regression else math.exp(min(loss, 700.0))
-        return {"val_loss": loss, "val_ppl": ppl, **{f"val_{k}": v for k, v in scores.items()}}
+        return {"val_loss": loss, **{f"val_{k}": v for k, v in scores.items()}}
+
+    def validation_line(self, metrics: dict[str, float]) -> str:
+        """The task's scores, not the perplexity of a language model."""
+        scores = ", ".join(
+            f"{k.removeprefix('val_')} {v:.4f}" for k, v in metrics.items() if k != "val_loss"
+        )
+        return f"validation {scores} (loss {metrics['val_loss']:.4f})"
 
 
 def _say(message: str) -> None:
@@ -365,10 +298,11 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     train_labels = task.targets(train_examples, config.train)
     val_labels = task.targets(val_examples, config.validation)
     positive = _positive(config, task)
-    if len(train_examples) < config.batch_size:
-        raise ValueError(
-            f"{config.train} holds {len(train_examples)} examples, fewer than "
-            f"batch_size {config.batch_size}"
+    batch_size = min(config.batch_size, len(train_examples))
+    if batch_size < config.batch_size:
+        _say(
+            f"{config.train} holds {len(train_examples)} examples, fewer than --batch-size "
+            f"{config.batch_size}: batches of {batch_size}"
         )
     model, tokenizer, source = _model_and_tokenizer(config, task, train_examples)
     mc = model.config
@@ -383,12 +317,12 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     val_features = encode(tokenizer, [e.texts for e in val_examples], config.max_length)
     train_data = ClassificationDataset(train_features, train_labels)
     val_data = ClassificationDataset(val_features, val_labels)
-    steps_per_epoch = len(train_data) // config.batch_size
+    steps_per_epoch = len(train_data) // batch_size
     steps = config.epochs * steps_per_epoch
     train_config = TrainConfig(
         model=config.model or "bert",
         seq_len=train_features["input_ids"].shape[1],
-        batch_size=config.batch_size,
+        batch_size=batch_size,
         max_steps=steps,
         lr=config.learning_rate,
         warmup_steps=int(config.warmup_ratio * steps),
@@ -425,9 +359,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     final = trainer.fit()
     _say(f"trained in {time.perf_counter() - t1:.0f} s; checkpoint: {trainer.last_checkpoint}")
     scores = {
-        k[len("val_") :]: v
-        for k, v in final.items()
-        if k.startswith("val_") and k not in ("val_loss", "val_ppl")
+        k[len("val_") :]: v for k, v in final.items() if k.startswith("val_") and k != "val_loss"
     }
     results: dict[str, Any] = {
         "task": "regression" if task.regression else "classification",

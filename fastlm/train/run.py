@@ -3,11 +3,11 @@ objective datasets -> model -> :class:`Trainer`, and sampling from a saved check
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -212,15 +212,15 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if "val_ppl" in result:
         _say(f"validation loss {result['val_loss']:.4f}, perplexity {result['val_ppl']:.2f}")
     _say(f"checkpoint: {trainer.last_checkpoint}")
-    plot = result.get("plot", "none (install matplotlib for one)")
+    plot = result.get("plot", 'none (matplotlib is not installed: pip install "fastlm[train]")')
     _say(f"metrics: {trainer.log.path}, loss plot: {plot}")
     return result
 
 
-def main(argv: Sequence[str]) -> int:
-    """``fastlm train ARGV``: parse the flags, train; under torchrun, every rank leaves
-    together."""
-    train(runs.parse(argv))
+def main(args: argparse.Namespace) -> int:
+    """``fastlm train``, its flags parsed by :func:`fastlm.train.config.argument_parser`:
+    train; under torchrun, every rank leaves together."""
+    train(runs.from_arguments(args))
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -10,8 +10,8 @@ and :class:`~fastlm.train.Trainer` alike:
   training and model configs) before anything is taken from it;
 - :func:`check_same_run`: the model config (every field) and the tokenizer (its
   fingerprint) of the resuming run equal the checkpoint's;
-- :func:`parse`: ``fastlm train``'s flags over a config file over the resumed run's own
-  settings.
+- :func:`from_arguments`: ``fastlm train``'s flags over a config file over the resumed
+  run's own settings.
 
 Each refusal is one line naming the file or the difference.
 """
@@ -30,7 +30,7 @@ import fastlm.train.checkpoint as ckpt
 import fastlm.train.distributed as distributed
 from fastlm.data import Tokenizer
 from fastlm.models import loading
-from fastlm.train.config import PRECISIONS, TrainConfig, add_arguments
+from fastlm.train.config import PRECISIONS, TrainConfig
 
 
 def resume_path(out_dir: Path, where: str | os.PathLike) -> Path:
@@ -209,9 +209,3 @@ def from_arguments(args: argparse.Namespace) -> TrainConfig:
         saved.pop("overwrite", None)  # what began that run, not a setting of it
         merged = {**saved, **merged}
     return TrainConfig.from_dict(merged)
-
-
-def parse(argv: Sequence[str]) -> TrainConfig:
-    parser = argparse.ArgumentParser(prog="fastlm train")
-    add_arguments(parser)
-    return from_arguments(parser.parse_args(argv))

@@ -426,11 +426,7 @@ class Trainer:
                     self.log.write({"step": self.step, **metrics})
                     last.update(metrics)
                     if self.main:
-                        bar.write(
-                            f"step {self.step}: validation loss "
-                            f"{metrics['val_loss']:.4f}, perplexity "
-                            f"{metrics['val_ppl']:.2f}"
-                        )
+                        bar.write(f"step {self.step}: {self.validation_line(metrics)}")
                 if self.step % cfg.save_every == 0 or done:
                     self.save()
         finally:
@@ -439,6 +435,10 @@ class Trainer:
         if self.main and plot_losses(self.log.records, self.out_dir / "loss.png"):
             last["plot"] = str(self.out_dir / "loss.png")
         return last
+
+    def validation_line(self, metrics: dict[str, float]) -> str:
+        """How a validation pass is reported in the log (a subclass names its own metrics)."""
+        return f"validation loss {metrics['val_loss']:.4f}, perplexity {metrics['val_ppl']:.2f}"
 
     def _log_train(
         self, loss: float, grad_norm: float, tokens_per_s: float, skipped: int

@@ -49,9 +49,11 @@ def test_quick_norm_bench_on_cpu_writes_one_row_per_provider(run_main, tmp_path)
             assert found == providers, (op, n)
     assert len(rows) == len(ops) * len(hidden) * len(providers)
     for row in rows:
-        for key in ("ms", "gbps", "roofline_pct", "device_gbps"):
+        for key in ("ms", "gbps"):
             value = float(row[key])
             assert math.isfinite(value) and value > 0, (key, row)
+        # No roofline on a CPU: its caches outrun any DRAM copy on small shapes.
+        assert row["roofline_pct"] == row["device_gbps"] == "", row
         assert row["device"] and row["torch"]
 
 

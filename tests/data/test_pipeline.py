@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 import zlib
 
 import pytest
@@ -53,6 +54,7 @@ def test_clean_corpus_by_hand():
     assert report.removed == REMOVED
     assert report.pii == {"EMAIL": 1, "PHONE": 1, "IP": 0, "CREDIT_CARD": 0}
     assert report.normalized == 1  # only the first document changes
+    assert report.unicode_normalized == int(not unicodedata.is_normalized("NFC", raw[0]))
     assert (report.docs_in, report.docs_out) == (9, 3)
     assert report.docs_in - report.docs_out == sum(report.removed.values())
     assert report.bytes_in == sum(len(d.encode()) for d in raw)
@@ -254,3 +256,11 @@ def test_train_cleans_and_reports_contamination(tmp_path, capsys):
         TrainConfig(clean_data=1)
     assert TrainConfig().clean_data and TrainConfig().scrub_pii and TrainConfig().near_dedup
     assert not TrainConfig().filter_data
+
+
+def test_pure_ascii_whitespace_changes_are_not_reported_as_unicode_normalization():
+    _, report = clean_corpus(["a  b\n\n\n\nc   ", "plain"], CleanConfig(near_dedup=False))
+    assert (report.normalized, report.unicode_normalized) == (1, 0)
+    assert "changed 1 documents; 0 of them by NFC" in report.table()
+    _, report = clean_corpus(["cafe\u0301"], CleanConfig(near_dedup=False))
+    assert (report.normalized, report.unicode_normalized) == (1, 1)

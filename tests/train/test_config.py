@@ -8,7 +8,12 @@ import math
 import pytest
 
 from fastlm.train import TrainConfig
-from fastlm.train.runs import parse
+from fastlm.train.config import argument_parser
+from fastlm.train.runs import from_arguments
+
+
+def parse(argv: list[str]) -> TrainConfig:
+    return from_arguments(argument_parser().parse_args(argv))
 
 
 def test_defaults_are_valid_and_roundtrip():

@@ -269,6 +269,8 @@ def test_single_sentences_from_a_tsv(tmp_path, capsys):
     assert m["f1"] == pytest.approx(f1_of(labels, predicted, "1"), abs=1e-12)
     assert m["matthews_corrcoef"] == pytest.approx(mcc_of(labels, predicted, ["0", "1"]), abs=1e-12)
     assert "f1 (binary, positive '1')" in printed and f"{m['accuracy']:.4f}" in printed
+    # A classifier's validation lines give its scores; perplexity means nothing here.
+    assert "step 30: validation accuracy " in printed and "perplexity" not in printed
     # A validation pass after each epoch of 30 steps, logged with the training metrics.
     logged = [r for r in read_jsonl(out_dir / "metrics.jsonl") if "val_accuracy" in r]
     assert [r["step"] for r in logged] == [30, 60]
@@ -595,6 +597,27 @@ def test_pairs_encode_as_hugging_faces_bert_tokenizer(hf_bert_dir, tmp_path):
 # -- bad input -------------------------------------------------------------------------------
 
 
+def test_a_training_file_smaller_than_a_batch_trains_on_what_there_is(tmp_path, capsys):
+    rows = [("good film", "pos"), ("bad film", "neg")] * 8
+    train = write_tsv(tmp_path / "train.tsv", ["sentence", "label"], rows)
+    printed = finetune(
+        capsys,
+        "--train",
+        str(train),
+        "--validation",
+        str(train),
+        "--model",
+        "bert-tiny",
+        "--vocab-size",
+        "400",
+        "--out-dir",
+        str(tmp_path / "out"),
+    )
+    assert "holds 16 examples, fewer than --batch-size 32: batches of 16" in printed
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["steps"] == 3 and results["num_train"] == 16  # 3 epochs of one batch
+
+
 def test_bad_input_fails_with_a_message(tmp_path, capsys):
     train = write_tsv(
         tmp_path / "train.tsv",
@@ -633,7 +656,6 @@ def test_bad_input_fails_with_a_message(tmp_path, capsys):
         ([str(train), str(jsonl)], "dev.jsonl:2: no field 'sentence'"),
         ([str(train), str(tmp_path / "missing.tsv")], "missing.tsv does not exist"),
         ([str(train), str(csv)], "train.csv: the data format is told by the suffix"),
-        ([str(train), str(train), "--batch-size", "32"], "16 examples, fewer than batch_size 32"),
         ([str(train), str(train), "--regression"], "label 'pos' is not a finite number"),
         (
             [str(train), str(train), "--positive-label", "maybe"],
