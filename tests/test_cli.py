@@ -119,11 +119,15 @@ def test_version_is_the_installed_one(capsys):
     assert capsys.readouterr().out.strip() == f"fastlm {importlib.metadata.version('fastlm')}"
 
 
-def test_top_level_help_is_plain_text(capsys):
+@pytest.mark.parametrize(
+    "command", [[], ["info"], ["train"], ["generate"], ["finetune"], ["eval"], ["data", "clean"]]
+)
+def test_help_is_plain_text(command, capsys):
+    """No reStructuredText markup (docstrings written for Sphinx) in what a user reads."""
     with pytest.raises(SystemExit):
-        cli.main(["--help"])
+        cli.main([*command, "--help"])
     out = capsys.readouterr().out
-    assert "``" not in out and ":func:" not in out, out
+    assert out and not any(mark in out for mark in ("``", ":func:", ":class:", ":mod:")), out
 
 
 def test_every_train_flag_says_its_meaning_default_and_choices(capsys):

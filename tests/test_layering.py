@@ -16,13 +16,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 # DESIGN.md's "may import (fastlm)" column, one row per package. `errors` (the one-line
-# refusals every layer raises) and `build_config` sit at the bottom with `backend`.
-BOTTOM = {"backend", "build_config", "errors"}
+# refusals every layer raises), `lazy` (the packages' PEP 562 exports) and `build_config`
+# sit at the bottom with `backend`.
+BOTTOM = {"backend", "build_config", "errors", "lazy"}
 MAY_IMPORT = {
     "kernels": {"build_config"},
     "backend": {"_C"},  # whether the CUDA extension is built
     "build_config": set(),
     "errors": set(),
+    "lazy": set(),
     "_C": set(),
     "ops": {"kernels", "_C"} | BOTTOM,
     "testing": {"ops"},

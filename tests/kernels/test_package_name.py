@@ -88,8 +88,8 @@ from fastlm import cli
 
 real = importlib.import_module
 
-def shrunk(name, *args):
-    module = real(name, *args)
+def shrunk(name, *args, **kwargs):
+    module = real(name, *args, **kwargs)
     if name == "bench.bench_models":
         module.SIZES[("cpu", True)] = ([("gpt2-tiny", 1, 8)], ((1,), 4, 2))
     return module
