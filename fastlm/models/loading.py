@@ -106,9 +106,43 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
+# A distributed run's checkpoint holds its model and optimizer state in this subdirectory,
+# written by torch.distributed.checkpoint (fastlm.parallel.dcp).
+SHARDED_DIR = "dcp"
+
+
+def _check_sharded(path: Path) -> None:
+    """The DCP checkpoint in ``path / SHARDED_DIR`` is whole: its ``.metadata`` (written
+    last) reads, and every file it points into is present and long enough."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    where = path / SHARDED_DIR
+    name = f"{SHARDED_DIR}/.metadata"
+    if not (where / ".metadata").is_file():
+        raise unusable(path, name, "missing (the save did not finish)")
+    try:
+        metadata = FileSystemReader(str(where)).read_metadata()
+    except Exception as e:  # a truncated pickle raises any of several types
+        raise unusable(path, name, f"unreadable ({type(e).__name__}: {e})") from None
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        end = info.offset + info.length
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+    for file, end in sorted(needed.items()):
+        size = (where / file).stat().st_size if (where / file).is_file() else None
+        if size is None or size < end:
+            problem = "missing" if size is None else f"truncated ({size} of {end} bytes)"
+            raise unusable(path, f"{SHARDED_DIR}/{file}", problem)
+
+
 def check_weights(path: Path) -> None:
-    """Every weight file of checkpoint ``path`` (``model.safetensors`` or tensor-parallel
-    shards) is present and whole: its header parses and covers the file exactly."""
+    """Every weight file of checkpoint ``path`` (``model.safetensors``, a distributed
+    run's DCP files, or an older run's tensor-parallel shards) is present and whole: a
+    safetensors header parses and covers the file exactly; DCP's metadata reads and its
+    files hold what it points to."""
+    if (path / SHARDED_DIR).is_dir():
+        _check_sharded(path)
+        return
     files = sorted(path.glob("model*.safetensors"))
     if not files:
         raise unusable(path, "model.safetensors", "missing")

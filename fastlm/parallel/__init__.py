@@ -13,9 +13,14 @@ from fastlm.parallel.layers import (
     vocab_parallel_cross_entropy,
 )
 from fastlm.parallel.parallelize import (
+    DataParallelLayout,
     TensorParallelLayout,
     check_consistent,
     clip_grad_norm_,
+    data_parallel_layout,
+    fsdp_rows,
+    local,
+    model_class,
     parallelize,
     tensor_parallel,
     unwrap,
@@ -23,6 +28,7 @@ from fastlm.parallel.parallelize import (
 
 __all__ = [
     "CollectiveCounter",
+    "DataParallelLayout",
     "ColumnParallelLinear",
     "RowParallelLinear",
     "TensorParallelLayout",
@@ -30,6 +36,10 @@ __all__ = [
     "VocabParallelProjection",
     "check_consistent",
     "clip_grad_norm_",
+    "data_parallel_layout",
+    "fsdp_rows",
+    "local",
+    "model_class",
     "parallelize",
     "tensor_parallel",
     "unwrap",

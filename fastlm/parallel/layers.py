@@ -94,18 +94,25 @@ def _own_bias(module: nn.Module, group) -> dict[str, Spec]:
 
 
 def sum_grad_over(
-    param: nn.Parameter,
+    owner: nn.Module,
+    name: str,
     group,
     rows: Tensor | None = None,
     slots: Tensor | None = None,
     buffer_rows: int = 0,
 ) -> None:
-    """Make ``param``'s gradient the sum of every rank's: for a replicated parameter whose
+    """Make the gradient of parameter ``name`` (a dotted path within ``owner``, a module
+    whose forward reads it) the sum of every rank's: for a replicated parameter whose
     gradient each rank computes from its share of the work (a LoRA factor beside a sharded
     base, a norm under sequence parallelism). With ``rows``, only those rows (dimension 0)
-    are shared, each by the ranks holding the same ``slots`` of a ``buffer_rows`` buffer."""
+    are shared, each by the ranks holding the same ``slots`` of a ``buffer_rows`` buffer.
 
-    def hook(grad: Tensor) -> Tensor:
+    The gradient hook goes onto the tensor the forward actually reads, looked up as each
+    forward of ``owner`` starts: under FSDP that is the unsharded parameter FSDP gathered
+    for the block, not the sharded one registered when the model was built (a hook on that
+    would never fire)."""
+
+    def summed(grad: Tensor) -> Tensor:
         if rows is None:
             grad = grad.clone()
             dist.all_reduce(grad, group=group)
@@ -117,8 +124,15 @@ def sum_grad_over(
         grad[rows] = buffer[slots]
         return grad
 
-    if param.requires_grad:
-        param.register_hook(hook)
+    def attach(module: nn.Module, args) -> None:
+        param = module.get_parameter(name)
+        # Once per tensor (marked on it): a checkpointed block's recomputation runs this again.
+        marks = param.__dict__.setdefault("_fastlm_summed_by", set())
+        if param.requires_grad and id(summed) not in marks:
+            param.register_hook(summed)
+            marks.add(id(summed))
+
+    owner.register_forward_pre_hook(attach)
 
 
 def _shard_quant(layer: QuantLinear, dim: int, index: Tensor) -> dict[str, Spec]:
@@ -164,17 +178,35 @@ def shard_linear(
     group,
     copies: Tensor | None = None,
     shared_from: int = 0,
+    owner: nn.Module | None = None,
+    path: str = "",
 ) -> dict[str, Spec]:
     """Keep positions ``index`` of ``layer``'s output features (``dim`` 0: column-parallel)
     or input features (``dim`` 1: row-parallel), in place; returns each cut tensor's spec,
     by name within ``layer``. ``copies`` (column-parallel) counts the ranks holding each
     output row; the rows several ranks hold (all from row ``shared_from`` on) get their
-    gradients summed over those ranks."""
+    gradients summed over those ranks. ``owner`` (default: ``layer``) is the module whose
+    forward reads the layer's tensors, ``path`` the layer's name within it."""
+    owner = layer if owner is None else owner
+
+    def within(name: str) -> str:
+        return f"{path}.{name}" if path else name
+
     full = layer.out_features if dim == 0 else layer.in_features
     specs: dict[str, Spec]
     if isinstance(layer, LoRALinear):
         specs = prefixed(
-            "base_layer", shard_linear(layer.base_layer, dim, index, group, copies, shared_from)
+            "base_layer",
+            shard_linear(
+                layer.base_layer,
+                dim,
+                index,
+                group,
+                copies,
+                shared_from,
+                owner,
+                within("base_layer"),
+            ),
         )
         for name in layer.lora_A:
             cut, partial = (
@@ -186,9 +218,11 @@ def shard_linear(
             specs[key] = Shard(dim, index, full, copies)
             _take(cut, "weight", dim, index)
             cut.out_features, cut.in_features = cut.weight.shape
-            sum_grad_over(partial.weight, group)
+            side = "A" if dim == 0 else "B"
+            sum_grad_over(owner, within(f"lora_{side}.{name}.weight"), group)
             if dim == 0:
-                _sum_shared_rows(cut.weight, copies, index, full, shared_from, group)
+                shared = (owner, within(f"lora_B.{name}.weight"))
+                _sum_shared_rows(shared, copies, index, full, shared_from, group)
     elif isinstance(layer, (QuantLinear, nn.Linear)):
         if isinstance(layer, QuantLinear):
             specs = _shard_quant(layer, dim, index)
@@ -196,13 +230,15 @@ def shard_linear(
             specs = {"weight": Shard(dim, index, full, copies)}
             _take(layer, "weight", dim, index)
             if dim == 0:
-                _sum_shared_rows(layer.weight, copies, index, full, shared_from, group)
+                shared = (owner, within("weight"))
+                _sum_shared_rows(shared, copies, index, full, shared_from, group)
         if dim == 1:
             specs.update(_own_bias(layer, group))
         elif layer.bias is not None:
             specs["bias"] = Shard(0, index, full, copies)
             _take(layer, "bias", 0, index)
-            _sum_shared_rows(layer.bias, copies, index, full, shared_from, group)
+            shared = (owner, within("bias"))
+            _sum_shared_rows(shared, copies, index, full, shared_from, group)
     else:
         raise TypeError(
             f"cannot tensor-parallelize a {type(layer).__name__} (nn.Linear, "
@@ -216,14 +252,19 @@ def shard_linear(
 
 
 def _sum_shared_rows(
-    param: nn.Parameter, copies: Tensor | None, index: Tensor, full: int, shared_from: int, group
+    where: tuple[nn.Module, str],
+    copies: Tensor | None,
+    index: Tensor,
+    full: int,
+    shared_from: int,
+    group,
 ) -> None:
     """Rows held by several ranks (``copies`` > 1, all at or after row ``shared_from`` of
     the full layer's ``full``) get their gradients summed over the ranks holding them."""
     if copies is None or not bool((copies > 1).any()):
         return
     rows = (copies > 1).nonzero().squeeze(1)
-    sum_grad_over(param, group, rows, index[rows] - shared_from, full - shared_from)
+    sum_grad_over(*where, group, rows, index[rows] - shared_from, full - shared_from)
 
 
 class ColumnParallelLinear(nn.Module):

@@ -54,6 +54,8 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
 
 from fastlm.nn.mlp import FusedMLP, GatedMLP
 from fastlm.parallel.comm import (
@@ -159,18 +161,20 @@ def _shard_attention(attn: nn.Module, tp: int, rank: int, group) -> dict[str, Sp
     kv_copies = torch.full((len(k) + len(v),), shared_by)
     specs: dict[str, Spec] = {}
     if attn.cross:
-        specs.update(prefixed("q", shard_linear(attn.q, 0, q, group)))
+        specs.update(prefixed("q", shard_linear(attn.q, 0, q, group, owner=attn, path="q")))
         kv = torch.cat([k, v]) - h * d
-        specs.update(prefixed("kv", shard_linear(attn.kv, 0, kv, group, kv_copies)))
+        specs.update(
+            prefixed("kv", shard_linear(attn.kv, 0, kv, group, kv_copies, owner=attn, path="kv"))
+        )
     else:
         copies = torch.cat([torch.ones(len(q), dtype=torch.long), kv_copies])
         specs.update(
             prefixed(
                 "qkv",
-                shard_linear(attn.qkv, 0, torch.cat([q, k, v]), group, copies, shared_from=h * d),
+                shard_linear(attn.qkv, 0, torch.cat([q, k, v]), group, copies, h * d, attn, "qkv"),
             )
         )
-    specs.update(prefixed("o", shard_linear(attn.o, 1, q, group)))
+    specs.update(prefixed("o", shard_linear(attn.o, 1, q, group, owner=attn, path="o")))
     attn.num_heads, attn.num_kv_heads = per_rank, len(kv_heads)
     return specs
 
@@ -185,8 +189,11 @@ def _shard_mlp(mlp: nn.Module, group) -> dict[str, Spec]:
     index = torch.arange(*shard_range(hidden, group, "intermediate_size"))
     specs: dict[str, Spec] = {}
     for name in first:
-        specs.update(prefixed(name, shard_linear(getattr(mlp, name), 0, index, group)))
-    specs.update(prefixed(last, shard_linear(getattr(mlp, last), 1, index, group)))
+        cut = shard_linear(getattr(mlp, name), 0, index, group, owner=mlp, path=name)
+        specs.update(prefixed(name, cut))
+    specs.update(
+        prefixed(last, shard_linear(getattr(mlp, last), 1, index, group, owner=mlp, path=last))
+    )
     return specs
 
 
@@ -241,9 +248,12 @@ def _sequence_parallel(model: nn.Module, regions: set[nn.Module], group) -> None
         stack[0].register_forward_pre_hook(split)
         stack[-1].register_forward_hook(join)
         for block in stack:
-            for p in block.parameters():
-                if id(p) not in inside:
-                    sum_grad_over(p, group)
+            # Hooked on the module holding each parameter (a norm): its forward runs inside
+            # the block's, after FSDP has gathered the block.
+            for module in block.modules():
+                for name, p in module.named_parameters(recurse=False):
+                    if id(p) not in inside:
+                        sum_grad_over(module, name, group)
 
 
 def _shard_vocab(model: nn.Module, cuts: dict[str, str], group) -> dict[str, Spec]:
@@ -356,15 +366,86 @@ def check_consistent(model: nn.Module, group=None, extra: object = None) -> None
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class DataParallelLayout:
+    """Where a rank sits among the data-parallel ranks ``parallelize`` set up: ``size``
+    replicas of the batch (each reads its share ``rank``); with FSDP, ``replicate`` groups
+    (HSDP) of ``size // replicate`` ranks that shard the model between them."""
+
+    size: int
+    rank: int
+    fsdp: bool
+    replicate: int
+
+
+def _fsdp_policies(param_dtype, reduce_dtype, cpu_offload: bool, device: torch.device) -> dict:
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
+
+    policies: dict = {
+        "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    }
+    if cpu_offload:
+        if device.type != "cuda":
+            raise ValueError(
+                "cpu_offload: moves the sharded parameters, gradients and optimizer state from "
+                "the GPU to pinned host memory; this model is on the CPU already"
+            )
+        policies["offload_policy"] = CPUOffloadPolicy()
+    return policies
+
+
+def _fully_shard(model: nn.Module, mesh, reshard_after_forward: bool, policies: dict) -> None:
+    """FSDP2 on ``mesh``: each block of the model's stacks its own unit (its parameters
+    gathered just before its forward and backward, freed after), then the root (embeddings,
+    final norm, head). The last block is kept gathered after its forward, as torchtitan
+    does: the backward needs it at once."""
+    from torch.distributed.fsdp import fully_shard
+
+    stacks = getattr(type(model), "block_stacks", None)
+    if stacks is None:
+        raise TypeError(
+            f"fsdp: {type(model).__name__} declares no block_stacks (the names of its "
+            f"nn.ModuleLists of blocks, the units FSDP gathers one at a time)"
+        )
+    blocks = [block for name in stacks for block in model.get_submodule(name)]
+    for i, block in enumerate(blocks):
+        last = i == len(blocks) - 1
+        fully_shard(
+            block, mesh=mesh, reshard_after_forward=reshard_after_forward and not last, **policies
+        )
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, **policies)
+
+
 def parallelize(
-    model: nn.Module, tp_size: int = 1, dp_size: int | None = None, sequence_parallel: bool = False
+    model: nn.Module,
+    tp_size: int = 1,
+    dp_size: int | None = None,
+    sequence_parallel: bool = False,
+    *,
+    fsdp: bool = False,
+    dp_replicate: int = 1,
+    param_dtype: torch.dtype | None = None,
+    reduce_dtype: torch.dtype | None = torch.float32,
+    reshard_after_forward: bool = True,
+    cpu_offload: bool = False,
 ):
-    """Tensor parallel over groups of ``tp_size`` ranks and data parallel (DDP) across them,
-    on a 2D ``torch.distributed`` device mesh (dp x tp = world size; ``dp_size`` None: the
-    rest of the world). Returns ``(model, mesh)``: the model is wrapped in
-    ``DistributedDataParallel`` over the mesh's "dp" dimension when dp > 1."""
+    """Tensor parallel over groups of ``tp_size`` ranks (the innermost mesh dimension: one
+    node's GPUs) and data parallel across them: DDP, or with ``fsdp`` fully sharded
+    (PyTorch's FSDP2, ``fully_shard``) over the data-parallel ranks, ``dp_replicate`` > 1
+    making it hybrid (HSDP: the model sharded within each of ``dp_replicate`` groups and
+    replicated across them). ``dp_size`` counts every data-parallel rank (``dp_replicate``
+    x the shard group's size; None: the rest of the world).
+
+    FSDP options: ``param_dtype`` the dtype parameters are gathered in for compute (bf16;
+    None: as stored, fp32), ``reduce_dtype`` the one gradients are reduced in (fp32), the
+    master weights and AdamW state staying fp32 and sharded; ``reshard_after_forward``
+    frees each block's gathered parameters after its forward (False: keeps them to the
+    backward, more memory, one all-gather fewer); ``cpu_offload`` keeps the shards in host
+    memory (a GPU run).
+
+    Apply activation checkpointing, LoRA and quantization before this. Returns ``(model,
+    mesh)``; :func:`data_parallel_layout` says where a rank sits."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.nn.parallel import DistributedDataParallel
 
     if not dist.is_initialized():
         raise RuntimeError("parallelize needs torch.distributed initialized (torchrun)")
@@ -374,12 +455,30 @@ def parallelize(
     dp = world // tp_size if dp_size is None else dp_size
     if dp * tp_size != world:
         raise ValueError(f"dp_size {dp} x tp_size {tp_size} != world size {world}")
+    if not isinstance(dp_replicate, int) or dp_replicate < 1 or dp % dp_replicate:
+        raise ValueError(f"dp_replicate {dp_replicate!r} does not divide dp_size {dp}")
+    if not fsdp and (dp_replicate != 1 or param_dtype is not None or cpu_offload):
+        raise ValueError(
+            "dp_replicate, param_dtype and cpu_offload shape fully sharded data parallelism: "
+            "pass fsdp=True"
+        )
     check_consistent(model)
     device = next(model.parameters()).device
-    mesh = init_device_mesh(device.type, (dp, tp_size), mesh_dim_names=("dp", "tp"))
+    if fsdp:
+        policies = _fsdp_policies(param_dtype, reduce_dtype, cpu_offload, device)
+        shape, names = (
+            (dp_replicate, dp // dp_replicate, tp_size),
+            ("dp_replicate", "dp_shard", "tp"),
+        )
+    else:
+        shape, names = (dp, tp_size), ("dp", "tp")
+    mesh = init_device_mesh(device.type, shape, mesh_dim_names=names)
     if tp_size > 1:
         tensor_parallel(model, mesh.get_group("tp"), sequence_parallel)
-    if dp > 1:
+    if fsdp:
+        dp_mesh = mesh["dp_replicate", "dp_shard"] if dp_replicate > 1 else mesh["dp_shard"]
+        _fully_shard(model, dp_mesh, reshard_after_forward, policies)
+    elif dp > 1:
         # Parameters that get no gradient (BERT's pooler under the masked-LM loss) must be
         # found each step rather than waited for.
         model = DistributedDataParallel(
@@ -388,35 +487,98 @@ def parallelize(
     return model, mesh
 
 
+def data_parallel_layout(mesh) -> DataParallelLayout:
+    """This rank's data-parallel replica on a mesh :func:`parallelize` built."""
+    names = mesh.mesh_dim_names
+    if "dp" in names:
+        return DataParallelLayout(mesh.size(names.index("dp")), mesh.get_local_rank("dp"), False, 1)
+    replicate, shard = (mesh.size(names.index(n)) for n in ("dp_replicate", "dp_shard"))
+    rank = mesh.get_local_rank("dp_replicate") * shard + mesh.get_local_rank("dp_shard")
+    return DataParallelLayout(replicate * shard, rank, True, replicate)
+
+
+def local(tensor: Tensor) -> Tensor:
+    """The part of ``tensor`` this rank holds: an FSDP-sharded parameter's (or gradient's,
+    or optimizer state's) local shard, anything else itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def fsdp_rows(tensor: Tensor) -> tuple[int, int]:
+    """Rows ``[start, stop)`` of dimension 0 that ``local(tensor)`` holds of the tensor
+    FSDP sharded (FSDP2 cuts dimension 0 as ``torch.chunk`` does: ``ceil(n / ranks)`` rows
+    each, the last ranks' shares shorter or empty); all of them when not FSDP-sharded."""
+    rows = tensor.shape[0] if tensor.dim() else 1
+    if not isinstance(tensor, DTensor):
+        return 0, rows
+    (axis,) = [i for i, p in enumerate(tensor.placements) if p.is_shard()]
+    if tensor.placements[axis].dim != 0:
+        raise ValueError(f"FSDP shards dimension 0, this tensor {tensor.placements}")
+    ranks, rank = tensor.device_mesh.size(axis), tensor.device_mesh.get_local_rank(axis)
+    chunk = -(-rows // ranks)
+    start = min(rank * chunk, rows)
+    return start, min(start + chunk, rows)
+
+
+def copies_across_data_parallel(tensor: Tensor, model: nn.Module) -> int:
+    """How many data-parallel ranks hold the same values as this one's ``local(tensor)``:
+    the HSDP replicas of an FSDP shard, every replica of a DDP model, else one."""
+    if isinstance(tensor, DTensor):
+        mesh = tensor.device_mesh
+        return math.prod(mesh.size(i) for i, p in enumerate(tensor.placements) if p.is_replicate())
+    if isinstance(model, DistributedDataParallel):
+        return dist.get_world_size(model.process_group)
+    return 1
+
+
+def model_class(model: nn.Module) -> type:
+    """The class ``model`` was built as (inside a DDP wrapper): FSDP2 turns a module it
+    shards into an instance of a subclass it makes (``FSDPGPT`` of ``GPT``)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(unwrap(model)).__mro__ if not issubclass(c, FSDPModule))
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside a ``DistributedDataParallel`` wrapper (or the model itself)."""
     return getattr(model, "module", model)
 
 
 def clip_grad_norm_(model: nn.Module, max_norm: float) -> Tensor:
-    """``torch.nn.utils.clip_grad_norm_`` for a tensor-parallel model: the global norm of
-    the unsharded gradients (each shard counted once, replicated tensors once, shared
-    key/value rows once), the same on every rank; clips in place and returns it."""
+    """``torch.nn.utils.clip_grad_norm_`` for a model :func:`parallelize` (or
+    :func:`tensor_parallel`) set up: the global norm of the unsharded gradients, the same on
+    every rank. Each rank sums the squares of the gradient it holds (an FSDP shard, a
+    tensor-parallel slice), each value divided by the number of ranks holding it too (key/
+    value rows shared by tensor-parallel ranks, replicated tensors, DDP and HSDP replicas),
+    so one all-reduce over the world counts every value once. Clips in place and returns
+    the norm."""
     inner = unwrap(model)
     layout: TensorParallelLayout | None = getattr(inner, "tp_layout", None)
     params = [(n, p) for n, p in inner.named_parameters() if p.grad is not None]
     if not params:
         return torch.zeros(())
-    total = torch.zeros((), dtype=torch.float32, device=params[0][1].grad.device)
+    device = local(params[0][1].grad).device
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    tp = layout.size if layout is not None else 1
     for name, p in params:
-        g = p.grad.float()
+        g = local(p.grad).float()
         spec = layout.specs.get(name) if layout is not None else None
-        if layout is None or spec is None:
-            total += g.square().sum() / (layout.size if layout is not None else 1)
-        elif isinstance(spec, Shard) and spec.copies is not None:
-            other = [d for d in range(g.dim()) if d != spec.dim]
-            per = g.square().sum(dim=other) if other else g.square()
-            total += (per / spec.copies.to(per)).sum()
+        held = copies_across_data_parallel(p.grad, model)
+        if spec is None:  # the same on every tensor-parallel rank
+            held *= tp
+        if isinstance(spec, Shard) and spec.copies is not None:
+            copies = spec.copies.to(device=device, dtype=g.dtype)
+            if spec.dim == 0:
+                copies = copies[slice(*fsdp_rows(p.grad))]
+            shape = [1] * g.dim()
+            shape[spec.dim] = -1
+            total += (g.square() / copies.reshape(shape)).sum() / held
         else:
-            total += g.square().sum()
-    if layout is not None and layout.size > 1:
-        dist.all_reduce(total, group=layout.group)
+            total += g.square().sum() / held
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(total)
     norm = total.sqrt()
     if math.isfinite(max_norm):
-        torch.nn.utils.clip_grads_with_norm_([p for _, p in params], max_norm, norm)
+        coefficient = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for _, p in params:
+            local(p.grad).mul_(coefficient)
     return norm

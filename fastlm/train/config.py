@@ -17,6 +17,19 @@ from pathlib import Path
 from typing import Any
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# How the processes of a run divide the work: not part of the run's identity, so a resumed
+# run takes them from its own flags (a run begun on 8 ranks continues on 4, or on one).
+LAYOUT = (
+    "tp",
+    "dp",
+    "sequence_parallel",
+    "fsdp",
+    "dp_replicate",
+    "reshard_after_forward",
+    "cpu_offload",
+    "async_save",
+    "dist_timeout",
+)
 SCHEDULES = ("cosine", "linear", "constant")
 # Devices whose RNG states the trainer saves and restores.
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -90,6 +103,23 @@ class TrainConfig:
     sequence_parallel: bool = setting(
         False, "sequence parallelism within the tensor-parallel groups"
     )
+    fsdp: bool = setting(
+        False,
+        "fully shard parameters, gradients and AdamW state over the data-parallel ranks "
+        "(FSDP2) instead of replicating them (DDP)",
+    )
+    dp_replicate: int = setting(
+        1, "with --fsdp: replicate over this many groups of ranks, shard within each (HSDP)"
+    )
+    reshard_after_forward: bool = setting(
+        True, "with --fsdp: free each block's gathered parameters after its forward"
+    )
+    cpu_offload: bool = setting(
+        False, "with --fsdp on GPUs: keep the sharded parameters and AdamW state in host memory"
+    )
+    async_save: bool = setting(
+        False, "distributed runs: write checkpoints in the background while training goes on"
+    )
     dist_timeout: int = setting(
         600, "seconds before a collective times out (a hung rank fails, not hangs)"
     )
@@ -130,6 +160,7 @@ class TrainConfig:
             "save_every",
             "keep_last",
             "tp",
+            "dp_replicate",
             "dist_timeout",
         ):
             value = getattr(self, name)
@@ -139,7 +170,17 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-        for name in ("clean_data", "scrub_pii", "near_dedup", "filter_data", "overwrite"):
+        for name in (
+            "clean_data",
+            "scrub_pii",
+            "near_dedup",
+            "filter_data",
+            "overwrite",
+            "fsdp",
+            "reshard_after_forward",
+            "cpu_offload",
+            "async_save",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         for key, value in self.model_overrides.items():  # what the model config may not check
@@ -171,6 +212,16 @@ class TrainConfig:
             )
         if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if not self.fsdp:
+            shaping = {"dp_replicate": 1, "cpu_offload": False, "reshard_after_forward": True}
+            for name, default in shaping.items():
+                if getattr(self, name) != default:
+                    raise ValueError(f"{name} shapes fully sharded data parallelism: add --fsdp")
+        elif self.precision == "fp16":
+            raise ValueError(
+                "precision 'fp16' with fsdp: FSDP's loss scaling is not supported; use bf16 "
+                "(parameters gathered in bf16, gradients reduced in fp32)"
+            )
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:

@@ -1,10 +1,12 @@
 """The trainer under ``torchrun``: the process group from torchrun's environment, the
 model parallelized from outside (``fastlm.parallel.parallelize``: tensor parallel within
-groups of ``tp`` ranks, DDP across them), each data-parallel replica reading its share of
-every batch, and checkpoints written as one shard per tensor-parallel rank.
+groups of ``tp`` ranks; DDP across them, or FSDP2 with ``--fsdp``, hybrid with
+``--dp-replicate``), each data-parallel replica reading its share of every batch, and
+checkpoints through DCP that resume at any layout.
 
-``torchrun --nproc_per_node N -m fastlm.train --tp T [--dp D] ...`` runs the same job as
-``fastlm train``; only rank 0 logs, draws the progress bar and writes the shared files.
+``torchrun --nproc_per_node N -m fastlm.train [--tp T] [--dp D] [--fsdp] ...`` runs the
+same job as ``fastlm train``; only rank 0 logs, draws the progress bar and writes the
+shared files. Several machines: torchrun's rendezvous (``--nnodes``, ``--rdzv-endpoint``).
 """
 
 from __future__ import annotations
@@ -17,14 +19,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import safetensors.torch
 import torch
 import torch.distributed as dist
 from torch import nn
 
+import fastlm.parallel.dcp as sharded_state
 import fastlm.train.checkpoint as ckpt
 from fastlm.models import loading
-from fastlm.parallel import check_consistent, parallelize, unwrap
-from fastlm.parallel.checkpoint import save_shard, shard_name
+from fastlm.parallel import check_consistent, data_parallel_layout, parallelize
 from fastlm.train.config import TrainConfig
 
 T = TypeVar("T")
@@ -41,10 +44,10 @@ def init(config: TrainConfig) -> bool:
     if dist.is_initialized():
         return True
     if not launched():
-        if config.tp > 1 or config.dp > 1:
+        if config.tp > 1 or config.dp > 1 or config.fsdp:
             raise ValueError(
-                f"tp={config.tp}, dp={config.dp} need one process per rank: "
-                f"torchrun --nproc_per_node N -m fastlm.train ..."
+                f"tp={config.tp}, dp={config.dp}, fsdp={config.fsdp} need one process per "
+                f"rank: torchrun --nproc_per_node N -m fastlm.train ..."
             )
         return False
     cuda = config.device != "cpu" and torch.cuda.is_available()
@@ -76,27 +79,51 @@ def from_main(make: Callable[[], T]) -> T:
 
 @dataclasses.dataclass
 class Layout:
-    """Where this process sits: its tensor-parallel rank and its data-parallel replica."""
+    """Where this process sits: its tensor-parallel rank and its data-parallel replica
+    (``dp`` of them; with ``fsdp``, the model sharded over them, in ``dp_replicate``
+    groups)."""
 
     tp: int
     dp: int
     tp_rank: int
     dp_rank: int
+    fsdp: bool = False
+    dp_replicate: int = 1
 
-    def to_dict(self) -> dict[str, int]:
-        return {"tp": self.tp, "dp": self.dp, "world": self.tp * self.dp}
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "tp": self.tp,
+            "dp": self.dp,
+            "world": self.tp * self.dp,
+            "fsdp": self.fsdp,
+            "dp_replicate": self.dp_replicate,
+        }
 
 
-def parallelize_model(model: nn.Module, config: TrainConfig) -> tuple[nn.Module, Layout]:
-    """Check that every rank runs the same model and config, then parallelize."""
+def parallelize_model(
+    model: nn.Module, config: TrainConfig, precision: str
+) -> tuple[nn.Module, Layout]:
+    """Check that every rank runs the same model and config, then parallelize (with FSDP,
+    ``precision`` bf16 gathers the parameters in bf16 and reduces gradients in fp32)."""
     world = dist.get_world_size()
     if config.dp and config.tp * config.dp != world:
         raise ValueError(f"tp {config.tp} x dp {config.dp} != world size {world}")
     check_consistent(model, extra=config.to_dict())
-    parallel, mesh = parallelize(model, config.tp, config.dp or None, config.sequence_parallel)
-    layout = Layout(
-        config.tp, world // config.tp, mesh.get_local_rank("tp"), mesh.get_local_rank("dp")
+    fsdp = {}
+    if config.fsdp:
+        fsdp = dict(
+            fsdp=True,
+            dp_replicate=config.dp_replicate,
+            param_dtype=torch.bfloat16 if precision == "bf16" else None,
+            reshard_after_forward=config.reshard_after_forward,
+            cpu_offload=config.cpu_offload,
+        )
+    parallel, mesh = parallelize(
+        model, config.tp, config.dp or None, config.sequence_parallel, **fsdp
     )
+    dp = data_parallel_layout(mesh)
+    tp_rank = mesh.get_local_rank("tp")
+    layout = Layout(config.tp, dp.size, tp_rank, dp.rank, dp.fsdp, dp.replicate)
     if config.batch_size % layout.dp:
         raise ValueError(
             f"batch_size {config.batch_size} does not split over {layout.dp} data-parallel replicas"
@@ -104,70 +131,118 @@ def parallelize_model(model: nn.Module, config: TrainConfig) -> tuple[nn.Module,
     return parallel, layout
 
 
-def save(
-    root: Path,
-    step: int,
-    model: nn.Module,
-    state: dict[str, Any],
-    meta: dict[str, Any],
-    layout: Layout,
-    extra: Any,
-    keep_last: int | None,
-) -> Path:
-    """Checkpoint ``step`` of a distributed run, atomically as on one device: every rank
-    writes into one temporary directory (replica 0's tensor-parallel ranks their model
-    shard and optimizer state, every rank its RNG state, rank 0 the rest), then rank 0
-    renames it into place once all are flushed."""
-    rank = dist.get_rank()
-    root.mkdir(parents=True, exist_ok=True)
-    made = [
-        tempfile.mkdtemp(prefix=f"{ckpt.TMP_PREFIX}{loading.checkpoint_name(step)}-", dir=root)
-        if rank == 0
-        else None
-    ]
-    dist.broadcast_object_list(made, src=0)
-    tmp = Path(made[0])
-    written = [tmp / f"rng-{rank:03d}.pt"]
-    torch.save(state["rng"], written[0])
-    if layout.dp_rank == 0:
-        written.append(save_shard(model, tmp))
-        written.append(tmp / f"state-tp{layout.tp_rank:02d}.pt")
-        torch.save({k: v for k, v in state.items() if k != "rng"}, written[-1])
-    if rank == 0:
-        written += ckpt.write_meta(tmp, {**meta, "parallel": layout.to_dict()}, extra)
-    for f in written:
-        ckpt.fsync(f)
-    dist.barrier()
-    if rank == 0:
-        ckpt.finish(tmp, root, step, keep_last)
-    dist.barrier()
-    return root / loading.checkpoint_name(step)
+class Checkpointer:
+    """Checkpoints of a distributed run, atomically as on one device: every rank writes
+    into one temporary directory (its part of the model and AdamW state through DCP,
+    ``fastlm.parallel.dcp``, and its RNG state; rank 0 the schedule, loss scale, optimizer
+    settings and the shared files), then rank 0 renames it into place once all are on
+    disk. With ``async_save`` the tensors are copied to host memory and written in the
+    background over a gloo group of their own; the rename waits for them, at the next
+    save or at :meth:`wait`."""
 
+    def __init__(self, root: Path, keep_last: int | None, async_save: bool) -> None:
+        self.root, self.keep_last = root, keep_last
+        self.group = dist.new_group(backend="gloo") if async_save else None
+        self.pending: tuple[Any, Path, int] | None = None
 
-def require_layout(path: Path, layout: Layout | None) -> dict[str, Any]:
-    """The checkpoint's metadata, if it was written with ``layout`` (None: one device),
-    which resuming needs (the optimizer state is sharded as the model was)."""
-    meta = loading.read_meta(path)
-    saved, mine = meta.get("parallel"), layout.to_dict() if layout is not None else None
-    if saved != mine:
-        raise ValueError(
-            f"checkpoint {path} was written with layout {saved or 'one device'}; "
-            f"resuming needs the same (this run: {mine or 'one device'}). Its "
-            f"weights load at any layout: fastlm.parallel.checkpoint."
-            f"load_sharded"
+    def save(
+        self,
+        step: int,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        state: dict[str, Any],
+        meta: dict[str, Any],
+        layout: Layout,
+        extra: Any,
+    ) -> Path:
+        self.wait()
+        rank = dist.get_rank()
+        self.root.mkdir(parents=True, exist_ok=True)
+        made = [
+            tempfile.mkdtemp(
+                prefix=f"{ckpt.TMP_PREFIX}{loading.checkpoint_name(step)}-", dir=self.root
+            )
+            if rank == 0
+            else None
+        ]
+        dist.broadcast_object_list(made, src=0)
+        tmp = Path(made[0])
+        written = [tmp / f"rng-{rank:03d}.pt"]
+        torch.save(state["rng"], written[0])
+        if rank == 0:
+            shared = {k: v for k, v in state.items() if k != "rng"}
+            torch.save(shared, tmp / "state.pt")
+            written.append(tmp / "state.pt")
+            written += ckpt.write_meta(tmp, {**meta, "parallel": layout.to_dict()}, extra)
+        for f in written:
+            ckpt.fsync(f)
+        future = sharded_state.save(
+            tmp / loading.SHARDED_DIR, model, optimizer, async_group=self.group
         )
-    return meta
+        if future is None:
+            self._finish(tmp, step)
+        else:
+            self.pending = (future, tmp, step)
+        return self.root / loading.checkpoint_name(step)
+
+    def _finish(self, tmp: Path, step: int) -> None:
+        dist.barrier()  # every rank's files are flushed
+        if dist.get_rank() == 0:
+            for f in (tmp / loading.SHARDED_DIR).iterdir():
+                ckpt.fsync(f)
+            ckpt.finish(tmp, self.root, step, self.keep_last)
+        dist.barrier()
+
+    def wait(self) -> None:
+        """Finish the background save in flight, if any (on every rank)."""
+        if self.pending is not None:
+            future, tmp, step = self.pending
+            self.pending = None
+            future.result()
+            self._finish(tmp, step)
+
+
+def is_sharded(path: Path) -> bool:
+    """Whether checkpoint ``path`` was written by a distributed run (DCP)."""
+    return (path / loading.SHARDED_DIR).is_dir()
 
 
 def load(
-    path: Path, model: nn.Module, layout: Layout, map_location: torch.device
-) -> tuple[dict, dict]:
-    """Resume a distributed run from its checkpoint (written with the same layout): each
-    rank reads its own files."""
-    meta = require_layout(path, layout)
-    name = shard_name(layout.tp_rank, layout.tp) if layout.tp > 1 else "model.safetensors"
-    ckpt.load_weights(path, name, unwrap(model), map_location)
-    state = ckpt.read_state(path, f"state-tp{layout.tp_rank:02d}.pt", map_location)
-    if isinstance(state, dict):
-        state["rng"] = ckpt.read_state(path, f"rng-{dist.get_rank():03d}.pt")
-    return state, meta
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    layout: Layout | None,
+) -> dict[str, Any]:
+    """Restore ``model`` and ``optimizer`` at this run's layout (``None``: one process)
+    from checkpoint ``path``, written by a distributed run at any layout, or by one
+    process (its ``model.safetensors`` and positional optimizer state); returns the rest
+    of the state (schedule, loss scale, optimizer settings, this rank's RNG state, which
+    is the same rank's of the run that saved, else None)."""
+    if is_sharded(path):
+        sharded_state.load(path / loading.SHARDED_DIR, model, optimizer)
+        state = ckpt.read_state(path, "state.pt")
+    else:
+        ckpt.check_weights(path)
+        state = ckpt.read_state(path, "state.pt")
+        weights = safetensors.torch.load_file(str(path / "model.safetensors"))
+        full = {f"{sharded_state.MODEL}{k}": v for k, v in weights.items()}
+        state = state if isinstance(state, dict) else {}
+        names = state.get("optimizer_names")
+        if not isinstance(state.get("optimizer"), dict) or not isinstance(names, list):
+            raise loading.unusable(
+                path,
+                "state.pt",
+                "names no parameters of its optimizer state (written before fastlm recorded "
+                "them: it resumes on one process only)",
+            )
+        full.update(sharded_state.optimizer_by_name(state["optimizer"], names))
+        shapes = {k: (list(v.shape), v.dtype) for k, v in full.items()}
+        sharded_state.load_full([full], shapes, model, optimizer, str(path))
+        state["optimizer_groups"] = state.pop("optimizer")["param_groups"]
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    own = path / f"rng-{rank:03d}.pt"
+    if own.is_file():
+        state["rng"] = ckpt.read_state(path, own.name)
+    elif rank:  # a rank the saving run did not have (a one-process run's is rank 0's)
+        state["rng"] = None
+    return state

@@ -197,10 +197,16 @@ def train(config: TrainConfig) -> dict[str, Any]:
     )
     if trainer.layout is not None:
         layout = trainer.layout
+        if layout.fsdp:
+            replicas = (
+                f" in {layout.dp_replicate} replicas (HSDP)" if layout.dp_replicate > 1 else ""
+            )
+            data = f"fully sharded data parallel (FSDP2) {layout.dp}{replicas}"
+        else:
+            data = f"data parallel {layout.dp}"
         _say(
             f"{layout.tp * layout.dp} ranks: tensor parallel {layout.tp}"
-            f"{' with sequence parallelism' if config.sequence_parallel else ''}, data "
-            f"parallel {layout.dp}"
+            f"{' with sequence parallelism' if config.sequence_parallel else ''}, {data}"
         )
     t0 = time.perf_counter()
     result = trainer.fit()

@@ -30,7 +30,7 @@ import fastlm.train.checkpoint as ckpt
 import fastlm.train.distributed as distributed
 from fastlm.data import Tokenizer
 from fastlm.models import loading
-from fastlm.train.config import PRECISIONS, TrainConfig
+from fastlm.train.config import LAYOUT, PRECISIONS, TrainConfig
 
 
 def resume_path(out_dir: Path, where: str | os.PathLike) -> Path:
@@ -207,5 +207,7 @@ def from_arguments(args: argparse.Namespace) -> TrainConfig:
         # A run saved before data cleaning existed continues on the data it began on.
         saved.setdefault("clean_data", False)
         saved.pop("overwrite", None)  # what began that run, not a setting of it
+        for name in LAYOUT:  # this launch's, not the saved run's
+            saved.pop(name, None)
         merged = {**saved, **merged}
     return TrainConfig.from_dict(merged)

@@ -28,7 +28,7 @@ import fastlm.train.runs as runs
 from fastlm.data import ResumableSampler, Tokenizer, collate
 from fastlm.errors import FastlmError
 from fastlm.models import loading
-from fastlm.parallel import clip_grad_norm_, unwrap
+from fastlm.parallel import clip_grad_norm_, local, model_class, unwrap
 from fastlm.train.activation_checkpointing import apply_activation_checkpointing
 from fastlm.train.config import TrainConfig
 from fastlm.train.metrics import (
@@ -80,7 +80,7 @@ def model_config_dict(model: nn.Module) -> dict[str, Any] | None:
     if not dataclasses.is_dataclass(config):
         return None
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
-    return {"class": type(config).__name__, "fields": fields, "module": type(model).__name__}
+    return {"class": type(config).__name__, "fields": fields, "module": model_class(model).__name__}
 
 
 class Trainer:
@@ -130,18 +130,24 @@ class Trainer:
         if config.checkpointing:
             apply_activation_checkpointing(model, config.checkpointing)
         self._flops_per_token = flops_per_token(model, config.seq_len)  # of the whole model
+        self.precision = Precision(resolve(config.precision, self.device), self.device)
         self.layout: distributed.Layout | None = None
+        self.checkpointer: distributed.Checkpointer | None = None
         if distributed.init(config):
-            self.model, self.layout = distributed.parallelize_model(model, config)
+            self.model, self.layout = distributed.parallelize_model(
+                model, config, self.precision.mode
+            )
             if self.layout.dp_rank:  # replicas draw their own dropout masks
                 torch.manual_seed(config.seed + self.layout.dp_rank)
+            self.checkpointer = distributed.Checkpointer(
+                Path(config.out_dir) / "checkpoints", config.keep_last, config.async_save
+            )
         else:
             self.model = model
         self.main = distributed.is_main()
         resume = runs.claim(config.out_dir, config.resume, config.overwrite, self.run_files)
         self.train_data, self.eval_data = train_data, eval_data
         self.save_extra, self.tokenizer = save_extra, tokenizer
-        self.precision = Precision(resolve(config.precision, self.device), self.device)
         self.optimizer = build_optimizer(unwrap(self.model), config)
         self.scheduler = build_scheduler(self.optimizer, config)
         self.sampler = ResumableSampler(len(train_data), config.batch_size, config.seed)
@@ -192,7 +198,7 @@ class Trainer:
             total /= dist.get_world_size()
         scaler.unscale_(self.optimizer)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-        if self.layout is not None and self.layout.tp > 1:
+        if self.layout is not None:
             norm = clip_grad_norm_(self.model, max_norm)  # of the unsharded gradients
         else:
             norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm, foreach=True)
@@ -258,7 +264,7 @@ class Trainer:
         """Raise TrainingDiverged (on every rank) if any weight is NaN or infinite: such a
         checkpoint would pass for a good one."""
         params = list(unwrap(self.model).named_parameters())
-        finite = torch.stack([torch.isfinite(p).all() for _, p in params]).float()
+        finite = torch.stack([torch.isfinite(local(p)).all() for _, p in params]).float()
         if self.layout is not None:  # each rank holds shards: all must agree to save
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         if bool(finite.all()):
@@ -281,7 +287,6 @@ class Trainer:
         if torch.cuda.is_initialized():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         state = {
-            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.precision.scaler.state_dict(),
             "rng": rng,
@@ -302,11 +307,20 @@ class Trainer:
                 self.save_extra(directory)
 
         root, keep = self.out_dir / "checkpoints", self.config.keep_last
-        if self.layout is not None:
-            self.last_checkpoint = distributed.save(
-                root, self.step, self.model, state, meta, self.layout, extra, keep
+        if self.checkpointer is not None:  # the optimizer state sharded as the model, by name
+            groups = [
+                {k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups
+            ]
+            state["optimizer_groups"] = groups
+            self.last_checkpoint = self.checkpointer.save(
+                self.step, self.model, self.optimizer, state, meta, self.layout, extra
             )
         else:
+            state["optimizer"] = self.optimizer.state_dict()
+            # Its state is by position; the names let a run at another layout place it.
+            names = {id(p): n for n, p in self.model.named_parameters()}
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            state["optimizer_names"] = [names[id(p)] for p in params]
             self.last_checkpoint = ckpt.save_checkpoint(
                 root, self.step, self.model, state, meta, extra, keep
             )
@@ -321,18 +335,17 @@ class Trainer:
         meta = runs.read_run_meta(path)
         inner = unwrap(self.model)
         config = getattr(inner, "config", None)  # a fastlm model's dataclass, else unchecked
-        runs.check_same_run(path, meta, config, type(inner).__name__, self.tokenizer)
+        runs.check_same_run(path, meta, config, model_class(inner).__name__, self.tokenizer)
         if meta["precision"] != self.precision.mode:
             raise ValueError(
                 f"checkpoint {path} was trained in {meta['precision']}; resuming "
                 f"in {self.precision.mode} would not continue the same run"
             )
-        if self.layout is not None:
-            state, _ = distributed.load(path, self.model, self.layout, self.device)
-        else:
-            distributed.require_layout(path, None)
+        if self.layout is None and not distributed.is_sharded(path):  # as it was saved
             state, _ = ckpt.load_checkpoint(path, self.model, self.device)
-        self._restore(path, state)
+            self._restore(path, state)
+        else:  # resharded to this run's layout (the same: exactly the saved values)
+            self._restore(path, distributed.load(path, self.model, self.optimizer, self.layout))
         try:
             self.sampler.load_state_dict(meta["sampler"])
         except ValueError as e:
@@ -345,32 +358,51 @@ class Trainer:
         return path
 
     def _restore(self, path: Path, state: Any) -> None:
-        """Optimizer, schedule, loss scale and RNG states from ``state``, checked first."""
-        rng = state.get("rng") if isinstance(state, dict) else None
-        parts = ("optimizer", "scheduler", "scaler")
+        """Optimizer (its whole state, or the settings of its groups when its tensors were
+        loaded resharded), schedule, loss scale and RNG states from ``state``, checked
+        first. An RNG state of None (a rank the saving run did not have) keeps this rank's
+        own seed."""
+        rng = state.get("rng", False) if isinstance(state, dict) else False
+        parts = ("scheduler", "scaler")
+        optimizer = state.get("optimizer") if isinstance(state, dict) else None
+        groups = state.get("optimizer_groups") if isinstance(state, dict) else None
         if (
-            not isinstance(rng, dict)
-            or not all(isinstance(state.get(k), dict) for k in parts)
-            or not isinstance(rng.get("cpu"), Tensor)
-            or rng["cpu"].dtype != torch.uint8
-            or not isinstance(rng.get("cuda"), list)
+            not all(isinstance(state.get(k), dict) for k in parts)
+            or not (isinstance(optimizer, dict) or isinstance(groups, list))
+            or not (rng is None or isinstance(rng, dict))
+            or rng is not None
+            and (
+                not isinstance(rng.get("cpu"), Tensor)
+                or rng["cpu"].dtype != torch.uint8
+                or not isinstance(rng.get("cuda"), list)
+            )
         ):
             problem = "not the optimizer, schedule, loss-scale and RNG states fastlm saves"
             raise loading.unusable(path, "state.pt", problem)
-        if rng["cuda"] and len(rng["cuda"]) != torch.cuda.device_count():
+        if rng is not None and rng["cuda"] and len(rng["cuda"]) != torch.cuda.device_count():
             raise ValueError(
                 f"checkpoint {path} holds RNG states of {len(rng['cuda'])} CUDA devices, "
                 f"{torch.cuda.device_count()} are visible"
             )
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
+            if optimizer is not None:
+                self.optimizer.load_state_dict(optimizer)
+            else:
+                if len(groups) != len(self.optimizer.param_groups):
+                    raise ValueError(
+                        f"{len(groups)} parameter groups saved, the optimizer has "
+                        f"{len(self.optimizer.param_groups)}"
+                    )
+                for mine, saved in zip(self.optimizer.param_groups, groups, strict=True):
+                    mine.update({k: v for k, v in saved.items() if k != "params"})
             self.scheduler.load_state_dict(state["scheduler"])
             if state["scaler"]:
                 self.precision.scaler.load_state_dict(state["scaler"])
-            torch.set_rng_state(rng["cpu"])
+            if rng is not None:
+                torch.set_rng_state(rng["cpu"])
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise loading.unusable(path, "state.pt", f"does not fit this run ({e})") from None
-        if rng["cuda"]:
+        if rng is not None and rng["cuda"]:
             torch.cuda.set_rng_state_all(rng["cuda"])
 
     # -- the loop ----------------------------------------------------------------------------
@@ -429,6 +461,8 @@ class Trainer:
                         bar.write(f"step {self.step}: {self.validation_line(metrics)}")
                 if self.step % cfg.save_every == 0 or done:
                     self.save()
+            if self.checkpointer is not None:
+                self.checkpointer.wait()  # the last checkpoint is on disk before fit returns
         finally:
             bar.close()
             self.log.close()

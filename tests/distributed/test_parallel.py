@@ -32,6 +32,8 @@ LAUNCHES = {
     "tensor_parallel": (2, ["models"]),
     "data_parallel": (2, ["data_parallel"]),
     "mesh_2x2": (4, ["mesh_2x2"]),
+    "fsdp_2": (2, ["fsdp_2"]),
+    "fsdp_4": (4, ["fsdp_4"]),
 }
 
 

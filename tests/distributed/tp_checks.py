@@ -23,11 +23,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from fastlm.models import create
 from fastlm.parallel import (
     check_consistent,
     clip_grad_norm_,
+    data_parallel_layout,
+    fsdp_rows,
+    local,
     parallelize,
     tensor_parallel,
     unwrap,
@@ -75,17 +79,20 @@ def float64_twin(model: nn.Module) -> nn.Module:
     return _copy(model).double()
 
 
-def slice_of(full: torch.Tensor, spec, rank: int) -> torch.Tensor:
-    """What this rank holds of the reference's ``full`` tensor under ``spec``."""
+def slice_of(full: torch.Tensor, spec, rank: int, held: torch.Tensor | None = None):
+    """What this rank holds of the reference's ``full`` tensor under ``spec`` (and, when
+    ``held``, the parallel tensor, is FSDP-sharded, the rows of it FSDP left here)."""
     if isinstance(spec, Shard):
-        return full.index_select(spec.dim, spec.index)
-    if isinstance(spec, Owned) and rank != 0:
-        return torch.zeros_like(full)
+        full = full.index_select(spec.dim, spec.index)
+    elif isinstance(spec, Owned) and rank != 0:
+        full = torch.zeros_like(full)
+    if held is not None and held.dim():
+        full = full[slice(*fsdp_rows(held))]
     return full
 
 
 def scale_of(t: torch.Tensor) -> float:
-    return float(t.abs().max()) if t.numel() else 0.0
+    return float(t.detach().abs().max()) if t.numel() else 0.0
 
 
 def expect_loss(loss: torch.Tensor, out32, out64, name: str) -> None:
@@ -112,13 +119,16 @@ def compare_params(par: nn.Module, ref: nn.Module, ref64: nn.Module, label: str)
     layout = getattr(inner, "tp_layout", None)
     specs = layout.specs if layout else {}
     rank = layout.rank if layout else 0
-    local, ref32 = dict(inner.named_parameters()), dict(ref.named_parameters())
+    held, ref32 = dict(inner.named_parameters()), dict(ref.named_parameters())
     errors, worst = {}, 0.0
     for name, p in ref64.named_parameters():
-        full, p32 = (slice_of(t.detach(), specs.get(name), rank) for t in (p, ref32[name]))
-        errors[name] = [float((t.double() - full).norm()) for t in (local[name].detach(), p32)]
+        mine = local_part(held[name])
+        full, p32 = (
+            slice_of(t.detach(), specs.get(name), rank, held[name]) for t in (p, ref32[name])
+        )
+        errors[name] = [float((t.double() - full).norm()) for t in (mine, p32)]
         errors[name].append(float(full.norm()))
-        worst = max(worst, max_error(local[name], p32))
+        worst = max(worst, max_error(mine, p32))
     got, own, size = (math.hypot(*column) for column in zip(*errors.values(), strict=True))
     allowed = FACTOR * own + EPS * size
     if not got <= allowed:
@@ -130,6 +140,10 @@ def compare_params(par: nn.Module, ref: nn.Module, ref64: nn.Module, label: str)
             + ", ".join(f"{n} {e[0]:.3e} (float32 reference {e[1]:.3e})" for n, e in top)
         )
     return worst
+
+
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    return local(t).detach()
 
 
 def gradient_error(ref: nn.Module, ref64: nn.Module) -> float:
@@ -357,12 +371,12 @@ def lora_and_quant(rank: int) -> None:
             for m in (ref, ref64, par):
                 m.train()
                 m(**data).loss.backward()
-            local, ref32 = dict(par.named_parameters()), dict(ref.named_parameters())
+            held, ref32 = dict(par.named_parameters()), dict(ref.named_parameters())
             for name, p in ref64.named_parameters():
                 if p.grad is not None:
                     spec = par.tp_layout.specs.get(name)
                     assert_policy(
-                        local[name].grad,
+                        held[name].grad,
                         slice_of(p.grad, spec, rank),
                         slice_of(ref32[name].grad, spec, rank),
                         f"{kind} quantized={quantized} grad {name}",
@@ -426,6 +440,85 @@ def mesh_2x2(rank: int) -> None:
     report("llama", layout, errors)
 
 
+def share(mesh) -> slice:
+    """This rank's rows of the 4-row batch: its data-parallel replica's share."""
+    dp = data_parallel_layout(mesh)
+    rows = 4 // dp.size
+    return slice(dp.rank * rows, (dp.rank + 1) * rows)
+
+
+FSDP_LAYOUTS = {  # name: parallelize's arguments
+    "fsdp dp=2": dict(fsdp=True),
+    "fsdp dp=4": dict(fsdp=True),
+    "tp=2 x fsdp=2": dict(tp_size=2, fsdp=True),
+    "tp=2 x fsdp=2 + sequence parallel": dict(tp_size=2, fsdp=True, sequence_parallel=True),
+    "HSDP 2x2": dict(fsdp=True, dp_replicate=2),
+    "fsdp dp=2, kept gathered after forward": dict(fsdp=True, reshard_after_forward=False),
+}
+
+
+def fsdp_models(layouts: list[str], kinds=("gpt", "llama", "bert", "t5")) -> None:
+    """FSDP2 at ``layouts`` against the single process: 5 AdamW steps of each model family
+    (losses, gradient norms, parameters), each rank on its replica's share of the batch."""
+    for name in layouts:
+        for kind in kinds:
+            ref = build(kind)
+            par, mesh = parallelize(build(kind), **FSDP_LAYOUTS[name])
+            errors = train_both(ref, par, batch(kind), share(mesh), f"{kind} {name}")
+            report(kind, name, errors)
+
+
+def fsdp_2(rank: int) -> None:
+    """2 ranks: FSDP dp=2 (every family; blocks resharded after forward, or kept), LoRA on
+    a sharded frozen base, QLoRA (4-bit base kept whole, adapters sharded), and FSDP's
+    bf16 compute with fp32 master weights and reduction."""
+    from fastlm.peft import apply_lora
+    from fastlm.quant import quantize_
+
+    fsdp_models(["fsdp dp=2"])
+    fsdp_models(["fsdp dp=2, kept gathered after forward"], kinds=("llama",))
+    for quantized in (False, True):
+        ref = build("llama")
+        if quantized:
+            quantize_(ref, bits=4, group_size=32, include=["*mlp*"])
+        apply_lora(ref, r=4, target_modules=["qkv", "o", "up_proj", "down_proj"])
+        for p in ref.parameters():  # B is zero at first: give it values to test
+            if p.requires_grad:
+                torch.nn.init.normal_(p, std=0.05)
+        par, mesh = parallelize(_copy(ref), fsdp=True)
+        label = f"llama {'QLoRA' if quantized else 'LoRA'} fsdp dp=2"
+        frozen = {
+            n: local_part(p).clone() for n, p in par.named_parameters() if not p.requires_grad
+        }
+        errors = train_both(ref, par, batch("llama"), share(mesh), label)
+        for n, p in par.named_parameters():
+            if n in frozen:
+                assert torch.equal(local_part(p), frozen[n]), f"{label}: frozen {n} moved"
+        inner = par.blocks[0].mlp.up_proj.base_layer
+        if quantized:  # FSDP shards parameters; packed codes are buffers, kept whole
+            assert not isinstance(inner.qweight, DTensor)
+        else:
+            assert isinstance(inner.weight, DTensor) and not inner.weight.requires_grad
+        report("llama", label.removeprefix("llama "), errors)
+    ref = build("gpt")
+    par, mesh = parallelize(build("gpt"), fsdp=True, param_dtype=torch.bfloat16)
+    seen = []
+    par.blocks[0].attn.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    data = batch("gpt")
+    loss = par(**{k: v[share(mesh)] for k, v in data.items()}).loss
+    loss.backward()
+    weight = par.blocks[0].attn.qkv.weight
+    assert seen == [torch.bfloat16], seen  # computed in bf16
+    assert weight.dtype == weight.grad.dtype == torch.float32  # fp32 master and gradient
+    assert isinstance(weight, DTensor) and weight.to_local().shape[0] * 2 == weight.shape[0]
+
+
+def fsdp_4(rank: int) -> None:
+    """4 ranks: FSDP dp=4, tp=2 x fsdp=2 (and with sequence parallelism), HSDP 2x2."""
+    fsdp_models(["fsdp dp=4", "tp=2 x fsdp=2", "HSDP 2x2"])
+    fsdp_models(["tp=2 x fsdp=2 + sequence parallel"], kinds=("llama", "t5"))
+
+
 def desync(rank: int) -> None:
     """Ranks holding different models fail at start-up with the difference named."""
     model = create("gpt2-tiny", vocab_size=VOCAB, num_layers=2 + rank)
@@ -469,6 +562,8 @@ CHECKS = {
     "data_parallel": data_parallel,
     "mesh_2x2": mesh_2x2,
     "desync": desync,
+    "fsdp_2": fsdp_2,
+    "fsdp_4": fsdp_4,
     "reshard": reshard,
 }
 
