@@ -21,6 +21,7 @@ and each rank keeps its part: peak memory is the shards plus one group.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 import itertools
 import os
@@ -44,6 +45,17 @@ METADATA = ".metadata"  # the file DCP writes last, once every rank's data is on
 def is_checkpoint(directory: str | os.PathLike) -> bool:
     """Whether ``directory`` holds a complete DCP checkpoint."""
     return (Path(directory) / METADATA).is_file()
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Without two warnings of DCP's that say nothing to a user here: that ShardedTensor is
+    deprecated (see :func:`_sharded`), and that a load without torch.distributed is one
+    process's (as asked)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Please use DTensor instead", FutureWarning)
+        warnings.filterwarnings("ignore", ".*assuming the intent is to load in a single process")
+        yield
 
 
 # -- which part of each tensor this rank holds ------------------------------------------------
@@ -140,8 +152,7 @@ def _sharded(
 
     ShardedTensor is the one public way to hand DCP pieces at arbitrary offsets (a DTensor
     describes even splits only, and a fused ``qkv``'s heads are not one); torch marks it
-    deprecated in favour of DTensor, hence the warning filter, and 2.11 to 2.14 save and
-    load it alike."""
+    deprecated in favour of DTensor, and 2.11 to 2.14 save and load it alike."""
     from torch.distributed._shard.metadata import ShardMetadata
     from torch.distributed._shard.sharded_tensor import Shard as Piece
     from torch.distributed._shard.sharded_tensor import init_from_local_shards
@@ -157,8 +168,7 @@ def _sharded(
                     meta = ShardMetadata(offsets, list(piece.shape), where)
                     data = piece.detach().to(device, copy=copy).contiguous()
                     pieces.append(Piece(data, meta))
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "Please use DTensor instead", FutureWarning)
+    with _quiet():
         return init_from_local_shards(pieces, *full_shape)
 
 
@@ -227,13 +237,12 @@ def save(
                 state[key] = _sharded(mine, shape, _spec_of(key, tp), tp, model, copy)
             elif mine is not None:
                 state[key] = whole(mine)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "Please use DTensor instead", FutureWarning)
+    with _quiet():
         if copy:  # DCP's own async_save cannot stage ShardedTensors: the copies are made here
             return _writer().submit(
                 dcp.save, state, checkpoint_id=str(directory), process_group=async_group
             )
-        dcp.save(state, checkpoint_id=str(directory))
+        dcp.save(state, checkpoint_id=str(directory), no_dist=not dist.is_initialized())
     return None
 
 
@@ -291,14 +300,19 @@ def read_full(
         shape, dtype = shapes[key]
         nbytes = torch.Size(shape).numel() * dtype.itemsize
         if group and size + nbytes > group_bytes:
-            dcp.load(group, checkpoint_id=str(directory))
+            _read(group, directory)
             yield group
             group, size = {}, 0
         group[key] = torch.empty(shape, dtype=dtype)
         size += nbytes
     if group:
-        dcp.load(group, checkpoint_id=str(directory))
+        _read(group, directory)
         yield group
+
+
+def _read(state: dict[str, Tensor], directory) -> None:
+    with _quiet():
+        dcp.load(state, checkpoint_id=str(directory), no_dist=not dist.is_initialized())
 
 
 def _part(full: Tensor, tensor: Tensor, spec: Spec | None, tp) -> Tensor:

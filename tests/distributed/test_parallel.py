@@ -34,6 +34,7 @@ LAUNCHES = {
     "mesh_2x2": (4, ["mesh_2x2"]),
     "fsdp_2": (2, ["fsdp_2"]),
     "fsdp_4": (4, ["fsdp_4"]),
+    "reshard_matrix": (4, ["reshard_matrix"]),
 }
 
 
@@ -72,44 +73,46 @@ def corpus(tmp_path_factory):
     return root
 
 
-def test_trainer_under_torchrun(corpus, tmp_path, capsys):
+# Two micro-batches per step: DDP averages once, in the second one's backward; FSDP
+# reduce-scatters each.
+FLAGS = [
+    "--model",
+    "gpt",
+    "--model-overrides",
+    json.dumps(TINY_GPT),
+    "--vocab-size",
+    "400",
+    "--seq-len",
+    "32",
+    "--batch-size",
+    "4",
+    "--grad-accum",
+    "2",
+    "--max-steps",
+    "6",
+    "--save-every",
+    "3",
+    "--eval-every",
+    "3",
+    "--eval-batches",
+    "2",
+    "--log-every",
+    "1",
+    "--warmup-steps",
+    "2",
+    "--keep-last",
+    "5",
+    "--no-progress",
+    "--dist-timeout",
+    "60",
+]
+
+
+def test_trainer_under_torchrun(corpus, tmp_path):
     """``torchrun -m fastlm.train`` at tp=2 and at dp=2 trains as one process does; a tp=2
-    run resumes exactly; its checkpoint loads on one device (and a one-device checkpoint at
-    tp=2) with the same outputs, and exports to a single file."""
-    # Two micro-batches per step: DDP averages once, in the second one's backward.
-    flags = [
-        "--model",
-        "gpt",
-        "--model-overrides",
-        json.dumps(TINY_GPT),
-        "--data",
-        str(corpus),
-        "--vocab-size",
-        "400",
-        "--seq-len",
-        "32",
-        "--batch-size",
-        "4",
-        "--grad-accum",
-        "2",
-        "--max-steps",
-        "6",
-        "--save-every",
-        "3",
-        "--eval-every",
-        "3",
-        "--eval-batches",
-        "2",
-        "--log-every",
-        "1",
-        "--warmup-steps",
-        "2",
-        "--keep-last",
-        "5",
-        "--no-progress",
-        "--dist-timeout",
-        "60",
-    ]
+    run resumes exactly, and on one process; its checkpoint loads on one device (and a
+    one-device checkpoint at tp=2) with the same outputs, and exports to a single file."""
+    flags = [*FLAGS, "--data", str(corpus)]
     one, tp2, dp2 = tmp_path / "one", tmp_path / "tp2", tmp_path / "dp2"
     assert cli.main(["train", *flags, "--out-dir", str(one)]) == 0
     for out, layout in ((tp2, ["--tp", "2"]), (dp2, ["--dp", "2"])):
@@ -119,10 +122,7 @@ def test_trainer_under_torchrun(corpus, tmp_path, capsys):
         # fp32 sums in another order, 6 AdamW steps: the losses agree to ~1e-6.
         assert _losses(out) == pytest.approx(_losses(one), rel=2e-6)
     third = tp2 / "checkpoints" / "step-00000003"
-    assert sorted(p.name for p in third.glob("model-*")) == [
-        "model-tp00-of-02.safetensors",
-        "model-tp01-of-02.safetensors",
-    ]
+    assert (third / "dcp" / ".metadata").is_file() and not list(third.glob("model*"))
 
     resumed = tmp_path / "resumed"
     shutil.copytree(tp2, resumed)
@@ -141,13 +141,12 @@ def test_trainer_under_torchrun(corpus, tmp_path, capsys):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert _losses(resumed) == _losses(tp2)  # bit for bit
 
-    assert (
-        cli.main(
-            ["train", *flags, "--out-dir", str(tmp_path / "x"), "--tp", "1", "--resume", str(third)]
-        )
-        == 1
-    )
-    assert "resuming needs the same" in capsys.readouterr().err
+    # On one process, from the tp=2 run's step 3: the same losses as the tp=2 run's last 3.
+    on_one = tmp_path / "on_one"
+    shutil.copytree(tp2, on_one)
+    shutil.rmtree(on_one / "checkpoints" / "step-00000006")
+    assert cli.main(["train", "--out-dir", str(on_one), "--resume", "latest"]) == 0
+    assert _losses(on_one) == pytest.approx(_losses(tp2), rel=2e-6)
 
     last = {run: latest_checkpoint(run / "checkpoints") for run in (one, tp2)}
     env = {**os.environ, "FASTLM_CHECKPOINTS": os.pathsep.join(map(str, last.values()))}
@@ -165,3 +164,114 @@ def test_trainer_under_torchrun(corpus, tmp_path, capsys):
     safetensors.torch.load_model(model, str(exported))
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(ids).logits, load_model(tp2)[0](ids).logits)
+
+
+def test_fsdp_trainer_resumes_at_any_layout(corpus, tmp_path):
+    """``--fsdp`` under torchrun (checkpoints saved in the background) trains as one
+    process does; it resumes exactly at its own layout, on one process with ``--resume
+    latest``, and a one-process run resumes at tp=2 x fsdp=2 on 4 ranks; ``generate``
+    reads the sharded checkpoint; two torchrun "nodes" on the loopback interface run the
+    same job."""
+    flags = [*FLAGS, "--data", str(corpus)]
+    one, fsdp = tmp_path / "one", tmp_path / "fsdp"
+    assert cli.main(["train", *flags, "--out-dir", str(one)]) == 0
+    proc = torchrun(
+        2, "-m", "fastlm.train", *flags, "--out-dir", str(fsdp), "--fsdp", "--async-save"
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "fully sharded data parallel (FSDP2) 2" in proc.stdout
+    assert _losses(fsdp) == pytest.approx(_losses(one), rel=2e-6)
+    third = fsdp / "checkpoints" / "step-00000003"
+    assert (third / "dcp" / ".metadata").is_file()
+    assert sorted(p.name for p in third.glob("rng-*.pt")) == ["rng-000.pt", "rng-001.pt"]
+
+    def resumed_copy(run: Path, name: str) -> Path:  # the run as it was after step 3
+        copy = tmp_path / name
+        shutil.copytree(run, copy)
+        shutil.rmtree(copy / "checkpoints" / "step-00000006")
+        return copy
+
+    again = resumed_copy(fsdp, "again")
+    proc = torchrun(
+        2, "-m", "fastlm.train", *flags, "--out-dir", str(again), "--fsdp", "--resume", "latest"
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert _losses(again) == _losses(fsdp)  # bit for bit
+
+    alone = resumed_copy(fsdp, "alone")  # torchrun's run continues as one process
+    assert cli.main(["train", "--out-dir", str(alone), "--resume", "latest"]) == 0
+    assert _losses(alone) == pytest.approx(_losses(fsdp), rel=2e-6)
+
+    grown = resumed_copy(one, "grown")  # and a one-process run on 4 ranks, 2D
+    proc = torchrun(
+        4,
+        "-m",
+        "fastlm.train",
+        "--out-dir",
+        str(grown),
+        "--resume",
+        "latest",
+        "--tp",
+        "2",
+        "--fsdp",
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "tensor parallel 2, fully sharded data parallel (FSDP2) 2" in proc.stdout
+    assert _losses(grown) == pytest.approx(_losses(one), rel=2e-6)
+
+    model, _ = load_model(fsdp)
+    reference, _ = load_model(alone)  # the same weights, from one process's checkpoint
+    ids = torch.arange(24).reshape(2, 12) % 400
+    with torch.no_grad():
+        assert_policy(
+            model(ids).logits,
+            copy.deepcopy(reference).double()(ids).logits,
+            reference(ids).logits,
+            "logits of the fsdp run's checkpoint",
+        )
+
+    nodes = tmp_path / "nodes"
+    port = str(_free_port())
+    launches = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(node),
+                "--nproc-per-node",
+                "1",
+                "--rdzv-backend",
+                "static",
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                port,
+                "-m",
+                "fastlm.train",
+                *flags,
+                "--out-dir",
+                str(nodes),
+                "--fsdp",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for node in (0, 1)
+    ]
+    for launch in launches:
+        out, err = launch.communicate(timeout=300)
+        assert launch.returncode == 0, err[-4000:]
+    assert _losses(nodes) == _losses(fsdp)  # the same job, bit for bit
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -519,6 +519,91 @@ def fsdp_4(rank: int) -> None:
     fsdp_models(["tp=2 x fsdp=2 + sequence parallel"], kinds=("llama", "t5"))
 
 
+RESHARD_LAYOUTS = {  # name: parallelize's arguments, None for the model whole on each rank
+    "whole": None,
+    "DDP dp=4": {},
+    "fsdp dp=4": dict(fsdp=True),
+    "tp=2 x DDP 2": dict(tp_size=2),
+    "tp=2 x fsdp=2": dict(tp_size=2, fsdp=True),
+    "HSDP 2x2": dict(fsdp=True, dp_replicate=2),
+}
+
+
+def _at_layout(kind: str, layout: str, seed: int):
+    """``kind`` built from ``seed`` at ``layout``, with its AdamW."""
+    torch.manual_seed(seed)
+    name, extra = MODELS[kind]
+    model = create(name, vocab_size=VOCAB, dropout=0.0, **extra)
+    if RESHARD_LAYOUTS[layout] is not None:
+        model, _ = parallelize(model, **RESHARD_LAYOUTS[layout])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return model, torch.optim.AdamW(trainable, lr=LR)
+
+
+def _expect_parts(model, optimizer, full: dict[str, torch.Tensor], label: str) -> int:
+    """Every tensor this rank holds of ``model`` and of its AdamW state equals, bit for
+    bit, its part of the unsharded ``full`` (by checkpoint key); returns how many were
+    compared."""
+    from fastlm.parallel.dcp import MODEL, OPTIM
+
+    inner = unwrap(model)
+    layout = getattr(inner, "tp_layout", None)
+    specs, rank = (layout.specs, layout.rank) if layout else ({}, 0)
+    names = {id(p): n for n, p in inner.named_parameters()}
+    held, seen = {}, set()
+    for n, t in inner.state_dict(keep_vars=True).items():
+        if id(t) not in seen:  # a tied head is stored once, under the embedding's name
+            seen.add(id(t))
+            held[f"{MODEL}{n}"] = (t, specs.get(n))
+    for p, state in optimizer.state.items():
+        for key, value in state.items():
+            held[f"{OPTIM}{names[id(p)]}/{key}"] = (value, specs.get(names[id(p)]))
+    for key, (t, spec) in held.items():
+        want = full[key] if t.dim() == 0 else slice_of(full[key], spec, rank, t)
+        got = local_part(t)
+        if not torch.equal(got, want):
+            raise AssertionError(
+                f"{label}: {key} differs from the checkpoint's part: largest difference "
+                f"{max_error(got, want):.3e}, shapes {tuple(got.shape)} / {tuple(want.shape)}"
+            )
+    return len(held)
+
+
+def reshard_matrix(rank: int) -> None:
+    """DCP checkpoints at every layout of RESHARD_LAYOUTS load at every other: a model
+    trained 2 steps at the source layout is saved with its AdamW state; what each rank
+    holds equals its part of the unsharded checkpoint, bit for bit, at the source and at
+    each target (built from another seed, so nothing is left from it). GPT (tied head,
+    row-parallel biases owned by one rank) and Llama with 1 key/value head (rows shared
+    by the tensor-parallel ranks)."""
+    import tempfile
+
+    from fastlm.parallel import dcp
+
+    made = [tempfile.mkdtemp(prefix="fastlm-reshard-") if rank == 0 else None]
+    dist.broadcast_object_list(made, src=0)
+    for kind in ("gpt", "llama-kv1"):
+        data = batch(kind)
+        for source in RESHARD_LAYOUTS:
+            model, optimizer = _at_layout(kind, source, seed=0)
+            for _ in range(2):  # every replica on the whole batch: the states stay equal
+                model(**data).loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+            where = os.path.join(made[0], f"{kind}-{source}".replace(" ", "_"))
+            dcp.save(where, model, optimizer)
+            full = {}
+            keys = sorted(dcp.stored(where))
+            for group in dcp.read_full(where, keys):
+                full.update(group)
+            _expect_parts(model, optimizer, full, f"{kind} saved at {source}")
+            for target in RESHARD_LAYOUTS:
+                other, other_opt = _at_layout(kind, target, seed=1)
+                dcp.load(where, other, other_opt)
+                count = _expect_parts(other, other_opt, full, f"{kind} {source} -> {target}")
+                report(kind, f"{source} -> {target}", {"tensors_equal": count})
+
+
 def desync(rank: int) -> None:
     """Ranks holding different models fail at start-up with the difference named."""
     model = create("gpt2-tiny", vocab_size=VOCAB, num_layers=2 + rank)
@@ -564,6 +649,7 @@ CHECKS = {
     "desync": desync,
     "fsdp_2": fsdp_2,
     "fsdp_4": fsdp_4,
+    "reshard_matrix": reshard_matrix,
     "reshard": reshard,
 }
 
