@@ -106,18 +106,13 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-# A distributed run's checkpoint holds its model and optimizer state in this subdirectory,
-# written by torch.distributed.checkpoint (fastlm.parallel.dcp).
-SHARDED_DIR = "dcp"
-
-
-def _check_sharded(path: Path) -> None:
-    """The DCP checkpoint in ``path / SHARDED_DIR`` is whole: its ``.metadata`` (written
-    last) reads, and every file it points into is present and long enough."""
+def _check_sharded(path: Path, where: Path) -> None:
+    """The DCP checkpoint in ``where`` (a subdirectory of checkpoint ``path``) is whole: its
+    ``.metadata`` (written last) reads, and every file it points into is present and long
+    enough."""
     from torch.distributed.checkpoint import FileSystemReader
 
-    where = path / SHARDED_DIR
-    name = f"{SHARDED_DIR}/.metadata"
+    name = f"{where.name}/.metadata"
     if not (where / ".metadata").is_file():
         raise unusable(path, name, "missing (the save did not finish)")
     try:
@@ -132,16 +127,18 @@ def _check_sharded(path: Path) -> None:
         size = (where / file).stat().st_size if (where / file).is_file() else None
         if size is None or size < end:
             problem = "missing" if size is None else f"truncated ({size} of {end} bytes)"
-            raise unusable(path, f"{SHARDED_DIR}/{file}", problem)
+            raise unusable(path, f"{where.name}/{file}", problem)
 
 
 def check_weights(path: Path) -> None:
-    """Every weight file of checkpoint ``path`` (``model.safetensors``, a distributed
-    run's DCP files, or an older run's tensor-parallel shards) is present and whole: a
-    safetensors header parses and covers the file exactly; DCP's metadata reads and its
-    files hold what it points to."""
-    if (path / SHARDED_DIR).is_dir():
-        _check_sharded(path)
+    """Every weight file of checkpoint ``path`` (``model.safetensors``, or a distributed
+    run's DCP files in a subdirectory) is present and whole: a safetensors header parses
+    and covers the file exactly; DCP's metadata reads and its files hold what it points
+    to."""
+    sharded = sorted({f.parent for part in ("*/*.distcp", "*/.metadata") for f in path.glob(part)})
+    for where in sharded:
+        _check_sharded(path, where)
+    if sharded:
         return
     files = sorted(path.glob("model*.safetensors"))
     if not files:

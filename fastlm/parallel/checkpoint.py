@@ -11,7 +11,6 @@ from pathlib import Path
 import safetensors.torch
 from torch import Tensor, nn
 
-from fastlm.models.loading import SHARDED_DIR
 from fastlm.parallel import dcp
 
 
@@ -19,11 +18,12 @@ def consolidate(directory: str | os.PathLike) -> dict[str, Tensor]:
     """The full (unsharded) tensors of the model in checkpoint ``directory``, by name
     (tied weights once), on the CPU."""
     directory = Path(directory)
-    if (directory / SHARDED_DIR).is_dir():
-        return dcp.model_state(directory / SHARDED_DIR)
+    sharded = dcp.find(directory)
+    if sharded is not None:
+        return dcp.model_state(sharded)
     single = directory / "model.safetensors"
     if not single.is_file():
-        raise ValueError(f"{directory} holds no model.safetensors and no {SHARDED_DIR}/")
+        raise ValueError(f"{directory} holds no model.safetensors and no DCP checkpoint")
     return safetensors.torch.load_file(str(single))
 
 
@@ -32,9 +32,9 @@ def load_sharded(model: nn.Module, directory: str | os.PathLike) -> None:
     device, tensor parallel, FSDP): each rank keeps its part of the full tensors. Strict:
     every tensor of the model must be found, and every tensor found must belong to the
     model."""
-    directory = Path(directory)
-    if (directory / SHARDED_DIR).is_dir():
-        dcp.load(directory / SHARDED_DIR, model)
+    sharded = dcp.find(directory)
+    if sharded is not None:
+        dcp.load(sharded, model)
         return
     full = {f"{dcp.MODEL}{k}": v for k, v in consolidate(directory).items()}
     shapes = {k: (list(v.shape), v.dtype) for k, v in full.items()}

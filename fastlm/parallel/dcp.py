@@ -42,9 +42,14 @@ MODEL, OPTIM = "model/", "optim/"
 METADATA = ".metadata"  # the file DCP writes last, once every rank's data is on disk
 
 
-def is_checkpoint(directory: str | os.PathLike) -> bool:
-    """Whether ``directory`` holds a complete DCP checkpoint."""
-    return (Path(directory) / METADATA).is_file()
+def find(directory: str | os.PathLike) -> Path | None:
+    """The DCP checkpoint a checkpoint directory holds: itself, or its subdirectory with
+    DCP's metadata (a distributed run's ``dcp/``); None if there is none."""
+    directory = Path(directory)
+    if (directory / METADATA).is_file():
+        return directory
+    found = sorted(d.parent for d in directory.glob(f"*/{METADATA}"))
+    return found[0] if found else None
 
 
 @contextlib.contextmanager
@@ -54,7 +59,9 @@ def _quiet() -> Iterator[None]:
     process's (as asked)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Please use DTensor instead", FutureWarning)
-        warnings.filterwarnings("ignore", ".*assuming the intent is to load in a single process")
+        warnings.filterwarnings(
+            "ignore", ".*assuming the intent is to (load|save) in a single process"
+        )
         yield
 
 
@@ -187,6 +194,10 @@ def _model_tensors(model: nn.Module) -> dict[str, Tensor]:
     return out
 
 
+def _trainable(model: nn.Module) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
 def _optimizer_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
     names = {id(p): n for n, p in model.named_parameters()}
     out = {}
@@ -208,10 +219,12 @@ def save(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
     *,
+    trainable_only: bool = False,
     async_group=None,
 ):
-    """Write ``model``'s tensors (and ``optimizer``'s state) into ``directory`` as a DCP
-    checkpoint, every rank its own part in parallel (one process: all of it). With
+    """Write ``model``'s tensors (``trainable_only``: its trainable parameters alone, a
+    LoRA run's adapters) and ``optimizer``'s state into ``directory`` as a DCP checkpoint,
+    every rank its own part in parallel (one process: all of it). With
     ``async_group`` (a gloo process group of every rank, kept for checkpoints: the writer's
     collectives must not interleave with training's), the tensors are copied to host
     memory and written by a background thread: returns the future to wait on; else None
@@ -220,6 +233,8 @@ def save(
     inner = unwrap(model)
     tp = _tp(inner)
     tensors = {f"{MODEL}{n}": t for n, t in _model_tensors(inner).items()}
+    if trainable_only:
+        tensors = {k: t for k, t in tensors.items() if k[len(MODEL) :] in _trainable(inner)}
     if optimizer is not None:
         tensors.update(_optimizer_tensors(inner, optimizer))
     copy = async_group is not None  # a snapshot: training goes on changing the tensors
@@ -340,12 +355,14 @@ def load(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
     group_bytes: int = 1 << 30,
+    frozen_from_elsewhere: bool = False,
 ) -> None:
     """Load the DCP checkpoint in ``directory`` (written at any layout) into ``model`` (and
     ``optimizer``, built on it) at the layout they have: see :func:`load_full`."""
     shapes = stored(directory)
     keys = sorted(k for k in shapes if optimizer is not None or k.startswith(MODEL))
-    load_full(read_full(directory, keys, group_bytes), shapes, model, optimizer, str(directory))
+    groups = read_full(directory, keys, group_bytes)
+    load_full(groups, shapes, model, optimizer, str(directory), frozen_from_elsewhere)
 
 
 @torch.no_grad()
@@ -355,12 +372,14 @@ def load_full(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None,
     source: str,
+    frozen_from_elsewhere: bool = False,
 ) -> None:
     """Give ``model`` (and ``optimizer``) at their layout their parts of the unsharded
     tensors ``groups`` yields (keyed as in a checkpoint; ``shapes``: every key's unsharded
     shape and dtype), strictly: every tensor of the model must be there with its unsharded
-    shape, and every model tensor there must belong to the model. Optimizer state is
-    restored for the trainable parameters it is found for."""
+    shape (``frozen_from_elsewhere``: except the frozen ones, which stay as they are: a
+    LoRA base loaded from its own file), and every model tensor there must belong to the
+    model. Optimizer state is restored for the trainable parameters it is found for."""
     inner = unwrap(model)
     tp = _tp(inner)
     targets = {f"{MODEL}{n}": t for n, t in _model_tensors(inner).items()}
@@ -371,6 +390,9 @@ def load_full(
         if found:
             sources[key] = found[0]
     known = set(targets).union(*aliases.values())
+    if frozen_from_elsewhere:
+        trainable = {f"{MODEL}{n}" for n in _trainable(inner)}
+        targets = {k: t for k, t in targets.items() if k in sources or k in trainable}
     missing = sorted(set(targets) - set(sources))
     unexpected = sorted(k for k in shapes if k.startswith(MODEL) and k not in known)
     if missing or unexpected:

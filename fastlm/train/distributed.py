@@ -31,6 +31,9 @@ from fastlm.parallel import check_consistent, data_parallel_layout, parallelize
 from fastlm.train.config import TrainConfig
 
 T = TypeVar("T")
+# Where a distributed run's checkpoint keeps its DCP files (readers find them by DCP's
+# metadata file, fastlm.parallel.dcp.find).
+SHARDED_DIR = "dcp"
 
 
 def launched() -> bool:
@@ -176,9 +179,7 @@ class Checkpointer:
             written += ckpt.write_meta(tmp, {**meta, "parallel": layout.to_dict()}, extra)
         for f in written:
             ckpt.fsync(f)
-        future = sharded_state.save(
-            tmp / loading.SHARDED_DIR, model, optimizer, async_group=self.group
-        )
+        future = sharded_state.save(tmp / SHARDED_DIR, model, optimizer, async_group=self.group)
         if future is None:
             self._finish(tmp, step)
         else:
@@ -188,7 +189,7 @@ class Checkpointer:
     def _finish(self, tmp: Path, step: int) -> None:
         dist.barrier()  # every rank's files are flushed
         if dist.get_rank() == 0:
-            for f in (tmp / loading.SHARDED_DIR).iterdir():
+            for f in (tmp / SHARDED_DIR).iterdir():
                 ckpt.fsync(f)
             ckpt.finish(tmp, self.root, step, self.keep_last)
         dist.barrier()
@@ -204,7 +205,7 @@ class Checkpointer:
 
 def is_sharded(path: Path) -> bool:
     """Whether checkpoint ``path`` was written by a distributed run (DCP)."""
-    return (path / loading.SHARDED_DIR).is_dir()
+    return (path / SHARDED_DIR).is_dir()
 
 
 def load(
@@ -219,7 +220,7 @@ def load(
     of the state (schedule, loss scale, optimizer settings, this rank's RNG state, which
     is the same rank's of the run that saved, else None)."""
     if is_sharded(path):
-        sharded_state.load(path / loading.SHARDED_DIR, model, optimizer)
+        sharded_state.load(path / SHARDED_DIR, model, optimizer)
         state = ckpt.read_state(path, "state.pt")
     else:
         ckpt.check_weights(path)

@@ -457,19 +457,29 @@ FSDP_LAYOUTS = {  # name: parallelize's arguments
 }
 
 
-def fsdp_models(layouts: list[str], kinds=("gpt", "llama", "bert", "t5")) -> None:
+def fsdp_models(
+    layouts: list[str], kinds=("gpt", "llama", "bert", "t5"), checkpointing: bool = False
+) -> None:
     """FSDP2 at ``layouts`` against the single process: 5 AdamW steps of each model family
-    (losses, gradient norms, parameters), each rank on its replica's share of the batch."""
+    (losses, gradient norms, parameters), each rank on its replica's share of the batch;
+    with ``checkpointing``, every block's activations recomputed in the backward (applied
+    before FSDP, as the trainer does)."""
+    from fastlm.train.activation_checkpointing import apply_activation_checkpointing
+
     for name in layouts:
         for kind in kinds:
-            ref = build(kind)
-            par, mesh = parallelize(build(kind), **FSDP_LAYOUTS[name])
-            errors = train_both(ref, par, batch(kind), share(mesh), f"{kind} {name}")
-            report(kind, name, errors)
+            ref, par = build(kind), build(kind)
+            if checkpointing:
+                apply_activation_checkpointing(par, 1)
+            par, mesh = parallelize(par, **FSDP_LAYOUTS[name])
+            label = f"{name}{' + activation checkpointing' if checkpointing else ''}"
+            errors = train_both(ref, par, batch(kind), share(mesh), f"{kind} {label}")
+            report(kind, label, errors)
 
 
 def fsdp_2(rank: int) -> None:
-    """2 ranks: FSDP dp=2 (every family; blocks resharded after forward, or kept), LoRA on
+    """2 ranks: FSDP dp=2 (every family; blocks resharded after forward, or kept; with
+    activation checkpointing), LoRA on
     a sharded frozen base, QLoRA (4-bit base kept whole, adapters sharded), and FSDP's
     bf16 compute with fp32 master weights and reduction."""
     from fastlm.peft import apply_lora
@@ -477,6 +487,7 @@ def fsdp_2(rank: int) -> None:
 
     fsdp_models(["fsdp dp=2"])
     fsdp_models(["fsdp dp=2, kept gathered after forward"], kinds=("llama",))
+    fsdp_models(["fsdp dp=2"], kinds=("gpt", "t5"), checkpointing=True)
     for quantized in (False, True):
         ref = build("llama")
         if quantized:
@@ -494,6 +505,7 @@ def fsdp_2(rank: int) -> None:
         for n, p in par.named_parameters():
             if n in frozen:
                 assert torch.equal(local_part(p), frozen[n]), f"{label}: frozen {n} moved"
+        _adapters_alone_round_trip(par, quantized, label)
         inner = par.blocks[0].mlp.up_proj.base_layer
         if quantized:  # FSDP shards parameters; packed codes are buffers, kept whole
             assert not isinstance(inner.qweight, DTensor)
@@ -513,10 +525,38 @@ def fsdp_2(rank: int) -> None:
     assert isinstance(weight, DTensor) and weight.to_local().shape[0] * 2 == weight.shape[0]
 
 
+def _adapters_alone_round_trip(par, quantized: bool, label: str) -> None:
+    """A checkpoint of the trainable tensors alone holds the adapters (and no base); it
+    loads into a fresh sharded LoRA model whose base comes from elsewhere (here: the
+    same initialization), bit for bit."""
+    import tempfile
+
+    from fastlm.parallel import dcp
+    from fastlm.peft import apply_lora
+    from fastlm.quant import quantize_
+
+    made = [tempfile.mkdtemp(prefix="fastlm-lora-") if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(made, src=0)
+    dcp.save(made[0], par, trainable_only=True)
+    names = {k.removeprefix(dcp.MODEL) for k in dcp.stored(made[0])}
+    trainable = {n for n, p in par.named_parameters() if p.requires_grad}
+    assert names == trainable and all("lora_" in n for n in names), sorted(names)[:5]
+    fresh = build("llama")
+    if quantized:
+        quantize_(fresh, bits=4, group_size=32, include=["*mlp*"])
+    apply_lora(fresh, r=4, target_modules=["qkv", "o", "up_proj", "down_proj"])
+    fresh, _ = parallelize(fresh, fsdp=True)
+    dcp.load(made[0], fresh, frozen_from_elsewhere=True)
+    for (name, a), b in zip(par.named_parameters(), fresh.parameters(), strict=True):
+        assert torch.equal(local_part(a), local_part(b)), f"{label}: {name} after the round trip"
+
+
 def fsdp_4(rank: int) -> None:
-    """4 ranks: FSDP dp=4, tp=2 x fsdp=2 (and with sequence parallelism), HSDP 2x2."""
+    """4 ranks: FSDP dp=4, tp=2 x fsdp=2 (and with sequence parallelism, also with
+    activation checkpointing), HSDP 2x2."""
     fsdp_models(["fsdp dp=4", "tp=2 x fsdp=2", "HSDP 2x2"])
     fsdp_models(["tp=2 x fsdp=2 + sequence parallel"], kinds=("llama", "t5"))
+    fsdp_models(["tp=2 x fsdp=2 + sequence parallel"], kinds=("t5",), checkpointing=True)
 
 
 RESHARD_LAYOUTS = {  # name: parallelize's arguments, None for the model whole on each rank
