@@ -91,12 +91,18 @@ def _positions(tensor: Tensor, spec: Spec | None) -> list[Tensor]:
 
 
 def _first_data_parallel_copy(tensor: Tensor, wrapper: nn.Module) -> bool:
-    """Whether this rank is the first of the data-parallel ranks holding these values."""
+    """Whether this rank is the first of the data-parallel ranks holding these values: of
+    an FSDP parameter's replicas (HSDP), of the data-parallel ranks for a tensor FSDP
+    leaves whole (a buffer: quantized codes), of DDP's replicas."""
     if isinstance(tensor, DTensor):
         mesh = tensor.device_mesh
         return all(
             mesh.get_local_rank(i) == 0 for i, p in enumerate(tensor.placements) if p.is_replicate()
         )
+    sharded = next((p for p in wrapper.parameters() if isinstance(p, DTensor)), None)
+    if sharded is not None:
+        mesh = sharded.device_mesh
+        return all(mesh.get_local_rank(i) == 0 for i in range(mesh.ndim))
     group = getattr(wrapper, "process_group", None)  # DDP's
     return group is None or dist.get_rank(group) == 0
 
@@ -115,13 +121,12 @@ def _owned(tensor: Tensor, spec: Spec | None, tp: TensorParallelLayout | None) -
 
 def _runs(local_pos: Tensor, full_pos: Tensor) -> list[tuple[int, int, int]]:
     """``(local start, full start, length)`` of the stretches where both advance by one."""
-    runs: list[list[int]] = []
-    for a, b in zip(local_pos.tolist(), full_pos.tolist(), strict=True):
-        if runs and runs[-1][0] + runs[-1][2] == a and runs[-1][1] + runs[-1][2] == b:
-            runs[-1][2] += 1
-        else:
-            runs.append([a, b, 1])
-    return [tuple(r) for r in runs]
+    if not len(full_pos):
+        return []
+    breaks = ((local_pos.diff() != 1) | (full_pos.diff() != 1)).nonzero().squeeze(1) + 1
+    starts = [0, *breaks.tolist()]
+    ends = [*starts[1:], len(full_pos)]
+    return [(int(local_pos[a]), int(full_pos[a]), b - a) for a, b in zip(starts, ends, strict=True)]
 
 
 def _pieces(

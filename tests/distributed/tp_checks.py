@@ -570,10 +570,17 @@ RESHARD_LAYOUTS = {  # name: parallelize's arguments, None for the model whole o
 
 
 def _at_layout(kind: str, layout: str, seed: int):
-    """``kind`` built from ``seed`` at ``layout``, with its AdamW."""
+    """``kind`` built from ``seed`` at ``layout``, with its AdamW; "llama-qlora": int4 MLPs
+    (their codes are buffers, which FSDP leaves whole) with LoRA on every linear."""
+    from fastlm.peft import apply_lora
+    from fastlm.quant import quantize_
+
     torch.manual_seed(seed)
-    name, extra = MODELS[kind]
+    name, extra = MODELS[kind.removesuffix("-qlora")]
     model = create(name, vocab_size=VOCAB, dropout=0.0, **extra)
+    if kind.endswith("-qlora"):
+        quantize_(model, bits=4, group_size=32, include=["*up_proj", "*gate_proj"])
+        apply_lora(model, r=4, target_modules=["qkv", "o", "up_proj", "down_proj"])
     if RESHARD_LAYOUTS[layout] is not None:
         model, _ = parallelize(model, **RESHARD_LAYOUTS[layout])
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -614,16 +621,17 @@ def reshard_matrix(rank: int) -> None:
     trained 2 steps at the source layout is saved with its AdamW state; what each rank
     holds equals its part of the unsharded checkpoint, bit for bit, at the source and at
     each target (built from another seed, so nothing is left from it). GPT (tied head,
-    row-parallel biases owned by one rank) and Llama with 1 key/value head (rows shared
-    by the tensor-parallel ranks)."""
+    row-parallel biases owned by one rank), Llama with 1 key/value head (rows shared by
+    the tensor-parallel ranks) and QLoRA (int4 codes cut by tensor parallelism, whole
+    under FSDP)."""
     import tempfile
 
     from fastlm.parallel import dcp
 
     made = [tempfile.mkdtemp(prefix="fastlm-reshard-") if rank == 0 else None]
     dist.broadcast_object_list(made, src=0)
-    for kind in ("gpt", "llama-kv1"):
-        data = batch(kind)
+    for kind in ("gpt", "llama-kv1", "llama-qlora"):
+        data = batch(kind.removesuffix("-qlora"))
         for source in RESHARD_LAYOUTS:
             model, optimizer = _at_layout(kind, source, seed=0)
             for _ in range(2):  # every replica on the whole batch: the states stay equal
