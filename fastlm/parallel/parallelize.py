@@ -398,7 +398,7 @@ def _fully_shard(model: nn.Module, mesh, reshard_after_forward: bool, policies: 
     """FSDP2 on ``mesh``: each block of the model's stacks its own unit (its parameters
     gathered just before its forward and backward, freed after), then the root (embeddings,
     final norm, head). The last block is kept gathered after its forward, as torchtitan
-    does: the backward needs it at once."""
+    does: the backward needs it at once; so is the root."""
     from torch.distributed.fsdp import fully_shard
 
     stacks = getattr(type(model), "block_stacks", None)
@@ -413,7 +413,10 @@ def _fully_shard(model: nn.Module, mesh, reshard_after_forward: bool, policies: 
         fully_shard(
             block, mesh=mesh, reshard_after_forward=reshard_after_forward and not last, **policies
         )
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, **policies)
+    # The root (embeddings, final norm, head) stays gathered from its forward to its backward,
+    # which begins with the head at once: torch 2.11's FSDP2 would re-gather it through hooks
+    # on the output's tensors, and does not look inside the model's output dataclass for them.
+    fully_shard(model, mesh=mesh, reshard_after_forward=False, **policies)
 
 
 def parallelize(
