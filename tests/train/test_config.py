@@ -52,11 +52,21 @@ def test_wrong_types_name_the_key(key, value):
         ("val_fraction", 1.0, "val_fraction must be in"),
         ("checkpointing", -1, "checkpointing must be a non-negative int"),
         ("betas", (0.9, 1.0), "betas must be two numbers"),
+        ("dp_replicate", 0, "dp_replicate must be a positive int"),
+        ("dp_replicate", 2, "dp_replicate shapes fully sharded data parallelism: add --fsdp"),
+        ("cpu_offload", True, "cpu_offload shapes fully sharded data parallelism: add --fsdp"),
+        ("reshard_after_forward", False, "reshard_after_forward shapes fully sharded"),
+        ("fsdp", 1, "fsdp must be a bool"),
     ],
 )
 def test_bad_values(key, value, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**{key: value})
+
+
+def test_fsdp_refuses_fp16_naming_bf16():
+    with pytest.raises(ValueError, match="precision 'fp16' with fsdp.*use bf16"):
+        TrainConfig(fsdp=True, precision="fp16")
 
 
 NON_FINITE = [
