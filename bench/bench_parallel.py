@@ -30,12 +30,11 @@ Formulas (``B x S`` tokens per data-parallel replica, the same for every layout)
   ``2 (n-1)/n`` of that per rank for an all-reduce and ``(n-1)/n`` for the other two;
 * DDP's gradient all-reduce runs in C++ and is not seen by the wrapper: "dp grad all-reduce
   bytes (computed)" is the bytes of the gradients of the parameters that require grad, on
-  one rank (its tp shard), reported separately. FSDP's all-gathers and reduce-scatters go
-  through ``all_gather_single`` / ``reduce_scatter_single`` (torch 2.14), which the counter
-  does not wrap either; HSDP's all-reduce of each gradient shard across the replicas is an
-  ``all_reduce`` and is counted: fp32 (the reduce dtype), 4 bytes per element of a rank's
-  gradient shard, dimension 0 padded as FSDP pads it (:func:`hsdp_comm_bytes`, added to
-  the formula column);
+  one rank (its tp shard), reported separately. FSDP's collectives are PyTorch's too, not
+  counted (their entry points differ between torch versions); for HSDP the same column
+  holds its all-reduce of each gradient shard across the replicas, computed: fp32 (the
+  reduce dtype), 4 bytes per element of a rank's gradient shard, dimension 0 padded as FSDP
+  pads it (:func:`hsdp_comm_bytes`); FSDP's all-gathers and reduce-scatters: ``-``;
 * memory per rank, exact tensor accounting (not the allocator's): after the timed steps,
   each rank sums ``local(t).numel() * t.element_size()`` (``fastlm.parallel.local``: an
   FSDP tensor's shard) over its parameters, their gradients and AdamW's state (``exp_avg``,
@@ -326,8 +325,10 @@ def measure_layout(
     dist.all_reduce(largest, op=dist.ReduceOp.MAX)
     e = next(unwrap(model).parameters()).element_size()
     tokens = layout.dp * batch * seqlen
-    if layout.fsdp:  # FSDP reduce-scatters the gradients instead: nothing for DDP to move
-        dp_grad_bytes = None
+    if layout.fsdp:  # reduce-scattered, and with HSDP all-reduced across the replicas
+        replicas = layout.dp_replicate
+        shard_ranks = layout.dp // replicas
+        dp_grad_bytes = hsdp_comm_bytes(params, shard_ranks, replicas) if replicas > 1 else None
     else:
         dp_grad_bytes = sum(p.numel() * p.element_size() for p in params) if layout.dp > 1 else 0
     result = {
@@ -352,8 +353,7 @@ def measure_layout(
         "collectives": {k: counter.calls[k] for k in CollectiveCounter.KINDS},
         "comm_bytes_by_kind": {k: counter.bytes[k] for k in CollectiveCounter.KINDS},
         "comm_bytes": sum(counter.bytes.values()),
-        "comm_bytes_formula": tp_comm_bytes(config, batch, seqlen, layout.tp, layout.sp, e)
-        + hsdp_comm_bytes(params, layout.dp // layout.dp_replicate, layout.dp_replicate),
+        "comm_bytes_formula": tp_comm_bytes(config, batch, seqlen, layout.tp, layout.sp, e),
         "dp_grad_bytes_computed": dp_grad_bytes,
         "params_per_rank": sum(local(p).numel() for p in unwrap(model).parameters()),
         "memory": dict(zip(memory, largest.tolist(), strict=True)),
@@ -607,9 +607,9 @@ def markdown(results: Sequence[dict], env: harness.Environment, seconds: float, 
         "",
         "MB: bytes of the whole tensor of each Python-side collective on one rank (the "
         "all-reduce's tensor, the all-gather's output, the reduce-scatter's input), summed "
-        "over one step. DDP's gradient all-reduce runs in C++ and is computed, not counted; "
-        "FSDP's all-gathers and reduce-scatters are neither (`-`), HSDP's all-reduce across "
-        "replicas is counted.",
+        "over one step. DDP's gradient all-reduce and HSDP's across its replicas are "
+        "PyTorch's, computed, not counted; FSDP's all-gathers and reduce-scatters are "
+        "neither (`-`).",
         "",
         "## Memory per rank and fully sharded step time",
         "",

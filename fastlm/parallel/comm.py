@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import inspect
+import sys
 
 import torch
 import torch.distributed as dist
@@ -130,11 +131,13 @@ def all_gather_group(x: Tensor, group=None, dim: int = 1) -> Tensor:
 
 
 class CollectiveCounter:
-    """While active (``with CollectiveCounter() as c:``), counts the collectives this
-    process issues through ``torch.distributed`` and the bytes they move, by kind:
+    """While active (``with CollectiveCounter() as c:``), counts the collectives fastlm's
+    own code issues through ``torch.distributed`` and the bytes they move, by kind:
     ``c.calls["all_reduce"]``, ``c.bytes["all_reduce"]`` (the reduced tensor; for
-    all-gather the gathered output, for reduce-scatter the input). DDP's gradient buckets go
-    through its C++ reducer and are not seen."""
+    all-gather the gathered output, for reduce-scatter the input). PyTorch's DDP and FSDP
+    collectives are not counted: DDP's go through its C++ reducer, and which Python entry
+    points FSDP2 calls differs between torch versions (2.11: these, 2.14: ``*_single``), so
+    counting them would make the tally depend on the version."""
 
     # kind: the argument whose size is the volume moved
     KINDS = {
@@ -154,9 +157,11 @@ class CollectiveCounter:
             signature = inspect.signature(original)
 
             def counted(*args, _kind=kind, _arg=arg, _f=original, _sig=signature, **kwargs):
-                t = _sig.bind(*args, **kwargs).arguments[_arg]
-                self.calls[_kind] += 1
-                self.bytes[_kind] += t.numel() * t.element_size()
+                caller = sys._getframe(1).f_globals.get("__name__", "")
+                if caller == "fastlm" or caller.startswith("fastlm."):
+                    t = _sig.bind(*args, **kwargs).arguments[_arg]
+                    self.calls[_kind] += 1
+                    self.bytes[_kind] += t.numel() * t.element_size()
                 return _f(*args, **kwargs)
 
             setattr(dist, kind, counted)

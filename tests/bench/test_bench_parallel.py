@@ -80,7 +80,7 @@ def test_tp2_collectives_and_bytes_match_the_tally(measured, name):
     results, _ = measured
     r = results[name]
     counts, nbytes = expected(name.endswith("+sp"))
-    # FSDP's own collectives (all_gather_single, reduce_scatter_single) are not counted.
+    # FSDP's own collectives are PyTorch's, not counted (in any torch version).
     assert r["collectives"] == counts
     assert sum(r["collectives"].values()) > 0
     assert r["comm_bytes"] == nbytes == sum(r["comm_bytes_by_kind"].values())
@@ -88,18 +88,15 @@ def test_tp2_collectives_and_bytes_match_the_tally(measured, name):
     assert r["dp_grad_bytes_computed"] == (None if r["fsdp"] else 0)
 
 
-def test_hsdp_all_reduces_each_unit_gradient_shard_across_replicas(measured):
+def test_hsdp_replica_all_reduce_is_computed_from_the_shards(measured):
     results, _ = measured
     r = results["HSDP 2x2"]
-    # One fp32 all-reduce per FSDP unit (the two blocks, then the root) of the half of
-    # every gradient its shard group of two holds (every dimension 0 of gpt2-tiny is even).
-    assert r["collectives"] == {
-        "all_reduce": 3,
-        "all_gather_into_tensor": 0,
-        "reduce_scatter_tensor": 0,
-    }
-    assert r["comm_bytes"] == r["comm_bytes_formula"] == 4 * PARAMS // 2
-    assert r["dp_grad_bytes_computed"] is None
+    # FSDP's collectives are not counted; across the replicas it all-reduces, in fp32, the
+    # half of every gradient its shard group of two holds (every dimension 0 of gpt2-tiny
+    # is even): computed.
+    assert sum(r["collectives"].values()) == 0
+    assert r["comm_bytes"] == r["comm_bytes_formula"] == 0
+    assert r["dp_grad_bytes_computed"] == 4 * PARAMS // 2
 
 
 def test_tp1_and_dp_issue_no_python_collectives(measured):
