@@ -6,11 +6,11 @@ from fastlm.ops.activation import bias_act, bias_act_ref
 from fastlm.ops.attention import (
     attention_probs,
     attention_ref,
-    attention_with_kvcache,
     flash_attention,
     flash_attention_varlen,
     scaled_dot_product_attention,
 )
+from fastlm.ops.attention_kvcache import attention_with_kvcache
 from fastlm.ops.cross_entropy import cross_entropy, cross_entropy_ref, linear_cross_entropy
 from fastlm.ops.lora import lora_linear, lora_linear_ref
 from fastlm.ops.mlp import (

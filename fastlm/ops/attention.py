@@ -35,14 +35,22 @@ def attention_probs(
     window: tuple[int, int] = (-1, -1),
     attn_bias: Tensor | None = None,
     alibi_slopes: Tensor | None = None,
+    softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """The attention probabilities, materialized: ``(probs (B, H, Sq, Sk), lse (B, H, Sq))``
-    with the masking of :func:`attention_ref` (rows that see no key: probabilities 0, lse
-    -inf)."""
+    with the masking and soft-capping of :func:`attention_ref` (rows that see no key:
+    probabilities 0, lse -inf)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
     window = window_bounds(window)
     return _probs(
-        q, k, causal=causal, scale=scale, window=window, bias=attn_bias, slopes=alibi_slopes
+        q,
+        k,
+        causal=causal,
+        scale=scale,
+        window=window,
+        bias=attn_bias,
+        slopes=alibi_slopes,
+        softcap=softcap,
     )
 
 
@@ -55,12 +63,15 @@ def _probs(
     window: Window,
     bias: Tensor | None,
     slopes: Tensor | None,
+    softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """:func:`attention_probs` with the window as a :data:`~fastlm.ops.masks.Window`."""
     seqlen_q, n_heads = q.shape[1:3]
     seqlen_k, n_kv_heads = k.shape[1], k.shape[2]
     k = k.repeat_interleave(n_heads // n_kv_heads, dim=2)
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    if softcap:  # on the scaled scores, before any bias (flash-attn's and Gemma 2's order)
+        scores = softcap * torch.tanh(scores / softcap)
     if bias is not None:
         scores = scores + bias
     if slopes is not None:
@@ -85,6 +96,7 @@ def attention_ref(
     alibi_slopes: Tensor | None = None,
     dropout_mask: Tensor | None = None,
     dropout_p: float = 0.0,
+    softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """Attention computed the plain way, materializing every score. Returns ``(out, lse)``.
 
@@ -93,7 +105,9 @@ def attention_ref(
     aligned; -1: unbounded side; ``causal`` sets right = 0). ``attn_bias`` broadcasts to
     (B, H, Sq, Sk); ALiBi adds ``-slope * |i + shift - j|`` with slopes (H,) or (B, H).
     ``dropout_mask`` (B, H, Sq, Sk), True = kept, scales kept probabilities by 1/(1 - p).
-    Rows that see no key give out 0 and lse -inf. lse: (B, H, Sq).
+    ``softcap`` > 0 caps the scaled scores first: ``s = softcap * tanh(s / softcap)``, then
+    the bias and ALiBi are added (0: no cap). Rows that see no key give out 0 and lse -inf.
+    lse: (B, H, Sq).
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
     window = window_bounds(window)
@@ -108,6 +122,7 @@ def attention_ref(
         slopes=alibi_slopes,
         dropout_mask=dropout_mask,
         dropout_p=dropout_p,
+        softcap=softcap,
     )
 
 
@@ -123,9 +138,19 @@ def _reference(
     slopes: Tensor | None = None,
     dropout_mask: Tensor | None = None,
     dropout_p: float = 0.0,
+    softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """:func:`attention_ref` with the window as a :data:`~fastlm.ops.masks.Window`."""
-    probs, lse = _probs(q, k, causal=causal, scale=scale, window=window, bias=bias, slopes=slopes)
+    probs, lse = _probs(
+        q,
+        k,
+        causal=causal,
+        scale=scale,
+        window=window,
+        bias=bias,
+        slopes=slopes,
+        softcap=softcap,
+    )
     if dropout_mask is not None:
         probs = probs * dropout_mask / (1.0 - dropout_p)
     v = v.repeat_interleave(q.shape[2] // v.shape[2], dim=2)
@@ -291,105 +316,6 @@ def scaled_dot_product_attention(
     return out.transpose(1, 2)
 
 
-@autocast_policy(lower_precision=False)
-def attention_with_kvcache(
-    q: Tensor,
-    k_cache: Tensor,
-    v_cache: Tensor,
-    cache_seqlens: Tensor,
-    k_new: Tensor | None = None,
-    v_new: Tensor | None = None,
-    causal: bool = False,
-    softmax_scale: float | None = None,
-    num_splits: int | None = None,
-    return_lse: bool = False,
-) -> Tensor | tuple[Tensor, Tensor]:
-    """Decode attention: a few new queries against per-sequence KV caches, as
-    ``flash_attn_with_kvcache``. Inference only (no autograd).
-
-    q: (B, Sq, H, D), Sq >= 1, D from 1 to 256; k_cache, v_cache: (B, S_max, Hkv, D) in q's
-    dtype, H % Hkv == 0; cache_seqlens: int32 (B,) tokens already cached, each in
-    ``[0, S_max - Sq_new]``. ``k_new``/``v_new`` (B, Sq_new, Hkv, D), both or neither, are
-    written into the caches in place at ``cache_seqlens[b]:`` and attended to (apply rotary
-    embeddings to them first: that hook is the caller's). Sequence b then has
-    ``L_b = cache_seqlens[b] + Sq_new`` keys; causal query i sees keys ``j <= L_b - Sq + i``.
-    ``num_splits`` (an int >= 1) splits long caches across programs (flash-decoding); None
-    chooses. The Triton kernel takes fp16/bf16 caches with a unit stride on D.
-    Returns out (B, Sq, H, D) (and fp32 lse (B, H, Sq)); a row with no key gives zeros.
-    """
-    scale = _check_kvcache(
-        q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, num_splits
-    )
-    name = backend.select("attention", q.device, _kvcache_support(q, k_cache, v_cache))
-    out, lse = torch.ops.fastlm.attention_kvcache(
-        q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, num_splits, name
-    )
-    return (out, lse) if return_lse else out
-
-
-@torch.library.custom_op("fastlm::attention_kvcache", mutates_args=("k_cache", "v_cache"))
-def _attention_kvcache_op(
-    q: Tensor,
-    k_cache: Tensor,
-    v_cache: Tensor,
-    cache_seqlens: Tensor,
-    k_new: Tensor | None,
-    v_new: Tensor | None,
-    causal: bool,
-    scale: float,
-    num_splits: int | None,
-    backend_name: str,
-) -> tuple[Tensor, Tensor]:
-    if backend_name == "torch":
-        return _torch_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale)
-    from fastlm.kernels.attention_decode import attention_decode
-
-    return attention_decode(
-        q,
-        k_cache,
-        v_cache,
-        cache_seqlens,
-        k_new=k_new,
-        v_new=v_new,
-        softmax_scale=scale,
-        causal=causal,
-        num_splits=num_splits,
-    )
-
-
-@_attention_kvcache_op.register_fake
-def _(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, num_splits, backend_name):
-    return torch.empty_like(q), q.new_empty(
-        (q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32
-    )
-
-
-def _torch_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale):
-    """The torch backend of :func:`attention_with_kvcache`: append, then the reference per
-    sequence (in fp32, or fp64 for fp64)."""
-    compute = torch.promote_types(q.dtype, torch.float32)
-    n_new = 0 if k_new is None else k_new.shape[1]
-    outs, lses = (
-        [q.new_empty((0, *q.shape[1:]))],
-        [q.new_empty((0, q.shape[2], q.shape[1]), dtype=torch.float32)],
-    )
-    for b, n in enumerate(cache_seqlens.tolist()):
-        if n_new:
-            k_cache[b, n : n + n_new] = k_new[b]
-            v_cache[b, n : n + n_new] = v_new[b]
-        keys = slice(0, n + n_new)
-        out, lse = _reference(
-            q[b : b + 1].to(compute),
-            k_cache[b : b + 1, keys].to(compute),
-            v_cache[b : b + 1, keys].to(compute),
-            causal=causal,
-            scale=scale,
-        )
-        outs.append(out.to(q.dtype))
-        lses.append(lse.float())
-    return torch.cat(outs), torch.cat(lses)
-
-
 # ---------------------------------------------------------------------------------------------
 # Checks: the contract every backend shares.
 
@@ -436,6 +362,14 @@ def _check_scale(softmax_scale, head_dim: int, name: str = "softmax_scale") -> f
     if softmax_scale is None:
         return 1.0 / math.sqrt(head_dim)
     return check_real(name, softmax_scale)
+
+
+def _check_softcap(softcap) -> float:
+    """flash-attn's ``softcap``: a finite number >= 0, 0 meaning no cap."""
+    value = check_real("softcap", softcap)
+    if value < 0:
+        raise ValueError(f"softcap must be >= 0 (0: no cap), got {value}")
+    return value
 
 
 def _check_bias(bias, batch, n_heads, seqlen_q, seqlen_k, q, name="attn_bias"):
@@ -579,77 +513,6 @@ def _check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enabl
     _check_scale(scale, query.shape[-1], "scale")
 
 
-def _check_kvcache(
-    q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, num_splits
-) -> float:
-    """The contract of :func:`attention_with_kvcache`; returns the softmax scale."""
-    for name, t in (
-        ("q", q),
-        ("k_cache", k_cache),
-        ("v_cache", v_cache),
-        ("k_new", k_new),
-        ("v_new", v_new),
-    ):
-        if t is None and name in ("k_new", "v_new"):
-            continue
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(
-                f"{name} must be 4-D (batch, seqlen, heads, head_dim), got shape {tuple(t.shape)}"
-            )
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} is {t.dtype} but q is {q.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
-    batch, seqlen_q, n_heads, head_dim = q.shape
-    if seqlen_q < 1:
-        raise ValueError("q must hold at least one query (Sq >= 1)")
-    if k_cache.shape != v_cache.shape:
-        raise ValueError(
-            f"k_cache and v_cache must have the same shape, got "
-            f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
-        )
-    if k_cache.shape[0] != batch:
-        raise ValueError(f"k_cache has batch {k_cache.shape[0]} but q has {batch}")
-    _check_head_dim(head_dim, k_cache.shape[3], v_cache.shape[3])
-    _check_heads(n_heads, k_cache.shape[2])
-    if (k_new is None) != (v_new is None):
-        raise ValueError("k_new and v_new must be given together")
-    n_new = 0
-    if k_new is not None:
-        expected = (batch, k_new.shape[1], *k_cache.shape[2:])
-        for name, t in (("k_new", k_new), ("v_new", v_new)):
-            if tuple(t.shape) != expected:
-                raise ValueError(
-                    f"{name} must be (batch, Sq_new, Hkv, head_dim) = {expected}, as the "
-                    f"caches, got {tuple(t.shape)}"
-                )
-        n_new = k_new.shape[1]
-    if not isinstance(cache_seqlens, Tensor) or cache_seqlens.dtype != torch.int32:
-        raise TypeError(f"cache_seqlens must be an int32 tensor, got {describe(cache_seqlens)}")
-    if tuple(cache_seqlens.shape) != (batch,):
-        raise ValueError(
-            f"cache_seqlens must have shape (batch,) = ({batch},), got {tuple(cache_seqlens.shape)}"
-        )
-    if cache_seqlens.device != q.device:
-        raise ValueError(f"cache_seqlens is on {cache_seqlens.device} but q is on {q.device}")
-    if batch and values_readable(cache_seqlens):
-        low, high = torch.stack(torch.aminmax(cache_seqlens)).tolist()  # one device sync
-        if low < 0:
-            raise ValueError(f"cache_seqlens must be >= 0, got {low}")
-        if high + n_new > k_cache.shape[1]:
-            raise ValueError(
-                f"no room: cache_seqlens up to {high} plus {n_new} new tokens "
-                f"exceed the cache's {k_cache.shape[1]} positions"
-            )
-    if num_splits is not None:
-        check_int("num_splits", num_splits, 1)
-    return _check_scale(softmax_scale, head_dim)
-
-
 # ---------------------------------------------------------------------------------------------
 # Dispatch, custom ops and autograd.
 
@@ -680,21 +543,6 @@ def _sdpa_support(query, key, value) -> dict:
                 f"the attention kernels take head_dim up to {MAX_HEAD_DIM}, got {query.shape[-1]}"
             )
         return _support(query)["triton"]()
-
-    return supports(triton_error)
-
-
-def _kvcache_support(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> dict:
-    def triton_error():
-        if q.dtype not in HALF_DTYPES:
-            return f"the decode kernel takes fp16/bf16, got {q.dtype}"
-        for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-            if cache.stride(-1) != 1:
-                return (
-                    f"the decode kernel writes {name} in place and needs a unit stride on "
-                    "its head_dim"
-                )
-        return None
 
     return supports(triton_error)
 
