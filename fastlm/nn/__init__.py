@@ -5,7 +5,7 @@ from fastlm.nn.attention import MultiheadAttention
 from fastlm.nn.cross_entropy import CrossEntropyLoss, LinearCrossEntropyLoss
 from fastlm.nn.lora import LoRALinear
 from fastlm.nn.mlp import FusedMLP, GatedMLP
-from fastlm.nn.norm import LayerNorm, RMSNorm
+from fastlm.nn.norm import GemmaRMSNorm, LayerNorm, RMSNorm
 from fastlm.nn.patch import patch, patch_report
 from fastlm.nn.patch_report import PatchReport
 from fastlm.nn.quant import QuantLinear
@@ -15,6 +15,7 @@ __all__ = [
     "CrossEntropyLoss",
     "FusedMLP",
     "GatedMLP",
+    "GemmaRMSNorm",
     "LayerNorm",
     "LinearCrossEntropyLoss",
     "LoRALinear",

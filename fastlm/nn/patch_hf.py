@@ -10,6 +10,8 @@ transformers' source and tested (``tests/nn/test_patch_hf.py``):
   ``ALL_ATTENTION_FUNCTIONS`` (GPT-2, BERT, T5 with its relative position bias, Llama) are
   set to ``"fastlm"``: :func:`fastlm_attention_forward`, fed SDPA's masks.
 - ``LlamaRMSNorm``, ``T5LayerNorm`` -> :class:`fastlm.nn.RMSNorm` returning their dtypes.
+- ``GemmaRMSNorm``, ``Gemma2RMSNorm`` -> :class:`fastlm.nn.GemmaRMSNorm` (scale
+  ``1 + weight``, float32 math, one rounding to the input's dtype: their numbers exactly).
 - ``LlamaMLP`` -> :class:`fastlm.nn.GatedMLP` (silu, gelu, tanh-gelu; plain ``nn.Linear``
   projections).
 - the causal-LM loss (``ForCausalLMLoss``: GPT-2, Llama) -> :func:`causal_lm_loss`.
@@ -37,7 +39,7 @@ from transformers.modeling_utils import AttentionInterface, PreTrainedModel
 
 from fastlm import ops
 from fastlm.nn.mlp import GatedMLP
-from fastlm.nn.norm import RMSNorm
+from fastlm.nn.norm import GemmaRMSNorm, RMSNorm
 from fastlm.nn.patch_report import PatchReport, Skip, Swap
 
 ATTN_IMPLEMENTATION = "fastlm"
@@ -46,9 +48,13 @@ _LLAMA = "transformers.models.llama.modeling_llama"
 _T5 = "transformers.models.t5.modeling_t5"
 _GPT2 = "transformers.models.gpt2.modeling_gpt2"
 _BERT = "transformers.models.bert.modeling_bert"
+_GEMMA = "transformers.models.gemma.modeling_gemma"
+_GEMMA2 = "transformers.models.gemma2.modeling_gemma2"
 
 # (module, class name) -> the dtype rule of the scale-only RMS norm (see _HFRMSNorm).
 _RMS_NORMS = {(_LLAMA, "LlamaRMSNorm"): "llama", (_T5, "T5LayerNorm"): "t5"}
+# (1 + weight) norms, computed in float32 and rounded once (transformers' source, 5.x).
+_GEMMA_NORMS = {(_GEMMA, "GemmaRMSNorm"), (_GEMMA2, "Gemma2RMSNorm")}
 _GATED_MLPS = {(_LLAMA, "LlamaMLP")}
 _SKIPPED = {
     (_GPT2, "GPT2MLP"): "its Conv1D weights are stored (in, out) under c_fc/c_proj; fastlm's "
@@ -201,6 +207,12 @@ def _rms_norm(old: torch.nn.Module, rule: str) -> tuple[torch.nn.Module, str]:
     return new, f"fastlm.nn.RMSNorm ({type(old).__name__} dtypes)"
 
 
+def _gemma_norm(old: torch.nn.Module) -> tuple[torch.nn.Module, str]:
+    new = GemmaRMSNorm(old.weight.shape[0], old.eps, device="meta")
+    new.weight = old.weight
+    return new, "fastlm.nn.GemmaRMSNorm"
+
+
 def _gated_mlp(old: torch.nn.Module) -> tuple[torch.nn.Module | None, str]:
     linears = (old.gate_proj, old.up_proj, old.down_proj)
     activation = _ACTIVATIONS.get(type(old.act_fn))
@@ -226,6 +238,8 @@ def _replacement(old: torch.nn.Module, key: tuple[str, str]) -> tuple[torch.nn.M
         return None, "its forward is replaced on the instance (e.g. by accelerate's hooks)"
     if key in _RMS_NORMS:
         return _rms_norm(old, _RMS_NORMS[key])
+    if key in _GEMMA_NORMS:
+        return _gemma_norm(old)
     return _gated_mlp(old)
 
 
@@ -241,7 +255,7 @@ def _swap_modules(model: torch.nn.Module, report: PatchReport) -> None:
         key = (type(old).__module__, type(old).__qualname__)
         if key in _SKIPPED:
             report.skipped.append(Skip(path, type(old).__name__, _SKIPPED[key]))
-        if key not in _RMS_NORMS and key not in _GATED_MLPS:
+        if key not in _RMS_NORMS and key not in _GEMMA_NORMS and key not in _GATED_MLPS:
             continue
         new, description = _replacement(old, key)
         if new is None:

@@ -55,12 +55,13 @@ def rms_norm_ref(
     weight: Tensor | None = None,
     eps: float | None = None,
     residual: Tensor | None = None,
+    offset: float = 0.0,
 ) -> Tensor | tuple[Tensor, Tensor]:
     s = x if residual is None else x + residual
     eps = default_rms_eps(s.dtype) if eps is None else eps
     dims = tuple(range(-len(_as_shape(normalized_shape)), 0))
     y = s / torch.sqrt((s * s).mean(dim=dims, keepdim=True) + eps)
-    y = y if weight is None else y * weight
+    y = y if weight is None else y * (offset + weight)
     return y if residual is None else (y, s)
 
 
@@ -106,10 +107,29 @@ def rms_norm(
     eps: float | None = None,
     residual: Tensor | None = None,
     out_dtype: torch.dtype | None = None,
+    offset: float = 0.0,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """RMSNorm, ``y = x / sqrt(mean(x^2) + eps) * weight``, as ``torch.nn.functional.rms_norm``
     (``eps=None``: see :func:`default_rms_eps`). Other arguments as :func:`layer_norm`.
+
+    ``offset`` (needs a ``weight``): ``y = x / sqrt(mean(x^2) + eps) * (offset + weight)``
+    with Gemma's casting (``offset=1``: transformers' ``GemmaRMSNorm``/``Gemma2RMSNorm``):
+    ``offset + weight`` is formed in float32 (float64 for float64 inputs), the product is
+    taken in float32 and rounded once to the output dtype. Every backend multiplies a float32
+    weight into the float32 normalized rows before that one rounding, so the offset is added
+    here, before the backend is chosen, and the backends see ``offset + weight`` as a float32
+    weight: exactly Gemma's numbers on each, and ``dweight`` is the usual
+    ``sum(dy * x_normed)``, reaching ``weight`` through that addition.
     """
+    if check_real("offset", offset) != 0.0:
+        if weight is None:
+            raise ValueError("offset needs a weight: y = x_normed * (offset + weight)")
+        check_float("weight", weight)
+        check_float("x", x)
+        widest = x.dtype
+        if isinstance(residual, Tensor) and residual.is_floating_point():
+            widest = torch.promote_types(x.dtype, residual.dtype)
+        weight = weight.to(torch.promote_types(widest, torch.float32)) + offset
     return _norm(x, normalized_shape, weight, None, eps, residual, out_dtype, rms=True)
 
 

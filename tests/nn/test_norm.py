@@ -164,3 +164,55 @@ def test_patch_leaves_subclasses_and_rejects_non_modules():
     assert type(root) is fastlm.nn.RMSNorm
     with pytest.raises(TypeError, match="model"):
         fastlm.patch("not a model")
+
+
+def _hf_gemma_norms():
+    transformers = pytest.importorskip("transformers")
+    del transformers
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
+
+    return {"gemma": GemmaRMSNorm, "gemma2": Gemma2RMSNorm}
+
+
+@pytest.mark.parametrize("name", ["gemma", "gemma2"])
+def test_gemma_rms_norm_constructor_state_dict_and_repr(name):
+    hf_cls = _hf_gemma_norms()[name]
+    ref, ours = hf_cls(24, eps=1e-5), fastlm.nn.GemmaRMSNorm(24, eps=1e-5)
+    assert list(ours.state_dict()) == list(ref.state_dict()) == ["weight"]
+    assert_equal(ours.weight, ref.weight, "zeros")  # the scale is 1 + weight: zeros = identity
+    assert ours.eps == ref.eps and ours.extra_repr() == ref.extra_repr()
+    assert fastlm.nn.GemmaRMSNorm(8).eps == hf_cls(8).eps  # the same default
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("name", ["gemma", "gemma2"])
+@pytest.mark.parametrize(
+    "w_dtype, x_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16)]
+)
+def test_gemma_rms_norm_loads_transformers_state_dict(name, backend, w_dtype, x_dtype):
+    hf_cls = _hf_gemma_norms()[name]
+    ref = _randomize(hf_cls(40)).to(w_dtype)
+    ours = fastlm.nn.GemmaRMSNorm(40, dtype=w_dtype)
+    ours.load_state_dict(ref.state_dict())
+    x = (3 * torch.randn(2, 5, 40)).to(x_dtype).requires_grad_()
+    dy = torch.randn(2, 5, 40, dtype=x_dtype)
+    with fastlm.use_backend(backend):
+        y = ours(x)
+        (y * dy).sum().backward()
+    y_ref = ref(x)
+    x_grad, x.grad = x.grad, None
+    (y_ref * dy).sum().backward()
+    ref64 = copy.deepcopy(ref).double()
+    x64 = x.detach().double().requires_grad_()
+    # The plain formula in float64 (transformers' norm would compute float64 in float32).
+    y64 = fastlm.ops.rms_norm_ref(x64, (40,), ref64.weight, ref.eps, offset=1.0)
+    (y64 * dy.double()).sum().backward()
+    assert y.dtype == y_ref.dtype and ours.weight.grad.dtype == w_dtype
+    if backend == "torch":
+        assert_equal(y, y_ref, "y")  # the same float32 operations, rounded once
+    assert_policy(y, y64, y_ref, "y")
+    assert_policy(x_grad, x64.grad, x.grad, "dx")
+    xhat = torch.nn.functional.rms_norm(x64.detach(), (40,), eps=ref.eps)
+    scale = summand_scale(dy.double() * xhat, (0, 1))
+    assert_policy(ours.weight.grad, ref64.weight.grad, ref.weight.grad, "dweight", scale=scale)

@@ -451,6 +451,50 @@ def test_rms_norms_keep_transformers_dtypes(hf, name, norm_path, weight_dtype, x
     assert_policy(y, ref, base, "y")
 
 
+def _gemma(hf, version):
+    config_cls = hf.GemmaConfig if version == "gemma" else hf.Gemma2Config
+    config = config_cls(
+        hidden_size=48,
+        head_dim=16,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=70,
+        num_hidden_layers=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=32,
+        initializer_range=0.3,
+    )
+    model_cls = hf.GemmaForCausalLM if version == "gemma" else hf.Gemma2ForCausalLM
+    model = model_cls(config).eval()
+    with torch.no_grad():  # Gemma's norms start at zero weights (scale 1): make them count
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_()
+    return model
+
+
+@pytest.mark.parametrize("dtype, backend", [(torch.float32, "torch"), (torch.bfloat16, "triton")])
+@pytest.mark.parametrize("version", ["gemma", "gemma2"])
+def test_patched_gemma_swaps_its_norms_and_matches(hf, version, dtype, backend):
+    model = _gemma(hf, version)
+    norm_cls = "GemmaRMSNorm" if version == "gemma" else "Gemma2RMSNorm"
+    n_norms = sum(type(m).__name__ == norm_cls for m in model.modules())
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ))
+    param = "model.layers.0.input_layernorm.weight"
+    ref = _run(copy.deepcopy(model).double(), dict(input_ids=ids, labels=ids), [param])
+    base = _run(copy.deepcopy(model).to(dtype), dict(input_ids=ids, labels=ids), [param])
+    patched = fastlm.patch(copy.deepcopy(model).to(dtype))
+    swapped = [m for m in patched.modules() if type(m) is fastlm.nn.GemmaRMSNorm]
+    assert n_norms > 0 and len(swapped) == n_norms
+    hf_norms = [m for m in patched.modules() if type(m).__module__.startswith("transformers")]
+    assert not any(type(m).__name__ == norm_cls for m in hf_norms)
+    assert patched.state_dict().keys() == model.state_dict().keys()
+    ours = _run(patched, dict(input_ids=ids, labels=ids), [param], backend)
+    assert_policy(ours[0], ref[0], base[0], "logits")
+    scale = 8 * ref[2][param].abs().max().item()
+    assert_policy(ours[2][param], ref[2][param], base[2][param], "grad", 2.0, scale=scale)
+
+
 def test_causal_lm_loss_matches_transformers(hf):
     from transformers.loss.loss_utils import ForCausalLMLoss
 

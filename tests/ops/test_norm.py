@@ -279,6 +279,70 @@ def test_fake_impl_matches_real_outputs():
         torch.library.opcheck(torch.ops.fastlm.norm_fwd.default, args)
 
 
+def _gemma_formula(x, w, eps, offset):
+    # transformers' GemmaRMSNorm, the baseline: float32 math, (offset + w) in float32, one
+    # rounding at the end.
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * (offset + w.float())
+    return y.to(x.dtype)
+
+
+@pytest.mark.parametrize("be", BACKENDS_HERE)
+@pytest.mark.parametrize(
+    "dtype, w_dtype",
+    [
+        (torch.float32, torch.float32),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float16, torch.float32),
+    ],
+    ids=str,
+)
+def test_rms_norm_offset_gemma_casting_and_grads(be, dtype, w_dtype):
+    n, eps, offset = 37, 1e-6, 1.0
+    x = (3 * torch.randn(5, n)).to(dtype).requires_grad_()
+    w = torch.randn(n, dtype=w_dtype, requires_grad=True)
+    dy = torch.randn(5, n, dtype=dtype)
+    with fastlm.use_backend(be):
+        y = ops.rms_norm(x, n, w, eps, offset=offset)
+        got = _grads((y.float() * dy.float()).sum(), (x, w))
+    x64, w64 = (t.detach().double().requires_grad_() for t in (x, w))
+    ref_y = ops.rms_norm_ref(x64, (n,), w64, eps, offset=offset)
+    ref = _grads((ref_y * dy.double()).sum(), (x64, w64))
+    xb, wb = (t.detach().requires_grad_() for t in (x, w))
+    base_y = _gemma_formula(xb, wb, eps, offset)
+    base = _grads((base_y.float() * dy.float()).sum(), (xb, wb))
+    assert y.dtype == dtype and got[1].dtype == w_dtype
+    if be == "torch":
+        # The same float32 operations as transformers' GemmaRMSNorm, rounded once.
+        assert_equal(y, base_y, "y")
+    assert_policy(y, ref_y, base_y, "y")
+    xhat = F.rms_norm(x64.detach(), (n,), eps=eps)
+    scales = (None, summand_scale(dy.double() * xhat, 0))
+    for name, g, r, bs, scale in zip(("dx", "dw"), got, ref, base, scales, strict=True):
+        assert_policy(g, r, bs, name, scale=scale)
+
+
+@pytest.mark.parametrize("be", BACKENDS_HERE)
+def test_rms_norm_offset_with_residual(be):
+    x, r = (torch.randn(4, 24, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    w = torch.randn(24, dtype=torch.bfloat16, requires_grad=True)
+    with fastlm.use_backend(be):
+        y, s = ops.rms_norm(x, 24, w, 1e-6, residual=r, offset=0.5)
+        got = _grads(y.float().sum(), (x, r, w))
+    leaves = [t.detach().double().requires_grad_() for t in (x, r, w)]
+    ref_y, _ = ops.rms_norm_ref(leaves[0], (24,), leaves[2], 1e-6, leaves[1], offset=0.5)
+    ref = _grads(ref_y.sum(), leaves)
+    xb, rb, wb = (t.detach().requires_grad_() for t in (x, r, w))
+    base_y = _gemma_formula(xb + rb, wb, 1e-6, 0.5)
+    base = _grads(base_y.float().sum(), (xb, rb, wb))
+    assert_equal(s, x.detach() + r.detach(), "s")
+    assert_policy(y, ref_y, base_y, "y")
+    xhat = F.rms_norm((leaves[0] + leaves[1]).detach(), (24,), eps=1e-6)
+    scales = (None, None, summand_scale(xhat, 0))
+    for name, g, rf, bs, scale in zip(("dx", "dr", "dw"), got, ref, base, scales, strict=True):
+        assert_policy(g, rf, bs, name, scale=scale)
+
+
 # --- bad input -------------------------------------------------------------------------------
 
 
@@ -309,6 +373,9 @@ def test_fake_impl_matches_real_outputs():
         (lambda x: ops.layer_norm(x, 8, eps=-1.0), ValueError, "eps"),
         (lambda x: ops.layer_norm(x, 8, out_dtype=torch.int8), TypeError, "out_dtype"),
         (lambda x: ops.layer_norm([1.0], 1), TypeError, "x"),
+        (lambda x: ops.rms_norm(x, 8, offset=1.0), ValueError, "offset"),
+        (lambda x: ops.rms_norm(x, 8, torch.ones(8), offset=float("nan")), ValueError, "offset"),
+        (lambda x: ops.rms_norm(x, 8, torch.ones(8), offset="1"), TypeError, "offset"),
     ],
 )
 def test_bad_input_names_the_argument(call, error, word):
