@@ -5,14 +5,25 @@ its contract, custom op and backends (the Triton decode kernel of
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fastlm import backend
 from fastlm.ops._common import HALF_DTYPES, supports
-from fastlm.ops.attention import _check_head_dim, _check_heads, _check_scale, _reference
+from fastlm.ops.attention import (
+    _check_alibi,
+    _check_head_dim,
+    _check_heads,
+    _check_scale,
+    _check_softcap,
+)
 from fastlm.ops.autocast import autocast_policy
 from fastlm.ops.contract import check_int, describe, values_readable
+from fastlm.ops.masks import window_bounds
+from fastlm.ops.rotary import apply_rotary
 
 
 @autocast_policy(lower_precision=False)
@@ -27,28 +38,117 @@ def attention_with_kvcache(
     softmax_scale: float | None = None,
     num_splits: int | None = None,
     return_lse: bool = False,
+    *,
+    rotary_cos: Tensor | None = None,
+    rotary_sin: Tensor | None = None,
+    rotary_interleaved: bool = True,
+    cache_batch_idx: Tensor | None = None,
+    cache_leftpad: Tensor | None = None,
+    block_table: Tensor | None = None,
+    window: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Decode attention: a few new queries against per-sequence KV caches, as
-    ``flash_attn_with_kvcache``. Inference only (no autograd).
+    ``flash_attn_with_kvcache`` (same keywords, except ``window`` for its ``window_size``
+    and ``k_new``/``v_new`` for its ``k``/``v``). Inference only (no autograd).
 
-    q: (B, Sq, H, D), Sq >= 1, D from 1 to 256; k_cache, v_cache: (B, S_max, Hkv, D) in q's
-    dtype, H % Hkv == 0; cache_seqlens: int32 (B,) tokens already cached, each in
-    ``[0, S_max - Sq_new]``. ``k_new``/``v_new`` (B, Sq_new, Hkv, D), both or neither, are
-    written into the caches in place at ``cache_seqlens[b]:`` and attended to (apply rotary
-    embeddings to them first: that hook is the caller's). Sequence b then has
-    ``L_b = cache_seqlens[b] + Sq_new`` keys; causal query i sees keys ``j <= L_b - Sq + i``.
-    ``num_splits`` (an int >= 1) splits long caches across programs (flash-decoding); None
-    chooses. The Triton kernel takes fp16/bf16 caches with a unit stride on D.
-    Returns out (B, Sq, H, D) (and fp32 lse (B, H, Sq)); a row with no key gives zeros.
+    q: (B, Sq, H, D), Sq >= 1, D from 1 to 256. k_cache, v_cache in q's dtype, H % Hkv == 0:
+      (B_cache, S_max, Hkv, D), or with ``block_table`` (num_pages, page_size, Hkv, D).
+    cache_seqlens: int32 (B,), the cache position where row b's new keys go (the keys already
+      cached end there).
+    k_new, v_new: (B, Sq_new, Hkv, D), both or neither: written into the caches in place at
+      positions ``cache_seqlens[b] .. + Sq_new - 1`` and attended to. Row b then has the
+      keys at positions ``[cache_leftpad[b], L_b)``, ``L_b = cache_seqlens[b] + Sq_new``,
+      which must fit the cache (``L_b <= S_max``, or ``max_pages * page_size``).
+    causal: query i sees positions ``j <= L_b - Sq + i`` (bottom-right aligned).
+    window: ``(left, right)``, flash-attn's ``window_size``: query i sees positions
+      ``L_b - Sq + i - left <= j <= L_b - Sq + i + right``; -1 leaves a side unbounded.
+    softcap: > 0 caps the scaled scores, ``s = softcap * tanh(s / softcap)`` (0: off).
+    alibi_slopes: fp32 (H,) or (B, H): adds ``-slope * |L_b - Sq + i - j|`` after the cap.
+    rotary_cos, rotary_sin: (seqlen_ro, rotary_dim / 2), both or neither, only with k_new:
+      rotate the first rotary_dim features of q and k_new before anything else (the cache
+      receives the rotated k_new). k_new token t sits at position ``cache_seqlens[b] + t``;
+      query i at ``cache_seqlens[b] + i`` when causal or windowed, else every query at
+      ``cache_seqlens[b]`` (flash-attn's positions; the cache's left padding does not shift
+      them). ``rotary_interleaved`` True rotates pairs (2i, 2i + 1) (GPT-J), False pairs
+      (i, i + rotary_dim / 2) (GPT-NeoX); every position must be < seqlen_ro.
+    cache_batch_idx: int32 (B,): query row b uses cache row ``cache_batch_idx[b]`` (default
+      b); rows must be distinct when appending (else which write lands is unspecified).
+    cache_leftpad: int32 (B,): row b's first valid cache position, at most
+      ``cache_seqlens[b]`` (left-padded caches; default 0).
+    block_table: int32 (B, max_pages): a paged cache; row b's position j is slot
+      ``j % page_size`` of page ``block_table[b, j // page_size]``. Entries past a row's
+      last page are not read. Not with cache_batch_idx or cache_leftpad (as flash-attn).
+    num_splits: an int >= 1 splits long caches across programs (flash-decoding); None
+      chooses (the torch backend ignores it).
+
+    The Triton kernel takes fp16/bf16 caches with a unit stride on D. The torch backend
+    reads cache slots outside a row's keys (below ``max L_b``) and gives them zero weight:
+    they must hold finite numbers (a zero-initialized cache does).
+    Returns out (B, Sq, H, D) (and fp32 lse (B, H, Sq)); a row with no key gives zeros
+    (and lse -inf).
     """
-    scale = _check_kvcache(
-        q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, num_splits
+    scale, key_bound = _check_kvcache(
+        q,
+        k_cache,
+        v_cache,
+        cache_seqlens,
+        k_new,
+        v_new,
+        softmax_scale,
+        num_splits,
+        rotary_cos=rotary_cos,
+        rotary_sin=rotary_sin,
+        rotary_interleaved=rotary_interleaved,
+        cache_batch_idx=cache_batch_idx,
+        cache_leftpad=cache_leftpad,
+        block_table=block_table,
+        softcap=softcap,
+        alibi_slopes=alibi_slopes,
     )
-    name = backend.select("attention", q.device, _kvcache_support(q, k_cache, v_cache))
-    out, lse = torch.ops.fastlm.attention_kvcache(
-        q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, num_splits, name
-    )
+    left, right = window_bounds(window)
+    if rotary_cos is not None:
+        windowed = causal or left is not None or right is not None
+        q, k_new = _rotate(
+            q, k_new, rotary_cos, rotary_sin, rotary_interleaved, cache_seqlens, windowed
+        )
+    features = {
+        "block_table": block_table is not None,
+        "cache_batch_idx": cache_batch_idx is not None,
+        "cache_leftpad": cache_leftpad is not None,
+        "alibi_slopes": alibi_slopes is not None,
+        "window": (left, right) != (None, None),
+        "softcap": bool(softcap),
+    }
+    name = backend.select("attention", q.device, _kvcache_support(q, k_cache, v_cache, features))
+    args = (q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, cache_batch_idx)
+    args += (cache_leftpad, alibi_slopes, causal, scale, -1 if left is None else left)
+    args += (-1 if right is None else right, float(softcap), num_splits, key_bound, return_lse)
+    if name == "torch":
+        # PyTorch ops throughout (torch.compile traces them): called directly, since the
+        # custom op's dispatch alone costs as much as a small decode step on the CPU.
+        out, lse = _torch_decode(*args)
+    else:
+        out, lse = torch.ops.fastlm.attention_kvcache(*args, name)
     return (out, lse) if return_lse else out
+
+
+def _rotate(q, k_new, cos, sin, interleaved, cache_seqlens, windowed):
+    """q and k_new rotated at flash-attn's positions (see :func:`attention_with_kvcache`)."""
+    if windowed or q.shape[1] == 1:
+        if q.shape[1] == k_new.shape[1]:
+            return apply_rotary(q, k_new, cos, sin, interleaved, offset=cache_seqlens)
+        q = _rotate_alone(q, cos, sin, interleaved, offset=cache_seqlens)
+    else:  # every query at the position of the first new key
+        ids = cache_seqlens[:, None].expand(-1, q.shape[1])
+        q = _rotate_alone(q, cos, sin, interleaved, position_ids=ids)
+    return q, _rotate_alone(k_new, cos, sin, interleaved, offset=cache_seqlens)
+
+
+def _rotate_alone(x, cos, sin, interleaved, **positions):
+    # apply_rotary rotates a (q, k) pair of equal length; a one-head view stands in for k.
+    return apply_rotary(x, x[:, :, :1], cos, sin, interleaved, **positions)[0]
 
 
 @torch.library.custom_op("fastlm::attention_kvcache", mutates_args=("k_cache", "v_cache"))
@@ -59,13 +159,21 @@ def _attention_kvcache_op(
     cache_seqlens: Tensor,
     k_new: Tensor | None,
     v_new: Tensor | None,
+    block_table: Tensor | None,
+    cache_batch_idx: Tensor | None,
+    cache_leftpad: Tensor | None,
+    alibi_slopes: Tensor | None,
     causal: bool,
     scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
     num_splits: int | None,
+    key_bound: int,
+    need_lse: bool,
     backend_name: str,
 ) -> tuple[Tensor, Tensor]:
-    if backend_name == "torch":
-        return _torch_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale)
+    # Only the kernels come here: the torch backend is called directly.
     from fastlm.kernels.attention_decode import attention_decode
 
     return attention_decode(
@@ -82,36 +190,131 @@ def _attention_kvcache_op(
 
 
 @_attention_kvcache_op.register_fake
-def _(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale, num_splits, backend_name):
+def _(q, k_cache, v_cache, cache_seqlens, *args):
     return torch.empty_like(q), q.new_empty(
         (q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32
     )
 
 
-def _torch_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale):
-    """The torch backend of :func:`attention_with_kvcache`: append, then the reference per
-    sequence (in fp32, or fp64 for fp64)."""
-    compute = torch.promote_types(q.dtype, torch.float32)
+# ---------------------------------------------------------------------------------------------
+# The torch backend.
+
+
+def _torch_decode(
+    q,
+    k_cache,
+    v_cache,
+    cache_seqlens,
+    k_new,
+    v_new,
+    block_table,
+    cache_batch_idx,
+    cache_leftpad,
+    slopes,
+    causal,
+    scale,
+    window_left,
+    window_right,
+    softcap,
+    num_splits,
+    key_bound,
+    need_lse,
+):
+    """The torch backend of :func:`attention_with_kvcache`, batched: the appends are one
+    indexed write per cache, the keys one view (or one gather of pages or rows) cut to the
+    longest row (``key_bound``), and attention one SDPA call over the whole batch with each
+    row's visible keys as a boolean mask and GQA by ``enable_gqa`` (no repeated K/V). With a
+    soft cap, ALiBi or the log-sum-exp asked for, the scores are formed in fp32 instead."""
+    batch, seqlen_q, n_heads, head_dim = q.shape
     n_new = 0 if k_new is None else k_new.shape[1]
-    outs, lses = (
-        [q.new_empty((0, *q.shape[1:]))],
-        [q.new_empty((0, q.shape[2], q.shape[1]), dtype=torch.float32)],
-    )
-    for b, n in enumerate(cache_seqlens.tolist()):
-        if n_new:
-            k_cache[b, n : n + n_new] = k_new[b]
-            v_cache[b, n : n + n_new] = v_new[b]
-        keys = slice(0, n + n_new)
-        out, lse = _reference(
-            q[b : b + 1].to(compute),
-            k_cache[b : b + 1, keys].to(compute),
-            v_cache[b : b + 1, keys].to(compute),
-            causal=causal,
-            scale=scale,
-        )
-        outs.append(out.to(q.dtype))
-        lses.append(lse.float())
-    return torch.cat(outs), torch.cat(lses)
+    ends = cache_seqlens.long() + n_new  # (B,) keys per row
+    if n_new:
+        pos = ends[:, None] - n_new + torch.arange(n_new, device=q.device)  # (B, Sq_new)
+        if block_table is not None:
+            page_size = k_cache.shape[1]
+            rows = block_table.long().gather(1, pos // page_size)
+            pos = pos % page_size
+        elif cache_batch_idx is not None:
+            rows = cache_batch_idx.long()[:, None]
+        else:
+            rows = torch.arange(batch, device=q.device)[:, None]
+        k_cache[rows, pos] = k_new
+        v_cache[rows, pos] = v_new
+    k, v = (_keys(cache, block_table, cache_batch_idx, key_bound) for cache in (k_cache, v_cache))
+
+    window = (window_left, window_right)
+    seen, offset = _visible(ends, cache_leftpad, seqlen_q, k.shape[1], causal, window, slopes)
+    compute = torch.promote_types(q.dtype, torch.float32)
+    if need_lse or softcap or slopes is not None:
+        out, lse = _decode_scores(q, k, v, seen, offset, scale, softcap, slopes, compute)
+        return out.to(q.dtype), lse.float()
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=seen[:, None],
+        scale=scale,
+        enable_gqa=n_heads != k.shape[2],
+    ).transpose(1, 2)
+    # Rows that see no key give zeros (SDPA's fused kernels may give NaN); a NaN query row
+    # gives NaN where it sees a key (PyTorch's fused CPU kernel gives it zeros).
+    sees = seen.any(-1)[:, :, None, None]  # (B, Sq, 1, 1)
+    out = out.masked_fill(~sees, 0.0)
+    out = out.masked_fill(q.isnan().any(-1, keepdim=True) & sees, math.nan)
+    return out, q.new_empty((batch, n_heads, seqlen_q), dtype=torch.float32)
+
+
+def _keys(cache, block_table, cache_batch_idx, key_bound):
+    """(B, key_bound, Hkv, D): every row's first key_bound cache positions."""
+    if block_table is not None:
+        page_size = cache.shape[1]
+        pages = block_table[:, : -(-key_bound // page_size)].long()
+        return cache[pages].flatten(1, 2)[:, :key_bound]
+    if cache_batch_idx is not None:
+        return cache[cache_batch_idx.long(), :key_bound]
+    return cache[:, :key_bound]
+
+
+def _visible(ends, leftpad, seqlen_q, seqlen_k, causal, window, slopes):
+    """(B, Sq, S) bool: which positions each query sees, and (None, or with ALiBi) the
+    (B, Sq, S) offsets ``L_b - Sq + i - j`` of key j left of query i's diagonal."""
+    j = torch.arange(seqlen_k, device=ends.device)
+    seen = (j < ends[:, None])[:, None, :]  # (B, 1, S)
+    if leftpad is not None:
+        seen = seen & (j >= leftpad.long()[:, None])[:, None, :]
+    left, right = window
+    if causal:  # no key right of the diagonal
+        right = 0
+    offset = None
+    # With one query and no left bound, j < L_b already says everything.
+    if slopes is not None or left >= 0 or (right >= 0 and seqlen_q > 1):
+        i = torch.arange(seqlen_q, device=ends.device)
+        offset = (ends - seqlen_q)[:, None, None] + i[None, :, None] - j  # (B, Sq, S)
+        if right >= 0:
+            seen = seen & (offset >= -right)
+        if left >= 0:
+            seen = seen & (offset <= left)
+    return seen.expand(-1, seqlen_q, -1), offset
+
+
+def _decode_scores(q, k, v, seen, offset, scale, softcap, slopes, compute):
+    """out (B, Sq, H, D) and lse (B, H, Sq) from scores formed in ``compute`` (the
+    reference's formula; the H / Hkv query heads of a KV head are one matmul's rows)."""
+    batch, seqlen_q, n_heads, head_dim = q.shape
+    kv_heads, seqlen_k = k.shape[2], k.shape[1]
+    rows = (batch, kv_heads, n_heads // kv_heads * seqlen_q, head_dim)
+    qf = q.to(compute).transpose(1, 2).reshape(rows)  # head h = kv * group + g
+    kf, vf = (t.to(compute).transpose(1, 2) for t in (k, v))  # (B, Hkv, S, D)
+    scores = (qf @ kf.transpose(-1, -2)).view(batch, n_heads, seqlen_q, seqlen_k) * scale
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    if slopes is not None:
+        scores = scores - slopes.to(compute).reshape(-1, n_heads, 1, 1) * offset.abs()[:, None]
+    scores = scores.masked_fill(~seen[:, None], -math.inf)
+    lse = torch.logsumexp(scores, -1)  # (B, H, Sq)
+    probs = torch.exp(scores - lse[..., None]).masked_fill(lse[..., None] == -math.inf, 0.0)
+    out = probs.view(batch, kv_heads, -1, seqlen_k) @ vf
+    return out.view(batch, n_heads, seqlen_q, head_dim).transpose(1, 2), lse
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,9 +322,27 @@ def _torch_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scal
 
 
 def _check_kvcache(
-    q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, num_splits
-) -> float:
-    """The contract of :func:`attention_with_kvcache`; returns the softmax scale."""
+    q,
+    k_cache,
+    v_cache,
+    cache_seqlens,
+    k_new,
+    v_new,
+    softmax_scale,
+    num_splits,
+    *,
+    rotary_cos=None,
+    rotary_sin=None,
+    rotary_interleaved=True,
+    cache_batch_idx=None,
+    cache_leftpad=None,
+    block_table=None,
+    softcap=0.0,
+    alibi_slopes=None,
+) -> tuple[float, int]:
+    """The contract of :func:`attention_with_kvcache`; returns the softmax scale and a bound
+    on the rows' key counts (their maximum when the lengths can be read, else the cache's
+    capacity)."""
     for name, t in (
         ("q", q),
         ("k_cache", k_cache),
@@ -151,7 +372,7 @@ def _check_kvcache(
             f"k_cache and v_cache must have the same shape, got "
             f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
         )
-    if k_cache.shape[0] != batch:
+    if block_table is None and cache_batch_idx is None and k_cache.shape[0] != batch:
         raise ValueError(f"k_cache has batch {k_cache.shape[0]} but q has {batch}")
     _check_head_dim(head_dim, k_cache.shape[3], v_cache.shape[3])
     _check_heads(n_heads, k_cache.shape[2])
@@ -167,33 +388,135 @@ def _check_kvcache(
                     f"caches, got {tuple(t.shape)}"
                 )
         n_new = k_new.shape[1]
-    if not isinstance(cache_seqlens, Tensor) or cache_seqlens.dtype != torch.int32:
-        raise TypeError(f"cache_seqlens must be an int32 tensor, got {describe(cache_seqlens)}")
-    if tuple(cache_seqlens.shape) != (batch,):
-        raise ValueError(
-            f"cache_seqlens must have shape (batch,) = ({batch},), got {tuple(cache_seqlens.shape)}"
-        )
-    if cache_seqlens.device != q.device:
-        raise ValueError(f"cache_seqlens is on {cache_seqlens.device} but q is on {q.device}")
-    if batch and values_readable(cache_seqlens):
-        low, high = torch.stack(torch.aminmax(cache_seqlens)).tolist()  # one device sync
-        if low < 0:
-            raise ValueError(f"cache_seqlens must be >= 0, got {low}")
-        if high + n_new > k_cache.shape[1]:
+    _check_rows("cache_seqlens", cache_seqlens, q)
+    for name, t in (("cache_batch_idx", cache_batch_idx), ("cache_leftpad", cache_leftpad)):
+        if t is not None:
+            _check_rows(name, t, q)
+    if block_table is not None:
+        for name, t in (("cache_batch_idx", cache_batch_idx), ("cache_leftpad", cache_leftpad)):
+            if t is not None:  # flash-attn refuses both combinations too
+                raise ValueError(f"{name} cannot be combined with block_table (a paged cache)")
+        if not isinstance(block_table, Tensor) or block_table.dtype != torch.int32:
+            raise TypeError(f"block_table must be an int32 tensor, got {describe(block_table)}")
+        if block_table.dim() != 2 or block_table.shape[0] != batch:
             raise ValueError(
-                f"no room: cache_seqlens up to {high} plus {n_new} new tokens "
-                f"exceed the cache's {k_cache.shape[1]} positions"
+                f"block_table must be (batch, max_pages) with batch {batch}, got shape "
+                f"{tuple(block_table.shape)}"
             )
+        if block_table.device != q.device:
+            raise ValueError(f"block_table is on {block_table.device} but q is on {q.device}")
+        capacity = block_table.shape[1] * k_cache.shape[1]
+    else:
+        capacity = k_cache.shape[1]
+    rotary_dim = _check_rotary(rotary_cos, rotary_sin, rotary_interleaved, k_new, q)
+    if alibi_slopes is not None:
+        _check_alibi(alibi_slopes, batch, n_heads, q)
+    softcap = _check_softcap(softcap)
     if num_splits is not None:
         check_int("num_splits", num_splits, 1)
-    return _check_scale(softmax_scale, head_dim)
+    scale = _check_scale(softmax_scale, head_dim)
+
+    readable = values_readable(cache_seqlens, cache_batch_idx, cache_leftpad, block_table)
+    if not (batch and readable):
+        return scale, capacity
+    # Every value check in one device-to-host copy: (min, max) pairs.
+    stats = [cache_seqlens]
+    if cache_batch_idx is not None:
+        stats.append(cache_batch_idx)
+    if cache_leftpad is not None:
+        stats += [cache_leftpad, cache_seqlens - cache_leftpad]
+    if block_table is not None:  # only the pages the rows use
+        used = -(-(cache_seqlens.long() + n_new) // k_cache.shape[1])
+        in_use = torch.arange(block_table.shape[1], device=q.device) < used[:, None]
+        stats.append(block_table[in_use])
+    values = torch.stack(
+        [
+            torch.stack(torch.aminmax(t.long())) if t.numel() else t.new_zeros(2).long()
+            for t in stats
+        ]
+    ).tolist()
+    (low, high), rest = values[0], values[1:]
+    if low < 0:
+        raise ValueError(f"cache_seqlens must be >= 0, got {low}")
+    if high + n_new > capacity:
+        raise ValueError(
+            f"no room: cache_seqlens up to {high} plus {n_new} new tokens "
+            f"exceed the cache's {capacity} positions"
+        )
+    if cache_batch_idx is not None:
+        (lo, hi), rest = rest[0], rest[1:]
+        if lo < 0 or hi >= k_cache.shape[0]:
+            raise ValueError(
+                f"cache_batch_idx values must lie in [0, {k_cache.shape[0]}) (k_cache's "
+                f"batch), got min {lo}, max {hi}"
+            )
+    if cache_leftpad is not None:
+        (lo, _), (gap, _), rest = rest[0], rest[1], rest[2:]
+        if lo < 0:
+            raise ValueError(f"cache_leftpad must be >= 0, got {lo}")
+        if gap < 0:
+            raise ValueError(
+                f"cache_leftpad must be <= cache_seqlens in every row; one row's is {-gap} past"
+            )
+    if block_table is not None:
+        lo, hi = rest[0]
+        if lo < 0 or hi >= k_cache.shape[0]:
+            raise ValueError(
+                f"block_table entries in use must lie in [0, num_pages = {k_cache.shape[0]}), "
+                f"got min {lo}, max {hi}"
+            )
+    if rotary_dim:
+        last = high + max(n_new, seqlen_q) - 1
+        if last >= rotary_cos.shape[0]:
+            raise ValueError(
+                f"rotary_cos has {rotary_cos.shape[0]} positions but the new tokens reach "
+                f"position {last} (cache_seqlens up to {high})"
+            )
+    return scale, high + n_new
+
+
+def _check_rows(name, t, q) -> None:
+    batch = q.shape[0]
+    if not isinstance(t, Tensor) or t.dtype != torch.int32:
+        raise TypeError(f"{name} must be an int32 tensor, got {describe(t)}")
+    if tuple(t.shape) != (batch,):
+        raise ValueError(f"{name} must have shape (batch,) = ({batch},), got {tuple(t.shape)}")
+    if t.device != q.device:
+        raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+
+
+def _check_rotary(cos, sin, interleaved, k_new, q) -> int:
+    """flash-attn's rotary arguments; returns rotary_dim (0: none)."""
+    if cos is None and sin is None:
+        return 0
+    if cos is None or sin is None:
+        raise ValueError("rotary_cos and rotary_sin must be given together")
+    if k_new is None:
+        raise ValueError("rotary_cos/rotary_sin rotate k_new: they need k_new and v_new")
+    for name, t in (("rotary_cos", cos), ("rotary_sin", sin)):
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {describe(t)}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    if cos.dim() != 2 or cos.shape[1] < 1 or 2 * cos.shape[1] > q.shape[3]:
+        raise ValueError(
+            f"rotary_cos must be (seqlen_ro, rotary_dim / 2) with rotary_dim <= head_dim "
+            f"{q.shape[3]}, got shape {tuple(cos.shape)}"
+        )
+    if sin.shape != cos.shape:
+        raise ValueError(
+            f"rotary_sin must have rotary_cos's shape {tuple(cos.shape)}, got {tuple(sin.shape)}"
+        )
+    if not isinstance(interleaved, bool):
+        raise TypeError(f"rotary_interleaved must be a bool, got {type(interleaved).__name__}")
+    return 2 * cos.shape[1]
 
 
 # ---------------------------------------------------------------------------------------------
 # Dispatch.
 
 
-def _kvcache_support(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> dict:
+def _kvcache_support(q: Tensor, k_cache: Tensor, v_cache: Tensor, features: dict) -> dict:
     def triton_error():
         if q.dtype not in HALF_DTYPES:
             return f"the decode kernel takes fp16/bf16, got {q.dtype}"
@@ -203,6 +526,13 @@ def _kvcache_support(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> dict:
                     f"the decode kernel writes {name} in place and needs a unit stride on "
                     "its head_dim"
                 )
+        missing = [name for name, used in features.items() if used and name not in _KERNEL_TAKES]
+        if missing:
+            return f"the decode kernel does not take {', '.join(missing)}"
         return None
 
     return supports(triton_error)
+
+
+# The keywords the Triton decode kernel serves (rotary is applied before it, by the op).
+_KERNEL_TAKES = frozenset()
