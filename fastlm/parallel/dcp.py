@@ -239,7 +239,8 @@ def save(
     tp = _tp(inner)
     tensors = {f"{MODEL}{n}": t for n, t in _model_tensors(inner).items()}
     if trainable_only:
-        tensors = {k: t for k, t in tensors.items() if k[len(MODEL) :] in _trainable(inner)}
+        trainable = _trainable(inner)
+        tensors = {k: t for k, t in tensors.items() if k[len(MODEL) :] in trainable}
     if optimizer is not None:
         tensors.update(_optimizer_tensors(inner, optimizer))
     copy = async_group is not None  # a snapshot: training goes on changing the tensors
