@@ -83,14 +83,24 @@ def _scores(
     window_right,
     bias_ptrs,
     slope,
+    softcap,
     HAS_MASK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
-    """Scaled, biased and masked scores (BLOCK_M, BLOCK_N) in fp32; masked entries, and rows
-    or columns past the sequence, are -inf (so nothing is read out of bounds)."""
+    """Scaled, soft-capped, biased and masked scores (BLOCK_M, BLOCK_N) in fp32, and the
+    cap's ``t = tanh(raw / softcap)`` that the backward's chain rule needs (the raw scores
+    where there is no cap). Masked entries, and rows or columns past the sequence, are -inf
+    (so nothing is read out of bounds)."""
     shift = seqlen_k - seqlen_q
     s = tl.dot(q, tl.trans(k)) * scale
+    t = s
+    if SOFTCAP:
+        # tanh(x) = 1 - 2 / (e^(2x) + 1): one exp2 and one reciprocal, and e^(2x) = inf for
+        # large x still gives 1 (no inf / inf), which the interpreter runs as it stands.
+        t = 1.0 - 2.0 / (tl.exp2(s * (2.0 * _LOG2E / softcap)) + 1.0)
+        s = softcap * t
     visible = (offs_m[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k)
     if HAS_MASK:
         diag = offs_m[:, None] + shift
@@ -101,7 +111,7 @@ def _scores(
         s += tl.load(bias_ptrs, mask=visible, other=0.0).to(tl.float32)
     if HAS_ALIBI:
         s -= slope * tl.abs(offs_m[:, None] + shift - offs_n[None, :]).to(tl.float32)
-    return tl.where(visible, s, float("-inf"))
+    return tl.where(visible, s, float("-inf")), t
 
 
 @triton.jit
@@ -154,11 +164,13 @@ def _attn_fwd_kernel(
     dropout_p,
     seed,
     rng_cols,
+    softcap,
     IS_VARLEN: tl.constexpr,
     HAS_MASK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -198,7 +210,7 @@ def _attn_fwd_kernel(
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         k = _load_rows(k_base, cols, stride_ks, offs_d, len_k, head_dim)
-        s = _scores(
+        s, _ = _scores(
             q,
             k,
             offs_m,
@@ -210,9 +222,11 @@ def _attn_fwd_kernel(
             window_right,
             bias_base + cols[None, :] * stride_bn,
             slope,
+            softcap,
             HAS_MASK,
             HAS_BIAS,
             HAS_ALIBI,
+            SOFTCAP,
         )
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # Rows with nothing visible yet keep a finite reference, so no inf - inf.
@@ -346,11 +360,13 @@ def _attn_bwd_dkdv_kernel(
     dropout_p,
     seed,
     rng_cols,
+    softcap,
     IS_VARLEN: tl.constexpr,
     HAS_MASK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -408,7 +424,7 @@ def _attn_bwd_dkdv_kernel(
                 + rows[:, None].to(tl.int64) * stride_bm
                 + offs_n[None, :] * stride_bn
             )
-            s = _scores(
+            s, t = _scores(
                 q,
                 k,
                 rows,
@@ -420,9 +436,11 @@ def _attn_bwd_dkdv_kernel(
                 window_right,
                 bias_ptrs,
                 slope,
+                softcap,
                 HAS_MASK,
                 HAS_BIAS,
                 HAS_ALIBI,
+                SOFTCAP,
             )
             p = _probabilities(s, lse)
             dp = tl.dot(do, tl.trans(v)).to(tl.float32)
@@ -433,6 +451,8 @@ def _attn_bwd_dkdv_kernel(
             else:
                 dv += tl.dot(tl.trans(p.to(do.dtype)), do)
             ds = p * (dp - delta[:, None])
+            if SOFTCAP:  # d(softcap * tanh(x / softcap)) / dx = 1 - tanh^2
+                ds = ds * (1.0 - t * t)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
     store_mask = (offs_n < len_k)[:, None] & d_mask[None, :]
     tl.store(
@@ -497,11 +517,13 @@ def _attn_bwd_dq_kernel(
     dropout_p,
     seed,
     rng_cols,
+    softcap,
     IS_VARLEN: tl.constexpr,
     HAS_MASK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_ALIBI: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     BIAS_GRAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -550,7 +572,7 @@ def _attn_bwd_dq_kernel(
         cols = start_n + offs_n
         k = _load_rows(k_base, cols, stride_ks, offs_d, len_k, head_dim)
         v = _load_rows(v_base, cols, stride_vs, offs_d, len_k, head_dim)
-        s = _scores(
+        s, t = _scores(
             q,
             k,
             offs_m,
@@ -562,9 +584,11 @@ def _attn_bwd_dq_kernel(
             window_right,
             bias_base + cols[None, :] * stride_bn,
             slope,
+            softcap,
             HAS_MASK,
             HAS_BIAS,
             HAS_ALIBI,
+            SOFTCAP,
         )
         p = _probabilities(s, lse)
         dp = tl.dot(do, tl.trans(v)).to(tl.float32)
@@ -578,12 +602,53 @@ def _attn_bwd_dq_kernel(
                 ds,
                 mask=(offs_m < len_q)[:, None] & (cols < len_k)[None, :],
             )
+        if SOFTCAP:  # after dBias: the bias is added to the capped scores
+            ds = ds * (1.0 - t * t)
         dq += tl.dot(ds.to(k.dtype), k)
     tl.store(
         DQ + b64 * stride_dqb + h64 * stride_dqh + q_rows * stride_dqs + offs_d[None, :],
         (dq * scale).to(DQ.dtype.element_ty),
         mask=q_mask,
     )
+
+
+@triton.jit
+def _dropout_keep_kernel(
+    Keep,
+    CuQ,
+    CuK,
+    stride_kb,
+    stride_kh,
+    stride_km,
+    seqlen_q,
+    seqlen_k,
+    n_heads,
+    dropout_p,
+    seed,
+    rng_cols,
+    IS_VARLEN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """The keep pattern (1 kept, 0 dropped) of the attention kernels' dropout, from the very
+    function they call (:func:`_dropout_keep`), for one (BLOCK_M, BLOCK_N) tile of (b, h)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    b, h = pid_bh // n_heads, pid_bh % n_heads
+    _, len_q = _sequence(CuQ, b, seqlen_q, IS_VARLEN)
+    _, len_k = _sequence(CuK, b, seqlen_k, IS_VARLEN)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = _dropout_keep(seed, b, h, n_heads, offs_m, offs_n, rng_cols, dropout_p)
+    ptrs = (
+        Keep
+        + b.to(tl.int64) * stride_kb
+        + h.to(tl.int64) * stride_kh
+        + offs_m[:, None].to(tl.int64) * stride_km
+        + offs_n[None, :]
+    )
+    tl.store(ptrs, keep.to(tl.int8), mask=(offs_m < len_q)[:, None] & (offs_n < len_k)[None, :])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -597,6 +662,8 @@ class AttentionArgs:
     window: tuple[int | None, int | None]
     dropout_p: float
     seed: int
+    # flash-attn's soft cap of the scaled scores, softcap * tanh(s / softcap); 0: none.
+    softcap: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -734,11 +801,13 @@ def attention_fwd(
         args.dropout_p,
         args.seed,
         seqlen_k,
+        args.softcap,
         IS_VARLEN=varlen,
         HAS_MASK=has_mask,
         HAS_BIAS=bias is not None,
         HAS_ALIBI=alibi_slopes is not None,
         HAS_DROPOUT=args.dropout_p > 0,
+        SOFTCAP=args.softcap > 0,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_D=_block_d(head_dim),
@@ -798,12 +867,13 @@ def attention_bwd(
         HAS_BIAS=bias is not None,
         HAS_ALIBI=alibi_slopes is not None,
         HAS_DROPOUT=args.dropout_p > 0,
+        SOFTCAP=args.softcap > 0,
     )
     shared = (
         *_bias_strides(bias),
         0 if alibi_slopes is None else alibi_slopes.stride(0),
     )
-    run = (args.softmax_scale, left, right, args.dropout_p, args.seed, seqlen_k)
+    run = (args.softmax_scale, left, right, args.dropout_p, args.seed, seqlen_k, args.softcap)
     bias_arg = q if bias is None else bias
     alibi_arg = lse if alibi_slopes is None else alibi_slopes
 
@@ -901,6 +971,51 @@ def attention_bwd(
     return dq, dk, dv, dbias
 
 
+_KEEP_BLOCK = 32
+
+
+def dropout_keep(
+    batch: int,
+    n_heads: int,
+    seqlen_q: int,
+    seqlen_k: int,
+    args: AttentionArgs,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Which attention probabilities :func:`attention_fwd` with ``args`` keeps: bool
+    (batch, n_heads, seqlen_q, seqlen_k), True = kept. Packed: ``seqlen_q``/``seqlen_k``
+    are the max lengths, and a sequence's pattern fills its top-left corner (the rest is
+    False). The kernel calls the forward's own random function with the forward's keys, so
+    the pattern is the one the forward and backward used, bit for bit."""
+    keep = torch.zeros((batch, n_heads, seqlen_q, seqlen_k), dtype=torch.int8, device=device)
+    if keep.numel() == 0 or args.dropout_p == 0:
+        return keep.fill_(1).bool()
+    varlen = cu_seqlens_q is not None
+    grid = (
+        triton.cdiv(seqlen_q, _KEEP_BLOCK),
+        triton.cdiv(seqlen_k, _KEEP_BLOCK),
+        batch * n_heads,
+    )
+    on_device(_dropout_keep_kernel, keep.device)[grid](
+        keep,
+        cu_seqlens_q if varlen else keep,
+        cu_seqlens_k if varlen else keep,
+        *keep.stride()[:3],
+        seqlen_q,
+        seqlen_k,
+        n_heads,
+        args.dropout_p,
+        args.seed,
+        seqlen_k,  # the forward's rng_cols: counters i * seqlen_k + j
+        IS_VARLEN=varlen,
+        BLOCK_M=_KEEP_BLOCK,
+        BLOCK_N=_KEEP_BLOCK,
+    )
+    return keep.bool()
+
+
 def _spec_types(kernel, t: str) -> dict[str, str]:
     """Triton types of a kernel's runtime arguments, for activations of dtype ``t``."""
     fp32_ptrs = {"LSE", "Delta", "Alibi", "DBias"}
@@ -912,7 +1027,7 @@ def _spec_types(kernel, t: str) -> dict[str, str]:
             types[name] = "*i32"
         elif name[0].isupper():
             types[name] = f"*{t}"
-        elif name in ("scale", "dropout_p"):
+        elif name in ("scale", "dropout_p", "softcap"):
             types[name] = "fp32"
         else:
             types[name] = "i32"
@@ -926,18 +1041,46 @@ _SPEC_HEAD_DIMS = (64, 128, 256)
 
 def compile_specs() -> list[KernelSpec]:
     """Forward, dK/dV and dQ kernels at every shipped tile configuration: masking only (fp16
-    and bf16), and every feature on (varlen, bias, ALiBi, dropout; bf16)."""
+    and bf16), masking with the soft cap (bf16), and every feature on (varlen, bias, ALiBi,
+    dropout, soft cap; bf16)."""
+    plain = dict(IS_VARLEN=False, HAS_BIAS=False, HAS_ALIBI=False, HAS_DROPOUT=False)
     specs = []
     for head_dim in _SPEC_HEAD_DIMS:
         for dtype, t in _DTYPES.items():
-            variants = [dict(IS_VARLEN=False, HAS_BIAS=False, HAS_ALIBI=False, HAS_DROPOUT=False)]
+            variants = [dict(plain, SOFTCAP=False)]
             if dtype == torch.bfloat16:
+                variants.append(dict(plain, SOFTCAP=True))
                 variants.append(
-                    dict(IS_VARLEN=True, HAS_BIAS=True, HAS_ALIBI=True, HAS_DROPOUT=True)
+                    dict(
+                        IS_VARLEN=True,
+                        HAS_BIAS=True,
+                        HAS_ALIBI=True,
+                        HAS_DROPOUT=True,
+                        SOFTCAP=True,
+                    )
                 )
             for flags in variants:
                 specs += _specs_for(head_dim, t, dict(HAS_MASK=True, **flags))
-    return specs
+    return specs + [_keep_spec(varlen) for varlen in (False, True)]
+
+
+def _keep_spec(varlen: bool) -> KernelSpec:
+    signature = {
+        name: "*i8" if name == "Keep" else "*i32" if name in ("CuQ", "CuK") else "i32"
+        for name in _dropout_keep_kernel.arg_names
+        if name not in ("IS_VARLEN", "BLOCK_M", "BLOCK_N")
+    }
+    signature["dropout_p"] = "fp32"
+    return KernelSpec(
+        label=f"attention dropout keep{' varlen' if varlen else ''} {_KEEP_BLOCK}x{_KEEP_BLOCK}",
+        kernel=_dropout_keep_kernel,
+        signature=signature,
+        constexprs=dict(IS_VARLEN=varlen, BLOCK_M=_KEEP_BLOCK, BLOCK_N=_KEEP_BLOCK),
+        num_warps=4,
+        num_stages=1,
+        aligned=("Keep", "CuQ", "CuK", "stride_kb", "stride_kh", "stride_km"),
+        needs_wide_loads=False,  # it loads nothing but two offsets: it only stores
+    )
 
 
 def _specs_for(head_dim: int, t: str, flags: dict) -> list[KernelSpec]:
@@ -946,6 +1089,7 @@ def _specs_for(head_dim: int, t: str, flags: dict) -> list[KernelSpec]:
     fwd, dkdv, dq = tile_configs(head_dim, heavy)
     what = "+".join(k[4:].lower() for k, on in flags.items() if on and k.startswith("HAS_"))
     what += "+varlen" if flags["IS_VARLEN"] else ""
+    what += "+softcap" if flags["SOFTCAP"] else ""
     kernels = [  # (name, kernel, tiles, extra constexprs, must use wgmma on sm_90)
         ("fwd", _attn_fwd_kernel, fwd, {}, True),
         ("bwd dk/dv", _attn_bwd_dkdv_kernel, dkdv, {}, False),

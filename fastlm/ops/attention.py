@@ -10,6 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from fastlm import backend
 from fastlm.ops._common import HALF_DTYPES, absent, last_dim_contiguous, supports
@@ -176,7 +177,9 @@ def flash_attention(
     alibi_slopes: Tensor | None = None,
     seed: int | None = None,
     return_lse: bool = False,
-) -> Tensor | tuple[Tensor, Tensor]:
+    softcap: float = 0.0,
+    return_attn_probs: bool = False,
+) -> Tensor | tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
     """Attention over (batch, seqlen, heads, head_dim) tensors, as ``flash_attn_func``.
 
     Args:
@@ -195,6 +198,13 @@ def flash_attention(
             gradient is summed over the broadcast dims), e.g. T5's relative positions.
         alibi_slopes: fp32 (H,) or (B, H); adds ``-slope * |i + Sk - Sq - j|``.
         return_lse: also return the fp32 log-sum-exp of each row's scores, (B, H, Sq).
+        softcap: > 0 caps the scaled scores, ``s = softcap * tanh(s / softcap)`` (Gemma 2,
+            Grok), before the bias, ALiBi and masks are applied; 0 (default): no cap.
+        return_attn_probs: return ``(out, lse, S_dmask)`` as flash-attn: ``S_dmask``
+            (B, H, Sq, Sk) fp32 holds the softmax probabilities (before dropout's 1/(1 - p)
+            rescaling), negated where dropout dropped the entry (a dropped zero reads -0.0:
+            test with ``signbit``), so ``out == (S_dmask.clamp(min=0) / (1 - p)) @ v``. For
+            testing: it materializes every score, and is not traceable by torch.compile.
 
     Rows that see no key give zeros (and lse -inf), never NaN. A NaN in a row's query, or
     in a key, value or bias entry the row sees, gives NaN, as PyTorch's attention does; one
@@ -205,7 +215,7 @@ def flash_attention(
     bias = _check_bias(attn_bias, q.shape[0], q.shape[2], q.shape[1], k.shape[1], q)
     slopes = _check_alibi(alibi_slopes, q.shape[0], q.shape[2], q)
     scale = _check_scale(softmax_scale, q.shape[-1])
-    out, lse = _attention(
+    out, lse, probs = _attention(
         q,
         k,
         v,
@@ -216,8 +226,12 @@ def flash_attention(
         seed=check_dropout(dropout_p, seed),
         bias=bias,
         slopes=slopes,
-        need_lse=return_lse,
+        softcap=_check_softcap(softcap),
+        need_lse=_check_flag("return_attn_probs", return_attn_probs) or return_lse,
+        need_probs=return_attn_probs,
     )
+    if return_attn_probs:
+        return out, lse, probs
     return (out, lse) if return_lse else out
 
 
@@ -237,17 +251,22 @@ def flash_attention_varlen(
     alibi_slopes: Tensor | None = None,
     seed: int | None = None,
     return_lse: bool = False,
-) -> Tensor | tuple[Tensor, Tensor]:
+    softcap: float = 0.0,
+    return_attn_probs: bool = False,
+) -> Tensor | tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
     """:func:`flash_attention` over packed variable-length sequences, as
     ``flash_attn_varlen_func``: q (total_q, H, D), k/v (total_k, Hkv, D); sequence b is rows
     ``cu_seqlens[b]:cu_seqlens[b + 1]`` (int32, B + 1 non-decreasing entries from 0 to the
     packed length); ``max_seqlen_q``/``max_seqlen_k`` are at least the longest sequence's
-    length. Masks align within each sequence. lse is (H, total_q)."""
+    length. Masks align within each sequence. lse is (H, total_q). ``softcap`` as in
+    :func:`flash_attention`; ``return_attn_probs`` gives ``(out, lse, S_dmask)`` with
+    S_dmask (B, H, max_seqlen_q, max_seqlen_k), sequence b's probabilities in its top-left
+    corner and zeros past its lengths."""
     _check_qkv(q, k, v, packed=True)
     batch = _check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q, k, max_seqlen_q, max_seqlen_k)
     slopes = _check_alibi(alibi_slopes, batch, q.shape[1], q)
     scale = _check_scale(softmax_scale, q.shape[-1])
-    out, lse = _attention(
+    out, lse, probs = _attention(
         q,
         k,
         v,
@@ -257,9 +276,13 @@ def flash_attention_varlen(
         dropout_p=dropout_p,
         seed=check_dropout(dropout_p, seed),
         slopes=slopes,
+        softcap=_check_softcap(softcap),
         packed=(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
-        need_lse=return_lse,
+        need_lse=_check_flag("return_attn_probs", return_attn_probs) or return_lse,
+        need_probs=return_attn_probs,
     )
+    if return_attn_probs:
+        return out, lse, probs
     return (out, lse) if return_lse else out
 
 
@@ -301,7 +324,7 @@ def scaled_dot_product_attention(
         if attn_mask.dtype == torch.bool:
             attn_mask = additive_mask(attn_mask, q.dtype)
         bias = _check_bias(attn_mask, batch, n_heads, seqlen_q, seqlen_k, q, name="attn_mask")
-    out, _ = _attention(
+    out, _, _ = _attention(
         q,
         k,
         v,
@@ -369,6 +392,12 @@ def _check_softcap(softcap) -> float:
     value = check_real("softcap", softcap)
     if value < 0:
         raise ValueError(f"softcap must be >= 0 (0: no cap), got {value}")
+    return value
+
+
+def _check_flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {describe(value)}")
     return value
 
 
@@ -559,12 +588,15 @@ def _attention(
     seed: int,
     bias: Tensor | None = None,
     slopes: Tensor | None = None,
+    softcap: float = 0.0,
     packed: tuple[Tensor, Tensor, int, int] | None = None,
     need_lse: bool = False,
-) -> tuple[Tensor, Tensor | None]:
+    need_probs: bool = False,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Checked arguments to the chosen backend. ``packed`` is (cu_seqlens_q, cu_seqlens_k,
-    max_seqlen_q, max_seqlen_k) for packed sequences. Returns ``(out, lse)``; the torch
-    backend computes lse only when ``need_lse``."""
+    max_seqlen_q, max_seqlen_k) for packed sequences. Returns ``(out, lse, S_dmask)``; the
+    torch backend computes lse only when ``need_lse``, S_dmask (flash-attn's probabilities,
+    negative where dropped) is computed only when ``need_probs``."""
     cu_q, cu_k, max_q, max_k = packed or (None, None, q.shape[1], k.shape[1])
     name = backend.select("attention", q.device, _support(q))
     if name == "torch":
@@ -579,12 +611,14 @@ def _attention(
             seed=seed,
             bias=bias,
             slopes=slopes,
-            cu_seqlens=None if packed is None else packed[:2],
+            softcap=softcap,
+            packed=packed,
             need_lse=need_lse,
+            need_probs=need_probs,
         )
     # The custom op's schema takes flat arguments: the window as its two sides.
     left, right = window
-    return torch.ops.fastlm.attention_fwd(
+    out, lse = torch.ops.fastlm.attention_fwd(
         last_dim_contiguous(q),
         last_dim_contiguous(k),
         last_dim_contiguous(v),
@@ -600,14 +634,68 @@ def _attention(
         right,
         float(dropout_p),
         seed,
+        softcap,
         name,
     )
+    probs = None
+    if need_probs:
+        args = _kernel_args(causal, scale, left, right, dropout_p, seed, softcap)
+        probs = _kernel_probs(q, k, args, window, bias, slopes, packed)
+    return out, lse, probs
 
 
-def _kernel_args(causal, scale, left, right, dropout_p, seed):
+def _kernel_probs(q, k, args, window, bias, slopes, packed) -> Tensor:
+    """S_dmask for the Triton kernels: the probabilities in fp32, negated where the keep
+    pattern the kernels drew (regenerated by their own random function) dropped them."""
+    from fastlm.kernels.attention import dropout_keep
+
+    if packed is None:
+        batch, max_q, n_heads = q.shape[:3]
+        max_k, cu_q, cu_k = k.shape[1], None, None
+        probs = _probs(
+            q.float(),
+            k.float(),
+            causal=args.causal,
+            scale=args.softmax_scale,
+            window=window,
+            bias=None if bias is None else bias.float(),
+            slopes=slopes,
+            softcap=args.softcap,
+        )
+    else:
+        cu_q, cu_k, max_q, max_k = packed
+        batch, n_heads = cu_q.numel() - 1, q.shape[1]
+        probs = _packed_probs(q, k, cu_q, cu_k, max_q, max_k, args, window, slopes)
+    keep = dropout_keep(batch, n_heads, max_q, max_k, args, cu_q, cu_k, q.device)
+    return torch.where(keep, probs, -probs)
+
+
+def _packed_probs(q, k, cu_q, cu_k, max_q, max_k, args, window, slopes) -> Tensor:
+    """(B, H, max_q, max_k) fp32 probabilities of packed sequences, each in its top-left
+    corner, zeros elsewhere."""
+    starts_q, starts_k = cu_q.tolist(), cu_k.tolist()
+    probs = q.new_zeros((len(starts_q) - 1, q.shape[1], max_q, max_k), dtype=torch.float32)
+    for b in range(len(starts_q) - 1):
+        rows = slice(starts_q[b], starts_q[b + 1])
+        cols = slice(starts_k[b], starts_k[b + 1])
+        p, _ = _probs(
+            q[None, rows].float(),
+            k[None, cols].float(),
+            causal=args.causal,
+            scale=args.softmax_scale,
+            window=window,
+            bias=None,
+            slopes=None if slopes is None else slopes[b : b + 1],
+            softcap=args.softcap,
+        )
+        probs[b, :, : p.shape[2], : p.shape[3]] = p[0]
+    return probs
+
+
+def _kernel_args(causal, scale, left, right, dropout_p, seed, softcap):
     from fastlm.kernels.attention import AttentionArgs
 
-    return AttentionArgs(causal, scale, (left, right), dropout_p, seed)
+    return AttentionArgs(causal, scale, (left, right), dropout_p, seed, softcap)
 
 
 @torch.library.custom_op("fastlm::attention_fwd", mutates_args=())
@@ -627,11 +715,12 @@ def _attention_fwd_op(
     window_right: int | None,
     dropout_p: float,
     seed: int,
+    softcap: float,
     backend_name: str,
 ) -> tuple[Tensor, Tensor]:
     from fastlm.kernels.attention import attention_fwd
 
-    args = _kernel_args(causal, scale, window_left, window_right, dropout_p, seed)
+    args = _kernel_args(causal, scale, window_left, window_right, dropout_p, seed, softcap)
     return attention_fwd(
         q, k, v, args, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     )
@@ -654,6 +743,7 @@ def _(
     window_right,
     dropout_p,
     seed,
+    softcap,
     backend_name,
 ):
     if cu_seqlens_q is not None:
@@ -684,12 +774,13 @@ def _attention_bwd_op(
     window_right: int | None,
     dropout_p: float,
     seed: int,
+    softcap: float,
     backend_name: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dbias); dbias is the fp32 (B, H, Sq, Sk) score gradient or empty."""
     from fastlm.kernels.attention import attention_bwd
 
-    args = _kernel_args(causal, scale, window_left, window_right, dropout_p, seed)
+    args = _kernel_args(causal, scale, window_left, window_right, dropout_p, seed, softcap)
     dq, dk, dv, dbias = attention_bwd(
         last_dim_contiguous(grad_out),
         q,
@@ -730,6 +821,7 @@ def _(
     window_right,
     dropout_p,
     seed,
+    softcap,
     backend_name,
 ):
     dbias = (
@@ -739,17 +831,15 @@ def _(
 
 
 def _attention_setup_context(ctx, inputs, output):
-    q, k, v, bias, slopes, cu_q, cu_k, max_q, max_k, causal, scale, left, right, p, seed, name = (
-        inputs
-    )
+    q, k, v, bias, slopes, cu_q, cu_k, *options = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, bias, slopes, cu_q, cu_k)
-    ctx.options = (max_q, max_k, causal, scale, left, right, p, seed, name)
+    ctx.options = tuple(options)  # max_q, max_k, ..., softcap, backend name
 
 
 def _attention_backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, bias, slopes, cu_q, cu_k = ctx.saved_tensors
-    max_q, max_k, causal, scale, left, right, p, seed, name = ctx.options
+    max_q, max_k, causal, scale, left, right, p, seed, softcap, name = ctx.options
     bias_grad = bias is not None and ctx.needs_input_grad[3]
     dq, dk, dv, dbias = torch.ops.fastlm.attention_bwd(
         grad_out,
@@ -771,10 +861,11 @@ def _attention_backward(ctx, grad_out, _grad_lse):
         right,
         p,
         seed,
+        softcap,
         name,
     )
     dbias = dbias.to(bias.dtype) if bias_grad else None
-    return (dq, dk, dv, dbias, *([None] * 12))
+    return (dq, dk, dv, dbias, *([None] * 13))
 
 
 torch.library.register_autograd(
@@ -794,59 +885,49 @@ def _torch_attention(
     seed: int,
     bias: Tensor | None,
     slopes: Tensor | None,
-    cu_seqlens: tuple[Tensor, Tensor] | None,
+    softcap: float,
+    packed: tuple[Tensor, Tensor, int, int] | None,
     need_lse: bool,
-) -> tuple[Tensor, Tensor | None]:
+    need_probs: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """The torch backend. PyTorch's SDPA with the masks as one additive mask (fp32, so an
     fp32 bias or ALiBi is not rounded to the inputs' dtype first), its dropout seeded by
-    ``seed`` (reproducible, though not the Triton kernels' random stream); the reference
-    formula in fp32 when the log-sum-exp is asked for. Packed sequences run one at a time."""
-    if cu_seqlens is not None:
-        if q.device.type == "meta":  # no offsets to read: shapes only
-            lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
-            return torch.empty_like(q), lse if need_lse else None
-        starts_q, starts_k = (cu.tolist() for cu in cu_seqlens)
-        outs, lses = [], []
-        for b in range(len(starts_q) - 1):
-            rows = slice(starts_q[b], starts_q[b + 1])
-            cols = slice(starts_k[b], starts_k[b + 1])
-            o, lse = _torch_attention(
-                q[None, rows],
-                k[None, cols],
-                v[None, cols],
-                causal=causal,
-                scale=scale,
-                window=window,
-                dropout_p=dropout_p,
-                seed=seed + b,
-                bias=None,
-                slopes=None if slopes is None else slopes[b : b + 1],
-                cu_seqlens=None,
-                need_lse=need_lse,
-            )
-            outs.append(o[0])
-            lses.append(None if lse is None else lse[0])
-        return torch.cat(outs), torch.cat(lses, dim=-1) if need_lse else None
-    compute = torch.promote_types(q.dtype, torch.float32)
-    if need_lse:
-        mask = None
-        if dropout_p > 0:
-            gen = torch.Generator(device=q.device).manual_seed(seed)
-            shape = (q.shape[0], q.shape[2], q.shape[1], k.shape[1])
-            mask = torch.rand(shape, generator=gen, device=q.device) >= dropout_p
-        out, lse = _reference(
-            q.to(compute),
-            k.to(compute),
-            v.to(compute),
+    ``seed`` (reproducible, though not the Triton kernels' random stream). SDPA cannot cap
+    scores nor return the log-sum-exp or the probabilities: with a soft cap, or when those
+    are asked for, the scores are computed explicitly (:func:`_explicit_attention`). Packed
+    sequences run one at a time."""
+    if packed is not None:
+        return _torch_packed(
+            q,
+            k,
+            v,
+            packed,
             causal=causal,
             scale=scale,
             window=window,
-            bias=None if bias is None else bias.to(compute),
-            slopes=slopes,
-            dropout_mask=mask,
             dropout_p=dropout_p,
+            seed=seed,
+            slopes=slopes,
+            softcap=softcap,
+            need_lse=need_lse,
+            need_probs=need_probs,
         )
-        return out.to(q.dtype), lse.float()
+    if softcap or need_lse or need_probs:
+        return _explicit_attention(
+            q,
+            k,
+            v,
+            causal=causal,
+            scale=scale,
+            window=window,
+            dropout_p=dropout_p,
+            seed=seed,
+            bias=bias,
+            slopes=slopes,
+            softcap=softcap,
+            need_probs=need_probs,
+        )
+    compute = torch.promote_types(q.dtype, torch.float32)
     seen = None
     if causal_window(window, causal) != UNBOUNDED:
         seen = visible(q.shape[1], k.shape[1], causal, window, q.device)
@@ -865,7 +946,174 @@ def _torch_attention(
             scale=scale,
             enable_gqa=q.shape[2] != k.shape[2],
         )
-    return _nan_rows_as_reference(out.transpose(1, 2), q, k.shape[1], seen), None
+    return _nan_rows_as_reference(out.transpose(1, 2), q, k.shape[1], seen), None, None
+
+
+def _torch_packed(
+    q, k, v, packed, *, slopes, need_lse, need_probs, **options
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The torch backend on packed sequences: each sequence as a batch of one (dropout seeded
+    by ``seed + b``); S_dmask padded to (B, H, max_seqlen_q, max_seqlen_k) with zeros."""
+    cu_q, cu_k, max_q, max_k = packed
+    shape = (cu_q.numel() - 1, q.shape[1], max_q, max_k)
+    if q.device.type == "meta":  # no offsets to read: shapes only
+        lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+        probs = q.new_empty(shape, dtype=torch.float32) if need_probs else None
+        return torch.empty_like(q), lse if need_lse else None, probs
+    starts_q, starts_k = cu_q.tolist(), cu_k.tolist()
+    seed = options.pop("seed")
+    outs, lses, probs = [], [], []
+    for b in range(shape[0]):
+        rows = slice(starts_q[b], starts_q[b + 1])
+        cols = slice(starts_k[b], starts_k[b + 1])
+        o, lse, p = _torch_attention(
+            q[None, rows],
+            k[None, cols],
+            v[None, cols],
+            seed=seed + b,
+            bias=None,
+            slopes=None if slopes is None else slopes[b : b + 1],
+            packed=None,
+            need_lse=need_lse,
+            need_probs=need_probs,
+            **options,
+        )
+        outs.append(o[0])
+        lses.append(None if lse is None else lse[0])
+        probs.append(p)
+    lse = torch.cat(lses, dim=-1) if need_lse else None
+    s_dmask = None
+    if need_probs:
+        s_dmask = q.new_zeros(shape, dtype=torch.float32)
+        for b, p in enumerate(probs):
+            s_dmask[b, :, : p.shape[2], : p.shape[3]] = p[0]
+    return torch.cat(outs), lse, s_dmask
+
+
+# Scores per chunk of query rows on the explicit path: 4M fp32 elements (16 MiB), a few live
+# copies at a time, whatever the sequence length.
+_CHUNK_SCORES = 1 << 22
+
+
+def _explicit_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    window: Window,
+    dropout_p: float,
+    seed: int,
+    bias: Tensor | None,
+    slopes: Tensor | None,
+    softcap: float,
+    need_probs: bool,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Attention with the scores materialized in fp32 (fp64 for fp64 inputs), the reference's
+    formula, chunk by chunk of query rows so memory stays bounded for long sequences; under
+    autograd each chunk is recomputed in backward (activation checkpointing) instead of
+    keeping its probabilities. Dropout draws one (B, H, Sq, Sk) keep pattern from a
+    generator seeded by ``seed``. Returns ``(out, lse, S_dmask or None)``."""
+    compute = torch.promote_types(q.dtype, torch.float32)
+    batch, seqlen_q, n_heads, _ = q.shape
+    seqlen_k = k.shape[1]
+    group = n_heads // k.shape[2]
+    q_, k_, v_ = q.to(compute), k.to(compute), v.to(compute)
+    k_, v_ = (t.repeat_interleave(group, dim=2) if group > 1 else t for t in (k_, v_))
+    bias_ = None if bias is None else bias.to(compute)
+    keep = None
+    if dropout_p > 0:
+        gen = torch.Generator(device=q.device).manual_seed(seed)
+        shape = (batch, n_heads, seqlen_q, seqlen_k)
+        keep = torch.rand(shape, generator=gen, device=q.device) >= dropout_p
+    options = dict(
+        seqlen_q=seqlen_q,
+        causal=causal,
+        scale=scale,
+        window=window,
+        slopes=slopes,
+        softcap=softcap,
+        dropout_p=dropout_p,
+    )
+    tensors = [t for t in (q, k, v, bias) if t is not None]
+    recompute = (
+        torch.is_grad_enabled()
+        and any(t.requires_grad for t in tensors)
+        and not need_probs
+        and q.device.type != "meta"
+    )
+    rows = max(1, _CHUNK_SCORES // max(1, batch * n_heads * seqlen_k))
+    outs, lses, probs = [], [], []
+    for first in range(0, seqlen_q, rows):
+        part = slice(first, first + rows)
+        chunk = (
+            q_[:, part],
+            k_,
+            v_,
+            None if bias_ is None else bias_[:, :, part],
+            None if keep is None else keep[:, :, part],
+            first,
+        )
+        if recompute:
+            o, lse, p = checkpoint(_attention_chunk, *chunk, **options, use_reentrant=False)
+        else:
+            o, lse, p = _attention_chunk(*chunk, **options)
+        outs.append(o)
+        lses.append(lse)
+        if need_probs:
+            probs.append(p if keep is None else torch.where(keep[:, :, part], p, -p))
+    if not outs:  # no query rows
+        empty = q.new_empty((batch, 0, n_heads), dtype=torch.float32).transpose(1, 2)
+        s_dmask = q.new_zeros((batch, n_heads, 0, seqlen_k), dtype=torch.float32)
+        return torch.empty_like(q), empty, s_dmask if need_probs else None
+    out = torch.cat(outs, dim=1).to(q.dtype)
+    lse = torch.cat(lses, dim=-1).float()
+    return out, lse, torch.cat(probs, dim=2).float() if need_probs else None
+
+
+def _attention_chunk(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Tensor | None,
+    keep: Tensor | None,
+    first: int,
+    *,
+    seqlen_q: int,
+    causal: bool,
+    scale: float,
+    window: Window,
+    slopes: Tensor | None,
+    softcap: float,
+    dropout_p: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Rows ``first .. first + len`` of :func:`_reference` (K/V already repeated over the
+    query heads): ``(out, lse, probs before dropout)``."""
+    seqlen_k = k.shape[1]
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    if bias is not None:
+        scores = scores + bias
+    # i + Sk - Sq - j for the chunk's rows i: the masks and ALiBi align bottom-right.
+    i = torch.arange(first, first + q.shape[1], device=q.device)[:, None]
+    offset = i + (seqlen_k - seqlen_q) - torch.arange(seqlen_k, device=q.device)[None, :]
+    if slopes is not None:
+        scores = scores - slopes.to(scores.dtype).reshape(-1, q.shape[2], 1, 1) * offset.abs()
+    left, right = causal_window(window, causal)
+    if left is not None or right is not None:
+        seen = torch.ones_like(offset, dtype=torch.bool)
+        if left is not None:
+            seen &= offset <= left
+        if right is not None:
+            seen &= offset >= -right
+        scores = scores.masked_fill(~seen, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    # Only rows that see no key (lse -inf) are zeroed: a NaN score stays NaN, as in PyTorch.
+    probs = torch.exp(scores - lse[..., None]).masked_fill(lse[..., None] == float("-inf"), 0.0)
+    weights = probs if keep is None else probs * keep / (1.0 - dropout_p)
+    return torch.einsum("bhqk,bkhd->bqhd", weights, v), lse, probs
 
 
 def _nan_rows_as_reference(out: Tensor, q: Tensor, seqlen_k: int, seen: Tensor | None):

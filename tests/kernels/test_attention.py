@@ -19,6 +19,7 @@ from fastlm.testing import (
     assert_attention_policy,
     assert_lse,
     assert_policy,
+    assert_within,
     attention_grad_scales,
     poisoned_outputs,
     sdpa_baseline,
@@ -267,3 +268,123 @@ def test_varlen_matches_per_sequence_dense(device_backend):
         grads = [g[None, s] for g, s in ((dq, rows), (dk, cols), (dv, cols))]
         assert_attention_policy(out[None, rows], grads, *seq, do[None, rows], causal=True)
         assert_lse(lse[None, :, rows], *seq[:2], causal=True)
+
+
+# --- soft cap (flash-attn's softcap): s = softcap * tanh(s / softcap) before bias and masks ---
+
+
+def _assert_lse_capped(lse, q, k, softcap, **masks):
+    """The kernels' fp32 log-sum-exp against the capped scores' in float64, within 64 float32
+    ulps of the largest |lse| (the bound and reasons of fastlm.testing.assert_lse)."""
+    reference = attention_probs(q.double(), k.double(), softcap=softcap, **masks)[1]
+    seen = torch.isfinite(reference)
+    assert torch.equal(torch.isfinite(lse), seen), "lse finite where rows see a key"
+    allowed = 64 * torch.finfo(torch.float32).eps * reference[seen].abs().max().item()
+    assert_within(lse[seen], reference[seen], allowed, "lse", "64 fp32 ulps of max |lse|")
+
+
+def run_softcap_case(device, b, sq, sk, h, hkv, d, dtype, softcap, causal=False, **extra):
+    """Forward and backward with the cap, against the float64 reference; PyTorch's own error
+    is the same formula (einsum, tanh, softmax) evaluated at the test dtype, as eager Gemma 2
+    computes it. ``extra``: window, bias (broadcast shape) and alibi, as in run_case."""
+    # Scores of a few units: the cap at 1.5-5 bends them (tanh far from linear).
+    q = 2 * torch.randn(b, sq, h, d, dtype=dtype, device=device)
+    k, v = (torch.randn(b, sk, hkv, d, dtype=dtype, device=device) for _ in range(2))
+    do = torch.randn(b, sq, h, d, dtype=dtype, device=device)
+    window = extra.get("window", (-1, -1))
+    bias = extra.get("bias")
+    bias = None if bias is None else torch.randn(bias, dtype=dtype, device=device)
+    slopes = torch.rand(h, device=device) if extra.get("alibi") else None
+    scale = 1.0 / math.sqrt(d)
+    args = kernels.AttentionArgs(causal, scale, masks.window_bounds(window), 0.0, 0, softcap)
+    bias4 = None if bias is None else bias.expand(b, h, sq, sk)
+    slopes2 = None if slopes is None else slopes.expand(b, h)
+    with poisoned_outputs():
+        out, lse = kernels.attention_fwd(q, k, v, args, bias=bias4, alibi_slopes=slopes2)
+        dq, dk, dv, dbias = kernels.attention_bwd(
+            do, q, k, v, out, lse, args, bias4, bias is not None, slopes2
+        )
+    opts = dict(causal=causal, softmax_scale=scale, window=window)
+
+    def grads(dt):
+        leaves = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
+        b_ = None if bias is None else bias.detach().to(dt).requires_grad_()
+        alibi = None if slopes is None else slopes.to(dt)
+        o, _ = attention_ref(*leaves, attn_bias=b_, alibi_slopes=alibi, softcap=softcap, **opts)
+        wanted = leaves + ([b_] if b_ is not None else [])
+        return o, torch.autograd.grad((o * do.to(dt)).sum(), wanted)
+
+    (ref_out, ref_grads), (base_out, base_grads) = grads(torch.float64), grads(dtype)
+    b64 = None if bias is None else bias.double()
+    probs, _ = attention_probs(
+        q.double(), k.double(), causal, scale, window, b64, slopes, softcap=softcap
+    )
+    scales = attention_grad_scales(q, k, v, do, ref_out, probs, scale)
+    assert_policy(out, ref_out, base_out, "out")
+    lse_masks = dict(causal=causal, softmax_scale=scale, window=window, alibi_slopes=slopes)
+    _assert_lse_capped(lse, q, k, softcap, attn_bias=b64, **lse_masks)
+    for name, got, ref, base, floor_scale in zip(
+        ("dq", "dk", "dv"), (dq, dk, dv), ref_grads, base_grads, scales, strict=False
+    ):
+        assert_policy(got, ref, base, name, scale=floor_scale)
+    if bias is not None:
+        reduce_dims = tuple(i for i, n in enumerate(bias.shape) if n == 1)
+        got = dbias.sum(reduce_dims, keepdim=True) if reduce_dims else dbias
+        assert_policy(got.to(dtype), ref_grads[3], base_grads[3], "dbias")
+
+
+@pytest.mark.parametrize(
+    "dtype, b, sq, sk, h, hkv, d, causal, softcap",
+    [
+        (torch.float16, 2, 37, 45, 4, 2, 40, True, 1.5),  # GQA, odd lengths, d not 2^k
+        (torch.bfloat16, 1, 19, 70, 2, 1, 64, False, 5.0),  # MQA, keys over several blocks
+        (torch.bfloat16, 1, 5, 3, 2, 2, 16, True, 0.5),  # rows that see no key
+    ],
+)
+def test_softcap_matches_reference(device_backend, dtype, b, sq, sk, h, hkv, d, causal, softcap):
+    device, backend = device_backend
+    if backend != "triton":
+        pytest.skip("attention has no CUDA C++ kernel")
+    run_softcap_case(device, b, sq, sk, h, hkv, d, dtype, softcap, causal=causal)
+
+
+def test_softcap_with_window_bias_and_alibi(device_backend):
+    """The cap comes before the bias and ALiBi: dBias is the capped scores' gradient, dQ/dK
+    carry the cap's 1 - tanh^2."""
+    device, backend = device_backend
+    if backend != "triton":
+        pytest.skip("attention has no CUDA C++ kernel")
+    run_softcap_case(
+        device,
+        2,
+        23,
+        29,
+        4,
+        2,
+        32,
+        torch.float16,
+        2.0,
+        causal=True,
+        window=(9, -1),
+        bias=(1, 4, 23, 29),
+        alibi=True,
+    )
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2")  # the interpreter's numpy
+def test_softcap_saturates_without_nan(device_backend):
+    """Scores of 1e4 against a cap of 1: tanh saturates at +-1 (its exp2 overflows to inf,
+    2 / inf = 0), the output and gradients stay finite and match the reference."""
+    device, backend = device_backend
+    if backend != "triton":
+        pytest.skip("attention has no CUDA C++ kernel")
+    q = 400 * torch.randn(1, 9, 2, 32, dtype=torch.bfloat16, device=device)
+    k, v = (torch.randn(1, 11, 2, 32, dtype=torch.bfloat16, device=device) for _ in "kv")
+    args = kernels.AttentionArgs(False, 1.0 / math.sqrt(32), (None, None), 0.0, 0, 1.0)
+    out, lse = kernels.attention_fwd(q, k, v, args)
+    grads = kernels.attention_bwd(torch.ones_like(out), q, k, v, out, lse, args)[:3]
+    ref, _ = attention_ref(q.double(), k.double(), v.double(), softcap=1.0)
+    base, _ = attention_ref(q, k, v, softcap=1.0)
+    assert_policy(out, ref, base, "out")
+    for name, g in zip(("dq", "dk", "dv"), grads, strict=True):
+        assert torch.isfinite(g).all(), name

@@ -14,7 +14,13 @@ import torch.nn.functional as F
 import fastlm
 from fastlm import backend, ops
 from fastlm.ops import attention as attention_ops
-from fastlm.testing import assert_attention_policy, assert_lse, assert_policy, assert_within
+from fastlm.testing import (
+    assert_attention_policy,
+    assert_lse,
+    assert_policy,
+    assert_within,
+    attention_grad_scales,
+)
 
 BACKENDS = ["torch", "triton"]
 
@@ -160,9 +166,10 @@ def test_torch_compile_fullgraph_with_custom_op():
         torch.testing.assert_close(fn(q, k, v), ops.flash_attention(q, k, v, causal=True))
 
 
-def test_opcheck_forward_op():
+@pytest.mark.parametrize("softcap", [0.0, 2.5])
+def test_opcheck_forward_op(softcap):
     q, k, v = _qkv(b=1, sq=5, sk=6, h=2, hkv=1, d=16, dtype=torch.float16)
-    args = (q, k, v, None, None, None, None, 5, 6, True, 0.25, None, 0, 0.0, 0, "triton")
+    args = (q, k, v, None, None, None, None, 5, 6, True, 0.25, None, 0, 0.0, 0, softcap, "triton")
     torch.library.opcheck(torch.ops.fastlm.attention_fwd.default, args)
 
 
@@ -384,3 +391,108 @@ def test_sdpa_on_cpu_is_torchs_own_dropout_stream_included():
     ours = ops.scaled_dot_product_attention(q, k, v, dropout_p=0.3)
     torch.manual_seed(3)
     assert torch.equal(ours, F.scaled_dot_product_attention(q, k, v, dropout_p=0.3))
+
+
+# --- flash-attn's softcap and return_attn_probs ------------------------------------------------
+
+
+def _assert_capped(out, grads, q, k, v, do, softcap, bias=None, lse=None, **opts):
+    """``out`` and ``grads`` ((dq, dk, dv), then dbias) for ``(out * do).sum()`` against the
+    float64 reference with the cap; PyTorch's own error is the same formula at q's dtype
+    (eager Gemma 2's way). ``lse`` (B, H, Sq) within 64 float32 ulps of the largest |lse|."""
+
+    def run(dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        b = None if bias is None else bias.detach().to(dtype).requires_grad_()
+        kw = dict(opts)
+        if kw.get("alibi_slopes") is not None:
+            kw["alibi_slopes"] = kw["alibi_slopes"].to(dtype)
+        o, lse_ = ops.attention_ref(*leaves, attn_bias=b, softcap=softcap, **kw)
+        wanted = leaves + ([b] if b is not None else [])
+        return o, lse_, torch.autograd.grad((o * do.to(dtype)).sum(), wanted)
+
+    (ref, ref_lse, ref_grads), (base, _, base_grads) = run(torch.float64), run(q.dtype)
+    b64 = None if bias is None else bias.detach().double()
+    probs, _ = ops.attention_probs(
+        q.detach().double(), k.detach().double(), attn_bias=b64, softcap=softcap, **opts
+    )
+    scale = opts.get("softmax_scale") or q.shape[-1] ** -0.5
+    scales = (*attention_grad_scales(q, k, v, do, ref, probs, scale), None)
+    assert_policy(out, ref, base, "out")
+    for name, got, r, b_, floor in zip(
+        ("dq", "dk", "dv", "dbias"), grads, ref_grads, base_grads, scales, strict=False
+    ):
+        assert_policy(got, r, b_, name, scale=floor)
+    if lse is not None:
+        seen = torch.isfinite(ref_lse)
+        assert torch.equal(torch.isfinite(lse), seen), "lse finite where rows see a key"
+        allowed = 64 * torch.finfo(torch.float32).eps * ref_lse[seen].abs().max().item()
+        assert_within(lse[seen], ref_lse[seen], allowed, "lse", "64 fp32 ulps of max |lse|")
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+def test_softcap_all_features_with_gradients(be):
+    q, k, v = (2 * t.detach() for t in _qkv())  # scores of a few units: the cap bends them
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    bias = torch.randn(1, 4, 1, 17, dtype=torch.bfloat16, requires_grad=True)
+    slopes = torch.rand(4)
+    do = torch.randn(2, 13, 4, 32, dtype=torch.bfloat16)
+    masks = dict(causal=True, window=(6, -1), alibi_slopes=slopes)
+    with fastlm.use_backend(be):
+        out, lse = ops.flash_attention(
+            q, k, v, attn_bias=bias, softcap=2.5, return_lse=True, **masks
+        )
+        grads = torch.autograd.grad((out * do).sum(), (q, k, v, bias))
+    _assert_capped(out, grads, q, k, v, do, 2.5, bias=bias, lse=lse, **masks)
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+def test_softcap_varlen_per_sequence(be):
+    # Lengths: queries 3, 11, 0, 6; keys 5, 11, 2, 9.
+    cu_q = torch.tensor([0, 3, 14, 14, 20], dtype=torch.int32)
+    cu_k = torch.tensor([0, 5, 16, 18, 27], dtype=torch.int32)
+    q = (3 * torch.randn(20, 4, 16)).half().requires_grad_()
+    k, v = (torch.randn(27, 2, 16, dtype=torch.float16, requires_grad=True) for _ in "kv")
+    do = torch.randn_like(q)
+    with fastlm.use_backend(be):
+        out = ops.flash_attention_varlen(q, k, v, cu_q, cu_k, 11, 11, causal=True, softcap=1.5)
+        grads = torch.autograd.grad((out * do).sum(), (q, k, v))
+    for i in (0, 1, 3):
+        rows, cols = slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i + 1])
+        seq = [t[None, s] for t, s in ((q, rows), (k, cols), (v, cols))]
+        seq_grads = [g[None, s] for g, s in zip(grads, (rows, cols, cols), strict=True)]
+        _assert_capped(out[None, rows], seq_grads, *seq, do[None, rows], 1.5, causal=True)
+
+
+def test_softcap_torch_path_chunks_rows_and_recomputes(monkeypatch):
+    """fp32 on the torch backend, in chunks of 5 query rows (16 rows, 4 chunks): the chunks
+    meet exactly, and backward recomputes each chunk (nothing but the inputs is saved)."""
+    monkeypatch.setattr(attention_ops, "_CHUNK_SCORES", 5 * 2 * 4 * 23)
+    q = 3 * torch.randn(2, 16, 4, 24)
+    k, v = torch.randn(2, 23, 2, 24), torch.randn(2, 23, 2, 24)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    do = torch.randn(2, 16, 4, 24)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = ops.flash_attention(q, k, v, causal=True, window=(7, 2), softcap=4.0)
+    grads = torch.autograd.grad((out * do).sum(), (q, k, v))
+    _assert_capped(out, grads, q, k, v, do, 4.0, causal=True, window=(7, 2))
+    # Without recomputation, tanh, exp and the masks save (B, H, rows, Sk) score tiles.
+    shapes = [tuple(t.shape) for t in saved]
+    assert not [s for s in shapes if len(s) == 4 and s[1] == 4 and s[3] == 23], shapes
+
+
+@pytest.mark.parametrize("softcap", [0.0, 30.0], ids=["sdpa", "softcap"])
+def test_long_sequence_on_the_torch_path(softcap):
+    """3072 keys against the last 1024 queries (causal, bottom-right): SDPA without the cap,
+    the chunked explicit path (two chunks) with it, both within the policy."""
+    q = 4 * torch.randn(1, 1024, 2, 32, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 3072, 2, 32, dtype=torch.bfloat16) for _ in "kv")
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    do = torch.randn(1, 1024, 2, 32, dtype=torch.bfloat16)
+    out = ops.flash_attention(q, k, v, causal=True, softcap=softcap)
+    grads = torch.autograd.grad((out * do).sum(), (q, k, v))
+    if softcap:
+        _assert_capped(out, grads, q, k, v, do, softcap, causal=True)
+    else:
+        assert_attention_policy(out, grads, q, k, v, do, causal=True)
