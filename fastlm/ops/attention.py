@@ -652,7 +652,7 @@ def _kernel_probs(q, k, args, window, bias, slopes, packed) -> Tensor:
     if packed is None:
         batch, max_q, n_heads = q.shape[:3]
         max_k, cu_q, cu_k = k.shape[1], None, None
-        probs = _probs(
+        probs, _ = _probs(
             q.float(),
             k.float(),
             causal=args.causal,

@@ -101,9 +101,14 @@ def ref_flash(
     attn_bias=None,
     alibi_slopes=None,
     return_lse=False,
+    softcap=0.0,
+    return_attn_probs=False,
     **_,
 ):
-    out, lse = ops.attention_ref(q, k, v, causal, softmax_scale, window, attn_bias, alibi_slopes)
+    masks = (causal, softmax_scale, window, attn_bias, alibi_slopes)
+    out, lse = ops.attention_ref(q, k, v, *masks, softcap=softcap)
+    if return_attn_probs:  # no dropout: S_dmask is the probabilities
+        return out, lse, ops.attention_probs(q, k, *masks, softcap=softcap)[0]
     return (out, lse) if return_lse else (out,)
 
 
@@ -119,16 +124,24 @@ def ref_varlen(
     softmax_scale=None,
     window=(-1, -1),
     alibi_slopes=None,
+    softcap=0.0,
+    return_attn_probs=False,
     **_,
 ):
-    outs = [q.new_zeros(0, *q.shape[1:])]
+    outs, lses = [q.new_zeros(0, *q.shape[1:])], [q.new_zeros(q.shape[1], 0)]
+    probs = q.new_zeros(cu_q.numel() - 1, q.shape[1], max_q, max_k)
     for b in range(cu_q.numel() - 1):
         rows, cols = slice(int(cu_q[b]), int(cu_q[b + 1])), slice(int(cu_k[b]), int(cu_k[b + 1]))
         slopes = None if alibi_slopes is None else alibi_slopes.expand(cu_q.numel() - 1, -1)[b]
-        out, _ = ops.attention_ref(
-            q[None, rows], k[None, cols], v[None, cols], causal, softmax_scale, window, None, slopes
-        )
+        seq = (q[None, rows], k[None, cols])
+        masks = (causal, softmax_scale, window, None, slopes)
+        out, lse = ops.attention_ref(*seq, v[None, cols], *masks, softcap=softcap)
         outs.append(out[0])
+        lses.append(lse[0])
+        p = ops.attention_probs(*seq, *masks, softcap=softcap)[0][0]
+        probs[b, :, : p.shape[1], : p.shape[2]] = p
+    if return_attn_probs:
+        return torch.cat(outs), torch.cat(lses, dim=-1), probs
     return (torch.cat(outs),)
 
 
@@ -299,6 +312,43 @@ def flash_cases() -> list[Case]:
             lambda: ((lambda q, k, v: (q, k, v.to("meta")))(*qkv()), {}),
             (ValueError, "v"),
         ),
+        case("softcap, causal, GQA", lambda: (qkv(), dict(causal=True, softcap=1.0))),
+        case(
+            "softcap, window, bias, alibi, lse",
+            lambda: (
+                qkv(),
+                dict(
+                    softcap=2.0,
+                    window=(2, 1),
+                    attn_bias=rand(1, 4, 5, 7),
+                    alibi_slopes=torch.rand(4),
+                    return_lse=True,
+                ),
+            ),
+        ),
+        case("softcap, NaN query", lambda: (qkv(nan_at=(1, 2, 3, 5)), dict(softcap=1.0))),
+        case("softcap, meta", lambda: (qkv(), dict(causal=True, softcap=3.0)), meta=True),
+        case(
+            "return_attn_probs, sq > sk, causal",
+            lambda: (qkv(sq=9, sk=4), dict(causal=True, return_attn_probs=True)),
+        ),
+        case(
+            "return_attn_probs, softcap, bias",
+            lambda: (qkv(), dict(softcap=1.5, attn_bias=rand(2, 1, 5, 7), return_attn_probs=True)),
+        ),
+        case("softcap negative", lambda: (qkv(), dict(softcap=-1.0)), (ValueError, "softcap")),
+        case("softcap nan", lambda: (qkv(), dict(softcap=NAN)), (ValueError, "softcap")),
+        case("softcap inf", lambda: (qkv(), dict(softcap=math.inf)), (ValueError, "softcap")),
+        case(
+            "softcap tensor",
+            lambda: (qkv(), dict(softcap=torch.tensor(2.0))),
+            (TypeError, "softcap"),
+        ),
+        case(
+            "return_attn_probs not a bool",
+            lambda: (qkv(), dict(return_attn_probs=1)),
+            (TypeError, "return_attn_probs"),
+        ),
     ]
 
 
@@ -359,6 +409,18 @@ def varlen_cases() -> list[Case]:
             "softmax_scale nan",
             with_args(nothing, softmax_scale=NAN),
             (ValueError, "softmax_scale"),
+        ),
+        case("softcap, causal", with_args(nothing, causal=True, softcap=1.0)),
+        case(
+            "return_attn_probs, softcap, alibi",
+            with_args(nothing, softcap=2.0, alibi_slopes=torch.rand(4), return_attn_probs=True),
+        ),
+        case("softcap negative", with_args(nothing, softcap=-0.5), (ValueError, "softcap")),
+        case("softcap nan", with_args(nothing, softcap=NAN), (ValueError, "softcap")),
+        case(
+            "softcap tensor",
+            with_args(nothing, softcap=torch.tensor(2.0)),
+            (TypeError, "softcap"),
         ),
     ]
 
