@@ -7,6 +7,8 @@ reference and with each other through the public API.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -496,3 +498,72 @@ def test_long_sequence_on_the_torch_path(softcap):
         _assert_capped(out, grads, q, k, v, do, softcap, causal=True)
     else:
         assert_attention_policy(out, grads, q, k, v, do, causal=True)
+
+
+def _check_s_dmask(out, grads, s_dmask, q, k, v, do, p, softcap, **masks):
+    """flash-attn's test pattern: the keep pattern read from S_dmask's signs (a dropped zero
+    is -0.0) keeps ~1 - p of the entries, S_dmask's magnitudes are the probabilities, and out
+    and the gradients are the reference's given that very pattern."""
+    keep = ~s_dmask.signbit()
+    n = keep.numel()
+    rate = keep.double().mean().item()
+    bound = 5 * math.sqrt(p * (1 - p) / n)
+    assert abs(rate - (1 - p)) <= bound, f"keep rate {rate:.4f}, 1 - p = {1 - p} +- {bound:.4f}"
+
+    def run(dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        o, _ = ops.attention_ref(*leaves, dropout_mask=keep, dropout_p=p, softcap=softcap, **masks)
+        probs = ops.attention_probs(*leaves[:2], softcap=softcap, **masks)[0]
+        return o, probs, torch.autograd.grad((o * do.to(dtype)).sum(), leaves)
+
+    (ref, ref_probs, ref_grads), (base, base_probs, base_grads) = run(torch.float64), run(q.dtype)
+    assert_policy(s_dmask.abs(), ref_probs, base_probs, "|S_dmask|")
+    assert_policy(out, ref, base, "out")
+    scale = q.shape[-1] ** -0.5
+    kept = ref_probs * keep / (1 - p)
+    floors = attention_grad_scales(q, k, v, do, ref, kept, scale)
+    names = ("dq", "dk", "dv")
+    for name, *results, floor in zip(names, grads, ref_grads, base_grads, floors, strict=True):
+        assert_policy(*results, name, scale=floor)
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+def test_return_attn_probs_dropout_pattern_out_and_backward(be):
+    q, k, v = _qkv(b=1, sq=24, sk=40, h=2, hkv=1, d=16)
+    do = torch.randn(1, 24, 2, 16, dtype=torch.bfloat16)
+    p = 0.3
+    with fastlm.use_backend(be):
+        out, lse, s_dmask = ops.flash_attention(
+            q, k, v, causal=True, dropout_p=p, seed=11, softcap=2.0, return_attn_probs=True
+        )
+        grads = torch.autograd.grad((out * do).sum(), (q, k, v))
+        again = ops.flash_attention(q, k, v, causal=True, dropout_p=p, seed=11, softcap=2.0)
+    assert s_dmask.shape == (1, 2, 24, 40) and s_dmask.dtype == torch.float32
+    assert lse.shape == (1, 2, 24)
+    assert torch.equal(again, out)  # the same seed, the same pattern without S_dmask
+    _check_s_dmask(out, grads, s_dmask, q, k, v, do, p, 2.0, causal=True)
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+def test_return_attn_probs_varlen_pads_and_matches_each_sequence(be):
+    # Lengths: queries 7, 0, 12; keys 9, 3, 12.
+    cu_q, cu_k = (torch.tensor(c, dtype=torch.int32) for c in ([0, 7, 7, 19], [0, 9, 12, 24]))
+    q = torch.randn(19, 2, 16, dtype=torch.float16, requires_grad=True)
+    k, v = (torch.randn(24, 2, 16, dtype=torch.float16, requires_grad=True) for _ in "kv")
+    do = torch.randn_like(q)
+    p = 0.25
+    with fastlm.use_backend(be):
+        out, lse, s_dmask = ops.flash_attention_varlen(
+            q, k, v, cu_q, cu_k, 12, 12, dropout_p=p, seed=2, return_attn_probs=True
+        )
+        grads = torch.autograd.grad((out * do).sum(), (q, k, v))
+    assert s_dmask.shape == (3, 2, 12, 12) and lse.shape == (2, 19)
+    assert (s_dmask[0, :, 7:] == 0).all() and (s_dmask[0, :, :, 9:] == 0).all()
+    assert (s_dmask[1] == 0).all()
+    for b, (lq, lk) in enumerate(((7, 9), (12, 12))):
+        b = 2 * b  # sequences 0 and 2
+        rows, cols = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+        seq = [t[None, s] for t, s in ((q, rows), (k, cols), (v, cols))]
+        seq_grads = [g[None, s] for g, s in zip(grads, (rows, cols, cols), strict=True)]
+        mask = s_dmask[b : b + 1, :, :lq, :lk]
+        _check_s_dmask(out[None, rows], seq_grads, mask, *seq, do[None, rows], p, 0.0)
