@@ -20,6 +20,11 @@ Bytes moved (the roofline numerator), for e bytes per element and Hkv K/V heads:
   of merit. Whole-sequence attention is compute-bound: read its TFLOP/s column against the
   GPU's dense fp16/bf16 peak.
 
+Soft-capped rows (``<provider> softcap=30``, flash-attn's ``softcap``, Gemma 2's attention
+cap is 50) use the same FLOPs and bytes: the cap's tanh and its derivative are elementwise work
+the numerator leaves out, so their rate against the uncapped row of the same provider is the
+cap's cost. On GPUs always; on the CPU in full mode only (quick mode keeps its two rows).
+
 Shapes: ``(B, H, D, S)`` for whole sequences (the swept seqlen last, so the plot's x axis is
 the sequence length), ``(B, H, Hkv, D, L)`` for decode.
 """
@@ -107,8 +112,12 @@ class Provider:
     probe: bool = False
 
 
-def _fastlm(causal: bool) -> AttnFn:
-    return lambda q, k, v: ops.flash_attention(q, k, v, causal=causal)
+# flash-attn's softcap for the capped rows: tanh bends scores of this size (Gemma 2: 50).
+SOFTCAP = 30.0
+
+
+def _fastlm(causal: bool, softcap: float = 0.0) -> AttnFn:
+    return lambda q, k, v: ops.flash_attention(q, k, v, causal=causal, softcap=softcap)
 
 
 def _sdpa(sdp_backend: SDPBackend, causal: bool) -> AttnFn:
@@ -143,10 +152,10 @@ def _flex(causal: bool, seqlen: int, device: torch.device) -> AttnFn:
     return fn
 
 
-def _flash_attn(causal: bool) -> AttnFn:
+def _flash_attn(causal: bool, softcap: float = 0.0) -> AttnFn:
     from flash_attn import flash_attn_func
 
-    return lambda q, k, v: flash_attn_func(q, k, v, causal=causal)
+    return lambda q, k, v: flash_attn_func(q, k, v, causal=causal, softcap=softcap)
 
 
 def _has(module: str) -> bool:
@@ -163,11 +172,17 @@ def providers(
     batch, seqlen, heads, _ = shape
     if device.type != "cuda":
         # The interpreter is far too slow to time; Triton runs only on GPUs here.
-        return {
+        found = {
             "fastlm-torch": Provider(_fastlm(causal), "torch"),
             "sdpa-math": Provider(_sdpa(SDPBackend.MATH, causal), probe=True),
         }
-    found = {"fastlm-triton": Provider(_fastlm(causal), "triton")}
+        if not quick:
+            found[f"fastlm-torch softcap={SOFTCAP:g}"] = Provider(_fastlm(causal, SOFTCAP), "torch")
+        return found
+    found = {
+        "fastlm-triton": Provider(_fastlm(causal), "triton"),
+        f"fastlm-triton softcap={SOFTCAP:g}": Provider(_fastlm(causal, SOFTCAP), "triton"),
+    }
     for name, member in SDPA_BACKENDS.items():
         if not hasattr(SDPBackend, member):  # older torch: no cuDNN attention
             continue
@@ -178,6 +193,7 @@ def providers(
         found["flex"] = Provider(_flex(causal, seqlen, device))
     if _has("flash_attn"):
         found["flash-attn"] = Provider(_flash_attn(causal))
+        found[f"flash-attn softcap={SOFTCAP:g}"] = Provider(_flash_attn(causal, SOFTCAP))
     return found
 
 
