@@ -41,40 +41,112 @@ MAX_BLOCK_V = 4096
 
 
 @triton.jit
+def _soft_cap(x, softcap):
+    """``softcap * tanh(x / softcap)`` and ``tanh(x / softcap)`` (for the chain rule's
+    ``1 - tanh^2``). Triton's interpreter has no libdevice tanh, so it is built from ``exp``:
+    ``(1 - e) / (1 + e)`` with ``e = exp(-2|u|)`` for ``|u| >= 1/4`` (no overflow, and ``1 - e``
+    loses at most a few bits there), and the odd Taylor series to ``u^11`` below, where ``1 - e``
+    would cancel (its first omitted term is under 2^-30 of ``|u|``)."""
+    u = x / softcap
+    a = tl.abs(u)
+    e = tl.exp(-2.0 * a)
+    big = (1.0 - e) / (1.0 + e)
+    u2 = u * u
+    poly = 1.0 + u2 * (
+        -1.0 / 3.0
+        + u2
+        * (2.0 / 15.0 + u2 * (-17.0 / 315.0 + u2 * (62.0 / 2835.0 + u2 * (-1382.0 / 155925.0))))
+    )
+    t = tl.where(a < 0.25, u * poly, tl.where(u < 0, -big, big))
+    return softcap * t, t
+
+
+@triton.jit
 def _grad_block(
     x,
+    t_cap,
     cols,
     mask,
     target,
     shift,
     inv_sum,
-    lse,
+    p_coef,
+    target_coef,
+    uniform,
+    w,
     scale,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+):
+    """``scale * dloss/dx`` for one block of a row (see the module docstring): with the
+    softmax ``p = exp(x - shift) * inv_sum`` (``(max, 1 / exp-sum)`` in the forward, which
+    avoids the rounding of ``lse``; ``(lse, 1)`` in the backward, which only has ``lse``),
+    ``g = p_coef * p - target_coef * [j == target] - uniform * w_j``, times ``1 - tanh^2``
+    of the soft cap."""
+    p = tl.exp(x - shift) * inv_sum
+    g = p * p_coef - tl.where(cols == target, target_coef, 0.0)
+    if HAS_SMOOTHING:
+        if HAS_WEIGHT:
+            g = g - uniform * w
+        else:
+            g = g - uniform
+    if SOFTCAP:
+        g = g * (1.0 - t_cap * t_cap)
+    return tl.where(mask, g * scale, 0.0)
+
+
+@triton.jit
+def _load_block(logits, c, mask, softcap, other, SOFTCAP: tl.constexpr):
+    """One block of a row in fp32, soft-capped; ``other`` where masked (also after the cap,
+    which would turn -inf into -softcap). Also returns the cap's tanh (x where no cap)."""
+    x = tl.load(logits + c, mask=mask, other=other).to(tl.float32)
+    t = x
+    if SOFTCAP:
+        x, t = _soft_cap(x, softcap)
+        x = tl.where(mask, x, other)
+    return x, t
+
+
+@triton.jit
+def _row_coefs(
+    lse,
+    w_t,
+    w_sum,
     smoothing,
     z_loss,
     V,
     HAS_SMOOTHING: tl.constexpr,
     HAS_Z: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
 ):
-    """``scale * dloss/dx`` for one block of a row (see the module docstring); the softmax
-    is ``exp(x - shift) * inv_sum``: ``(max, 1 / exp-sum)`` in the forward, which avoids
-    the rounding of ``lse`` (``(lse, 1)`` in the backward, which only has ``lse``)."""
-    p = tl.exp(x - shift) * inv_sum
-    if HAS_Z:
-        p = p * (1.0 + 2.0 * z_loss * lse)
+    """The gradient's per-row coefficients ``(p_coef, target_coef, uniform)``: ``p_coef =
+    (1 - eps) w_t + eps / V * sum_j w_j + 2 z lse w_t``, which is ``1 + 2 z lse`` without
+    class weights (taken as such: no rounding of ``(1 - eps) + eps``)."""
+    target_coef = w_t
+    uniform = 0.0
     if HAS_SMOOTHING:
-        g = p - tl.where(cols == target, 1.0 - smoothing, 0.0) - smoothing / V
-    else:
-        g = p - tl.where(cols == target, 1.0, 0.0)
-    return tl.where(mask, g * scale, 0.0)
+        target_coef = (1.0 - smoothing) * w_t
+        uniform = smoothing / V
+    p_coef = 1.0
+    if HAS_WEIGHT:
+        p_coef = target_coef
+        if HAS_SMOOTHING:
+            p_coef += uniform * w_sum
+    if HAS_Z:
+        p_coef += 2.0 * z_loss * lse * w_t
+    return p_coef, target_coef, uniform
 
 
 @triton.jit
 def _cross_entropy_fwd_kernel(
     Logits,
     Target,
+    Weight,
+    WSum,
     Loss,
     Lse,
+    Argmax,
     DLogits,
     stride_l,
     stride_d,
@@ -82,8 +154,12 @@ def _cross_entropy_fwd_kernel(
     ignore_index,
     smoothing,
     z_loss,
+    softcap,
     HAS_SMOOTHING: tl.constexpr,
     HAS_Z: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    COMPUTE_ARGMAX: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
@@ -92,41 +168,82 @@ def _cross_entropy_fwd_kernel(
     target = tl.load(Target + row)
     valid = target != ignore_index
     in_range = (target >= 0) & (target < V)
+    safe_target = tl.where(in_range, target, 0)
     cols = tl.arange(0, BLOCK_V)
-    # Pass 1: running max and exp-sum, merged block by block (and the row sum for smoothing).
+    # Pass 1: running max and exp-sum, merged block by block (the row's (weighted) sum for
+    # smoothing, and the first index of the maximum, torch.argmax's tie rule).
     m = tl.max(tl.full([BLOCK_V], float("-inf"), tl.float32), axis=0)
     d = 0.0
     row_sum = 0.0
+    arg = 0
     for start in range(0, V, BLOCK_V):
         c = start + cols
         mask = c < V
-        x = tl.load(logits + c, mask=mask, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, axis=0))
+        x, _ = _load_block(logits, c, mask, softcap, float("-inf"), SOFTCAP)
+        block_max = tl.max(x, axis=0)
+        if COMPUTE_ARGMAX:
+            first = tl.min(tl.where(x == block_max, c, V), axis=0)
+            arg = tl.where(block_max > m, first, arg)
+        m_new = tl.maximum(m, block_max)
         d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
         m = m_new
         if HAS_SMOOTHING:
-            row_sum += tl.sum(tl.where(mask, x, 0.0), axis=0)
+            if HAS_WEIGHT:
+                w = tl.load(Weight + c, mask=mask, other=0.0)
+                # w is 0 past V, where x is -inf: mask x, not the product (0 * -inf).
+                row_sum += tl.sum(w * tl.where(mask, x, 0.0), axis=0)
+            else:
+                row_sum += tl.sum(tl.where(mask, x, 0.0), axis=0)
     lse = m + tl.log(d)
-    x_target = tl.load(logits + tl.where(in_range, target, 0)).to(tl.float32)
-    loss = lse - x_target
+    x_target = tl.load(logits + safe_target).to(tl.float32)
+    if SOFTCAP:
+        x_target, _ = _soft_cap(x_target, softcap)
+    w_t = 1.0
+    w_sum = V * 1.0
+    if HAS_WEIGHT:
+        w_t = tl.load(Weight + safe_target)
+        w_sum = tl.load(WSum)
+    loss = w_t * (lse - x_target)
     if HAS_SMOOTHING:
-        loss = (1.0 - smoothing) * loss + smoothing * (lse - row_sum / V)
+        loss = (1.0 - smoothing) * loss + smoothing * (lse * w_sum - row_sum) / V
     if HAS_Z:
-        loss += z_loss * lse * lse
+        loss += z_loss * lse * lse * w_t
     loss = tl.where(in_range, loss, float("nan"))
     tl.store(Loss + row, tl.where(valid, loss, 0.0))
     tl.store(Lse + row, lse)
+    if COMPUTE_ARGMAX:
+        tl.store(Argmax + row, arg)
     if COMPUTE_GRAD:
         # Pass 2: the gradient of this row's loss; it may overwrite the logits just read.
         scale = tl.where(valid, 1.0, 0.0)
+        p_coef, target_coef, uniform = _row_coefs(
+            lse, w_t, w_sum, smoothing, z_loss, V, HAS_SMOOTHING, HAS_Z, HAS_WEIGHT
+        )
         inv_d = 1.0 / d
         dlogits = DLogits + row * stride_d
         for start in range(0, V, BLOCK_V):
             c = start + cols
             mask = c < V
-            x = tl.load(logits + c, mask=mask, other=0.0).to(tl.float32)
+            x, t_cap = _load_block(logits, c, mask, softcap, 0.0, SOFTCAP)
+            w = 1.0
+            if HAS_WEIGHT:
+                w = tl.load(Weight + c, mask=mask, other=0.0)
             g = _grad_block(
-                x, c, mask, target, m, inv_d, lse, scale, smoothing, z_loss, V, HAS_SMOOTHING, HAS_Z
+                x,
+                t_cap,
+                c,
+                mask,
+                target,
+                m,
+                inv_d,
+                p_coef,
+                target_coef,
+                uniform,
+                w,
+                scale,
+                HAS_SMOOTHING,
+                HAS_WEIGHT,
+                SOFTCAP,
             )
             tl.store(dlogits + c, g.to(DLogits.dtype.element_ty), mask=mask)
 
@@ -135,6 +252,8 @@ def _cross_entropy_fwd_kernel(
 def _cross_entropy_bwd_kernel(
     Logits,
     Target,
+    Weight,
+    WSum,
     Lse,
     DLoss,
     DLogits,
@@ -144,8 +263,11 @@ def _cross_entropy_bwd_kernel(
     ignore_index,
     smoothing,
     z_loss,
+    softcap,
     HAS_SMOOTHING: tl.constexpr,
     HAS_Z: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -154,13 +276,38 @@ def _cross_entropy_bwd_kernel(
     target = tl.load(Target + row)
     lse = tl.load(Lse + row)
     scale = tl.where(target != ignore_index, tl.load(DLoss + row), 0.0)
+    w_t = 1.0
+    w_sum = V * 1.0
+    if HAS_WEIGHT:
+        w_t = tl.load(Weight + tl.where((target >= 0) & (target < V), target, 0))
+        w_sum = tl.load(WSum)
+    p_coef, target_coef, uniform = _row_coefs(
+        lse, w_t, w_sum, smoothing, z_loss, V, HAS_SMOOTHING, HAS_Z, HAS_WEIGHT
+    )
     cols = tl.arange(0, BLOCK_V)
     for start in range(0, V, BLOCK_V):
         c = start + cols
         mask = c < V
-        x = tl.load(logits + c, mask=mask, other=0.0).to(tl.float32)
+        x, t_cap = _load_block(logits, c, mask, softcap, 0.0, SOFTCAP)
+        w = 1.0
+        if HAS_WEIGHT:
+            w = tl.load(Weight + c, mask=mask, other=0.0)
         g = _grad_block(
-            x, c, mask, target, lse, 1.0, lse, scale, smoothing, z_loss, V, HAS_SMOOTHING, HAS_Z
+            x,
+            t_cap,
+            c,
+            mask,
+            target,
+            lse,
+            1.0,
+            p_coef,
+            target_coef,
+            uniform,
+            w,
+            scale,
+            HAS_SMOOTHING,
+            HAS_WEIGHT,
+            SOFTCAP,
         )
         tl.store(dlogits + c, g.to(DLogits.dtype.element_ty), mask=mask)
 
@@ -178,8 +325,22 @@ def block_config(v: int) -> BlockConfig:
     return BlockConfig(block_v, max(1, min(block_v // 512, 8)))
 
 
-def _flags(smoothing: float, z_loss: float) -> dict:
-    return dict(HAS_SMOOTHING=smoothing != 0.0, HAS_Z=z_loss != 0.0)
+def _flags(smoothing: float, z_loss: float, weight, softcap: float) -> dict:
+    return dict(
+        HAS_SMOOTHING=smoothing != 0.0,
+        HAS_Z=z_loss != 0.0,
+        HAS_WEIGHT=weight is not None,
+        SOFTCAP=softcap != 0.0,
+    )
+
+
+def _weights(weight: torch.Tensor | None, fallback: torch.Tensor):
+    """Class weights as fp32 and their sum (a 0-d device tensor: no host sync); the
+    fallback stands in for both pointers when there are none (never read)."""
+    if weight is None:
+        return fallback, fallback
+    w = weight.float().contiguous()
+    return w, w.sum()
 
 
 def cross_entropy_fwd(
@@ -189,9 +350,15 @@ def cross_entropy_fwd(
     smoothing: float,
     z_loss: float,
     dlogits: torch.Tensor | None = None,
+    *,
+    weight: torch.Tensor | None = None,
+    softcap: float = 0.0,
+    argmax: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row ``(loss, lse)`` (fp32, (N,)) of ``logits`` (N, V); with ``dlogits`` (N, V)
     given (which may be ``logits`` itself), also writes each row's loss gradient there.
+    ``weight``: (V,) class weights; ``softcap``: the cap (0: none); ``argmax``: an (N,)
+    int32 tensor that receives each row's first maximal (capped) logit index.
     Inputs are validated by ``fastlm.ops``; here only the layout is."""
     assert logits.stride(-1) == 1 and (dlogits is None or dlogits.stride(-1) == 1)
     n, v = logits.shape
@@ -200,12 +367,16 @@ def cross_entropy_fwd(
     if n == 0:
         return loss, lse
     cfg = block_config(v)
+    w, w_sum = _weights(weight, loss)
     kernel = on_device(_cross_entropy_fwd_kernel, logits.device)
     kernel[(n,)](
         logits,
         target,
+        w,
+        w_sum,
         loss,
         lse,
+        loss if argmax is None else argmax,
         logits if dlogits is None else dlogits,
         logits.stride(0),
         logits.stride(0) if dlogits is None else dlogits.stride(0),
@@ -213,10 +384,12 @@ def cross_entropy_fwd(
         ignore_index,
         smoothing,
         z_loss,
+        softcap,
+        COMPUTE_ARGMAX=argmax is not None,
         COMPUTE_GRAD=dlogits is not None,
         BLOCK_V=cfg.block_v,
         num_warps=cfg.num_warps,
-        **_flags(smoothing, z_loss),
+        **_flags(smoothing, z_loss, weight, softcap),
     )
     return loss, lse
 
@@ -230,6 +403,9 @@ def cross_entropy_bwd(
     smoothing: float,
     z_loss: float,
     out: torch.Tensor | None = None,
+    *,
+    weight: torch.Tensor | None = None,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """``dlogits`` (N, V, dtype of ``logits``) from the per-row fp32 gradient ``dloss``,
     written into ``out`` when given (which may be ``logits`` itself, as in the forward)."""
@@ -239,10 +415,13 @@ def cross_entropy_bwd(
     if n == 0:
         return dlogits
     cfg = block_config(v)
+    w, w_sum = _weights(weight, lse)
     kernel = on_device(_cross_entropy_bwd_kernel, logits.device)
     kernel[(n,)](
         logits,
         target,
+        w,
+        w_sum,
         lse,
         dloss.float().contiguous(),
         dlogits,
@@ -252,9 +431,10 @@ def cross_entropy_bwd(
         ignore_index,
         smoothing,
         z_loss,
+        softcap,
         BLOCK_V=cfg.block_v,
         num_warps=cfg.num_warps,
-        **_flags(smoothing, z_loss),
+        **_flags(smoothing, z_loss, weight, softcap),
     )
     return dlogits
 
@@ -263,78 +443,96 @@ _TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "
 
 
 def compile_specs() -> list[KernelSpec]:
-    """Forward (loss only, and loss + in-place gradient) and backward, all features on, in
-    bf16 at every block size 256..4096, plus fp16 and fp32 at the largest."""
+    """Forward (loss only, and loss + in-place gradient) and backward, all features on
+    (smoothing, z-loss, class weights, soft cap, argmax), in bf16 at every block size
+    256..4096, plus fp16 and fp32 at the largest; and the plain loss (every feature off) in
+    bf16 at the largest, the common training call."""
     specs = []
+    features = dict(HAS_SMOOTHING=True, HAS_Z=True, HAS_WEIGHT=True, SOFTCAP=True)
+    plain = dict(HAS_SMOOTHING=False, HAS_Z=False, HAS_WEIGHT=False, SOFTCAP=False)
     block = 256
     while block <= MAX_BLOCK_V:
         cfg = block_config(block)
         dtypes = _TRITON_DTYPE.values() if block == MAX_BLOCK_V else ("bf16",)
         for t in dtypes:
-            common = dict(HAS_SMOOTHING=True, HAS_Z=True, BLOCK_V=cfg.block_v)
-            for grad in (False, True):
-                specs.append(
-                    KernelSpec(
-                        label=f"cross_entropy {t} block={cfg.block_v} w={cfg.num_warps} fwd"
-                        + ("+grad" if grad else ""),
-                        kernel=_cross_entropy_fwd_kernel,
-                        signature={
-                            "Logits": f"*{t}",
-                            "Target": "*i64",
-                            "Loss": "*fp32",
-                            "Lse": "*fp32",
-                            "DLogits": f"*{t}",
-                            "stride_l": "i32",
-                            "stride_d": "i32",
-                            "V": "i32",
-                            "ignore_index": "i32",
-                            "smoothing": "fp32",
-                            "z_loss": "fp32",
-                        },
-                        constexprs=dict(COMPUTE_GRAD=grad, **common),
-                        num_warps=cfg.num_warps,
-                        aligned=(
-                            "Logits",
-                            "Target",
-                            "Loss",
-                            "Lse",
-                            "DLogits",
-                            "stride_l",
-                            "stride_d",
-                            "V",
-                        ),
-                    )
-                )
-            specs.append(
-                KernelSpec(
-                    label=f"cross_entropy {t} block={cfg.block_v} w={cfg.num_warps} bwd",
-                    kernel=_cross_entropy_bwd_kernel,
-                    signature={
-                        "Logits": f"*{t}",
-                        "Target": "*i64",
-                        "Lse": "*fp32",
-                        "DLoss": "*fp32",
-                        "DLogits": f"*{t}",
-                        "stride_l": "i32",
-                        "stride_d": "i32",
-                        "V": "i32",
-                        "ignore_index": "i32",
-                        "smoothing": "fp32",
-                        "z_loss": "fp32",
-                    },
-                    constexprs=common,
-                    num_warps=cfg.num_warps,
-                    aligned=(
-                        "Logits",
-                        "Target",
-                        "Lse",
-                        "DLoss",
-                        "DLogits",
-                        "stride_l",
-                        "stride_d",
-                        "V",
-                    ),
-                )
-            )
+            variants = [("all", features)]
+            if block == MAX_BLOCK_V and t == "bf16":
+                variants.append(("plain", plain))
+            for name, flags in variants:
+                specs += _specs(t, cfg, name, flags)
         block *= 2
+    return specs
+
+
+def _specs(t: str, cfg: BlockConfig, name: str, flags: dict) -> list[KernelSpec]:
+    label = f"cross_entropy {t} block={cfg.block_v} w={cfg.num_warps} {name}"
+    common = dict(BLOCK_V=cfg.block_v, **flags)
+    scalars = {"V": "i32", "ignore_index": "i32", "smoothing": "fp32", "z_loss": "fp32"}
+    scalars["softcap"] = "fp32"
+    specs = []
+    for grad in (False, True):
+        specs.append(
+            KernelSpec(
+                label=f"{label} fwd" + ("+grad" if grad else ""),
+                kernel=_cross_entropy_fwd_kernel,
+                signature={
+                    "Logits": f"*{t}",
+                    "Target": "*i64",
+                    "Weight": "*fp32",
+                    "WSum": "*fp32",
+                    "Loss": "*fp32",
+                    "Lse": "*fp32",
+                    "Argmax": "*i32",
+                    "DLogits": f"*{t}",
+                    "stride_l": "i32",
+                    "stride_d": "i32",
+                    **scalars,
+                },
+                constexprs=dict(COMPUTE_ARGMAX=flags["HAS_WEIGHT"], COMPUTE_GRAD=grad, **common),
+                num_warps=cfg.num_warps,
+                aligned=(
+                    "Logits",
+                    "Target",
+                    "Weight",
+                    "Loss",
+                    "Lse",
+                    "Argmax",
+                    "DLogits",
+                    "stride_l",
+                    "stride_d",
+                    "V",
+                ),
+            )
+        )
+    specs.append(
+        KernelSpec(
+            label=f"{label} bwd",
+            kernel=_cross_entropy_bwd_kernel,
+            signature={
+                "Logits": f"*{t}",
+                "Target": "*i64",
+                "Weight": "*fp32",
+                "WSum": "*fp32",
+                "Lse": "*fp32",
+                "DLoss": "*fp32",
+                "DLogits": f"*{t}",
+                "stride_l": "i32",
+                "stride_d": "i32",
+                **scalars,
+            },
+            constexprs=common,
+            num_warps=cfg.num_warps,
+            aligned=(
+                "Logits",
+                "Target",
+                "Weight",
+                "Lse",
+                "DLoss",
+                "DLogits",
+                "stride_l",
+                "stride_d",
+                "V",
+            ),
+        )
+    )
     return specs

@@ -13,11 +13,19 @@ cross-entropy). For "mean"/"sum", the forward also computes d_hidden, d_weight a
 chunk by chunk (the logits chunk is overwritten by its own gradient) and keeps them for the
 backward, which only scales them by the incoming gradient. For "none", the per-row
 gradient is only known in the backward, so the backward recomputes the chunks.
+
+Both ops take Gemma-2-style final-logit soft-capping (``softcap``: the loss is of
+``softcap * tanh(logits / softcap)``), class weights (``weight=`` / ``ce_weight=``, as
+``F.cross_entropy``'s ``weight``), and can return, beside the loss, the z-loss term alone
+(``return_z_loss``, for logging) and the token accuracy (``return_token_accuracy``): then
+the result is a :class:`CrossEntropyOutput` (fields not asked for are None); without either
+flag it is the loss tensor, as before.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +51,20 @@ _INT32 = (-(2**31), 2**31 - 1)
 # Reference: the plainest formula, run by the tests in float64 as the oracle.
 
 
+class CrossEntropyOutput(NamedTuple):
+    """What :func:`cross_entropy` and :func:`linear_cross_entropy` return when asked for
+    more than the loss. ``z_loss``: the z-loss term alone (``z_loss * lse**2`` per row,
+    weighted and reduced as the loss, which already includes it; zeros when ``z_loss=0``),
+    detached, in the loss's dtype; ``token_accuracy``: float32, detached, the fraction of
+    non-ignored rows whose (soft-capped) logits' first maximum is at the target (NaN when
+    every row is ignored), or, with ``reduction="none"``, 1.0/0.0 per row (0 for ignored
+    rows). A field not asked for is None."""
+
+    loss: Tensor
+    z_loss: Tensor | None = None
+    token_accuracy: Tensor | None = None
+
+
 def cross_entropy_ref(
     logits: Tensor,
     target: Tensor,
@@ -51,7 +73,12 @@ def cross_entropy_ref(
     reduction: str = "mean",
     z_loss: float = 0.0,
     weight: Tensor | None = None,
-) -> Tensor:
+    softcap: float | None = None,
+    return_z_loss: bool = False,
+    return_token_accuracy: bool = False,
+) -> Tensor | CrossEntropyOutput:
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
     logp = logits.log_softmax(-1)
     valid = target != ignore_index
     t = torch.where(valid, target, 0)
@@ -61,10 +88,24 @@ def cross_entropy_ref(
     nll = -logp.gather(1, t[:, None]).squeeze(1) * row_w
     smooth = -(logp * w).sum(-1) / logits.shape[-1] * valid
     lse = torch.logsumexp(logits, -1)
-    rows = (1 - label_smoothing) * nll + label_smoothing * smooth + z_loss * lse**2 * row_w
-    if reduction == "none":
-        return rows
-    return rows.sum() if reduction == "sum" else rows.sum() / row_w.sum()
+    z_rows = z_loss * lse**2 * row_w
+    rows = (1 - label_smoothing) * nll + label_smoothing * smooth + z_rows
+
+    def reduce(r):
+        if reduction == "none":
+            return r
+        return r.sum() if reduction == "sum" else r.sum() / row_w.sum()
+
+    loss = reduce(rows)
+    if not (return_z_loss or return_token_accuracy):
+        return loss
+    correct = ((logits.argmax(-1) == target) & valid).float()
+    accuracy = correct if reduction == "none" else correct.sum() / valid.sum()
+    return CrossEntropyOutput(
+        loss,
+        reduce(z_rows).detach() if return_z_loss else None,
+        accuracy if return_token_accuracy else None,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,7 +121,10 @@ def cross_entropy(
     reduction: str = "mean",
     z_loss: float = 0.0,
     weight: Tensor | None = None,
-) -> Tensor:
+    softcap: float | None = None,
+    return_z_loss: bool = False,
+    return_token_accuracy: bool = False,
+) -> Tensor | CrossEntropyOutput:
     """Cross-entropy of ``logits`` against class indices, as ``F.cross_entropy``.
 
     Args:
@@ -92,29 +136,56 @@ def cross_entropy(
             torch).
         label_smoothing: in [0, 1], as ``F.cross_entropy``.
         reduction: "mean", "sum" or "none" (then the (N,) per-row losses).
-        z_loss: adds ``z_loss * logsumexp(logits_i)**2`` per non-ignored row.
-        weight: (V,) class weights, as ``F.cross_entropy``: torch backend only.
+        z_loss: adds ``z_loss * logsumexp(logits_i)**2`` per non-ignored row (times the
+            row's class weight).
+        weight: (V,) float class weights, as ``F.cross_entropy``: a row's loss is scaled by
+            its target's weight (the smoothing term by each class's), and "mean" divides by
+            the sum of the non-ignored rows' target weights. Not differentiated.
+        softcap: None or 0: off; else > 0, and the loss is of
+            ``softcap * tanh(logits / softcap)`` (Gemma 2's final-logit soft-capping).
+        return_z_loss, return_token_accuracy: return a :class:`CrossEntropyOutput` with the
+            z-loss term and/or the token accuracy beside the loss.
 
-    Returns the loss in the dtype of ``logits``. The input is never modified.
+    Returns the loss in the dtype of ``logits`` (or a :class:`CrossEntropyOutput`). The
+    input is never modified.
     """
     _check_common(logits, target, "logits", ignore_index, label_smoothing, reduction, z_loss)
-    v = logits.shape[1]
-    if weight is not None:
-        check_float("weight", weight)
-        if tuple(weight.shape) != (v,) or weight.device != logits.device:
-            raise ValueError(
-                f"weight must be a ({v},) tensor on {logits.device}, got shape "
-                f"{tuple(weight.shape)} on {weight.device}"
-            )
-    name = backend.select("cross_entropy", logits.device, _support(logits, weight, ignore_index))
+    weight = _check_class_weight("weight", weight, logits.shape[1], logits.device)
+    softcap = _check_softcap(softcap)
+    _check_flags(return_z_loss, return_token_accuracy)
+    name = backend.select("cross_entropy", logits.device, _support(logits, ignore_index))
     if name == "torch":
-        return _torch_cross_entropy(
-            logits, target, ignore_index, label_smoothing, reduction, z_loss, weight
+        loss, lse, argmax = _torch_cross_entropy(
+            logits,
+            target,
+            ignore_index,
+            label_smoothing,
+            reduction,
+            z_loss,
+            weight,
+            softcap,
+            return_z_loss,
+            return_token_accuracy,
         )
-    rows, _ = torch.ops.fastlm.cross_entropy_fwd(
-        logits, target, ignore_index, float(label_smoothing), float(z_loss), name
+    else:
+        rows, lse, argmax = torch.ops.fastlm.cross_entropy_fwd(
+            logits,
+            target,
+            weight,
+            ignore_index,
+            float(label_smoothing),
+            float(z_loss),
+            softcap,
+            return_token_accuracy,
+            name,
+        )
+        row_w = _row_weights(target, ignore_index, weight, rows.dtype)
+        loss = _reduce(rows, row_w, reduction).to(logits.dtype)
+    if not (return_z_loss or return_token_accuracy):
+        return loss
+    return _output(
+        loss, lse, argmax, target, ignore_index, weight, reduction, z_loss, return_z_loss
     )
-    return _reduce(rows, target, ignore_index, reduction).to(logits.dtype)
 
 
 @autocast_policy(lower_precision=True)
@@ -129,19 +200,27 @@ def linear_cross_entropy(
     z_loss: float = 0.0,
     chunk_size: int | None = None,
     out_dtype: torch.dtype | None = None,
-) -> Tensor:
+    ce_weight: Tensor | None = None,
+    softcap: float | None = None,
+    return_z_loss: bool = False,
+    return_token_accuracy: bool = False,
+) -> Tensor | CrossEntropyOutput:
     """``cross_entropy(F.linear(hidden, weight, bias), target, ...)`` without ever holding
     the (N, V) logits: tokens are processed ``chunk_size`` rows at a time.
 
     Args:
         hidden: (N, H) float tensor; ``weight`` (V, H) and ``bias`` (V,) of the same dtype
             and device.
-        target, ignore_index, label_smoothing, reduction, z_loss: as :func:`cross_entropy`.
+        target, ignore_index, label_smoothing, reduction, z_loss, softcap, return_z_loss,
+            return_token_accuracy: as :func:`cross_entropy`; the soft cap applies to each
+            logits chunk, and the token accuracy's argmax is taken chunk by chunk too.
         chunk_size: rows per chunk. Default: a power of two near ``N * H / V``, so a logits
             chunk is about the size of ``hidden``.
         out_dtype: the returned loss's dtype. Default: ``hidden``'s, as ``F.cross_entropy``
             on its logits; ``torch.float32`` keeps the fp32 sum unrounded (a bf16 loss moves
             in steps of ~0.02 around 4, too coarse to log), as Hugging Face's model losses.
+        ce_weight: (V,) class weights, as :func:`cross_entropy`'s ``weight`` (named as
+            Liger's: ``weight`` here is the projection's).
 
     Peak extra memory is one (chunk, V) logits chunk plus d_hidden (N, H) and a float32
     d_weight (V, H), instead of several (N, V) tensors. Gradients reach ``hidden``,
@@ -172,6 +251,9 @@ def linear_cross_entropy(
         isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point
     ):
         raise TypeError(f"out_dtype must be a floating-point dtype, got {out_dtype!r}")
+    ce_weight = _check_class_weight("ce_weight", ce_weight, v, hidden.device)
+    softcap = _check_softcap(softcap)
+    _check_flags(return_z_loss, return_token_accuracy)
     n, h = hidden.shape
     if chunk_size is None:
         chunk_size = default_chunk_size(n, h, v)
@@ -183,22 +265,30 @@ def linear_cross_entropy(
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias)
     )
-    loss, _, _, _ = torch.ops.fastlm.linear_cross_entropy_fwd(
+    loss, lse, argmax, _, _, _ = torch.ops.fastlm.linear_cross_entropy_fwd(
         hidden,
         weight,
         bias,
         target,
+        ce_weight,
         ignore_index,
         float(label_smoothing),
         float(z_loss),
+        softcap,
         reduction,
         chunk_size,
         needs_grad and reduction != "none",
+        return_token_accuracy,
         name,
     )
     if reduction == "mean":
-        loss = loss / (target != ignore_index).sum()
-    return loss.to(hidden.dtype if out_dtype is None else out_dtype)
+        loss = loss / _row_weights(target, ignore_index, ce_weight, loss.dtype).sum()
+    loss = loss.to(hidden.dtype if out_dtype is None else out_dtype)
+    if not (return_z_loss or return_token_accuracy):
+        return loss
+    return _output(
+        loss, lse, argmax, target, ignore_index, ce_weight, reduction, z_loss, return_z_loss
+    )
 
 
 # Fewer rows make the chunk's GEMMs matrix-vector-like: at hidden 128 and a 50k vocabulary,
@@ -259,6 +349,35 @@ def _check_common(logits, target, name, ignore_index, label_smoothing, reduction
     _check_options(ignore_index, label_smoothing, reduction, z_loss)
 
 
+def _check_class_weight(name: str, w, v: int, device: torch.device) -> Tensor | None:
+    if w is None:
+        return None
+    check_float(name, w)
+    if tuple(w.shape) != (v,) or w.device != device:
+        raise ValueError(
+            f"{name} must be a ({v},) tensor on {device}, got shape {tuple(w.shape)} on {w.device}"
+        )
+    return w
+
+
+def _check_softcap(softcap) -> float:
+    """The cap as a float, 0.0 meaning none."""
+    if softcap is None:
+        return 0.0
+    if check_real("softcap", softcap) < 0.0:
+        raise ValueError(f"softcap must be None, 0 (off) or a positive number, got {softcap}")
+    return float(softcap)
+
+
+def _check_flags(return_z_loss, return_token_accuracy) -> None:
+    for name, flag in (
+        ("return_z_loss", return_z_loss),
+        ("return_token_accuracy", return_token_accuracy),
+    ):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {flag!r}")
+
+
 def _kernel_error(name: str, t: Tensor, ignore_index: int) -> str | None:
     if error := dtype_error(name, t, FLOAT32_AND_HALF_DTYPES):
         return error
@@ -267,52 +386,81 @@ def _kernel_error(name: str, t: Tensor, ignore_index: int) -> str | None:
     return None
 
 
-def _support(logits, weight, ignore_index) -> dict[str, SupportCheck]:
-    def triton_error():
-        if weight is not None:
-            return "class weights (weight=) are supported on the torch backend only"
-        return _kernel_error("logits", logits, ignore_index)
-
-    return supports(triton_error)
+def _support(logits, ignore_index) -> dict[str, SupportCheck]:
+    return supports(lambda: _kernel_error("logits", logits, ignore_index))
 
 
 def _linear_support(hidden, ignore_index) -> dict[str, SupportCheck]:
     return supports(lambda: _kernel_error("hidden", hidden, ignore_index))
 
 
-def _reduce(rows: Tensor, target: Tensor, ignore_index: int, reduction: str) -> Tensor:
+def _row_weights(target: Tensor, ignore_index: int, weight: Tensor | None, dtype) -> Tensor:
+    """Each row's share of a "mean": its target's class weight (1 without weights), 0 for
+    ignored rows."""
+    valid = target != ignore_index
+    if weight is None:
+        return valid.to(dtype)
+    return weight.to(dtype)[torch.where(valid, target, 0).long()] * valid
+
+
+def _reduce(rows: Tensor, row_w: Tensor, reduction: str) -> Tensor:
     if reduction == "none":
         return rows
     total = rows.sum()
-    return total if reduction == "sum" else total / (target != ignore_index).sum()
+    return total if reduction == "sum" else total / row_w.sum()
+
+
+def _output(loss, lse, argmax, target, ignore_index, weight, reduction, z_loss, want_z):
+    """The :class:`CrossEntropyOutput` of a call: the z-loss term from the per-row fp32
+    ``lse`` (reduced as the loss), the accuracy from the per-row ``argmax`` (None: not
+    asked)."""
+    z_term = None
+    if want_z:
+        row_w = _row_weights(target, ignore_index, weight, lse.dtype)
+        z_rows = z_loss * lse.detach() ** 2 * row_w
+        z_term = _reduce(z_rows, row_w, reduction).to(loss.dtype)
+    accuracy = None
+    if argmax is not None:
+        valid = target != ignore_index
+        correct = ((argmax.long() == target.long()) & valid).float()
+        accuracy = correct if reduction == "none" else correct.sum() / valid.sum()
+    return CrossEntropyOutput(loss, z_term, accuracy)
 
 
 # ---------------------------------------------------------------------------------------------
 # The torch backend of cross_entropy: PyTorch's own native op (what CPU users run).
 
 
-def _torch_cross_entropy(logits, target, ignore_index, smoothing, reduction, z_loss, weight):
+def _torch_cross_entropy(
+    logits, target, ignore_index, smoothing, reduction, z_loss, weight, softcap, want_z, want_acc
+):
+    """``(loss, lse, argmax)``: the loss in ``logits``' dtype; the per-row log-sum-exp
+    (when a z-loss is added or returned) and argmax (when the accuracy is asked), else
+    None."""
     target = target.long()
+    x = logits
+    if softcap:
+        # In float32 at least, as the kernels: a bf16 tanh would round every logit.
+        wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        x = softcap * torch.tanh(wide / softcap)
+    if weight is not None and weight.dtype != x.dtype:
+        # F.cross_entropy takes weights in the logits' dtype: widen the logits rather than
+        # round the weights.
+        x = x.to(torch.promote_types(x.dtype, weight.dtype))
+    w = None if weight is None else weight.to(x.dtype)
     loss = F.cross_entropy(
-        logits,
-        target,
-        weight,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        label_smoothing=smoothing,
+        x, target, w, ignore_index=ignore_index, reduction=reduction, label_smoothing=smoothing
     )
-    if z_loss == 0.0:
-        return loss
-    valid = target != ignore_index
-    row_w = valid.to(logits.dtype)
-    if weight is not None:
-        row_w = row_w * weight.to(logits.dtype)[torch.where(valid, target, 0)]
-    lse = torch.logsumexp(logits.float(), -1).to(torch.promote_types(logits.dtype, torch.float32))
-    z_rows = z_loss * lse * lse * row_w
-    if reduction == "none":
-        return loss + z_rows.to(loss.dtype)
-    z_total = z_rows.sum() if reduction == "sum" else z_rows.sum() / row_w.sum()
-    return loss + z_total.to(loss.dtype)
+    lse = argmax = None
+    if z_loss != 0.0 or want_z:
+        lse = torch.logsumexp(x.to(torch.promote_types(x.dtype, torch.float32)), -1)
+    if want_acc:
+        argmax = x.detach().argmax(-1)
+    if z_loss != 0.0:
+        row_w = _row_weights(target, ignore_index, w, lse.dtype)
+        z_total = _reduce(z_loss * lse * lse * row_w, row_w, reduction)
+        loss = loss + z_total.to(loss.dtype)
+    return loss.to(logits.dtype), lse, argmax
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,52 +469,103 @@ def _torch_cross_entropy(logits, target, ignore_index, smoothing, reduction, z_l
 # row's loss times ``row_scale`` (1 when None; 0 for ignored rows).
 
 
-def _torch_rows(logits, target, ignore_index, smoothing, z_loss, grad, row_scale=None):
+class RowOptions(NamedTuple):
+    """The per-row loss's settings, as the kernels take them (``softcap`` 0: none;
+    ``weight``: (V,) class weights or None; ``argmax``: also return each row's argmax)."""
+
+    ignore_index: int
+    smoothing: float = 0.0
+    z_loss: float = 0.0
+    softcap: float = 0.0
+    weight: Tensor | None = None
+    argmax: bool = False
+
+
+def _torch_rows(logits, target, o: RowOptions, grad, row_scale=None):
+    """``(loss, lse, argmax or None)`` per row, float32 (float64 for float64 logits)."""
     x = logits.to(torch.promote_types(logits.dtype, torch.float32))
     v = x.shape[1]
+    t_cap = None
+    if o.softcap:
+        t_cap = torch.tanh(x / o.softcap)
+        x = o.softcap * t_cap
     lse = torch.logsumexp(x, -1)
-    valid = target != ignore_index
+    valid = target != o.ignore_index
     t = torch.where(valid, target, 0).long()
-    loss = lse - x.gather(1, t[:, None]).squeeze(1)
-    if smoothing:
-        loss = (1.0 - smoothing) * loss + smoothing * (lse - x.mean(-1))
-    if z_loss:
-        loss = loss + z_loss * lse * lse
+    w = None if o.weight is None else o.weight.to(x.dtype)
+    w_t = 1.0 if w is None else w[t]
+    loss = (lse - x.gather(1, t[:, None]).squeeze(1)) * w_t
+    if o.smoothing:
+        smooth = lse - x.mean(-1) if w is None else (lse * w.sum() - x @ w) / v
+        loss = (1.0 - o.smoothing) * loss + o.smoothing * smooth
+    if o.z_loss:
+        loss = loss + o.z_loss * lse * lse * w_t
     loss = torch.where(valid, loss, 0.0)
+    argmax = x.argmax(-1) if o.argmax else None
     if grad:
         # In place on the float32 logits (a copy for narrower dtypes), then back into logits.
         g = x.sub_(lse[:, None]).exp_()
-        if z_loss:
-            g.mul_((1.0 + 2.0 * z_loss * lse)[:, None])
-        if smoothing:
-            g.sub_(smoothing / v)
+        # p_coef * softmax - target_coef * [j == t] - smoothing / V * w_j, per row.
+        if w is None:
+            if o.z_loss:
+                g.mul_((1.0 + 2.0 * o.z_loss * lse)[:, None])
+        else:
+            p_coef = (1.0 - o.smoothing) * w_t + 2.0 * o.z_loss * lse * w_t
+            g.mul_((p_coef + o.smoothing / v * w.sum())[:, None])
+        if o.smoothing:
+            g.sub_(o.smoothing / v if w is None else o.smoothing / v * w)
         rows = torch.arange(g.shape[0], device=g.device)
-        g[rows, t] -= 1.0 - smoothing
+        g[rows, t] -= (1.0 - o.smoothing) * w_t
+        if t_cap is not None:
+            g.mul_(1.0 - t_cap * t_cap)
         scale = valid.to(g.dtype) if row_scale is None else row_scale.float() * valid
         g.mul_(scale[:, None])
         if g.data_ptr() != logits.data_ptr():
             logits.copy_(g)
-    return loss, lse
+    return loss, lse, argmax
 
 
-def _triton_rows(logits, target, ignore_index, smoothing, z_loss, grad, row_scale=None):
+def _triton_rows(logits, target, o: RowOptions, grad, row_scale=None):
     from fastlm.kernels import cross_entropy as kernels
 
+    n = logits.shape[0]
+    argmax = logits.new_empty(n, dtype=torch.int32) if o.argmax else None
+    kw = dict(weight=o.weight, softcap=o.softcap)
     if not grad or row_scale is None:
-        return kernels.cross_entropy_fwd(
-            logits, target, ignore_index, smoothing, z_loss, logits if grad else None
+        loss, lse = kernels.cross_entropy_fwd(
+            logits,
+            target,
+            o.ignore_index,
+            o.smoothing,
+            o.z_loss,
+            logits if grad else None,
+            argmax=argmax,
+            **kw,
         )
-    loss, lse = kernels.cross_entropy_fwd(logits, target, ignore_index, smoothing, z_loss)
-    kernels.cross_entropy_bwd(
-        row_scale, logits, target, lse, ignore_index, smoothing, z_loss, out=logits
+        return loss, lse, argmax
+    loss, lse = kernels.cross_entropy_fwd(
+        logits, target, o.ignore_index, o.smoothing, o.z_loss, argmax=argmax, **kw
     )
-    return loss, lse
+    kernels.cross_entropy_bwd(
+        row_scale, logits, target, lse, o.ignore_index, o.smoothing, o.z_loss, out=logits, **kw
+    )
+    return loss, lse, argmax
 
 
-def _triton_bwd(dloss, logits, target, lse, ignore_index, smoothing, z_loss):
+def _triton_bwd(dloss, logits, target, lse, o: RowOptions):
     from fastlm.kernels import cross_entropy as kernels
 
-    return kernels.cross_entropy_bwd(dloss, logits, target, lse, ignore_index, smoothing, z_loss)
+    return kernels.cross_entropy_bwd(
+        dloss,
+        logits,
+        target,
+        lse,
+        o.ignore_index,
+        o.smoothing,
+        o.z_loss,
+        weight=o.weight,
+        softcap=o.softcap,
+    )
 
 
 ROWS = {"torch": _torch_rows, "triton": _triton_rows}
@@ -382,25 +581,32 @@ BACKWARD = {"triton": _triton_bwd}
 def _cross_entropy_fwd_op(
     logits: Tensor,
     target: Tensor,
+    weight: Tensor | None,
     ignore_index: int,
     label_smoothing: float,
     z_loss: float,
+    softcap: float,
+    compute_argmax: bool,
     backend_name: str,
-) -> tuple[Tensor, Tensor]:
-    """Per-row ``(loss, lse)``, float32 (N,)."""
-    return FORWARD[backend_name](
-        last_dim_contiguous(logits),
-        target.long().contiguous(),
-        ignore_index,
-        label_smoothing,
-        z_loss,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row ``(loss, lse, argmax)``: float32 (N,), and int32 (N,) (empty unless
+    ``compute_argmax``)."""
+    opts = RowOptions(ignore_index, label_smoothing, z_loss, softcap, weight, compute_argmax)
+    loss, lse, argmax = FORWARD[backend_name](
+        last_dim_contiguous(logits), target.long().contiguous(), opts
     )
+    return loss, lse, logits.new_empty(0, dtype=torch.int32) if argmax is None else argmax
 
 
 @_cross_entropy_fwd_op.register_fake
-def _(logits, target, ignore_index, label_smoothing, z_loss, backend_name):
+def _(logits, target, weight, ignore_index, smoothing, z_loss, softcap, argmax, backend_name):
     n = logits.shape[0]
-    return logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32)
+    f32 = torch.float32
+    return (
+        logits.new_empty(n, dtype=f32),
+        logits.new_empty(n, dtype=f32),
+        logits.new_empty(n if argmax else 0, dtype=torch.int32),
+    )
 
 
 @torch.library.custom_op("fastlm::cross_entropy_bwd", mutates_args=())
@@ -408,10 +614,12 @@ def _cross_entropy_bwd_op(
     dloss: Tensor,
     logits: Tensor,
     target: Tensor,
+    weight: Tensor | None,
     lse: Tensor,
     ignore_index: int,
     label_smoothing: float,
     z_loss: float,
+    softcap: float,
     backend_name: str,
 ) -> Tensor:
     """``dlogits`` (N, V) in the dtype of ``logits`` from the per-row gradient ``dloss``."""
@@ -420,29 +628,28 @@ def _cross_entropy_bwd_op(
         last_dim_contiguous(logits),
         target.long().contiguous(),
         lse,
-        ignore_index,
-        label_smoothing,
-        z_loss,
+        RowOptions(ignore_index, label_smoothing, z_loss, softcap, weight),
     )
 
 
 @_cross_entropy_bwd_op.register_fake
-def _(dloss, logits, target, lse, ignore_index, label_smoothing, z_loss, backend_name):
+def _(dloss, logits, target, weight, lse, ignore_index, smoothing, z_loss, softcap, backend_name):
     return logits.new_empty(logits.shape)
 
 
 def _ce_setup_context(ctx, inputs, output):
-    logits, target, ignore_index, label_smoothing, z_loss, backend_name = inputs
-    ctx.save_for_backward(logits, target, output[1])
-    ctx.args = (ignore_index, label_smoothing, z_loss, backend_name)
+    logits, target, weight, ignore_index, smoothing, z_loss, softcap, _, backend_name = inputs
+    ctx.save_for_backward(logits, target, weight, output[1])
+    ctx.args = (ignore_index, smoothing, z_loss, softcap, backend_name)
 
 
-def _ce_backward(ctx, dloss, _dlse):
-    logits, target, lse = ctx.saved_tensors
+def _ce_backward(ctx, dloss, _dlse, _dargmax):
+    logits, target, weight, lse = ctx.saved_tensors
+    none = (None,) * 8
     if dloss is None:
-        return None, None, None, None, None, None
-    dlogits = torch.ops.fastlm.cross_entropy_bwd(dloss, logits, target, lse, *ctx.args)
-    return dlogits, None, None, None, None, None
+        return None, *none
+    dlogits = torch.ops.fastlm.cross_entropy_bwd(dloss, logits, target, weight, lse, *ctx.args)
+    return dlogits, *none
 
 
 torch.library.register_autograd(
@@ -455,27 +662,19 @@ torch.library.register_autograd(
 
 
 def _chunked(
-    hidden,
-    weight,
-    bias,
-    target,
-    ignore_index,
-    smoothing,
-    z_loss,
-    chunk_size,
-    backend_name,
-    grad,
-    row_scale=None,
+    hidden, weight, bias, target, opts: RowOptions, chunk_size, backend_name, grad, row_scale=None
 ):
     """Loop over token chunks: logits chunk, per-row loss, and (``grad``) the chunk's
-    d_hidden rows and its d_weight/d_bias contributions. Returns ``(loss_rows, dhidden,
-    dweight, dbias)``; the gradients are of ``sum_i row_scale_i * loss_i`` (scale 1 when
-    ``row_scale`` is None), dweight/dbias float32."""
+    d_hidden rows and its d_weight/d_bias contributions. Returns ``(loss_rows, lse, argmax,
+    dhidden, dweight, dbias)``; the gradients are of ``sum_i row_scale_i * loss_i`` (scale 1
+    when ``row_scale`` is None), dweight/dbias float32; argmax None unless ``opts.argmax``."""
     rows_fn = ROWS[backend_name]
     n, h = hidden.shape
     v = weight.shape[0]
     target = target.long()
     loss = hidden.new_empty(n, dtype=_loss_dtype(hidden.dtype))
+    lse = hidden.new_empty(n, dtype=_loss_dtype(hidden.dtype))
+    argmax = hidden.new_empty(n, dtype=torch.int64) if opts.argmax else None
     dh = torch.empty_like(hidden) if grad else None
     dw = weight.new_zeros((v, h), dtype=torch.float32) if grad else None
     db = weight.new_zeros(v, dtype=torch.float32) if grad and bias is not None else None
@@ -484,9 +683,11 @@ def _chunked(
         hc = hidden[start:end]
         logits = F.linear(hc, weight, bias)  # (chunk, V): the only vocabulary-sized buffer
         scale = None if row_scale is None else row_scale[start:end]
-        loss[start:end], _ = rows_fn(
-            logits, target[start:end], ignore_index, smoothing, z_loss, grad, scale
+        loss[start:end], lse[start:end], chunk_argmax = rows_fn(
+            logits, target[start:end], opts, grad, scale
         )
+        if argmax is not None:
+            argmax[start:end] = chunk_argmax
         if not grad:
             continue
         # logits now holds dloss/dlogits for this chunk.
@@ -497,7 +698,7 @@ def _chunked(
             dw += torch.mm(logits.t(), hc).float()
         if db is not None:
             db += logits.sum(0, dtype=torch.float32)
-    return loss, dh, dw, db
+    return loss, lse, argmax, dh, dw, db
 
 
 def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -510,37 +711,43 @@ def _linear_ce_fwd_op(
     weight: Tensor,
     bias: Tensor | None,
     target: Tensor,
+    ce_weight: Tensor | None,
     ignore_index: int,
     label_smoothing: float,
     z_loss: float,
+    softcap: float,
     reduction: str,
     chunk_size: int,
     compute_grad: bool,
+    compute_argmax: bool,
     backend_name: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(loss, dhidden, dweight, dbias)``: float32 (float64 for float64) loss rows
-    (reduction "none") or their sum (0-dim; "mean" divides outside), and, with
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(loss, lse, argmax, dhidden, dweight, dbias)``: float32 (float64 for float64) loss
+    rows (reduction "none") or their sum (0-dim; "mean" divides outside), the per-row
+    log-sum-exp, the per-row argmax (int64; empty unless ``compute_argmax``), and, with
     ``compute_grad``, the gradients of that sum (dweight/dbias float32; empty tensors
     otherwise)."""
-    loss, dh, dw, db = _chunked(
+    opts = RowOptions(ignore_index, label_smoothing, z_loss, softcap, ce_weight, compute_argmax)
+    loss, lse, argmax, dh, dw, db = _chunked(
         hidden.contiguous(),
         weight.contiguous(),
         bias,
         target,
-        ignore_index,
-        label_smoothing,
-        z_loss,
+        opts,
         chunk_size,
         backend_name,
         compute_grad,
     )
     if reduction != "none":
         loss = loss.sum()
+    f32 = torch.float32
     return (
         loss,
-        absent(hidden, torch.float32) if dh is None else dh,
-        absent(hidden, torch.float32) if dw is None else dw,
-        absent(hidden, torch.float32) if db is None else db,
+        lse,
+        hidden.new_empty(0, dtype=torch.int64) if argmax is None else argmax,
+        absent(hidden, f32) if dh is None else dh,
+        absent(hidden, f32) if dw is None else dw,
+        absent(hidden, f32) if db is None else db,
     )
 
 
@@ -550,19 +757,25 @@ def _(
     weight,
     bias,
     target,
+    ce_weight,
     ignore_index,
     label_smoothing,
     z_loss,
+    softcap,
     reduction,
     chunk_size,
     compute_grad,
+    compute_argmax,
     backend_name,
 ):
     n, h = hidden.shape
     v = weight.shape[0]
     f32 = torch.float32
+    loss_dtype = _loss_dtype(hidden.dtype)
     return (
-        hidden.new_empty(n if reduction == "none" else (), dtype=_loss_dtype(hidden.dtype)),
+        hidden.new_empty(n if reduction == "none" else (), dtype=loss_dtype),
+        hidden.new_empty(n, dtype=loss_dtype),
+        hidden.new_empty(n if compute_argmax else 0, dtype=torch.int64),
         hidden.new_empty(hidden.shape) if compute_grad else hidden.new_empty(0, dtype=f32),
         hidden.new_empty((v, h) if compute_grad else 0, dtype=f32),
         hidden.new_empty(v if compute_grad and bias is not None else 0, dtype=f32),
@@ -576,21 +789,22 @@ def _linear_ce_bwd_op(
     weight: Tensor,
     bias: Tensor | None,
     target: Tensor,
+    ce_weight: Tensor | None,
     ignore_index: int,
     label_smoothing: float,
     z_loss: float,
+    softcap: float,
     chunk_size: int,
     backend_name: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Recomputes the chunks for reduction "none": gradients of ``sum_i dloss_i * loss_i``."""
-    _, dh, dw, db = _chunked(
+    opts = RowOptions(ignore_index, label_smoothing, z_loss, softcap, ce_weight)
+    _, _, _, dh, dw, db = _chunked(
         hidden.contiguous(),
         weight.contiguous(),
         bias,
         target,
-        ignore_index,
-        label_smoothing,
-        z_loss,
+        opts,
         chunk_size,
         backend_name,
         True,
@@ -606,9 +820,11 @@ def _(
     weight,
     bias,
     target,
+    ce_weight,
     ignore_index,
     label_smoothing,
     z_loss,
+    softcap,
     chunk_size,
     backend_name,
 ):
@@ -626,44 +842,37 @@ def _linear_setup_context(ctx, inputs, output):
         weight,
         bias,
         target,
+        ce_weight,
         ignore_index,
         smoothing,
         z_loss,
+        softcap,
         reduction,
         chunk_size,
         _,
+        _,
         backend_name,
     ) = inputs
-    _, dh, dw, db = output
+    _, _, _, dh, dw, db = output
     ctx.reduction = reduction
     ctx.has_bias = bias is not None
     ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-    ctx.args = (ignore_index, smoothing, z_loss, chunk_size, backend_name)
+    ctx.args = (ignore_index, smoothing, z_loss, softcap, chunk_size, backend_name)
     if reduction == "none":
-        ctx.save_for_backward(hidden, weight, bias, target)
+        ctx.save_for_backward(hidden, weight, bias, target, ce_weight)
     else:
         ctx.save_for_backward(dh, dw, db)
 
 
-def _linear_backward(ctx, dloss, _ddh, _ddw, _ddb):
-    none = (None,) * 8
+def _linear_backward(ctx, dloss, _dlse, _dargmax, _ddh, _ddw, _ddb):
+    none = (None,) * 11
     if dloss is None:
         return None, None, None, *none
     h_dtype, w_dtype, b_dtype = ctx.dtypes
     if ctx.reduction == "none":
-        hidden, weight, bias, target = ctx.saved_tensors
-        ignore_index, smoothing, z_loss, chunk_size, backend_name = ctx.args
+        hidden, weight, bias, target, ce_weight = ctx.saved_tensors
         dh, dw, db = torch.ops.fastlm.linear_cross_entropy_bwd(
-            dloss,
-            hidden,
-            weight,
-            bias,
-            target,
-            ignore_index,
-            smoothing,
-            z_loss,
-            chunk_size,
-            backend_name,
+            dloss, hidden, weight, bias, target, ce_weight, *ctx.args
         )
         return dh, dw.to(w_dtype), db.to(b_dtype) if ctx.has_bias else None, *none
     dh, dw, db = ctx.saved_tensors

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 import fastlm
 from fastlm import backend, ops
-from fastlm.ops.cross_entropy import MIN_CHUNK_ROWS, default_chunk_size
-from fastlm.testing import assert_loss_policy, assert_policy, summand_scale
+from fastlm.ops.cross_entropy import MIN_CHUNK_ROWS, CrossEntropyOutput, default_chunk_size
+from fastlm.testing import assert_equal, assert_loss_policy, assert_policy, summand_scale
 
 BACKENDS_HERE = ["torch", "triton"]  # triton on CPU tensors = the interpreter
 REDUCTIONS = ["mean", "sum", "none"]
@@ -88,38 +88,91 @@ def test_cross_entropy_all_ignored_mean_is_nan_like_torch():
     assert F.cross_entropy(x, t).isnan()
 
 
-def test_cross_entropy_class_weight_torch_only():
-    x, w = torch.randn(6, 8), torch.rand(8)
-    t = _targets(6, 8)
-    with fastlm.use_backend("torch"):
-        got = ops.cross_entropy(x, t, weight=w, label_smoothing=0.1, z_loss=1e-2)
-    ref = ops.cross_entropy_ref(x.double(), t, IGNORE, 0.1, "mean", 1e-2, weight=w.double())
-    torch.testing.assert_close(got, ref.float())  # a float32 result
-    torch.testing.assert_close(
-        ops.cross_entropy_ref(x.double(), t, IGNORE, 0.1, "mean", 0.0, w.double()),
-        F.cross_entropy(x.double(), t, w.double(), label_smoothing=0.1),
+def _ce_features_case(be, dtype, reduction, **features):
+    """Loss and dlogits of ``cross_entropy`` with ``features`` (weight, softcap, smoothing,
+    z-loss) against the float64 reference, the baseline being the same formula at
+    ``dtype`` (F.cross_entropy has no soft cap)."""
+    n, v = 13, 211
+    x = (3 * torch.randn(n, v)).to(dtype).requires_grad_()
+    t = _targets(n, v, (1, 7))
+    with fastlm.use_backend(be):
+        loss = ops.cross_entropy(x, t, IGNORE, reduction=reduction, **features)
+    g = _grad_out(loss.float()).to(dtype)
+    (dx,) = _grads(loss, [x], g)
+    x64 = x.detach().double().requires_grad_()
+    f64 = {k: (w.double() if isinstance(w, torch.Tensor) else w) for k, w in features.items()}
+    ref = ops.cross_entropy_ref(x64, t, IGNORE, reduction=reduction, **f64)
+    (ref_dx,) = _grads(ref, [x64], g.double())
+    xb = x.detach().requires_grad_()
+    fb = {k: (w.to(dtype) if isinstance(w, torch.Tensor) else w) for k, w in features.items()}
+    base = ops.cross_entropy_ref(xb, t, IGNORE, reduction=reduction, **fb)
+    (base_dx,) = _grads(base, [xb], g)
+    assert loss.dtype == dtype and loss.shape == ref.shape
+    # Floors as test_cross_entropy_loss_and_gradient, the rows' scale times the largest
+    # class weight.
+    rows = ops.cross_entropy_ref(x64.detach(), t, IGNORE, reduction="none", **f64)
+    largest = rows.abs().max().item()
+    loss_scale = {"none": None, "sum": int((t != IGNORE).sum()) * largest}.get(
+        reduction, largest + ref.abs().max().item()
     )
-    with fastlm.use_backend("triton"), pytest.raises(backend.BackendUnavailable, match="weight"):
-        ops.cross_entropy(x, t, weight=w)
+    assert_policy(loss, ref, base.detach(), "loss", scale=loss_scale)
+    w_max = features["weight"].abs().max().item() if "weight" in features else 1.0
+    big = torch.logsumexp(x64.detach(), -1).abs().max().item()
+    grad_scale = 2.0 * g.abs().max().item() * (1 + big) * w_max
+    assert_policy(dx, ref_dx, base_dx, "dlogits", scale=grad_scale)
 
 
-def _linear_case(be, reduction, dtype, n, h, v, chunk, bias=True, eps=0.1, z=1e-3):
+@pytest.mark.parametrize("be", BACKENDS_HERE)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_cross_entropy_class_weights(be, reduction):
+    w = torch.rand(211) + 0.1
+    _ce_features_case(be, torch.float32, reduction, weight=w, label_smoothing=0.1, z_loss=1e-3)
+
+
+@pytest.mark.parametrize("be", BACKENDS_HERE)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cross_entropy_softcap(be, dtype):
+    _ce_features_case(be, dtype, "mean", softcap=4.0, label_smoothing=0.1, z_loss=1e-3)
+
+
+@pytest.mark.parametrize("be", BACKENDS_HERE)
+def test_cross_entropy_softcap_and_weights_per_row(be):
+    w = torch.rand(211) + 0.1
+    _ce_features_case(be, torch.bfloat16, "none", weight=w, softcap=6.0, label_smoothing=0.2)
+
+
+def test_class_weight_reference_is_torch():
+    x, w = torch.randn(6, 8, dtype=torch.float64), torch.rand(8, dtype=torch.float64)
+    t = _targets(6, 8)
+    for reduction in REDUCTIONS:
+        torch.testing.assert_close(
+            ops.cross_entropy_ref(x, t, IGNORE, 0.1, reduction, 0.0, w),
+            F.cross_entropy(x, t, w, reduction=reduction, label_smoothing=0.1),
+        )
+
+
+def _linear_case(
+    be, reduction, dtype, n, h, v, chunk, bias=True, eps=0.1, z=1e-3, weighted=False, softcap=None
+):
     hid = torch.randn(n, h).to(dtype).requires_grad_()
     w = (torch.randn(v, h) / h**0.5).to(dtype).requires_grad_()
     b = torch.randn(v).to(dtype).requires_grad_() if bias else None
     t = _targets(n, v, (0, n - 2))
+    cw = torch.rand(v) + 0.1 if weighted else None
+    extra = dict(ce_weight=cw, softcap=softcap)
     leaves = [p for p in (hid, w, b) if p is not None]
     with fastlm.use_backend(be):
-        loss = ops.linear_cross_entropy(hid, w, t, b, IGNORE, eps, reduction, z, chunk)
+        loss = ops.linear_cross_entropy(hid, w, t, b, IGNORE, eps, reduction, z, chunk, **extra)
     g = _grad_out(loss.float()).to(dtype)
     got = _grads(loss, leaves, g)
 
     def unfused(leaves_, reference):
         lin = F.linear(*leaves_)
         if reference:
-            return ops.cross_entropy_ref(lin, t, IGNORE, eps, reduction, z)
+            cw64 = None if cw is None else cw.double()
+            return ops.cross_entropy_ref(lin, t, IGNORE, eps, reduction, z, cw64, softcap)
         with fastlm.use_backend("torch"):
-            return ops.cross_entropy(lin, t, IGNORE, eps, reduction, z)
+            return ops.cross_entropy(lin, t, IGNORE, eps, reduction, z, cw, softcap)
 
     l64 = [p.detach().double().requires_grad_() for p in leaves]
     ref = unfused(l64, True)
@@ -134,7 +187,7 @@ def _linear_case(be, reduction, dtype, n, h, v, chunk, bias=True, eps=0.1, z=1e-
     assert_policy(loss, ref, base.detach(), "loss", scale=loss_scale)
     # Floors at the scale of the summed terms (|dlogits| <= 2 |g|): d_hidden sums over
     # classes, d_weight and d_bias over tokens.
-    g2 = 2 * g.abs().max().item()
+    g2 = 2 * g.abs().max().item() * (1.0 if cw is None else cw.max().item())
     scales = (
         g2 * summand_scale(l64[1].detach(), 0),
         g2 * summand_scale(l64[0].detach(), 0),
@@ -157,6 +210,102 @@ def test_linear_cross_entropy_matches_unfused(be, reduction, bias):
 @pytest.mark.parametrize("be", BACKENDS_HERE)
 def test_linear_cross_entropy_bf16(be):
     _linear_case(be, "mean", torch.bfloat16, n=19, h=32, v=130, chunk=6)
+
+
+@pytest.mark.parametrize("be", BACKENDS_HERE)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_linear_cross_entropy_class_weights_and_softcap(be, reduction):
+    _linear_case(
+        be, reduction, torch.float32, n=29, h=16, v=150, chunk=8, weighted=True, softcap=3.0
+    )
+
+
+@pytest.mark.parametrize("be", BACKENDS_HERE)
+def test_linear_cross_entropy_softcap_bf16(be):
+    _linear_case(be, "mean", torch.bfloat16, n=19, h=32, v=130, chunk=6, softcap=2.5)
+
+
+def _capped(logits, softcap):
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
+
+
+@pytest.mark.parametrize("be", BACKENDS_HERE)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("op", ["cross_entropy", "linear_cross_entropy"])
+@pytest.mark.parametrize("softcap", [None, 3.0], ids=["no-cap", "cap"])
+def test_return_z_loss_and_token_accuracy(be, reduction, op, softcap):
+    n, h, v = 23, 16, 97
+    hid, w = torch.randn(n, h), torch.randn(v, h) / 2
+    cw = torch.rand(v) + 0.1
+    logits64 = F.linear(hid.double(), w.double())
+    top2 = _capped(logits64, softcap).topk(2, -1)
+    # Half the rows aim at their argmax (accuracy 1 there), the rest at random classes.
+    t = torch.where(torch.rand(n) < 0.5, top2.indices[:, 0], torch.randint(0, v, (n,)))
+    t[[2, 5]] = IGNORE
+    kw = dict(label_smoothing=0.1, z_loss=1e-2, softcap=softcap, reduction=reduction)
+    flags = dict(return_z_loss=True, return_token_accuracy=True)
+    with fastlm.use_backend(be):
+        if op == "cross_entropy":
+            out = ops.cross_entropy(F.linear(hid, w), t, IGNORE, weight=cw, **kw, **flags)
+        else:
+            out = ops.linear_cross_entropy(hid, w, t, chunk_size=8, ce_weight=cw, **kw, **flags)
+        plain = ops.cross_entropy(F.linear(hid, w), t, IGNORE, weight=cw, **kw)
+    assert isinstance(out, CrossEntropyOutput)
+    ref = ops.cross_entropy_ref(logits64, t, IGNORE, weight=cw.double(), **kw, **flags)
+    base = ops.cross_entropy_ref(F.linear(hid, w), t, IGNORE, weight=cw, **kw, **flags)
+    assert out.loss.shape == out.z_loss.shape == ref.loss.shape
+    assert out.z_loss.dtype == out.loss.dtype == torch.float32
+    assert not out.z_loss.requires_grad and out.token_accuracy.dtype == torch.float32
+    # The same loss as without the extras (cross_entropy: the very same computation).
+    if op == "cross_entropy":
+        assert_equal(out.loss, plain, "loss with extras")
+    # z-loss rows are z * lse^2 * w_t: floor an ulp of the largest row times the rows summed.
+    z_scale = n * (1e-2 * (torch.logsumexp(logits64, -1) ** 2).max().item() * cw.max().item())
+    assert_policy(out.z_loss, ref.z_loss, base.z_loss, "z_loss", scale=z_scale)
+    # Accuracy: exact, but for rows whose top two (capped) logits are too close for float32
+    # to order (a float32 GEMM's rounding, h products of |hidden| |w|).
+    valid = t != IGNORE
+    tol = 64 * h * torch.finfo(torch.float32).eps * (hid.abs().max() * w.abs().max()).item()
+    close = (top2.values[:, 0] - top2.values[:, 1]) <= tol
+    want = ((top2.indices[:, 0] == t) & valid).float()
+    if reduction == "none":
+        keep = ~close
+        assert_equal(out.token_accuracy[keep], want[keep], "accuracy per row")
+        assert ((out.token_accuracy == 0) | (out.token_accuracy == 1)).all()
+    else:
+        lo = (want * ~close).sum() / valid.sum()
+        hi = (want + (close & valid)).clamp(max=1).sum() / valid.sum()
+        acc = out.token_accuracy.item()
+        assert lo.item() - 1e-6 <= acc <= hi.item() + 1e-6, (acc, lo.item(), hi.item())
+
+
+@pytest.mark.parametrize("be", BACKENDS_HERE)
+@pytest.mark.parametrize("softcap", [None, 2.0], ids=["no-cap", "cap"])
+def test_token_accuracy_ties_go_to_the_first_maximum(be, softcap):
+    """Exact ties (small integers, exact in float32 and through a one-hot GEMM): the
+    argmax is the first maximal index, as torch.argmax, so a target at a later tied
+    index is a miss."""
+    n, h, v = 6, 8, 300  # v > 256: the maximum may sit in the second column block
+    hid = torch.eye(n, h)
+    w = torch.randint(-2, 3, (v, h)).float()
+    w[260, :n] = 9.0  # every row's maximum ties at 260 and 290: both in the second block
+    w[290, :n] = 9.0
+    w[5, 0] = 9.0  # row 0's first maximum is in the first block
+    t = torch.tensor([260, 260, 290, 290, 260, IGNORE])
+    logits = hid @ w.t()
+    want = ((_capped(logits, softcap).argmax(-1) == t) & (t != IGNORE)).float()
+    assert want.tolist() == [0, 1, 0, 0, 1, 0]
+    with fastlm.use_backend(be):
+        lin = ops.linear_cross_entropy(
+            hid, w, t, reduction="none", softcap=softcap, return_token_accuracy=True
+        )
+        plain = ops.cross_entropy(
+            logits, t, reduction="none", softcap=softcap, return_token_accuracy=True
+        )
+        mean = ops.cross_entropy(logits, t, softcap=softcap, return_token_accuracy=True)
+    assert_equal(lin.token_accuracy, want, "linear_cross_entropy accuracy")
+    assert_equal(plain.token_accuracy, want, "cross_entropy accuracy")
+    assert mean.token_accuracy == torch.tensor(2 / 5) and mean.z_loss is None
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 64, None])
@@ -210,10 +359,27 @@ def test_linear_cross_entropy_float64_gradcheck():
     w = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
     b = torch.randn(7, dtype=torch.float64, requires_grad=True)
     t = _targets(5, 7)
+    cw = torch.rand(7, dtype=torch.float64) + 0.1
     for reduction in REDUCTIONS:
         assert torch.autograd.gradcheck(
             lambda h_, w_, b_, r=reduction: ops.linear_cross_entropy(
                 h_, w_, t, b_, label_smoothing=0.1, reduction=r, z_loss=1e-2, chunk_size=2
+            ),
+            (hid, w, b),
+        )
+        # The hand-written gradient of the class weights and the soft cap (torch rows).
+        assert torch.autograd.gradcheck(
+            lambda h_, w_, b_, r=reduction: ops.linear_cross_entropy(
+                h_,
+                w_,
+                t,
+                b_,
+                label_smoothing=0.1,
+                reduction=r,
+                z_loss=1e-2,
+                chunk_size=2,
+                ce_weight=cw,
+                softcap=1.5,
             ),
             (hid, w, b),
         )
@@ -272,5 +438,15 @@ def test_errors_name_the_argument():
         ops.linear_cross_entropy(h, w, t, torch.randn(5))
     with pytest.raises(ValueError, match="chunk_size"):
         ops.linear_cross_entropy(h, w, t, chunk_size=0)
+    with pytest.raises(ValueError, match="ce_weight must be a"):
+        ops.linear_cross_entropy(h, w, t, ce_weight=torch.ones(5))
+    with pytest.raises(ValueError, match="softcap"):
+        ops.linear_cross_entropy(h, w, t, softcap=-1.0)
+    with pytest.raises(ValueError, match="softcap"):
+        ops.cross_entropy(x, t, softcap=float("inf"))
+    with pytest.raises(TypeError, match="return_z_loss"):
+        ops.cross_entropy(x, t, return_z_loss=1)
+    with pytest.raises(TypeError, match="return_token_accuracy"):
+        ops.linear_cross_entropy(h, w, t, return_token_accuracy="yes")
     with fastlm.use_backend("triton"), pytest.raises(backend.BackendUnavailable, match="float64"):
         ops.cross_entropy(x.double(), t)
