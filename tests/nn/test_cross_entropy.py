@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 import fastlm
-from fastlm import backend
 from fastlm.nn.cross_entropy import CrossEntropyLoss, LinearCrossEntropyLoss
 from fastlm.testing import assert_loss_policy, assert_policy
 
@@ -22,8 +21,6 @@ KWARGS = [
 @pytest.mark.parametrize("kwargs", KWARGS, ids=range(len(KWARGS)))
 @pytest.mark.parametrize("be", ["torch", "triton"])
 def test_cross_entropy_loss_matches_torch(kwargs, be):
-    if be == "triton" and "weight" in kwargs:
-        pytest.skip("class weights are torch-backend only (tested below)")
     ref, ours = torch.nn.CrossEntropyLoss(**kwargs), CrossEntropyLoss(**kwargs)
     assert ours.state_dict().keys() == ref.state_dict().keys()
     assert isinstance(ours, torch.nn.CrossEntropyLoss)
@@ -49,10 +46,27 @@ def test_cross_entropy_loss_matches_torch(kwargs, be):
     assert_policy(dx, dx64, dx_torch, "dx", scale=ulps * dx64.abs().max().item())
 
 
-def test_cross_entropy_loss_weight_rejected_on_triton():
-    loss = CrossEntropyLoss(weight=torch.rand(5))
-    with fastlm.use_backend("triton"), pytest.raises(backend.BackendUnavailable, match="weight"):
-        loss(torch.randn(3, 5), torch.tensor([0, 1, 2]))
+@pytest.mark.parametrize("be", ["torch", "triton"])
+def test_modules_expose_the_options(be):
+    """The modules' options reach the ops unchanged: the same numbers as the op calls."""
+    opts = dict(z_loss=1e-3, softcap=5.0, return_z_loss=True, return_token_accuracy=True)
+    cw = torch.rand(31) + 0.1
+    x, t = torch.randn(9, 31), torch.randint(0, 31, (9,))
+    h, w = torch.randn(9, 12), torch.randn(31, 12)
+    ce = CrossEntropyLoss(weight=cw, label_smoothing=0.1, **opts)
+    lce = LinearCrossEntropyLoss(label_smoothing=0.1, ce_weight=cw, chunk_size=4, **opts)
+    assert "softcap=5.0" in repr(ce) and "return_token_accuracy=True" in repr(lce)
+    assert list(lce.state_dict()) == ["ce_weight"] and not list(lce.parameters())
+    with fastlm.use_backend(be):
+        got_ce, got_lce = ce(x, t), lce(h, w, t)
+        want_ce = fastlm.ops.cross_entropy(x, t, label_smoothing=0.1, weight=cw, **opts)
+        want_lce = fastlm.ops.linear_cross_entropy(
+            h, w, t, label_smoothing=0.1, ce_weight=cw, chunk_size=4, **opts
+        )
+    for got, want in ((got_ce, want_ce), (got_lce, want_lce)):
+        assert type(got) is type(want) and len(got) == 3
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a, b)
 
 
 def test_cross_entropy_loss_z_loss_and_repr():
