@@ -89,7 +89,7 @@ def attention_with_kvcache(
     Returns out (B, Sq, H, D) (and fp32 lse (B, H, Sq)); a row with no key gives zeros
     (and lse -inf).
     """
-    scale, key_bound = _check_kvcache(
+    scale, key_range = _check_kvcache(
         q,
         k_cache,
         v_cache,
@@ -123,14 +123,18 @@ def attention_with_kvcache(
     }
     name = backend.select("attention", q.device, _kvcache_support(q, k_cache, v_cache, features))
     args = (q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, cache_batch_idx)
-    args += (cache_leftpad, alibi_slopes, causal, scale, -1 if left is None else left)
-    args += (-1 if right is None else right, float(softcap), num_splits, key_bound, return_lse)
+    args += (cache_leftpad, alibi_slopes, causal, scale)
+    window = (-1 if left is None else left, -1 if right is None else right)
     if name == "torch":
         # PyTorch ops throughout (torch.compile traces them): called directly, since the
         # custom op's dispatch alone costs as much as a small decode step on the CPU.
-        out, lse = _torch_decode(*args)
+        out, lse = _torch_decode(
+            *args, window=window, softcap=softcap, key_range=key_range, need_lse=return_lse
+        )
     else:
-        out, lse = torch.ops.fastlm.attention_kvcache(*args, name)
+        out, lse = torch.ops.fastlm.attention_kvcache(
+            *args, *window, float(softcap), num_splits, name
+        )
     return (out, lse) if return_lse else out
 
 
@@ -169,8 +173,6 @@ def _attention_kvcache_op(
     window_right: int,
     softcap: float,
     num_splits: int | None,
-    key_bound: int,
-    need_lse: bool,
     backend_name: str,
 ) -> tuple[Tensor, Tensor]:
     # Only the kernels come here: the torch backend is called directly.
@@ -213,22 +215,31 @@ def _torch_decode(
     slopes,
     causal,
     scale,
-    window_left,
-    window_right,
+    *,
+    window,
     softcap,
-    num_splits,
-    key_bound,
+    key_range,
     need_lse,
 ):
     """The torch backend of :func:`attention_with_kvcache`, batched: the appends are one
     indexed write per cache, the keys one view (or one gather of pages or rows) cut to the
-    longest row (``key_bound``), and attention one SDPA call over the whole batch with each
-    row's visible keys as a boolean mask and GQA by ``enable_gqa`` (no repeated K/V). With a
-    soft cap, ALiBi or the log-sum-exp asked for, the scores are formed in fp32 instead."""
+    longest row (``key_range``: the fewest and most keys of a row), and attention one SDPA
+    call over the whole batch with each row's visible keys as a boolean mask and GQA by
+    ``enable_gqa`` (no repeated K/V). With a soft cap, ALiBi or the log-sum-exp asked for,
+    the scores are formed in fp32 instead, by the reference's formula."""
     batch, seqlen_q, n_heads, head_dim = q.shape
     n_new = 0 if k_new is None else k_new.shape[1]
-    ends = cache_seqlens.long() + n_new  # (B,) keys per row
-    if n_new:
+    fewest, most = key_range
+    # Rows of one known length in a plain cache (generation without padding): the append is
+    # a slice copy, and unless a window or causal Sq > 1 cuts keys, SDPA needs no mask.
+    uniform = fewest == most and all(
+        t is None for t in (block_table, cache_batch_idx, cache_leftpad)
+    )
+    ends = None if uniform else cache_seqlens.long() + n_new  # (B,) keys per row
+    if n_new and uniform:
+        k_cache[:, most - n_new : most] = k_new
+        v_cache[:, most - n_new : most] = v_new
+    elif n_new:
         pos = ends[:, None] - n_new + torch.arange(n_new, device=q.device)  # (B, Sq_new)
         if block_table is not None:
             page_size = k_cache.shape[1]
@@ -240,38 +251,57 @@ def _torch_decode(
             rows = torch.arange(batch, device=q.device)[:, None]
         k_cache[rows, pos] = k_new
         v_cache[rows, pos] = v_new
-    k, v = (_keys(cache, block_table, cache_batch_idx, key_bound) for cache in (k_cache, v_cache))
+    k, v = (_keys(cache, block_table, cache_batch_idx, most) for cache in (k_cache, v_cache))
 
-    window = (window_left, window_right)
-    seen, offset = _visible(ends, cache_leftpad, seqlen_q, k.shape[1], causal, window, slopes)
-    compute = torch.promote_types(q.dtype, torch.float32)
-    if need_lse or softcap or slopes is not None:
+    exact = need_lse or softcap or slopes is not None
+    if (
+        uniform
+        and not exact
+        and fewest >= seqlen_q
+        and window == (-1, -1)
+        and (seqlen_q == 1 or not causal)
+    ):
+        seen = None  # every query sees all keys
+    else:
+        if ends is None:
+            ends = cache_seqlens.long() + n_new
+        seen, offset = _visible(ends, cache_leftpad, seqlen_q, most, causal, window, slopes)
+    if exact:
+        compute = torch.promote_types(q.dtype, torch.float32)
         out, lse = _decode_scores(q, k, v, seen, offset, scale, softcap, slopes, compute)
         return out.to(q.dtype), lse.float()
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),
         k.transpose(1, 2),
         v.transpose(1, 2),
-        attn_mask=seen[:, None],
+        attn_mask=None if seen is None else seen[:, None],
         scale=scale,
         enable_gqa=n_heads != k.shape[2],
     ).transpose(1, 2)
-    # Rows that see no key give zeros (SDPA's fused kernels may give NaN); a NaN query row
-    # gives NaN where it sees a key (PyTorch's fused CPU kernel gives it zeros).
-    sees = seen.any(-1)[:, :, None, None]  # (B, Sq, 1, 1)
-    out = out.masked_fill(~sees, 0.0)
-    out = out.masked_fill(q.isnan().any(-1, keepdim=True) & sees, math.nan)
-    return out, q.new_empty((batch, n_heads, seqlen_q), dtype=torch.float32)
+    # A NaN query row gives NaN where it sees a key (PyTorch's fused CPU kernel has given it
+    # zeros), and a row that sees no key zeros (SDPA's fused kernels may give NaN). Every
+    # row sees a key when each has Sq or more and none is left-padded (causal row 0 sees
+    # L_b - Sq + 1; a window keeps the diagonal's neighbour): then one fill suffices.
+    # SDPA's output is ours to fill in place.
+    nan_rows = q.isnan().any(-1, keepdim=True)  # (B, Sq, H, 1)
+    if fewest < seqlen_q or cache_leftpad is not None:
+        sees = seen.any(-1)[:, :, None, None]  # (B, Sq, 1, 1)
+        return out.masked_fill_(~sees, 0.0).masked_fill_(nan_rows & sees, math.nan), None
+    return out.masked_fill_(nan_rows, math.nan), None
 
 
 def _keys(cache, block_table, cache_batch_idx, key_bound):
-    """(B, key_bound, Hkv, D): every row's first key_bound cache positions."""
+    """(B, key_bound, Hkv, D): every row's first key_bound cache positions (a view of a
+    contiguous cache; a gather of the rows or pages otherwise)."""
+    # index_select copies whole rows; advanced indexing gathers element by element on the
+    # CPU, several times slower.
     if block_table is not None:
         page_size = cache.shape[1]
-        pages = block_table[:, : -(-key_bound // page_size)].long()
-        return cache[pages].flatten(1, 2)[:, :key_bound]
+        pages = block_table[:, : -(-key_bound // page_size)]
+        rows = cache.index_select(0, pages.flatten())
+        return rows.view(pages.shape[0], -1, *cache.shape[2:])[:, :key_bound]
     if cache_batch_idx is not None:
-        return cache[cache_batch_idx.long(), :key_bound]
+        return cache[:, :key_bound].index_select(0, cache_batch_idx)
     return cache[:, :key_bound]
 
 
@@ -340,9 +370,9 @@ def _check_kvcache(
     softcap=0.0,
     alibi_slopes=None,
 ) -> tuple[float, int]:
-    """The contract of :func:`attention_with_kvcache`; returns the softmax scale and a bound
-    on the rows' key counts (their maximum when the lengths can be read, else the cache's
-    capacity)."""
+    """The contract of :func:`attention_with_kvcache`; returns the softmax scale and bounds
+    (fewest, most) on the rows' key counts ``L_b``: their minimum and maximum when the
+    lengths can be read, else (0, the cache's capacity)."""
     for name, t in (
         ("q", q),
         ("k_cache", k_cache),
@@ -418,8 +448,11 @@ def _check_kvcache(
 
     readable = values_readable(cache_seqlens, cache_batch_idx, cache_leftpad, block_table)
     if not (batch and readable):
-        return scale, capacity
+        return scale, (0, capacity)
     # Every value check in one device-to-host copy: (min, max) pairs.
+    if all(t is None for t in (cache_batch_idx, cache_leftpad, block_table, rotary_cos)):
+        lengths = cache_seqlens.tolist()  # cheaper than reducing on the device first
+        return scale, _check_room(min(lengths), max(lengths), n_new, capacity)
     stats = [cache_seqlens]
     if cache_batch_idx is not None:
         stats.append(cache_batch_idx)
@@ -428,7 +461,7 @@ def _check_kvcache(
     if block_table is not None:  # only the pages the rows use
         used = -(-(cache_seqlens.long() + n_new) // k_cache.shape[1])
         in_use = torch.arange(block_table.shape[1], device=q.device) < used[:, None]
-        stats.append(block_table[in_use])
+        stats.append(torch.where(in_use, block_table, 0))
     values = torch.stack(
         [
             torch.stack(torch.aminmax(t.long())) if t.numel() else t.new_zeros(2).long()
@@ -436,13 +469,7 @@ def _check_kvcache(
         ]
     ).tolist()
     (low, high), rest = values[0], values[1:]
-    if low < 0:
-        raise ValueError(f"cache_seqlens must be >= 0, got {low}")
-    if high + n_new > capacity:
-        raise ValueError(
-            f"no room: cache_seqlens up to {high} plus {n_new} new tokens "
-            f"exceed the cache's {capacity} positions"
-        )
+    key_range = _check_room(low, high, n_new, capacity)
     if cache_batch_idx is not None:
         (lo, hi), rest = rest[0], rest[1:]
         if lo < 0 or hi >= k_cache.shape[0]:
@@ -472,7 +499,19 @@ def _check_kvcache(
                 f"rotary_cos has {rotary_cos.shape[0]} positions but the new tokens reach "
                 f"position {last} (cache_seqlens up to {high})"
             )
-    return scale, high + n_new
+    return scale, key_range
+
+
+def _check_room(low: int, high: int, n_new: int, capacity: int) -> tuple[int, int]:
+    """Checks the cached lengths' range; returns the range of the rows' key counts."""
+    if low < 0:
+        raise ValueError(f"cache_seqlens must be >= 0, got {low}")
+    if high + n_new > capacity:
+        raise ValueError(
+            f"no room: cache_seqlens up to {high} plus {n_new} new tokens "
+            f"exceed the cache's {capacity} positions"
+        )
+    return low + n_new, high + n_new
 
 
 def _check_rows(name, t, q) -> None:
