@@ -1019,8 +1019,9 @@ def _explicit_attention(
     batch, seqlen_q, n_heads, _ = q.shape
     seqlen_k = k.shape[1]
     group = n_heads // k.shape[2]
-    q_, k_, v_ = q.to(compute), k.to(compute), v.to(compute)
-    k_, v_ = (t.repeat_interleave(group, dim=2) if group > 1 else t for t in (k_, v_))
+    # (B, H, S, D) operands for batched matmuls; the scale (over the cap) folded into q.
+    q_ = q.to(compute).transpose(1, 2) * (scale / softcap if softcap else scale)
+    k_, v_ = (t.to(compute).repeat_interleave(group, dim=2).transpose(1, 2) for t in (k, v))
     bias_ = None if bias is None else bias.to(compute)
     keep = None
     if dropout_p > 0:
@@ -1030,7 +1031,6 @@ def _explicit_attention(
     options = dict(
         seqlen_q=seqlen_q,
         causal=causal,
-        scale=scale,
         window=window,
         slopes=slopes,
         softcap=softcap,
@@ -1048,7 +1048,7 @@ def _explicit_attention(
     for first in range(0, seqlen_q, rows):
         part = slice(first, first + rows)
         chunk = (
-            q_[:, part],
+            q_[:, :, part],
             k_,
             v_,
             None if bias_ is None else bias_[:, :, part],
@@ -1082,25 +1082,25 @@ def _attention_chunk(
     *,
     seqlen_q: int,
     causal: bool,
-    scale: float,
     window: Window,
     slopes: Tensor | None,
     softcap: float,
     dropout_p: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Rows ``first .. first + len`` of :func:`_reference` (K/V already repeated over the
-    query heads): ``(out, lse, probs before dropout)``."""
-    seqlen_k = k.shape[1]
-    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    """Query rows ``first .. first + len`` of :func:`_reference`, from (B, H, S, D) operands
+    (q already scaled, over ``softcap`` when capped; K/V repeated over the query heads):
+    ``(out (B, rows, H, D), lse, probabilities before dropout)``."""
+    seqlen_k = k.shape[2]
+    scores = q @ k.transpose(-1, -2)
     if softcap:
-        scores = softcap * torch.tanh(scores / softcap)
+        scores = torch.tanh(scores) * softcap
     if bias is not None:
         scores = scores + bias
     # i + Sk - Sq - j for the chunk's rows i: the masks and ALiBi align bottom-right.
-    i = torch.arange(first, first + q.shape[1], device=q.device)[:, None]
+    i = torch.arange(first, first + q.shape[2], device=q.device)[:, None]
     offset = i + (seqlen_k - seqlen_q) - torch.arange(seqlen_k, device=q.device)[None, :]
     if slopes is not None:
-        scores = scores - slopes.to(scores.dtype).reshape(-1, q.shape[2], 1, 1) * offset.abs()
+        scores = scores - slopes.to(scores.dtype).reshape(-1, q.shape[1], 1, 1) * offset.abs()
     left, right = causal_window(window, causal)
     if left is not None or right is not None:
         seen = torch.ones_like(offset, dtype=torch.bool)
@@ -1111,9 +1111,9 @@ def _attention_chunk(
         scores = scores.masked_fill(~seen, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     # Only rows that see no key (lse -inf) are zeroed: a NaN score stays NaN, as in PyTorch.
-    probs = torch.exp(scores - lse[..., None]).masked_fill(lse[..., None] == float("-inf"), 0.0)
+    probs = torch.softmax(scores, dim=-1).masked_fill(lse[..., None] == float("-inf"), 0.0)
     weights = probs if keep is None else probs * keep / (1.0 - dropout_p)
-    return torch.einsum("bhqk,bkhd->bqhd", weights, v), lse, probs
+    return (weights @ v).transpose(1, 2), lse, probs
 
 
 def _nan_rows_as_reference(out: Tensor, q: Tensor, seqlen_k: int, seen: Tensor | None):
