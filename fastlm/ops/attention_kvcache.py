@@ -83,9 +83,11 @@ def attention_with_kvcache(
     num_splits: an int >= 1 splits long caches across programs (flash-decoding); None
       chooses (the torch backend ignores it).
 
-    The Triton kernel takes fp16/bf16 caches with a unit stride on D. The torch backend
-    reads cache slots outside a row's keys (below ``max L_b``) and gives them zero weight:
-    they must hold finite numbers (a zero-initialized cache does).
+    The Triton kernel takes fp16/bf16 caches with a unit stride on D. On a contiguous cache
+    the torch backend reads in place, with zero weight, the slots of a row outside its keys
+    (its left padding, and up to the longest row's ``L_b``): they must hold finite numbers,
+    as a zero-initialized cache does. Pages and cache rows are read through a copy whose
+    free slots are zeroed first, so fresh pages may hold anything.
     Returns out (B, Sq, H, D) (and fp32 lse (B, H, Sq)); a row with no key gives zeros
     (and lse -inf).
     """
@@ -252,6 +254,17 @@ def _torch_decode(
         k_cache[rows, pos] = k_new
         v_cache[rows, pos] = v_new
     k, v = (_keys(cache, block_table, cache_batch_idx, most) for cache in (k_cache, v_cache))
+    if block_table is not None or cache_batch_idx is not None:
+        # The gathered copies may hold slots of pages or rows the contract leaves free
+        # (fresh pages from a pool, never written): zeroed, so that garbage, NaN included,
+        # gets no say when masked out. A contiguous cache is read in place (no copy).
+        if ends is None:
+            ends = cache_seqlens.long() + n_new
+        j = torch.arange(most, device=q.device)
+        free = j >= ends[:, None]
+        if cache_leftpad is not None:
+            free |= j < cache_leftpad.long()[:, None]
+        k, v = (t.masked_fill_(free[:, :, None, None], 0.0) for t in (k, v))
 
     exact = need_lse or softcap or slopes is not None
     if (

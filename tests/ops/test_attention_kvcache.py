@@ -1,0 +1,370 @@
+"""``fastlm.ops.attention_with_kvcache``: flash-attn's ``flash_attn_with_kvcache`` keywords
+(paged caches, cache rows, left padding, ALiBi, windows, soft cap, rotary) against a float64
+reference built row by row, and its contract.
+
+The reference follows flash-attn's semantics (its ``test_flash_attn_kvcache``): row b's keys
+are cache positions ``[cache_leftpad[b], cache_seqlens[b] + Sq_new)`` of cache row
+``cache_batch_idx[b]`` (or of the pages ``block_table[b]``), masks and ALiBi distances are
+bottom-right aligned at that key count, and rotary rotates k_new token t at position
+``cache_seqlens[b] + t`` and query i at ``cache_seqlens[b] + i`` (causal or windowed) or at
+``cache_seqlens[b]``. The baseline, "PyTorch's own error", is the same formula evaluated in
+the inputs' dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fastlm
+from fastlm import ops
+from fastlm.ops.attention import _reference
+from fastlm.ops.masks import window_bounds
+from fastlm.ops.rotary import apply_rotary_ref
+from fastlm.testing import assert_policy, poisoned_outputs
+
+BACKENDS = ["torch"]
+
+
+def _angles(positions: int, rotary_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, rotary_dim, 2).double() / rotary_dim)
+    angles = torch.outer(torch.arange(positions).double(), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def _paged(caches, page_size):
+    """The caches as shuffled pages plus two spare pages, and the block table."""
+    b, s = caches[0].shape[:2]
+    n = b * s // page_size + 2
+    order = torch.randperm(n)[: b * s // page_size]
+    pages = []
+    for cache in caches:
+        p = torch.full((n, page_size, *cache.shape[2:]), math.nan, dtype=cache.dtype)
+        p[order] = cache.reshape(-1, page_size, *cache.shape[2:])
+        pages.append(p)
+    return pages, order.view(b, s // page_size).int()
+
+
+def _rotated(x, cos, sin, interleaved, positions, dtype):
+    """x (B, S, H, D) rotated at positions (B, S), computed in ``dtype``."""
+    return apply_rotary_ref(
+        x.to(dtype), cos.to(dtype), sin.to(dtype), interleaved, position_ids=positions
+    )
+
+
+def _expected(q, k_rows, v_rows, lengths, n_new, k_new, v_new, kw, dtype):
+    """out (B, Sq, H, D) and lse (B, H, Sq) computed in ``dtype`` row by row; ``k_rows``,
+    ``v_rows``: each row's logical cache (B, S, Hkv, D) before the append."""
+    batch, seqlen_q = q.shape[:2]
+    cos, sin = kw.get("rotary_cos"), kw.get("rotary_sin")
+    leftpad = kw.get("cache_leftpad")
+    window = window_bounds(kw.get("window", (-1, -1)))
+    slopes = kw.get("alibi_slopes")
+    outs, lses = [], []
+    for b in range(batch):
+        n = int(lengths[b])
+        qb, kb, vb = (t[b : b + 1].to(dtype) for t in (q, k_rows, v_rows))
+        if n_new:
+            knb, vnb = k_new[b : b + 1].to(dtype), v_new[b : b + 1].to(dtype)
+            if cos is not None:
+                interleaved = kw.get("rotary_interleaved", True)
+                t_pos = torch.arange(n, n + n_new)[None]
+                windowed = kw.get("causal", False) or window != (None, None)
+                q_pos = torch.arange(n, n + seqlen_q)[None] if windowed else None
+                q_pos = torch.full((1, seqlen_q), n) if q_pos is None else q_pos
+                qb = _rotated(qb, cos, sin, interleaved, q_pos, dtype)
+                knb = _rotated(knb, cos, sin, interleaved, t_pos, dtype)
+            kb = torch.cat((kb[:, :n], knb), 1)
+            vb = torch.cat((vb[:, :n], vnb), 1)
+        start = 0 if leftpad is None else int(leftpad[b])
+        kb, vb = kb[:, start : n + n_new], vb[:, start : n + n_new]
+        row_slopes = None
+        if slopes is not None:
+            row_slopes = (slopes if slopes.dim() == 1 else slopes[b]).to(dtype)[None]
+        out, lse = _reference(
+            qb,
+            kb,
+            vb,
+            causal=kw.get("causal", False),
+            scale=kw.get("softmax_scale") or q.shape[-1] ** -0.5,
+            window=window,
+            slopes=row_slopes,
+            softcap=kw.get("softcap", 0.0),
+        )
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses)
+
+
+def run_case(
+    be="torch",
+    lengths=(0, 5, 13),
+    sq=1,
+    n_new=1,
+    h=4,
+    hkv=2,
+    d=16,
+    dtype=torch.float32,
+    spare=3,
+    page_size=None,
+    batch_idx=False,
+    leftpad=False,
+    rotary=None,
+    **kw,
+):
+    """One call of the op against the reference, its appends against the expected caches."""
+    batch = len(lengths)
+    capacity = max(lengths) + n_new + spare
+    if page_size:
+        capacity = -(-capacity // page_size) * page_size
+    lengths_t = torch.tensor(lengths, dtype=torch.int32)
+    q = torch.randn(batch, sq, h, d, dtype=dtype)
+    k_new = v_new = None
+    if n_new:
+        k_new, v_new = (torch.randn(batch, n_new, hkv, d, dtype=dtype) for _ in "kv")
+    rows = [torch.randn(batch, capacity, hkv, d, dtype=dtype) for _ in "kv"]
+    extra = {}
+    if leftpad:
+        extra["cache_leftpad"] = torch.tensor([torch.randint(0, n + 1, ()) for n in lengths]).int()
+    if page_size or batch_idx:
+        # Read through a copy whose free slots the op zeroes: they may hold anything.
+        for row in rows:
+            for b, n in enumerate(lengths):
+                row[b, n:] = math.nan
+                if leftpad:
+                    row[b, : extra["cache_leftpad"][b]] = math.nan
+    caches = rows
+    if page_size:
+        caches, extra["block_table"] = _paged(rows, page_size)
+    elif batch_idx:  # query row b uses cache row idx[b] of a larger cache
+        idx = torch.randperm(batch + 2)[:batch]
+        caches = [torch.full((batch + 2, *rows[0].shape[1:]), math.nan, dtype=dtype) for _ in "kv"]
+        for cache, row in zip(caches, rows, strict=True):
+            cache[idx] = row
+        extra["cache_batch_idx"] = idx.int()
+    if rotary is not None:  # rotary = (rotary_dim, interleaved)
+        extra["rotary_cos"], extra["rotary_sin"] = _angles(capacity + sq, rotary[0])
+        extra["rotary_interleaved"] = rotary[1]
+    kw = {**kw, **extra}
+    before = [c.clone() for c in caches]
+
+    with poisoned_outputs(), fastlm.use_backend(be):
+        out, lse = ops.attention_with_kvcache(
+            q, *caches, lengths_t, k_new, v_new, return_lse=True, **kw
+        )
+
+    ref_out, ref_lse = _expected(q, *rows, lengths, n_new, k_new, v_new, kw, torch.float64)
+    base_out, base_lse = _expected(q, *rows, lengths, n_new, k_new, v_new, kw, dtype)
+    assert out.shape == q.shape and out.dtype == dtype
+    live = ref_lse > -math.inf  # (B, H, Sq)
+    dead = ~live.transpose(1, 2)  # (B, Sq, H)
+    assert torch.equal(out[dead], torch.zeros_like(out[dead])), "rows with no key must be 0"
+    assert (lse[~live] == -math.inf).all(), "rows with no key must have lse -inf"
+    assert_policy(out[~dead], ref_out[~dead], base_out[~dead], "out")
+    assert_policy(lse[live], ref_lse[live], base_lse[live].float(), "lse")
+    _check_appends(before, caches, lengths, k_new, v_new, extra, n_new, dtype)
+    return out
+
+
+def _check_appends(before, caches, lengths, k_new, v_new, extra, n_new, dtype):
+    """The caches changed exactly at the appended slots, to the (rotated) new keys."""
+    expected = [c.clone() for c in before]
+    for b, n in enumerate(lengths):
+        for t in range(n_new):
+            pos = n + t
+            if "block_table" in extra:
+                page_size = before[0].shape[1]
+                where = (int(extra["block_table"][b, pos // page_size]), pos % page_size)
+            elif "cache_batch_idx" in extra:
+                where = (int(extra["cache_batch_idx"][b]), pos)
+            else:
+                where = (b, pos)
+            k_t = k_new[b : b + 1, t : t + 1]
+            if "rotary_cos" in extra:
+                cos, sin = extra["rotary_cos"], extra["rotary_sin"]
+                at = torch.tensor([[pos]])
+                # The op rotates in fp32 and rounds once, as the rotary op's torch backend.
+                k_t = _rotated(k_t, cos, sin, extra["rotary_interleaved"], at, torch.float32)
+            expected[0][where] = k_t[0, 0].to(dtype)
+            expected[1][where] = v_new[b, t]
+    for name, got, want in zip(("k_cache", "v_cache"), caches, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True, msg=name)
+
+
+# (id, keywords): each feature alone, then in the combinations flash-attn allows.
+CASES = [
+    ("plain", {}),
+    ("one length", dict(lengths=(9, 9, 9), causal=True)),
+    ("one length sq3", dict(lengths=(9, 9), sq=3, n_new=3, causal=True)),
+    ("no append", dict(n_new=0, lengths=(0, 4, 11))),
+    ("paged4", dict(page_size=4, lengths=(0, 5, 13), n_new=2, sq=2, causal=True)),
+    ("paged1", dict(page_size=1, lengths=(3, 1))),
+    ("batch idx", dict(batch_idx=True, n_new=2)),
+    ("leftpad", dict(leftpad=True, lengths=(2, 7, 12), sq=2, n_new=2, causal=True)),
+    ("alibi (H,)", dict(alibi_slopes=torch.rand(4), causal=True)),
+    ("alibi (B,H)", dict(alibi_slopes=torch.rand(3, 4), sq=3, n_new=3)),
+    ("window left", dict(window=(3, -1), causal=True, sq=2, n_new=2)),
+    ("window both", dict(window=(4, 1), sq=3, n_new=1, lengths=(1, 6, 10))),
+    ("softcap", dict(softcap=5.0, softmax_scale=0.9)),
+    ("rotary interleaved causal", dict(rotary=(8, True), causal=True, sq=2, n_new=2)),
+    ("rotary neox non-causal", dict(rotary=(16, False), sq=3, n_new=2)),
+    ("rotary windowed non-causal", dict(rotary=(8, True), window=(6, 2), sq=3, n_new=3)),
+    ("mqa bf16", dict(h=6, hkv=1, dtype=torch.bfloat16, n_new=2, sq=2, causal=True)),
+    (
+        "paged + rotary + alibi + softcap + window",
+        dict(
+            page_size=4,
+            rotary=(8, False),
+            alibi_slopes=torch.rand(4),
+            softcap=3.0,
+            window=(5, -1),
+            causal=True,
+            sq=2,
+            n_new=2,
+        ),
+    ),
+    (
+        "batch idx + leftpad + rotary + alibi, bf16",
+        dict(
+            batch_idx=True,
+            leftpad=True,
+            rotary=(16, True),
+            alibi_slopes=torch.rand(3, 4),
+            causal=True,
+            dtype=torch.bfloat16,
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+@pytest.mark.parametrize("kw", [c[1] for c in CASES], ids=[c[0] for c in CASES])
+def test_matches_reference(be, kw):
+    run_case(be, **kw)
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+def test_paged_decode_loop_matches_contiguous(be):
+    """Eight decode steps (prefill of three, then one token a step) into a paged cache and a
+    contiguous one give the same outputs: the paged layout changes addresses only."""
+    batch, h, hkv, d, page_size, steps = 2, 4, 2, 16, 4, 8
+    capacity = 12
+    contiguous = [torch.zeros(batch, capacity, hkv, d) for _ in "kv"]
+    pages = [torch.full((7, page_size, hkv, d), math.nan) for _ in "kv"]  # 1 page unused
+    table = torch.tensor([[5, 0, 3], [1, 6, 2]], dtype=torch.int32)
+    # Row 1 starts with two tokens: the rows' lengths differ at every step.
+    lengths = torch.tensor([0, 2], dtype=torch.int32)
+    for cache, paged in zip(contiguous, pages, strict=True):
+        cache[1, :2] = torch.randn(2, hkv, d)
+        paged[1, :2] = cache[1, :2]
+    with fastlm.use_backend(be):
+        for step in range(steps):
+            n = 3 if step == 0 else 1
+            q = torch.randn(batch, n, h, d)
+            k_new, v_new = torch.randn(batch, n, hkv, d), torch.randn(batch, n, hkv, d)
+            a = ops.attention_with_kvcache(q, *contiguous, lengths, k_new, v_new, causal=True)
+            b = ops.attention_with_kvcache(
+                q, *pages, lengths, k_new, v_new, causal=True, block_table=table
+            )
+            assert torch.equal(a, b) or (a - b).abs().max() <= 4 * torch.finfo().eps, step
+            lengths += n
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+@pytest.mark.parametrize("lengths", [(7, 7), (3, 9)], ids=["one length", "ragged"])
+def test_nan_query_gives_nan_only_where_it_sees_a_key(be, lengths):
+    q = torch.randn(2, 1, 2, 16)
+    q[1, 0, 0, 5] = math.nan
+    caches = [torch.randn(2, 12, 2, 16) for _ in "kv"]
+    with fastlm.use_backend(be):
+        out = ops.attention_with_kvcache(q, *caches, torch.tensor(lengths, dtype=torch.int32))
+    assert out[1, 0, 0].isnan().all()
+    assert not out[1, 0, 1].isnan().any() and not out[0].isnan().any()
+
+
+def test_compiles_fullgraph_with_pages():
+    q = torch.randn(2, 1, 4, 16)
+    k_new, v_new = torch.randn(2, 1, 2, 16), torch.randn(2, 1, 2, 16)
+    lengths = torch.tensor([3, 6], dtype=torch.int32)
+    table = torch.tensor([[1, 0], [3, 2]], dtype=torch.int32)
+
+    def step(q, k_cache, v_cache, k_new, v_new):
+        return ops.attention_with_kvcache(
+            q, k_cache, v_cache, lengths, k_new, v_new, causal=True, block_table=table
+        )
+
+    caches = [torch.randn(4, 4, 2, 16) for _ in range(2)]
+    copies = [c.clone() for c in caches]
+    eager = step(q, *caches, k_new, v_new)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(q, *copies, k_new, v_new)
+    torch.testing.assert_close(compiled, eager)
+    assert all(torch.equal(a, b) for a, b in zip(caches, copies, strict=True))
+
+
+# --- the contract: refused before a backend is chosen ------------------------------------------
+
+
+def _args(batch=2, pages=None):
+    q = torch.randn(batch, 1, 4, 16)
+    shape = (batch, 8, 2, 16) if pages is None else (pages, 4, 2, 16)
+    kc, vc = torch.randn(shape), torch.randn(shape)
+    kn, vn = torch.randn(batch, 1, 2, 16), torch.randn(batch, 1, 2, 16)
+    return q, kc, vc, torch.tensor([3, 5], dtype=torch.int32), kn, vn
+
+
+def _i32(*values):
+    return torch.tensor(values, dtype=torch.int32)
+
+
+REFUSED = [
+    (dict(block_table=_i32(0, 1)), ValueError, "block_table must be \\(batch, max_pages\\)"),
+    (dict(block_table=torch.tensor([[0, 1], [2, 3]])), TypeError, "block_table must be an int32"),
+    (dict(block_table=_i32(0, 1, 2, 9).view(2, 2)), ValueError, "num_pages = 6"),
+    (dict(block_table=_i32(0, 1).view(2, 1)), ValueError, "no room"),
+    (
+        dict(block_table=_i32(0, 1, 2, 3, 4, 5).view(2, 3), cache_leftpad=_i32(0, 0)),
+        ValueError,
+        "cache_leftpad cannot be combined with block_table",
+    ),
+    (
+        dict(block_table=_i32(0, 1, 2, 3, 4, 5).view(2, 3), cache_batch_idx=_i32(0, 1)),
+        ValueError,
+        "cache_batch_idx cannot be combined with block_table",
+    ),
+]
+REFUSED_DENSE = [
+    (dict(cache_batch_idx=_i32(0, 2)), ValueError, "cache_batch_idx values must lie in \\[0, 2\\)"),
+    (dict(cache_batch_idx=_i32(0, 1, 1)), ValueError, "cache_batch_idx must have shape"),
+    (dict(cache_leftpad=_i32(0, 6)), ValueError, "cache_leftpad must be <= cache_seqlens"),
+    (dict(cache_leftpad=_i32(-1, 0)), ValueError, "cache_leftpad must be >= 0"),
+    (dict(cache_leftpad=torch.tensor([0, 1])), TypeError, "cache_leftpad must be an int32"),
+    (dict(rotary_cos=torch.ones(9, 4)), ValueError, "rotary_cos and rotary_sin"),
+    (
+        dict(rotary_cos=torch.ones(9, 4), rotary_sin=torch.ones(9, 4), no_new=True),
+        ValueError,
+        "they need k_new",
+    ),
+    (dict(rotary_cos=torch.ones(9, 9), rotary_sin=torch.ones(9, 9)), ValueError, "rotary_dim"),
+    (dict(rotary_cos=torch.ones(5, 4), rotary_sin=torch.ones(5, 4)), ValueError, "position 5"),
+    (dict(alibi_slopes=torch.rand(3)), ValueError, "alibi_slopes"),
+    (dict(softcap=-1.0), ValueError, "softcap"),
+    (dict(window=(2,)), (TypeError, ValueError), "window"),
+]
+
+
+@pytest.mark.parametrize("be", ["torch", "triton"])
+@pytest.mark.parametrize(
+    "kw,error,match", REFUSED + REFUSED_DENSE, ids=[m for _, _, m in REFUSED + REFUSED_DENSE]
+)
+def test_contract_refuses(be, kw, error, match):
+    kw = dict(kw)
+    no_new = kw.pop("no_new", False)
+    paged = "block_table" in kw
+    q, kc, vc, lengths, kn, vn = _args(pages=6 if paged else None)
+    if no_new:
+        kn = vn = None
+    half = [None if t is None else t.half() for t in (q, kc, vc, kn, vn)]
+    with fastlm.use_backend(be), pytest.raises(error, match=match):
+        ops.attention_with_kvcache(*half[:3], lengths, *half[3:], **kw)
