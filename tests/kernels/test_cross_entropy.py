@@ -33,49 +33,96 @@ def _inputs(n, v, dtype, device, ignore_rows=()):
     return x, t
 
 
-def _rows_and_grad(x, t, dloss, smoothing, z, dtype):
+def _rows_and_grad(x, t, dloss, smoothing, z, dtype, weight=None, softcap=0.0):
     """Per-row loss and its gradient weighted by ``dloss``, by autograd at ``dtype``: float64
-    with the reference formula, or the test dtype with PyTorch's F.cross_entropy."""
+    with the reference formula, or the test dtype with PyTorch's F.cross_entropy (the
+    reference formula at that dtype where F.cross_entropy has no equivalent: soft cap)."""
     leaf = x.detach().to(dtype).requires_grad_()
-    if dtype == torch.float64:
-        rows = cross_entropy_ref(leaf, t, IGNORE, smoothing, "none", z)
+    w = None if weight is None else weight.to(dtype)
+    if dtype == torch.float64 or softcap:
+        rows = cross_entropy_ref(leaf, t, IGNORE, smoothing, "none", z, w, softcap or None)
     else:
         rows = F.cross_entropy(
-            leaf, t, ignore_index=IGNORE, reduction="none", label_smoothing=smoothing
+            leaf, t, w, ignore_index=IGNORE, reduction="none", label_smoothing=smoothing
         )
         if z:
-            rows = rows + z * torch.logsumexp(leaf, -1) ** 2 * (t != IGNORE)
+            w_t = 1.0 if w is None else w[t.clamp(min=0)]
+            rows = rows + z * torch.logsumexp(leaf, -1) ** 2 * (t != IGNORE) * w_t
     (grad,) = torch.autograd.grad(rows, leaf, dloss.to(rows.dtype))
     return rows.detach(), grad
 
 
-def run_case(device, n, v, dtype, smoothing=0.0, z=0.0, ignore_rows=(), x=None, t=None):
+def run_case(
+    device,
+    n,
+    v,
+    dtype,
+    smoothing=0.0,
+    z=0.0,
+    ignore_rows=(),
+    x=None,
+    t=None,
+    weighted=False,
+    softcap=0.0,
+):
     if x is None:
         x, t = _inputs(n, v, dtype, device, ignore_rows)
+    weight = torch.rand(v, device=device) + 0.1 if weighted else None
+    opts = dict(weight=weight, softcap=softcap)
     dloss = torch.rand(n, device=device) + 0.5  # non-uniform per-row weights
+    argmax = torch.empty(n, dtype=torch.int32, device=device)
     with poisoned_outputs():
-        loss, lse = kernels.cross_entropy_fwd(x, t, IGNORE, smoothing, z)
-        dlogits = kernels.cross_entropy_bwd(dloss, x, t, lse, IGNORE, smoothing, z)
+        loss, lse = kernels.cross_entropy_fwd(x, t, IGNORE, smoothing, z, argmax=argmax, **opts)
+        dlogits = kernels.cross_entropy_bwd(dloss, x, t, lse, IGNORE, smoothing, z, **opts)
         # The forward's own gradient pass, written in place over a copy of the logits.
         in_place = x.clone()
-        loss2, _ = kernels.cross_entropy_fwd(in_place, t, IGNORE, smoothing, z, in_place)
+        loss2, _ = kernels.cross_entropy_fwd(in_place, t, IGNORE, smoothing, z, in_place, **opts)
         bwd_in_place = x.clone()
         kernels.cross_entropy_bwd(
-            dloss, bwd_in_place, t, lse, IGNORE, smoothing, z, out=bwd_in_place
+            dloss, bwd_in_place, t, lse, IGNORE, smoothing, z, out=bwd_in_place, **opts
         )
-    ref_rows, ref_grad = _rows_and_grad(x, t, dloss, smoothing, z, torch.float64)
-    base_rows, base_grad = _rows_and_grad(x, t, dloss, smoothing, z, dtype)
+    args = (smoothing, z)
+    ref_rows, ref_grad = _rows_and_grad(x, t, dloss, *args, torch.float64, **opts)
+    base_rows, base_grad = _rows_and_grad(x, t, dloss, *args, dtype, **opts)
     assert loss.dtype == lse.dtype == torch.float32 and dlogits.dtype == dtype
-    assert_policy(loss, ref_rows, base_rows, "loss")
+    w_max = 1.0 if weight is None else weight.max().item()
+    x64 = x.double()
+    if softcap:
+        x64 = softcap * torch.tanh(x64 / softcap)
+    ref_lse = torch.logsumexp(x64, -1)
+    # Floor: a row's loss is w_t (lse - x_t) + ... + z lse^2 w_t with lse and the (capped)
+    # logits rounded at their own size before they cancel: an ulp there, times the weights.
+    loss_scale = None
+    if weight is not None or softcap:
+        big = ref_lse.abs().max().item() if n else 0.0
+        loss_scale = w_max * (1 + 2 * z * big) * (big + x64.abs().max().item())
+    assert_policy(loss, ref_rows, base_rows, "loss", scale=loss_scale)
     assert torch.equal(loss, loss2)
-    ref_lse = torch.logsumexp(x.double(), -1)
-    assert_policy(lse, ref_lse, torch.logsumexp(x, -1), "lse")
-    scale = grad_scale(ref_lse, z)
+    base_x = x if not softcap else softcap * torch.tanh(x / softcap)
+    assert_policy(lse, ref_lse, torch.logsumexp(base_x, -1), "lse")
+    _check_argmax(argmax, x, x64, softcap)
+    scale = grad_scale(ref_lse, z) * w_max
     assert_policy(dlogits, ref_grad, base_grad, "dlogits", scale=scale * dloss.max().item())
     assert torch.equal(bwd_in_place, dlogits)
-    _, unit_grad = _rows_and_grad(x, t, torch.ones_like(dloss), smoothing, z, torch.float64)
-    _, unit_base = _rows_and_grad(x, t, torch.ones_like(dloss), smoothing, z, dtype)
+    ones = torch.ones_like(dloss)
+    _, unit_grad = _rows_and_grad(x, t, ones, *args, torch.float64, **opts)
+    _, unit_base = _rows_and_grad(x, t, ones, *args, dtype, **opts)
     assert_policy(in_place, unit_grad, unit_base, "in-place dlogits", scale=scale)
+
+
+def _check_argmax(argmax, x, x64, softcap):
+    """The first maximum, as torch.argmax: exactly on the uncapped logits (the kernel
+    compares the very same values); with a cap, within the cap's float32 rounding of the
+    float64 maximum (the cap may round two values to a tie or out of one)."""
+    if not x.shape[0]:
+        return
+    if not softcap:
+        assert torch.equal(argmax.long().cpu(), x.float().argmax(-1).cpu()), argmax
+        return
+    rows = torch.arange(x.shape[0])
+    picked = x64.cpu()[rows, argmax.long().cpu()]
+    tol = 4 * softcap * torch.finfo(torch.float32).eps
+    assert (picked >= x64.cpu().max(-1).values - tol).all(), (picked, x64.max(-1).values)
 
 
 def grad_scale(lse, z):
@@ -97,6 +144,9 @@ FEATURES = {
     "ignore+smoothing": dict(smoothing=0.1, ignore_rows=(0,)),
     "z_loss": dict(z=1e-3, ignore_rows=(0,)),
     "all": dict(smoothing=0.25, z=1e-2, ignore_rows=(0,)),
+    "class weights": dict(weighted=True, smoothing=0.1, z=1e-3, ignore_rows=(0,)),
+    "softcap": dict(softcap=2.0, z=1e-3),
+    "everything": dict(weighted=True, softcap=5.0, smoothing=0.25, z=1e-2, ignore_rows=(0,)),
 }
 
 
