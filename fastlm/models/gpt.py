@@ -236,6 +236,18 @@ class GPT(GenerationMixin, nn.Module):
             for b in self.blocks
         ]
 
+    def kv_layout(self) -> list[tuple[int, int]]:
+        """Each layer's (kv_heads, head_dim), for a paged cache."""
+        return [(b.attn.num_kv_heads, b.attn.head_dim) for b in self.blocks]
+
+    def _cached_logits(
+        self, input_ids: Tensor, position_ids: Tensor | None, caches: list[KVCache]
+    ) -> Tensor:
+        """The last position's logits (B, V) of ``input_ids`` (B, S) at ``position_ids``
+        (None: 0..S-1), extending the caches (a paged cache's lengths: the caller advances)."""
+        h = self.hidden_states(input_ids, position_ids=position_ids, caches=caches)
+        return self.to_vocab.logits(h[:, -1], self.lm_head.weight)
+
     def _decode(self, input_ids, mask, max_new_tokens, select, eos, pad) -> Tensor:
         b, s = input_ids.shape
         prompt, lengths = left_align(input_ids, mask)

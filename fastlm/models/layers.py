@@ -84,12 +84,22 @@ def merge_bias(*biases: Tensor | None) -> Tensor | None:
 
 @dataclasses.dataclass
 class KVCache:
-    """One attention layer's keys and values for incremental decoding: (B, S_max, Hkv, D)
-    each, sequence b holding ``lengths[b]`` tokens (int32, (B,)), left-aligned."""
+    """One attention layer's keys and values for incremental decoding.
+
+    Contiguous (``block_table`` None): k, v (B, S_max, Hkv, D), sequence b holding
+    ``lengths[b]`` tokens (int32, (B,)), left-aligned; the layer advances ``lengths`` itself.
+
+    Paged: k, v are the layer's page pools (num_pages, page_size, Hkv, D) and sequence b's
+    position j lives in slot ``j % page_size`` of page ``block_table[b, j // page_size]``
+    (int32 (B, max_pages)). Every layer of a paged cache shares one ``lengths`` and one
+    ``block_table``, so the layer does not advance them: the
+    :class:`fastlm.models.generation.PagedKVCache` that holds them does, once per forward.
+    """
 
     k: Tensor
     v: Tensor
     lengths: Tensor
+    block_table: Tensor | None = None
 
     @classmethod
     def empty(cls, batch: int, max_len: int, kv_heads: int, head_dim: int, like: Tensor):
@@ -216,8 +226,10 @@ class Attention(nn.Module):
                 v.contiguous(),
                 causal=causal,
                 softmax_scale=self.softmax_scale,
+                block_table=cache.block_table,
             )
-            cache.lengths += q.shape[1]
+            if cache.block_table is None:  # a paged cache's owner advances the shared lengths
+                cache.lengths += q.shape[1]
             return out
         # A bias (T5's relative positions) needs the general kernel: append, then attend
         # over the filled prefix. Every sequence has the same length here (T5's decoder).

@@ -8,7 +8,7 @@ import torch
 
 import fastlm
 from fastlm.models import create
-from fastlm.models.generation import next_tokens
+from fastlm.models.generation import BatchScheduler, PagedKVCache, next_tokens
 from fastlm.models.hf import from_hf
 
 T = pytest.importorskip("transformers")
@@ -180,3 +180,141 @@ def test_bad_input(kwargs, word):
     args = dict(input_ids=torch.ones(2, 4, dtype=torch.long), max_new_tokens=2) | kwargs
     with pytest.raises(ValueError, match=word):
         model.generate(**args)
+
+
+# ---------------------------------------------------------------------------------------------
+# The paged cache and continuous batching.
+
+
+def _uneven_prompts(lengths=(3, 11, 6, 1, 8)):
+    return [torch.randint(EOS + 1, VOCAB, (n,)) for n in lengths]
+
+
+def _varied_gpt():
+    # Wide initial weights, so that greedy decoding does not repeat one token (a test of
+    # which token comes when needs tokens that differ).
+    return create("gpt2-tiny", vocab_size=VOCAB, num_layers=2, initializer_range=0.3).eval()
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_paged_greedy_matches_padded_and_transformers(name):
+    """Uneven left-padded prompts: the paged cache (pages of 4, so sequences cross pages)
+    gives transformers' tokens and the padded cache's, with and without EOS."""
+    hf = _models()[name].eval()
+    ours = from_hf(hf)
+    ids, mask = _left_padded_prompts()
+    theirs = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    kw = dict(attention_mask=mask, eos_token_id=EOS, pad_token_id=0)
+    padded = ours.generate(ids, 12, **kw)
+    paged = ours.generate(ids, 12, paged=True, page_size=4, **kw)
+    assert torch.equal(paged, theirs), (paged, theirs)
+    assert torch.equal(paged, padded)
+    # An EOS that one row emits early: that row stops and pads, the others go on.
+    eos = int(padded[0, ids.shape[1] + 1])
+    kw = dict(attention_mask=mask, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(ours.generate(ids, 12, paged=True, **kw), ours.generate(ids, 12, **kw))
+
+
+def test_a_prompt_joining_mid_run_continues_as_it_does_alone():
+    """Continuous batching: two slots, three prompts; the third joins when the second's
+    budget runs out while the first is still decoding. Each gets the tokens it gets alone,
+    and the run takes the first prompt's steps only (static batching would add the third's).
+    """
+    model = _varied_gpt()
+    prompts, budgets = _uneven_prompts((5, 9, 3)), [12, 3, 8]
+    scheduler = BatchScheduler(model, max_batch=2, page_size=4)
+    picks = lambda logits: logits.argmax(-1)  # noqa: E731
+    with torch.no_grad():
+        news = scheduler.run(prompts, budgets, picks, eos=None)
+    for prompt, new, budget in zip(prompts, news, budgets, strict=True):
+        alone = model.generate(prompt[None], budget)[0, len(prompt) :]
+        assert torch.equal(new, alone), (new, alone)
+    # The first token of each comes from its prefill; prompt 2 decodes from step 3 (after
+    # prompt 1's two steps) to step 9, inside prompt 0's 11.
+    assert scheduler.steps == budgets[0] - 1, scheduler.steps
+    got = model.generate_many(prompts, budgets, max_batch=2, page_size=4)
+    for out, prompt, new in zip(got, prompts, news, strict=True):
+        assert torch.equal(out, torch.cat([prompt, new]))
+
+
+def test_finished_sequences_give_their_pages_back():
+    """Pages are taken as tokens arrive and returned on finishing: with every prompt in the
+    batch the peak is each sequence's own pages (ceil(tokens / page_size), tokens = prompt +
+    new - 1, the last token is never fed back), not batch x longest; one slot at a time
+    reuses the same pages; after a run every page is free, and an EOS that ends rows early
+    frees theirs sooner."""
+    model = _varied_gpt()
+    prompts, new, ps = _uneven_prompts(), 7, 4
+    together = BatchScheduler(model, max_batch=len(prompts), page_size=ps)
+    with torch.no_grad():
+        out = together.run(prompts, [new] * len(prompts), lambda x: x.argmax(-1), eos=None)
+    cache = together.cache
+    held = [-(-(len(p) + new - 1) // ps) for p in prompts]
+    assert cache.peak_pages == sum(held), (cache.peak_pages, held)
+    assert cache.pages_in_use == 0 and sorted(cache.free) == list(range(cache.num_pages))
+    assert cache.pages == {}
+    page_bytes = 2 * len(model.blocks) * ps * model.config.hidden_size * 4  # k and v, fp32
+    assert cache.bytes_per_page == page_bytes
+    assert cache.bytes_in_use() == 0
+    assert cache.bytes_allocated() == cache.num_pages * page_bytes
+    # One slot: each sequence finds the pages the one before it gave back.
+    alone = BatchScheduler(model, max_batch=1, page_size=ps)
+    with torch.no_grad():
+        again = alone.run(prompts, [new] * len(prompts), lambda x: x.argmax(-1), eos=None)
+    assert alone.cache.peak_pages == max(held), (alone.cache.peak_pages, held)
+    assert all(torch.equal(a, b) for a, b in zip(out, again, strict=True))
+    # EOS: a token row 0 picks first; row 0 stops there and gives back its pages.
+    eos = int(out[0][0])
+    early = BatchScheduler(model, max_batch=len(prompts), page_size=ps)
+    with torch.no_grad():
+        cut = early.run(prompts, [new] * len(prompts), lambda x: x.argmax(-1), eos=eos)
+    for full, short in zip(out, cut, strict=True):
+        stop = full.tolist().index(eos) + 1 if eos in full.tolist() else new
+        assert torch.equal(short, full[:stop])
+    assert early.cache.pages_in_use == 0 and early.cache.peak_pages <= sum(held)
+
+
+def test_page_pool_grows_keeping_pages_and_ids():
+    """Out of free pages, the pools grow (doubling); pages already held keep their ids and
+    contents, and released pages come back in the free list."""
+    cache = PagedKVCache([(2, 3), (1, 3)], page_size=2, like=torch.zeros(()), num_pages=1)
+    assert cache.reserve(0, 2) == [(0, 0)]
+    cache.k[0][0].fill_(7.0)
+    assert cache.reserve(1, 3) == [(0, 1), (1, 2)]  # grew from 1 page to 3
+    assert cache.num_pages == 3 and cache.version == 1
+    assert bool((cache.k[0][0] == 7.0).all()) and bool((cache.k[0][1:] == 0).all())
+    assert cache.reserve(1, 4) == []  # 4 tokens fit its two pages
+    table = cache.block_table([1, 0], 3, torch.device("cpu"))
+    assert table.tolist() == [[1, 2, 0], [0, 0, 0]] and table.dtype == torch.int32
+    cache.release(1)
+    assert sorted(cache.free) == [1, 2] and cache.pages_in_use == 1
+    assert cache.reserve(2, 1) == [(0, 1)]  # the lowest free id first
+
+
+@pytest.mark.parametrize(
+    "call, word",
+    [
+        (
+            lambda m: m.generate(torch.ones(1, 3, dtype=torch.long), 2, paged=True, page_size=0),
+            "page_size",
+        ),
+        (lambda m: m.generate_many([], 2), "prompts"),
+        (lambda m: m.generate_many([torch.ones(2, 3, dtype=torch.long)], 2), r"prompts\[0\]"),
+        (lambda m: m.generate_many([torch.ones(3, dtype=torch.long)], [2, 3]), "max_new_tokens"),
+        (lambda m: m.generate_many([torch.ones(3, dtype=torch.long)], 2, max_batch=0), "max_batch"),
+        (lambda m: m.generate_many([torch.ones(250, dtype=torch.long)], 7), "at most 6"),
+    ],
+)
+def test_paged_bad_input(call, word):
+    with pytest.raises(ValueError, match=word):
+        call(create("gpt2-tiny", vocab_size=VOCAB, num_layers=1))
+    with pytest.raises(TypeError, match="paged must be a bool"):
+        create("gpt2-tiny", vocab_size=VOCAB, num_layers=1).generate(
+            torch.ones(1, 3, dtype=torch.long), 2, paged=1
+        )
+
+
+def test_t5_has_no_paged_cache():
+    model = from_hf(_models()["t5"])
+    with pytest.raises(ValueError, match="paged: T5"):
+        model.generate(torch.ones(1, 3, dtype=torch.long), 2, paged=True)
