@@ -183,6 +183,7 @@ def cross_entropy(
         loss = _reduce(rows, row_w, reduction).to(logits.dtype)
     if not (return_z_loss or return_token_accuracy):
         return loss
+    argmax = argmax if return_token_accuracy else None  # the custom ops return it empty
     return _output(
         loss, lse, argmax, target, ignore_index, weight, reduction, z_loss, return_z_loss
     )
@@ -286,6 +287,7 @@ def linear_cross_entropy(
     loss = loss.to(hidden.dtype if out_dtype is None else out_dtype)
     if not (return_z_loss or return_token_accuracy):
         return loss
+    argmax = argmax if return_token_accuracy else None  # the custom ops return it empty
     return _output(
         loss, lse, argmax, target, ignore_index, ce_weight, reduction, z_loss, return_z_loss
     )

@@ -219,12 +219,33 @@ def ref_linear_ce(
     label_smoothing=0.0,
     reduction="mean",
     z_loss=0.0,
+    ce_weight=None,
+    softcap=None,
+    return_z_loss=False,
     **_,
 ):
     logits = F.linear(hidden, weight, bias)
-    return (
-        ops.cross_entropy_ref(logits, target, ignore_index, label_smoothing, reduction, z_loss),
+    out = ops.cross_entropy_ref(
+        logits,
+        target,
+        ignore_index,
+        label_smoothing,
+        reduction,
+        z_loss,
+        ce_weight,
+        softcap,
+        return_z_loss=return_z_loss,
     )
+    return (out.loss, out.z_loss) if return_z_loss else (out,)
+
+
+def collect_ce_extras(result, args, kwargs):
+    """The tensors of a CrossEntropyOutput (the fields asked for)."""
+    return tuple(t for t in result if t is not None)
+
+
+def ref_ce_extras(*args, **kwargs):
+    return collect_ce_extras(ops.cross_entropy_ref(*args, **kwargs), args, kwargs)
 
 
 def ref_w8a8(x, qw, bias=None):
@@ -840,14 +861,14 @@ def loss_floor_scale(logits: Tensor, kwargs: dict, ref: Tensor) -> float:
 
 
 def loss_cases() -> list[Case]:
-    def ce(name, make, expect=OK, **kw):
+    def ce(name, make, expect=OK, ref=ops.cross_entropy_ref, **kw):
         return Case(
             "cross_entropy",
             name,
             ops.cross_entropy,
             make,
             expect,
-            ops.cross_entropy_ref,
+            ref,
             floor_scale=lambda args, kwargs, ref: loss_floor_scale(args[0].double(), kwargs, ref),
             **kw,
         )
@@ -890,10 +911,29 @@ def loss_cases() -> list[Case]:
         ce("one row, sum", lambda: (logits(1, dtype=F32), dict(reduction="sum"))),
         ce("empty batch, sum", lambda: (logits(0), dict(reduction="sum"))),
         ce("NaN row", lambda: (logits(nan_at=(2, 5)), dict(reduction="none"))),
+        ce("class weights", lambda: (logits(dtype=F32), dict(weight=torch.rand(37)))),
         ce(
-            "class weights",
-            lambda: (logits(dtype=F32), dict(weight=torch.rand(37))),
-            unavailable={"triton": "weight"},
+            "class weights, smoothing, ignored rows, none",
+            lambda: (
+                (lambda x, t: (x, ignored(t)))(*logits()),
+                dict(weight=torch.rand(37) + 0.1, label_smoothing=0.2, reduction="none"),
+            ),
+        ),
+        ce("soft cap", lambda: (logits(), dict(softcap=0.8, z_loss=1e-3))),
+        ce(
+            "z-loss and accuracy returned",
+            lambda: (
+                (lambda x, t: (x, ignored(t)))(*logits()),
+                dict(z_loss=1e-2, return_z_loss=True, return_token_accuracy=True),
+            ),
+            ref=ref_ce_extras,
+            collect=collect_ce_extras,
+        ),
+        ce("softcap negative", lambda: (logits(), dict(softcap=-1.0)), (ValueError, "softcap")),
+        ce(
+            "return_z_loss not bool",
+            lambda: (logits(), dict(return_z_loss=1)),
+            (TypeError, "return_z_loss"),
         ),
         ce("meta", lambda: (logits(), {}), meta=True),
         ce(
@@ -927,6 +967,20 @@ def loss_cases() -> list[Case]:
             ),
         ),
         lce("empty batch, none", lambda: (lin(n=0), dict(reduction="none"))),
+        lce(
+            "class weights, soft cap, chunks",
+            lambda: (lin(), dict(ce_weight=torch.rand(37) + 0.1, softcap=0.5, chunk_size=4)),
+        ),
+        lce(
+            "z-loss returned",
+            lambda: (lin(), dict(z_loss=1e-2, return_z_loss=True)),
+            collect=collect_ce_extras,
+        ),
+        lce(
+            "ce_weight shape",
+            lambda: (lin(), dict(ce_weight=torch.rand(36))),
+            (ValueError, "ce_weight"),
+        ),
         lce("fp64", lambda: (lin(dtype=F64), {}), unavailable={"triton": "float64"}),
         lce("meta", lambda: (lin(), dict(reduction="none")), meta=True),
         lce(

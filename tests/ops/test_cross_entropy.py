@@ -308,6 +308,25 @@ def test_token_accuracy_ties_go_to_the_first_maximum(be, softcap):
     assert mean.token_accuracy == torch.tensor(2 / 5) and mean.z_loss is None
 
 
+@pytest.mark.parametrize("be", BACKENDS_HERE)
+def test_only_the_fields_asked_for(be):
+    hid, w = torch.randn(7, 8), torch.randn(13, 8)
+    t = _targets(7, 13)
+    with fastlm.use_backend(be):
+        for fn, args in (
+            (ops.cross_entropy, (F.linear(hid, w), t)),
+            (ops.linear_cross_entropy, (hid, w, t)),
+        ):
+            z = fn(*args, z_loss=1e-3, return_z_loss=True)
+            acc = fn(*args, return_token_accuracy=True)
+            plain = fn(*args, z_loss=1e-3)
+            assert z.token_accuracy is None and z.z_loss.shape == () and acc.z_loss is None
+            assert 0 <= acc.token_accuracy <= 1 and isinstance(plain, torch.Tensor)
+            assert_equal(z.loss, plain, f"{fn.__name__} loss")
+            no_z = fn(*args, return_z_loss=True)
+            assert no_z.z_loss == 0  # z_loss=0: the term is zero, and returned as asked
+
+
 @pytest.mark.parametrize("chunk", [1, 5, 64, None])
 def test_linear_cross_entropy_chunking_does_not_change_the_result(chunk):
     hid, w = torch.randn(23, 16), torch.randn(97, 16)
