@@ -11,6 +11,11 @@ FLOPs (rough; the op is memory-bound): ``4*N*V`` forward (max, subtract, exp, su
 ``4*N*V`` more for the gradient. The linear cross-entropy is compute-bound:
 ``6*N*H*V`` (the projection forward, and d_hidden and d_weight) plus the cross-entropy's.
 
+Soft-capping (Gemma 2's final-logit cap, ``softcap * tanh(logits / softcap)``) gets its own
+rows, ``linear_cross_entropy fwd+bwd softcap=30`` beside the uncapped ones at the same
+shapes; the formulas above stand (the cap's tanh is not counted: a few more FLOPs per logit
+in a kernel that is bound by memory in the cross-entropy and by the GEMMs in the fused op).
+
 Peak memory is where the fused linear cross-entropy wins: ``python -m
 bench.bench_cross_entropy`` measures it on the CPU at N=8192, V=32000, H=768, fp32, against
 ``F.cross_entropy(F.linear(h, W), t)`` (:func:`memory_report`); the harness also reports the
@@ -83,8 +88,14 @@ def _forward_backward(p: Provider, x, t) -> Callable[[], object]:
     return step
 
 
-def _unfused_linear(h, w, t):
-    return F.cross_entropy(F.linear(h, w), t)
+SOFTCAP = 30.0  # Gemma 2's final-logit cap
+
+
+def _unfused_linear(h, w, t, softcap=None):
+    logits = F.linear(h, w)
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    return F.cross_entropy(logits, t)
 
 
 def _linear_providers(device: torch.device) -> dict[str, tuple[Callable, str | None]]:
@@ -125,23 +136,26 @@ def cases(quick: bool, device: torch.device) -> Iterator[Case]:
         del x
         h = torch.randn(n, hidden, device=device, dtype=dtype, requires_grad=True)
         w = torch.randn(v, hidden, device=device, dtype=dtype, requires_grad=True)
-        for name, (fn, be) in _linear_providers(device).items():
+        for softcap in (None, SOFTCAP):
+            label = "linear_cross_entropy fwd+bwd" + ("" if softcap is None else " softcap=30")
+            for name, (fn, be) in _linear_providers(device).items():
 
-            def step(fn=fn, be=be, h=h, w=w, t=t):
-                with backend.use_backend(be):
-                    return torch.autograd.grad(fn(h, w, t), [h, w])
+                def step(fn=fn, be=be, h=h, w=w, t=t, softcap=softcap):
+                    with backend.use_backend(be):
+                        return torch.autograd.grad(fn(h, w, t, softcap=softcap), [h, w])
 
-            # Bytes: hidden, weight and their gradients, plus the cross-entropy over logits.
-            moved = 2 * (n + v) * hidden * e + ce_bytes(n, v, e, True)
-            yield Case(
-                "linear_cross_entropy fwd+bwd",
-                name,
-                (n, hidden, v),
-                dtype,
-                step,
-                moved,
-                6 * n * hidden * v + ce_flops(n, v, True),
-            )
+                # Bytes: hidden, weight and their gradients, plus the cross-entropy over
+                # logits.
+                moved = 2 * (n + v) * hidden * e + ce_bytes(n, v, e, True)
+                yield Case(
+                    label,
+                    name,
+                    (n, hidden, v),
+                    dtype,
+                    step,
+                    moved,
+                    6 * n * hidden * v + ce_flops(n, v, True),
+                )
 
 
 # ---------------------------------------------------------------------------------------------
