@@ -58,6 +58,18 @@ def _load_rows(base, rows, stride, offs_d, n_rows, head_dim):
 
 
 @triton.jit
+def _load_paged_rows(base, pages, rows, stride, stride_page, page_size, offs_d, n_rows, head_dim):
+    """Rows of a paged cache (num_pages, page_size, ...): row r lies in page
+    ``pages[r // page_size]`` at slot ``r % page_size``; rows past ``n_rows`` and columns
+    past ``head_dim`` read as zero (and their page is not looked up)."""
+    in_seq = rows < n_rows
+    page = tl.load(pages + rows // page_size, mask=in_seq, other=0).to(tl.int64)
+    offsets = page * stride_page + (rows % page_size).to(tl.int64) * stride
+    mask = in_seq[:, None] & (offs_d < head_dim)[None, :]
+    return tl.load(base + offsets[:, None] + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
 def _key_range(
     first_m, len_q, len_k, window_left, window_right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
 ):
@@ -134,6 +146,7 @@ def _attn_fwd_kernel(
     Alibi,
     CuQ,
     CuK,
+    BlockTable,
     stride_qb,
     stride_qs,
     stride_qh,
@@ -153,6 +166,10 @@ def _attn_fwd_kernel(
     stride_bm,
     stride_bn,
     stride_ab,
+    stride_tb,
+    stride_kp,
+    stride_vp,
+    page_size,
     seqlen_q,
     seqlen_k,
     n_heads,
@@ -171,6 +188,7 @@ def _attn_fwd_kernel(
     HAS_ALIBI: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     SOFTCAP: tl.constexpr,
+    PAGED: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -195,8 +213,12 @@ def _attn_fwd_kernel(
         mask=m_mask[:, None] & d_mask[None, :],
         other=0.0,
     )
-    k_base = K + b64 * stride_kb + kvh64 * stride_kh + k_start.to(tl.int64) * stride_ks
-    v_base = V + b64 * stride_vb + kvh64 * stride_vh + k_start.to(tl.int64) * stride_vs
+    k_base = K + b64 * stride_kb + kvh64 * stride_kh
+    v_base = V + b64 * stride_vb + kvh64 * stride_vh
+    pages = BlockTable + b64 * stride_tb  # paged K/V: this sequence's page numbers
+    if not PAGED:
+        k_base += k_start.to(tl.int64) * stride_ks
+        v_base += k_start.to(tl.int64) * stride_vs
     bias_base = Bias + b64 * stride_bb + h64 * stride_bh + offs_m[:, None].to(tl.int64) * stride_bm
     slope = 0.0
     if HAS_ALIBI:
@@ -209,7 +231,12 @@ def _attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        k = _load_rows(k_base, cols, stride_ks, offs_d, len_k, head_dim)
+        if PAGED:
+            k = _load_paged_rows(
+                k_base, pages, cols, stride_ks, stride_kp, page_size, offs_d, len_k, head_dim
+            )
+        else:
+            k = _load_rows(k_base, cols, stride_ks, offs_d, len_k, head_dim)
         s, _ = _scores(
             q,
             k,
@@ -237,7 +264,12 @@ def _attn_fwd_kernel(
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, b, h, n_heads, offs_m, cols, rng_cols, dropout_p)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-        v = _load_rows(v_base, cols, stride_vs, offs_d, len_k, head_dim)
+        if PAGED:
+            v = _load_paged_rows(
+                v_base, pages, cols, stride_vs, stride_vp, page_size, offs_d, len_k, head_dim
+            )
+        else:
+            v = _load_rows(v_base, cols, stride_vs, offs_d, len_k, head_dim)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
@@ -743,9 +775,13 @@ def attention_fwd(
     cu_seqlens_k: torch.Tensor | None = None,
     max_seqlen_q: int | None = None,
     max_seqlen_k: int | None = None,
+    block_table: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(out, lse)``. Dense: q (B, Sq, H, D), k/v (B, Sk, Hkv, D), lse (B, H, Sq).
-    Packed: q (total_q, H, D), k/v (total_k, Hkv, D), lse (H, total_q).
+    Packed: q (total_q, H, D), k/v (total_k, Hkv, D), lse (H, total_q). Paged (packed
+    queries only): k/v (num_pages, page_size, Hkv, D) and ``block_table`` int32 (B,
+    max_pages): key j of sequence b is slot ``j % page_size`` of page
+    ``block_table[b, j // page_size]``, for j below ``cu_seqlens_k[b + 1] - cu_seqlens_k[b]``.
 
     ``bias`` is 4-D (batch, heads, seqlen_q, seqlen_k) with any strides (0 where broadcast);
     ``alibi_slopes`` is fp32 (B, H) with stride 0 over batch when shared. Inputs are checked
@@ -759,6 +795,8 @@ def attention_fwd(
         lse = torch.empty((n_heads, q.shape[0]), dtype=torch.float32, device=q.device)
         strides_q, strides_k, strides_v, strides_o = (_row_strides(t, True) for t in (q, k, v, out))
         strides_l = (0, lse.stride(0))
+        if block_table is not None:  # (page, slot, head) strides: rows within a page
+            strides_k, strides_v = ((0, *t.stride()[1:3]) for t in (k, v))
     else:
         batch, seqlen_q, n_heads, head_dim = q.shape
         seqlen_k = k.shape[1]
@@ -772,6 +810,7 @@ def attention_fwd(
     left, right, has_mask = _window(args.causal, args.window)
     cfg = tile_configs(head_dim, _heavy(varlen, bias, alibi_slopes, args))[0]
     kernel = on_device(_attn_fwd_kernel, q.device)
+    paged = block_table is not None
     grid = (triton.cdiv(seqlen_q, cfg.block_m), batch * n_heads)
     kernel[grid](
         q,
@@ -783,6 +822,7 @@ def attention_fwd(
         lse if alibi_slopes is None else alibi_slopes,
         cu_seqlens_q if varlen else lse,
         cu_seqlens_k if varlen else lse,
+        block_table if paged else lse,
         *strides_q,
         *strides_k,
         *strides_v,
@@ -790,6 +830,10 @@ def attention_fwd(
         *strides_l,
         *_bias_strides(bias),
         0 if alibi_slopes is None else alibi_slopes.stride(0),
+        block_table.stride(0) if paged else 0,
+        k.stride(0) if paged else 0,
+        v.stride(0) if paged else 0,
+        k.shape[1] if paged else 1,
         seqlen_q,
         seqlen_k,
         n_heads,
@@ -808,6 +852,7 @@ def attention_fwd(
         HAS_ALIBI=alibi_slopes is not None,
         HAS_DROPOUT=args.dropout_p > 0,
         SOFTCAP=args.softcap > 0,
+        PAGED=paged,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_D=_block_d(head_dim),
@@ -1023,7 +1068,7 @@ def _spec_types(kernel, t: str) -> dict[str, str]:
     for name in kernel.arg_names:
         if name in fp32_ptrs:
             types[name] = "*fp32"
-        elif name in ("CuQ", "CuK"):
+        elif name in ("CuQ", "CuK", "BlockTable"):
             types[name] = "*i32"
         elif name[0].isupper():
             types[name] = f"*{t}"
@@ -1042,7 +1087,7 @@ _SPEC_HEAD_DIMS = (64, 128, 256)
 def compile_specs() -> list[KernelSpec]:
     """Forward, dK/dV and dQ kernels at every shipped tile configuration: masking only (fp16
     and bf16), masking with the soft cap (bf16), and every feature on (varlen, bias, ALiBi,
-    dropout, soft cap; bf16)."""
+    dropout, soft cap; bf16); the forward on paged K/V (bf16); the dropout pattern."""
     plain = dict(IS_VARLEN=False, HAS_BIAS=False, HAS_ALIBI=False, HAS_DROPOUT=False)
     specs = []
     for head_dim in _SPEC_HEAD_DIMS:
@@ -1061,6 +1106,9 @@ def compile_specs() -> list[KernelSpec]:
                 )
             for flags in variants:
                 specs += _specs_for(head_dim, t, dict(HAS_MASK=True, **flags))
+            if dtype == torch.bfloat16:
+                flags = dict(plain, IS_VARLEN=True, SOFTCAP=False)
+                specs += _specs_for(head_dim, t, dict(HAS_MASK=True, **flags), paged=True)
     return specs + [_keep_spec(varlen) for varlen in (False, True)]
 
 
@@ -1083,18 +1131,21 @@ def _keep_spec(varlen: bool) -> KernelSpec:
     )
 
 
-def _specs_for(head_dim: int, t: str, flags: dict) -> list[KernelSpec]:
+def _specs_for(head_dim: int, t: str, flags: dict, paged: bool = False) -> list[KernelSpec]:
+    """The three kernels with ``flags``; ``paged``: the forward alone reading paged K/V
+    (there is no paged backward)."""
     block_d = _block_d(head_dim)
     heavy = flags["IS_VARLEN"] or flags["HAS_BIAS"] or flags["HAS_ALIBI"] or flags["HAS_DROPOUT"]
     fwd, dkdv, dq = tile_configs(head_dim, heavy)
     what = "+".join(k[4:].lower() for k, on in flags.items() if on and k.startswith("HAS_"))
     what += "+varlen" if flags["IS_VARLEN"] else ""
     what += "+softcap" if flags["SOFTCAP"] else ""
+    what += "+paged" if paged else ""
     kernels = [  # (name, kernel, tiles, extra constexprs, must use wgmma on sm_90)
-        ("fwd", _attn_fwd_kernel, fwd, {}, True),
+        ("fwd", _attn_fwd_kernel, fwd, {"PAGED": paged}, True),
         ("bwd dk/dv", _attn_bwd_dkdv_kernel, dkdv, {}, False),
         ("bwd dq", _attn_bwd_dq_kernel, dq, {"BIAS_GRAD": flags["HAS_BIAS"]}, False),
-    ]
+    ][: 1 if paged else 3]
     specs = []
     for name, kernel, cfg, extra, wgmma in kernels:
         constexprs = dict(flags, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, **extra)

@@ -253,6 +253,7 @@ def flash_attention_varlen(
     return_lse: bool = False,
     softcap: float = 0.0,
     return_attn_probs: bool = False,
+    block_table: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
     """:func:`flash_attention` over packed variable-length sequences, as
     ``flash_attn_varlen_func``: q (total_q, H, D), k/v (total_k, Hkv, D); sequence b is rows
@@ -261,9 +262,22 @@ def flash_attention_varlen(
     length. Masks align within each sequence. lse is (H, total_q). ``softcap`` as in
     :func:`flash_attention`; ``return_attn_probs`` gives ``(out, lse, S_dmask)`` with
     S_dmask (B, H, max_seqlen_q, max_seqlen_k), sequence b's probabilities in its top-left
-    corner and zeros past its lengths."""
-    _check_qkv(q, k, v, packed=True)
-    batch = _check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q, k, max_seqlen_q, max_seqlen_k)
+    corner and zeros past its lengths.
+
+    Paged K/V (flash-attn's ``block_table``): k and v are caches (num_pages, page_size, Hkv,
+    D) and ``block_table`` int32 (B, max_pages) lists each sequence's pages: its key j is
+    slot ``j % page_size`` of page ``block_table[b, j // page_size]``, for j below its key
+    count ``cu_seqlens_k[b + 1] - cu_seqlens_k[b]`` (cu_seqlens_k counts keys from 0; it
+    does not index k). Any page_size. Forward only, as flash-attn's: refused where autograd
+    would need a backward. The Triton kernel reads the pages in place; the torch backend
+    gathers them first."""
+    paged = block_table is not None
+    _check_qkv(q, k, v, packed=True, paged=paged)
+    batch = _check_cu_seqlens(
+        cu_seqlens_q, cu_seqlens_k, q, k, max_seqlen_q, max_seqlen_k, paged=paged
+    )
+    if paged:
+        _check_block_table(block_table, batch, q, k, cu_seqlens_k)
     slopes = _check_alibi(alibi_slopes, batch, q.shape[1], q)
     scale = _check_scale(softmax_scale, q.shape[-1])
     out, lse, probs = _attention(
@@ -278,6 +292,7 @@ def flash_attention_varlen(
         slopes=slopes,
         softcap=_check_softcap(softcap),
         packed=(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
+        block_table=block_table,
         need_lse=_check_flag("return_attn_probs", return_attn_probs) or return_lse,
         need_probs=return_attn_probs,
     )
@@ -343,13 +358,19 @@ def scaled_dot_product_attention(
 # Checks: the contract every backend shares.
 
 
-def _check_qkv(q: Tensor, k: Tensor, v: Tensor, packed: bool) -> None:
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor, packed: bool, paged: bool = False) -> None:
     dims = 3 if packed else 4
     layout = "(total, heads, head_dim)" if packed else "(batch, seqlen, heads, head_dim)"
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != dims:
+        if paged and name != "q":
+            if t.dim() != 4:
+                raise ValueError(
+                    f"{name} must be a paged cache (num_pages, page_size, heads, head_dim) "
+                    f"with block_table, got shape {tuple(t.shape)}"
+                )
+        elif t.dim() != dims:
             raise ValueError(f"{name} must be {layout}, got shape {tuple(t.shape)}")
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
@@ -432,10 +453,11 @@ def _check_alibi(slopes, batch, n_heads, q):
     return slopes.expand(batch, n_heads)
 
 
-def _check_cu_seqlens(cu_q, cu_k, q, k, max_seqlen_q, max_seqlen_k) -> int:
-    """Offsets from 0 to the packed length, non-decreasing, each sequence no longer than its
-    max_seqlen. The values are read with one device-to-host copy per tensor, skipped where
-    they cannot be read (see :func:`~fastlm.ops.contract.values_readable`)."""
+def _check_cu_seqlens(cu_q, cu_k, q, k, max_seqlen_q, max_seqlen_k, paged=False) -> int:
+    """Offsets from 0 to the packed length (for paged K/V, cu_seqlens_k only from 0: keys
+    are counted, not packed), non-decreasing, each sequence no longer than its max_seqlen.
+    The values are read with one device-to-host copy per tensor, skipped where they cannot
+    be read (see :func:`~fastlm.ops.contract.values_readable`)."""
     check_int("max_seqlen_q", max_seqlen_q, 1)
     check_int("max_seqlen_k", max_seqlen_k, 1)
     for name, cu, total, max_name, longest in (
@@ -456,7 +478,10 @@ def _check_cu_seqlens(cu_q, cu_k, q, k, max_seqlen_q, max_seqlen_k) -> int:
         first, last, shortest, longest_seen = torch.stack(
             (cu[0], cu[-1], lengths.min(), lengths.max())
         ).tolist()
-        if first != 0 or last != total:
+        if paged and name == "cu_seqlens_k":
+            if first != 0:
+                raise ValueError(f"{name} must start at 0, got {first}")
+        elif first != 0 or last != total:
             raise ValueError(
                 f"{name} must run from 0 to the packed length {total}, got {first}..{last}"
             )
@@ -474,6 +499,62 @@ def _check_cu_seqlens(cu_q, cu_k, q, k, max_seqlen_q, max_seqlen_k) -> int:
     if cu_q.numel() != cu_k.numel():
         raise ValueError("cu_seqlens_q and cu_seqlens_k must have the same length")
     return cu_q.numel() - 1
+
+
+def _check_block_table(block_table, batch: int, q: Tensor, k: Tensor, cu_k: Tensor) -> None:
+    """flash-attn's ``block_table``: int32 (batch, max_pages) page numbers of k/v; enough
+    pages for every sequence's keys, each a page of k (read where readable). Paged K/V has
+    no backward, as flash-attn's: refused while autograd would need one."""
+    if not isinstance(block_table, Tensor) or block_table.dtype != torch.int32:
+        raise TypeError(f"block_table must be an int32 tensor, got {describe(block_table)}")
+    if block_table.dim() != 2 or block_table.shape[0] != batch:
+        raise ValueError(
+            f"block_table must be (batch, max_pages) with batch = {batch}, got shape "
+            f"{tuple(block_table.shape)}"
+        )
+    if block_table.device != q.device:
+        raise ValueError(f"block_table is on {block_table.device} but q is on {q.device}")
+    num_pages, page_size = k.shape[:2]
+    if page_size < 1:
+        raise ValueError(f"k's page_size (dim 1) must be >= 1, got {page_size}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k)):
+        raise ValueError(
+            "block_table: paged K/V attention has no backward (as flash-attn's); call it "
+            "under torch.no_grad() or with q, k, v that do not require grad"
+        )
+    if not (values_readable(block_table) and values_readable(cu_k)):
+        return
+    needed = (cu_k.diff().long() + page_size - 1) // page_size  # pages per sequence
+    most = int(needed.max()) if batch else 0
+    if most > block_table.shape[1]:
+        b = int(needed.argmax())
+        raise ValueError(
+            f"block_table has {block_table.shape[1]} pages per sequence, but sequence {b} has "
+            f"{int(cu_k[b + 1] - cu_k[b])} keys in pages of {page_size}: {most} pages"
+        )
+    used = torch.arange(block_table.shape[1], device=q.device)[None, :] < needed[:, None]
+    bad = used & ((block_table < 0) | (block_table >= num_pages))
+    if bad.any():
+        b, i = (int(x) for x in bad.nonzero()[0])
+        raise ValueError(
+            f"block_table[{b}, {i}] = {int(block_table[b, i])} is not a page of k "
+            f"(num_pages = {num_pages})"
+        )
+
+
+def _gather_pages(cache: Tensor, block_table: Tensor, cu_k: Tensor) -> Tensor:
+    """The packed (total_k, Hkv, D) keys (or values) of a paged cache (num_pages,
+    page_size, Hkv, D): key j of sequence b is slot j % page_size of page
+    block_table[b, j // page_size]."""
+    page_size = cache.shape[1]
+    lengths = cu_k.diff().long()
+    total = int(cu_k[-1])
+    seq = torch.repeat_interleave(
+        torch.arange(lengths.numel(), device=cache.device), lengths, output_size=total
+    )
+    j = torch.arange(total, device=cache.device) - cu_k[:-1].long()[seq]
+    pages = block_table.long()[seq, j // page_size]
+    return cache.flatten(0, 1)[pages * page_size + j % page_size]
 
 
 def _check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> None:
@@ -590,6 +671,7 @@ def _attention(
     slopes: Tensor | None = None,
     softcap: float = 0.0,
     packed: tuple[Tensor, Tensor, int, int] | None = None,
+    block_table: Tensor | None = None,
     need_lse: bool = False,
     need_probs: bool = False,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
@@ -599,7 +681,11 @@ def _attention(
     negative where dropped) is computed only when ``need_probs``."""
     cu_q, cu_k, max_q, max_k = packed or (None, None, q.shape[1], k.shape[1])
     name = backend.select("attention", q.device, _support(q))
+    if block_table is not None and (name == "torch" or need_probs) and q.device.type != "meta":
+        packed_k, packed_v = (_gather_pages(t, block_table, cu_k) for t in (k, v))
     if name == "torch":
+        if block_table is not None:  # the torch backend reads gathered pages
+            k, v = (packed_k, packed_v) if q.device.type != "meta" else (k[:0, 0], v[:0, 0])
         return _torch_attention(
             q,
             k,
@@ -635,12 +721,14 @@ def _attention(
         float(dropout_p),
         seed,
         softcap,
+        block_table,
         name,
     )
     probs = None
     if need_probs:
         args = _kernel_args(causal, scale, left, right, dropout_p, seed, softcap)
-        probs = _kernel_probs(q, k, args, window, bias, slopes, packed)
+        keys = k if block_table is None else packed_k
+        probs = _kernel_probs(q, keys, args, window, bias, slopes, packed)
     return out, lse, probs
 
 
@@ -716,13 +804,24 @@ def _attention_fwd_op(
     dropout_p: float,
     seed: int,
     softcap: float,
+    block_table: Tensor | None,
     backend_name: str,
 ) -> tuple[Tensor, Tensor]:
     from fastlm.kernels.attention import attention_fwd
 
     args = _kernel_args(causal, scale, window_left, window_right, dropout_p, seed, softcap)
     return attention_fwd(
-        q, k, v, args, bias, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
+        q,
+        k,
+        v,
+        args,
+        bias,
+        alibi_slopes,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        block_table,
     )
 
 
@@ -744,6 +843,7 @@ def _(
     dropout_p,
     seed,
     softcap,
+    block_table,
     backend_name,
 ):
     if cu_seqlens_q is not None:
@@ -831,10 +931,11 @@ def _(
 
 
 def _attention_setup_context(ctx, inputs, output):
-    q, k, v, bias, slopes, cu_q, cu_k, *options = inputs
+    # block_table (paged K/V) is refused at the op's entry wherever autograd is on.
+    q, k, v, bias, slopes, cu_q, cu_k, *options, _block_table, name = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, bias, slopes, cu_q, cu_k)
-    ctx.options = tuple(options)  # max_q, max_k, ..., softcap, backend name
+    ctx.options = (*options, name)  # max_q, max_k, ..., softcap, backend name
 
 
 def _attention_backward(ctx, grad_out, _grad_lse):
@@ -865,7 +966,7 @@ def _attention_backward(ctx, grad_out, _grad_lse):
         name,
     )
     dbias = dbias.to(bias.dtype) if bias_grad else None
-    return (dq, dk, dv, dbias, *([None] * 13))
+    return (dq, dk, dv, dbias, *([None] * 14))
 
 
 torch.library.register_autograd(

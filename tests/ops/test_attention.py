@@ -171,7 +171,8 @@ def test_torch_compile_fullgraph_with_custom_op():
 @pytest.mark.parametrize("softcap", [0.0, 2.5])
 def test_opcheck_forward_op(softcap):
     q, k, v = _qkv(b=1, sq=5, sk=6, h=2, hkv=1, d=16, dtype=torch.float16)
-    args = (q, k, v, None, None, None, None, 5, 6, True, 0.25, None, 0, 0.0, 0, softcap, "triton")
+    args = (q, k, v, None, None, None, None, 5, 6, True, 0.25, None, 0, 0.0, 0, softcap, None)
+    args = (*args, "triton")
     torch.library.opcheck(torch.ops.fastlm.attention_fwd.default, args)
 
 
@@ -567,3 +568,88 @@ def test_return_attn_probs_varlen_pads_and_matches_each_sequence(be):
         seq_grads = [g[None, s] for g, s in zip(grads, (rows, cols, cols), strict=True)]
         mask = s_dmask[b : b + 1, :, :lq, :lk]
         _check_s_dmask(out[None, rows], seq_grads, mask, *seq, do[None, rows], p, 0.0)
+
+
+# --- paged K/V in flash_attention_varlen (flash-attn's block_table) ---------------------------
+
+
+def _paged(lens_k, page_size, hkv=2, d=16, dtype=torch.bfloat16, spare=3):
+    """Packed k/v of the given lengths, and the same keys scattered over shuffled pages of a
+    cache (with ``spare`` unused NaN pages); unused block_table entries point nowhere (-1 or
+    past the cache) and must never be read."""
+    cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32)
+    k, v = (torch.randn(int(cu_k[-1]), hkv, d, dtype=dtype) for _ in "kv")
+    counts = [-(-n // page_size) for n in lens_k]
+    num_pages = sum(counts) + spare
+    order = torch.randperm(num_pages).tolist()
+    table = torch.full((len(lens_k), max(counts) + 1), -1, dtype=torch.int32)
+    table[:, -1] = num_pages + 5
+    k_cache, v_cache = (
+        torch.full((num_pages, page_size, hkv, d), math.nan, dtype=dtype) for _ in "kv"
+    )
+    for b in range(len(lens_k)):
+        for i in range(counts[b]):
+            page = order.pop()
+            table[b, i] = page
+            rows = slice(
+                int(cu_k[b]) + i * page_size,
+                min(int(cu_k[b]) + (i + 1) * page_size, int(cu_k[b + 1])),
+            )
+            n_rows = rows.stop - rows.start
+            k_cache[page, :n_rows], v_cache[page, :n_rows] = k[rows], v[rows]
+    return k, v, k_cache, v_cache, table, cu_k
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+@pytest.mark.parametrize(
+    "page_size, options",
+    [(4, dict(causal=True)), (3, dict(softcap=2.0, window=(4, 1), alibi_slopes=torch.rand(4)))],
+    ids=["causal", "softcap-window-alibi"],
+)
+def test_paged_varlen_equals_packed(be, page_size, options):
+    """The same keys through pages give what packed k/v give, and the reference's numbers;
+    a NaN in a spare page or slot past a sequence's keys never reaches the output."""
+    cu_q = torch.tensor([0, 3, 3, 12, 17], dtype=torch.int32)  # queries 3, 0, 9, 5
+    q = torch.randn(17, 4, 16, dtype=torch.bfloat16)
+    k, v, k_cache, v_cache, table, cu_k = _paged([7, 2, 13, 5], page_size)
+    with fastlm.use_backend(be):
+        got = ops.flash_attention_varlen(
+            q, k_cache, v_cache, cu_q, cu_k, 9, 13, block_table=table, **options
+        )
+        packed = ops.flash_attention_varlen(q, k, v, cu_q, cu_k, 9, 13, **options)
+    assert torch.equal(got, packed)
+    for b in (0, 2, 3):
+        rows, cols = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+        seq = [t[None, s] for t, s in ((q, rows), (k, cols), (v, cols))]
+        ref, _ = ops.attention_ref(*(t.double() for t in seq), **options)
+        low = {k: t.to(q.dtype) if isinstance(t, torch.Tensor) else t for k, t in options.items()}
+        base, _ = ops.attention_ref(*seq, **low)  # the formula at bf16
+        assert_policy(got[None, rows], ref, base.to(q.dtype), f"sequence {b}")
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+def test_paged_varlen_contract(be):
+    q = torch.randn(17, 4, 16, dtype=torch.bfloat16)
+    cu_q = torch.tensor([0, 3, 3, 12, 17], dtype=torch.int32)
+    k, v, k_cache, v_cache, table, cu_k = _paged([7, 2, 13, 5], 4)
+    call = lambda **kw: ops.flash_attention_varlen(  # noqa: E731
+        *(kw.pop("qkv", (q, k_cache, v_cache))), cu_q, kw.pop("cu_k", cu_k), 9, 13, **kw
+    )
+    with fastlm.use_backend(be):
+        with pytest.raises(TypeError, match="block_table must be an int32 tensor"):
+            call(block_table=table.long())
+        with pytest.raises(ValueError, match=r"block_table must be \(batch, max_pages\)"):
+            call(block_table=table[:3])
+        with pytest.raises(ValueError, match="k must be a paged cache"):
+            call(qkv=(q, k, v), block_table=table)
+        short = table[:, :2].contiguous()
+        with pytest.raises(ValueError, match="sequence 2 has 13 keys in pages of 4: 4 pages"):
+            call(block_table=short)
+        bad = table.clone()
+        bad[2, 1] = 99
+        with pytest.raises(ValueError, match=r"block_table\[2, 1\] = 99 is not a page of k"):
+            call(block_table=bad)
+        with pytest.raises(ValueError, match="no backward"):
+            call(qkv=(q.requires_grad_(), k_cache, v_cache), block_table=table)
+        with torch.no_grad():
+            assert call(qkv=(q, k_cache, v_cache), block_table=table).shape == q.shape
