@@ -126,8 +126,17 @@ def ref_varlen(
     alibi_slopes=None,
     softcap=0.0,
     return_attn_probs=False,
+    block_table=None,
     **_,
 ):
+    if block_table is not None:  # paged: key j of sequence b at page table[b, j // P], j % P
+        page = k.shape[1]
+        rows = [
+            (int(block_table[b, j // page]), j % page)
+            for b in range(cu_k.numel() - 1)
+            for j in range(int(cu_k[b + 1] - cu_k[b]))
+        ]
+        k, v = (torch.stack([t[p, i] for p, i in rows]) for t in (k, v))
     outs, lses = [q.new_zeros(0, *q.shape[1:])], [q.new_zeros(q.shape[1], 0)]
     probs = q.new_zeros(cu_q.numel() - 1, q.shape[1], max_q, max_k)
     for b in range(cu_q.numel() - 1):
@@ -381,6 +390,13 @@ def packed(lengths_q, lengths_k, h=4, hkv=2, d=16, dtype=BF16, nan_at=None):
     return q, k, v, cu_q, cu_k, max(lengths_q), max(lengths_k)
 
 
+def paged_kv(page_size=3, num_pages=6):
+    """Packed queries of lengths 3, 0, 5 against 4, 2, 6 keys in pages of 3."""
+    q, _, _, cu_q, cu_k, max_q, max_k = packed([3, 0, 5], [4, 2, 6])
+    k, v = (rand(num_pages, page_size, 2, 16) for _ in "kv")
+    return q, k, v, cu_q, cu_k, max_q, max_k
+
+
 def varlen_cases() -> list[Case]:
     def case(name, make, expect=OK, **kw):
         return Case("attention", name, ops.flash_attention_varlen, make, expect, ref_varlen, **kw)
@@ -432,6 +448,23 @@ def varlen_cases() -> list[Case]:
             (ValueError, "softmax_scale"),
         ),
         case("softcap, causal", with_args(nothing, causal=True, softcap=1.0)),
+        case(
+            "paged K/V, causal, softcap",
+            lambda: (
+                paged_kv(),
+                dict(causal=True, softcap=2.0, block_table=i32(3, 0, 5, 1, 4, 2).view(3, 2)),
+            ),
+        ),
+        case(
+            "paged, block_table int64",
+            lambda: (paged_kv(), dict(block_table=torch.zeros(3, 2, dtype=torch.long))),
+            (TypeError, "block_table"),
+        ),
+        case(
+            "paged, page out of range",
+            lambda: (paged_kv(), dict(block_table=i32(3, 0, 5, 1, 4, 6).view(3, 2))),
+            (ValueError, "block_table[2, 1] = 6"),
+        ),
         case(
             "return_attn_probs, softcap, alibi",
             with_args(nothing, softcap=2.0, alibi_slopes=torch.rand(4), return_attn_probs=True),
