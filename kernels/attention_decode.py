@@ -13,6 +13,13 @@ Contract: :func:`attention_decode`. Layout (batch, seqlen, heads, head_dim) as f
 * ``k_new``/``v_new`` are appended by the same kernel: keys at positions ``>=
   cache_seqlens[b]`` are read from ``k_new``/``v_new``, attended to, and stored into the
   cache by the program that owns them, so appending costs no extra launch or pass.
+* Paged caches (``block_table``): each tile looks up the page of each of its BLOCK_N
+  positions and loads whole page rows (a row is one position's D contiguous features), so a
+  row is as wide a load as in a contiguous cache and pages may be any size. Cache rows
+  (``cache_batch_idx``) move the base pointer once per program.
+* Left padding, sliding windows, ALiBi and the soft cap are masks and score terms in the
+  inner loop, each behind a constexpr flag: a call without them compiles to the plain loop.
+  The key range a program walks starts at the first position any of its rows can see.
 """
 
 from __future__ import annotations
@@ -42,17 +49,51 @@ INTERPRETER_SPLITS = 3
 
 
 @triton.jit
-def _attend(q, k, v, pos, end, last_key, m_i, l_i, acc, qk_scale, CAUSAL: tl.constexpr):
+def _attend(
+    q,
+    k,
+    v,
+    pos,
+    end,
+    diag,
+    slope,
+    m_i,
+    l_i,
+    acc,
+    qk_scale,
+    softcap,
+    window_left,
+    window_right,
+    CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+):
     """Online-softmax update of (m_i, l_i, acc) with one K/V tile at key positions ``pos``.
 
-    Scores are in log2 units (``qk_scale`` includes log2(e)). Keys at or past ``end`` (and,
-    when causal, past each row's ``last_key``) are masked; a row with nothing visible yet
-    keeps m_i = -inf, l_i = 0, acc = 0 because exponents are taken against 0 instead of -inf.
+    Scores are in log2 units (``qk_scale`` includes log2(e)). Query row r's diagonal is
+    ``diag[r] = L_b - Sq + i``. Keys at or past ``end``, right of the diagonal (causal) or
+    outside the window are masked (left padding: no tile starts before it); a row with nothing
+    visible yet keeps m_i = -inf, l_i = 0, acc = 0 because exponents are taken against 0
+    instead of -inf.
     """
-    s = tl.dot(q, tl.trans(k)) * qk_scale
+    s = tl.dot(q, tl.trans(k))
+    if SOFTCAP:
+        # softcap * tanh(raw / softcap) of the raw scaled score raw = s * qk_scale / log2(e),
+        # in log2 units; tanh(x) = 1 - 2 / (e^(2x) + 1), whose e^(2x) = inf still gives 1.
+        t = 1.0 - 2.0 / (tl.exp2(s * (2.0 * qk_scale / softcap)) + 1.0)
+        s = (softcap * _LOG2E) * t
+    else:
+        s = s * qk_scale
     visible = pos[None, :] < end
     if CAUSAL:
-        visible &= pos[None, :] <= last_key[:, None]
+        visible &= pos[None, :] <= diag[:, None]
+    if HAS_WINDOW:
+        visible &= (pos[None, :] >= diag[:, None] - window_left) & (
+            pos[None, :] <= diag[:, None] + window_right
+        )
+    if HAS_ALIBI:  # slope in log2 units
+        s -= slope[:, None] * tl.abs(diag[:, None] - pos[None, :]).to(tl.float32)
     s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -61,6 +102,18 @@ def _attend(q, k, v, pos, end, last_key, m_i, l_i, acc, qk_scale, CAUSAL: tl.con
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return m_new, l_i, acc
+
+
+@triton.jit
+def _cache_rows(Table, pos, valid, page_size, stride_b, stride_s, PAGED: tl.constexpr):
+    """Element offsets of cache positions ``pos``: ``pos * stride_s`` from the sequence's
+    base, or with pages, ``page * stride_b + (pos % page_size) * stride_s`` from the cache's
+    base with ``page = Table[pos // page_size]`` (Table: the sequence's block-table row)."""
+    if PAGED:
+        page = tl.load(Table + pos // page_size, mask=valid, other=0).to(tl.int64)
+        return page * stride_b + (pos % page_size).to(tl.int64) * stride_s
+    else:
+        return pos.to(tl.int64) * stride_s
 
 
 @triton.jit
@@ -75,6 +128,10 @@ def _attention_decode_split_kernel(
     Lse,
     OPart,
     LsePart,
+    BlockTable,
+    CacheBatchIdx,
+    LeftPad,
+    Slopes,
     stride_qb,
     stride_qs,
     stride_qh,
@@ -90,12 +147,18 @@ def _attention_decode_split_kernel(
     stride_vnb,
     stride_vns,
     stride_vnh,
+    stride_tb,
+    stride_sb,
     num_kv_heads,
     group,
     seqlen_q,
     seqlen_new,
     num_splits,
+    page_size,
+    window_left,
+    window_right,
     qk_scale,
+    softcap,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -103,6 +166,12 @@ def _attention_decode_split_kernel(
     CAUSAL: tl.constexpr,
     HAS_NEW: tl.constexpr,
     SPLIT: tl.constexpr,
+    PAGED: tl.constexpr = False,
+    HAS_BATCH_IDX: tl.constexpr = False,
+    HAS_LEFTPAD: tl.constexpr = False,
+    HAS_WINDOW: tl.constexpr = False,
+    HAS_ALIBI: tl.constexpr = False,
+    SOFTCAP: tl.constexpr = False,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -113,10 +182,20 @@ def _attention_decode_split_kernel(
 
     cached = tl.load(SeqLens + b)
     seqlen_k = cached + seqlen_new
-    # Whole BLOCK_N blocks per split keep every tile but a sequence's last one full and
-    # aligned; splits past the end get lo >= hi and write an empty partial.
-    chunk = tl.cdiv(tl.cdiv(seqlen_k, num_splits), BLOCK_N) * BLOCK_N
-    lo = split * chunk
+    first = 0
+    if HAS_LEFTPAD:
+        first = tl.load(LeftPad + b)
+    # The first position a row of this program may see (left padding: cache_leftpad <=
+    # cache_seqlens, the contract says) or must append: the splits share [start, seqlen_k)
+    # in whole BLOCK_N blocks, so every tile but a sequence's last one is full; splits past
+    # the end get lo >= hi and write an empty partial.
+    start = first
+    if HAS_WINDOW:  # row 0's diagonal is seqlen_k - seqlen_q
+        start = tl.maximum(start, seqlen_k - seqlen_q - window_left)
+    if HAS_NEW:
+        start = tl.minimum(start, cached)
+    chunk = tl.cdiv(tl.cdiv(seqlen_k - start, num_splits), BLOCK_N) * BLOCK_N
+    lo = start + split * chunk
     hi = tl.minimum(lo + chunk, seqlen_k)
 
     # Row r of the tile is query r // group of head kv_head * group + r % group.
@@ -128,38 +207,92 @@ def _attention_decode_split_kernel(
     d_mask = d[None, :] < HEAD_DIM
     q_rows = b * stride_qb + qi.to(tl.int64) * stride_qs + head * stride_qh
     q = tl.load(Q + q_rows[:, None] + d[None, :], mask=row_mask[:, None] & d_mask, other=0.0)
-    last_key = seqlen_k - seqlen_q + qi
+    diag = seqlen_k - seqlen_q + qi
+    slope = tl.zeros([BLOCK_M], tl.float32)
+    if HAS_ALIBI:
+        slope = tl.load(Slopes + b * stride_sb + head, mask=row_mask, other=0.0) * _LOG2E
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     n = tl.arange(0, BLOCK_N)
-    K += b * stride_kb + kv_head * stride_kh
-    V += b * stride_vb + kv_head * stride_vh
+    # Paged: K/V stay at the cache's base (pages are found per position); else at the
+    # sequence's cache row.
+    K += kv_head * stride_kh
+    V += kv_head * stride_vh
+    BlockTable += b * stride_tb
+    if not PAGED:
+        cache_row = b
+        if HAS_BATCH_IDX:
+            cache_row = tl.load(CacheBatchIdx + b).to(tl.int64)
+        K += cache_row * stride_kb
+        V += cache_row * stride_vb
     cache_end = tl.minimum(hi, cached)
-    for start in range(lo, cache_end, BLOCK_N):
-        pos = start + n
-        mask = (pos < cache_end)[:, None] & d_mask
-        pos64 = pos.to(tl.int64)[:, None]
-        k = tl.load(K + pos64 * stride_ks + d[None, :], mask=mask, other=0.0)
-        v = tl.load(V + pos64 * stride_vs + d[None, :], mask=mask, other=0.0)
-        m_i, l_i, acc = _attend(q, k, v, pos, cache_end, last_key, m_i, l_i, acc, qk_scale, CAUSAL)
+    for tile in range(lo, cache_end, BLOCK_N):
+        pos = tile + n
+        valid = pos < cache_end
+        mask = valid[:, None] & d_mask
+        k_rows = _cache_rows(BlockTable, pos, valid, page_size, stride_kb, stride_ks, PAGED)
+        v_rows = _cache_rows(BlockTable, pos, valid, page_size, stride_vb, stride_vs, PAGED)
+        k = tl.load(K + k_rows[:, None] + d[None, :], mask=mask, other=0.0)
+        v = tl.load(V + v_rows[:, None] + d[None, :], mask=mask, other=0.0)
+        m_i, l_i, acc = _attend(
+            q,
+            k,
+            v,
+            pos,
+            cache_end,
+            diag,
+            slope,
+            m_i,
+            l_i,
+            acc,
+            qk_scale,
+            softcap,
+            window_left,
+            window_right,
+            CAUSAL,
+            HAS_WINDOW,
+            HAS_ALIBI,
+            SOFTCAP,
+        )
     if HAS_NEW:
         KNew += b * stride_knb + kv_head * stride_knh
         VNew += b * stride_vnb + kv_head * stride_vnh
-        for start in range(tl.maximum(lo, cached), hi, BLOCK_N):
-            pos = start + n
-            mask = (pos < hi)[:, None] & d_mask
+        for tile in range(tl.maximum(lo, cached), hi, BLOCK_N):
+            pos = tile + n
+            valid = pos < hi
+            mask = valid[:, None] & d_mask
             src = (pos - cached).to(tl.int64)[:, None]
             k = tl.load(KNew + src * stride_kns + d[None, :], mask=mask, other=0.0)
             v = tl.load(VNew + src * stride_vns + d[None, :], mask=mask, other=0.0)
-            # Each new key lies in exactly one split; that split's first row block stores it.
-            # Nothing else reads these cache slots during the launch: every program takes
-            # positions >= cached from k_new/v_new.
-            pos64 = pos.to(tl.int64)[:, None]
-            tl.store(K + pos64 * stride_ks + d[None, :], k, mask=mask & (pid_m == 0))
-            tl.store(V + pos64 * stride_vs + d[None, :], v, mask=mask & (pid_m == 0))
-            m_i, l_i, acc = _attend(q, k, v, pos, hi, last_key, m_i, l_i, acc, qk_scale, CAUSAL)
+            # Each new key lies in exactly one split; that split's first row block stores
+            # it. Nothing else reads these cache slots during the launch: every program
+            # takes positions >= cached from k_new/v_new.
+            k_rows = _cache_rows(BlockTable, pos, valid, page_size, stride_kb, stride_ks, PAGED)
+            v_rows = _cache_rows(BlockTable, pos, valid, page_size, stride_vb, stride_vs, PAGED)
+            tl.store(K + k_rows[:, None] + d[None, :], k, mask=mask & (pid_m == 0))
+            tl.store(V + v_rows[:, None] + d[None, :], v, mask=mask & (pid_m == 0))
+            m_i, l_i, acc = _attend(
+                q,
+                k,
+                v,
+                pos,
+                hi,
+                diag,
+                slope,
+                m_i,
+                l_i,
+                acc,
+                qk_scale,
+                softcap,
+                window_left,
+                window_right,
+                CAUSAL,
+                HAS_WINDOW,
+                HAS_ALIBI,
+                SOFTCAP,
+            )
 
     # l_i is 0 for a row with no key, else positive, or NaN (a NaN query): NaN must reach
     # the output and the lse, as in the reference, so test != 0 rather than > 0.
@@ -305,6 +438,12 @@ def attention_decode(
     softmax_scale: float,
     causal: bool,
     num_splits: int | None = None,
+    block_table: torch.Tensor | None = None,
+    cache_batch_idx: torch.Tensor | None = None,
+    cache_leftpad: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    window: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of a few new queries against a KV cache, optionally appending to it.
 
@@ -320,6 +459,16 @@ def attention_decode(
       aligned, as flash-attn); otherwise all L_b keys.
     num_splits: key splits per sequence (flash-decoding); None picks one from the cache's
       capacity and the GPU's SM count (:func:`auto_num_splits`).
+    block_table: int32 (B, max_pages): the caches are pages (num_pages, page_size, Hkv, D)
+      and position j of sequence b is slot j % page_size of page block_table[b, j //
+      page_size] (any page_size; entries past a sequence's last page are not read).
+    cache_batch_idx: int32 (B,): sequence b's cache row (not with block_table).
+    cache_leftpad: int32 (B,): sequence b's keys start at this position (not with pages).
+    alibi_slopes: fp32 (H,) or (B, H): adds -slope * |L_b - Sq + i - j| to the scores.
+    window: (left, right), -1 unbounded: query i sees keys within [diag - left, diag + right]
+      of its diagonal diag = L_b - Sq + i.
+    softcap: > 0 caps the scaled scores: softcap * tanh(s / softcap), before ALiBi.
+    Value ranges (pages, rows, left padding within the lengths) are the op's contract.
 
     Returns (out (B, Sq, H, D) in q's dtype, lse fp32 (B, H, Sq), the natural-log
     log-sum-exp of each row's scaled scores). Rows with no visible key (L_b == 0, or causal
@@ -328,6 +477,8 @@ def attention_decode(
     _validate(q, k_cache, v_cache, num_splits)
     batch, seqlen_q, heads, head_dim = q.shape
     capacity, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    if block_table is not None:
+        capacity *= block_table.shape[1]
     seqlen_new = 0 if k_new is None else k_new.shape[1]
     q = _unit_last_stride(q)
     if k_new is not None:
@@ -353,6 +504,15 @@ def attention_decode(
     )
     kn = k_cache if k_new is None else k_new
     vn = v_cache if v_new is None else v_new
+    # Absent index tensors and slopes: cache_seqlens and lse stand in (never read).
+    table = cache_seqlens[:, None] if block_table is None else block_table
+    slopes, slopes_batch_stride = lse, 0
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.contiguous()
+        slopes_batch_stride = heads if slopes.dim() == 2 else 0
+    left, right = window
+    # An unbounded side of a bounded window: further than any position.
+    far = 2**30
     kernel = on_device(_attention_decode_split_kernel, q.device)
     kernel[(batch * kv_heads, num_splits, m_blocks)](
         q,
@@ -365,6 +525,10 @@ def attention_decode(
         lse,
         o_part,
         lse_part,
+        table,
+        cache_seqlens if cache_batch_idx is None else cache_batch_idx,
+        cache_seqlens if cache_leftpad is None else cache_leftpad,
+        slopes,
         q.stride(0),
         q.stride(1),
         q.stride(2),
@@ -380,12 +544,18 @@ def attention_decode(
         vn.stride(0),
         vn.stride(1),
         vn.stride(2),
+        table.stride(0),
+        slopes_batch_stride,
         kv_heads,
         group,
         seqlen_q,
         seqlen_new,
         num_splits,
+        k_cache.shape[1],
+        far if left < 0 else left,
+        far if right < 0 else right,
         softmax_scale * math.log2(math.e),
+        float(softcap) if softcap else 1.0,
         HEAD_DIM=head_dim,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
@@ -393,6 +563,12 @@ def attention_decode(
         CAUSAL=causal,
         HAS_NEW=k_new is not None,
         SPLIT=split,
+        PAGED=block_table is not None,
+        HAS_BATCH_IDX=cache_batch_idx is not None,
+        HAS_LEFTPAD=cache_leftpad is not None,
+        HAS_WINDOW=(left, right) != (-1, -1),
+        HAS_ALIBI=alibi_slopes is not None,
+        SOFTCAP=softcap > 0,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )

@@ -190,6 +190,12 @@ def _attention_kvcache_op(
         softmax_scale=scale,
         causal=causal,
         num_splits=num_splits,
+        block_table=block_table,
+        cache_batch_idx=cache_batch_idx,
+        cache_leftpad=cache_leftpad,
+        alibi_slopes=alibi_slopes,
+        window=(window_left, window_right),
+        softcap=softcap,
     )
 
 
@@ -587,4 +593,6 @@ def _kvcache_support(q: Tensor, k_cache: Tensor, v_cache: Tensor, features: dict
 
 
 # The keywords the Triton decode kernel serves (rotary is applied before it, by the op).
-_KERNEL_TAKES = frozenset()
+_KERNEL_TAKES = frozenset(
+    ("block_table", "cache_batch_idx", "cache_leftpad", "alibi_slopes", "window", "softcap")
+)
