@@ -140,7 +140,8 @@ def cross_entropy(
             row's class weight).
         weight: (V,) float class weights, as ``F.cross_entropy``: a row's loss is scaled by
             its target's weight (the smoothing term by each class's), and "mean" divides by
-            the sum of the non-ignored rows' target weights. Not differentiated.
+            the sum of the non-ignored rows' target weights. Not differentiated (one that
+            requires grad is refused, as ``F.cross_entropy`` refuses it).
         softcap: None or 0: off; else > 0, and the loss is of
             ``softcap * tanh(logits / softcap)`` (Gemma 2's final-logit soft-capping).
         return_z_loss, return_token_accuracy: return a :class:`CrossEntropyOutput` with the
@@ -359,6 +360,9 @@ def _check_class_weight(name: str, w, v: int, device: torch.device) -> Tensor | 
         raise ValueError(
             f"{name} must be a ({v},) tensor on {device}, got shape {tuple(w.shape)} on {w.device}"
         )
+    if w.requires_grad and torch.is_grad_enabled():
+        # As F.cross_entropy, which refuses to differentiate class weights.
+        raise ValueError(f"{name} must not require grad: class weights are not differentiated")
     return w
 
 

@@ -465,6 +465,10 @@ def test_errors_name_the_argument():
         ops.cross_entropy(x, t, softcap=float("inf"))
     with pytest.raises(TypeError, match="return_z_loss"):
         ops.cross_entropy(x, t, return_z_loss=1)
+    with pytest.raises(ValueError, match="ce_weight must not require grad"):
+        ops.linear_cross_entropy(h, w, t, ce_weight=torch.ones(6, requires_grad=True))
+    with pytest.raises(ValueError, match="weight must not require grad"):
+        ops.cross_entropy(x, t, weight=torch.ones(6, requires_grad=True))
     with pytest.raises(TypeError, match="return_token_accuracy"):
         ops.linear_cross_entropy(h, w, t, return_token_accuracy="yes")
     with fastlm.use_backend("triton"), pytest.raises(backend.BackendUnavailable, match="float64"):
