@@ -6,13 +6,19 @@ Contract (``fastlm.ops.cross_entropy`` builds on it):
   fp32. ``target`` is (N,) int64 class indices; rows whose target equals ``ignore_index``
   get loss 0, and gradient 0. A target outside ``[0, V)`` (and not ``ignore_index``) gives a
   NaN loss rather than reading out of bounds.
-* Per row, with ``lse = log(sum_j exp(x_j))``, smoothing ``eps`` and z-loss weight ``z``::
+* Per row, with ``x`` the logits soft-capped when ``softcap`` is set (``softcap *
+  tanh(raw / softcap)``), ``lse = log(sum_j exp(x_j))``, smoothing ``eps``, z-loss weight
+  ``z``, class weights ``w`` (all 1 without ``weight``) and ``W = sum_j w_j``::
 
-      loss = (1 - eps) * (lse - x_target) + eps * (lse - mean_j x_j) + z * lse**2
-      dloss/dx_j = (1 + 2 z lse) * softmax_j - (1 - eps) * [j == target] - eps / V
+      loss = (1 - eps) w_t (lse - x_t) + eps / V * sum_j w_j (lse - x_j) + z w_t lse**2
+      dloss/dx_j = ((1 - eps) w_t + eps W / V + 2 z lse w_t) * softmax_j
+                   - (1 - eps) w_t [j == t] - eps w_j / V
 
-  which is ``torch.nn.functional.cross_entropy(..., reduction="none",
-  label_smoothing=eps)`` plus the z-loss. ``loss`` and ``lse`` are fp32, shape (N,).
+  (times ``1 - tanh^2`` for the raw logits under a cap), which is
+  ``torch.nn.functional.cross_entropy(x, t, w, reduction="none", label_smoothing=eps)``
+  plus the z-loss. ``loss`` and ``lse`` are fp32, shape (N,). ``W`` is read from a 0-d
+  device tensor (no host sync). With ``argmax`` given, the forward also writes each row's
+  first maximal (capped) logit index, torch.argmax's tie rule, from its first pass.
 * The forward reads each row twice at most: pass 1 merges block maxima and exp-sums online
   (and sums the row for label smoothing); with ``dlogits`` given, pass 2 writes the
   gradient of the row's own loss (scale 1 per row). ``dlogits`` may be ``logits`` itself:
