@@ -118,6 +118,22 @@ def _call(fn: Callable, *args, **kwargs):
         raise RuntimeError(str(err)) from err
 
 
+# flash-attn runs a paged forward with a q that requires grad (it only has no backward for it);
+# fastlm refuses the call under autograd. --paged-no-grad (off by default) runs paged calls
+# under torch.no_grad() so that their numbers are checked all the same.
+PAGED_NO_GRAD = "FASTLM_SUITE_PAGED_NO_GRAD"
+
+
+def _no_grad(fn: Callable) -> Callable:
+    def call(*args, **kwargs):
+        import torch
+
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return call
+
+
 def _finish(result, return_attn_probs: bool):
     if not return_attn_probs:
         return result
@@ -193,8 +209,11 @@ def flash_attn_varlen_func(
         return_attn_probs=return_attn_probs,
         block_table=block_table,
     )
+    fn = flash_attention_varlen
+    if block_table is not None and os.environ.get(PAGED_NO_GRAD) == "1":
+        fn = _no_grad(fn)
     result = _call(
-        flash_attention_varlen,
+        fn,
         q,
         k,
         v,
@@ -496,6 +515,12 @@ NOT_API = {
     "test_flash_attn_generator_arg_must_be_none": "checks flash-attn's C++ entry points "
     "(flash_attn_gpu.fwd/bwd), not its Python API",
 }
+# Upstream tests that hunt GPU kernel races by repetition: CPU ops have no such races, and
+# the repetitions (250 runs at batch 60) cost minutes a case here. Run with --include-slow.
+SLOW_ON_CPU = {
+    "test_flash_attn_race_condition": "hunts GPU kernel races by 250 repetitions at batch 60 "
+    "(minutes a case on this CPU); --include-slow runs it",
+}
 
 
 def groups_of(name: str, params: dict) -> list[str]:
@@ -634,6 +659,9 @@ def fastlm_select(namespace: dict) -> None:
     for fname, fn in list(namespace.items()):
         if not (fname.startswith("test_") and callable(fn)):
             continue
+        if settings["tests"] and fname not in settings["tests"]:
+            del namespace[fname]  # not expanded: the cheap way to run one test function
+            continue
         names, cases = _expand(fn)
         table[fname] = (fn, names, cases)
         for index, (values, ident) in enumerate(cases):
@@ -687,6 +715,8 @@ class SuitePlugin:
             params = dict(item.callspec.params) if hasattr(item, "callspec") else {}
             if item.originalname in NOT_API:
                 item.add_marker(pytest.mark.skip(reason=NOT_API[item.originalname]))
+            if item.originalname in SLOW_ON_CPU and not self.settings["include_slow"]:
+                item.add_marker(pytest.mark.skip(reason=SLOW_ON_CPU[item.originalname]))
             self.groups[item.nodeid] = groups_of(item.originalname, params)
 
     def pytest_runtest_logreport(self, report):
@@ -716,11 +746,16 @@ class SuitePlugin:
 # Running and reporting.
 
 
-def run_suite(args) -> tuple[list[dict], dict]:
+def run_suite(args, tamper: Callable[[Path], None] | None = None) -> tuple[list[dict], dict]:
+    """Build the tree, run pytest on it, return the per-case records and the header counts.
+    ``tamper(root)`` may edit the tree before the run (the tests use it to break the shim and
+    check that the suite notices)."""
     upstream = Path(args.upstream)
     with tempfile.TemporaryDirectory(prefix="fastlm-flash-attn-suite-") as tmp:
         root = Path(tmp)
         test_file = build_tree(root, upstream, args.rev)
+        if tamper is not None:
+            tamper(root)
         results = root / "results.jsonl"
         settings = {
             "results": str(results),
@@ -729,12 +764,15 @@ def run_suite(args) -> tuple[list[dict], dict]:
             "max_cases": args.max_cases,
             "seed": args.seed,
             "k": args.k,
+            "tests": [t for t in args.tests.split(",") if t],
+            "include_slow": args.include_slow,
         }
         (root / "settings.json").write_text(json.dumps(settings))
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(root), str(REPO), env.get("PYTHONPATH", "")])
         env["FASTLM_SUITE_SETTINGS"] = str(root / "settings.json")
         env["FASTLM_BACKEND"] = args.backend
+        env[PAGED_NO_GRAD] = "1" if args.paged_no_grad else "0"
         cmd = [sys.executable, "-m", "pytest", str(test_file), "-q", "-p", "no:cacheprovider"]
         cmd += ["-c", str(root / "pytest.ini"), "--rootdir", str(root), "-rN", "--tb=line"]
         if args.timeout:
@@ -781,6 +819,21 @@ def skip_reasons(cases: list[dict]) -> dict[str, int]:
     return reasons
 
 
+def fastlm_revision() -> str:
+    """fastlm's commit, and the files of its attention ops that differ from it (the run used
+    the working tree)."""
+    git = ["git", "-C", str(REPO)]
+    head = subprocess.run([*git, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:
+        return "(not a git checkout)"
+    paths = ["fastlm/ops", "kernels"]
+    diff = subprocess.run(
+        [*git, "diff", "--name-only", "HEAD", "--", *paths], capture_output=True, text=True
+    )
+    dirty = diff.stdout.split()
+    return f"`{head.stdout.strip()}`" + (f" with uncommitted {', '.join(dirty)}" if dirty else "")
+
+
 def machine() -> str:
     model = platform.processor() or platform.machine()
     try:
@@ -805,11 +858,14 @@ def report(rows: list[dict], header: dict, cases: list[dict], args) -> str:
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         f"- date: {when}; machine: {machine()}",
-        f"- torch {torch.__version__}, triton {triton_version}, fastlm backend `{args.backend}`",
+        f"- torch {torch.__version__}, triton {triton_version}, fastlm {fastlm_revision()}, "
+        f"backend `{args.backend}`",
         f"- upstream: flash-attention `{upstream_commit(Path(args.upstream), args.rev)}` "
         f"(`{TEST_FILE}`, read at run time)",
-        f"- selection: -k `{args.k or ''}`, --max-seqlen {args.max_seqlen}, --max-area "
-        f"{args.max_area}, --max-cases {args.max_cases}, --seed {args.seed}: "
+        f"- shim: paged varlen under no_grad: {args.paged_no_grad}\n"
+        f"- selection: --tests `{args.tests}`, -k `{args.k or ''}`, --max-seqlen "
+        f"{args.max_seqlen}, --max-area {args.max_area}, --max-cases {args.max_cases}, "
+        f"--seed {args.seed}: "
         f"{header['collected']} collected, {header['too_big']} over the size limits, "
         f"{header['sampled_out']} sampled out, {header['selected']} run in {header['wall']:.0f} s",
         "",
@@ -841,6 +897,13 @@ def parse_args(argv=None):
     )
     parser.add_argument("--rev", default="HEAD", help="revision to read from a git directory")
     parser.add_argument("-k", default="", help="pytest -k expression over upstream's test ids")
+    parser.add_argument(
+        "--paged-no-grad",
+        action="store_true",
+        help="run paged varlen calls under torch.no_grad() (fastlm refuses them under autograd)",
+    )
+    parser.add_argument("--tests", default="", help="comma-separated test functions to run")
+    parser.add_argument("--include-slow", action="store_true", help="run " + ", ".join(SLOW_ON_CPU))
     parser.add_argument("--max-cases", type=int, default=None, help="sample this many cases")
     parser.add_argument("--max-seqlen", type=int, default=1024)
     parser.add_argument("--max-area", type=int, default=65536, help="largest seqlen_q * seqlen_k")
