@@ -18,6 +18,7 @@ def test_quick_cpu_cases_run(bench, monkeypatch):
         "cross_entropy fwd",
         "cross_entropy fwd+bwd",
         "linear_cross_entropy fwd+bwd",
+        "linear_cross_entropy fwd+bwd softcap=30",
     }
     for case in cases:
         case.fn()
