@@ -179,6 +179,7 @@ def flash_attention(
     return_lse: bool = False,
     softcap: float = 0.0,
     return_attn_probs: bool = False,
+    deterministic: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
     """Attention over (batch, seqlen, heads, head_dim) tensors, as ``flash_attn_func``.
 
@@ -205,6 +206,10 @@ def flash_attention(
             rescaling), negated where dropout dropped the entry (a dropped zero reads -0.0:
             test with ``signbit``), so ``out == (S_dmask.clamp(min=0) / (1 - p)) @ v``. For
             testing: it materializes every score, and is not traceable by torch.compile.
+        deterministic: flash-attn's keyword. The Triton backward is deterministic always (no
+            atomics: dK/dV summed per key block, dQ per query block) and so is the torch
+            backend on the CPU; True makes the torch backend on CUDA tensors (forced) use
+            its explicit path (matmuls) instead of SDPA, whose fused backwards may not be.
 
     Rows that see no key give zeros (and lse -inf), never NaN. A NaN in a row's query, or
     in a key, value or bias entry the row sees, gives NaN, as PyTorch's attention does; one
@@ -229,6 +234,7 @@ def flash_attention(
         softcap=_check_softcap(softcap),
         need_lse=_check_flag("return_attn_probs", return_attn_probs) or return_lse,
         need_probs=return_attn_probs,
+        deterministic=_check_flag("deterministic", deterministic),
     )
     if return_attn_probs:
         return out, lse, probs
@@ -254,15 +260,16 @@ def flash_attention_varlen(
     softcap: float = 0.0,
     return_attn_probs: bool = False,
     block_table: Tensor | None = None,
+    deterministic: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
     """:func:`flash_attention` over packed variable-length sequences, as
     ``flash_attn_varlen_func``: q (total_q, H, D), k/v (total_k, Hkv, D); sequence b is rows
     ``cu_seqlens[b]:cu_seqlens[b + 1]`` (int32, B + 1 non-decreasing entries from 0 to the
     packed length); ``max_seqlen_q``/``max_seqlen_k`` are at least the longest sequence's
-    length. Masks align within each sequence. lse is (H, total_q). ``softcap`` as in
-    :func:`flash_attention`; ``return_attn_probs`` gives ``(out, lse, S_dmask)`` with
-    S_dmask (B, H, max_seqlen_q, max_seqlen_k), sequence b's probabilities in its top-left
-    corner and zeros past its lengths.
+    length. Masks align within each sequence. lse is (H, total_q). ``softcap`` and
+    ``deterministic`` as in :func:`flash_attention`; ``return_attn_probs`` gives ``(out,
+    lse, S_dmask)`` with S_dmask (B, H, max_seqlen_q, max_seqlen_k), sequence b's
+    probabilities in its top-left corner and zeros past its lengths.
 
     Paged K/V (flash-attn's ``block_table``): k and v are caches (num_pages, page_size, Hkv,
     D) and ``block_table`` int32 (B, max_pages) lists each sequence's pages: its key j is
@@ -295,6 +302,7 @@ def flash_attention_varlen(
         block_table=block_table,
         need_lse=_check_flag("return_attn_probs", return_attn_probs) or return_lse,
         need_probs=return_attn_probs,
+        deterministic=_check_flag("deterministic", deterministic),
     )
     if return_attn_probs:
         return out, lse, probs
@@ -674,6 +682,7 @@ def _attention(
     block_table: Tensor | None = None,
     need_lse: bool = False,
     need_probs: bool = False,
+    deterministic: bool = False,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Checked arguments to the chosen backend. ``packed`` is (cu_seqlens_q, cu_seqlens_k,
     max_seqlen_q, max_seqlen_k) for packed sequences. Returns ``(out, lse, S_dmask)``; the
@@ -701,6 +710,7 @@ def _attention(
             packed=packed,
             need_lse=need_lse,
             need_probs=need_probs,
+            deterministic=deterministic,
         )
     # The custom op's schema takes flat arguments: the window as its two sides.
     left, right = window
@@ -990,6 +1000,7 @@ def _torch_attention(
     packed: tuple[Tensor, Tensor, int, int] | None,
     need_lse: bool,
     need_probs: bool,
+    deterministic: bool = False,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """The torch backend. PyTorch's SDPA with the masks as one additive mask (fp32, so an
     fp32 bias or ALiBi is not rounded to the inputs' dtype first), its dropout seeded by
@@ -1012,8 +1023,9 @@ def _torch_attention(
             softcap=softcap,
             need_lse=need_lse,
             need_probs=need_probs,
+            deterministic=deterministic,
         )
-    if softcap or need_lse or need_probs:
+    if softcap or need_lse or need_probs or (deterministic and q.device.type == "cuda"):
         return _explicit_attention(
             q,
             k,
@@ -1051,7 +1063,7 @@ def _torch_attention(
 
 
 def _torch_packed(
-    q, k, v, packed, *, slopes, need_lse, need_probs, **options
+    q, k, v, packed, *, slopes, need_lse, need_probs, deterministic, **options
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """The torch backend on packed sequences: each sequence as a batch of one (dropout seeded
     by ``seed + b``); S_dmask padded to (B, H, max_seqlen_q, max_seqlen_k) with zeros."""
@@ -1077,6 +1089,7 @@ def _torch_packed(
             packed=None,
             need_lse=need_lse,
             need_probs=need_probs,
+            deterministic=deterministic,
             **options,
         )
         outs.append(o[0])
