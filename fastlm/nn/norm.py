@@ -32,16 +32,17 @@ class RMSNorm(torch.nn.RMSNorm):
 
 class GemmaRMSNorm(torch.nn.Module):
     """transformers' ``GemmaRMSNorm`` / ``Gemma2RMSNorm`` computed by fastlm: same
-    constructor ``(dim, eps=1e-6)``, one parameter ``weight`` initialised to zeros (the scale
+    constructor ``(hidden_size, eps=1e-6)`` (transformers 5.x's names; older releases
+    called the first ``dim``), one parameter ``weight`` initialised to zeros (the scale
     is ``1 + weight``), same ``state_dict`` keys, ``extra_repr`` and outputs (float32 math,
     ``1 + weight`` in float32, one rounding to the input's dtype at the end; see
     :func:`fastlm.ops.rms_norm`'s ``offset``). ``forward`` also takes an optional
     ``residual``, as :class:`RMSNorm`."""
 
-    def __init__(self, dim: int, eps: float = 1e-6, device=None, dtype=None) -> None:
+    def __init__(self, hidden_size: int, eps: float = 1e-6, device=None, dtype=None) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = torch.nn.Parameter(torch.zeros(dim, device=device, dtype=dtype))
+        self.weight = torch.nn.Parameter(torch.zeros(hidden_size, device=device, dtype=dtype))
 
     def forward(self, x: Tensor, residual: Tensor | None = None):
         return ops.rms_norm(

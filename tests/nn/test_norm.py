@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -183,6 +184,11 @@ def test_gemma_rms_norm_constructor_state_dict_and_repr(name):
     assert_equal(ours.weight, ref.weight, "zeros")  # the scale is 1 + weight: zeros = identity
     assert ours.eps == ref.eps and ours.extra_repr() == ref.extra_repr()
     assert fastlm.nn.GemmaRMSNorm(8).eps == hf_cls(8).eps  # the same default
+    theirs = [(p.name, p.default) for p in inspect.signature(hf_cls).parameters.values()]
+    ours = [
+        (p.name, p.default) for p in inspect.signature(fastlm.nn.GemmaRMSNorm).parameters.values()
+    ]
+    assert ours[: len(theirs)] == theirs  # ours adds device and dtype after them
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
