@@ -605,10 +605,26 @@ _CHECKED_HEAD_DIMS = (64, 80, 128, 256)
 _FP16_HEAD_DIM = 128
 
 
+_FEATURE_FLAGS = ("PAGED", "HAS_BATCH_IDX", "HAS_LEFTPAD", "HAS_WINDOW", "HAS_ALIBI", "SOFTCAP")
+# The optional features' variants, split, at every head dim: the paged cache and the soft
+# cap (the bench's rows) with the smallest and the largest row block; the others with the
+# largest only (the most registers).
+_FEATURE_VARIANTS = {
+    "paged": (dict(PAGED=True), True),
+    "softcap": (dict(SOFTCAP=True), True),
+    "paged+alibi+window+softcap": (
+        dict(PAGED=True, HAS_ALIBI=True, HAS_WINDOW=True, SOFTCAP=True),
+        False,
+    ),
+    "rows+leftpad": (dict(HAS_BATCH_IDX=True, HAS_LEFTPAD=True), False),
+}
+
+
 def compile_specs() -> list[KernelSpec]:
     """The split kernel at every row block it ships for each checked head dim, with causal
-    masking and appending on, split and unsplit; the combine kernel for each head dim. All
-    in bf16, and in fp16 at one head dim."""
+    masking and appending on, split and unsplit; its feature variants (paged, soft cap,
+    ...: :data:`_FEATURE_VARIANTS`); the combine kernel for each head dim.
+    All in bf16, and in fp16 at one head dim."""
     specs = []
     for head_dim in _CHECKED_HEAD_DIMS:
         dtypes = (
@@ -621,16 +637,22 @@ def compile_specs() -> list[KernelSpec]:
                 for split in (True, False):
                     specs.append(_split_spec(head_dim, t, block_m, split))
             specs.append(_combine_spec(head_dim, t))
+        for name, (flags, smallest_too) in _FEATURE_VARIANTS.items():
+            for block_m in sorted({block_ms[0] if smallest_too else block_ms[-1], block_ms[-1]}):
+                specs.append(_split_spec(head_dim, "bf16", block_m, True, name, flags))
     return specs
 
 
-def _split_spec(head_dim: int, t: str, block_m: int, split: bool) -> KernelSpec:
+def _split_spec(
+    head_dim: int, t: str, block_m: int, split: bool, variant: str = "", flags: dict | None = None
+) -> KernelSpec:
     cfg = decode_config(head_dim, block_m)
     strides = [f"stride_{p}{s}" for p in ("q", "k", "v", "kn", "vn") for s in "bsh"]
     return KernelSpec(
         label=(
             f"attention_decode {t} d={head_dim} tile={block_m}x{cfg.block_n}x{cfg.block_d}"
             f" w={cfg.num_warps} s={cfg.num_stages} {'split' if split else 'single'}"
+            f"{f' {variant}' if variant else ''}"
         ),
         kernel=_attention_decode_split_kernel,
         signature={
@@ -644,13 +666,23 @@ def _split_spec(head_dim: int, t: str, block_m: int, split: bool) -> KernelSpec:
             "Lse": "*fp32",
             "OPart": "*fp32",
             "LsePart": "*fp32",
+            "BlockTable": "*i32",
+            "CacheBatchIdx": "*i32",
+            "LeftPad": "*i32",
+            "Slopes": "*fp32",
             **dict.fromkeys(strides, "i32"),
+            "stride_tb": "i32",
+            "stride_sb": "i32",
             "num_kv_heads": "i32",
             "group": "i32",
             "seqlen_q": "i32",
             "seqlen_new": "i32",
             "num_splits": "i32",
+            "page_size": "i32",
+            "window_left": "i32",
+            "window_right": "i32",
             "qk_scale": "fp32",
+            "softcap": "fp32",
         },
         constexprs=dict(
             HEAD_DIM=head_dim,
@@ -660,6 +692,7 @@ def _split_spec(head_dim: int, t: str, block_m: int, split: bool) -> KernelSpec:
             CAUSAL=True,
             HAS_NEW=True,
             SPLIT=split,
+            **{**dict.fromkeys(_FEATURE_FLAGS, False), **(flags or {})},
         ),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
@@ -674,7 +707,14 @@ def _split_spec(head_dim: int, t: str, block_m: int, split: bool) -> KernelSpec:
             "Lse",
             "OPart",
             "LsePart",
+            "BlockTable",
+            "CacheBatchIdx",
+            "LeftPad",
+            "Slopes",
             *strides,
+            # Pages of 16 (vLLM's default) or 256 (flash-attn's); the block table's row
+            # stride (pages per sequence) and the slopes' (heads) are any number.
+            "page_size",
         ),
     )
 

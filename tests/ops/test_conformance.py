@@ -183,17 +183,42 @@ def ref_kvcache(
     v_new=None,
     causal=False,
     softmax_scale=None,
+    block_table=None,
+    cache_batch_idx=None,
+    cache_leftpad=None,
+    alibi_slopes=None,
+    window=(-1, -1),
+    softcap=0.0,
     **_,
 ):
     k_cache, v_cache = k_cache.clone(), v_cache.clone()
     n_new = 0 if k_new is None else k_new.shape[1]
     outs = [q.new_zeros(0, *q.shape[1:])]
     for b, n in enumerate(cache_seqlens.tolist()):
+        # Row b's cache positions (S, Hkv, D): its pages in order, or its cache row (a view).
+        if block_table is not None:
+            pages = block_table[b].long()
+            kb, vb = (c[pages].flatten(0, 1) for c in (k_cache, v_cache))
+        else:
+            row = b if cache_batch_idx is None else int(cache_batch_idx[b])
+            kb, vb = k_cache[row], v_cache[row]
         if n_new:
-            k_cache[b, n : n + n_new], v_cache[b, n : n + n_new] = k_new[b], v_new[b]
-        keys = slice(0, n + n_new)
+            kb[n : n + n_new], vb[n : n + n_new] = k_new[b], v_new[b]
+        if block_table is not None:
+            k_cache[pages], v_cache[pages] = (t.view(-1, *k_cache.shape[1:]) for t in (kb, vb))
+        keys = slice(0 if cache_leftpad is None else int(cache_leftpad[b]), n + n_new)
+        slopes = alibi_slopes
+        if slopes is not None and slopes.dim() == 2:
+            slopes = slopes[b]
         out, _ = ops.attention_ref(
-            q[b : b + 1], k_cache[b : b + 1, keys], v_cache[b : b + 1, keys], causal, softmax_scale
+            q[b : b + 1],
+            kb[None, keys],
+            vb[None, keys],
+            causal,
+            softmax_scale,
+            window=window,
+            alibi_slopes=slopes,
+            softcap=softcap,
         )
         outs.append(out)
     return torch.cat(outs), k_cache, v_cache
@@ -613,7 +638,46 @@ def kvcache_cases() -> list[Case]:
         ),
         case("num_splits 0", edit(lambda a: None, num_splits=0), (ValueError, "num_splits")),
         case("no query", edit(put(0, rand(2, 0, 4, 16))), (ValueError, "Sq >= 1")),
+        # flash-attn's keywords (rotary: tests/ops/test_attention_kvcache.py).
+        case("paged", lambda: (paged(), dict(causal=True, block_table=i32(3, 0, 1, 4).view(2, 2)))),
+        case("softcap", lambda: (decode(sq=2), dict(causal=True, softcap=0.5))),
+        case(
+            "alibi (B, H), window",
+            lambda: (decode(sq=2), dict(alibi_slopes=rand(2, 4, dtype=F32), window=(3, 0))),
+        ),
+        case(
+            "cache rows, left padding",
+            lambda: (
+                decode(),
+                dict(causal=True, cache_batch_idx=i32(1, 0), cache_leftpad=i32(2, 0)),
+            ),
+        ),
+        case(
+            "paged with cache_leftpad",
+            lambda: (
+                paged(),
+                dict(block_table=i32(3, 0, 1, 4).view(2, 2), cache_leftpad=i32(0, 1)),
+            ),
+            (ValueError, "block_table"),
+        ),
+        case(
+            "block_table int64",
+            lambda: (paged(), dict(block_table=torch.tensor([[3, 0], [1, 4]]))),
+            (TypeError, "block_table"),
+        ),
+        case(
+            "block_table page 5 of 5",
+            lambda: (paged(), dict(block_table=i32(3, 0, 1, 5).view(2, 2))),
+            (ValueError, "block_table"),
+        ),
     ]
+
+
+def paged(pages=5, page_size=4):
+    """decode()'s inputs with its caches as pages (the block table is the keyword's)."""
+    q, _, _, lengths, *new = decode()
+    caches = [rand(pages, page_size, 2, 16) for _ in "kv"]
+    return (q, *caches, lengths, *new)
 
 
 def norm_cases(fn, ref) -> list[Case]:
