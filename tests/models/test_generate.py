@@ -78,15 +78,17 @@ def test_greedy_matches_transformers_token_for_token(name):
         assert torch.equal(single, batch_row[: len(single)])
 
 
-def test_greedy_on_the_triton_kernels_picks_the_top_token_of_the_torch_backend():
-    """Decoding on the Triton kernels (the decode kernel with its cache, under the
-    interpreter here): every token it picks is, by a full forward on the torch backend, the
-    most likely one up to bf16 rounding (exact ties may break either way)."""
+@pytest.mark.parametrize("paged", [False, True])
+def test_greedy_on_the_triton_kernels_picks_the_top_token_of_the_torch_backend(paged):
+    """Decoding on the Triton kernels (the decode kernel with its cache, contiguous or
+    paged, under the interpreter here): every token it picks is, by a full forward on the
+    torch backend, the most likely one up to bf16 rounding (exact ties may break either
+    way)."""
     model = create("llama-tiny", num_layers=1).to(torch.bfloat16).eval()
     ids, mask = _left_padded_prompts(batch=2, seqlen=5)
     new = 4
     with fastlm.use_backend("triton"):
-        got = model.generate(ids, new, attention_mask=mask)
+        got = model.generate(ids, new, attention_mask=mask, paged=paged, page_size=2)
     full_mask = torch.cat([mask, torch.ones(2, new, dtype=mask.dtype)], dim=1)
     with fastlm.use_backend("torch"):  # rotary is relative: left-pad offsets do not matter
         logits = model(got[:, :-1], attention_mask=full_mask[:, :-1]).logits.float()
