@@ -617,7 +617,14 @@ def test_paged_varlen_equals_packed(be, page_size, options):
             q, k_cache, v_cache, cu_q, cu_k, 9, 13, block_table=table, **options
         )
         packed = ops.flash_attention_varlen(q, k, v, cu_q, cu_k, 9, 13, **options)
+        probs = [
+            ops.flash_attention_varlen(
+                *qkv, cu_q, cu_k, 9, 13, return_attn_probs=True, **kw, **options
+            )[2]
+            for qkv, kw in (((q, k_cache, v_cache), dict(block_table=table)), ((q, k, v), {}))
+        ]
     assert torch.equal(got, packed)
+    assert torch.equal(*probs)  # S_dmask through pages too
     for b in (0, 2, 3):
         rows, cols = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
         seq = [t[None, s] for t, s in ((q, rows), (k, cols), (v, cols))]
