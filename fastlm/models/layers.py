@@ -268,6 +268,21 @@ def init_weights(module: nn.Module, std: float) -> None:
                 nn.init.zeros_(m.bias)
 
 
+def few_rows_linear(hidden: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear(hidden, weight, bias)``, computed as ``weight @ hidden.T`` for a few rows
+    against a large matrix on the CPU: the logits of one decode step (one row per sequence)
+    over a vocabulary. There MKL's sgemm packs the transposed (V, hidden) operand before the
+    product, which for 2-8 rows costs more than the product itself: 4 x 384 x 50257 took
+    29 ms as ``F.linear`` and 9.7 ms as ``weight @ hidden.T`` (3.0x; 1.7x at hidden 768;
+    2-core AMD EPYC, one thread, torch 2.14). The same sums in another order: equal within
+    fp32 rounding."""
+    rows = hidden.shape[0] if hidden.dim() == 2 else 0
+    if hidden.device.type != "cpu" or not 2 <= rows <= 8 or weight.shape[0] < 16384:
+        return F.linear(hidden, weight, bias)
+    out = (weight @ hidden.T).T
+    return out if bias is None else out + bias
+
+
 class VocabProjection(nn.Module):
     """Hidden states onto the vocabulary through the head weight (V, hidden) and bias (V,)
     that the model holds (so a head tied to the embedding stays tied): as logits, or as
@@ -278,7 +293,7 @@ class VocabProjection(nn.Module):
     split."""
 
     def logits(self, hidden: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-        return F.linear(hidden, weight, bias)
+        return few_rows_linear(hidden, weight, bias)
 
     def loss(
         self, hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None = None

@@ -10,6 +10,8 @@ import fastlm
 from fastlm.models import create
 from fastlm.models.generation import BatchScheduler, PagedKVCache, next_tokens
 from fastlm.models.hf import from_hf
+from fastlm.models.layers import few_rows_linear
+from fastlm.testing import assert_policy_norm
 
 T = pytest.importorskip("transformers")
 
@@ -320,3 +322,19 @@ def test_t5_has_no_paged_cache():
     model = from_hf(_models()["t5"])
     with pytest.raises(ValueError, match="paged: T5"):
         model.generate(torch.ones(1, 3, dtype=torch.long), 2, paged=True)
+
+
+@pytest.mark.parametrize(
+    "rows, vocab, bias",
+    [(4, 20011, False), (3, 16384, True), (1, 20011, False), (9, 20011, True), (4, 300, True)],
+)
+def test_few_rows_linear_is_the_linear_within_policy(rows, vocab, bias):
+    """The decode step's logits (a few rows against the vocabulary, computed as weight @
+    hidden.T on the CPU) against float64, within the policy of F.linear's own error."""
+    hidden, weight = torch.randn(rows, 96), torch.randn(vocab, 96)
+    b = torch.randn(vocab) if bias else None
+    reference = torch.nn.functional.linear(
+        hidden.double(), weight.double(), None if b is None else b.double()
+    )
+    baseline = torch.nn.functional.linear(hidden, weight, b)
+    assert_policy_norm(few_rows_linear(hidden, weight, b), reference, baseline, name="logits")
