@@ -266,11 +266,12 @@ def _torch_decode(
         # gets no say when masked out. A contiguous cache is read in place (no copy).
         if ends is None:
             ends = cache_seqlens.long() + n_new
-        j = torch.arange(most, device=q.device)
+        j = torch.arange(k.shape[1], device=q.device)
         free = j >= ends[:, None]
         if cache_leftpad is not None:
             free |= j < cache_leftpad.long()[:, None]
-        k, v = (t.masked_fill_(free[:, :, None, None], 0.0) for t in (k, v))
+        # Zeroed whole (contiguous), then cut to the longest row as a contiguous cache is.
+        k, v = (_zero_rows(t, free)[:, :most] for t in (k, v))
 
     exact = need_lse or softcap or slopes is not None
     if (
@@ -309,16 +310,31 @@ def _torch_decode(
     return out.masked_fill_(nan_rows, math.nan), None
 
 
+def _zero_rows(t: Tensor, free: Tensor) -> Tensor:
+    """``t`` (B, S, Hkv, D) with the positions where ``free`` (B, S) is True zeroed, in place.
+
+    masked_fill_ with a mask broadcast over (Hkv, D) runs element by element on the CPU
+    (5x a copy of ``t``); filling the listed rows writes only those. Listing them takes
+    a nonzero (a device sync on GPUs, and data-dependent shapes torch.compile cannot
+    trace), so traced and GPU calls keep the one-kernel masked fill.
+    """
+    if t.device.type != "cpu" or torch.compiler.is_compiling():
+        return t.masked_fill_(free[:, :, None, None], 0.0)
+    rows = t.view(-1, t.shape[2] * t.shape[3])  # a fresh gathered copy: contiguous
+    return rows.index_fill_(0, free.flatten().nonzero().squeeze(1), 0.0).view(t.shape)
+
+
 def _keys(cache, block_table, cache_batch_idx, key_bound):
-    """(B, key_bound, Hkv, D): every row's first key_bound cache positions (a view of a
-    contiguous cache; a gather of the rows or pages otherwise)."""
+    """(B, S, Hkv, D): every row's first S cache positions, S = key_bound (a view of a
+    contiguous cache; a gather of the rows otherwise) or up to the end of the page holding
+    position key_bound - 1 (a gather of pages)."""
     # index_select copies whole rows; advanced indexing gathers element by element on the
     # CPU, several times slower.
     if block_table is not None:
         page_size = cache.shape[1]
         pages = block_table[:, : -(-key_bound // page_size)]
-        rows = cache.index_select(0, pages.flatten())
-        return rows.view(pages.shape[0], -1, *cache.shape[2:])[:, :key_bound]
+        # Whole pages: up to page_size - 1 positions past the bound.
+        return cache.index_select(0, pages.flatten()).view(pages.shape[0], -1, *cache.shape[2:])
     if cache_batch_idx is not None:
         return cache[:, :key_bound].index_select(0, cache_batch_idx)
     return cache[:, :key_bound]
