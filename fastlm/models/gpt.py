@@ -1,8 +1,11 @@
 """GPT: the autoregressive decoder, GPT-2 style (learned positions, LayerNorm, GELU MLP, tied
-head) or Llama style (rotary, RMSNorm, SwiGLU, GQA, untied head) by configuration.
+head), Llama style (rotary, RMSNorm, SwiGLU, GQA, untied head) or Gemma 2 style (Llama's plus
+(1 + weight) norms around both branches, scaled embeddings, soft-capped attention scores and
+logits, sliding-window attention on alternate layers) by configuration.
 
 Pre-LN blocks: ``h = h + attn(norm1(h)); h = h + mlp(norm2(h))``, the second norm fused
-with the residual add. Built from fastlm layers only: flash attention (decode kernel with a
+with the residual add; with ``sandwich_norms`` each branch's output is normed too before
+it is added. Built from fastlm layers only: flash attention (decode kernel with a
 KV cache), fused norms, fused/gated MLPs, rotary, and the fused linear cross-entropy.
 """
 
@@ -44,7 +47,7 @@ class GPTConfig:
     max_position_embeddings: int = 1024
     activation: str = "gelu_tanh"
     gated_mlp: bool = False  # SwiGLU/GeGLU (gate_proj, up_proj, down_proj)
-    norm: str = "layernorm"  # or "rmsnorm"
+    norm: str = "layernorm"  # "rmsnorm", or "gemma_rmsnorm": RMSNorm times (1 + weight)
     norm_eps: float = 1e-5
     position: str = "learned"  # or "rotary"
     rope_theta: float = 10000.0
@@ -53,7 +56,17 @@ class GPTConfig:
     tie_word_embeddings: bool = True
     dropout: float = 0.0  # embeddings, attention probabilities, residual branches
     initializer_range: float = 0.02
-    head_dim: int = dataclasses.field(init=False)
+    head_dim: int | None = None  # None: hidden_size // num_heads (Gemma 2 sets its own)
+    query_pre_attn_scalar: float | None = None  # softmax scale 1/sqrt(this); None: head_dim
+    attn_softcap: float | None = None  # attention scores s -> cap * tanh(s / cap) (Gemma 2: 50)
+    final_softcap: float | None = None  # the same on the logits, in the loss too (Gemma 2: 30)
+    # Sliding-window attention: a query sees the last ``sliding_window`` positions, its own
+    # included, on the layers whose ``layer_types`` entry is "sliding_attention" (None: all of
+    # them when sliding_window is set), the others "full_attention" (Hugging Face's names).
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None
+    sandwich_norms: bool = False  # Gemma 2: a norm after attention and after the MLP too
+    scale_embeddings: bool = False  # Gemma: token embeddings times sqrt(hidden_size)
 
     def __post_init__(self) -> None:
         for name in (
@@ -70,25 +83,67 @@ class GPTConfig:
             self.intermediate_size = 4 * self.hidden_size
         check_positive("num_kv_heads", self.num_kv_heads)
         check_positive("intermediate_size", self.intermediate_size)
-        if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
-            )
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise ValueError(
+                    f"hidden_size {self.hidden_size} is not divisible by num_heads "
+                    f"{self.num_heads}: set head_dim"
+                )
+            self.head_dim = self.hidden_size // self.num_heads
+        check_positive("head_dim", self.head_dim)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_kv_heads {self.num_kv_heads} does not divide num_heads {self.num_heads}"
             )
         check_activation(self.activation)
-        if self.norm not in ("layernorm", "rmsnorm"):
-            raise ValueError(f"norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
         if self.position not in ("learned", "rotary"):
             raise ValueError(f"position must be 'learned' or 'rotary', got {self.position!r}")
         check_probability("dropout", self.dropout)
-        self.head_dim = self.hidden_size // self.num_heads
+        if self.sliding_window is not None:
+            check_positive("sliding_window", self.sliding_window)
+        for name in ("query_pre_attn_scalar", "attn_softcap", "final_softcap"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and 0 < value < math.inf):
+                raise ValueError(f"{name} must be a positive number or None, got {value!r}")
+        self._check_layer_types()
+
+    def _check_layer_types(self) -> None:
+        if self.layer_types is None:
+            kind = "full_attention" if self.sliding_window is None else "sliding_attention"
+            self.layer_types = (kind,) * self.num_layers
+        self.layer_types = tuple(self.layer_types)  # a list, read back from JSON
+        if len(self.layer_types) != self.num_layers:
+            raise ValueError(
+                f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers"
+            )
+        for kind in self.layer_types:
+            if kind not in LAYER_TYPES:
+                raise ValueError(f"layer_types entries must be one of {LAYER_TYPES}, got {kind!r}")
+        if "sliding_attention" in self.layer_types and self.sliding_window is None:
+            raise ValueError("layer_types has sliding_attention layers but sliding_window is None")
+
+    def window(self, layer: int) -> tuple[int, int]:
+        """Layer ``layer``'s attention window as fastlm's ``(left, right)`` (-1: unbounded)."""
+        if self.layer_types[layer] == "sliding_attention":
+            return (self.sliding_window - 1, 0)
+        return (-1, -1)
+
+    @property
+    def softmax_scale(self) -> float | None:
+        """The attention's softmax scale (None: the kernels' 1/sqrt(head_dim))."""
+        if self.query_pre_attn_scalar is None:
+            return None
+        return self.query_pre_attn_scalar**-0.5
+
+
+NORMS = ("layernorm", "rmsnorm", "gemma_rmsnorm")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig, rotary: RotaryEmbedding | None) -> None:
+    def __init__(self, config: GPTConfig, rotary: RotaryEmbedding | None, layer: int) -> None:
         super().__init__()
         c = config
         self.norm1 = make_norm(c.norm, c.hidden_size, c.norm_eps)
@@ -99,7 +154,16 @@ class Block(nn.Module):
             num_kv_heads=c.num_kv_heads,
             bias=c.attention_bias,
             dropout=c.dropout,
+            softmax_scale=c.softmax_scale,
             rotary=rotary,
+            softcap=c.attn_softcap,
+            window=c.window(layer),
+        )
+        # Gemma 2's names: post_attention_layernorm, post_feedforward_layernorm.
+        self.attn_out_norm, self.mlp_out_norm = (
+            (make_norm(c.norm, c.hidden_size, c.norm_eps) for _ in range(2))
+            if c.sandwich_norms
+            else (None, None)
         )
         self.norm2 = make_norm(c.norm, c.hidden_size, c.norm_eps)
         self.mlp = make_mlp(
@@ -122,8 +186,13 @@ class Block(nn.Module):
         p = self.dropout if self.training else 0.0
         x = self.norm1(h)
         a = self.attn(x, bias=bias, causal=True, position_ids=position_ids, cache=cache)
+        if self.attn_out_norm is not None:
+            a = self.attn_out_norm(a)
         x, h = self.norm2(F.dropout(a, p, self.training), residual=h)  # h += a; x = norm(h)
-        return h + F.dropout(self.mlp(x), p, self.training)
+        m = self.mlp(x)
+        if self.mlp_out_norm is not None:
+            m = self.mlp_out_norm(m)
+        return h + F.dropout(m, p, self.training)
 
 
 class GPT(GenerationMixin, nn.Module):
@@ -165,10 +234,10 @@ class GPT(GenerationMixin, nn.Module):
             if c.position == "rotary"
             else None
         )
-        self.blocks = nn.ModuleList(Block(c, rotary) for _ in range(c.num_layers))
+        self.blocks = nn.ModuleList(Block(c, rotary, i) for i in range(c.num_layers))
         self.norm_f = make_norm(c.norm, c.hidden_size, c.norm_eps)
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
-        self.to_vocab = VocabProjection()
+        self.to_vocab = VocabProjection(softcap=c.final_softcap)
         self._init_weights()
         if c.tie_word_embeddings:
             self.lm_head.weight = self.tok_emb.weight
@@ -199,6 +268,8 @@ class GPT(GenerationMixin, nn.Module):
         if position_ids is None:
             position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
         h = self.tok_emb(input_ids)
+        if self.config.scale_embeddings:  # the scale in the weights' dtype, as Gemma's
+            h = h * torch.tensor(self.config.hidden_size**0.5, dtype=h.dtype)
         if self.pos_emb is not None:
             h = h + self.pos_emb(position_ids)
         h = F.dropout(h, self.config.dropout if self.training else 0.0, self.training)

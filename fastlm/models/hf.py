@@ -107,6 +107,44 @@ def _llama_config(cfg: dict[str, Any], state: StateDict) -> GPTConfig:
     )
 
 
+def _gemma2_config(cfg: dict[str, Any], state: StateDict) -> GPTConfig:
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ValueError(f"Gemma 2 rope scaling {rope} is not supported (default RoPE only)")
+    heads, layers = cfg["num_attention_heads"], cfg["num_hidden_layers"]
+    head_dim = _get(cfg, "head_dim", cfg["hidden_size"] // heads)
+    # Checkpoints older than ``layer_types``: every other layer slides, the first included.
+    kinds = ("sliding_attention", "full_attention")
+    layer_types = cfg.get("layer_types") or [kinds[i % 2] for i in range(layers)]
+    return GPTConfig(
+        vocab_size=cfg["vocab_size"],
+        hidden_size=cfg["hidden_size"],
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=_get(cfg, "num_key_value_heads", heads),
+        head_dim=head_dim,
+        intermediate_size=cfg["intermediate_size"],
+        max_position_embeddings=_get(cfg, "max_position_embeddings", 8192),
+        activation=_activation(_get(cfg, "hidden_activation", "gelu_pytorch_tanh")),
+        gated_mlp=True,
+        norm="gemma_rmsnorm",
+        norm_eps=_get(cfg, "rms_norm_eps", 1e-6),
+        position="rotary",
+        rope_theta=float(rope.get("rope_theta", _get(cfg, "rope_theta", 10000.0))),
+        attention_bias=_get(cfg, "attention_bias", False),
+        mlp_bias=False,
+        tie_word_embeddings=_get(cfg, "tie_word_embeddings", True),
+        dropout=_get(cfg, "attention_dropout", 0.0),
+        query_pre_attn_scalar=_get(cfg, "query_pre_attn_scalar", head_dim),
+        attn_softcap=cfg.get("attn_logit_softcapping"),
+        final_softcap=cfg.get("final_logit_softcapping"),
+        sliding_window=cfg.get("sliding_window"),
+        layer_types=tuple(layer_types),
+        sandwich_norms=True,
+        scale_embeddings=True,
+    )
+
+
 def _bert_config(cfg: dict[str, Any], state: StateDict) -> BertConfig:
     if _get(cfg, "position_embedding_type", "absolute") != "absolute":
         raise ValueError("only absolute position embeddings are supported for BERT")
@@ -216,6 +254,7 @@ def _gpt2_rules(c: GPTConfig) -> Iterator[Rule]:
 
 
 def _llama_rules(c: GPTConfig) -> Iterator[Rule]:
+    """Llama's keys, and Gemma 2's (``sandwich_norms``: four norms per layer)."""
     yield "tok_emb.weight", ("model.embed_tokens.weight",), "copy"
     for i in range(c.num_layers):
         ours, theirs = f"blocks.{i}", f"model.layers.{i}"
@@ -223,7 +262,12 @@ def _llama_rules(c: GPTConfig) -> Iterator[Rule]:
         yield from _norm(f"{ours}.norm1", f"{theirs}.input_layernorm", bias=False)
         yield from _fused(f"{ours}.attn.qkv", [f"{attn}.{p}_proj" for p in "qkv"], c.attention_bias)
         yield from _linear(f"{ours}.attn.o", f"{attn}.o_proj", c.attention_bias)
-        yield from _norm(f"{ours}.norm2", f"{theirs}.post_attention_layernorm", bias=False)
+        if c.sandwich_norms:
+            yield from _norm(f"{ours}.attn_out_norm", f"{theirs}.post_attention_layernorm", False)
+            yield from _norm(f"{ours}.norm2", f"{theirs}.pre_feedforward_layernorm", bias=False)
+            yield from _norm(f"{ours}.mlp_out_norm", f"{theirs}.post_feedforward_layernorm", False)
+        else:
+            yield from _norm(f"{ours}.norm2", f"{theirs}.post_attention_layernorm", bias=False)
         for proj in ("gate_proj", "up_proj", "down_proj"):
             yield from _linear(f"{ours}.mlp.{proj}", f"{theirs}.mlp.{proj}", c.mlp_bias)
     yield from _norm("norm_f", "model.norm", bias=False)
@@ -329,6 +373,14 @@ _FAMILIES: dict[str, _Family] = {
     ),
     "llama": _Family(
         _llama_config,
+        _llama_rules,
+        GPT,
+        "model.",
+        r"model\.(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq",
+        _head_alias("model.embed_tokens.weight"),
+    ),
+    "gemma2": _Family(
+        _gemma2_config,
         _llama_rules,
         GPT,
         "model.",
@@ -624,7 +676,7 @@ def _load(model: nn.Module, ours: StateDict) -> None:
 def _rules_of(model: nn.Module) -> list[Rule]:
     if isinstance(model, GPT):
         c = model.config
-        return list((_llama_rules if c.position == "rotary" else _gpt2_rules)(c))
+        return list((_gpt2_rules if _gpt_family(c) == "gpt2" else _llama_rules)(c))
     if isinstance(model, (BertModel, BertForMaskedLM, BertForSequenceClassification)):
         rules = _bert_rules(model.config, _bert_head_of(model))
         if isinstance(model, BertForMaskedLM):  # transformers' has no pooler (the LM needs none)
@@ -633,6 +685,30 @@ def _rules_of(model: nn.Module) -> list[Rule]:
     if isinstance(model, T5):
         return list(_t5_rules(model.config))
     raise TypeError(f"model must be a fastlm GPT, BERT or T5 model, got {type(model).__name__}")
+
+
+def _gpt_family(c: GPTConfig) -> str:
+    """The transformers family a GPT configuration exports to: Gemma 2 when it has Gemma's
+    layout, Llama for other rotary models, else GPT-2. Settings neither can express are
+    refused."""
+    gemma = c.norm == "gemma_rmsnorm" or c.sandwich_norms or c.scale_embeddings
+    if gemma:
+        if not (c.norm == "gemma_rmsnorm" and c.sandwich_norms and c.scale_embeddings):
+            raise ValueError(
+                "a GPT with only some of Gemma 2's layout (gemma_rmsnorm, sandwich_norms, "
+                "scale_embeddings) has no transformers counterpart"
+            )
+        return "gemma2"
+    if c.attn_softcap or c.final_softcap or c.query_pre_attn_scalar or c.sliding_window:
+        raise ValueError(
+            "soft-capping, sliding windows and query_pre_attn_scalar export only with "
+            "Gemma 2's layout"
+        )
+    if c.position == "rotary":
+        if c.head_dim * c.num_heads != c.hidden_size:
+            raise ValueError("a Llama export needs head_dim * num_heads == hidden_size")
+        return "llama"
+    return "gpt2"
 
 
 def hf_state_dict(model: nn.Module, tensors: StateDict | None = None) -> StateDict:
@@ -670,10 +746,15 @@ def to_hf(model: nn.Module, tokenizer=None) -> nn.Module:
 
     c = getattr(model, "config", None)
     if isinstance(model, GPT):
-        llama = c.position == "rotary"
-        build = _llama_hf_config if llama else _gpt2_hf_config
+        family = _gpt_family(c)
+        build = {"llama": _llama_hf_config, "gemma2": _gemma2_hf_config}.get(
+            family, _gpt2_hf_config
+        )
         hf_config = build(c, transformers, _special_token_ids(model, tokenizer))
-        hf_cls = transformers.LlamaForCausalLM if llama else transformers.GPT2LMHeadModel
+        hf_cls = {
+            "llama": transformers.LlamaForCausalLM,
+            "gemma2": transformers.Gemma2ForCausalLM,
+        }.get(family, transformers.GPT2LMHeadModel)
     elif isinstance(model, (BertModel, BertForMaskedLM, BertForSequenceClassification)):
         head = _bert_head_of(model)
         _special_token_ids(model, tokenizer)
@@ -852,6 +933,31 @@ def _llama_hf_config(c: GPTConfig, transformers, token_ids: dict[str, int | None
         mlp_bias=c.mlp_bias,
         tie_word_embeddings=c.tie_word_embeddings,
         attention_dropout=c.dropout,
+        **token_ids,
+    )
+
+
+def _gemma2_hf_config(c: GPTConfig, transformers, token_ids: dict[str, int | None]):
+    return transformers.Gemma2Config(
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        num_hidden_layers=c.num_layers,
+        num_attention_heads=c.num_heads,
+        num_key_value_heads=c.num_kv_heads,
+        head_dim=c.head_dim,
+        intermediate_size=c.intermediate_size,
+        max_position_embeddings=c.max_position_embeddings,
+        hidden_activation={"gelu_tanh": "gelu_pytorch_tanh"}.get(c.activation, c.activation),
+        rms_norm_eps=c.norm_eps,
+        rope_theta=c.rope_theta,
+        attention_bias=c.attention_bias,
+        tie_word_embeddings=c.tie_word_embeddings,
+        attention_dropout=c.dropout,
+        query_pre_attn_scalar=c.query_pre_attn_scalar or c.head_dim,
+        attn_logit_softcapping=c.attn_softcap,
+        final_logit_softcapping=c.final_softcap,
+        sliding_window=c.sliding_window,
+        layer_types=list(c.layer_types),
         **token_ids,
     )
 

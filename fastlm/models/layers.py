@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastlm import ops
-from fastlm.nn import FusedMLP, GatedMLP, LayerNorm, RMSNorm, RotaryEmbedding
+from fastlm.nn import FusedMLP, GatedMLP, GemmaRMSNorm, LayerNorm, RMSNorm, RotaryEmbedding
 
 # Hugging Face activation names and fastlm's.
 HF_ACTIVATIONS = {
@@ -49,7 +49,9 @@ def make_norm(kind: str, size: int, eps: float) -> nn.Module:
         return LayerNorm(size, eps=eps)
     if kind == "rmsnorm":
         return RMSNorm(size, eps=eps)
-    raise ValueError(f"norm must be 'layernorm' or 'rmsnorm', got {kind!r}")
+    if kind == "gemma_rmsnorm":
+        return GemmaRMSNorm(size, eps=eps)
+    raise ValueError(f"norm must be 'layernorm', 'rmsnorm' or 'gemma_rmsnorm', got {kind!r}")
 
 
 def make_mlp(
@@ -119,6 +121,9 @@ class Attention(nn.Module):
     Self-attention projects q, k, v with one fused ``qkv`` linear ((H + 2 Hkv) * D
     outputs); cross-attention (``cross=True``) has ``q`` and a fused ``kv`` over the
     context. ``o`` projects back. ``softmax_scale`` None is 1/sqrt(D) (T5 uses 1.0).
+    ``softcap`` caps the scaled scores (``s -> softcap * tanh(s / softcap)``, Gemma 2) and
+    ``window`` = (left, right) limits the keys each query sees (-1: unbounded), as in
+    :func:`fastlm.ops.flash_attention`.
 
     ``capture``: None (the default) runs the kernel. A list switches the layer to the
     materializing path, softmax(q k^T * scale + bias) then times v in fp32, which appends
@@ -138,6 +143,8 @@ class Attention(nn.Module):
         softmax_scale: float | None = None,
         rotary: RotaryEmbedding | None = None,
         cross: bool = False,
+        softcap: float | None = None,
+        window: tuple[int, int] = (-1, -1),
     ) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
@@ -152,6 +159,8 @@ class Attention(nn.Module):
         self.dropout = dropout
         self.softmax_scale = softmax_scale
         self.rotary = rotary
+        self.softcap = softcap or 0.0  # 0: no cap (flash-attn's convention)
+        self.window = window
         self.capture: list[Tensor] | None = None
 
     def project_kv(self, context: Tensor) -> tuple[Tensor, Tensor]:
@@ -198,7 +207,9 @@ class Attention(nn.Module):
                 causal=causal,
                 softmax_scale=self.softmax_scale,
                 dropout_p=p,
+                window=self.window,
                 attn_bias=bias,
+                softcap=self.softcap,
             )
         return self.o(out.reshape(b, s, h * d))
 
@@ -207,7 +218,13 @@ class Attention(nn.Module):
         # that see no key give zeros), kept, then applied to v.
         bias = None if bias is None else bias.float()
         probs, _ = ops.attention_probs(
-            q.float(), k.float(), causal, self.softmax_scale, attn_bias=bias
+            q.float(),
+            k.float(),
+            causal,
+            self.softmax_scale,
+            window=self.window,
+            attn_bias=bias,
+            softcap=self.softcap,
         )
         self.capture.append(probs.detach())
         p = self.dropout if self.training else 0.0
@@ -227,6 +244,8 @@ class Attention(nn.Module):
                 causal=causal,
                 softmax_scale=self.softmax_scale,
                 block_table=cache.block_table,
+                window=self.window,
+                softcap=self.softcap,
             )
             if cache.block_table is None:  # a paged cache's owner advances the shared lengths
                 cache.lengths += q.shape[1]
@@ -288,12 +307,19 @@ class VocabProjection(nn.Module):
     that the model holds (so a head tied to the embedding stays tied): as logits, or as
     the fused cross-entropy of labels without materializing them.
 
+    ``softcap`` caps the logits, ``softcap * tanh(logits / softcap)`` (Gemma 2's final
+    soft-capping), in the loss too (inside the fused kernel: still no logits formed).
+
     Holds no parameters: ``fastlm.parallel`` swaps in a twin with the same two methods when
     it splits the vocabulary over ranks, so the model never asks whether its head is
     split."""
 
+    def __init__(self, softcap: float | None = None) -> None:
+        super().__init__()
+        self.softcap = softcap
+
     def logits(self, hidden: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-        return few_rows_linear(hidden, weight, bias)
+        return cap_logits(few_rows_linear(hidden, weight, bias), self.softcap)
 
     def loss(
         self, hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None = None
@@ -301,7 +327,17 @@ class VocabProjection(nn.Module):
         """Mean cross-entropy of ``labels`` (N,) given ``hidden`` (N, hidden), in fp32
         whatever the model's dtype (as Hugging Face's losses: a bf16 scalar is too coarse to
         log)."""
-        return ops.linear_cross_entropy(hidden, weight, labels, bias=bias, out_dtype=torch.float32)
+        return ops.linear_cross_entropy(
+            hidden, weight, labels, bias=bias, out_dtype=torch.float32, softcap=self.softcap
+        )
+
+    def extra_repr(self) -> str:
+        return "" if self.softcap is None else f"softcap={self.softcap}"
+
+
+def cap_logits(logits: Tensor, softcap: float | None) -> Tensor:
+    """``softcap * tanh(logits / softcap)`` (None: the logits unchanged)."""
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
 
 
 def lm_loss(

@@ -331,24 +331,32 @@ class VocabParallelProjection(nn.Module):
     """What ``tensor_parallel`` swaps in for a model's projection onto the vocabulary once
     its head weight is split by vocabulary rows (this rank's from ``start``): the same
     ``logits`` and ``loss`` methods on the shard, the logits all-gathered, the loss the
-    :func:`vocab_parallel_cross_entropy` of the local logits (never gathered)."""
+    :func:`vocab_parallel_cross_entropy` of the local logits (never gathered). ``softcap``
+    (the model's final soft-capping) caps each local logit, an elementwise step that needs
+    no communication."""
 
-    def __init__(self, start: int, group=None) -> None:
+    def __init__(self, start: int, group=None, softcap: float | None = None) -> None:
         super().__init__()
-        self.start, self.group = start, group
+        self.start, self.group, self.softcap = start, group, softcap
+
+    def _local_logits(self, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        local = F.linear(copy_to_group(hidden, self.group), weight, bias)
+        if self.softcap is None:
+            return local
+        return self.softcap * torch.tanh(local / self.softcap)
 
     def logits(self, hidden: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-        local = F.linear(copy_to_group(hidden, self.group), weight, bias)
-        return gather_from_group(local, self.group)
+        return gather_from_group(self._local_logits(hidden, weight, bias), self.group)
 
     def loss(
         self, hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None = None
     ) -> Tensor:
-        local = F.linear(copy_to_group(hidden, self.group), weight, bias)
+        local = self._local_logits(hidden, weight, bias)
         return vocab_parallel_cross_entropy(local, labels, self.start, self.group)
 
     def extra_repr(self) -> str:
-        return f"start={self.start}"
+        capped = "" if self.softcap is None else f", softcap={self.softcap}"
+        return f"start={self.start}{capped}"
 
 
 class _VocabParallelCE(torch.autograd.Function):

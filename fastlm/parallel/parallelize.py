@@ -291,7 +291,9 @@ def _shard_vocab(model: nn.Module, cuts: dict[str, str], group) -> dict[str, Spe
         specs[bias_name] = Shard(0, rows, full.shape[0])
     for name in by_kind["vocab_projection"]:
         owner_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(owner_name), attr, VocabParallelProjection(emb.start, group))
+        owner = model.get_submodule(owner_name)
+        softcap = getattr(owner, attr).softcap
+        setattr(owner, attr, VocabParallelProjection(emb.start, group, softcap))
     return specs
 
 

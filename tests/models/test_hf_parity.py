@@ -41,6 +41,27 @@ def llama(hidden=48, heads=4, kv_heads=2, layers=2, bias=False):
     )
 
 
+def gemma2(hidden=48, heads=4, kv_heads=2, head_dim=16, layers=3):
+    """Gemma 2's layout with a window shorter than the test's sequences and caps low enough
+    that tanh bends the small scores and logits of a random model."""
+    return T.Gemma2ForCausalLM(
+        T.Gemma2Config(
+            hidden_size=hidden,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            head_dim=head_dim,
+            query_pre_attn_scalar=24,
+            num_hidden_layers=layers,
+            intermediate_size=88,
+            vocab_size=VOCAB,
+            sliding_window=4,
+            attn_logit_softcapping=0.5,
+            final_logit_softcapping=0.3,
+            attn_implementation="eager",
+        )
+    )
+
+
 def bert(hidden=48, heads=4, layers=2, classify=False):
     config = T.BertConfig(
         hidden_size=hidden,
@@ -76,6 +97,7 @@ MODELS = {
     "gpt2-odd": lambda: gpt2(hidden=60, heads=5, layers=3),
     "llama-gqa": llama,
     "llama-bias-mqa": lambda: llama(hidden=40, heads=5, kv_heads=1, bias=True),
+    "gemma2": gemma2,
     "bert-mlm": bert,
     "bert-cls-odd": lambda: bert(hidden=36, heads=3, layers=3, classify=True),
     "t5-v1.0": t5,

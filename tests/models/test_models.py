@@ -13,7 +13,7 @@ import fastlm
 from fastlm.models import PRESETS, BertConfig, GPTConfig, T5Config, config, create
 from fastlm.testing import assert_loss_policy, assert_policy, max_error
 
-TINY = ["gpt2-tiny", "llama-tiny", "bert-tiny", "t5-tiny"]
+TINY = ["gpt2-tiny", "llama-tiny", "gemma2-tiny", "bert-tiny", "t5-tiny"]
 
 
 def _no_dropout(name):
@@ -37,7 +37,9 @@ def test_every_preset_builds_a_valid_config(name):
     c = config(name)
     assert c.hidden_size % c.num_heads == 0 or isinstance(c, T5Config)
     if isinstance(c, GPTConfig):
-        assert c.head_dim * c.num_heads == c.hidden_size and c.intermediate_size > 0
+        # Gemma 2 sets its own head_dim; every other GPT derives it.
+        assert c.head_dim * c.num_heads == c.hidden_size or name.startswith("gemma2")
+        assert c.intermediate_size > 0 and len(c.layer_types) == c.num_layers
 
 
 def test_published_sizes():
@@ -47,6 +49,15 @@ def test_published_sizes():
     llama = config("llama-1b")
     assert (llama.num_kv_heads, llama.head_dim, llama.rope_theta) == (8, 64, 500000.0)
     assert config("t5-v1_1-small").scale_decoder_outputs is False
+    # Gemma 2's published parameter counts (embeddings tied), with the shape Hugging Face
+    # gives them.
+    for name, billions in (("gemma2-2b", 2.614), ("gemma2-9b", 9.242), ("gemma2-27b", 27.227)):
+        with torch.device("meta"):
+            model = create(name)
+        assert round(sum(p.numel() for p in model.parameters()) / 1e9, 3) == billions, name
+    gemma = config("gemma2-9b")
+    assert gemma.layer_types[:3] == ("sliding_attention", "full_attention", "sliding_attention")
+    assert (gemma.window(0), gemma.window(1)) == ((4095, 0), (-1, -1))
 
 
 @pytest.mark.parametrize(
@@ -63,6 +74,13 @@ def test_published_sizes():
         (lambda: T5Config(num_layers=0), "num_layers"),
         (lambda: config("gpt5"), "unknown preset"),
         (lambda: config("gpt2", num_layers=-1), "num_layers"),
+        (lambda: GPTConfig(num_layers=2, layer_types=("full_attention",)), "layer_types"),
+        (lambda: GPTConfig(num_layers=1, layer_types=("local",)), "layer_types"),
+        (lambda: GPTConfig(num_layers=1, layer_types=("sliding_attention",)), "sliding_window"),
+        (lambda: GPTConfig(sliding_window=0), "sliding_window"),
+        (lambda: GPTConfig(attn_softcap=-1.0), "attn_softcap"),
+        (lambda: GPTConfig(final_softcap=float("nan")), "final_softcap"),
+        (lambda: GPTConfig(hidden_size=100, num_heads=3, head_dim=0), "head_dim"),
     ],
 )
 def test_bad_configs_say_what_is_wrong(make, word):
@@ -82,7 +100,7 @@ def test_loss_without_logits_equals_cross_entropy_of_the_logits(name):
     twin = copy.deepcopy(model).double()  # the float64 reference
     logits, logits64 = (m(**batch, return_logits=True).logits for m in (model, twin))
     labels = batch["labels"]
-    if name.startswith(("gpt2", "llama")):
+    if name.startswith(("gpt2", "llama", "gemma2")):
         logits, logits64, labels = logits[:, :-1], logits64[:, :-1], labels[:, 1:]
     expected = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
     # Both are float32 means over the tokens: each against the float64 twin's loss.
@@ -142,7 +160,9 @@ def test_t5_position_bias_gets_its_gradient_through_the_attention_bias():
 def test_forward_and_backward_on_the_triton_kernels(name):
     """Every kernel in model context (under the interpreter here): loss and gradients of a
     bf16 model against the float64 model, with the torch backend's bf16 run as baseline."""
-    model = create(name, vocab_size=300, num_layers=1, **_no_dropout(name))
+    # Gemma 2's one layer is its sliding one: the window (16) is longer than the sequence.
+    one_layer = dict(layer_types=("sliding_attention",)) if name.startswith("gemma2") else {}
+    model = create(name, vocab_size=300, num_layers=1, **one_layer, **_no_dropout(name))
     batch = _inputs(name, vocab=300)
     reference = copy.deepcopy(model).double()
     low = model.to(torch.bfloat16)
