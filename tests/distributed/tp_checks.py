@@ -46,6 +46,8 @@ MODELS = {
     "gpt": ("gpt2-tiny", {}),
     "llama": ("llama-tiny", {}),  # GQA: 4 query heads, 2 key/value heads; untied head
     "llama-kv1": ("llama-tiny", {"num_kv_heads": 1}),  # 1 kv head shared by the ranks
+    # Soft caps, sandwich (1 + weight) norms, a window crossed by the 8-token batches.
+    "gemma2": ("gemma2-tiny", {"sliding_window": 4}),
     "bert": ("bert-tiny", {"attention_dropout": 0.0}),
     "t5": ("t5-tiny", {}),
 }
@@ -246,7 +248,8 @@ def expected_collectives(kind: str, model: nn.Module, sp: bool, tp: int) -> dict
     else:
         attn = mlp = c.num_layers
         cross, lookups, stacks = 0, 1, 1
-        norms = c.num_layers * (2 if kind.startswith("llama") else 4)  # RMSNorm: no bias
+        # LayerNorm: weight and bias; RMSNorm: a weight alone; Gemma 2: four RMSNorms a layer.
+        norms = c.num_layers * (2 if kind.startswith("llama") else 4)
     regions = attn + cross + mlp
     shared_kv = attn if getattr(c, "num_kv_heads", tp) < tp else 0
     all_reduce = lookups + 2 + 1 + cross + shared_kv
@@ -394,7 +397,7 @@ def models(rank: int) -> None:
     """tp=2 on 2 ranks, with and without sequence parallelism: eval logits, greedy
     generation with the KV cache, 5 AdamW steps (losses, gradient norms, parameters) and
     the collectives of one step."""
-    for kind in ("gpt", "llama", "llama-kv1", "bert", "t5"):
+    for kind in ("gpt", "llama", "llama-kv1", "gemma2", "bert", "t5"):
         for sp in (False, True):
             ref, par = build(kind), tensor_parallel(build(kind), sequence_parallel=sp)
             data = batch(kind)
