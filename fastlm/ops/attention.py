@@ -1127,8 +1127,9 @@ def _explicit_attention(
     """Attention with the scores materialized in fp32 (fp64 for fp64 inputs), the reference's
     formula, chunk by chunk of query rows so memory stays bounded for long sequences; under
     autograd each chunk is recomputed in backward (activation checkpointing) instead of
-    keeping its probabilities. Dropout draws one (B, H, Sq, Sk) keep pattern from a
-    generator seeded by ``seed``. Returns ``(out, lse, S_dmask or None)``."""
+    keeping its probabilities. Dropout draws each chunk's keep pattern in turn from one
+    generator seeded by ``seed`` (the chunks depend on the shapes only, so a seed gives one
+    pattern). Returns ``(out, lse, S_dmask or None)``."""
     compute = torch.promote_types(q.dtype, torch.float32)
     batch, seqlen_q, n_heads, _ = q.shape
     seqlen_k = k.shape[1]
@@ -1137,11 +1138,9 @@ def _explicit_attention(
     q_ = q.to(compute).transpose(1, 2) * (scale / softcap if softcap else scale)
     k_, v_ = (t.to(compute).repeat_interleave(group, dim=2).transpose(1, 2) for t in (k, v))
     bias_ = None if bias is None else bias.to(compute)
-    keep = None
+    gen = None
     if dropout_p > 0:
         gen = torch.Generator(device=q.device).manual_seed(seed)
-        shape = (batch, n_heads, seqlen_q, seqlen_k)
-        keep = torch.rand(shape, generator=gen, device=q.device) >= dropout_p
     options = dict(
         seqlen_q=seqlen_q,
         causal=causal,
@@ -1161,12 +1160,16 @@ def _explicit_attention(
     outs, lses, probs = [], [], []
     for first in range(0, seqlen_q, rows):
         part = slice(first, first + rows)
+        keep = None
+        if gen is not None:  # one chunk's pattern in memory at a time (1 byte per score)
+            shape = (batch, n_heads, min(rows, seqlen_q - first), seqlen_k)
+            keep = torch.rand(shape, generator=gen, device=q.device) >= dropout_p
         chunk = (
             q_[:, :, part],
             k_,
             v_,
             None if bias_ is None else bias_[:, :, part],
-            None if keep is None else keep[:, :, part],
+            keep,
             first,
         )
         if recompute:
@@ -1176,7 +1179,7 @@ def _explicit_attention(
         outs.append(o)
         lses.append(lse)
         if need_probs:
-            probs.append(p if keep is None else torch.where(keep[:, :, part], p, -p))
+            probs.append(p if keep is None else torch.where(keep, p, -p))
     if not outs:  # no query rows
         empty = q.new_empty((batch, 0, n_heads), dtype=torch.float32).transpose(1, 2)
         s_dmask = q.new_zeros((batch, n_heads, 0, seqlen_k), dtype=torch.float32)

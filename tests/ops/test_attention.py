@@ -686,3 +686,19 @@ def test_head_dims(be, d, softcap):
         _assert_capped(out, grads, q, k, v, do, softcap, causal=True)
     else:
         assert_attention_policy(out, grads, q, k, v, do, causal=True)
+
+
+def test_torch_dropout_pattern_across_row_chunks(monkeypatch):
+    """Chunks of 7 query rows (4 chunks) each draw their part of the keep pattern: out,
+    gradients and S_dmask still agree, and the same seed repeats the pattern."""
+    monkeypatch.setattr(attention_ops, "_CHUNK_SCORES", 7 * 2 * 40)
+    q, k, v = _qkv(b=1, sq=24, sk=40, h=2, hkv=1, d=16)
+    do = torch.randn(1, 24, 2, 16, dtype=torch.bfloat16)
+    with fastlm.use_backend("torch"):
+        out, _, s_dmask = ops.flash_attention(
+            q, k, v, dropout_p=0.4, seed=5, softcap=3.0, return_attn_probs=True
+        )
+        grads = torch.autograd.grad((out * do).sum(), (q, k, v))
+        again = ops.flash_attention(q, k, v, dropout_p=0.4, seed=5, softcap=3.0)
+    assert torch.equal(again, out)
+    _check_s_dmask(out, grads, s_dmask, q, k, v, do, 0.4, 3.0)
