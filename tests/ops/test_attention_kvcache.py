@@ -206,6 +206,8 @@ CASES = [
     ("no append", dict(n_new=0, lengths=(0, 4, 11))),
     ("paged4", dict(page_size=4, lengths=(0, 5, 13), n_new=2, sq=2, causal=True)),
     ("paged1", dict(page_size=1, lengths=(3, 1))),
+    # Several 64-key tiles per split, each spanning pages; a split boundary inside a page.
+    ("paged16 long", dict(page_size=16, lengths=(0, 70, 150), num_splits=2, causal=True)),
     ("batch idx", dict(batch_idx=True, n_new=2)),
     ("leftpad", dict(leftpad=True, lengths=(2, 7, 12), sq=2, n_new=2, causal=True)),
     ("alibi (H,)", dict(alibi_slopes=torch.rand(4), causal=True)),
