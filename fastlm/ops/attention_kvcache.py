@@ -378,7 +378,7 @@ def _decode_scores(q, k, v, seen, offset, scale, softcap, slopes, compute):
     scores = scores.masked_fill(~seen[:, None], -math.inf)
     lse = torch.logsumexp(scores, -1)  # (B, H, Sq)
     probs = torch.exp(scores - lse[..., None]).masked_fill(lse[..., None] == -math.inf, 0.0)
-    out = probs.view(batch, kv_heads, -1, seqlen_k) @ vf
+    out = probs.view(batch, kv_heads, rows[2], seqlen_k) @ vf  # rows[2]: -1 fails at S = 0
     return out.view(batch, n_heads, seqlen_q, head_dim).transpose(1, 2), lse
 
 

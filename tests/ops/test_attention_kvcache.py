@@ -155,10 +155,14 @@ def run_case(
     kw = {**kw, **extra}
     before = [c.clone() for c in caches]
 
+    again = [c.clone() for c in caches]
     with poisoned_outputs(), fastlm.use_backend(be):
         out, lse = ops.attention_with_kvcache(
             q, *caches, lengths_t, k_new, v_new, return_lse=True, **kw
         )
+        # Without the lse the torch backend takes SDPA (unless ALiBi or the cap need the
+        # scores): both paths, on the same caches.
+        alone = ops.attention_with_kvcache(q, *again, lengths_t, k_new, v_new, **kw)
 
     ref_out, ref_lse = _expected(q, *rows, lengths, n_new, k_new, v_new, kw, torch.float64)
     base_out, base_lse = _expected(q, *rows, lengths, n_new, k_new, v_new, kw, dtype)
@@ -168,6 +172,8 @@ def run_case(
     assert torch.equal(out[dead], torch.zeros_like(out[dead])), "rows with no key must be 0"
     assert (lse[~live] == -math.inf).all(), "rows with no key must have lse -inf"
     assert_policy(out[~dead], ref_out[~dead], base_out[~dead], "out")
+    assert torch.equal(alone[dead], torch.zeros_like(alone[dead])), "rows with no key must be 0"
+    assert_policy(alone[~dead], ref_out[~dead], base_out[~dead], "out without lse")
     assert_policy(lse[live], ref_lse[live], base_lse[live].float(), "lse")
     _check_appends(before, caches, lengths, k_new, v_new, extra, n_new, dtype)
     return out
@@ -204,6 +210,7 @@ CASES = [
     ("one length", dict(lengths=(9, 9, 9), causal=True)),
     ("one length sq3", dict(lengths=(9, 9), sq=3, n_new=3, causal=True)),
     ("no append", dict(n_new=0, lengths=(0, 4, 11))),
+    ("every row empty", dict(n_new=0, lengths=(0, 0))),
     ("paged4", dict(page_size=4, lengths=(0, 5, 13), n_new=2, sq=2, causal=True)),
     ("paged1", dict(page_size=1, lengths=(3, 1))),
     # Several 64-key tiles per split, each spanning pages; a split boundary inside a page.
