@@ -61,6 +61,9 @@ def _attention(out: dict) -> None:
         _run(out, f"bias dropout {dt}", flash, q, k, v, False, None, 0.3, (-1, -1), bias, seed=7)
     q, k, v = (torch.randn(2, 6, 2, 24, dtype=BF16) for _ in range(3))
     _run(out, "alibi window bf16", flash, q, k, v, window=(3, 1), alibi_slopes=torch.rand(2))
+    # The soft cap, and the dropout pattern's own kernel (return_attn_probs).
+    probs = dict(dropout_p=0.25, seed=11, softcap=2.0, return_attn_probs=True)
+    _run(out, "softcap probs bf16", flash, q, k, v, causal=True, **probs)
     cu_q = torch.tensor([0, 3, 8], dtype=torch.int32)
     cu_k = torch.tensor([0, 4, 11], dtype=torch.int32)
     q, k, v = torch.randn(8, 2, 16, dtype=BF16), *torch.randn(2, 11, 2, 16, dtype=BF16)
