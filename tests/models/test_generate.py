@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -11,7 +13,7 @@ from fastlm.models import create
 from fastlm.models.generation import BatchScheduler, PagedKVCache, next_tokens
 from fastlm.models.hf import from_hf
 from fastlm.models.layers import few_rows_linear
-from fastlm.testing import assert_policy_norm
+from fastlm.testing import assert_policy, assert_policy_norm
 
 T = pytest.importorskip("transformers")
 
@@ -34,6 +36,24 @@ def _models():
                 num_hidden_layers=2,
                 intermediate_size=88,
                 vocab_size=VOCAB,
+                **SPECIAL,
+            )
+        ),
+        # A window of 4 that the 9-token prompts and 12 new tokens cross (without it the
+        # greedy tokens differ); the caps' numbers are held by the logits tests.
+        "gemma2": T.Gemma2ForCausalLM(
+            T.Gemma2Config(
+                hidden_size=48,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=16,
+                num_hidden_layers=2,
+                intermediate_size=88,
+                vocab_size=VOCAB,
+                sliding_window=4,
+                attn_logit_softcapping=0.5,
+                final_logit_softcapping=0.3,
+                attn_implementation="eager",
                 **SPECIAL,
             )
         ),
@@ -61,7 +81,7 @@ def _left_padded_prompts(batch=3, seqlen=9):
     return ids.masked_fill(mask == 0, 0), mask
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama", "t5"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "gemma2", "t5"])
 def test_greedy_matches_transformers_token_for_token(name):
     hf = _models()[name].eval()
     ours = from_hf(hf)
@@ -200,7 +220,7 @@ def _varied_gpt():
     return create("gpt2-tiny", vocab_size=VOCAB, num_layers=2, initializer_range=0.3).eval()
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "gemma2"])
 def test_paged_greedy_matches_padded_and_transformers(name):
     """Uneven left-padded prompts: the paged cache (pages of 4, so sequences cross pages)
     gives transformers' tokens and the padded cache's, with and without EOS."""
@@ -338,3 +358,27 @@ def test_few_rows_linear_is_the_linear_within_policy(rows, vocab, bias):
     )
     baseline = torch.nn.functional.linear(hidden, weight, b)
     assert_policy_norm(few_rows_linear(hidden, weight, b), reference, baseline, name="logits")
+
+
+def test_gemma2_decode_step_logits_equal_the_full_forward():
+    """Greedy tokens cannot see the final cap (tanh keeps the order) and rarely the attention
+    cap: the logits of each cached decode step are held to the full forward's instead,
+    within the numerical policy, on a model whose weights are wide enough that both caps
+    bend (the float64 forward is the reference), across the sliding window."""
+    model = create(
+        "gemma2-tiny", vocab_size=VOCAB, sliding_window=4, initializer_range=0.3, dropout=0.0
+    )
+    model.eval()
+    twin = copy.deepcopy(model).double()
+    ids = torch.randint(EOS + 1, VOCAB, (2, 11))
+    prompt = 5
+    with torch.no_grad():
+        full = model(ids).logits[:, prompt - 1 :]
+        reference = twin(ids).logits[:, prompt - 1 :]
+        caches = model.new_caches(2, ids.shape[1], model.tok_emb.weight)
+        cached = [model._cached_logits(ids[:, :prompt], None, caches)]
+        for i in range(prompt, ids.shape[1]):
+            positions = torch.full((2, 1), i)
+            cached.append(model._cached_logits(ids[:, i : i + 1], positions, caches))
+    assert_policy(torch.stack(cached, 1), reference, full, "cached decode logits")
+    assert reference.abs().max() > 0.5 * model.config.final_softcap  # the final cap bends
