@@ -5,6 +5,7 @@ tensors, or forced) or a torch backend (CPU tensors).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -275,9 +276,10 @@ def flash_attention_varlen(
     D) and ``block_table`` int32 (B, max_pages) lists each sequence's pages: its key j is
     slot ``j % page_size`` of page ``block_table[b, j // page_size]``, for j below its key
     count ``cu_seqlens_k[b + 1] - cu_seqlens_k[b]`` (cu_seqlens_k counts keys from 0; it
-    does not index k). Any page_size. Forward only, as flash-attn's: refused where autograd
-    would need a backward. The Triton kernel reads the pages in place; the torch backend
-    gathers them first."""
+    does not index k). Any page_size. Forward only, as flash-attn's: it runs under autograd
+    (as flash-attn's tests call it), and a backward through it raises instead of giving a
+    gradient. The Triton kernel reads the pages in place; the torch backend gathers them
+    first."""
     paged = block_table is not None
     _check_qkv(q, k, v, packed=True, paged=paged)
     batch = _check_cu_seqlens(
@@ -287,26 +289,46 @@ def flash_attention_varlen(
         _check_block_table(block_table, batch, q, k, cu_seqlens_k)
     slopes = _check_alibi(alibi_slopes, batch, q.shape[1], q)
     scale = _check_scale(softmax_scale, q.shape[-1])
-    out, lse, probs = _attention(
-        q,
-        k,
-        v,
-        causal=causal,
-        scale=scale,
-        window=window_bounds(window),
-        dropout_p=dropout_p,
-        seed=check_dropout(dropout_p, seed),
-        slopes=slopes,
-        softcap=_check_softcap(softcap),
-        packed=(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
-        block_table=block_table,
-        need_lse=_check_flag("return_attn_probs", return_attn_probs) or return_lse,
-        need_probs=return_attn_probs,
-        deterministic=_check_flag("deterministic", deterministic),
-    )
+    graph = paged and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    with torch.no_grad() if graph else contextlib.nullcontext():
+        out, lse, probs = _attention(
+            q,
+            k,
+            v,
+            causal=causal,
+            scale=scale,
+            window=window_bounds(window),
+            dropout_p=dropout_p,
+            seed=check_dropout(dropout_p, seed),
+            slopes=slopes,
+            softcap=_check_softcap(softcap),
+            packed=(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
+            block_table=block_table,
+            need_lse=_check_flag("return_attn_probs", return_attn_probs) or return_lse,
+            need_probs=return_attn_probs,
+            deterministic=_check_flag("deterministic", deterministic),
+        )
+    if graph:
+        out = _PagedForwardOnly.apply(out, q, k, v)
     if return_attn_probs:
         return out, lse, probs
     return (out, lse) if return_lse else out
+
+
+class _PagedForwardOnly(torch.autograd.Function):
+    """Paged K/V's output inside a graph (flash-attn runs that forward under autograd and has
+    no backward for it): every backend alike, a backward that reaches it raises."""
+
+    @staticmethod
+    def forward(ctx, out: Tensor, *inputs: Tensor) -> Tensor:
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            "block_table: paged K/V attention has no backward (as flash-attn's); compute "
+            "gradients through contiguous K/V (flash_attention_varlen without block_table)"
+        )
 
 
 @autocast_policy(lower_precision=True)
@@ -511,8 +533,7 @@ def _check_cu_seqlens(cu_q, cu_k, q, k, max_seqlen_q, max_seqlen_k, paged=False)
 
 def _check_block_table(block_table, batch: int, q: Tensor, k: Tensor, cu_k: Tensor) -> None:
     """flash-attn's ``block_table``: int32 (batch, max_pages) page numbers of k/v; enough
-    pages for every sequence's keys, each a page of k (read where readable). Paged K/V has
-    no backward, as flash-attn's: refused while autograd would need one."""
+    pages for every sequence's keys, each a page of k (read where readable)."""
     if not isinstance(block_table, Tensor) or block_table.dtype != torch.int32:
         raise TypeError(f"block_table must be an int32 tensor, got {describe(block_table)}")
     if block_table.dim() != 2 or block_table.shape[0] != batch:
@@ -525,11 +546,6 @@ def _check_block_table(block_table, batch: int, q: Tensor, k: Tensor, cu_k: Tens
     num_pages, page_size = k.shape[:2]
     if page_size < 1:
         raise ValueError(f"k's page_size (dim 1) must be >= 1, got {page_size}")
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k)):
-        raise ValueError(
-            "block_table: paged K/V attention has no backward (as flash-attn's); call it "
-            "under torch.no_grad() or with q, k, v that do not require grad"
-        )
     if not (values_readable(block_table) and values_readable(cu_k)):
         return
     needed = (cu_k.diff().long() + page_size - 1) // page_size  # pages per sequence

@@ -471,8 +471,13 @@ def _check_kvcache(
         if block_table.device != q.device:
             raise ValueError(f"block_table is on {block_table.device} but q is on {q.device}")
         capacity = block_table.shape[1] * k_cache.shape[1]
+        room = (
+            f"block_table's {block_table.shape[1]} pages of {k_cache.shape[1]} "
+            f"({capacity} positions)"
+        )
     else:
         capacity = k_cache.shape[1]
+        room = f"the cache's {capacity} positions"
     rotary_dim = _check_rotary(rotary_cos, rotary_sin, rotary_interleaved, k_new, q)
     if alibi_slopes is not None:
         _check_alibi(alibi_slopes, batch, n_heads, q)
@@ -487,7 +492,7 @@ def _check_kvcache(
     # Every value check in one device-to-host copy: (min, max) pairs.
     if all(t is None for t in (cache_batch_idx, cache_leftpad, block_table, rotary_cos)):
         lengths = cache_seqlens.tolist()  # cheaper than reducing on the device first
-        return scale, _check_room(min(lengths), max(lengths), n_new, capacity)
+        return scale, _check_room(min(lengths), max(lengths), n_new, capacity, room)
     stats = [cache_seqlens]
     if cache_batch_idx is not None:
         stats.append(cache_batch_idx)
@@ -504,7 +509,7 @@ def _check_kvcache(
         ]
     ).tolist()
     (low, high), rest = values[0], values[1:]
-    key_range = _check_room(low, high, n_new, capacity)
+    key_range = _check_room(low, high, n_new, capacity, room)
     if cache_batch_idx is not None:
         (lo, hi), rest = rest[0], rest[1:]
         if lo < 0 or hi >= k_cache.shape[0]:
@@ -537,14 +542,14 @@ def _check_kvcache(
     return scale, key_range
 
 
-def _check_room(low: int, high: int, n_new: int, capacity: int) -> tuple[int, int]:
-    """Checks the cached lengths' range; returns the range of the rows' key counts."""
+def _check_room(low: int, high: int, n_new: int, capacity: int, room: str) -> tuple[int, int]:
+    """Checks the cached lengths' range against ``capacity`` (described by ``room``); returns
+    the range of the rows' key counts."""
     if low < 0:
         raise ValueError(f"cache_seqlens must be >= 0, got {low}")
     if high + n_new > capacity:
         raise ValueError(
-            f"no room: cache_seqlens up to {high} plus {n_new} new tokens "
-            f"exceed the cache's {capacity} positions"
+            f"no room: cache_seqlens up to {high} plus {n_new} new tokens exceed {room}"
         )
     return low + n_new, high + n_new
 
