@@ -10,8 +10,7 @@ translating flash-attn's conventions only:
 * keyword names: ``window_size`` -> ``window`` (a two-element tensor -> two ints),
   ``k``/``v`` -> ``k_new``/``v_new``, ``return_softmax_lse`` -> ``return_lse``,
   ``num_splits=0`` (flash-attn's "choose") -> ``None``, ``cache_seqlens`` as an int or None
-  (the full cache) -> an int32 tensor; ``deterministic`` is dropped (fastlm's backward has no
-  such switch);
+  (the full cache) -> an int32 tensor; ``deterministic`` passes through;
 * packed layouts (``qkv``, ``kv``) -> separate views;
 * errors: fastlm's argument checks raise ``ValueError``, flash-attn's C++ checks
   ``RuntimeError``, so a ``ValueError`` is re-raised as ``RuntimeError`` (chained);
@@ -118,22 +117,6 @@ def _call(fn: Callable, *args, **kwargs):
         raise RuntimeError(str(err)) from err
 
 
-# flash-attn runs a paged forward with a q that requires grad (it only has no backward for it);
-# fastlm refuses the call under autograd. --paged-no-grad (off by default) runs paged calls
-# under torch.no_grad() so that their numbers are checked all the same.
-PAGED_NO_GRAD = "FASTLM_SUITE_PAGED_NO_GRAD"
-
-
-def _no_grad(fn: Callable) -> Callable:
-    def call(*args, **kwargs):
-        import torch
-
-        with torch.no_grad():
-            return fn(*args, **kwargs)
-
-    return call
-
-
 def _finish(result, return_attn_probs: bool):
     if not return_attn_probs:
         return result
@@ -157,7 +140,10 @@ def flash_attn_func(
     from fastlm.ops import flash_attention
 
     extra = _features(
-        softcap=float(softcap), alibi_slopes=alibi_slopes, return_attn_probs=return_attn_probs
+        softcap=float(softcap),
+        alibi_slopes=alibi_slopes,
+        return_attn_probs=return_attn_probs,
+        deterministic=deterministic,
     )
     result = _call(
         flash_attention,
@@ -208,12 +194,10 @@ def flash_attn_varlen_func(
         alibi_slopes=alibi_slopes,
         return_attn_probs=return_attn_probs,
         block_table=block_table,
+        deterministic=deterministic,
     )
-    fn = flash_attention_varlen
-    if block_table is not None and os.environ.get(PAGED_NO_GRAD) == "1":
-        fn = _no_grad(fn)
     result = _call(
-        fn,
+        flash_attention_varlen,
         q,
         k,
         v,
@@ -776,7 +760,6 @@ def run_suite(args, tamper: Callable[[Path], None] | None = None) -> tuple[list[
         env["PYTHONPATH"] = os.pathsep.join([str(root), str(REPO), env.get("PYTHONPATH", "")])
         env["FASTLM_SUITE_SETTINGS"] = str(root / "settings.json")
         env["FASTLM_BACKEND"] = args.backend
-        env[PAGED_NO_GRAD] = "1" if args.paged_no_grad else "0"
         cmd = [sys.executable, "-m", "pytest", str(test_file), "-q", "-p", "no:cacheprovider"]
         cmd += ["-c", str(root / "pytest.ini"), "--rootdir", str(root), "-rN", "--tb=line"]
         if args.timeout:
@@ -866,7 +849,6 @@ def report(rows: list[dict], header: dict, cases: list[dict], args) -> str:
         f"backend `{args.backend}`",
         f"- upstream: flash-attention `{upstream_commit(Path(args.upstream), args.rev)}` "
         f"(`{TEST_FILE}`, read at run time)",
-        f"- shim: paged varlen under no_grad: {args.paged_no_grad}\n"
         f"- selection: --tests `{args.tests}`, -k `{args.k or ''}`, --max-seqlen "
         f"{args.max_seqlen}, --max-area {args.max_area}, --max-cases {args.max_cases}, "
         f"--seed {args.seed}: "
@@ -901,11 +883,6 @@ def parse_args(argv=None):
     )
     parser.add_argument("--rev", default="HEAD", help="revision to read from a git directory")
     parser.add_argument("-k", default="", help="pytest -k expression over upstream's test ids")
-    parser.add_argument(
-        "--paged-no-grad",
-        action="store_true",
-        help="run paged varlen calls under torch.no_grad() (fastlm refuses them under autograd)",
-    )
     parser.add_argument("--tests", default="", help="comma-separated test functions to run")
     parser.add_argument("--include-slow", action="store_true", help="run " + ", ".join(SLOW_ON_CPU))
     parser.add_argument("--max-cases", type=int, default=None, help="sample this many cases")

@@ -31,7 +31,7 @@ def _qkv(b=2, sq=5, sk=7, h=4, hkv=2, d=8, grad=False):
 # --- keyword translation, without upstream ---------------------------------------------------
 
 
-def test_func_translates_window_softcap_alibi_and_drops_deterministic(bench):
+def test_func_translates_window_softcap_alibi_and_deterministic(bench):
     q, k, v = _qkv()
     slopes = torch.rand(4) * 0.3
     out = bench.flash_attn_func(q, k, v, 0.0, None, True, torch.tensor([3, 0]), 30.0, slopes, True)
@@ -64,7 +64,7 @@ def test_optional_keywords_reach_fastlm_only_when_set(bench, monkeypatch):
     bench.flash_attn_func(q, k, v)
     assert set(seen[-1]) == {"causal", "softmax_scale", "dropout_p", "window"}
     bench.flash_attn_func(q, k, v, softcap=5.0, deterministic=True)
-    assert seen[-1]["softcap"] == 5.0 and "deterministic" not in seen[-1]
+    assert seen[-1]["softcap"] == 5.0 and seen[-1]["deterministic"] is True
 
 
 def test_attn_probs_take_flash_attn_form(bench):
