@@ -377,14 +377,17 @@ def decode_config(head_dim: int, rows: int) -> DecodeConfig:
     The fp32 accumulator is BLOCK_M x BLOCK_D: row blocks are capped, and the larger tiles
     get 8 warps, so that it and the query tile fit in registers without spilling at
     sm_80/sm_90 (4 warps spill at 64x128; see compile_check); more rows take more row
-    blocks. K/V tiles are triple-buffered in shared memory.
+    blocks. K/V tiles are triple-buffered in shared memory (double at 16 x 128).
     """
     block_d = max(16, triton.next_power_of_2(head_dim))
     max_m = 64 if block_d <= 128 else 32
     block_m = min(max(16, triton.next_power_of_2(rows)), max_m)
     block_n = 64 if block_d <= 128 else 32
     num_warps = 4 if block_m * block_d <= 4096 else 8
-    return DecodeConfig(block_m, block_n, block_d, num_warps=num_warps, num_stages=3)
+    # Triton 3.6 spills the 16 x 128 tile triple-buffered on sm_90 (the pipeline's extra
+    # live addresses); double-buffered it fits on 3.6 and 3.8.
+    num_stages = 2 if (block_m, block_d) == (16, 128) else 3
+    return DecodeConfig(block_m, block_n, block_d, num_warps=num_warps, num_stages=num_stages)
 
 
 @functools.cache
