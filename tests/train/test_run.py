@@ -433,7 +433,7 @@ ONE_LINERS = [
         None,
         [*RESUME, "--model-overrides", HEADS],
         "--resume {run}/checkpoints/step-00000006: the checkpoint's model has num_heads=2, "
-        "num_kv_heads=2, this run's config num_heads=4, num_kv_heads=4",
+        "num_kv_heads=2, head_dim=16, this run's config num_heads=4, num_kv_heads=4, head_dim=8",
     ),
     (
         None,

@@ -407,8 +407,8 @@ MISMATCHES = [
     (
         None,
         dict(num_heads=4),
-        r"the checkpoint's model has num_heads=2, num_kv_heads=2, this "
-        r"run's config num_heads=4, num_kv_heads=4",
+        r"the checkpoint's model has num_heads=2, num_kv_heads=2, head_dim=16, this "
+        r"run's config num_heads=4, num_kv_heads=4, head_dim=8",
     ),
     (None, "bert", r"the checkpoint's model config is a GPTConfig, this run's a BertConfig"),
     (_swap_two_ids, None, r"this run's tokenizer is not the checkpoint's \(id 300 is "),
