@@ -12,6 +12,11 @@ Rules (DESIGN.md, "Backends"):
 * ``FASTLM_BACKEND=<name>`` or ``with use_backend(<name>):`` forces a backend. A forced
   backend that cannot serve a call raises :class:`BackendUnavailable` saying why. Forcing
   ``triton`` on CPU tensors runs the kernels under Triton's interpreter.
+
+The choice is on every op's path, so it costs as little as possible: ``FASTLM_BACKEND`` is
+read when this module is imported (as PyTorch reads its own variables; a process that
+changes it later calls :func:`read_environment`), and an unforced call on CPU tensors is
+answered before any per-backend check is built.
 """
 
 from __future__ import annotations
@@ -47,18 +52,30 @@ def _check_name(name: str, source: str) -> str:
     return name
 
 
-# Under torch.compile the variable is read once, when a call is traced.
-@torch.compiler.assume_constant_result
-def _env_backend() -> str | None:
+def _parse_environment() -> str | None:
     env = os.environ.get("FASTLM_BACKEND", "").strip()
     if env in ("", "auto"):
         return None
     return _check_name(env, "FASTLM_BACKEND")
 
 
+# The backend FASTLM_BACKEND forces; a module global read per call (an environment lookup
+# costs most of a microsecond), which torch.compile guards on like _forced.
+_env_forced: str | None = _parse_environment()
+
+
+def read_environment() -> str | None:
+    """Read ``FASTLM_BACKEND`` again (it is read once, at import) and return what it forces.
+
+    A bad value raises ``ValueError`` and leaves the previous setting in place."""
+    global _env_forced
+    _env_forced = _parse_environment()
+    return _env_forced
+
+
 def forced_backend() -> str | None:
     """The backend forced by :func:`use_backend` (innermost wins) or ``FASTLM_BACKEND``."""
-    return _forced if _forced is not None else _env_backend()
+    return _forced if _forced is not None else _env_forced
 
 
 @contextlib.contextmanager
@@ -138,12 +155,35 @@ def gpu_order(op: str) -> tuple[str, ...]:
     return (*compiled, "torch")
 
 
-def select(op: str, device: torch.device, supports: Mapping[str, Callable[[], str | None]]) -> str:
-    """Pick the backend for one call of ``op`` on ``device``.
+Supports = Mapping[str, Callable[[], str | None]]
 
-    ``supports[name]()`` returns ``None`` when backend ``name`` can serve these arguments,
-    else the reason it cannot. Backends missing from ``supports`` do not implement the op.
+
+def select(
+    op: str, where: torch.Tensor | torch.device, supports: Supports | Callable[[], Supports]
+) -> str:
+    """Pick the backend for one call of ``op`` on the device of ``where`` (a tensor argument
+    of the call, or a device).
+
+    ``supports`` (or what it returns, when it is a function: then it is built only when a
+    choice needs it) maps each backend to a check: ``supports[name]()`` returns ``None`` when
+    backend ``name`` can serve these arguments, else the reason it cannot. Backends missing
+    from it do not implement the op.
     """
+    if _forced is None and _env_forced is None:
+        # The common CPU case first, from the tensor's flags (reading device.type costs more
+        # than the rest of this function).
+        if isinstance(where, torch.Tensor):
+            if where.is_cpu or where.is_meta:
+                return "torch"
+            device = where.device
+        else:
+            device = where
+            if device.type != "cuda":
+                return "torch"
+    else:
+        device = where.device if isinstance(where, torch.Tensor) else where
+    if callable(supports):
+        supports = supports()
 
     def reason(name: str) -> str | None:
         if name not in supports:

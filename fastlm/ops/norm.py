@@ -12,12 +12,12 @@ import numbers
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from fastlm import backend
 from fastlm.ops._common import (
     FLOAT32_AND_HALF_DTYPES,
+    EagerOp,
     SupportCheck,
     absent,
     as_rows,
@@ -136,7 +136,13 @@ def rms_norm(
 def default_rms_eps(dtype: torch.dtype) -> float:
     """The eps PyTorch's RMSNorm uses when given none: the machine epsilon of the dtype it
     computes in, which is float32 for float16/bfloat16 inputs (not the input's own)."""
-    return torch.finfo(torch.promote_types(dtype, torch.float32)).eps
+    return _DEFAULT_RMS_EPS.get(dtype) or torch.finfo(torch.promote_types(dtype, torch.float32)).eps
+
+
+# Looked up per call (torch.finfo costs a microsecond).
+_DEFAULT_RMS_EPS = {
+    dtype: torch.finfo(torch.promote_types(dtype, torch.float32)).eps for dtype in FLOAT_DTYPES
+}
 
 
 def _as_shape(normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
@@ -153,6 +159,8 @@ def _is_int(d: object) -> bool:
 def _check_shape(normalized_shape: object) -> tuple[int, ...]:
     """``normalized_shape`` as a tuple of positive ints (an int, or a sequence of them, as
     ``torch.nn.functional.layer_norm`` takes)."""
+    if type(normalized_shape) is int and normalized_shape > 0:  # the common case, first
+        return (normalized_shape,)
     if _is_int(normalized_shape) or isinstance(normalized_shape, (list, tuple)):
         shape = _as_shape(normalized_shape)
         if all(_is_int(d) for d in shape):
@@ -170,24 +178,27 @@ def _check_like(name: str, t: Tensor | None, shape: tuple[int, ...], x: Tensor) 
     if t is None:
         return
     check_float(name, t)
-    if tuple(t.shape) != shape:
+    if t.shape != shape:
         raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
-    if t.device != x.device:
+    if not (t.is_cpu and x.is_cpu) and t.device != x.device:
         raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
 
 
 def _norm(x, normalized_shape, weight, bias, eps, residual, out_dtype, rms):
     check_float("x", x)
     shape = _check_shape(normalized_shape)
-    if tuple(x.shape[-len(shape) :]) != shape or x.dim() < len(shape):
+    if x.shape[-len(shape) :] != shape or x.dim() < len(shape):
         raise ValueError(
             f"normalized_shape {shape} must match the trailing dims of x, got x shape "
             f"{tuple(x.shape)}"
         )
     _check_like("weight", weight, shape, x)
     _check_like("bias", bias, shape, x)
-    _check_like("residual", residual, tuple(x.shape), x)
-    s_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    if residual is None:
+        s_dtype = x.dtype
+    else:
+        _check_like("residual", residual, x.shape, x)
+        s_dtype = torch.promote_types(x.dtype, residual.dtype)
     eps = default_rms_eps(s_dtype) if eps is None else check_real("eps", eps)
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
@@ -197,14 +208,12 @@ def _norm(x, normalized_shape, weight, bias, eps, residual, out_dtype, rms):
         raise TypeError(f"out_dtype must be a floating-point dtype, got {out_dtype}")
     name = backend.select(
         "rms_norm" if rms else "layer_norm",
-        x.device,
-        _support(x, weight, bias, residual, out_dtype, math.prod(shape)),
+        x,
+        lambda: _support(x, weight, bias, residual, out_dtype, math.prod(shape)),
     )
     if name == "torch":
-        return _torch_norm(x, shape, weight, bias, float(eps), residual, out_dtype, rms)
-    y, s, _, _ = torch.ops.fastlm.norm_fwd(
-        x, weight, bias, residual, list(shape), float(eps), rms, out_dtype, name
-    )
+        return _torch_norm(x, shape, weight, bias, eps, residual, out_dtype, rms)
+    y, s, _, _ = norm_fwd(x, weight, bias, residual, list(shape), eps, rms, out_dtype, name)
     return y if residual is None else (y, s)
 
 
@@ -217,15 +226,19 @@ def _torch_weight(w: Tensor | None, dtype: torch.dtype) -> Tensor | None:
 
 
 def _torch_norm(x, shape, weight, bias, eps, residual, out_dtype, rms):
-    """The ``torch`` backend: PyTorch's own native norms and autograd, no custom op, so CPU
+    """The ``torch`` backend: PyTorch's own native ops and autograd, no custom op, so CPU
     users pay nothing over plain PyTorch and ``torch.compile`` can fuse around it."""
     s = x if residual is None else x + residual
     # Compute in the wider of the input and output dtypes, so a float32 output of a bf16
     # input is not rounded to bf16 on the way.
-    xs = s.to(torch.promote_types(s.dtype, out_dtype))
-    w, b = _torch_weight(weight, xs.dtype), _torch_weight(bias, xs.dtype)
-    y = F.rms_norm(xs, shape, w, eps) if rms else F.layer_norm(xs, shape, w, b, eps)
-    y = y.to(out_dtype)
+    xs = s if out_dtype is s.dtype else s.to(torch.promote_types(s.dtype, out_dtype))
+    w = _torch_weight(weight, xs.dtype)
+    if rms:
+        y = torch.rms_norm(xs, shape, w, eps)
+    else:
+        y = torch.layer_norm(xs, shape, w, _torch_weight(bias, xs.dtype), eps)
+    if y.dtype is not out_dtype:
+        y = y.to(out_dtype)
     return y if residual is None else (y, s)
 
 
@@ -237,8 +250,7 @@ def _vector(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.reshape(-1).contiguous()
 
 
-@torch.library.custom_op("fastlm::norm_fwd", mutates_args=())
-def _norm_fwd_op(
+def _norm_fwd(
     x: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
@@ -265,6 +277,9 @@ def _norm_fwd_op(
     )
 
 
+_norm_fwd_op = torch.library.custom_op("fastlm::norm_fwd", _norm_fwd, mutates_args=())
+
+
 @_norm_fwd_op.register_fake
 def _(x, weight, bias, residual, normalized_shape, eps, rms, out_dtype, backend_name):
     m = x.numel() // math.prod(normalized_shape)
@@ -277,8 +292,7 @@ def _(x, weight, bias, residual, normalized_shape, eps, rms, out_dtype, backend_
     )
 
 
-@torch.library.custom_op("fastlm::norm_bwd", mutates_args=())
-def _norm_bwd_op(
+def _norm_bwd(
     dy: Tensor,
     xs: Tensor,
     weight: Tensor | None,
@@ -309,6 +323,10 @@ def _norm_bwd_op(
         absent(xs, torch.float32) if dw is None else dw,
         absent(xs, torch.float32) if db is None else db,
     )
+
+
+_norm_bwd_op = torch.library.custom_op("fastlm::norm_bwd", _norm_bwd, mutates_args=())
+norm_bwd = EagerOp(_norm_bwd_op, _norm_bwd)
 
 
 @_norm_bwd_op.register_fake
@@ -342,7 +360,7 @@ def _backward(ctx, dy, ds, _dmean, _drstd):
     has_residual = ctx.residual_dtype is not None
     if dy is None:  # only the residual output was used downstream
         dy = torch.zeros_like(xs)
-    dx, dw, db = torch.ops.fastlm.norm_bwd(
+    dx, dw, db = norm_bwd(
         dy,
         xs,
         weight,
@@ -360,7 +378,7 @@ def _backward(ctx, dy, ds, _dmean, _drstd):
     return dx.to(ctx.x_dtype), dweight, dbias, dres, None, None, None, None, None
 
 
-torch.library.register_autograd("fastlm::norm_fwd", _backward, setup_context=_setup_context)
+norm_fwd = EagerOp(_norm_fwd_op, _norm_fwd, _setup_context, _backward)
 
 
 # ---------------------------------------------------------------------------------------------

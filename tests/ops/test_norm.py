@@ -55,17 +55,45 @@ def test_forcing_triton_on_cpu_runs_the_interpreter(calls):
     assert calls == [("fwd", "triton"), ("bwd", "triton")]
 
 
-def test_env_var_forces_backend(calls, monkeypatch):
-    monkeypatch.setenv("FASTLM_BACKEND", "triton")
+@pytest.fixture
+def set_env(monkeypatch):
+    """Set FASTLM_BACKEND and have fastlm read it again (it reads it once, at import)."""
+
+    def set_value(value: str) -> None:
+        monkeypatch.setenv("FASTLM_BACKEND", value)
+        backend.read_environment()
+
+    yield set_value
+    monkeypatch.delenv("FASTLM_BACKEND", raising=False)
+    backend.read_environment()
+
+
+def test_env_var_forces_backend(calls, set_env):
+    set_env("triton")
     ops.layer_norm(torch.randn(2, 8), 8)
     assert calls == [("fwd", "triton")]
-    monkeypatch.setenv("FASTLM_BACKEND", "auto")
+    set_env("auto")
     ops.layer_norm(torch.randn(2, 8), 8)
     assert calls[-1] == ("fwd", "torch")
 
 
-def test_context_manager_beats_env_and_nests(calls, monkeypatch):
+def test_env_var_is_read_at_import_and_on_request(calls, monkeypatch):
+    # Changing os.environ alone does not reach a process that has imported fastlm (the
+    # lookup would cost most of a microsecond per op); read_environment() takes it in.
     monkeypatch.setenv("FASTLM_BACKEND", "triton")
+    ops.layer_norm(torch.randn(2, 8), 8)
+    assert calls == [("fwd", "torch")]
+    try:
+        assert backend.read_environment() == "triton"
+        ops.layer_norm(torch.randn(2, 8), 8)
+        assert calls[-1] == ("fwd", "triton")
+    finally:
+        monkeypatch.delenv("FASTLM_BACKEND")
+        assert backend.read_environment() is None
+
+
+def test_context_manager_beats_env_and_nests(calls, set_env):
+    set_env("triton")
     with fastlm.use_backend("torch"):
         ops.layer_norm(torch.randn(2, 8), 8)
         with fastlm.use_backend(None):  # back to the env / automatic choice
@@ -78,7 +106,9 @@ def test_bad_backend_names_are_rejected(monkeypatch):
         pass
     monkeypatch.setenv("FASTLM_BACKEND", "tritonn")
     with pytest.raises(ValueError, match="FASTLM_BACKEND"):
-        ops.layer_norm(torch.randn(2, 8), 8)
+        backend.read_environment()
+    monkeypatch.delenv("FASTLM_BACKEND")
+    assert backend.read_environment() is None
 
 
 def test_forced_cuda_on_cpu_says_why():
