@@ -15,6 +15,7 @@ import logging
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -221,10 +222,67 @@ def third_party_runs(fn: Callable[[], object], name: str, note: Callable[[str, s
     return True
 
 
+def _rounds(rep_ms: float) -> int:
+    return 7 if rep_ms < 100 else 11
+
+
+def time_alternating(
+    fns: Sequence[Callable[[], object]], device: torch.device, rep_ms: float = 100
+) -> list[float]:
+    """Median ms per call of each of ``fns``, timed in alternating rounds.
+
+    Providers of one case are compared by ratio, so they are timed side by side: each
+    round times every provider once (a block of calls of about ``rep_ms / rounds``), in an
+    order that rotates from round to round, and each provider's time is the median over
+    rounds. Whatever else the machine is doing then lands on all of them alike, instead of
+    on whichever ran during a busy second.
+    """
+    rounds = _rounds(rep_ms)
+    per_round = rep_ms / rounds
+    if device.type == "cuda":
+        import triton.testing
+
+        def block(fn, _number):
+            return triton.testing.do_bench(
+                fn, warmup=per_round / 4, rep=per_round, return_mode="median"
+            )
+
+        numbers = [0] * len(fns)
+    else:
+        # One thread and a Timer per provider, as measure() does; the first call (allocator
+        # growth, compiles) is left out and sizes the block.
+        timers = [torch.utils.benchmark.Timer(stmt="fn()", globals={"fn": fn}) for fn in fns]
+        numbers = []
+        for timer in timers:
+            first = timer.timeit(1).median * 1e3
+            second = timer.timeit(1).median * 1e3
+            numbers.append(max(1, int(per_round / max(min(first, second), 1e-4))))
+
+        def block(timer, number):
+            return timer.timeit(number).median * 1e3
+
+    runners = fns if device.type == "cuda" else timers
+    samples: list[list[float]] = [[] for _ in fns]
+    for r in range(rounds):
+        for i in range(len(fns)):
+            j = (i + r) % len(fns)
+            samples[j].append(block(runners[j], numbers[j]))
+    return [statistics.median(s) for s in samples]
+
+
 def run_case(
-    case: Case, device: torch.device, env: Environment, device_gbps: float | None, rep_ms: float
+    case: Case,
+    device: torch.device,
+    env: Environment,
+    device_gbps: float | None,
+    rep_ms: float,
+    ms: float | None = None,
 ) -> Result:
-    timing = measure(case.fn, device, rep_ms)
+    """Time ``case`` (or take its alternating-rounds time ``ms``) and measure its memory."""
+    if ms is None:
+        timing = measure(case.fn, device, rep_ms)
+    else:
+        timing = Timing(ms, _peak_mb(case.fn, device))
     seconds = timing.ms / 1e3
     gbps = case.bytes_moved / seconds / 1e9
     return Result(
@@ -248,6 +306,30 @@ def run_case(
     )
 
 
+def _peak_mb(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    return cpu_peak_bytes(fn) / 2**20
+
+
+def _same_shape_runs(cases: Iterable[Case]) -> Iterator[list[Case]]:
+    """Consecutive cases of one shape and dtype: a bench builds one shape's inputs, yields
+    every provider's cases for it, then moves on."""
+    run: list[Case] = []
+    for case in cases:
+        if run and (case.shape, case.dtype) != (run[0].shape, run[0].dtype):
+            yield run
+            run = []
+        run.append(case)
+    if run:
+        yield run
+
+
 def run_cases(
     cases: Iterable[Case],
     device: torch.device,
@@ -257,15 +339,64 @@ def run_cases(
 ) -> tuple[list[Result], list[str]]:
     """Results, and one line per case that raised (a provider failing is reported, not fatal).
 
-    ``cases`` is consumed lazily so each shape's inputs are freed before the next is built.
+    The providers of one op and shape are timed in alternating rounds
+    (:func:`time_alternating`), so their ratios are fair. ``cases`` is consumed one shape at
+    a time, so each shape's inputs are freed before the next is built.
     """
     results, errors = [], []
-    for case in cases:
-        try:
-            results.append(run_case(case, device, env, device_gbps, rep_ms))
-        except Exception as exc:  # one broken provider must not hide every other result
-            errors.append(f"{case.op} {case.provider} {case.shape}: {type(exc).__name__}: {exc}")
+    for run in _same_shape_runs(cases):
+        by_op: dict[str, list[Case]] = {}
+        for case in run:
+            by_op.setdefault(case.op, []).append(case)
+        for group in by_op.values():
+            working = []
+            for case in group:
+                try:
+                    case.fn()
+                    working.append(case)
+                except Exception as exc:  # one broken provider must not hide the others
+                    errors.append(
+                        f"{case.op} {case.provider} {case.shape}: {type(exc).__name__}: {exc}"
+                    )
+            if not working:
+                continue
+            try:
+                times = time_alternating([c.fn for c in working], device, rep_ms)
+                results += [
+                    run_case(c, device, env, device_gbps, rep_ms, ms)
+                    for c, ms in zip(working, times, strict=True)
+                ]
+            except Exception as exc:
+                errors += [
+                    f"{c.op} {c.provider} {c.shape}: {type(exc).__name__}: {exc}" for c in working
+                ]
     return results, errors
+
+
+def ratios(results: Sequence[Result], ours: str = "fastlm-torch", theirs: str = "torch") -> str:
+    """A table of ``ours`` / ``theirs`` time per op and shape: provider ``ours<suffix>``
+    against ``theirs<suffix>`` (``fastlm-torch softcap=30`` against ``torch softcap=30``)."""
+    index = {(r.op, r.shape, r.dtype, r.provider): r for r in results}
+    rows = []
+    for r in results:
+        if not r.provider.startswith(ours):
+            continue
+        other = index.get((r.op, r.shape, r.dtype, theirs + r.provider.removeprefix(ours)))
+        if other is not None:
+            rows.append(
+                (
+                    r.op,
+                    r.shape,
+                    r.dtype,
+                    r.provider,
+                    f"{r.ms:.4f}",
+                    f"{other.ms:.4f}",
+                    f"{r.ms / other.ms:.3f}",
+                    f"{(r.ms - other.ms) * 1e3:+.1f}",
+                )
+            )
+    headers = ("op", "shape", "dtype", "provider", "ms", f"{theirs} ms", "ratio", "diff us")
+    return format_table(headers, rows) if rows else ""
 
 
 def table(results: Sequence[Result]) -> str:

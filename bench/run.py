@@ -67,6 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     results.sort(key=lambda r: (r.op, int(r.shape.split("x")[-1]), r.provider))
 
     print(harness.table(results))
+    if ratio_table := harness.ratios(results):
+        print("fastlm's torch backend against plain PyTorch (time ratio; at most 1 is the bar):")
+        print(ratio_table)
     for line in errors:
         print(f"FAILED {line}")
     out = args.out or harness.RESULTS / env.slug

@@ -124,3 +124,60 @@ def test_attention_cost_formulas():
     assert (
         decode_bytes(b, h, h_kv, 1, 1000, d, e) == 2 * b * 1000 * h_kv * d * e + 2 * b * h * d * e
     )
+
+
+def _result(op: str, provider: str, ms: float):
+    from bench import harness
+
+    return harness.Result(
+        op,
+        provider,
+        "4x8",
+        "float32",
+        ms,
+        1,
+        0,
+        1.0,
+        0.0,
+        None,
+        0.0,
+        None,
+        None,
+        "cpu",
+        "",
+        None,
+        None,
+    )
+
+
+def test_ratios_pair_fastlm_torch_rows_with_plain_torch_rows_by_suffix(run_main):
+    from bench import harness
+
+    results = [
+        _result("norm", "fastlm-torch", 2.0),
+        _result("norm", "torch", 4.0),
+        _result("attn", "fastlm-torch softcap=30", 3.0),
+        _result("attn", "torch softcap=30", 2.0),
+        _result("attn", "fastlm-torch", 1.0),  # no plain row of its own: left out
+        _result("attn", "torch.compile", 1.0),
+    ]
+    lines = harness.ratios(results).splitlines()[2:]
+    assert len(lines) == 2, lines
+    assert lines[0].split()[-2:] == ["0.500", "-2000.0"], lines[0]
+    assert lines[1].split()[-2:] == ["1.500", "+1000.0"], lines[1]
+
+
+def test_alternating_rounds_time_every_provider_in_every_round(run_main):
+    from bench import harness
+
+    calls: list[str] = []
+    fns = [lambda: calls.append("a"), lambda: calls.append("b"), lambda: calls.append("c")]
+    times = harness.time_alternating(fns, torch.device("cpu"), rep_ms=5)
+    assert len(times) == 3 and all(math.isfinite(t) and t > 0 for t in times), times
+    # Each round holds one block per provider, the order rotating: every provider is timed
+    # in every round and opens some of them.
+    blocks = [c for i, c in enumerate(calls) if i == 0 or calls[i - 1] != c]
+    rounds = harness._rounds(5)
+    # One block each to size the rounds (two single calls), then one per round.
+    assert [blocks.count(p) for p in "abc"] == [rounds + 1] * 3, blocks
+    assert [blocks[3 + 3 * r] for r in range(3)] == ["a", "b", "c"], blocks
