@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 # The dtypes each family of Triton kernels takes: those built on tensor-core GEMMs (tl.dot)
 # half precision only, the elementwise and row-reduction ones float32 too.
@@ -99,7 +100,9 @@ class EagerOp:
                 {
                     "forward": staticmethod(impl),
                     "setup_context": staticmethod(setup_context),
-                    "backward": staticmethod(backward),
+                    # As through the custom op, whose backward has no autograd of its own:
+                    # a second derivative raises instead of silently coming out zero.
+                    "backward": staticmethod(once_differentiable(backward)),
                 },
             )
 

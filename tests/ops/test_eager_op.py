@@ -123,3 +123,14 @@ def test_dispatch_modes_and_subclasses_get_the_custom_op():
         pass
 
     assert _dispatched(lambda: scale(x.as_subclass(Tagged), w, 2.0))
+
+
+def test_a_second_derivative_through_the_eager_function_raises():
+    # fastlm's backwards run kernels with no autograd of their own (through the custom op a
+    # second derivative reaches one and raises): the eager entrance must raise too, never
+    # return a silently zero second derivative.
+    x, w = _inputs(True)
+    y, aux = scale(x, w, 2.0)
+    (dx,) = torch.autograd.grad((y * y).sum() + aux.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        dx.sum().backward()
