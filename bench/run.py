@@ -70,6 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ratio_table := harness.ratios(results):
         print("fastlm's torch backend against plain PyTorch (time ratio; at most 1 is the bar):")
         print(ratio_table)
+    if model_table := harness.ratios(results, "fastlm", "transformers-sdpa"):
+        print("fastlm's models against transformers (SDPA) on the same weights (time ratio):")
+        print(model_table)
     for line in errors:
         print(f"FAILED {line}")
     out = args.out or harness.RESULTS / env.slug
