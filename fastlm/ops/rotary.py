@@ -13,6 +13,7 @@ from torch import Tensor
 from fastlm import backend
 from fastlm.ops._common import (
     FLOAT32_AND_HALF_DTYPES,
+    EagerOp,
     SupportCheck,
     dtype_error,
     last_dim_contiguous,
@@ -105,17 +106,14 @@ def apply_rotary(
         ``(q_rot, k_rot)``, shaped and typed as q and k.
     """
     positions, offset = _validate(q, k, cos, sin, position_ids, offset)
-    name = backend.select("apply_rotary", q.device, _support(q, k, cos, sin, inplace))
+    name = backend.select("apply_rotary", q, lambda: _support(q, k, cos, sin, inplace))
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
     if name == "torch":
-        q_rot = _torch_rotary(q, cos, sin, interleaved, positions, offset)
-        k_rot = _torch_rotary(k, cos, sin, interleaved, positions, offset)
-        if inplace:
-            return q.copy_(q_rot), k.copy_(k_rot)
-        return q_rot, k_rot
-    if inplace and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
-        torch.ops.fastlm.rotary_(q, k, cos, sin, positions, offset, interleaved, False, name)
+        return _torch_apply(q, k, cos, sin, interleaved, positions, offset, inplace, grad)
+    if inplace and not grad:
+        rotary_(q, k, cos, sin, positions, offset, interleaved, False, name)
         return q, k
-    q_rot, k_rot = torch.ops.fastlm.rotary(
+    q_rot, k_rot = rotary(
         last_dim_contiguous(q),
         last_dim_contiguous(k),
         cos,
@@ -158,9 +156,11 @@ def _validate(q, k, cos, sin, position_ids, offset) -> tuple[Tensor | None, int]
         raise ValueError(
             f"rotary_dim = 2 * cos.shape[1] = {2 * cos.shape[1]} exceeds the head dim {q.shape[3]}"
         )
-    for name, t in (("k", k), ("cos", cos), ("sin", sin)):
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    # Comparing devices costs more than the rest of these checks; CPU tensors need none.
+    if not (q.is_cpu and k.is_cpu and cos.is_cpu and sin.is_cpu):
+        for name, t in (("k", k), ("cos", cos), ("sin", sin)):
+            if t.device != q.device:
+                raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
     bsz, seqlen = q.shape[:2]
     max_pos = cos.shape[0]
     if position_ids is not None:
@@ -190,7 +190,7 @@ def _validate(q, k, cos, sin, position_ids, offset) -> tuple[Tensor | None, int]
             raise ValueError(f"offset is on {offset.device} but q is on {q.device}")
         _check_range("offset", offset, 0, max_pos - seqlen + 1)
         return offset, 0
-    if isinstance(offset, bool) or not isinstance(offset, int):
+    if type(offset) is not int and (isinstance(offset, bool) or not isinstance(offset, int)):
         raise TypeError(f"offset must be an int or an int tensor, got {type(offset).__name__}")
     if offset < 0 or offset + seqlen > max_pos:
         raise ValueError(
@@ -212,26 +212,123 @@ def _check_range(name: str, t: Tensor, low: int, high: int) -> None:
         )
 
 
-def _torch_rotary(x, cos, sin, interleaved, positions, offset) -> Tensor:
-    """The ``torch`` backend: the formula on PyTorch ops in float32 (as the kernels compute),
-    differentiated by PyTorch's autograd."""
-    compute = torch.promote_types(x.dtype, torch.float32)
-    bsz, seqlen = x.shape[:2]
-    if positions is None or positions.dim() == 1:
-        pos = _positions(bsz, seqlen, None, offset if positions is None else positions, x.device)
+# ---------------------------------------------------------------------------------------------
+# The torch backend.
+#
+# With ``swap(x)`` exchanging the two members of every pair ((i, i + R/2) or (2i, 2i + 1)) and
+# full-width tables ``cf = (cos, cos)`` and ``sn = (-sin, sin)`` laid out as the pairs are, the
+# rotation is ``x * cf + swap(x) * sn``: two products and a sum per element, each rounded as in
+# Hugging Face's ``q * cos + rotate_half(q) * sin`` (negation is exact), so float32 results are
+# the same bits. It writes one output and one temporary per tensor where the plain formula
+# allocates four (-x2, the cat, both products), and its backward, the transpose (the same
+# rotation by the negated angle, ``sn -> -sn``), is one node instead of a dozen.
+
+
+def _torch_apply(q, k, cos, sin, interleaved, positions, offset, inplace, grad):
+    compute = torch.promote_types(torch.promote_types(q.dtype, k.dtype), torch.float32)
+    cf, sn = _tables(cos, sin, positions, offset, q.shape[1], q.shape[3], interleaved, compute)
+    if grad:
+        q_rot, k_rot = _TorchRotary.apply(q, k, cf, sn, interleaved)
+        if inplace:  # under autograd: out of place, copied back (as the kernels' path does)
+            return q.copy_(q_rot), k.copy_(k_rot)
+        return q_rot, k_rot
+    if inplace:
+        return _torch_rotary((q, k), cf, sn, interleaved, inplace=True)
+    return _torch_rotary((q, k), cf, sn, interleaved)
+
+
+def _tables(cos, sin, positions, offset, seqlen, d, interleaved, dtype) -> tuple[Tensor, Tensor]:
+    """``cf`` (.., S, 1, D) and ``sn`` (.., S, 1, R) in ``dtype`` at the tokens' positions:
+    (S, 1, .) for a scalar offset, (B, S, 1, .) otherwise. Beyond R, ``cf`` is 1 so one
+    product also copies the features that are not rotated."""
+    if positions is None:
+        if offset != 0 or seqlen != cos.shape[0]:
+            cos, sin = cos.narrow(0, offset, seqlen), sin.narrow(0, offset, seqlen)
     else:
-        pos = positions
-    return apply_rotary_ref(x.to(compute), cos.to(compute), sin.to(compute), interleaved, pos).to(
-        x.dtype
-    )
+        if positions.dim() == 1:  # per-sequence offsets (B,)
+            positions = positions[:, None] + torch.arange(seqlen, device=positions.device)
+        cos, sin = cos[positions], sin[positions]  # (B, S, R/2)
+    if cos.dtype is not dtype:
+        cos, sin = cos.to(dtype), sin.to(dtype)
+    neg = torch.neg(sin)
+    rest = d - 2 * cos.shape[-1]
+    if interleaved:
+        cf = torch.stack((cos, cos), -1).flatten(-2)
+        sn = torch.stack((neg, sin), -1).flatten(-2)
+        if rest:
+            cf = torch.cat((cf, cf.new_ones(*cf.shape[:-1], rest)), -1)
+    else:
+        parts = (cos, cos) if not rest else (cos, cos, cos.new_ones(*cos.shape[:-1], rest))
+        cf = torch.cat(parts, -1)
+        sn = torch.cat((neg, sin), -1)
+    return cf.unsqueeze(-2), sn.unsqueeze(-2)
+
+
+def _swap(x: Tensor, interleaved: bool) -> Tensor:
+    """A new tensor holding ``x`` with the members of each pair exchanged."""
+    if interleaved:
+        b, s, h, r = x.shape
+        return x.view(b, s, h, r // 2, 2).flip(-1).flatten(-2)
+    return torch.roll(x, x.shape[-1] // 2, -1)
+
+
+def _torch_rotary(xs, cf, sn, interleaved, inplace=False):
+    """Rotate each (B, S, H, D) tensor of ``xs`` by the tables of :func:`_tables` (``sn``
+    negated rotates back): new tensors of the inputs' dtypes, or ``xs`` themselves rotated in
+    place. The ``_foreach`` ops do one step for all of ``xs`` in one call."""
+    r = sn.shape[-1]
+    partial = r != xs[0].shape[-1]
+    rot = [x.narrow(-1, 0, r) for x in xs] if partial else list(xs)
+    swapped = [_swap(x, interleaved) for x in rot]
+    sns = [sn] * len(xs)
+    if all(x.dtype is sn.dtype for x in xs):
+        torch._foreach_mul_(swapped, sns)
+        if inplace:
+            torch._foreach_mul_(rot, [cf.narrow(-1, 0, r) if partial else cf] * len(xs))
+            torch._foreach_add_(rot, swapped)
+            return tuple(xs)
+    else:  # half precision: products and sums in the compute dtype, rounded once
+        swapped = torch._foreach_mul(swapped, sns)
+    outs = torch._foreach_mul(list(xs), [cf] * len(xs))
+    torch._foreach_add_([o.narrow(-1, 0, r) for o in outs] if partial else outs, swapped)
+    outs = [o if o.dtype is x.dtype else o.to(x.dtype) for o, x in zip(outs, xs, strict=True)]
+    if inplace:
+        return tuple(x.copy_(o) for x, o in zip(xs, outs, strict=True))
+    return tuple(outs)
+
+
+class _TorchRotary(torch.autograd.Function):
+    """The torch backend's rotation of q and k as one autograd node."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(q, k, cf, sn, interleaved):
+        return _torch_rotary((q, k), cf, sn, interleaved)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, _, cf, sn, interleaved = inputs
+        ctx.save_for_backward(cf, sn)
+        ctx.interleaved = interleaved
+
+    @staticmethod
+    def backward(ctx, dq, dk):
+        cf, sn = ctx.saved_tensors
+        grads = [g for g in (dq, dk) if g is not None]
+        if not grads:
+            return None, None, None, None, None
+        rotated = iter(_torch_rotary(grads, cf, torch.neg(sn), ctx.interleaved))
+        dq = None if dq is None else next(rotated)
+        dk = None if dk is None else next(rotated)
+        return dq, dk, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
 # Custom ops.
 
 
-@torch.library.custom_op("fastlm::rotary", mutates_args=())
-def _rotary_op(
+def _rotary(
     q: Tensor,
     k: Tensor,
     cos: Tensor,
@@ -243,11 +340,15 @@ def _rotary_op(
     backend_name: str,
 ) -> tuple[Tensor, Tensor]:
     """``(q_rot, k_rot)``, new contiguous tensors. ``conj`` rotates by the negated angle."""
-    cos, sin = cos.contiguous(), sin.contiguous()
-    return tuple(
-        FORWARD[backend_name](x, cos, sin, positions, offset, interleaved, conj, None)
-        for x in (q, k)
+    cos, sin = last_dim_contiguous(cos), last_dim_contiguous(sin)
+    forward = FORWARD[backend_name]
+    return (
+        forward(q, cos, sin, positions, offset, interleaved, conj, None),
+        forward(k, cos, sin, positions, offset, interleaved, conj, None),
     )
+
+
+_rotary_op = torch.library.custom_op("fastlm::rotary", _rotary, mutates_args=())
 
 
 @_rotary_op.register_fake
@@ -257,8 +358,7 @@ def _(q, k, cos, sin, positions, offset, interleaved, conj, backend_name):
     )
 
 
-@torch.library.custom_op("fastlm::rotary_", mutates_args=("q", "k"))
-def _rotary_inplace_op(
+def _rotary_inplace(
     q: Tensor,
     k: Tensor,
     cos: Tensor,
@@ -269,9 +369,16 @@ def _rotary_inplace_op(
     conj: bool,
     backend_name: str,
 ) -> None:
-    cos, sin = cos.contiguous(), sin.contiguous()
-    for x in (q, k):
-        FORWARD[backend_name](x, cos, sin, positions, offset, interleaved, conj, x)
+    cos, sin = last_dim_contiguous(cos), last_dim_contiguous(sin)
+    forward = FORWARD[backend_name]
+    forward(q, cos, sin, positions, offset, interleaved, conj, q)
+    forward(k, cos, sin, positions, offset, interleaved, conj, k)
+
+
+_rotary_inplace_op = torch.library.custom_op(
+    "fastlm::rotary_", _rotary_inplace, mutates_args=("q", "k")
+)
+rotary_ = EagerOp(_rotary_inplace_op, _rotary_inplace)
 
 
 @_rotary_inplace_op.register_fake
@@ -291,7 +398,7 @@ def _backward(ctx, dq, dk):
     cos, sin, positions = ctx.saved_tensors
     dq = torch.zeros_like(dq) if dq is None else last_dim_contiguous(dq)
     dk = torch.zeros_like(dk) if dk is None else last_dim_contiguous(dk)
-    dq, dk = torch.ops.fastlm.rotary(
+    dq, dk = rotary(
         dq,
         dk,
         cos,
@@ -305,7 +412,7 @@ def _backward(ctx, dq, dk):
     return dq, dk, None, None, None, None, None, None, None
 
 
-torch.library.register_autograd("fastlm::rotary", _backward, setup_context=_setup_context)
+rotary = EagerOp(_rotary_op, _rotary, _setup_context, _backward)
 
 
 # ---------------------------------------------------------------------------------------------
