@@ -6,6 +6,7 @@ tensors, or forced) or a torch backend (CPU tensors).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -14,11 +15,12 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from fastlm import backend
-from fastlm.ops._common import HALF_DTYPES, absent, last_dim_contiguous, supports
+from fastlm.ops._common import HALF_DTYPES, EagerOp, absent, last_dim_contiguous, supports
 from fastlm.ops.activation import check_dropout
 from fastlm.ops.autocast import autocast_policy
 from fastlm.ops.contract import check_int, check_real, describe, values_readable
 from fastlm.ops.masks import (
+    NO_WINDOW,
     UNBOUNDED,
     Window,
     additive_mask,
@@ -34,7 +36,7 @@ def attention_probs(
     k: Tensor,
     causal: bool = False,
     softmax_scale: float | None = None,
-    window: tuple[int, int] = (-1, -1),
+    window: tuple[int, int] = NO_WINDOW,
     attn_bias: Tensor | None = None,
     alibi_slopes: Tensor | None = None,
     softcap: float = 0.0,
@@ -93,7 +95,7 @@ def attention_ref(
     v: Tensor,
     causal: bool = False,
     softmax_scale: float | None = None,
-    window: tuple[int, int] = (-1, -1),
+    window: tuple[int, int] = NO_WINDOW,
     attn_bias: Tensor | None = None,
     alibi_slopes: Tensor | None = None,
     dropout_mask: Tensor | None = None,
@@ -173,7 +175,7 @@ def flash_attention(
     causal: bool = False,
     softmax_scale: float | None = None,
     dropout_p: float = 0.0,
-    window: tuple[int, int] = (-1, -1),
+    window: tuple[int, int] = NO_WINDOW,
     attn_bias: Tensor | None = None,
     alibi_slopes: Tensor | None = None,
     seed: int | None = None,
@@ -218,26 +220,57 @@ def flash_attention(
     adds the mask to a NaN score; the Triton kernels skip key blocks outside the window).
     """
     _check_qkv(q, k, v, packed=False)
-    bias = _check_bias(attn_bias, q.shape[0], q.shape[2], q.shape[1], k.shape[1], q)
-    slopes = _check_alibi(alibi_slopes, q.shape[0], q.shape[2], q)
-    scale = _check_scale(softmax_scale, q.shape[-1])
-    out, lse, probs = _attention(
-        q,
-        k,
-        v,
-        causal=causal,
-        scale=scale,
-        window=window_bounds(window),
-        dropout_p=dropout_p,
-        seed=check_dropout(dropout_p, seed),
-        bias=bias,
-        slopes=slopes,
-        softcap=_check_softcap(softcap),
-        need_lse=_check_flag("return_attn_probs", return_attn_probs) or return_lse,
-        need_probs=return_attn_probs,
-        deterministic=_check_flag("deterministic", deterministic),
-    )
-    if return_attn_probs:
+    qs = q.shape
+    bias = None
+    if attn_bias is not None:
+        bias = _check_bias(attn_bias, qs[0], qs[2], qs[1], k.shape[1], q)
+    slopes = None if alibi_slopes is None else _check_alibi(alibi_slopes, qs[0], qs[2], q)
+    scale = _check_scale(softmax_scale, qs[3])
+    window = window_bounds(window)
+    seed = _check_dropout(dropout_p, seed)
+    softcap = _check_softcap(softcap)
+    need_probs = _check_flag("return_attn_probs", return_attn_probs)
+    deterministic = _check_flag("deterministic", deterministic)
+    need_lse = need_probs or return_lse
+    if backend.select("attention", q, lambda: _support(q)) == "torch":
+        # Called straight from here, positionally: on tiny tensors each layer of keyword
+        # forwarding costs as much as a check.
+        if softcap or need_lse or (deterministic and q.is_cuda):
+            out, lse, probs = _explicit_attention(
+                q,
+                k,
+                v,
+                causal=causal,
+                scale=scale,
+                window=window,
+                dropout_p=dropout_p,
+                seed=seed,
+                bias=bias,
+                slopes=slopes,
+                softcap=softcap,
+                need_probs=need_probs,
+            )
+        else:
+            out = _torch_sdpa(q, k, v, causal, scale, window, dropout_p, seed, bias, slopes)
+            lse = probs = None
+    else:
+        out, lse, probs = _attention(
+            q,
+            k,
+            v,
+            causal=causal,
+            scale=scale,
+            window=window,
+            dropout_p=dropout_p,
+            seed=seed,
+            bias=bias,
+            slopes=slopes,
+            softcap=softcap,
+            need_lse=need_lse,
+            need_probs=need_probs,
+            deterministic=deterministic,
+        )
+    if need_probs:
         return out, lse, probs
     return (out, lse) if return_lse else out
 
@@ -254,7 +287,7 @@ def flash_attention_varlen(
     causal: bool = False,
     softmax_scale: float | None = None,
     dropout_p: float = 0.0,
-    window: tuple[int, int] = (-1, -1),
+    window: tuple[int, int] = NO_WINDOW,
     alibi_slopes: Tensor | None = None,
     seed: int | None = None,
     return_lse: bool = False,
@@ -287,7 +320,7 @@ def flash_attention_varlen(
     )
     if paged:
         _check_block_table(block_table, batch, q, k, cu_seqlens_k)
-    slopes = _check_alibi(alibi_slopes, batch, q.shape[1], q)
+    slopes = None if alibi_slopes is None else _check_alibi(alibi_slopes, batch, q.shape[1], q)
     scale = _check_scale(softmax_scale, q.shape[-1])
     graph = paged and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     with torch.no_grad() if graph else contextlib.nullcontext():
@@ -299,7 +332,7 @@ def flash_attention_varlen(
             scale=scale,
             window=window_bounds(window),
             dropout_p=dropout_p,
-            seed=check_dropout(dropout_p, seed),
+            seed=_check_dropout(dropout_p, seed),
             slopes=slopes,
             softcap=_check_softcap(softcap),
             packed=(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
@@ -349,14 +382,13 @@ def scaled_dot_product_attention(
     tensors this is PyTorch's own function. The Triton kernels take 4-D fp16/bf16 tensors
     with value's head_dim equal to query's, up to 256."""
     _check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    name = backend.select("attention", query.device, _sdpa_support(query, key, value))
-    if name == "torch":
+    if backend.select("attention", query, lambda: _sdpa_support(query, key, value)) == "torch":
         out = F.scaled_dot_product_attention(
             query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
         )
         # PyTorch's fused CPU kernel drops a NaN query row to zeros; its math path, and the
         # reference, give NaN. With S > 0 every row sees a key (top-left causal included).
-        if key.shape[-2] > 0:
+        if key.shape[-2] > 0 and _may_hold_nan(query):
             out = out.masked_fill(query.isnan().any(-1, keepdim=True), math.nan)
         return out
     # (B, S, H, D) views; key and value broadcast over the batch as in torch.
@@ -390,6 +422,32 @@ def scaled_dot_product_attention(
 
 def _check_qkv(q: Tensor, k: Tensor, v: Tensor, packed: bool, paged: bool = False) -> None:
     dims = 3 if packed else 4
+    if (
+        not paged
+        and isinstance(q, Tensor)
+        and isinstance(k, Tensor)
+        and isinstance(v, Tensor)
+        and q.dim() == dims
+        and k.dim() == dims
+        and v.dim() == dims
+        and q.is_floating_point()
+        and k.dtype is q.dtype
+        and v.dtype is q.dtype
+        and ((q.is_cpu and k.is_cpu and v.is_cpu) or q.device == k.device == v.device)
+    ):
+        # The common call, answered from the flags; the loop below names what is wrong.
+        qs, ks = q.shape, k.shape
+        head_dim = qs[-1]
+        if ks != v.shape or ks[-1] != head_dim or not 1 <= head_dim <= MAX_HEAD_DIM:
+            _check_head_dim(head_dim, ks[-1], v.shape[-1])
+            raise ValueError(
+                f"k and v must have the same shape, got {tuple(ks)} and {tuple(v.shape)}"
+            )
+        if ks[-2] < 1 or qs[-2] % ks[-2]:
+            _check_heads(qs[-2], ks[-2])
+        if not packed and ks[0] != qs[0]:
+            raise ValueError(f"k has batch {ks[0]} but q has {qs[0]}")
+        return
     layout = "(total, heads, head_dim)" if packed else "(batch, seqlen, heads, head_dim)"
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
@@ -440,13 +498,24 @@ def _check_scale(softmax_scale, head_dim: int, name: str = "softmax_scale") -> f
 
 def _check_softcap(softcap) -> float:
     """flash-attn's ``softcap``: a finite number >= 0, 0 meaning no cap."""
+    if type(softcap) is float and 0.0 <= softcap < math.inf:  # the common call, first
+        return softcap
     value = check_real("softcap", softcap)
     if value < 0:
         raise ValueError(f"softcap must be >= 0 (0: no cap), got {value}")
     return value
 
 
+def _check_dropout(dropout_p, seed) -> int:
+    """:func:`~fastlm.ops.activation.check_dropout`, with no dropout answered first."""
+    if seed is None and type(dropout_p) is float and dropout_p == 0.0:
+        return 0
+    return check_dropout(dropout_p, seed)
+
+
 def _check_flag(name: str, value) -> bool:
+    if value is False or value is True:
+        return value
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {describe(value)}")
     return value
@@ -583,6 +652,8 @@ def _gather_pages(cache: Tensor, block_table: Tensor, cu_k: Tensor) -> Tensor:
 
 def _check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> None:
     """torch's rules for ``F.scaled_dot_product_attention``, refused with named errors."""
+    if _sdpa_plain(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+        return
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -647,6 +718,41 @@ def _check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enabl
     _check_scale(scale, query.shape[-1], "scale")
 
 
+def _sdpa_plain(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> bool:
+    """Whether a call passes :func:`_check_sdpa` by its most common shape: three tensors of
+    one float dtype and device, (..., H, S, D) with equal batch dims, as many key as value
+    heads (one, or the query's, or a divisor with ``enable_gqa``), no mask, no dropout, the
+    default scale. Read from the flags, for a fraction of what the full check costs; the
+    full check decides (and names the error) otherwise."""
+    if not (
+        attn_mask is None
+        and scale is None
+        and type(dropout_p) is float
+        and dropout_p == 0.0
+        and isinstance(query, Tensor)
+        and isinstance(key, Tensor)
+        and isinstance(value, Tensor)
+        and query.is_floating_point()
+        and key.dtype is query.dtype
+        and value.dtype is query.dtype
+        and (
+            (query.is_cpu and key.is_cpu and value.is_cpu)
+            or query.device == key.device == value.device
+        )
+    ):
+        return False
+    qs, ks, vs = query.shape, key.shape, value.shape
+    dims = len(qs)
+    if dims < 3 or len(ks) != dims or len(vs) != dims or qs[-1] < 1 or ks[-1] != qs[-1]:
+        return False
+    if ks[-2] != vs[-2] or ks[:-3] != qs[:-3] or vs[:-3] != qs[:-3]:
+        return False
+    heads, kv_heads = qs[-3], ks[-3]
+    if vs[-3] != kv_heads:
+        return False
+    return kv_heads in (heads, 1) or (enable_gqa and kv_heads >= 1 and heads % kv_heads == 0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Dispatch, custom ops and autograd.
 
@@ -705,12 +811,12 @@ def _attention(
     torch backend computes lse only when ``need_lse``, S_dmask (flash-attn's probabilities,
     negative where dropped) is computed only when ``need_probs``."""
     cu_q, cu_k, max_q, max_k = packed or (None, None, q.shape[1], k.shape[1])
-    name = backend.select("attention", q.device, _support(q))
-    if block_table is not None and (name == "torch" or need_probs) and q.device.type != "meta":
+    name = backend.select("attention", q, lambda: _support(q))
+    if block_table is not None and (name == "torch" or need_probs) and not q.is_meta:
         packed_k, packed_v = (_gather_pages(t, block_table, cu_k) for t in (k, v))
     if name == "torch":
         if block_table is not None:  # the torch backend reads gathered pages
-            k, v = (packed_k, packed_v) if q.device.type != "meta" else (k[:0, 0], v[:0, 0])
+            k, v = (packed_k, packed_v) if not q.is_meta else (k[:0, 0], v[:0, 0])
         return _torch_attention(
             q,
             k,
@@ -730,7 +836,7 @@ def _attention(
         )
     # The custom op's schema takes flat arguments: the window as its two sides.
     left, right = window
-    out, lse = torch.ops.fastlm.attention_fwd(
+    out, lse = attention_fwd(
         last_dim_contiguous(q),
         last_dim_contiguous(k),
         last_dim_contiguous(v),
@@ -806,14 +912,23 @@ def _packed_probs(q, k, cu_q, cu_k, max_q, max_k, args, window, slopes) -> Tenso
     return probs
 
 
+@functools.cache
+def _kernels():
+    """``fastlm.kernels.attention``, imported on first use (it imports Triton); its
+    functions are looked up per call, so a test may replace them."""
+    import fastlm.kernels.attention
+
+    return fastlm.kernels.attention
+
+
+@functools.lru_cache(maxsize=64)
 def _kernel_args(causal, scale, left, right, dropout_p, seed, softcap):
-    from fastlm.kernels.attention import AttentionArgs
+    # Kept per distinct arguments: building the frozen dataclass costs microseconds per
+    # call, and a training run repeats a few combinations (dropout's seed aside).
+    return _kernels().AttentionArgs(causal, scale, (left, right), dropout_p, seed, softcap)
 
-    return AttentionArgs(causal, scale, (left, right), dropout_p, seed, softcap)
 
-
-@torch.library.custom_op("fastlm::attention_fwd", mutates_args=())
-def _attention_fwd_op(
+def _attention_fwd(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -833,10 +948,8 @@ def _attention_fwd_op(
     block_table: Tensor | None,
     backend_name: str,
 ) -> tuple[Tensor, Tensor]:
-    from fastlm.kernels.attention import attention_fwd
-
     args = _kernel_args(causal, scale, window_left, window_right, dropout_p, seed, softcap)
-    return attention_fwd(
+    return _kernels().attention_fwd(
         q,
         k,
         v,
@@ -849,6 +962,11 @@ def _attention_fwd_op(
         max_seqlen_k,
         block_table,
     )
+
+
+_attention_fwd_op = torch.library.custom_op(
+    "fastlm::attention_fwd", _attention_fwd, mutates_args=()
+)
 
 
 @_attention_fwd_op.register_fake
@@ -879,8 +997,7 @@ def _(
     return torch.empty_like(q), lse
 
 
-@torch.library.custom_op("fastlm::attention_bwd", mutates_args=())
-def _attention_bwd_op(
+def _attention_bwd(
     grad_out: Tensor,
     q: Tensor,
     k: Tensor,
@@ -904,10 +1021,8 @@ def _attention_bwd_op(
     backend_name: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dbias); dbias is the fp32 (B, H, Sq, Sk) score gradient or empty."""
-    from fastlm.kernels.attention import attention_bwd
-
     args = _kernel_args(causal, scale, window_left, window_right, dropout_p, seed, softcap)
-    dq, dk, dv, dbias = attention_bwd(
+    dq, dk, dv, dbias = _kernels().attention_bwd(
         last_dim_contiguous(grad_out),
         q,
         k,
@@ -924,6 +1039,12 @@ def _attention_bwd_op(
         max_seqlen_k,
     )
     return dq, dk, dv, absent(q, torch.float32) if dbias is None else dbias
+
+
+_attention_bwd_op = torch.library.custom_op(
+    "fastlm::attention_bwd", _attention_bwd, mutates_args=()
+)
+attention_bwd = EagerOp(_attention_bwd_op, _attention_bwd)
 
 
 @_attention_bwd_op.register_fake
@@ -968,7 +1089,7 @@ def _attention_backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, bias, slopes, cu_q, cu_k = ctx.saved_tensors
     max_q, max_k, causal, scale, left, right, p, seed, softcap, name = ctx.options
     bias_grad = bias is not None and ctx.needs_input_grad[3]
-    dq, dk, dv, dbias = torch.ops.fastlm.attention_bwd(
+    dq, dk, dv, dbias = attention_bwd(
         grad_out,
         q,
         k,
@@ -995,8 +1116,8 @@ def _attention_backward(ctx, grad_out, _grad_lse):
     return (dq, dk, dv, dbias, *([None] * 14))
 
 
-torch.library.register_autograd(
-    "fastlm::attention_fwd", _attention_backward, setup_context=_attention_setup_context
+attention_fwd = EagerOp(
+    _attention_fwd_op, _attention_fwd, _attention_setup_context, _attention_backward
 )
 
 
@@ -1056,26 +1177,62 @@ def _torch_attention(
             softcap=softcap,
             need_probs=need_probs,
         )
-    compute = torch.promote_types(q.dtype, torch.float32)
+    out = _torch_sdpa(q, k, v, causal, scale, window, dropout_p, seed, bias, slopes)
+    return out, None, None
+
+
+def _torch_sdpa(q, k, v, causal, scale, window, dropout_p, seed, bias, slopes) -> Tensor:
+    """The torch backend's SDPA path of dense attention (no cap, no lse): PyTorch's SDPA on
+    (B, H, S, D) views, the masks as one additive mask (fp32, so an fp32 bias or ALiBi is
+    not rounded to the inputs' dtype first), its dropout seeded by ``seed``.
+
+    The common calls cost what plain PyTorch's do: no mask unless one is needed (causal
+    with Sq == Sk is SDPA's own ``is_causal``, the call a user writes), small masks built
+    once per shape, and the random state forked only for dropout."""
+    seqlen_q, seqlen_k = q.shape[1], k.shape[1]
     seen = None
-    if causal_window(window, causal) != UNBOUNDED:
-        seen = visible(q.shape[1], k.shape[1], causal, window, q.device)
-    mask = _sdpa_mask(q.shape[1], k.shape[1], seen, bias, slopes, compute, q.device)
-    if mask is not None and not _sdpa_takes_wider_mask(q.device):
-        mask = _rounded_mask(mask, q.dtype)
-    with torch.random.fork_rng(devices=[q.device] if q.device.type == "cuda" else []):
-        if dropout_p > 0:
+    is_causal = False
+    left, right = window
+    if causal and left is None and (right is None or right >= 0) and seqlen_q == seqlen_k:
+        is_causal = True  # top-left and bottom-right causal agree when Sq == Sk
+    elif causal or left is not None or right is not None:
+        seen = _visible(seqlen_q, seqlen_k, causal, window, q.device)
+    mask = None
+    if seen is not None or bias is not None or slopes is not None:
+        compute = torch.promote_types(q.dtype, torch.float32)
+        mask = _sdpa_mask(seqlen_q, seqlen_k, seen, bias, slopes, compute, q.device)
+        if not _sdpa_takes_wider_mask(q.device):
+            mask = _rounded_mask(mask, q.dtype)
+    args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
+    gqa = q.shape[2] != k.shape[2]
+    if dropout_p > 0:
+        with torch.random.fork_rng(devices=[q.device] if q.is_cuda else []):
             torch.manual_seed(seed)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            attn_mask=mask,
-            dropout_p=dropout_p,
-            scale=scale,
-            enable_gqa=q.shape[2] != k.shape[2],
-        )
-    return _nan_rows_as_reference(out.transpose(1, 2), q, k.shape[1], seen), None, None
+            out = F.scaled_dot_product_attention(
+                *args, dropout_p, is_causal, scale=scale, enable_gqa=gqa
+            )
+    else:
+        out = F.scaled_dot_product_attention(*args, 0.0, is_causal, scale=scale, enable_gqa=gqa)
+    return _nan_rows_as_reference(out.transpose(1, 2), q, seqlen_k, seen)
+
+
+# Masks of up to this many (query, key) pairs are kept per shape: building one costs more
+# than SDPA on such a shape, while a long sequence's mask costs little beside its attention
+# and would hold memory.
+_CACHED_MASK_PAIRS = 1 << 16
+
+
+def _visible(seqlen_q: int, seqlen_k: int, causal: bool, window: Window, device) -> Tensor:
+    """:func:`~fastlm.ops.masks.visible`, the small ones built once per shape (never under
+    torch.compile, which traces the masks into its graph)."""
+    if seqlen_q * seqlen_k > _CACHED_MASK_PAIRS or torch.compiler.is_compiling():
+        return visible(seqlen_q, seqlen_k, causal, window, device)
+    return _cached_visible(seqlen_q, seqlen_k, bool(causal), window, device)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_visible(seqlen_q, seqlen_k, causal, window, device) -> Tensor:
+    return visible(seqlen_q, seqlen_k, causal, window, device)
 
 
 def _torch_packed(
@@ -1253,7 +1410,7 @@ def _nan_rows_as_reference(out: Tensor, q: Tensor, seqlen_k: int, seen: Tensor |
     """PyTorch's fused CPU kernel takes a NaN query row for one that sees no key and gives
     it zeros, and gives NaN to a NaN row that sees none; the reference (and PyTorch's math
     path) give NaN exactly where the row sees a key. out, q: (B, Sq, H, D)."""
-    if seqlen_k == 0:
+    if seqlen_k == 0 or not _may_hold_nan(q):
         return out
     nan_rows = q.isnan().any(-1, keepdim=True)  # (B, Sq, H, 1)
     if seen is None:
@@ -1261,6 +1418,16 @@ def _nan_rows_as_reference(out: Tensor, q: Tensor, seqlen_k: int, seen: Tensor |
     sees_key = seen.any(-1)[:, None, None]  # (Sq, 1, 1)
     out = out.masked_fill(nan_rows & sees_key, math.nan)
     return out.masked_fill(nan_rows & ~sees_key, 0.0)
+
+
+def _may_hold_nan(x: Tensor) -> bool:
+    """False when ``x`` surely holds no NaN. On CPU tensors one sum answers (a NaN makes it
+    NaN; so may inf - inf, a false alarm the exact check then clears) for a fraction of what
+    finding the NaN rows costs; elsewhere (a device sync, a graph break) the exact check
+    runs."""
+    if not x.is_cpu or torch.compiler.is_compiling():
+        return True
+    return math.isnan((x.detach() if x.requires_grad else x).sum().item())
 
 
 def _sdpa_takes_wider_mask(device: torch.device) -> bool:

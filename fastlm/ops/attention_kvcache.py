@@ -12,17 +12,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastlm import backend
-from fastlm.ops._common import HALF_DTYPES, supports
+from fastlm.ops._common import HALF_DTYPES, EagerOp, supports
 from fastlm.ops.attention import (
     _check_alibi,
     _check_head_dim,
     _check_heads,
     _check_scale,
     _check_softcap,
+    _may_hold_nan,
 )
 from fastlm.ops.autocast import autocast_policy
 from fastlm.ops.contract import check_int, describe, values_readable
-from fastlm.ops.masks import window_bounds
+from fastlm.ops.masks import NO_WINDOW, window_bounds
 from fastlm.ops.rotary import apply_rotary
 
 
@@ -45,7 +46,7 @@ def attention_with_kvcache(
     cache_batch_idx: Tensor | None = None,
     cache_leftpad: Tensor | None = None,
     block_table: Tensor | None = None,
-    window: tuple[int, int] = (-1, -1),
+    window: tuple[int, int] = NO_WINDOW,
     softcap: float = 0.0,
     alibi_slopes: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
@@ -115,27 +116,59 @@ def attention_with_kvcache(
         q, k_new = _rotate(
             q, k_new, rotary_cos, rotary_sin, rotary_interleaved, cache_seqlens, windowed
         )
-    features = {
-        "block_table": block_table is not None,
-        "cache_batch_idx": cache_batch_idx is not None,
-        "cache_leftpad": cache_leftpad is not None,
-        "alibi_slopes": alibi_slopes is not None,
-        "window": (left, right) != (None, None),
-        "softcap": bool(softcap),
-    }
-    name = backend.select("attention", q.device, _kvcache_support(q, k_cache, v_cache, features))
-    args = (q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, cache_batch_idx)
-    args += (cache_leftpad, alibi_slopes, causal, scale)
+
+    def support():
+        features = {
+            "block_table": block_table is not None,
+            "cache_batch_idx": cache_batch_idx is not None,
+            "cache_leftpad": cache_leftpad is not None,
+            "alibi_slopes": alibi_slopes is not None,
+            "window": (left, right) != (None, None),
+            "softcap": bool(softcap),
+        }
+        return _kvcache_support(q, k_cache, v_cache, features)
+
+    name = backend.select("attention", q, support)
     window = (-1 if left is None else left, -1 if right is None else right)
     if name == "torch":
         # PyTorch ops throughout (torch.compile traces them): called directly, since the
         # custom op's dispatch alone costs as much as a small decode step on the CPU.
         out, lse = _torch_decode(
-            *args, window=window, softcap=softcap, key_range=key_range, need_lse=return_lse
+            q,
+            k_cache,
+            v_cache,
+            cache_seqlens,
+            k_new,
+            v_new,
+            block_table,
+            cache_batch_idx,
+            cache_leftpad,
+            alibi_slopes,
+            causal,
+            scale,
+            window,
+            softcap,
+            key_range,
+            return_lse,
         )
     else:
-        out, lse = torch.ops.fastlm.attention_kvcache(
-            *args, *window, float(softcap), num_splits, name
+        out, lse = attention_kvcache_op(
+            q,
+            k_cache,
+            v_cache,
+            cache_seqlens,
+            k_new,
+            v_new,
+            block_table,
+            cache_batch_idx,
+            cache_leftpad,
+            alibi_slopes,
+            causal,
+            scale,
+            *window,
+            float(softcap),
+            num_splits,
+            name,
         )
     return (out, lse) if return_lse else out
 
@@ -157,8 +190,7 @@ def _rotate_alone(x, cos, sin, interleaved, **positions):
     return apply_rotary(x, x[:, :, :1], cos, sin, interleaved, **positions)[0]
 
 
-@torch.library.custom_op("fastlm::attention_kvcache", mutates_args=("k_cache", "v_cache"))
-def _attention_kvcache_op(
+def _attention_kvcache(
     q: Tensor,
     k_cache: Tensor,
     v_cache: Tensor,
@@ -199,6 +231,14 @@ def _attention_kvcache_op(
     )
 
 
+_attention_kvcache_op = torch.library.custom_op(
+    "fastlm::attention_kvcache", _attention_kvcache, mutates_args=("k_cache", "v_cache")
+)
+# In plain eager the kernel is called directly (it writes the caches in place either way);
+# torch.compile and tensor subclasses see the custom op, which declares the writes.
+attention_kvcache_op = EagerOp(_attention_kvcache_op, _attention_kvcache)
+
+
 @_attention_kvcache_op.register_fake
 def _(q, k_cache, v_cache, cache_seqlens, *args):
     return torch.empty_like(q), q.new_empty(
@@ -223,7 +263,6 @@ def _torch_decode(
     slopes,
     causal,
     scale,
-    *,
     window,
     softcap,
     key_range,
@@ -240,13 +279,13 @@ def _torch_decode(
     fewest, most = key_range
     # Rows of one known length in a plain cache (generation without padding): the append is
     # a slice copy, and unless a window or causal Sq > 1 cuts keys, SDPA needs no mask.
-    uniform = fewest == most and all(
-        t is None for t in (block_table, cache_batch_idx, cache_leftpad)
+    uniform = (
+        fewest == most and block_table is None and cache_batch_idx is None and cache_leftpad is None
     )
     ends = None if uniform else cache_seqlens.long() + n_new  # (B,) keys per row
-    if n_new and uniform:
-        k_cache[:, most - n_new : most] = k_new
-        v_cache[:, most - n_new : most] = v_new
+    if n_new and uniform:  # narrow: the slice's view without parsing an index
+        k_cache.narrow(1, most - n_new, n_new).copy_(k_new)
+        v_cache.narrow(1, most - n_new, n_new).copy_(v_new)
     elif n_new:
         pos = ends[:, None] - n_new + torch.arange(n_new, device=q.device)  # (B, Sq_new)
         if block_table is not None:
@@ -303,11 +342,15 @@ def _torch_decode(
     # row sees a key when each has Sq or more and none is left-padded (causal row 0 sees
     # L_b - Sq + 1; a window keeps the diagonal's neighbour): then one fill suffices.
     # SDPA's output is ours to fill in place.
-    nan_rows = q.isnan().any(-1, keepdim=True)  # (B, Sq, H, 1)
     if fewest < seqlen_q or cache_leftpad is not None:
         sees = seen.any(-1)[:, :, None, None]  # (B, Sq, 1, 1)
-        return out.masked_fill_(~sees, 0.0).masked_fill_(nan_rows & sees, math.nan), None
-    return out.masked_fill_(nan_rows, math.nan), None
+        out.masked_fill_(~sees, 0.0)
+        if _may_hold_nan(q):
+            out.masked_fill_(q.isnan().any(-1, keepdim=True) & sees, math.nan)
+        return out, None
+    if _may_hold_nan(q):
+        out.masked_fill_(q.isnan().any(-1, keepdim=True), math.nan)  # (B, Sq, H, 1)
+    return out, None
 
 
 def _zero_rows(t: Tensor, free: Tensor) -> Tensor:
@@ -337,7 +380,7 @@ def _keys(cache, block_table, cache_batch_idx, key_bound):
         return cache.index_select(0, pages.flatten()).view(pages.shape[0], -1, *cache.shape[2:])
     if cache_batch_idx is not None:
         return cache[:, :key_bound].index_select(0, cache_batch_idx)
-    return cache[:, :key_bound]
+    return cache.narrow(1, 0, key_bound)
 
 
 def _visible(ends, leftpad, seqlen_q, seqlen_k, causal, window, slopes):
@@ -409,11 +452,15 @@ def _check_kvcache(
     (fewest, most) on the rows' key counts ``L_b``: their minimum and maximum when the
     lengths can be read, else (0, the cache's capacity)."""
     for name, t in (
-        ("q", q),
-        ("k_cache", k_cache),
-        ("v_cache", v_cache),
-        ("k_new", k_new),
-        ("v_new", v_new),
+        ()
+        if _plain_tensors(q, k_cache, v_cache, k_new, v_new)
+        else (
+            ("q", q),
+            ("k_cache", k_cache),
+            ("v_cache", v_cache),
+            ("k_new", k_new),
+            ("v_new", v_new),
+        )
     ):
         if t is None and name in ("k_new", "v_new"):
             continue
@@ -432,31 +479,33 @@ def _check_kvcache(
     batch, seqlen_q, n_heads, head_dim = q.shape
     if seqlen_q < 1:
         raise ValueError("q must hold at least one query (Sq >= 1)")
-    if k_cache.shape != v_cache.shape:
+    cache_shape = k_cache.shape
+    if cache_shape != v_cache.shape:
         raise ValueError(
             f"k_cache and v_cache must have the same shape, got "
             f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
         )
-    if block_table is None and cache_batch_idx is None and k_cache.shape[0] != batch:
-        raise ValueError(f"k_cache has batch {k_cache.shape[0]} but q has {batch}")
-    _check_head_dim(head_dim, k_cache.shape[3], v_cache.shape[3])
-    _check_heads(n_heads, k_cache.shape[2])
+    if block_table is None and cache_batch_idx is None and cache_shape[0] != batch:
+        raise ValueError(f"k_cache has batch {cache_shape[0]} but q has {batch}")
+    _check_head_dim(head_dim, cache_shape[3], cache_shape[3])
+    _check_heads(n_heads, cache_shape[2])
     if (k_new is None) != (v_new is None):
         raise ValueError("k_new and v_new must be given together")
     n_new = 0
     if k_new is not None:
-        expected = (batch, k_new.shape[1], *k_cache.shape[2:])
+        expected = (batch, k_new.shape[1], *cache_shape[2:])
         for name, t in (("k_new", k_new), ("v_new", v_new)):
-            if tuple(t.shape) != expected:
+            if t.shape != expected:
                 raise ValueError(
                     f"{name} must be (batch, Sq_new, Hkv, head_dim) = {expected}, as the "
                     f"caches, got {tuple(t.shape)}"
                 )
         n_new = k_new.shape[1]
     _check_rows("cache_seqlens", cache_seqlens, q)
-    for name, t in (("cache_batch_idx", cache_batch_idx), ("cache_leftpad", cache_leftpad)):
-        if t is not None:
-            _check_rows(name, t, q)
+    if cache_batch_idx is not None:
+        _check_rows("cache_batch_idx", cache_batch_idx, q)
+    if cache_leftpad is not None:
+        _check_rows("cache_leftpad", cache_leftpad, q)
     if block_table is not None:
         for name, t in (("cache_batch_idx", cache_batch_idx), ("cache_leftpad", cache_leftpad)):
             if t is not None:  # flash-attn refuses both combinations too
@@ -470,15 +519,12 @@ def _check_kvcache(
             )
         if block_table.device != q.device:
             raise ValueError(f"block_table is on {block_table.device} but q is on {q.device}")
-        capacity = block_table.shape[1] * k_cache.shape[1]
-        room = (
-            f"block_table's {block_table.shape[1]} pages of {k_cache.shape[1]} "
-            f"({capacity} positions)"
-        )
+        capacity = block_table.shape[1] * cache_shape[1]
     else:
-        capacity = k_cache.shape[1]
-        room = f"the cache's {capacity} positions"
-    rotary_dim = _check_rotary(rotary_cos, rotary_sin, rotary_interleaved, k_new, q)
+        capacity = cache_shape[1]
+    rotary_dim = 0
+    if rotary_cos is not None or rotary_sin is not None:
+        rotary_dim = _check_rotary(rotary_cos, rotary_sin, rotary_interleaved, k_new, q)
     if alibi_slopes is not None:
         _check_alibi(alibi_slopes, batch, n_heads, q)
     softcap = _check_softcap(softcap)
@@ -486,11 +532,17 @@ def _check_kvcache(
         check_int("num_splits", num_splits, 1)
     scale = _check_scale(softmax_scale, head_dim)
 
-    readable = values_readable(cache_seqlens, cache_batch_idx, cache_leftpad, block_table)
+    # Only the lengths, on the CPU (a decode step's usual call): readable unless traced.
+    only_lengths = cache_batch_idx is None and cache_leftpad is None and block_table is None
+    if only_lengths and cache_seqlens.is_cpu:
+        readable = not torch.compiler.is_compiling()
+    else:
+        readable = values_readable(cache_seqlens, cache_batch_idx, cache_leftpad, block_table)
     if not (batch and readable):
         return scale, (0, capacity)
+    room = (block_table, cache_shape[1], capacity)
     # Every value check in one device-to-host copy: (min, max) pairs.
-    if all(t is None for t in (cache_batch_idx, cache_leftpad, block_table, rotary_cos)):
+    if only_lengths and rotary_cos is None:
         lengths = cache_seqlens.tolist()  # cheaper than reducing on the device first
         return scale, _check_room(min(lengths), max(lengths), n_new, capacity, room)
     stats = [cache_seqlens]
@@ -542,26 +594,64 @@ def _check_kvcache(
     return scale, key_range
 
 
-def _check_room(low: int, high: int, n_new: int, capacity: int, room: str) -> tuple[int, int]:
-    """Checks the cached lengths' range against ``capacity`` (described by ``room``); returns
-    the range of the rows' key counts."""
+def _check_room(low: int, high: int, n_new: int, capacity: int, room: tuple) -> tuple[int, int]:
+    """Checks the cached lengths' range against ``capacity``; returns the range of the rows'
+    key counts. ``room`` is (block_table or None, page or cache length, capacity): what the
+    error describes (put into words only when it is raised)."""
     if low < 0:
         raise ValueError(f"cache_seqlens must be >= 0, got {low}")
     if high + n_new > capacity:
+        block_table, size, capacity = room
+        if block_table is None:
+            where = f"the cache's {capacity} positions"
+        else:
+            where = f"block_table's {block_table.shape[1]} pages of {size} ({capacity} positions)"
         raise ValueError(
-            f"no room: cache_seqlens up to {high} plus {n_new} new tokens exceed {room}"
+            f"no room: cache_seqlens up to {high} plus {n_new} new tokens exceed {where}"
         )
     return low + n_new, high + n_new
 
 
 def _check_rows(name, t, q) -> None:
     batch = q.shape[0]
-    if not isinstance(t, Tensor) or t.dtype != torch.int32:
+    if not isinstance(t, Tensor) or t.dtype is not torch.int32:
         raise TypeError(f"{name} must be an int32 tensor, got {describe(t)}")
-    if tuple(t.shape) != (batch,):
+    if t.shape != (batch,):
         raise ValueError(f"{name} must have shape (batch,) = ({batch},), got {tuple(t.shape)}")
-    if t.device != q.device:
+    if not (t.is_cpu and q.is_cpu) and t.device != q.device:
         raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+
+
+def _plain_tensors(q, k_cache, v_cache, k_new, v_new) -> bool:
+    """Whether the tensor arguments pass the contract's per-tensor checks, read from their
+    flags (the common call; the loop that names an error runs otherwise): tensors, 4-D, of
+    q's floating-point dtype and device, k_new and v_new both or neither."""
+    if not (
+        isinstance(q, Tensor)
+        and isinstance(k_cache, Tensor)
+        and isinstance(v_cache, Tensor)
+        and q.is_floating_point()
+        and k_cache.dtype is q.dtype
+        and v_cache.dtype is q.dtype
+        and q.dim() == 4
+        and k_cache.dim() == 4
+        and v_cache.dim() == 4
+    ):
+        return False
+    cpu = q.is_cpu and k_cache.is_cpu and v_cache.is_cpu
+    if not cpu and not q.device == k_cache.device == v_cache.device:
+        return False
+    if k_new is None and v_new is None:
+        return True
+    return (
+        isinstance(k_new, Tensor)
+        and isinstance(v_new, Tensor)
+        and k_new.dtype is q.dtype
+        and v_new.dtype is q.dtype
+        and k_new.dim() == 4
+        and v_new.dim() == 4
+        and ((cpu and k_new.is_cpu and v_new.is_cpu) or k_new.device == q.device == v_new.device)
+    )
 
 
 def _check_rotary(cos, sin, interleaved, k_new, q) -> int:

@@ -19,9 +19,19 @@ Window = tuple[int | None, int | None]
 UNBOUNDED: Window = (None, None)
 
 
+# The default ``window`` of the public functions: recognized by identity, for free.
+NO_WINDOW = (-1, -1)
+
+
 def window_bounds(window: object) -> Window:
     """flash-attn's ``window`` (two ints, a negative one leaving its side unbounded) as a
     :data:`Window`; anything else is refused, naming ``window``."""
+    if window is NO_WINDOW:  # the default: nothing to check (it is on every call's path)
+        return UNBOUNDED
+    if type(window) is tuple and len(window) == 2:  # exact types: no isinstance walk
+        left, right = window
+        if type(left) is int and type(right) is int:
+            return (None if left < 0 else left, None if right < 0 else right)
     if (
         not isinstance(window, (tuple, list))
         or len(window) != 2
