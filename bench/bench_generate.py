@@ -24,6 +24,13 @@ the minimum is the estimate least skewed by them; the median is reported beside 
 "vs transformers" is the ratio of the fastest times, with the median of the per-round
 ratios beside it.
 
+A fourth table, its own file (``generate_compiled.md``, ``--compiled``): the decode step
+compiled (``generate(compile=True)``: static KV buffers of a 256-position bucket, one
+``torch.compile(fullgraph=True)`` step; Inductor's default mode on the CPU, CUDA graphs on
+GPUs) against eager ``generate``, the same static step run eagerly, and transformers'
+``generate`` on the same weights. The compile (Dynamo, Inductor, its C++ build) is timed
+apart: the first call minus a compiled call; the rounds time warm calls only.
+
 On the CPU everything runs on one thread, as the harness times every bench (with other
 processes on the cores, OpenMP barriers stall and multi-threaded timings swing widely).
 ``python -m bench.bench_generate`` writes ``generate.md`` under ``bench/results/<device>/``.
@@ -269,6 +276,169 @@ def measure_vs_hf(model, s: Sizes, device: torch.device, vocab: int) -> list[dic
     ]
 
 
+def measure_compiled(
+    model, s: Sizes, device: torch.device, vocab: int, compile: bool | dict = True
+) -> tuple[list, dict]:
+    """Compiled decode step (``generate(compile=compile)``) vs eager ``generate`` (and the
+    static step uncompiled, and transformers' when installed) on one batch; the compile's
+    seconds apart."""
+    batch, prompt, new = s.batch_vs_hf
+    ids = torch.randint(0, vocab, (batch, prompt), generator=torch.Generator().manual_seed(3))
+    ids = ids.to(device)
+    start = time.perf_counter()
+    compiled = model.generate(ids, new, compile=compile)
+    first = time.perf_counter() - start
+    steady = _time(lambda: model.generate(ids, new, compile=compile), device)[0]
+    providers = {
+        "fastlm eager": lambda: model.generate(ids, new),
+        "fastlm static, eager step": lambda: _static_eager(model, ids, new),
+        "fastlm compiled step": lambda: model.generate(ids, new, compile=compile),
+    }
+    if _transformers_available():
+        from fastlm.models.hf import to_hf
+
+        hf = to_hf(model).to(device).eval()
+        ones = torch.ones_like(ids)
+        providers["transformers"] = lambda: hf.generate(
+            input_ids=ids,
+            attention_mask=ones,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    seconds, outputs = _rounds(providers, s.rounds, device)
+    outputs["first compiled call"] = compiled
+    _same(outputs, "compiled vs eager decoding")
+    base = seconds["fastlm eager"]
+    rows = [
+        dict(
+            provider=name,
+            ms=1e3 * min(seconds[name]),
+            median_ms=1e3 * statistics.median(seconds[name]),
+            ms_per_step=1e3 * min(seconds[name]) / new,
+            tokens_per_s=batch * new / min(seconds[name]),
+            vs_eager=min(base) / min(seconds[name]),
+            vs_eager_median=statistics.median(
+                b / t for b, t in zip(base, seconds[name], strict=True)
+            ),
+        )
+        for name in providers
+    ]
+    return rows, dict(compile_s=first - steady, first_s=first)
+
+
+def _static_eager(model, ids: torch.Tensor, new: int) -> torch.Tensor:
+    """``generate(compile=True)``'s loop with the step not compiled: the static buffers'
+    cost (every step attends over the whole bucket, masked) without the compiler."""
+    from fastlm.models.generation import left_align
+
+    with torch.no_grad():
+        decoder = model.static_decoder(ids.shape[0], ids.shape[1] + new, None)
+        prompt, lengths = left_align(ids, torch.ones_like(ids, dtype=torch.bool))
+        out = decoder.generate(prompt, lengths, new, lambda x: x.argmax(-1), None, 0)
+    return torch.cat([ids, out], dim=1)
+
+
+def markdown_compiled(rows: list, timing: dict, env: harness.Environment, meta: dict) -> str:
+    s: Sizes = meta["sizes"]
+    c = meta["config"]
+    b, p, n = s.batch_vs_hf
+    return (
+        "\n".join(
+            [
+                f"# Generation, compiled decode step: {env.device}",
+                "",
+                "| device | torch | transformers | commit | date | threads | load average before |",
+                "| --- | --- | --- | --- | --- | --- | --- |",
+                f"| {env.device} ({os.cpu_count()} cores) | {env.torch} | {meta['transformers']} "
+                f"| {env.commit} | {meta['date']} | {meta['threads']} | {meta['load']:.2f} |",
+                "",
+                f"GPT-2 style model: {c.num_layers} layers, hidden {c.hidden_size}, "
+                f"{c.num_heads} heads, vocabulary {c.vocab_size}, {meta['dtype']}; greedy; batch "
+                f"{b} x {p}-token prompts, {n} new tokens (prefill included, eager everywhere); "
+                f"fastest of {s.rounds} alternating rounds after a warm-up call "
+                f"(`python -m bench.bench_generate --compiled`). Every provider gave the same "
+                "tokens (asserted).",
+                "",
+                *_table(
+                    [
+                        "provider",
+                        "ms (fastest)",
+                        "ms (median)",
+                        "ms / step",
+                        "tokens/s",
+                        "vs fastlm eager",
+                        "per-round ratio (median)",
+                    ],
+                    [
+                        (
+                            r["provider"],
+                            f"{r['ms']:.0f}",
+                            f"{r['median_ms']:.0f}",
+                            f"{r['ms_per_step']:.1f}",
+                            f"{r['tokens_per_s']:.0f}",
+                            f"{r['vs_eager']:.2f}x",
+                            f"{r['vs_eager_median']:.2f}x",
+                        )
+                        for r in rows
+                    ],
+                ),
+                "",
+                f"Compile (once per batch size and 256-position bucket; Dynamo + Inductor + its "
+                f"C++ build, one thread): {timing['compile_s']:.1f} s (first call "
+                f"{timing['first_s']:.1f} s). ms / step: the whole call over the new tokens.",
+            ]
+        )
+        + "\n"
+    )
+
+
+def report_compiled(
+    quick: bool,
+    device: torch.device,
+    out: Path | None = None,
+    threads: int | None = 1,
+    sizes: Sizes | None = None,
+    compile: bool | dict = True,
+) -> tuple[list, Path]:
+    """Measure the compiled-step table (``compile``: ``generate``'s argument) and write
+    ``generate_compiled.md``."""
+    s = sizes or SIZES[quick]
+    saved = torch.get_num_threads()
+    if device.type == "cpu" and threads:
+        torch.set_num_threads(threads)
+    try:
+        env = harness.environment(device)
+        load = os.getloadavg()[0]
+        torch.manual_seed(0)
+        model = create("gpt2", dropout=0.0, **s.model).to(device).eval()
+        rows, timing = measure_compiled(model, s, device, model.config.vocab_size, compile)
+        transformers = None
+        if _transformers_available():
+            import transformers
+
+            transformers = transformers.__version__
+        meta = dict(
+            sizes=s,
+            config=model.config,
+            transformers=transformers,
+            threads=torch.get_num_threads(),
+            load=load,
+            dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+            date=f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%dT%H:%MZ}",
+        )
+    finally:
+        torch.set_num_threads(saved)
+    text = markdown_compiled(rows, timing, env, meta)
+    print(text)
+    path = (out or harness.RESULTS / env.slug) / "generate_compiled.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    print(f"wrote {path}")
+    return rows, path
+
+
 def _table(headers: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:
     return [
         "| " + " | ".join(headers) + " |",
@@ -457,9 +627,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--out", type=Path, help="folder of generate.md")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
+    parser.add_argument(
+        "--compiled",
+        action="store_true",
+        help="only the compiled decode step's table (generate_compiled.md; compiles once)",
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    report(args.quick, device, args.out, args.threads)
+    if args.compiled:
+        report_compiled(args.quick, device, args.out, args.threads)
+    else:
+        report(args.quick, device, args.out, args.threads)
     return 0
 
 

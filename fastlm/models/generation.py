@@ -117,6 +117,7 @@ class GenerationMixin:
         generator: torch.Generator | None = None,
         paged: bool = False,
         page_size: int = 16,
+        compile: bool | dict = False,
     ) -> Tensor:
         """Generate up to ``max_new_tokens`` per row after ``input_ids`` (B, S).
 
@@ -131,6 +132,16 @@ class GenerationMixin:
         pages back, where the contiguous cache holds B x (S + max_new_tokens) positions.
         Greedy tokens are the same either way.
 
+        ``compile``: decode on a :class:`StaticDecoder` (decoder-only models): static KV
+        buffers and one decode step ``(token, input_pos) -> logits`` compiled once by
+        ``torch.compile(fullgraph=True, dynamic=False)`` and reused for every position and
+        every later call of the same batch size and cache bucket. True compiles with
+        ``mode="reduce-overhead"`` (CUDA graphs) on CUDA and the default mode elsewhere; a
+        dict is passed to ``torch.compile`` as its keyword arguments (``backend``, ``mode``,
+        ``options``). The prefill runs eagerly. Greedy tokens are those of the eager path
+        (the compiled step attends over the whole static buffer, masked: the same scores,
+        summed in another order).
+
         Returns, for decoder-only models, (B, S + n) with the prompt as given; for T5, the
         decoder sequences (B, 1 + n) starting with the decoder start token. A model with
         learned positions refuses a prompt and ``max_new_tokens`` longer than them.
@@ -140,6 +151,11 @@ class GenerationMixin:
             raise TypeError(f"paged must be a bool, got {type(paged).__name__}")
         if paged:
             self._check_paged(page_size)
+        options = _compile_options(compile)
+        if options is not None:
+            if paged:
+                raise ValueError("compile: the compiled decode step runs on the contiguous cache")
+            self._check_decoder_only("compile")
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         limit = self.position_limit()
         if limit is not None:
@@ -160,6 +176,12 @@ class GenerationMixin:
             return next_tokens(logits, do_sample, temperature, top_k, top_p, generator)
 
         with _eval_mode(self):
+            if options is not None:
+                prompt, lengths = left_align(input_ids, mask.bool())
+                longest = input_ids.shape[1] + max_new_tokens
+                decoder = self.static_decoder(input_ids.shape[0], longest, options)
+                new = decoder.generate(prompt, lengths, max_new_tokens, select, eos_token_id, pad)
+                return torch.cat([input_ids, new.to(input_ids.dtype)], dim=1)
             if not paged:
                 return self._decode(
                     input_ids, mask.bool(), max_new_tokens, select, eos_token_id, pad
@@ -231,13 +253,150 @@ class GenerationMixin:
             news = scheduler.run(list(prompts), budgets, select, eos_token_id)
         return [torch.cat([p, n.to(p.dtype)]) for p, n in zip(prompts, news, strict=True)]
 
-    def _check_paged(self, page_size: int) -> None:
+    def static_decoder(
+        self, batch: int, max_len: int, options: dict | None = None
+    ) -> StaticDecoder:
+        """The model's :class:`StaticDecoder` for ``batch`` rows of up to ``max_len``
+        positions, compiled with the ``torch.compile`` keyword arguments ``options`` (None:
+        eager): kept and reused while batch, cache bucket, dtype, device and options stay
+        the same; another one replaces it (and frees its buffers)."""
+        self._check_decoder_only("static_decoder")
+        weight = next(self.parameters())
+        capacity = -(-max_len // CACHE_BUCKET) * CACHE_BUCKET
+        key = (batch, capacity, weight.dtype, weight.device, repr(options))
+        held = vars(self).get("_static_decoder")
+        if held is None or held.key != key:
+            vars(self)["_static_decoder"] = held = None  # the old buffers go first
+            held = vars(self)["_static_decoder"] = StaticDecoder(self, batch, capacity, options)
+            held.key = key
+        return held
+
+    def _check_decoder_only(self, what: str) -> None:
         if not hasattr(self, "_cached_logits"):
             raise ValueError(
-                f"paged: {type(self).__name__} has no paged cache (decoder-only models have one)"
+                f"{what}: {type(self).__name__} has no decoder-only KV cache (GPT models have one)"
             )
+
+    def _check_paged(self, page_size: int) -> None:
+        self._check_decoder_only("paged")
         if not isinstance(page_size, int) or isinstance(page_size, bool) or page_size < 1:
             raise ValueError(f"page_size must be a positive int, got {page_size!r}")
+
+
+# Static buffers hold a multiple of this many positions, so that calls of nearby lengths
+# share one buffer and one compiled step (gpt-fast preallocates to the model's maximum).
+CACHE_BUCKET = 256
+
+
+def _compile_options(compile: bool | dict) -> dict | None:
+    """``generate``'s ``compile`` as torch.compile's keyword arguments (None: eager)."""
+    if compile is False:
+        return None
+    if compile is True:
+        return {}
+    if isinstance(compile, dict):
+        bad = set(compile) - {"backend", "mode", "options"}
+        if bad:
+            raise ValueError(
+                f"compile may set backend, mode and options (fullgraph=True and dynamic=False "
+                f"are fixed), got {sorted(bad)}"
+            )
+        return dict(compile)
+    raise TypeError(f"compile must be a bool or a dict, got {type(compile).__name__}")
+
+
+class StaticDecoder:
+    """Decoding on static buffers, as gpt-fast does it: every layer's keys and values
+    preallocated to ``max_len`` positions for ``batch`` rows, and one decode step
+
+        ``step(token (B, 1) int64, input_pos (B,) int64) -> logits (B, V)``
+
+    that feeds ``token[b]`` at position ``input_pos[b]`` (row b's cache holds exactly its
+    ``input_pos[b]`` earlier tokens), writes its keys and values into the buffers at that
+    index and returns the next logits. The step is a function of its two tensors: the
+    buffers are the same tensors at every call and every shape is fixed, so
+    ``torch.compile(fullgraph=True, dynamic=False)`` traces it once and reuses the graph for
+    every position; under ``mode="reduce-overhead"`` on CUDA it is one CUDA graph replay (the
+    buffers are marked static addresses, so they are written in place, not copied in).
+
+    ``options``: torch.compile's keyword arguments (backend, mode, options), {} for its
+    defaults (``mode="reduce-overhead"`` on CUDA), None to run the step eagerly. The
+    model's ``new_caches`` gives the buffers and ``_cached_logits`` the logits; rows start
+    left-aligned (``prefill``), as in :meth:`GenerationMixin.generate`.
+    """
+
+    def __init__(self, model, batch: int, max_len: int, options: dict | None = None) -> None:
+        weight = next(model.parameters())
+        self.model = model
+        self.batch, self.max_len = batch, max_len
+        self.key: tuple | None = None
+        self.caches = model.new_caches(batch, max_len, weight)
+        if options is not None:
+            options = dict(options)
+            if weight.is_cuda:
+                options.setdefault("mode", "reduce-overhead")
+            for cache in self.caches:
+                torch._dynamo.mark_static_address(cache.k)
+                torch._dynamo.mark_static_address(cache.v)
+        self.graphed = options is not None and options.get("mode") in (
+            "reduce-overhead",
+            "max-autotune",
+        )
+        self._step = (
+            self._eager_step
+            if options is None
+            else torch.compile(self._eager_step, fullgraph=True, dynamic=False, **options)
+        )
+
+    def _eager_step(self, token: Tensor, input_pos: Tensor) -> Tensor:
+        # Each layer advances its own cache's lengths: one copy of input_pos per layer, made
+        # inside the step (so the graph mutates no input but the buffers).
+        caches = [KVCache(c.k, c.v, input_pos.to(torch.int32, copy=True)) for c in self.caches]
+        return self.model._cached_logits(token, input_pos[:, None], caches)
+
+    def step(self, token: Tensor, input_pos: Tensor) -> Tensor:
+        """The logits (B, V) after feeding ``token`` (B, 1) at ``input_pos`` (B,)."""
+        if self.graphed:
+            # A new replay: the previous step's outputs (read already) may be overwritten.
+            torch.compiler.cudagraph_mark_step_begin()
+        return self._step(token, input_pos)
+
+    def prefill(self, prompt: Tensor, lengths: Tensor) -> Tensor:
+        """Run the left-aligned ``prompt`` (B, S) into the buffers eagerly; the logits (B, V)
+        after each row's last real token (``lengths`` (B,) of them). Slots past a row's
+        length keep what they hold (finite numbers, masked out, overwritten as it grows)."""
+        if prompt.shape[0] != self.batch or prompt.shape[1] > self.max_len:
+            raise ValueError(
+                f"prompt {tuple(prompt.shape)} does not fit the decoder's buffers of "
+                f"{self.batch} rows x {self.max_len} positions"
+            )
+        start = torch.zeros(self.batch, dtype=torch.int32, device=prompt.device)
+        caches = [KVCache(c.k, c.v, start.clone()) for c in self.caches]
+        return self.model._prefill_logits(prompt, lengths, caches)
+
+    def generate(
+        self,
+        prompt: Tensor,
+        lengths: Tensor,
+        max_new_tokens: int,
+        select: Callable[[Tensor], Tensor],
+        eos: int | None,
+        pad: int,
+    ) -> Tensor:
+        """(B, n) new tokens after the left-aligned ``prompt`` (B, S) holding ``lengths``
+        tokens per row, as :func:`decode_loop` picks them."""
+        if prompt.shape[1] + max_new_tokens > self.max_len:
+            raise ValueError(
+                f"{prompt.shape[1]} prompt positions and max_new_tokens {max_new_tokens} exceed "
+                f"the decoder's {self.max_len} positions"
+            )
+        first = self.prefill(prompt, lengths)
+        lengths = lengths.long()
+
+        def step(token: Tensor, i: int) -> Tensor:
+            return self.step(token[:, None], lengths + i)
+
+        return decode_loop(first, max_new_tokens, select, step, eos, pad)
 
 
 class _eval_mode:

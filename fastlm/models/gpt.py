@@ -301,6 +301,10 @@ class GPT(GenerationMixin, nn.Module):
         return self.config.max_position_embeddings if self.pos_emb is not None else None
 
     def new_caches(self, batch: int, max_len: int, like: Tensor) -> list[KVCache]:
+        if self.blocks[0].attn.rotary is not None:
+            # Tables for every position the caches can hold, so that a compiled step never
+            # has to grow them (the same values: each row depends on its position only).
+            self.blocks[0].attn.rotary._extend(max_len)
         # Each layer's own head count: a tensor-parallel rank holds some of the heads.
         return [
             KVCache.empty(batch, max_len, b.attn.num_kv_heads, b.attn.head_dim, like)
@@ -319,15 +323,21 @@ class GPT(GenerationMixin, nn.Module):
         h = self.hidden_states(input_ids, position_ids=position_ids, caches=caches)
         return self.to_vocab.logits(h[:, -1], self.lm_head.weight)
 
+    def _prefill_logits(self, prompt: Tensor, lengths: Tensor, caches: list[KVCache]) -> Tensor:
+        """Run the left-aligned ``prompt`` (B, S) into empty ``caches``, set each row's
+        cache length to its ``lengths`` (B,) real tokens and return the logits (B, V) after
+        each row's last one."""
+        h = self.hidden_states(prompt, caches=caches)  # (B, S, hidden)
+        for cache in caches:  # the right-padding tail is beyond each length: overwritten
+            cache.lengths.copy_(lengths)
+        rows = torch.arange(prompt.shape[0], device=prompt.device)
+        return self.to_vocab.logits(h[rows, lengths - 1], self.lm_head.weight)
+
     def _decode(self, input_ids, mask, max_new_tokens, select, eos, pad) -> Tensor:
         b, s = input_ids.shape
         prompt, lengths = left_align(input_ids, mask)
         caches = self.new_caches(b, s + max_new_tokens, self.tok_emb.weight)
-        h = self.hidden_states(prompt, caches=caches)  # prefill: (B, S, hidden)
-        for cache in caches:  # the right-padding tail is beyond each length: overwritten
-            cache.lengths.copy_(lengths)
-        rows = torch.arange(b, device=input_ids.device)
-        first = self.to_vocab.logits(h[rows, lengths - 1], self.lm_head.weight)
+        first = self._prefill_logits(prompt, lengths, caches)
 
         def step(token: Tensor, i: int) -> Tensor:
             positions = (lengths + i)[:, None]

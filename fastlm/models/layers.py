@@ -191,7 +191,7 @@ class Attention(nn.Module):
             qkv = self.qkv(x).view(b, s, h + 2 * hkv, d)
             q, k, v = qkv.split([h, hkv, hkv], dim=2)
             if self.rotary is not None:
-                q, k = self.rotary(q, k, position_ids=position_ids)
+                q, k = self._rotate(q, k, position_ids)
         if self.capture is not None:
             if cache is not None:
                 raise ValueError("cache: attention capture does not run with a KV cache")
@@ -212,6 +212,17 @@ class Attention(nn.Module):
                 softcap=self.softcap,
             )
         return self.o(out.reshape(b, s, h * d))
+
+    def _rotate(self, q: Tensor, k: Tensor, position_ids: Tensor | None) -> tuple[Tensor, Tensor]:
+        rotary = self.rotary
+        if not torch.compiler.is_compiling():
+            return rotary(q, k, position_ids=position_ids)
+        # RotaryEmbedding.forward reads the largest position back to grow its tables, a
+        # graph break under torch.compile. A traced call rotates with the tables as they
+        # are: they hold max_position_embeddings positions, and a longer run grows them
+        # before tracing (GPT.reserve_positions). The same op, so the same numbers.
+        cos, sin = rotary.cos_cached, rotary.sin_cached
+        return ops.apply_rotary(q, k, cos, sin, rotary.interleaved, position_ids)
 
     def _materialized(self, q, k, v, bias, causal) -> Tensor:
         # The reference's probabilities (the kernel's masking: causal bottom-right, rows
@@ -352,9 +363,12 @@ def lm_loss(
     ``hidden`` (scaled by ``scale``) with the head ``weight`` and ``bias``; only the
     labelled rows are projected."""
     hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
-    keep = labels != -100
-    if not bool(keep.all()):
-        hidden, labels = hidden[keep], labels[keep]
+    # Dropping the ignored rows is a data-dependent shape (a graph break under
+    # torch.compile): a traced call projects them too, and the loss gives them zero weight.
+    if not torch.compiler.is_compiling():
+        keep = labels != -100
+        if not bool(keep.all()):
+            hidden, labels = hidden[keep], labels[keep]
     if scale != 1.0:
         hidden = hidden * scale
     return to_vocab.loss(hidden, weight, labels, bias)

@@ -10,11 +10,10 @@ import torch
 
 from fastlm.models import create
 
-pytest.importorskip("transformers")
-
 
 @pytest.fixture(scope="module")
 def measured(bench, tmp_path_factory):
+    pytest.importorskip("transformers")
     sizes = dataclasses.replace(
         bench.SIZES[True], uneven=(3, 13, 6), new=5, many=(5, 2, 2, 7), batch_vs_hf=(2, 5, 4)
     )
@@ -60,3 +59,21 @@ def test_cases_run_padded_and_paged(bench, monkeypatch, tmp_path):
     assert [c.provider for c in cases] == ["padded", "paged"]
     outs = [c.fn() for c in cases]
     assert torch.equal(outs[0], outs[1]) and outs[0].shape[1] == sum(cases[0].shape[1:])
+
+
+def test_compiled_table(bench, tmp_path):
+    """The compiled-step table (traced by aot_eager here: Inductor's C++ build takes most of
+    a minute): its providers, transformers' when installed, and the compile timed apart."""
+    torch._dynamo.reset()
+    sizes = dataclasses.replace(bench.SIZES[True], batch_vs_hf=(2, 5, 4), rounds=1)
+    rows, path = bench.report_compiled(
+        True, torch.device("cpu"), tmp_path, sizes=sizes, compile={"backend": "aot_eager"}
+    )
+    names = ["fastlm eager", "fastlm static, eager step", "fastlm compiled step"]
+    if bench._transformers_available():
+        names.append("transformers")
+    assert [r["provider"] for r in rows] == names
+    assert all(r["ms"] > 0 and r["tokens_per_s"] > 0 for r in rows)
+    text = path.read_text()
+    assert path.name == "generate_compiled.md" and "Compile (once per batch size" in text
+    torch._dynamo.reset()
