@@ -86,6 +86,9 @@ class RotaryEmbedding(torch.nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """Rotate ``q`` (B, S, Hq, D) and ``k`` (B, S, Hk, D); see
         :func:`fastlm.ops.apply_rotary` for ``position_ids`` and ``offset``."""
+        # The buffers are read from _buffers directly: nn.Module's attribute lookup of a
+        # buffer costs about as much as the rest of this method.
+        buffers = self._buffers
         if isinstance(q, Tensor) and q.dim() == 4:
             seqlen = q.shape[1]
             if position_ids is not None:
@@ -94,9 +97,16 @@ class RotaryEmbedding(torch.nn.Module):
                 needed = int(offset.max()) + seqlen if offset.numel() else 0
             else:
                 needed = int(offset) + seqlen
-            self._extend(needed)
+            if needed > buffers["cos_cached"].shape[0]:
+                self._extend(needed)
         return apply_rotary(
-            q, k, self.cos_cached, self.sin_cached, self.interleaved, position_ids, offset
+            q,
+            k,
+            buffers["cos_cached"],
+            buffers["sin_cached"],
+            self.interleaved,
+            position_ids,
+            offset,
         )
 
     def extra_repr(self) -> str:

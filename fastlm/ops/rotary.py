@@ -7,6 +7,8 @@ gradients with the angle negated, since a rotation's transpose is its inverse.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor
 
@@ -20,7 +22,7 @@ from fastlm.ops._common import (
     supports,
 )
 from fastlm.ops.autocast import autocast_policy
-from fastlm.ops.contract import check_float, values_readable
+from fastlm.ops.contract import FLOAT_DTYPES, check_float, values_readable
 
 _INT_DTYPES = (torch.int32, torch.int64)
 
@@ -109,7 +111,8 @@ def apply_rotary(
     name = backend.select("apply_rotary", q, lambda: _support(q, k, cos, sin, inplace))
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
     if name == "torch":
-        return _torch_apply(q, k, cos, sin, interleaved, positions, offset, inplace, grad)
+        ids = positions if position_ids is None else position_ids  # the caller's, for the cache
+        return _torch_apply(q, k, cos, sin, interleaved, positions, ids, offset, inplace, grad)
     if inplace and not grad:
         rotary_(q, k, cos, sin, positions, offset, interleaved, False, name)
         return q, k
@@ -139,30 +142,32 @@ def _check_tensor(name: str, t: object, dtypes: tuple[torch.dtype, ...], what: s
 def _validate(q, k, cos, sin, position_ids, offset) -> tuple[Tensor | None, int]:
     """Check the arguments; return the kernel's ``positions`` (None, offsets (B,) or ids
     (B, S)) and scalar offset."""
-    for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
-        check_float(name, t)
-    if q.dim() != 4:
-        raise ValueError(f"q must be 4-D (B, S, H, D), got shape {tuple(q.shape)}")
-    if k.dim() != 4 or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
+    check_float("q", q)
+    check_float("k", k)
+    check_float("cos", cos)
+    check_float("sin", sin)
+    qs, ks, cs = q.shape, k.shape, cos.shape  # each .shape builds a new Size: read once
+    if len(qs) != 4:
+        raise ValueError(f"q must be 4-D (B, S, H, D), got shape {tuple(qs)}")
+    if len(ks) != 4 or ks[0] != qs[0] or ks[1] != qs[1] or ks[3] != qs[3]:
         raise ValueError(
-            f"k must be (B, S, Hk, D) with q's B, S and D {tuple(q.shape[:2])}, {q.shape[3]}; "
-            f"got shape {tuple(k.shape)}"
+            f"k must be (B, S, Hk, D) with q's B, S and D {tuple(qs[:2])}, {qs[3]}; "
+            f"got shape {tuple(ks)}"
         )
-    if cos.dim() != 2 or cos.shape[1] < 1:
-        raise ValueError(f"cos must be (max_positions, rotary_dim / 2), got {tuple(cos.shape)}")
-    if sin.shape != cos.shape:
-        raise ValueError(f"sin must have cos's shape {tuple(cos.shape)}, got {tuple(sin.shape)}")
-    if 2 * cos.shape[1] > q.shape[3]:
+    if len(cs) != 2 or cs[1] < 1:
+        raise ValueError(f"cos must be (max_positions, rotary_dim / 2), got {tuple(cs)}")
+    if sin.shape != cs:
+        raise ValueError(f"sin must have cos's shape {tuple(cs)}, got {tuple(sin.shape)}")
+    if 2 * cs[1] > qs[3]:
         raise ValueError(
-            f"rotary_dim = 2 * cos.shape[1] = {2 * cos.shape[1]} exceeds the head dim {q.shape[3]}"
+            f"rotary_dim = 2 * cos.shape[1] = {2 * cs[1]} exceeds the head dim {qs[3]}"
         )
     # Comparing devices costs more than the rest of these checks; CPU tensors need none.
     if not (q.is_cpu and k.is_cpu and cos.is_cpu and sin.is_cpu):
         for name, t in (("k", k), ("cos", cos), ("sin", sin)):
             if t.device != q.device:
                 raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
-    bsz, seqlen = q.shape[:2]
-    max_pos = cos.shape[0]
+    bsz, seqlen, max_pos = qs[0], qs[1], cs[0]
     if position_ids is not None:
         _check_tensor("position_ids", position_ids, _INT_DTYPES, "an int32/int64 tensor")
         if isinstance(offset, Tensor) or offset != 0:
@@ -224,9 +229,18 @@ def _check_range(name: str, t: Tensor, low: int, high: int) -> None:
 # rotation by the negated angle, ``sn -> -sn``), is one node instead of a dozen.
 
 
-def _torch_apply(q, k, cos, sin, interleaved, positions, offset, inplace, grad):
-    compute = torch.promote_types(torch.promote_types(q.dtype, k.dtype), torch.float32)
-    cf, sn = _tables(cos, sin, positions, offset, q.shape[1], q.shape[3], interleaved, compute)
+def _torch_apply(q, k, cos, sin, interleaved, positions, ids, offset, inplace, grad):
+    """``ids``: the position tensor the caller passed (``positions`` may be a view of it)."""
+    compute = _COMPUTE_DTYPE.get((q.dtype, k.dtype)) or torch.promote_types(
+        torch.promote_types(q.dtype, k.dtype), torch.float32
+    )
+    qs = q.shape
+    if _cacheable(cos, sin, ids):
+        cf, sn = _cached_tables(
+            cos, sin, positions, ids, offset, qs[1], qs[3], interleaved, compute
+        )
+    else:
+        cf, sn = _tables(cos, sin, positions, offset, qs[1], qs[3], interleaved, compute)
     if grad:
         q_rot, k_rot = _TorchRotary.apply(q, k, cf, sn, interleaved)
         if inplace:  # under autograd: out of place, copied back (as the kernels' path does)
@@ -235,6 +249,57 @@ def _torch_apply(q, k, cos, sin, interleaved, positions, offset, inplace, grad):
     if inplace:
         return _torch_rotary((q, k), cf, sn, interleaved, inplace=True)
     return _torch_rotary((q, k), cf, sn, interleaved)
+
+
+# Derived tables of recent calls. A model rotates with the same cos/sin (and positions) in
+# every layer; building the tables again costs several small ops per call, as much as the
+# rotation of a decoding step. Keyed by the identity of the tensors, checked against their
+# version counters (an in-place change misses), held only through weak references, and only
+# for tables up to _CACHED_ELEMENTS (those of longer sequences cost little next to the
+# rotation itself).
+_cache: dict[tuple, tuple] = {}
+# promote(promote(q, k), float32), looked up (promote_types costs a C call each).
+_COMPUTE_DTYPE = {
+    (a, b): torch.promote_types(torch.promote_types(a, b), torch.float32)
+    for a in FLOAT_DTYPES
+    for b in FLOAT_DTYPES
+}
+_CACHE_ENTRIES = 8
+_CACHED_ELEMENTS = 1 << 16
+
+
+def _cacheable(cos: Tensor, sin: Tensor, positions: Tensor | None) -> bool:
+    # Not while tracing (fake tensors), for subclasses, or for inference tensors (no version
+    # counter to tell an in-place change).
+    return (
+        not torch.compiler.is_compiling()
+        and type(cos) is Tensor
+        and type(sin) is Tensor
+        and (positions is None or type(positions) is Tensor and not positions.is_inference())
+        and not cos.is_inference()
+        and not sin.is_inference()
+    )
+
+
+def _cached_tables(cos, sin, positions, ids, offset, seqlen, d, interleaved, dtype):
+    key = (id(cos), id(sin), id(ids), offset, seqlen, d, interleaved, dtype)
+    versions = (cos._version, sin._version, None if ids is None else ids._version)
+    hit = _cache.get(key)
+    if hit is not None:
+        refs, seen, cf, sn = hit
+        if seen == versions and refs[0]() is cos and refs[1]() is sin and refs[2]() is ids:
+            return cf, sn
+    cf, sn = _tables(cos, sin, positions, offset, seqlen, d, interleaved, dtype)
+    if cf.numel() <= _CACHED_ELEMENTS:
+        if len(_cache) >= _CACHE_ENTRIES:
+            _cache.clear()
+        pos_ref = _none_ref if ids is None else weakref.ref(ids)
+        _cache[key] = ((weakref.ref(cos), weakref.ref(sin), pos_ref), versions, cf, sn)
+    return cf, sn
+
+
+def _none_ref() -> None:
+    return None
 
 
 def _tables(cos, sin, positions, offset, seqlen, d, interleaved, dtype) -> tuple[Tensor, Tensor]:

@@ -144,6 +144,124 @@ def test_torch_compile_fullgraph(name):
     torch.testing.assert_close(g, apply_rotary_ref(torch.ones_like(q), cos, -sin, position_ids=ids))
 
 
+# --- the torch path against the plain formula ----------------------------------------------
+
+
+def _plain(x, cos, sin, interleaved, pos):
+    """What a user writes: Hugging Face Llama's ``x * cos + rotate_half(x) * sin`` (GPT-J's
+    every-two rotation when interleaved) on full-width tables gathered at ``pos`` (B, S),
+    partial rotary as GPT-NeoX (the rest concatenated back)."""
+    r2 = cos.shape[1]
+    c, s = cos[pos][:, :, None], sin[pos][:, :, None]  # (B, S, 1, R/2)
+    rot, rest = x[..., : 2 * r2], x[..., 2 * r2 :]
+    if interleaved:
+        c, s = c.repeat_interleave(2, -1), s.repeat_interleave(2, -1)
+        swapped = torch.stack((-rot[..., 1::2], rot[..., ::2]), -1).flatten(-2)
+    else:
+        c, s = torch.cat((c, c), -1), torch.cat((s, s), -1)
+        swapped = torch.cat((-rot[..., r2:], rot[..., :r2]), -1)
+    return torch.cat((rot * c + swapped * s, rest), -1)
+
+
+def _positions_of(kind, b, s, max_pos):
+    """(kwargs for apply_rotary, the (B, S) positions they mean)."""
+    if kind == "offset":
+        off = int(torch.randint(0, max_pos - s + 1, ()))
+        return dict(offset=off), (torch.arange(s) + off).expand(b, s)
+    if kind == "offsets":
+        offs = torch.randint(0, max_pos - s + 1, (b,), dtype=torch.int32)
+        return dict(offset=offs), offs[:, None].long() + torch.arange(s)
+    ids = torch.randint(0, max_pos, (1, s))
+    return dict(position_ids=ids), ids.expand(b, s)
+
+
+@pytest.mark.parametrize("interleaved", [False, True], ids=["half", "interleaved"])
+@pytest.mark.parametrize("rot", [26, 38], ids=["partial", "full"])
+@pytest.mark.parametrize("positions", ["offset", "offsets", "position_ids"])
+def test_torch_path_is_the_plain_formula_bit_for_bit(interleaved, rot, positions):
+    """float32: the same products and sums as the plain formula, so the same bits, forward
+    and backward (its autograd against the torch path's transposed rotation). Odd sizes,
+    grouped-query k, a strided q."""
+    b, s, hq, hk, d, max_pos = 3, 7, 5, 1, 38, 19
+    q = torch.randn(b, hq, s, d).transpose(1, 2).requires_grad_()  # (B, S, H, D), strided
+    k = torch.randn(b, s, hk, d, requires_grad=True)
+    angles = torch.outer(torch.arange(max_pos, dtype=torch.float32), torch.rand(rot // 2) * 3)
+    cos, sin = angles.cos(), angles.sin()
+    kw, pos = _positions_of(positions, b, s, max_pos)
+    q0, k0 = q.detach().clone(), k.detach().clone()
+    with fastlm.use_backend("torch"):
+        qr, kr = apply_rotary(q, k, cos, sin, interleaved, **kw)
+    pq, pk = _plain(q, cos, sin, interleaved, pos), _plain(k, cos, sin, interleaved, pos)
+    for got, want, name in ((qr, pq, "q"), (kr, pk, "k")):
+        diff = (got - want).abs().max().item()
+        assert torch.equal(got, want), f"{name}_rot differs from the plain formula by {diff}"
+    dq, dk = torch.randn_like(qr), torch.randn_like(kr)
+    got = torch.autograd.grad((qr, kr), (q, k), (dq, dk))
+    want = torch.autograd.grad((pq, pk), (q, k), (dq, dk))
+    for g, w, name in zip(got, want, ("dq", "dk"), strict=True):
+        assert torch.equal(g, w), f"{name} differs by {(g - w).abs().max().item()}"
+    assert torch.equal(q, q0) and torch.equal(k, k0), "the out-of-place path wrote its inputs"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("interleaved", [False, True], ids=["half", "interleaved"])
+def test_torch_path_half_precision_meets_the_policy(dtype, interleaved):
+    """Half precision computes in float32 and rounds once; against float64, within the
+    policy's bound set by the plain formula at the input dtype. Gradients too."""
+    b, s, hq, hk, d, rot, max_pos = 2, 9, 3, 2, 22, 18, 13
+    q = torch.randn(b, s, hq, d, dtype=dtype, requires_grad=True)
+    k = torch.randn(b, s, hk, d, dtype=dtype, requires_grad=True)
+    angles = torch.outer(torch.arange(max_pos, dtype=torch.float32), torch.rand(rot // 2) * 3)
+    cos, sin = angles.cos(), angles.sin()
+    kw, pos = _positions_of("position_ids", b, s, max_pos)
+    with fastlm.use_backend("torch"):
+        qr, kr = apply_rotary(q, k, cos, sin, interleaved, **kw)
+    dq, dk = torch.randn_like(qr), torch.randn_like(kr)
+    gq, gk = torch.autograd.grad((qr, kr), (q, k), (dq, dk))
+    c64, s64 = cos.double(), sin.double()
+    for got, x, dy, g, name in ((qr, q, dq, gq, "q"), (kr, k, dk, gk, "k")):
+        x = x.detach()
+        assert got.dtype == dtype
+        ref = _plain(x.double(), c64, s64, interleaved, pos)
+        assert_policy(got, ref, _plain(x, cos.to(dtype), sin.to(dtype), interleaved, pos), name)
+        ref_g = _plain(dy.double(), c64, -s64, interleaved, pos)
+        base_g = _plain(dy, cos.to(dtype), -sin.to(dtype), interleaved, pos)
+        assert_policy(g, ref_g, base_g, f"d{name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("interleaved", [False, True], ids=["half", "interleaved"])
+def test_torch_inplace_equals_out_of_place(dtype, interleaved):
+    q, k, cos, sin = _inputs(b=2, s=6, hq=3, hk=1, d=30, rot=22, dtype=dtype)
+    expected = apply_rotary(q, k, cos, sin, interleaved, offset=5)
+    with torch.no_grad():
+        out = apply_rotary(q, k, cos, sin, interleaved, offset=5, inplace=True)
+    assert out[0] is q and out[1] is k
+    assert torch.equal(q, expected[0]) and torch.equal(k, expected[1])
+
+
+def test_only_one_output_used_gives_gradients_to_its_input():
+    q, k, cos, sin = _inputs(dtype=torch.float64)
+    q.requires_grad_(), k.requires_grad_()
+    _, kr = apply_rotary(q, k, cos, sin, offset=2)
+    gq, gk = torch.autograd.grad(kr.sum(), (q, k), allow_unused=True, materialize_grads=True)
+    assert torch.equal(gq, torch.zeros_like(q))
+    torch.testing.assert_close(gk, apply_rotary_ref(torch.ones_like(k), cos, -sin, offset=2))
+
+
+def test_tables_rebuilt_after_in_place_changes():
+    """The torch path reuses the tables it derived for the same cos/sin/positions; a change
+    in place to any of them must not be missed."""
+    q, k, cos, sin = _inputs()
+    ids = torch.randint(0, 16, (1, 5))
+    apply_rotary(q, k, cos, sin, position_ids=ids)
+    for change in (lambda: cos.mul_(0.5), lambda: sin.neg_(), lambda: ids.fill_(3)):
+        change()
+        qr, kr = apply_rotary(q, k, cos, sin, position_ids=ids)
+        torch.testing.assert_close(qr, apply_rotary_ref(q, cos, sin, position_ids=ids))
+        torch.testing.assert_close(kr, apply_rotary_ref(k, cos, sin, position_ids=ids))
+
+
 # --- bad input -----------------------------------------------------------------------------
 
 
