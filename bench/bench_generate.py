@@ -24,7 +24,8 @@ the minimum is the estimate least skewed by them; the median is reported beside 
 "vs transformers" is the ratio of the fastest times, with the median of the per-round
 ratios beside it.
 
-A fourth table, its own file (``generate_compiled.md``, ``--compiled``): the decode step
+A fourth table, its own file (``generate_compiled.md``, ``--compiled``), for the bench's model
+and a narrow twin of the same depth (where a step's time is its per-op costs): the decode step
 compiled (``generate(compile=True)``: static KV buffers of a 256-position bucket, one
 ``torch.compile(fullgraph=True)`` step; Inductor's default mode on the CPU, CUDA graphs on
 GPUs) against eager ``generate``, the same static step run eagerly, and transformers'
@@ -340,58 +341,63 @@ def _static_eager(model, ids: torch.Tensor, new: int) -> torch.Tensor:
     return torch.cat([ids, out], dim=1)
 
 
-def markdown_compiled(rows: list, timing: dict, env: harness.Environment, meta: dict) -> str:
+# The compiled-step table's second model: the first one's depth at a width where the
+# arithmetic is negligible, so that a step's time is what it costs per op and layer.
+NARROW = dict(hidden_size=64, num_heads=4, vocab_size=512)
+
+
+def markdown_compiled(results: dict, env: harness.Environment, meta: dict) -> str:
     s: Sizes = meta["sizes"]
-    c = meta["config"]
     b, p, n = s.batch_vs_hf
-    return (
-        "\n".join(
-            [
-                f"# Generation, compiled decode step: {env.device}",
-                "",
-                "| device | torch | transformers | commit | date | threads | load average before |",
-                "| --- | --- | --- | --- | --- | --- | --- |",
-                f"| {env.device} ({os.cpu_count()} cores) | {env.torch} | {meta['transformers']} "
-                f"| {env.commit} | {meta['date']} | {meta['threads']} | {meta['load']:.2f} |",
-                "",
-                f"GPT-2 style model: {c.num_layers} layers, hidden {c.hidden_size}, "
-                f"{c.num_heads} heads, vocabulary {c.vocab_size}, {meta['dtype']}; greedy; batch "
-                f"{b} x {p}-token prompts, {n} new tokens (prefill included, eager everywhere); "
-                f"fastest of {s.rounds} alternating rounds after a warm-up call "
-                f"(`python -m bench.bench_generate --compiled`). Every provider gave the same "
-                "tokens (asserted).",
-                "",
-                *_table(
-                    [
-                        "provider",
-                        "ms (fastest)",
-                        "ms (median)",
-                        "ms / step",
-                        "tokens/s",
-                        "vs fastlm eager",
-                        "per-round ratio (median)",
-                    ],
-                    [
-                        (
-                            r["provider"],
-                            f"{r['ms']:.0f}",
-                            f"{r['median_ms']:.0f}",
-                            f"{r['ms_per_step']:.1f}",
-                            f"{r['tokens_per_s']:.0f}",
-                            f"{r['vs_eager']:.2f}x",
-                            f"{r['vs_eager_median']:.2f}x",
-                        )
-                        for r in rows
-                    ],
-                ),
-                "",
-                f"Compile (once per batch size and 256-position bucket; Dynamo + Inductor + its "
-                f"C++ build, one thread): {timing['compile_s']:.1f} s (first call "
-                f"{timing['first_s']:.1f} s). ms / step: the whole call over the new tokens.",
-            ]
-        )
-        + "\n"
-    )
+    lines = [
+        f"# Generation, compiled decode step: {env.device}",
+        "",
+        "| device | torch | transformers | commit | date | threads | load average before |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"| {env.device} ({os.cpu_count()} cores) | {env.torch} | {meta['transformers']} "
+        f"| {env.commit} | {meta['date']} | {meta['threads']} | {meta['load']:.2f} |",
+        "",
+        f"GPT-2 style models, {meta['dtype']}, greedy; batch {b} x {p}-token prompts, {n} new "
+        f"tokens (the prefill included, eager everywhere); fastest of {s.rounds} alternating "
+        "rounds after a warm-up call (`python -m bench.bench_generate --compiled`). Every "
+        "provider gave the same tokens (asserted).",
+    ]
+    for title, (rows, timing, c) in results.items():
+        lines += [
+            "",
+            f"## {title}: {c.num_layers} layers, hidden {c.hidden_size}, {c.num_heads} heads, "
+            f"vocabulary {c.vocab_size}",
+            "",
+            *_table(
+                [
+                    "provider",
+                    "ms (fastest)",
+                    "ms (median)",
+                    "ms / step",
+                    "tokens/s",
+                    "vs fastlm eager",
+                    "per-round ratio (median)",
+                ],
+                [
+                    (
+                        r["provider"],
+                        f"{r['ms']:.0f}",
+                        f"{r['median_ms']:.0f}",
+                        f"{r['ms_per_step']:.1f}",
+                        f"{r['tokens_per_s']:.0f}",
+                        f"{r['vs_eager']:.2f}x",
+                        f"{r['vs_eager_median']:.2f}x",
+                    )
+                    for r in rows
+                ],
+            ),
+            "",
+            f"Compile (once per batch size and 256-position bucket; Dynamo, Inductor and its "
+            f"C++ build, one thread): {timing['compile_s']:.1f} s (first call "
+            f"{timing['first_s']:.1f} s).",
+        ]
+    lines += ["", "ms / step: the whole call's time over the new tokens."]
+    return "\n".join(lines) + "\n"
 
 
 def report_compiled(
@@ -401,8 +407,9 @@ def report_compiled(
     threads: int | None = 1,
     sizes: Sizes | None = None,
     compile: bool | dict = True,
-) -> tuple[list, Path]:
-    """Measure the compiled-step table (``compile``: ``generate``'s argument) and write
+) -> tuple[dict, Path]:
+    """Measure the compiled-step tables (``compile``: ``generate``'s argument) of the
+    bench's GPT-2 shape and of its narrow twin (:data:`NARROW`), and write
     ``generate_compiled.md``."""
     s = sizes or SIZES[quick]
     saved = torch.get_num_threads()
@@ -411,9 +418,15 @@ def report_compiled(
     try:
         env = harness.environment(device)
         load = os.getloadavg()[0]
-        torch.manual_seed(0)
-        model = create("gpt2", dropout=0.0, **s.model).to(device).eval()
-        rows, timing = measure_compiled(model, s, device, model.config.vocab_size, compile)
+        results = {}
+        for title, shape in (
+            ("The generate bench's model", s.model),
+            ("Narrow, the same depth (per-op costs)", {**s.model, **NARROW}),
+        ):
+            torch.manual_seed(0)
+            model = create("gpt2", dropout=0.0, **shape).to(device).eval()
+            rows, timing = measure_compiled(model, s, device, model.config.vocab_size, compile)
+            results[title] = (rows, timing, model.config)
         transformers = None
         if _transformers_available():
             import transformers
@@ -421,7 +434,6 @@ def report_compiled(
             transformers = transformers.__version__
         meta = dict(
             sizes=s,
-            config=model.config,
             transformers=transformers,
             threads=torch.get_num_threads(),
             load=load,
@@ -430,13 +442,13 @@ def report_compiled(
         )
     finally:
         torch.set_num_threads(saved)
-    text = markdown_compiled(rows, timing, env, meta)
+    text = markdown_compiled(results, env, meta)
     print(text)
     path = (out or harness.RESULTS / env.slug) / "generate_compiled.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     print(f"wrote {path}")
-    return rows, path
+    return results, path
 
 
 def _table(headers: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:
