@@ -329,37 +329,35 @@ def _tables(cos, sin, positions, offset, seqlen, d, interleaved, dtype) -> tuple
     return cf.unsqueeze(-2), sn.unsqueeze(-2)
 
 
-def _swap(x: Tensor, interleaved: bool) -> Tensor:
-    """A new tensor holding ``x`` with the members of each pair exchanged."""
-    if interleaved:
-        b, s, h, r = x.shape
-        return x.view(b, s, h, r // 2, 2).flip(-1).flatten(-2)
-    return torch.roll(x, x.shape[-1] // 2, -1)
-
-
 def _torch_rotary(xs, cf, sn, interleaved, inplace=False):
     """Rotate each (B, S, H, D) tensor of ``xs`` by the tables of :func:`_tables` (``sn``
     negated rotates back): new tensors of the inputs' dtypes, or ``xs`` themselves rotated in
-    place. The ``_foreach`` ops do one step for all of ``xs`` in one call."""
+    place."""
     r = sn.shape[-1]
-    partial = r != xs[0].shape[-1]
-    rot = [x.narrow(-1, 0, r) for x in xs] if partial else list(xs)
-    swapped = [_swap(x, interleaved) for x in rot]
-    sns = [sn] * len(xs)
-    if all(x.dtype is sn.dtype for x in xs):
-        torch._foreach_mul_(swapped, sns)
+    return tuple([_rotate(x, cf, sn, r, interleaved, inplace) for x in xs])
+
+
+def _rotate(x, cf, sn, r, interleaved, inplace):
+    xr = x if x.shape[-1] == r else x.narrow(-1, 0, r)
+    # A new tensor with the members of each pair exchanged (a roll by R/2 swaps the halves).
+    if interleaved:
+        b, s, h, _ = xr.shape
+        swapped = xr.view(b, s, h, r // 2, 2).flip(-1).flatten(-2)
+    else:
+        swapped = torch.roll(xr, r // 2, -1)
+    if swapped.dtype is sn.dtype:
+        swapped.mul_(sn)
         if inplace:
-            torch._foreach_mul_(rot, [cf.narrow(-1, 0, r) if partial else cf] * len(xs))
-            torch._foreach_add_(rot, swapped)
-            return tuple(xs)
-    else:  # half precision: products and sums in the compute dtype, rounded once
-        swapped = torch._foreach_mul(swapped, sns)
-    outs = torch._foreach_mul(list(xs), [cf] * len(xs))
-    torch._foreach_add_([o.narrow(-1, 0, r) for o in outs] if partial else outs, swapped)
-    outs = [o if o.dtype is x.dtype else o.to(x.dtype) for o, x in zip(outs, xs, strict=True)]
-    if inplace:
-        return tuple(x.copy_(o) for x, o in zip(xs, outs, strict=True))
-    return tuple(outs)
+            xr.mul_(cf if xr is x else cf.narrow(-1, 0, r))
+            xr.add_(swapped)
+            return x
+    else:  # half precision: products and sums in float32, rounded once
+        swapped = torch.mul(swapped, sn)
+    out = torch.mul(x, cf)
+    (out if xr is x else out.narrow(-1, 0, r)).add_(swapped)
+    if out.dtype is not x.dtype:
+        out = out.to(x.dtype)
+    return x.copy_(out) if inplace else out
 
 
 class _TorchRotary(torch.autograd.Function):
