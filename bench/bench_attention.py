@@ -132,6 +132,37 @@ def _sdpa(sdp_backend: SDPBackend, causal: bool) -> AttnFn:
     return fn
 
 
+def _plain_sdpa(causal: bool) -> AttnFn:
+    """Plain PyTorch, the baseline of ``fastlm-torch``: SDPA with its own kernel choice on the
+    (B, H, S, D) views a model passes it."""
+
+    def fn(q, k, v):
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal
+        )
+        return out.transpose(1, 2)
+
+    return fn
+
+
+def _plain_softcap(causal: bool, softcap: float) -> AttnFn:
+    """Plain PyTorch soft-capped attention, the eager expression of Gemma 2 models: the
+    scaled scores capped, the causal mask added, softmax in fp32, then the values."""
+
+    def fn(q, k, v):
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+        scores = torch.tanh(scores / softcap) * softcap
+        if causal:
+            seqlen = q.shape[-2]
+            hidden = torch.ones(seqlen, seqlen, dtype=torch.bool, device=q.device).triu(1)
+            scores = scores.masked_fill(hidden, float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return (probs @ v).transpose(1, 2)
+
+    return fn
+
+
 def _causal(b, h, q_idx, kv_idx):
     return q_idx >= kv_idx
 
@@ -174,10 +205,12 @@ def providers(
         # The interpreter is far too slow to time; Triton runs only on GPUs here.
         found = {
             "fastlm-torch": Provider(_fastlm(causal), "torch"),
+            "torch": Provider(_plain_sdpa(causal)),
             "sdpa-math": Provider(_sdpa(SDPBackend.MATH, causal), probe=True),
         }
         if not quick:
             found[f"fastlm-torch softcap={SOFTCAP:g}"] = Provider(_fastlm(causal, SOFTCAP), "torch")
+            found[f"torch softcap={SOFTCAP:g}"] = Provider(_plain_softcap(causal, SOFTCAP))
         return found
     found = {
         "fastlm-triton": Provider(_fastlm(causal), "triton"),

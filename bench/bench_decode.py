@@ -15,10 +15,13 @@ the figure of merit, and paged against contiguous at equal GB/s is the indirecti
 Soft-capped rows (``softcap=30``) use the same bytes: the tanh is elementwise work.
 
 CPU rows time the torch backend (what CPU ``generate`` runs) at a small GPT-2 decode shape
-beside two plain PyTorch steps over the same keys: ``torch cat+sdpa`` concatenates the new
-token to the past keys and values and runs SDPA with the padding mask (Hugging Face's
-DynamicCache), ``torch static+sdpa`` writes it into a preallocated cache with ``index_copy_``
-and runs SDPA over the whole cache with a mask of the filled positions (its StaticCache).
+beside plain PyTorch steps over the same keys: ``torch`` writes the new token into the same
+(B, S, Hkv, D) cache and runs SDPA over the valid prefix (the step fastlm's call replaces;
+``torch softcap=30`` caps the scores by the eager expression instead), ``torch cat+sdpa``
+concatenates the new token to the past keys and values and runs SDPA with the padding mask
+(Hugging Face's DynamicCache), ``torch static+sdpa`` writes it into a preallocated cache
+with ``index_copy_`` and runs SDPA over the whole cache with a mask of the filled positions
+(its StaticCache).
 """
 
 from __future__ import annotations
@@ -149,6 +152,23 @@ def _plain_steps(q, k_cache, v_cache, k_new, v_new, length) -> dict[str, Callabl
     slot = torch.tensor([length], device=q.device)
     gqa = q.shape[2] != k_cache.shape[2]
 
+    def plain_sdpa():  # fastlm's own layout: write the token, attend over the valid prefix
+        k_cache[:, length : length + 1] = k_new
+        v_cache[:, length : length + 1] = v_new
+        k, v = (c[:, : length + 1].transpose(1, 2) for c in (k_cache, v_cache))
+        return F.scaled_dot_product_attention(q_, k, v, enable_gqa=gqa).transpose(1, 2)
+
+    def plain_softcap():  # the same step, scores capped by the eager expression (Gemma 2's)
+        k_cache[:, length : length + 1] = k_new
+        v_cache[:, length : length + 1] = v_new
+        k, v = (c[:, : length + 1].transpose(1, 2) for c in (k_cache, v_cache))
+        if gqa:
+            k, v = (t.repeat_interleave(q.shape[2] // k.shape[1], dim=1) for t in (k, v))
+        scores = q_ @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+        scores = torch.tanh(scores / SOFTCAP) * SOFTCAP
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return (probs @ v).transpose(1, 2)
+
     def cat_sdpa():
         k, v = torch.cat((past_k, k_), 2), torch.cat((past_v, v_), 2)
         return F.scaled_dot_product_attention(q_, k, v, attn_mask=padding, enable_gqa=gqa)
@@ -160,4 +180,9 @@ def _plain_steps(q, k_cache, v_cache, k_new, v_new, length) -> dict[str, Callabl
             q_, static_k, static_v, attn_mask=filled, enable_gqa=gqa
         )
 
-    return {"torch cat+sdpa": cat_sdpa, "torch static+sdpa": static_sdpa}
+    return {
+        "torch": plain_sdpa,
+        f"torch softcap={SOFTCAP:g}": plain_softcap,
+        "torch cat+sdpa": cat_sdpa,
+        "torch static+sdpa": static_sdpa,
+    }

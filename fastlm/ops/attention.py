@@ -422,19 +422,7 @@ def scaled_dot_product_attention(
 
 def _check_qkv(q: Tensor, k: Tensor, v: Tensor, packed: bool, paged: bool = False) -> None:
     dims = 3 if packed else 4
-    if (
-        not paged
-        and isinstance(q, Tensor)
-        and isinstance(k, Tensor)
-        and isinstance(v, Tensor)
-        and q.dim() == dims
-        and k.dim() == dims
-        and v.dim() == dims
-        and q.is_floating_point()
-        and k.dtype is q.dtype
-        and v.dtype is q.dtype
-        and ((q.is_cpu and k.is_cpu and v.is_cpu) or q.device == k.device == v.device)
-    ):
+    if not paged and _qkv_plain(q, k, v, dims):
         # The common call, answered from the flags; the loop below names what is wrong.
         qs, ks = q.shape, k.shape
         head_dim = qs[-1]
@@ -474,6 +462,23 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor, packed: bool, paged: bool = Fals
     _check_heads(q.shape[-2], k.shape[-2])
     if not packed and k.shape[0] != q.shape[0]:
         raise ValueError(f"k has batch {k.shape[0]} but q has {q.shape[0]}")
+
+
+def _qkv_plain(q, k, v, dims: int) -> bool:
+    """Whether q, k and v pass :func:`_check_qkv`'s per-tensor checks (tensors of ``dims``
+    dims, of q's floating-point dtype and device), read from their flags."""
+    return (
+        isinstance(q, Tensor)
+        and isinstance(k, Tensor)
+        and isinstance(v, Tensor)
+        and q.dim() == dims
+        and k.dim() == dims
+        and v.dim() == dims
+        and q.is_floating_point()
+        and k.dtype is q.dtype
+        and v.dtype is q.dtype
+        and ((q.is_cpu and k.is_cpu and v.is_cpu) or q.device == k.device == v.device)
+    )
 
 
 def _check_head_dim(head_dim: int, k_dim: int, v_dim: int) -> None:
@@ -688,7 +693,11 @@ def _check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enabl
                 "enable_gqa=True for grouped-query attention"
             )
         for name, t in (("key", key), ("value", value)):
-            if tuple(torch.broadcast_shapes(t.shape[:-3], query.shape[:-3])) != query.shape[:-3]:
+            try:
+                batch = tuple(torch.broadcast_shapes(t.shape[:-3], query.shape[:-3]))
+            except RuntimeError:  # no common shape at all
+                batch = None
+            if batch != query.shape[:-3]:
                 raise ValueError(
                     f"{name}'s batch dims {tuple(t.shape[:-3])} do not broadcast "
                     f"to query's {tuple(query.shape[:-3])}"
@@ -1421,13 +1430,22 @@ def _nan_rows_as_reference(out: Tensor, q: Tensor, seqlen_k: int, seen: Tensor |
 
 
 def _may_hold_nan(x: Tensor) -> bool:
-    """False when ``x`` surely holds no NaN. On CPU tensors one sum answers (a NaN makes it
-    NaN; so may inf - inf, a false alarm the exact check then clears) for a fraction of what
-    finding the NaN rows costs; elsewhere (a device sync, a graph break) the exact check
-    runs."""
+    """False when ``x`` surely holds no NaN. On CPU tensors one reduction answers for a
+    fraction of what finding the NaN rows costs: a NaN makes the max NaN, and the sum (so
+    may inf - inf, a false alarm the exact check then clears); max is the cheaper call on
+    small tensors, sum the faster pass over large ones. Elsewhere (a device sync, a graph
+    break) the exact check runs."""
     if not x.is_cpu or torch.compiler.is_compiling():
         return True
-    return math.isnan((x.detach() if x.requires_grad else x).sum().item())
+    if x.requires_grad:
+        x = x.detach()
+    n = x.numel()
+    if n <= _MAX_PROBE:
+        return n > 0 and math.isnan(x.max().item())
+    return math.isnan(x.sum().item())
+
+
+_MAX_PROBE = 1 << 14
 
 
 def _sdpa_takes_wider_mask(device: torch.device) -> bool:

@@ -14,6 +14,7 @@ from torch import Tensor
 from fastlm import backend
 from fastlm.ops._common import HALF_DTYPES, EagerOp, supports
 from fastlm.ops.attention import (
+    MAX_HEAD_DIM,
     _check_alibi,
     _check_head_dim,
     _check_heads,
@@ -92,6 +93,23 @@ def attention_with_kvcache(
     Returns out (B, Sq, H, D) (and fp32 lse (B, H, Sq)); a row with no key gives zeros
     (and lse -inf).
     """
+    if (
+        k_new is not None
+        and window is NO_WINDOW
+        and return_lse is False
+        and type(softcap) is float
+        and softcap == 0.0
+        and num_splits is None
+        and rotary_cos is None
+        and rotary_sin is None
+        and cache_batch_idx is None
+        and cache_leftpad is None
+        and block_table is None
+        and alibi_slopes is None
+    ):
+        out = _plain_step(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, softmax_scale)
+        if out is not None:
+            return out
     scale, key_range = _check_kvcache(
         q,
         k_cache,
@@ -171,6 +189,33 @@ def attention_with_kvcache(
             name,
         )
     return (out, lse) if return_lse else out
+
+
+def _plain_step(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, softmax_scale):
+    """A generation step's usual call on the torch backend, in one function: CPU tensors,
+    rows of one length, new tokens appended, no option. It runs :func:`_decode_step`'s
+    checks and then :func:`_torch_decode`'s no-mask case (the same calls, so the same
+    bits), without the layers between them, which cost as much again as the checks on a
+    small step. Returns None, having changed nothing, for any other call."""
+    checked = _decode_step(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale)
+    if checked is None or backend.forced_backend() not in (None, "torch"):
+        return None
+    scale, (fewest, most) = checked
+    seqlen_q, n_new = q.shape[1], k_new.shape[1]
+    if fewest != most or fewest < seqlen_q or (causal and seqlen_q > 1):
+        return None  # a mask is needed: the general path
+    k_cache.narrow(1, most - n_new, n_new).copy_(k_new)
+    v_cache.narrow(1, most - n_new, n_new).copy_(v_new)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k_cache.narrow(1, 0, most).transpose(1, 2),
+        v_cache.narrow(1, 0, most).transpose(1, 2),
+        scale=scale,
+        enable_gqa=q.shape[2] != k_cache.shape[2],
+    ).transpose(1, 2)
+    if _may_hold_nan(q):  # every row sees a key: a NaN query row gives NaN
+        out.masked_fill_(q.isnan().any(-1, keepdim=True), math.nan)
+    return out
 
 
 def _rotate(q, k_new, cos, sin, interleaved, cache_seqlens, windowed):
@@ -451,6 +496,20 @@ def _check_kvcache(
     """The contract of :func:`attention_with_kvcache`; returns the softmax scale and bounds
     (fewest, most) on the rows' key counts ``L_b``: their minimum and maximum when the
     lengths can be read, else (0, the cache's capacity)."""
+    if (
+        k_new is not None
+        and block_table is None
+        and cache_batch_idx is None
+        and cache_leftpad is None
+        and rotary_cos is None
+        and rotary_sin is None
+        and alibi_slopes is None
+        and num_splits is None
+    ):
+        step = _decode_step(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale)
+        if step is not None:
+            _check_softcap(softcap)
+            return step
     for name, t in (
         ()
         if _plain_tensors(q, k_cache, v_cache, k_new, v_new)
@@ -620,6 +679,70 @@ def _check_rows(name, t, q) -> None:
         raise ValueError(f"{name} must have shape (batch,) = ({batch},), got {tuple(t.shape)}")
     if not (t.is_cpu and q.is_cpu) and t.device != q.device:
         raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+
+
+def _decode_step(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale):
+    """The contract's answer for a decode step's usual call (CPU tensors, an append, lengths
+    only), read from the tensors' flags and shapes with as few calls as the checks allow:
+    ``(scale, key_range)`` when every check passes, None when one may fail (the full check
+    then runs, and names the error)."""
+    if not (
+        isinstance(q, Tensor)
+        and isinstance(k_cache, Tensor)
+        and isinstance(v_cache, Tensor)
+        and isinstance(k_new, Tensor)
+        and isinstance(v_new, Tensor)
+        and isinstance(cache_seqlens, Tensor)
+        and q.is_cpu
+        and k_cache.is_cpu
+        and v_cache.is_cpu
+        and k_new.is_cpu
+        and v_new.is_cpu
+        and cache_seqlens.is_cpu
+        and cache_seqlens.dtype is torch.int32
+    ):
+        return None
+    dtype = q.dtype
+    if not (
+        dtype.is_floating_point
+        and k_cache.dtype is dtype
+        and v_cache.dtype is dtype
+        and k_new.dtype is dtype
+        and v_new.dtype is dtype
+    ):
+        return None
+    qs, cs, ns = q.shape, k_cache.shape, k_new.shape
+    if len(qs) != 4 or len(cs) != 4 or len(ns) != 4 or v_cache.shape != cs or v_new.shape != ns:
+        return None
+    batch, seqlen_q, heads, head_dim = qs
+    cache_batch, capacity, kv_heads, cache_dim = cs
+    if not (
+        batch > 0
+        and seqlen_q > 0
+        and cache_batch == batch
+        and cache_dim == head_dim
+        and 1 <= head_dim <= MAX_HEAD_DIM
+        and kv_heads > 0
+        and heads % kv_heads == 0
+        and ns[0] == batch
+        and ns[2] == kv_heads
+        and ns[3] == head_dim
+        and cache_seqlens.shape == (batch,)
+    ):
+        return None
+    if softmax_scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+    elif type(softmax_scale) is float and math.isfinite(softmax_scale):
+        scale = softmax_scale
+    else:
+        return None
+    if torch.compiler.is_compiling():
+        return None
+    lengths = cache_seqlens.tolist()
+    low, high, n_new = min(lengths), max(lengths), ns[1]
+    if low < 0 or high + n_new > capacity:
+        return None
+    return scale, (low + n_new, high + n_new)
 
 
 def _plain_tensors(q, k_cache, v_cache, k_new, v_new) -> bool:

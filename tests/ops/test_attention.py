@@ -706,3 +706,191 @@ def test_torch_dropout_pattern_across_row_chunks(monkeypatch):
         again = ops.flash_attention(q, k, v, dropout_p=0.4, seed=5, softcap=3.0)
     assert torch.equal(again, out)
     _check_s_dmask(out, grads, s_dmask, q, k, v, do, 0.4, 3.0)
+
+
+# --- issue 21: the fast paths answer as the full checks, and cost nothing in results ---------
+
+
+def _t(*shape, dtype=torch.float32):
+    return torch.randn(shape, dtype=dtype)
+
+
+# Calls that the fast paths see first: valid ones (their results must be bit-equal) and bad
+# ones (the same error, word for word), each building fresh inputs.
+_FLASH_CALLS = {
+    "plain": lambda: ops.flash_attention(_t(2, 5, 4, 8), _t(2, 7, 2, 8), _t(2, 7, 2, 8)),
+    "causal": lambda: ops.flash_attention(_t(1, 6, 2, 8), _t(1, 6, 2, 8), _t(1, 6, 2, 8), True),
+    "k dtype": lambda: ops.flash_attention(_t(1, 3, 2, 8), _t(1, 3, 2, 8).double(), _t(1, 3, 2, 8)),
+    "k dims": lambda: ops.flash_attention(_t(1, 3, 2, 8), _t(3, 2, 8), _t(3, 2, 8)),
+    "head_dim": lambda: ops.flash_attention(_t(1, 3, 2, 8), _t(1, 3, 2, 4), _t(1, 3, 2, 4)),
+    "v shape": lambda: ops.flash_attention(_t(1, 3, 2, 8), _t(1, 3, 2, 8), _t(1, 4, 2, 8)),
+    "heads": lambda: ops.flash_attention(_t(1, 3, 3, 8), _t(1, 3, 2, 8), _t(1, 3, 2, 8)),
+    "batch": lambda: ops.flash_attention(_t(2, 3, 2, 8), _t(1, 3, 2, 8), _t(1, 3, 2, 8)),
+    "empty head_dim": lambda: ops.flash_attention(_t(1, 3, 2, 0), _t(1, 3, 2, 0), _t(1, 3, 2, 0)),
+    "long head_dim": lambda: ops.flash_attention(*(_t(1, 2, 1, 264) for _ in "qkv")),
+    "int q": lambda: ops.flash_attention(*(torch.ones(1, 2, 1, 8, dtype=torch.int32),) * 3),
+    "list q": lambda: ops.flash_attention([1.0], _t(1, 2, 1, 8), _t(1, 2, 1, 8)),
+    "float window": lambda: ops.flash_attention(
+        *(_t(1, 2, 1, 8) for _ in "qkv"), window=(-1.0, -1)
+    ),
+    "list window": lambda: ops.flash_attention(*(_t(1, 4, 1, 8) for _ in "qkv"), window=[1, 0]),
+    "bool window": lambda: ops.flash_attention(*(_t(1, 2, 1, 8) for _ in "qkv"), window=(True, 0)),
+    "softcap int": lambda: ops.flash_attention(*(_t(1, 2, 1, 8) for _ in "qkv"), softcap=0),
+    "softcap inf": lambda: ops.flash_attention(*(_t(1, 2, 1, 8) for _ in "qkv"), softcap=math.inf),
+    "softcap < 0": lambda: ops.flash_attention(*(_t(1, 2, 1, 8) for _ in "qkv"), softcap=-1.0),
+    "dropout 1": lambda: ops.flash_attention(*(_t(1, 2, 1, 8) for _ in "qkv"), dropout_p=1.0),
+    "dropout int": lambda: ops.flash_attention(*(_t(1, 2, 1, 8) for _ in "qkv"), dropout_p=0),
+    "flag": lambda: ops.flash_attention(*(_t(1, 2, 1, 8) for _ in "qkv"), deterministic=1),
+}
+_SDPA_CALLS = {
+    "plain": lambda: ops.scaled_dot_product_attention(
+        _t(2, 4, 5, 8), _t(2, 4, 7, 8), _t(2, 4, 7, 8)
+    ),
+    "3-D": lambda: ops.scaled_dot_product_attention(_t(4, 5, 8), _t(4, 7, 8), _t(4, 7, 8)),
+    "one kv head": lambda: ops.scaled_dot_product_attention(_t(2, 4, 5, 8), *(_t(2, 1, 7, 8),) * 2),
+    "gqa": lambda: ops.scaled_dot_product_attention(
+        _t(2, 4, 5, 8), _t(2, 2, 7, 8), _t(2, 2, 7, 8), enable_gqa=True
+    ),
+    "gqa off": lambda: ops.scaled_dot_product_attention(_t(2, 4, 5, 8), *(_t(2, 2, 7, 8),) * 2),
+    "gqa 3 of 4": lambda: ops.scaled_dot_product_attention(
+        _t(2, 4, 5, 8), _t(2, 3, 7, 8), _t(2, 3, 7, 8), enable_gqa=True
+    ),
+    "kv batch 1": lambda: ops.scaled_dot_product_attention(_t(2, 4, 5, 8), *(_t(1, 4, 7, 8),) * 2),
+    "kv batch 3": lambda: ops.scaled_dot_product_attention(_t(2, 4, 5, 8), *(_t(3, 4, 7, 8),) * 2),
+    "v seqlen": lambda: ops.scaled_dot_product_attention(
+        _t(2, 4, 5, 8), _t(2, 4, 7, 8), _t(2, 4, 6, 8)
+    ),
+    "v heads": lambda: ops.scaled_dot_product_attention(
+        _t(2, 4, 5, 8), _t(2, 4, 7, 8), _t(2, 2, 7, 8)
+    ),
+    "2-D": lambda: ops.scaled_dot_product_attention(_t(5, 8), _t(7, 8), _t(7, 8)),
+    "dtype": lambda: ops.scaled_dot_product_attention(_t(2, 5, 8), _t(2, 7, 8).half(), _t(2, 7, 8)),
+    "head_dim": lambda: ops.scaled_dot_product_attention(_t(2, 5, 0), _t(2, 7, 0), _t(2, 7, 0)),
+    "k head_dim": lambda: ops.scaled_dot_product_attention(_t(2, 5, 8), _t(2, 7, 4), _t(2, 7, 8)),
+    "dropout int": lambda: ops.scaled_dot_product_attention(*(_t(2, 3, 8),) * 3, dropout_p=0),
+    "dropout bad": lambda: ops.scaled_dot_product_attention(*(_t(2, 3, 8),) * 3, dropout_p=1.5),
+}
+
+
+def _outcome(call):
+    torch.manual_seed(0)
+    try:
+        return call()
+    except (TypeError, ValueError) as error:
+        return type(error), str(error)
+
+
+def _full_checks_only(monkeypatch):
+    from fastlm.ops import attention_kvcache
+
+    monkeypatch.setattr(attention_ops, "_qkv_plain", lambda *args: False)
+    monkeypatch.setattr(attention_ops, "_sdpa_plain", lambda *args: False)
+    monkeypatch.setattr(attention_kvcache, "_decode_step", lambda *args: None)
+
+
+@pytest.mark.parametrize(
+    "call", [*_FLASH_CALLS.values(), *_SDPA_CALLS.values()], ids=[*_FLASH_CALLS, *_SDPA_CALLS]
+)
+def test_fast_checks_answer_as_the_full_checks(monkeypatch, call):
+    fast = _outcome(call)
+    _full_checks_only(monkeypatch)
+    full = _outcome(call)
+    if isinstance(full, torch.Tensor):
+        assert isinstance(fast, torch.Tensor) and torch.equal(fast, full), (fast, full)
+    else:
+        assert fast == full
+
+
+def test_the_checked_calls_cover_both_answers():
+    """The table above holds calls the contract takes and calls it refuses (else the
+    agreement test could pass on errors alone)."""
+    outcomes = [_outcome(c) for c in (*_FLASH_CALLS.values(), *_SDPA_CALLS.values())]
+    accepted = sum(isinstance(o, torch.Tensor) for o in outcomes)
+    assert 8 <= accepted <= len(outcomes) - 12, accepted
+    # ... and the fast checks serve the usual calls.
+    q = _t(2, 5, 4, 8)
+    assert attention_ops._qkv_plain(q, _t(2, 7, 2, 8), _t(2, 7, 2, 8), 4)
+    assert attention_ops._sdpa_plain(q, q, q, None, 0.0, False, None, False)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_path_is_plain_sdpa_bit_for_bit(causal, dtype):
+    """The torch path of flash_attention (Sq == Sk) and the drop-in SDPA are PyTorch's own
+    SDPA call on the layout a user transposes to: the same bits, with and without grad."""
+    q, k, v = (torch.randn(2, 19, 4, 16, dtype=dtype, requires_grad=True) for _ in "qkv")
+    do = torch.randn(2, 19, 4, 16, dtype=dtype)
+    ours = ops.flash_attention(q, k, v, causal=causal)
+    plain = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal
+    ).transpose(1, 2)
+    assert torch.equal(ours, plain)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(
+            torch.autograd.grad(ours, (q, k, v), do),
+            torch.autograd.grad(plain, (q, k, v), do),
+            strict=True,
+        )
+    )
+    qt, kt, vt = (t.detach().transpose(1, 2) for t in (q, k, v))
+    got = ops.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+    assert torch.equal(got, F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal))
+
+
+@pytest.mark.parametrize("numel", [37, 3 * (1 << 14)])  # the max probe and the sum probe
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_nan_probe_never_misses_a_nan(numel, dtype):
+    x = torch.randn(numel, dtype=dtype)
+    assert not attention_ops._may_hold_nan(x)
+    at = torch.randint(numel, (3,)).tolist()
+    x[at[0]] = math.inf  # inf alone is no NaN; a probe may flag inf - inf, never miss NaN
+    x[at[1]] = 6e4 if dtype == torch.float16 else 3e38  # sums past the largest finite value
+    assert attention_ops._may_hold_nan(x) == x.isnan().any().item() or x.isinf().sum() > 1
+    x[at[2]] = math.nan
+    assert attention_ops._may_hold_nan(x)
+    assert attention_ops._may_hold_nan(x.requires_grad_() if dtype == torch.float32 else x)
+    assert not attention_ops._may_hold_nan(torch.empty(0, dtype=dtype))
+
+
+def test_small_masks_are_kept_per_shape_and_never_shared_wrongly():
+    """The cached visibility masks answer as freshly built ones for each shape, window and
+    causal flag (and a bottom-right causal Sq < Sk call gives the reference's rows)."""
+    from fastlm.ops.masks import visible
+
+    for sq, sk, causal, window in [(3, 5, True, (None, None)), (5, 3, True, (1, None))]:
+        for _ in range(2):
+            got = attention_ops._visible(sq, sk, causal, window, torch.device("cpu"))
+            assert torch.equal(got, visible(sq, sk, causal, window))
+    q, k, v = _qkv(b=1, sq=3, sk=6, h=2, hkv=1, d=8, dtype=torch.float32, grad=False)
+    out = ops.flash_attention(q, k, v, causal=True)
+    ref, _ = ops.attention_ref(q.double(), k.double(), v.double(), causal=True)
+    assert_policy(out, ref, ops.attention_ref(q, k, v, causal=True)[0])
+
+
+def test_eager_op_and_compiled_custom_op_agree_with_gradients(monkeypatch):
+    """Forced Triton (the interpreter): plain eager runs the kernels through EagerOp's direct
+    path (no dispatcher), torch.compile through the custom ops; same outputs and gradients,
+    bit for bit (one kernel, one backward)."""
+    q, k, v = _qkv(b=1, sq=5, sk=7, h=2, hkv=1, d=16, dtype=torch.float16)
+    do = torch.randn(1, 5, 2, 16, dtype=torch.float16)
+
+    def forward(q, k, v):
+        return ops.flash_attention(q, k, v, causal=True)
+
+    def run(fn):
+        out = fn(q, k, v)
+        return (out, *torch.autograd.grad(out, (q, k, v), do))
+
+    dispatched = []
+    real = attention_ops.attention_fwd.op
+    monkeypatch.setattr(
+        attention_ops.attention_fwd, "op", lambda *a: dispatched.append(1) or real(*a)
+    )
+    with fastlm.use_backend("triton"):
+        eager = run(forward)
+        assert dispatched == []  # plain eager: not through the dispatcher
+        monkeypatch.undo()
+        compiled = run(torch.compile(forward, fullgraph=True, backend="aot_eager"))
+    for a, b in zip(eager, compiled, strict=True):
+        assert torch.equal(a, b)

@@ -387,3 +387,129 @@ def test_contract_refuses(be, kw, error, match):
     half = [None if t is None else t.half() for t in (q, kc, vc, kn, vn)]
     with fastlm.use_backend(be), pytest.raises(error, match=match):
         ops.attention_with_kvcache(*half[:3], lengths, *half[3:], **kw)
+
+
+# --- issue 21: the decode step's fast check, and the op's two entrances ---------------------
+
+
+def _step_args(b=2, s_max=9, h=4, hkv=2, d=8, lengths=(3, 5), new=1, dtype=torch.float32):
+    q = torch.randn(b, 1, h, d, dtype=dtype)
+    caches = [torch.randn(b, s_max, hkv, d, dtype=dtype) for _ in "kv"]
+    news = [torch.randn(b, new, hkv, d, dtype=dtype) for _ in "kv"]
+    return q, *caches, torch.tensor(lengths, dtype=torch.int32), *news
+
+
+def _with(i, value):
+    """The step's arguments with argument i replaced (``value`` maps the old one)."""
+
+    def make():
+        args = list(_step_args())
+        args[i] = value(args[i])
+        return args
+
+    return make
+
+
+_STEP_CALLS = {
+    "plain": _step_args,
+    "gqa 4 of 1": lambda: _step_args(hkv=1),
+    "full cache": lambda: _step_args(lengths=(8, 2)),
+    "no room": lambda: _step_args(lengths=(9, 2)),
+    "negative length": lambda: _step_args(lengths=(-1, 2)),
+    "int64 lengths": _with(3, lambda t: t.long()),
+    "lengths shape": _with(3, lambda t: t[:1]),
+    "k_new heads": _with(4, lambda t: t.repeat(1, 1, 2, 1)),
+    "v_new shape": _with(5, lambda t: t[:, :, :, :4]),
+    "v_new dtype": _with(5, lambda t: t.double()),
+    "k_cache dtype": _with(1, lambda t: t.half()),
+    "v_cache shape": _with(2, lambda t: t[:, :8]),
+    "cache batch": _with(1, lambda t: t[:1]),
+    "q dims": _with(0, lambda t: t[0]),
+    "empty q": _with(0, lambda t: t[:, :0]),
+    "int q": _with(0, lambda t: t.int()),
+    "list lengths": _with(3, lambda t: t.tolist()),
+    "head_dim": lambda: _step_args(d=0),
+}
+_STEP_OPTIONS = {
+    "defaults": {},
+    "causal, scale": dict(causal=True, softmax_scale=0.3),
+    "int scale": dict(softmax_scale=1),
+    "nan scale": dict(softmax_scale=math.nan),
+    "softcap": dict(softcap=2.0),
+    "bad softcap": dict(softcap=-1.0),
+}
+
+
+def _step_outcome(make, options):
+    torch.manual_seed(0)
+    args = make()
+    try:
+        out = ops.attention_with_kvcache(*args, **options)
+    except (TypeError, ValueError) as error:
+        return type(error), str(error)
+    return out, args[1], args[2]  # the caches, appended in place
+
+
+@pytest.mark.parametrize("options", _STEP_OPTIONS.values(), ids=_STEP_OPTIONS)
+@pytest.mark.parametrize("make", _STEP_CALLS.values(), ids=_STEP_CALLS)
+def test_decode_step_fast_check_answers_as_the_full_check(monkeypatch, make, options):
+    from fastlm.ops import attention_kvcache
+
+    fast = _step_outcome(make, options)
+    monkeypatch.setattr(attention_kvcache, "_decode_step", lambda *args: None)
+    full = _step_outcome(make, options)
+    if isinstance(full[0], torch.Tensor):
+        assert all(torch.equal(a, b) for a, b in zip(fast, full, strict=True))
+    else:
+        assert fast == full
+
+
+def test_decode_step_calls_cover_both_answers():
+    outcomes = [_step_outcome(make, {}) for make in _STEP_CALLS.values()]
+    accepted = sum(isinstance(o[0], torch.Tensor) for o in outcomes)
+    assert 3 <= accepted <= len(outcomes) - 10, accepted
+    from fastlm.ops.attention_kvcache import _decode_step
+
+    assert _decode_step(*_step_args(), None) is not None  # the fast check serves the usual call
+
+
+def test_torch_decode_step_is_the_plain_step_bit_for_bit():
+    """Contiguous caches, one new token per row at a shared length: the torch backend's step
+    is the plain one (write the token, SDPA over the valid prefix), bit for bit."""
+    q, k_cache, v_cache, lengths, k_new, v_new = _step_args(lengths=(5, 5), hkv=4)
+    plain_k, plain_v = k_cache.clone(), v_cache.clone()
+    out = ops.attention_with_kvcache(q, k_cache, v_cache, lengths, k_new, v_new, causal=True)
+    plain_k[:, 5:6], plain_v[:, 5:6] = k_new, v_new
+    plain = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), plain_k[:, :6].transpose(1, 2), plain_v[:, :6].transpose(1, 2)
+    ).transpose(1, 2)
+    assert torch.equal(out, plain)
+    assert torch.equal(k_cache, plain_k) and torch.equal(v_cache, plain_v)
+
+
+def test_kernel_step_eager_and_compiled_agree(monkeypatch):
+    """Forced Triton (the interpreter): eager calls the decode kernel directly (no
+    dispatcher), torch.compile through the custom op that declares the cache writes; the
+    same output and the same caches, bit for bit."""
+    from fastlm.ops import attention_kvcache
+
+    q, k_cache, v_cache, lengths, k_new, v_new = _step_args(dtype=torch.float16)
+    caches = [k_cache.clone(), v_cache.clone()]
+
+    def step(q, k_cache, v_cache, k_new, v_new):
+        return ops.attention_with_kvcache(q, k_cache, v_cache, lengths, k_new, v_new, causal=True)
+
+    dispatched = []
+    real = attention_kvcache.attention_kvcache_op.op
+    monkeypatch.setattr(
+        attention_kvcache.attention_kvcache_op, "op", lambda *a: dispatched.append(1) or real(*a)
+    )
+    with fastlm.use_backend("triton"):
+        eager = step(q, k_cache, v_cache, k_new, v_new)
+        assert dispatched == []
+        monkeypatch.undo()
+        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(
+            q, *caches, k_new, v_new
+        )
+    assert torch.equal(eager, compiled)
+    assert torch.equal(caches[0], k_cache) and torch.equal(caches[1], v_cache)
