@@ -27,6 +27,7 @@ def composed(monkeypatch):
         return original(*args)
 
     monkeypatch.setattr(norm_ops, "_COMPOSED_MIN_NUMEL", 0)
+    monkeypatch.setattr(norm_ops, "_FUNCTION_MIN_NUMEL", 0)
     monkeypatch.setattr(norm_ops, "_rms_norm_composed", spy)
     return seen
 
@@ -91,18 +92,23 @@ def test_composed_forward_with_out_dtype_and_mixed_residual(composed, dtype, out
     assert composed, "the composed path did not run"
 
 
-def test_default_threshold_picks_the_composed_path_for_large_inputs(monkeypatch):
+def test_default_sizes_pick_the_paths(monkeypatch):
     seen = []
     original = norm_ops._rms_norm_composed
     monkeypatch.setattr(norm_ops, "_rms_norm_composed", lambda *a: seen.append(1) or original(*a))
     n = 257
-    rows = norm_ops._COMPOSED_MIN_NUMEL // n + 1
-    x, w = torch.randn(rows, n), torch.randn(n)
-    assert_equal(ops.rms_norm(x, n, w), F.rms_norm(x, (n,), w), "y")
-    assert seen == [1]
-    small = torch.randn(3, n)
-    assert_equal(ops.rms_norm(small, n, w), F.rms_norm(small, (n,), w), "y")
-    assert seen == [1], "a small input should take the native op"
+    w = torch.randn(n, requires_grad=True)
+    for rows, grad, composed in [
+        (norm_ops._COMPOSED_MIN_NUMEL // n + 1, False, True),
+        (norm_ops._FUNCTION_MIN_NUMEL // n + 1, True, True),  # autograd wins from here
+        (norm_ops._FUNCTION_MIN_NUMEL // n + 1, False, False),
+        (3, True, False),
+    ]:
+        seen.clear()
+        x = torch.randn(rows, n)
+        with torch.set_grad_enabled(grad):
+            assert_equal(ops.rms_norm(x, n, w), F.rms_norm(x, (n,), w), "y")
+        assert seen == ([1] if composed else []), (rows, grad)
 
 
 def test_strided_input_takes_the_native_op(composed):
