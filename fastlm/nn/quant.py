@@ -118,17 +118,20 @@ class QuantLinear(nn.Module):
     @property
     def quantized_weight(self) -> QuantizedWeight:
         """The stored weight (views of this layer's buffers)."""
+        # Read from the buffer table: nn.Module's attribute lookup costs a few hundred ns a
+        # name (more for an absent one), on every forward.
+        buffers = self._buffers
         return QuantizedWeight(
             self.scheme,
             self.bits,
             (self.out_features, self.in_features),
             self.group_size,
             self.symmetric,
-            self.qweight,
-            self.scales,
-            getattr(self, "zeros", None),
-            getattr(self, "scales2", None),
-            getattr(self, "scales_mean", None),
+            buffers["qweight"],
+            buffers["scales"],
+            buffers.get("zeros"),
+            buffers.get("scales2"),
+            buffers.get("scales_mean"),
         )
 
     def forward(self, x: Tensor) -> Tensor:

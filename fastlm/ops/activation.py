@@ -12,7 +12,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastlm import backend
-from fastlm.ops._common import FLOAT32_AND_HALF_DTYPES, absent, as_rows, dtype_error, supports
+from fastlm.ops._common import (
+    FLOAT32_AND_HALF_DTYPES,
+    EagerOp,
+    absent,
+    as_rows,
+    dtype_error,
+    supports,
+)
 from fastlm.ops.autocast import autocast_policy
 from fastlm.ops.contract import check_int, check_real, describe
 
@@ -24,6 +31,31 @@ _TORCH_ACT = {
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "silu": F.silu,
 }
+# The torch backend's activations: the C bindings F.* wraps (the same kernels), out of place,
+# and in place for a fresh temporary autograd does not record (one allocation fewer; the
+# in-place kernels give the same bits).
+_ACT = {
+    "identity": lambda x: x,
+    "relu": torch.relu,
+    "gelu": torch._C._nn.gelu,
+    "gelu_tanh": lambda x: torch._C._nn.gelu(x, approximate="tanh"),
+    "silu": torch._C._nn.silu,
+}
+_ACT_INPLACE = {
+    "identity": lambda x: x,
+    "relu": torch.relu_,
+    "gelu": torch._C._nn.gelu_,
+    "gelu_tanh": lambda x: torch._C._nn.gelu_(x, approximate="tanh"),
+    "silu": torch._C._nn.silu_,
+}
+
+
+def act_on_temporary(y: Tensor, activation: str) -> Tensor:
+    """``act(y)`` for a ``y`` no one else holds (a fresh GEMM output or sum): in place unless
+    autograd records it (an in-place activation would overwrite what its backward reads)."""
+    if y.requires_grad:
+        return _ACT[activation](y)
+    return _ACT_INPLACE[activation](y)
 
 
 def bias_act_ref(x: Tensor, bias: Tensor | None = None, activation: str = "gelu") -> Tensor:
@@ -49,21 +81,25 @@ def bias_act(
         raise TypeError(f"x must be a floating-point tensor, got {describe(x)}")
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension (features last)")
-    check_activation(activation)
+    if activation not in _ACT:
+        check_activation(activation)
     if bias is not None:
         if not isinstance(bias, Tensor) or not bias.is_floating_point():
             raise TypeError(f"bias must be a floating-point tensor, got {describe(bias)}")
-        if tuple(bias.shape) != (x.shape[-1],):
+        if bias.shape != (x.shape[-1],):
             raise ValueError(f"bias must have shape ({x.shape[-1]},), got {tuple(bias.shape)}")
-        if bias.device != x.device:
+        if not (bias.is_cpu and x.is_cpu) and bias.device != x.device:
             raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
     seed = check_dropout(dropout_p, seed)
-    name = backend.select("bias_act", x.device, _support(x, bias))
+    name = backend.select("bias_act", x, lambda: _support(x, bias))
     if name == "torch":
-        # A wider bias promotes the sum: computed at that precision, returned in x's dtype.
-        y = bias_act_ref(x, bias, activation).to(x.dtype)
-        return seeded_dropout(y, dropout_p, seed)
-    return torch.ops.fastlm.bias_act(x, bias, activation, float(dropout_p), seed)
+        # x is the caller's: never in place. A wider bias promotes the sum: computed at that
+        # precision, returned in x's dtype.
+        y = _ACT[activation](x) if bias is None else act_on_temporary(x + bias, activation)
+        if y.dtype is not x.dtype:
+            y = y.to(x.dtype)
+        return seeded_dropout(y, dropout_p, seed) if dropout_p else y
+    return bias_act_op(x, bias, activation, float(dropout_p), seed)
 
 
 def check_activation(activation: str) -> None:
@@ -75,6 +111,8 @@ def check_activation(activation: str) -> None:
 def check_dropout(dropout_p: float, seed: int | None) -> int:
     """Validate ``dropout_p`` and return the seed to use (drawn from torch's generator when
     None and dropout is on, so ``torch.manual_seed`` makes runs repeatable)."""
+    if seed is None and (type(dropout_p) is float or type(dropout_p) is int) and dropout_p == 0:
+        return 0  # no dropout, the common case: nothing to check further
     if not 0.0 <= check_real("dropout_p", dropout_p) < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if seed is not None:
@@ -103,8 +141,7 @@ def _support(x, bias):
     return supports(triton_error)
 
 
-@torch.library.custom_op("fastlm::bias_act", mutates_args=())
-def _bias_act_op(
+def _bias_act(
     x: Tensor, bias: Tensor | None, activation: str, dropout_p: float, seed: int
 ) -> Tensor:
     from fastlm.kernels.activation import bias_act_fwd
@@ -113,13 +150,15 @@ def _bias_act_op(
     return bias_act_fwd(as_rows(x), bias_, activation, dropout_p, seed).view(x.shape)
 
 
+_bias_act_op = torch.library.custom_op("fastlm::bias_act", _bias_act, mutates_args=())
+
+
 @_bias_act_op.register_fake
 def _(x, bias, activation, dropout_p, seed):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("fastlm::bias_act_bwd", mutates_args=())
-def _bias_act_bwd_op(
+def _bias_act_bwd(
     grad: Tensor,
     x: Tensor,
     bias: Tensor | None,
@@ -152,6 +191,10 @@ def _bias_act_bwd_op(
     )
 
 
+_bias_act_bwd_op = torch.library.custom_op("fastlm::bias_act_bwd", _bias_act_bwd, mutates_args=())
+bias_act_bwd = EagerOp(_bias_act_bwd_op, _bias_act_bwd)
+
+
 @_bias_act_bwd_op.register_fake
 def _(grad, x, bias, activation, dropout_p, seed, recompute, dbias):
     n = x.shape[-1] if dbias or bias is not None else 0
@@ -159,8 +202,7 @@ def _(grad, x, bias, activation, dropout_p, seed, recompute, dbias):
     return torch.empty_like(x), x.new_empty(n, dtype=torch.float32), y
 
 
-@torch.library.custom_op("fastlm::gated_act_bwd", mutates_args=())
-def _gated_act_bwd_op(
+def _gated_act_bwd(
     grad: Tensor,
     gate: Tensor,
     up: Tensor,
@@ -192,6 +234,12 @@ def _gated_act_bwd_op(
     return (dg, du, fp32_or_absent(dbg), fp32_or_absent(dbu), absent(gate) if y is None else y)
 
 
+_gated_act_bwd_op = torch.library.custom_op(
+    "fastlm::gated_act_bwd", _gated_act_bwd, mutates_args=()
+)
+gated_act_bwd = EagerOp(_gated_act_bwd_op, _gated_act_bwd)
+
+
 @_gated_act_bwd_op.register_fake
 def _(grad, gate, up, bias_gate, bias_up, activation, recompute, dbias):
     n = gate.shape[-1] if dbias or bias_gate is not None else 0
@@ -208,9 +256,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     x, bias = ctx.saved_tensors
-    dx, db, _ = torch.ops.fastlm.bias_act_bwd(grad, x, bias, *ctx.options, False, False)
+    dx, db, _ = bias_act_bwd(grad, x, bias, *ctx.options, False, False)
     return dx, None if bias is None else db.to(bias.dtype), None, None, None
 
 
-torch.library.register_autograd("fastlm::bias_act", _backward, setup_context=_setup_context)
+# The Triton backend's entrance (the custom op under torch.compile, subclasses and modes).
+bias_act_op = EagerOp(_bias_act_op, _bias_act, _setup_context, _backward)
 backend.register_op("bias_act", ("triton", "torch"))

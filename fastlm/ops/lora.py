@@ -23,7 +23,7 @@ from fastlm.ops.activation import check_dropout, seeded_dropout
 from fastlm.ops.autocast import autocast_policy
 from fastlm.ops.contract import check_real, describe
 from fastlm.ops.quant import linear
-from fastlm.ops.quant_formats import NF4_CODE, QuantizedWeight, dequantize_weight
+from fastlm.ops.quant_formats import QuantizedWeight, dequantize_weight, nf4_code
 
 
 def _dense(weight: Tensor | QuantizedWeight, dtype: torch.dtype) -> Tensor:
@@ -62,18 +62,21 @@ def lora_linear(
     """
     scale = _check(x, weight, bias, lora_a, lora_b, scale)
     seed = check_dropout(dropout_p, seed)
-
-    def triton_error():
-        if x.dtype not in HALF_DTYPES:
-            return f"the fused kernel takes fp16/bf16, got {x.dtype}"
-        return None
-
-    name = backend.select("lora_linear", x.device, supports(triton_error))
-    if name == "torch":
-        dropped = seeded_dropout(x, dropout_p, seed)
+    if backend.select("lora_linear", x, lambda: supports(lambda: _triton_error(x))) == "torch":
+        dropped = seeded_dropout(x, dropout_p, seed) if dropout_p else x
         base = linear(x, _dense(weight, x.dtype), bias)
-        return base + scale * F.linear(F.linear(dropped, lora_a), lora_b)
+        update = torch._C._nn.linear(torch._C._nn.linear(dropped, lora_a), lora_b)
+        # base + scale * update, in place on the two fresh GEMM outputs: the same operations
+        # (the same bits) without two more (M, N) tensors. Autograd allows it: a GEMM's
+        # backward reads its inputs, never its output, and a sum's nothing.
+        return base.add_(update.mul_(scale))
     return _LoRALinear.apply(x, weight, bias, lora_a, lora_b, scale, float(dropout_p), seed)
+
+
+def _triton_error(x: Tensor) -> str | None:
+    if x.dtype not in HALF_DTYPES:
+        return f"the fused kernel takes fp16/bf16, got {x.dtype}"
+    return None
 
 
 def _check(x, weight, bias, lora_a, lora_b, scale) -> float:
@@ -83,8 +86,9 @@ def _check(x, weight, bias, lora_a, lora_b, scale) -> float:
         raise TypeError(f"x must be a floating-point tensor, got {describe(x)}")
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension (features last)")
+    x_cpu, dtype = x.is_cpu, x.dtype
     if isinstance(weight, QuantizedWeight):
-        if weight.qweight.device != x.device:
+        if not (x_cpu and weight.qweight.is_cpu) and weight.qweight.device != x.device:
             raise ValueError(f"weight is on {weight.qweight.device} but x is on {x.device}")
     elif not isinstance(weight, Tensor) or weight.dim() != 2:
         raise TypeError(f"weight must be a 2-D tensor or a QuantizedWeight, got {describe(weight)}")
@@ -94,9 +98,9 @@ def _check(x, weight, bias, lora_a, lora_b, scale) -> float:
     for name, t in (("weight", weight), ("bias", bias), ("lora_a", lora_a), ("lora_b", lora_b)):
         if t is None or isinstance(t, QuantizedWeight):
             continue
-        if name != "bias" and (not isinstance(t, Tensor) or t.dtype != x.dtype):
+        if name != "bias" and (not isinstance(t, Tensor) or t.dtype is not dtype):
             raise TypeError(f"{name} must be a tensor of x's dtype {x.dtype}, got {describe(t)}")
-        if t.device != x.device:
+        if not (x_cpu and t.is_cpu) and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
     n, k = weight.shape
     if lora_a.dim() != 2 or lora_b.dim() != 2:
@@ -111,7 +115,7 @@ def _check(x, weight, bias, lora_a, lora_b, scale) -> float:
         )
     if lora_a.shape[0] != lora_b.shape[1]:
         raise ValueError(f"lora_a has rank {lora_a.shape[0]}, lora_b {lora_b.shape[1]}")
-    if bias is not None and tuple(bias.shape) != (n,):
+    if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
     return check_real("scale", scale)
 
@@ -125,7 +129,7 @@ class _LoRALinear(torch.autograd.Function):
         if isinstance(weight, QuantizedWeight):
             from fastlm.kernels.quant import quant_matmul_fwd
 
-            code = torch.tensor(NF4_CODE, device=x.device) if weight.scheme == "nf4" else None
+            code = nf4_code(x.device) if weight.scheme == "nf4" else None
             y = quant_matmul_fwd(
                 x2,
                 weight.qweight,

@@ -18,23 +18,28 @@ Triton is forced (the interpreter).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from fastlm import backend
-from fastlm.ops._common import HALF_DTYPES, absent, as_rows, supports
+from fastlm.ops._common import HALF_DTYPES, EagerOp, absent, as_rows, supports
 from fastlm.ops.activation import (
+    ACTIVATIONS,
+    act_on_temporary,
+    bias_act_bwd,
+    bias_act_op,
     bias_act_ref,
     check_activation,
     check_dropout,
+    gated_act_bwd,
     seeded_dropout,
 )
 from fastlm.ops.autocast import autocast_policy
 from fastlm.ops.contract import describe
 
+_ACTIVATION_SET = frozenset(ACTIVATIONS)
 # Philox streams of the two dropouts in fused_mlp: hidden (seed) and output (seed + 1).
 _OUTPUT_DROPOUT_STREAM = 1
 
@@ -77,13 +82,11 @@ def linear_act(
     """
     _check(x, activation, weight=weight, bias=bias)
     seed = check_dropout(dropout_p, seed)
-    return _dispatch(
-        "linear_act",
-        x,
-        (weight, bias),
-        (activation, float(dropout_p), seed),
-        lambda: seeded_dropout(linear_act_ref(x, weight, bias, activation), dropout_p, seed),
-    )
+    if backend.select("linear_act", x, lambda: _gemm_support(x)) == "torch":
+        y = act_on_temporary(torch._C._nn.linear(x, weight, bias), activation)
+        return seeded_dropout(y, dropout_p, seed) if dropout_p else y
+    save = _saves(x, weight, bias)
+    return linear_act_op(x, weight, bias, activation, float(dropout_p), seed, save)[0]
 
 
 @autocast_policy(lower_precision=True)
@@ -101,13 +104,11 @@ def gated_linear(
     x: (..., K); w_gate, w_up: (N, K); biases (N,), both or neither; result (..., N).
     """
     _check(x, activation, w_gate=w_gate, w_up=w_up, bias_gate=bias_gate, bias_up=bias_up)
-    return _dispatch(
-        "gated_linear",
-        x,
-        (w_gate, w_up, bias_gate, bias_up),
-        (activation,),
-        lambda: gated_linear_ref(x, w_gate, w_up, activation, bias_gate, bias_up),
-    )
+    _check_pair("bias_gate", bias_gate, "bias_up", bias_up)
+    if backend.select("gated_linear", x, lambda: _gemm_support(x)) == "torch":
+        return _torch_gated(x, w_gate, w_up, activation, bias_gate, bias_up)
+    save = _saves(x, w_gate, w_up, bias_gate, bias_up)
+    return gated_linear_op(x, w_gate, w_up, bias_gate, bias_up, activation, save)[0]
 
 
 @autocast_policy(lower_precision=True)
@@ -129,20 +130,19 @@ def fused_mlp(
     _check(x, activation, fc1_weight=fc1_weight, fc1_bias=fc1_bias)
     _check_chain(fc1_weight, fc2_weight, fc2_bias, "fc1_weight", "fc2")
     seed = check_dropout(dropout_p, seed)
-
-    def torch_backend():
-        h = seeded_dropout(linear_act_ref(x, fc1_weight, fc1_bias, activation), dropout_p, seed)
+    if backend.select("fused_mlp", x, lambda: _gemm_support(x)) == "torch":
+        h = act_on_temporary(torch._C._nn.linear(x, fc1_weight, fc1_bias), activation)
+        if not dropout_p:
+            return torch._C._nn.linear(h, fc2_weight, fc2_bias)
+        h = seeded_dropout(h, dropout_p, seed)
         return seeded_dropout(
-            F.linear(h, fc2_weight, fc2_bias), dropout_p, seed + _OUTPUT_DROPOUT_STREAM
+            torch._C._nn.linear(h, fc2_weight, fc2_bias),
+            dropout_p,
+            seed + _OUTPUT_DROPOUT_STREAM,
         )
-
-    return _dispatch(
-        "fused_mlp",
-        x,
-        (fc1_weight, fc1_bias, fc2_weight, fc2_bias),
-        (activation, float(dropout_p), seed),
-        torch_backend,
-    )
+    save = _saves(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    params = (fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    return fused_mlp_op(x, *params, activation, float(dropout_p), seed, save)[0]
 
 
 @autocast_policy(lower_precision=True)
@@ -169,19 +169,24 @@ def gated_mlp(
         gate_bias=gate_bias,
         up_bias=up_bias,
     )
+    _check_pair("gate_bias", gate_bias, "up_bias", up_bias)
     _check_chain(gate_weight, down_weight, down_bias, "gate_weight", "down")
+    if backend.select("gated_mlp", x, lambda: _gemm_support(x)) == "torch":
+        h = _torch_gated(x, gate_weight, up_weight, activation, gate_bias, up_bias)
+        return torch._C._nn.linear(h, down_weight, down_bias)
+    params = (gate_weight, up_weight, down_weight, gate_bias, up_bias, down_bias)
+    return gated_mlp_op(x, *params, activation, _saves(x, *params))[0]
 
-    def torch_backend():
-        h = gated_linear_ref(x, gate_weight, up_weight, activation, gate_bias, up_bias)
-        return F.linear(h, down_weight, down_bias)
 
-    return _dispatch(
-        "gated_mlp",
-        x,
-        (gate_weight, up_weight, down_weight, gate_bias, up_bias, down_bias),
-        (activation,),
-        torch_backend,
-    )
+def _torch_gated(x, w_gate, w_up, activation, bias_gate, bias_up):
+    """The torch backend of the gated product: :func:`gated_linear_ref`'s ops in its order,
+    the activation and the product in place on the fresh GEMM outputs when autograd does not
+    record them."""
+    gate = act_on_temporary(torch._C._nn.linear(x, w_gate, bias_gate), activation)
+    up = torch._C._nn.linear(x, w_up, bias_up)
+    if gate.requires_grad or up.requires_grad:
+        return gate * up
+    return gate.mul_(up)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,32 +200,42 @@ def _check(x: Tensor, activation: str, **params: Tensor | None) -> None:
         raise TypeError(f"x must be a floating-point tensor, got {describe(x)}")
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension (features last)")
-    check_activation(activation)
+    if type(activation) is not str or activation not in _ACTIVATION_SET:
+        check_activation(activation)
+    # Read once: each attribute read of a tensor costs a C call.
+    x_cpu, dtype, k = x.is_cpu, x.dtype, x.shape[-1]
     out_features = None
     for name, t in params.items():
         if t is None:
             continue
-        if not isinstance(t, Tensor) or not t.is_floating_point():
+        if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a floating-point tensor, got {describe(t)}")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-        if t.dtype != x.dtype:
+        # x's dtype is a float one: the same dtype needs no further type check.
+        if t.dtype is not dtype:
+            if not t.is_floating_point():
+                raise TypeError(f"{name} must be a floating-point tensor, got {describe(t)}")
+            if t.device != x.device:  # the device is checked first, as for matching dtypes
+                raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
             raise TypeError(f"{name} dtype {t.dtype} differs from x's {x.dtype}")
+        if not (x_cpu and t.is_cpu) and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+        shape = t.shape
         if "bias" in name:
-            if tuple(t.shape) != (out_features,):
-                raise ValueError(f"{name} must have shape ({out_features},), got {tuple(t.shape)}")
+            if shape != (out_features,):
+                raise ValueError(f"{name} must have shape ({out_features},), got {tuple(shape)}")
             continue
-        if t.dim() != 2 or t.shape[1] != x.shape[-1]:
+        if len(shape) != 2 or shape[1] != k:
             raise ValueError(
-                f"{name} must be (out_features, {x.shape[-1]}) for x with "
-                f"{x.shape[-1]} features, got {tuple(t.shape)}"
+                f"{name} must be (out_features, {k}) for x with {k} features, got {tuple(shape)}"
             )
-        if out_features is not None and t.shape[0] != out_features:
-            raise ValueError(f"{name} has {t.shape[0]} rows, the other weight {out_features}")
-        out_features = t.shape[0]
-    biases = [n for n in params if "bias" in n]
-    if len(biases) == 2 and (params[biases[0]] is None) != (params[biases[1]] is None):
-        raise ValueError(f"{biases[0]} and {biases[1]} must be given together or not at all")
+        if out_features is not None and shape[0] != out_features:
+            raise ValueError(f"{name} has {shape[0]} rows, the other weight {out_features}")
+        out_features = shape[0]
+
+
+def _check_pair(name: str, t: Tensor | None, other_name: str, other: Tensor | None) -> None:
+    if (t is None) != (other is None):
+        raise ValueError(f"{name} and {other_name} must be given together or not at all")
 
 
 def _check_chain(
@@ -228,46 +243,47 @@ def _check_chain(
 ) -> None:
     """The second layer of an MLP: its weight reads the first's outputs."""
     hidden = first.shape[0]
+    first_cpu = first.is_cpu
     for name, t in ((f"{layer}_weight", weight), (f"{layer}_bias", bias)):
         if t is None:
             continue
         if not isinstance(t, Tensor) or not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {describe(t)}")
-        if t.dtype != first.dtype:
+        if t.dtype is not first.dtype:
             raise TypeError(f"{name} dtype {t.dtype} differs from {first_name}'s {first.dtype}")
-        if t.device != first.device:
+        if not (first_cpu and t.is_cpu) and t.device != first.device:
             raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")
     if weight.dim() != 2 or weight.shape[1] != hidden:
         raise ValueError(
             f"{layer}_weight must be (out_features, {hidden}) to follow "
             f"{first_name}, got {tuple(weight.shape)}"
         )
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+    if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(
             f"{layer}_bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}"
         )
 
 
-def _dispatch(
-    op: str,
-    x: Tensor,
-    params: tuple[Tensor | None, ...],
-    options: tuple,
-    torch_backend: Callable[[], Tensor],
-) -> Tensor:
-    """Checked arguments to the backend chosen for ``op``: ``torch_backend()``, or the
-    custom op ``fastlm::<op>(x, *params, *options, save)``, which keeps the pre-activations
-    for the backward (``save``) only when a gradient will be asked for."""
+def _triton_gemm_error(x: Tensor) -> str | None:
+    if x.dtype not in HALF_DTYPES:
+        return f"the Triton GEMM takes fp16/bf16 inputs, got {x.dtype}"
+    return None
 
-    def triton_error():
-        if x.dtype not in HALF_DTYPES:
-            return f"the Triton GEMM takes fp16/bf16 inputs, got {x.dtype}"
-        return None
 
-    if backend.select(op, x.device, supports(triton_error)) == "torch":
-        return torch_backend()
-    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params))
-    return getattr(torch.ops.fastlm, op)(x, *params, *options, save)[0]
+def _gemm_support(x: Tensor):
+    """The ``supports`` of :func:`fastlm.backend.select` for the GEMM ops (built only when a
+    choice needs it: unforced CPU calls are answered before)."""
+    return supports(lambda: _triton_gemm_error(x))
+
+
+def _saves(*tensors: Tensor | None) -> bool:
+    """Whether a custom op keeps its pre-activations for the backward (``save``): only when
+    a gradient will be asked for."""
+    if torch.is_grad_enabled():
+        for t in tensors:  # a loop torch.compile traces (it cannot trace _any_requires_grad)
+            if t is not None and t.requires_grad:
+                return True
+    return False
 
 
 def _opt(t: Tensor | None) -> Tensor | None:
@@ -297,8 +313,7 @@ def _fake_outputs(x: Tensor, out_features: int, hidden: int, save: bool, n_saved
 # empty recomputes them, so an op traced without ``save`` is still differentiable.
 
 
-@torch.library.custom_op("fastlm::linear_act", mutates_args=())
-def _linear_act_op(
+def _linear_act(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None,
@@ -313,6 +328,9 @@ def _linear_act_op(
         as_rows(x), weight.contiguous(), _opt(bias), activation, dropout_p, seed, save
     )
     return _outputs(x, y, pre)
+
+
+_linear_act_op = torch.library.custom_op("fastlm::linear_act", _linear_act, mutates_args=())
 
 
 @_linear_act_op.register_fake
@@ -335,13 +353,10 @@ def _linear_act_backward(ctx, grad, _grad_pre):
     return dx, dpre.T @ x2, _cast(db, bias), None, None, None, None
 
 
-torch.library.register_autograd(
-    "fastlm::linear_act", _linear_act_backward, setup_context=_linear_act_setup
-)
+linear_act_op = EagerOp(_linear_act_op, _linear_act, _linear_act_setup, _linear_act_backward)
 
 
-@torch.library.custom_op("fastlm::gated_linear", mutates_args=())
-def _gated_linear_op(
+def _gated_linear(
     x: Tensor,
     w_gate: Tensor,
     w_up: Tensor,
@@ -364,6 +379,9 @@ def _gated_linear_op(
     return _outputs(x, y, gate, up)
 
 
+_gated_linear_op = torch.library.custom_op("fastlm::gated_linear", _gated_linear, mutates_args=())
+
+
 @_gated_linear_op.register_fake
 def _(x, w_gate, w_up, bias_gate, bias_up, activation, save):
     return _fake_outputs(x, w_gate.shape[0], w_gate.shape[0], save, 2)
@@ -379,20 +397,19 @@ def _gated_linear_backward(ctx, grad, _grad_gate, _grad_up):
     x, w_gate, w_up, bias_gate, bias_up, gate, up = ctx.saved_tensors
     x2 = as_rows(x)
     gate, up = _gated_pre(x2, w_gate, w_up, bias_gate, bias_up, gate, up)
-    dgate, dup, dbg, dbu, _ = torch.ops.fastlm.gated_act_bwd(
+    dgate, dup, dbg, dbu, _ = gated_act_bwd(
         as_rows(grad), gate, up, None, None, ctx.activation, False, bias_gate is not None
     )
     dx = torch.addmm(dgate @ w_gate, dup, w_up).view(x.shape)
     return (dx, dgate.T @ x2, dup.T @ x2, _cast(dbg, bias_gate), _cast(dbu, bias_up), None, None)
 
 
-torch.library.register_autograd(
-    "fastlm::gated_linear", _gated_linear_backward, setup_context=_gated_linear_setup
+gated_linear_op = EagerOp(
+    _gated_linear_op, _gated_linear, _gated_linear_setup, _gated_linear_backward
 )
 
 
-@torch.library.custom_op("fastlm::fused_mlp", mutates_args=())
-def _fused_mlp_op(
+def _fused_mlp(
     x: Tensor,
     fc1_weight: Tensor,
     fc1_bias: Tensor | None,
@@ -419,6 +436,9 @@ def _fused_mlp_op(
     return _outputs(x, y, pre)
 
 
+_fused_mlp_op = torch.library.custom_op("fastlm::fused_mlp", _fused_mlp, mutates_args=())
+
+
 @_fused_mlp_op.register_fake
 def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, dropout_p, seed, save):
     return _fake_outputs(x, fc2_weight.shape[0], fc1_weight.shape[0], save, 1)
@@ -436,9 +456,7 @@ def _fused_mlp_backward(ctx, grad, _grad_pre):
     activation, dropout_p, seed = ctx.options
     x2, dy = as_rows(x), as_rows(grad)
     if dropout_p > 0:  # the output dropout's backward is the same mask applied to dy
-        dy = torch.ops.fastlm.bias_act(
-            dy, None, "identity", dropout_p, seed + _OUTPUT_DROPOUT_STREAM
-        )
+        dy = bias_act_op(dy, None, "identity", dropout_p, seed + _OUTPUT_DROPOUT_STREAM)
     pre = pre if pre.numel() or not x2.numel() else F.linear(x2, fc1_weight, fc1_bias)
     dpre, db1, h = _bias_act_grad(dy @ fc2_weight, pre, fc1_bias, *ctx.options, recompute=True)
     db2 = _bias_grad(dy, ctx.fc2_bias_dtype)
@@ -446,13 +464,10 @@ def _fused_mlp_backward(ctx, grad, _grad_pre):
     return (dx, dpre.T @ x2, _cast(db1, fc1_bias), dy.T @ h, db2, None, None, None, None)
 
 
-torch.library.register_autograd(
-    "fastlm::fused_mlp", _fused_mlp_backward, setup_context=_fused_mlp_setup
-)
+fused_mlp_op = EagerOp(_fused_mlp_op, _fused_mlp, _fused_mlp_setup, _fused_mlp_backward)
 
 
-@torch.library.custom_op("fastlm::gated_mlp", mutates_args=())
-def _gated_mlp_op(
+def _gated_mlp(
     x: Tensor,
     gate_weight: Tensor,
     up_weight: Tensor,
@@ -478,6 +493,9 @@ def _gated_mlp_op(
     return _outputs(x, y, gate, up)
 
 
+_gated_mlp_op = torch.library.custom_op("fastlm::gated_mlp", _gated_mlp, mutates_args=())
+
+
 @_gated_mlp_op.register_fake
 def _(x, gate_weight, up_weight, down_weight, gate_bias, up_bias, down_bias, activation, save):
     return _fake_outputs(x, down_weight.shape[0], gate_weight.shape[0], save, 2)
@@ -496,7 +514,7 @@ def _gated_mlp_backward(ctx, grad, _grad_gate, _grad_up):
     x, gate_weight, up_weight, down_weight, gate_bias, up_bias, gate, up = ctx.saved_tensors
     x2, dy = as_rows(x), as_rows(grad)
     gate, up = _gated_pre(x2, gate_weight, up_weight, gate_bias, up_bias, gate, up)
-    dgate, dup, dbg, dbu, h = torch.ops.fastlm.gated_act_bwd(
+    dgate, dup, dbg, dbu, h = gated_act_bwd(
         dy @ down_weight, gate, up, None, None, ctx.activation, True, gate_bias is not None
     )
     db_down = _bias_grad(dy, ctx.down_bias_dtype)
@@ -514,9 +532,7 @@ def _gated_mlp_backward(ctx, grad, _grad_gate, _grad_up):
     )
 
 
-torch.library.register_autograd(
-    "fastlm::gated_mlp", _gated_mlp_backward, setup_context=_gated_mlp_setup
-)
+gated_mlp_op = EagerOp(_gated_mlp_op, _gated_mlp, _gated_mlp_setup, _gated_mlp_backward)
 
 
 def _bias_act_grad(dy, pre, bias, activation, dropout_p, seed, recompute):
@@ -525,7 +541,7 @@ def _bias_act_grad(dy, pre, bias, activation, dropout_p, seed, recompute):
     if activation == "identity" and dropout_p == 0 and not recompute:
         db = dy.sum(0, dtype=torch.float32) if bias is not None else None
         return dy, db, None
-    dpre, db, y = torch.ops.fastlm.bias_act_bwd(
+    dpre, db, y = bias_act_bwd(
         dy, pre, None, activation, dropout_p, seed, recompute, bias is not None
     )
     return dpre, db, y

@@ -16,14 +16,13 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from fastlm import backend
-from fastlm.ops._common import HALF_DTYPES, as_rows, supports
+from fastlm.ops._common import HALF_DTYPES, EagerOp, as_rows, supports
 from fastlm.ops.autocast import autocast_policy
 from fastlm.ops.contract import describe
-from fastlm.ops.quant_formats import NF4_CODE, QuantizedWeight, dequantize_weight
+from fastlm.ops.quant_formats import QuantizedWeight, dequantize_weight, nf4_code
 
 GEMV_MAX_M = 8  # rows the CUDA C++ GEMV serves
 
@@ -37,9 +36,9 @@ def quant_matmul_ref(x: Tensor, qw: QuantizedWeight, bias: Tensor | None = None)
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """``F.linear`` in x's dtype, with a bias of any float dtype: a quantized layer keeps its
     bias in the dtype it was trained in (``QuantLinear``), which ``F.linear`` refuses."""
-    if bias is None or bias.dtype == x.dtype:
-        return F.linear(x, weight, bias)
-    return (F.linear(x, weight) + bias).to(x.dtype)
+    if bias is None or bias.dtype is x.dtype:
+        return torch._C._nn.linear(x, weight, bias)
+    return (torch._C._nn.linear(x, weight) + bias).to(x.dtype)
 
 
 def quantize_rows_ref(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -56,18 +55,21 @@ def _check(x: Tensor, qw: QuantizedWeight, bias: Tensor | None) -> None:
     n, k = qw.shape
     if x.dim() < 1 or x.shape[-1] != k:
         raise ValueError(f"x must be (..., {k}), got shape {tuple(x.shape)}")
-    if qw.qweight.device != x.device:
+    x_cpu = x.is_cpu
+    if not (x_cpu and qw.qweight.is_cpu) and qw.qweight.device != x.device:
         raise ValueError(f"qw is on {qw.qweight.device} but x is on {x.device}")
     if bias is not None:
         if not isinstance(bias, Tensor) or not bias.is_floating_point():
             raise TypeError(f"bias must be a floating-point tensor, got {describe(bias)}")
-        if tuple(bias.shape) != (n,) or bias.device != x.device:
+        if bias.shape != (n,) or not (x_cpu and bias.is_cpu) and bias.device != x.device:
             raise ValueError(
                 f"bias must be ({n},) on {x.device}, got {tuple(bias.shape)} on {bias.device}"
             )
 
 
-def _support(x: Tensor, qw: QuantizedWeight, rows: int):
+def _support(x: Tensor, qw: QuantizedWeight):
+    rows = math.prod(x.shape[:-1])
+
     def triton_error():
         if x.dtype not in HALF_DTYPES:
             return f"the Triton kernels take fp16/bf16 activations, got {x.dtype}"
@@ -93,12 +95,11 @@ def quant_matmul(x: Tensor, qw: QuantizedWeight, bias: Tensor | None = None) -> 
     float dtype, or None. Returns (..., N) in x's dtype, accumulated in fp32.
     """
     _check(x, qw, bias)
-    rows = math.prod(x.shape[:-1])
-    name = backend.select("quant_matmul", x.device, _support(x, qw, rows))
+    name = backend.select("quant_matmul", x, lambda: _support(x, qw))
     if name == "torch":
-        return quant_matmul_ref(x, qw, bias)
+        return linear(x, dequantize_weight(qw, x.dtype), bias)
     n, _ = qw.shape
-    return torch.ops.fastlm.quant_matmul(
+    return quant_matmul_op(
         x,
         qw.qweight,
         qw.scales,
@@ -123,7 +124,7 @@ def w8a8_matmul(x: Tensor, qw: QuantizedWeight, bias: Tensor | None = None) -> T
     _check(x, qw, bias)
     if qw.bits != 8:
         raise ValueError(f"w8a8_matmul needs an 8-bit weight, got bits={qw.bits}")
-    name = backend.select("w8a8_matmul", x.device, supports(triton=lambda: None))
+    name = backend.select("w8a8_matmul", x, lambda: supports(triton=_served))
     x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
     n = qw.shape[0]
     if name == "torch":
@@ -148,8 +149,11 @@ def _weight(qweight, scales, zeros, scales2, scales_mean, scheme, bits, group, s
     )
 
 
-@torch.library.custom_op("fastlm::quant_matmul", mutates_args=())
-def _quant_matmul_op(
+def _served() -> None:
+    return None
+
+
+def _quant_matmul(
     x: Tensor,
     qweight: Tensor,
     scales: Tensor,
@@ -175,11 +179,7 @@ def _quant_matmul_op(
     else:
         from fastlm.kernels.quant import quant_matmul_fwd
 
-        code = (
-            torch.tensor(NF4_CODE, dtype=torch.float32, device=x.device)
-            if scheme == "nf4"
-            else None
-        )
+        code = nf4_code(x.device) if scheme == "nf4" else None
         y = quant_matmul_fwd(
             x2,
             qweight,
@@ -195,6 +195,9 @@ def _quant_matmul_op(
             n,
         )
     return y.view(*x.shape[:-1], n)
+
+
+_quant_matmul_op = torch.library.custom_op("fastlm::quant_matmul", _quant_matmul, mutates_args=())
 
 
 @_quant_matmul_op.register_fake
@@ -232,7 +235,9 @@ def _backward(ctx, grad):
     return dx, None, None, None, None, None, db, None, None, None, None, None, None
 
 
-torch.library.register_autograd("fastlm::quant_matmul", _backward, setup_context=_setup)
+# The Triton and CUDA backends' entrance (the custom op under torch.compile, subclasses and
+# modes).
+quant_matmul_op = EagerOp(_quant_matmul_op, _quant_matmul, _setup, _backward)
 
 backend.register_op("quant_matmul", ("cuda", "triton", "torch"))
 backend.register_op("w8a8_matmul", ("triton", "torch"))

@@ -215,15 +215,44 @@ def dequantize_weight(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -
     """The (N, K) weight a :class:`QuantizedWeight` stands for, in ``dtype`` (computed in
     fp32, or fp64 for fp64)."""
     n, k = qw.shape
-    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    compute = torch.float64 if dtype is torch.float64 else torch.float32
+    # The arithmetic runs in place on the fresh (N, K) float tensor the codes convert to: the
+    # same operations in the same order as out of place (the same bits), without a new
+    # weight-sized allocation per step. Metadata that autograd follows keeps it out of place.
+    inplace = not (torch.is_grad_enabled() and qw.scales.requires_grad)
     if qw.bits == 8:
-        return (qw.qweight.to(compute) * qw.scales.to(compute)[:, None]).to(dtype)
-    q = unpack_int4(qw.qweight).view(n, k // qw.group_size, qw.group_size)
+        w = qw.qweight.to(compute)
+        scales = qw.scales.to(compute)[:, None]
+        w = w.mul_(scales) if inplace else w * scales
+        return w if dtype is compute else w.to(dtype)
     scales = qw.block_scales().to(compute)[..., None]
+    q = unpack_int4(qw.qweight).view(n, k // qw.group_size, qw.group_size)
     if qw.scheme == "nf4":
-        code = torch.tensor(NF4_CODE, dtype=compute, device=q.device)
-        w = code[q.long()] * scales
+        code = _code(compute, q.device)
+        # A gather by int32 indices: a fresh tensor, as code[q.long()] gives, at half the
+        # index bytes.
+        w = code.index_select(0, q.view(-1).int()).view(q.shape)
+        w = w.mul_(scales) if inplace else w * scales
     else:
         zeros = 8 if qw.zeros is None else qw.zeros.to(compute)[..., None]
-        w = (q.to(compute) - zeros) * scales
-    return w.view(n, k).to(dtype)
+        w = q.to(compute)
+        w = w.sub_(zeros).mul_(scales) if inplace else (w - zeros) * scales
+    w = w.view(n, k)
+    return w if dtype is compute else w.to(dtype)
+
+
+# The NF4 code as a tensor, per dtype and device (building it from the tuple is a host
+# copy each time).
+_CODES: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+
+def _code(dtype: torch.dtype, device: torch.device) -> Tensor:
+    code = _CODES.get((dtype, device))
+    if code is None:
+        code = _CODES[(dtype, device)] = torch.tensor(NF4_CODE, dtype=dtype, device=device)
+    return code
+
+
+def nf4_code(device: torch.device) -> Tensor:
+    """:data:`NF4_CODE` as a float32 tensor on ``device`` (built once per device)."""
+    return _code(torch.float32, device)
