@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastlm.ops.rotary import apply_rotary
+from fastlm.ops.rotary import apply_rotary, value_range
 
 
 class RotaryEmbedding(torch.nn.Module):
@@ -91,10 +91,12 @@ class RotaryEmbedding(torch.nn.Module):
         buffers = self._buffers
         if isinstance(q, Tensor) and q.dim() == 4:
             seqlen = q.shape[1]
-            if position_ids is not None:
-                needed = int(position_ids.max()) + 1 if position_ids.numel() else 0
+            if type(offset) is int and position_ids is None:  # the common case first
+                needed = offset + seqlen
+            elif position_ids is not None:
+                needed = int(value_range(position_ids)[1]) + 1 if position_ids.numel() else 0
             elif isinstance(offset, Tensor):
-                needed = int(offset.max()) + seqlen if offset.numel() else 0
+                needed = int(value_range(offset)[1]) + seqlen if offset.numel() else 0
             else:
                 needed = int(offset) + seqlen
             if needed > buffers["cos_cached"].shape[0]:

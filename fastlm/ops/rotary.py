@@ -172,7 +172,7 @@ def _validate(q, k, cos, sin, position_ids, offset) -> tuple[Tensor | None, int]
         _check_tensor("position_ids", position_ids, _INT_DTYPES, "an int32/int64 tensor")
         if isinstance(offset, Tensor) or offset != 0:
             raise ValueError("offset must be 0 when position_ids is given")
-        if position_ids.device != q.device:
+        if not (position_ids.is_cpu and q.is_cpu) and position_ids.device != q.device:
             raise ValueError(f"position_ids is on {position_ids.device} but q is on {q.device}")
         try:
             positions = position_ids.expand(bsz, seqlen) if position_ids.dim() <= 2 else None
@@ -183,7 +183,7 @@ def _validate(q, k, cos, sin, position_ids, offset) -> tuple[Tensor | None, int]
                 f"position_ids must broadcast to (B, S) = {(bsz, seqlen)}, got shape "
                 f"{tuple(position_ids.shape)}"
             )
-        _check_range("position_ids", positions, 0, max_pos)
+        _check_range("position_ids", position_ids, 0, max_pos)
         return positions, 0
     if isinstance(offset, Tensor):
         _check_tensor("offset", offset, _INT_DTYPES, "an int or an int32/int64 tensor")
@@ -191,7 +191,7 @@ def _validate(q, k, cos, sin, position_ids, offset) -> tuple[Tensor | None, int]
             raise ValueError(
                 f"offset tensor must have shape (B,) = ({bsz},), got {tuple(offset.shape)}"
             )
-        if offset.device != q.device:
+        if not (offset.is_cpu and q.is_cpu) and offset.device != q.device:
             raise ValueError(f"offset is on {offset.device} but q is on {q.device}")
         _check_range("offset", offset, 0, max_pos - seqlen + 1)
         return offset, 0
@@ -207,14 +207,41 @@ def _validate(q, k, cos, sin, position_ids, offset) -> tuple[Tensor | None, int]
 
 def _check_range(name: str, t: Tensor, low: int, high: int) -> None:
     # Reads the values back (a device sync), so it is skipped where they cannot be read.
-    if t.numel() == 0 or not values_readable(t):
+    if t.numel() == 0 or not (t.is_cpu and not torch.compiler.is_compiling() or values_readable(t)):
         return
-    lo, hi = t.min().item(), t.max().item()
+    lo, hi = value_range(t)
     if lo < low or hi >= high:
         raise ValueError(
             f"{name} values must lie in [{low}, {high}) so every position is in "
             f"[0, max_positions = cos.shape[0]); got min {lo}, max {hi}"
         )
+
+
+# The (min, max) of position tensors read recently: every layer of a model passes the same
+# position_ids, and reading them back costs a device sync per call. Kept as the tables are
+# (weak references, checked against the version counter).
+_ranges: dict[int, tuple] = {}
+
+
+def value_range(t: Tensor) -> tuple[int, int]:
+    """``(t.min(), t.max())`` of a non-empty tensor as Python numbers; for an int32/int64
+    tensor remembered until it changes in place."""
+    if (
+        type(t) is not Tensor
+        or t.dtype not in _INT_DTYPES
+        or t.is_inference()
+        or torch.compiler.is_compiling()
+    ):
+        return t.min().item(), t.max().item()
+    hit = _ranges.get(id(t))
+    if hit is not None and hit[1] == t._version and hit[0]() is t:
+        return hit[2], hit[3]
+    lo, hi = torch.aminmax(t)
+    lo, hi = lo.item(), hi.item()
+    if len(_ranges) >= _CACHE_ENTRIES:
+        _ranges.clear()
+    _ranges[id(t)] = (weakref.ref(t), t._version, lo, hi)
+    return lo, hi
 
 
 # ---------------------------------------------------------------------------------------------

@@ -105,6 +105,11 @@ def test_cache_extends_on_demand_and_is_not_persistent():
     assert rope.cos_cached.shape[0] >= 51
     rope(q, k, offset=torch.tensor([60], dtype=torch.int32))
     assert rope.cos_cached.shape[0] >= 63
+    ids = torch.tensor([[0, 1, 2]])
+    rope(q, k, position_ids=ids)
+    ids[0, 1] = 200  # changed in place after a call: the module must see the new maximum
+    rope(q, k, position_ids=ids)
+    assert rope.cos_cached.shape[0] >= 201
     fresh = RotaryEmbedding(8, max_position_embeddings=rope.cos_cached.shape[0])
     torch.testing.assert_close(rope.cos_cached, fresh.cos_cached)
     assert "dim=8" in repr(rope)

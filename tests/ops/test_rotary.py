@@ -262,6 +262,22 @@ def test_tables_rebuilt_after_in_place_changes():
         torch.testing.assert_close(kr, apply_rotary_ref(k, cos, sin, position_ids=ids))
 
 
+def test_position_range_checked_again_after_in_place_changes():
+    """The range check remembers the min/max of a position tensor; a change in place must
+    reach it."""
+    q, k, cos, sin = _inputs()
+    ids = torch.randint(0, 16, (2, 5))
+    offsets = torch.tensor([0, 3])
+    apply_rotary(q, k, cos, sin, position_ids=ids)
+    apply_rotary(q, k, cos, sin, offset=offsets)
+    ids[1, 2] = 16
+    offsets[0] = 12
+    with pytest.raises(ValueError, match="position_ids"):
+        apply_rotary(q, k, cos, sin, position_ids=ids)
+    with pytest.raises(ValueError, match="offset"):
+        apply_rotary(q, k, cos, sin, offset=offsets)
+
+
 # --- bad input -----------------------------------------------------------------------------
 
 
