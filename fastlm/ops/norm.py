@@ -202,17 +202,13 @@ def _norm(x, normalized_shape, weight, bias, eps, residual, out_dtype, rms):
     visible share of the whole op."""
     if not isinstance(x, Tensor) or (s_dtype := x.dtype) not in FLOAT_DTYPES:
         check_float("x", x)
-    if type(normalized_shape) is int:
-        n = normalized_shape
-    elif (
+    n = normalized_shape
+    if type(n) is not int:
         # A module's normalized_shape: a tuple (or a parameter's torch.Size) of one int.
-        (type(normalized_shape) is tuple or type(normalized_shape) is torch.Size)
-        and len(normalized_shape) == 1
-        and type(normalized_shape[0]) is int
-    ):
-        n = normalized_shape[0]
-    else:
-        n = 0
+        if (type(n) is tuple or type(n) is torch.Size) and len(n) == 1 and type(n[0]) is int:
+            n = n[0]
+        else:
+            n = 0
     x_shape = x.shape
     if n > 0:
         shape = (n,)
@@ -247,7 +243,7 @@ def _norm(x, normalized_shape, weight, bias, eps, residual, out_dtype, rms):
         if r_dtype is not s_dtype:
             s_dtype = torch.promote_types(s_dtype, r_dtype)
     if eps is None:
-        eps = default_rms_eps(s_dtype)
+        eps = _DEFAULT_RMS_EPS[s_dtype]  # default_rms_eps(), for the contract's dtypes
     elif type(eps) is not float or not 0.0 <= eps < math.inf:
         eps = check_real("eps", eps)
         if eps < 0:
@@ -427,7 +423,21 @@ def _rms_norm_backward(dy, xs, w, rstd, needs_input_grad):
 
 
 def _vector(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.reshape(-1).contiguous()
+    if t is None or (t.dim() == 1 and t.stride(0) == 1):  # as given: no new view to build
+        return t
+    return t.reshape(-1).contiguous()
+
+
+def _rows(t: Tensor, n: int, one_dim: bool) -> Tensor:
+    # as_rows(), skipped for what already is (M, N) rows with unit column stride (then every
+    # output is already shaped like the input, and is returned without a view).
+    if one_dim and t.dim() == 2 and t.stride(1) == 1:
+        return t
+    return as_rows(t, n)
+
+
+def _like(t: Tensor, x: Tensor, x2: Tensor) -> Tensor:
+    return t if x2 is x else t.view(x.shape)
 
 
 def _norm_fwd(
@@ -442,16 +452,20 @@ def _norm_fwd(
     backend_name: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(y, residual_out, mean, rstd)``; absent outputs are empty tensors."""
-    n = math.prod(normalized_shape)
-    s_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
-    x2 = as_rows(x, n)
-    r2 = None if residual is None else as_rows(residual.to(s_dtype), n)
+    one_dim = len(normalized_shape) == 1
+    n = normalized_shape[0] if one_dim else math.prod(normalized_shape)
+    x2 = _rows(x, n, one_dim)
+    r2 = None
+    if residual is not None:
+        if residual.dtype is not x.dtype:
+            residual = residual.to(torch.promote_types(x.dtype, residual.dtype))
+        r2 = _rows(residual, n, one_dim)
     y, s, mean, rstd = FORWARD[backend_name](
         x2, _vector(weight), _vector(bias), r2, eps, rms, out_dtype
     )
     return (
-        y.view(x.shape),
-        absent(x, torch.float32) if s is None else s.view(x.shape),
+        _like(y, x, x2),
+        absent(x, torch.float32) if s is None else _like(s, x, x2),
         absent(x, torch.float32) if mean is None else mean,
         rstd,
     )
@@ -486,11 +500,15 @@ def _norm_bwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns ``(dx, dweight, dbias)``: dx in ``xs.dtype``, the others float32 (N,) or
     empty. ``xs`` is the tensor that was normalized; ``dresidual_out`` is added to dx."""
-    n = math.prod(normalized_shape)
-    ds2 = None if dresidual_out is None else as_rows(dresidual_out.to(xs.dtype), n)
+    one_dim = len(normalized_shape) == 1
+    n = normalized_shape[0] if one_dim else math.prod(normalized_shape)
+    ds2 = None
+    if dresidual_out is not None:
+        ds2 = _rows(_as_dtype(dresidual_out, xs.dtype), n, one_dim)
+    xs2 = _rows(xs, n, one_dim)
     dx, dw, db = BACKWARD[backend_name](
-        as_rows(dy, n),
-        as_rows(xs, n),
+        _rows(dy, n, one_dim),
+        xs2,
         _vector(weight),
         None if rms else mean,
         rstd,
@@ -499,10 +517,15 @@ def _norm_bwd(
         has_bias,
     )
     return (
-        dx.view(xs.shape),
+        _like(dx, xs, xs2),
         absent(xs, torch.float32) if dw is None else dw,
         absent(xs, torch.float32) if db is None else db,
     )
+
+
+def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    # t.to(dtype) without its cost (a microsecond) when t already has it; the same tensor.
+    return t if t.dtype is dtype else t.to(dtype)
 
 
 _norm_bwd_op = torch.library.custom_op("fastlm::norm_bwd", _norm_bwd, mutates_args=())
@@ -552,10 +575,15 @@ def _backward(ctx, dy, ds, _dmean, _drstd):
         ctx.has_bias,
         ctx.backend_name,
     )
-    dweight = None if weight is None else dw.view(weight.shape).to(weight.dtype)
-    dbias = db.view(ctx.normalized_shape).to(ctx.bias_dtype) if ctx.has_bias else None
-    dres = dx.to(ctx.residual_dtype) if has_residual else None
-    return dx.to(ctx.x_dtype), dweight, dbias, dres, None, None, None, None, None
+    one_dim = len(ctx.normalized_shape) == 1  # dweight and dbias come shaped (N,)
+    dweight = dbias = dres = None
+    if weight is not None:
+        dweight = _as_dtype(dw if one_dim else dw.view(weight.shape), weight.dtype)
+    if ctx.has_bias:
+        dbias = _as_dtype(db if one_dim else db.view(ctx.normalized_shape), ctx.bias_dtype)
+    if has_residual:
+        dres = _as_dtype(dx, ctx.residual_dtype)
+    return _as_dtype(dx, ctx.x_dtype), dweight, dbias, dres, None, None, None, None, None
 
 
 norm_fwd = EagerOp(_norm_fwd_op, _norm_fwd, _setup_context, _backward)
@@ -574,6 +602,14 @@ def _support(x, weight, bias, residual, out_dtype, n) -> dict[str, SupportCheck]
     """Per backend, a check returning why it cannot serve these arguments (or None)."""
 
     def triton_error():
+        if (
+            x.dtype in FLOAT32_AND_HALF_DTYPES
+            and (weight is None or weight.dtype in FLOAT32_AND_HALF_DTYPES)
+            and (bias is None or bias.dtype in FLOAT32_AND_HALF_DTYPES)
+            and (residual is None or residual.dtype in FLOAT32_AND_HALF_DTYPES)
+            and out_dtype in FLOAT32_AND_HALF_DTYPES
+        ):
+            return None  # the usual answer, without wording every argument's
         return _first_error(
             *(
                 dtype_error(k, t, FLOAT32_AND_HALF_DTYPES)
