@@ -20,6 +20,8 @@ token and every load is a contiguous run of the head dim (128-bit wide when alig
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -112,6 +114,9 @@ def _rotary_kernel(
             tl.store(y_row + c[None, :], rest, mask=m)
 
 
+# Memoized: triton.next_power_of_2 goes through Triton's constexpr-function wrapper (several
+# microseconds a call in Triton 3.8), and this runs on every launch.
+@functools.lru_cache(maxsize=1024)
 def block_config(r2: int, h: int, d: int) -> tuple[int, int, int, int]:
     """``(BLOCK_H, BLOCK_R2, BLOCK_REST, num_warps)`` for ``h`` heads of ``d`` features with
     ``2 * r2`` rotated: ~TILE_ELEMENTS elements of x per program, 8 per thread per load."""
@@ -154,7 +159,7 @@ def rotary_apply(
         stride_pb, stride_ps = positions.stride(0), positions.stride(1)
     block_h, block_r2, block_rest, num_warps = block_config(r2, h, d)
     kernel = on_device(_rotary_kernel, x.device)
-    kernel[(bsz * s, triton.cdiv(h, block_h))](
+    kernel[(bsz * s, -(-h // block_h))](
         x,
         y,
         cos,
