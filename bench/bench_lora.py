@@ -32,10 +32,14 @@ timed once per op as the line the adapters are measured against.
 
 Providers: ``frozen base`` (the float layers alone), ``fastlm LoRA`` (float base:
 :class:`fastlm.nn.LoRALinear` via :func:`fastlm.peft.apply_lora`; on GPUs the fused
-``fastlm.ops.lora_linear`` kernel, on CPU its torch path), ``fastlm QLoRA int4-g128`` and
-``fastlm QLoRA nf4`` (NF4, block 64, QLoRA's format) over a :class:`fastlm.nn.QuantLinear`
-base, and when installed ``PEFT LoRA`` (``peft.get_peft_model``) and ``PEFT LoRA + bnb 4bit``
-(PEFT over bitsandbytes' ``Linear4bit`` NF4, block 64). Every adapter is held in the
+``fastlm.ops.lora_linear`` kernel), ``fastlm QLoRA int4-g128`` and ``fastlm QLoRA nf4`` (NF4,
+block 64, QLoRA's format) over a :class:`fastlm.nn.QuantLinear` base, and when installed
+``PEFT LoRA`` (``peft.get_peft_model``) and ``PEFT LoRA + bnb 4bit`` (PEFT over
+bitsandbytes' ``Linear4bit`` NF4, block 64). On a CPU fastlm runs its torch backend, named
+``fastlm-torch LoRA`` / ``fastlm-torch QLoRA <format>``, each paired with the same layers in
+plain PyTorch, ``torch LoRA`` / ``torch QLoRA <format>`` (:class:`PlainLoRA`: ``base(x) +
+B(A(x)) * scale``, over the format's dequantization formula for QLoRA), the pair whose ratio
+says what fastlm's CPU path costs over writing it by hand. Every adapter is held in the
 compute dtype (bf16 on GPUs, fp32 on CPU), the layers have no bias. A third-party provider
 that is not installed is left out silently; one that fails to build or run is skipped with
 one line saying why.
@@ -52,6 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bench.bench_quant import plain_dequantize
 from bench.harness import Case, third_party_runs
 from fastlm.nn.quant import QuantLinear
 from fastlm.peft import apply_lora
@@ -64,10 +69,10 @@ SIZES = {
     ("cpu", True): (512, (16,), (256,)),
     ("cpu", False): (512, (8, 16), (256, 512, 1024)),
 }
-# The QLoRA base formats: QuantLinear.from_linear keyword arguments by provider name.
+# The QLoRA base formats: QuantLinear.from_linear keyword arguments by provider suffix.
 QUANT = {
-    "fastlm QLoRA int4-g128": {"bits": 4, "group_size": 128},
-    "fastlm QLoRA nf4": {"bits": 4, "group_size": 64, "scheme": "nf4"},
+    "QLoRA int4-g128": {"bits": 4, "group_size": 128},
+    "QLoRA nf4": {"bits": 4, "group_size": 64, "scheme": "nf4"},
 }
 
 
@@ -119,6 +124,45 @@ def base_net(weights: list[Tensor], dtype: torch.dtype) -> Net:
             lin.weight.copy_(w)
         projs.append(lin)
     return Net(projs).requires_grad_(False)
+
+
+class PlainQuantLinear(nn.Module):
+    """A quantized linear layer in plain PyTorch: the weight dequantized by its format's
+    formula (:func:`bench.bench_quant.plain_dequantize`) on every call, then ``F.linear``."""
+
+    def __init__(self, layer: QuantLinear) -> None:
+        super().__init__()
+        self.qw = layer.quantized_weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, plain_dequantize(self.qw, x.dtype))
+
+
+class PlainLoRA(nn.Module):
+    """``base(x) + B(A(x)) * scale`` in plain PyTorch (PEFT's computation without its
+    bookkeeping), the base frozen; A and B as :class:`fastlm.nn.LoRALinear` holds them."""
+
+    def __init__(self, base: nn.Module, a: nn.Linear, b: nn.Linear, scale: float) -> None:
+        super().__init__()
+        self.base, self.a, self.b, self.scale = base, a, b, scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.base(x) + self.b(self.a(x)) * self.scale
+
+
+def plain_twin(net: Net) -> Net:
+    """``net`` (its projections :class:`fastlm.nn.LoRALinear`) with each projection replaced
+    by a :class:`PlainLoRA` sharing its base weights and adapters (a quantized base becomes
+    a :class:`PlainQuantLinear`)."""
+    projs = []
+    for block in net.layers:
+        lora = block.proj
+        base = lora.base_layer
+        if isinstance(base, QuantLinear):
+            base = PlainQuantLinear(base)
+        name = lora.active_adapter
+        projs.append(PlainLoRA(base, lora.lora_A[name], lora.lora_B[name], lora.scaling[name]))
+    return Net(projs)
 
 
 @dataclasses.dataclass
@@ -203,16 +247,22 @@ def providers(
     A third-party provider that fails to build is left out; ``notes[name]`` says why."""
     alpha = 2 * r
     float_bytes = sum(w.numel() for w in weights) * dtype.itemsize
+    on_cpu = weights[0].device.type == "cpu"
+    fastlm = "fastlm-torch" if on_cpu else "fastlm"  # a CPU runs fastlm's torch backend
+    lora = apply_lora(base_net(weights, dtype), r, alpha, ["proj"])
     found = {
         "frozen base": Provider(base_net(weights, dtype), float_bytes, 0),
-        "fastlm LoRA": Provider(
-            apply_lora(base_net(weights, dtype), r, alpha, ["proj"]), float_bytes, r
-        ),
+        f"{fastlm} LoRA": Provider(lora, float_bytes, r),
     }
+    if on_cpu:
+        found["torch LoRA"] = Provider(plain_twin(lora), float_bytes, r)
     for name, kwargs in QUANT.items():
         net = _quantized(base_net(weights, dtype), **kwargs)
         stored = sum(_nbytes(b) for b in net.buffers())
-        found[name] = Provider(_adapters_to(apply_lora(net, r, alpha, ["proj"]), dtype), stored, r)
+        qlora = _adapters_to(apply_lora(net, r, alpha, ["proj"]), dtype)
+        found[f"{fastlm} {name}"] = Provider(qlora, stored, r)
+        if on_cpu:
+            found[f"torch {name}"] = Provider(plain_twin(qlora), stored, r)
     builders: dict[str, Callable[[], Provider]] = {}
     if _has("peft"):
         builders["PEFT LoRA"] = lambda: Provider(

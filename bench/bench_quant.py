@@ -30,8 +30,12 @@ is built), and when importable ``bnb Linear8bitLt`` (LLM.int8(), threshold 6),
 ``bnb Linear4bit nf4`` (blocksize 64, no double quant: the same format as fastlm's nf4-g64),
 ``torchao int4-g128`` (tinygemm) and ``torchao int8``. A third-party provider that is not
 installed is left out silently; one that fails to build or run is skipped with one line
-saying why. CPU (fp32 x): ``fp32 F.linear``, ``bf16 F.linear`` and the fastlm formats on
-the torch backend (dequantize, then ``F.linear``).
+saying why. CPU (fp32 x): ``fp32 F.linear``, ``bf16 F.linear``, and per format (``int8``,
+``int4-g128``, ``nf4-g64``, ``w8a8``) fastlm on its torch backend, ``fastlm-torch <format>``,
+beside the same computation written in plain PyTorch, ``torch <format>`` (the format's
+dequantization formula, then ``F.linear``; for W8A8 the per-token quantization and the
+float64 product of the integers): the pair whose ratio says what fastlm's CPU path costs
+over doing it by hand.
 
 ``python -m bench.bench_quant --sqnr`` prints the SQNR table (markdown) of every format.
 """
@@ -53,7 +57,7 @@ from torch import Tensor
 from bench.harness import Case, third_party_runs
 from fastlm import backend, ops
 from fastlm.ops.quant import GEMV_MAX_M
-from fastlm.quant import QuantizedWeight, dequantize_weight, quantize_weight
+from fastlm.quant import NF4_CODE, QuantizedWeight, dequantize_weight, quantize_weight
 
 # (tokens M, weight sizes N = K) per device; the CPU quick set runs in well under 20 s.
 SIZES = {
@@ -106,6 +110,40 @@ def _fastlm(op: Callable, qw: QuantizedWeight, be: str) -> Callable[[Tensor], Te
 
 def _linear(w: Tensor) -> Callable[[Tensor], Tensor]:
     return lambda x: F.linear(x, w)
+
+
+def plain_dequantize(qw: QuantizedWeight, dtype: torch.dtype) -> Tensor:
+    """The weight a :class:`QuantizedWeight` stands for, by its format's formula in plain
+    PyTorch, each step out of place (what a user writes without fastlm)."""
+    n, k = qw.shape
+    if qw.bits == 8:
+        return (qw.qweight.float() * qw.scales.float()[:, None]).to(dtype)
+    packed = qw.qweight
+    q = torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(-2)
+    q = q.view(n, k // qw.group_size, qw.group_size)
+    scales = qw.block_scales().float()[..., None]
+    if qw.scheme == "nf4":
+        w = torch.tensor(NF4_CODE, device=q.device)[q.long()] * scales
+    else:
+        zeros = 8 if qw.zeros is None else qw.zeros.float()[..., None]
+        w = (q.float() - zeros) * scales
+    return w.view(n, k).to(dtype)
+
+
+def _plain_quant(qw: QuantizedWeight) -> Callable[[Tensor], Tensor]:
+    return lambda x: F.linear(x, plain_dequantize(qw, x.dtype))
+
+
+def _plain_w8a8(qw: QuantizedWeight) -> Callable[[Tensor], Tensor]:
+    """Per-token int8 x, then the integer product (exact in float64) scaled back."""
+
+    def fn(x):
+        xs = x.float().abs().amax(dim=-1).clamp_min(1e-12) / 127
+        xq = torch.round(x.float() / xs[:, None]).to(torch.int8)
+        acc = xq.double() @ qw.qweight.double().T
+        return (acc * xs.double()[:, None] * qw.scales.double()[None, :]).to(x.dtype)
+
+    return fn
 
 
 def _has(module: str) -> bool:
@@ -221,16 +259,21 @@ def providers(w: Tensor, notes: dict[str, str] | None = None) -> dict[str, Provi
         dtype = torch.float32
         found["fp32 F.linear"] = Provider(_linear(w), 4 * n * k, dtype)
         found["bf16 F.linear"] = Provider(_linear(w.bfloat16()), 2 * n * k, torch.bfloat16)
+    # On a CPU fastlm runs its torch backend, paired with the plain PyTorch computation.
+    prefix = "fastlm" if w.device.type == "cuda" else "fastlm-torch"
     weights = {name: quantize_weight(w, **kwargs) for name, kwargs in FORMATS.items()}
     for name, qw in weights.items():
-        found[f"fastlm {name}"] = Provider(
+        found[f"{prefix} {name}"] = Provider(
             _fastlm(ops.quant_matmul, qw, fastlm_be), weight_bytes(qw), dtype, qw
         )
+        if prefix == "fastlm-torch":
+            found[f"torch {name}"] = Provider(_plain_quant(qw), weight_bytes(qw), dtype, qw)
     qw8 = weights["int8"]
-    found["fastlm w8a8"] = Provider(
+    found[f"{prefix} w8a8"] = Provider(
         _fastlm(ops.w8a8_matmul, qw8, fastlm_be), weight_bytes(qw8), dtype, qw8
     )
     if w.device.type != "cuda":
+        found["torch w8a8"] = Provider(_plain_w8a8(qw8), weight_bytes(qw8), dtype, qw8)
         return found
     if backend.cuda_extension_error() is None:
         for name in GEMV_FORMATS:

@@ -10,7 +10,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 CPU = torch.device("cpu")
-FASTLM = {"frozen base", "fastlm LoRA", "fastlm QLoRA int4-g128", "fastlm QLoRA nf4"}
+# On a CPU: fastlm's torch backend and the same layers in plain PyTorch, per base format.
+FASTLM = {"frozen base"} | {
+    f"{who} {what}"
+    for who in ("fastlm-torch", "torch")
+    for what in ("LoRA", "QLoRA int4-g128", "QLoRA nf4")
+}
 HAS_PEFT = importlib.util.find_spec("peft") is not None
 
 
@@ -83,7 +88,7 @@ def test_full_cpu_sizes_sweep_rank_and_tokens(bench, monkeypatch):
 def test_fastlm_lora_matches_peft_on_shared_weights(bench, depth):
     hidden, r, m = 128, 8, 11
     found = bench.providers(_weights(hidden, depth), r, torch.float32)
-    fastlm, peft = found["fastlm LoRA"].model, found["PEFT LoRA"].model
+    fastlm, peft = found["fastlm-torch LoRA"].model, found["PEFT LoRA"].model
     _share_adapters(fastlm, peft)
     x, dy = torch.randn(m, hidden), torch.randn(m, hidden)
     y, dx, grads = _grads(fastlm, x, dy)
@@ -97,12 +102,28 @@ def test_fastlm_lora_matches_peft_on_shared_weights(bench, depth):
         _close(db, db2)
 
 
-@pytest.mark.parametrize("name", ["fastlm QLoRA int4-g128", "fastlm QLoRA nf4"])
+@pytest.mark.parametrize("what", ["LoRA", "QLoRA int4-g128", "QLoRA nf4"])
+def test_cpu_pairs_compute_the_same_step(bench, what):
+    # fastlm's torch path and the plain PyTorch layers it is timed against share weights
+    # and run the same operations: the same output and gradients, bit for bit.
+    hidden, r, m = 128, 4, 6
+    found = bench.providers(_weights(hidden, 2), r, torch.float32)
+    fastlm, plain = found[f"fastlm-torch {what}"].model, found[f"torch {what}"].model
+    with torch.no_grad():
+        for _, b in _adapters(fastlm):
+            b.weight.copy_(torch.randn(b.weight.shape) * 0.1)
+    x, dy = torch.randn(m, hidden), torch.randn(m, hidden)
+    got = _grads(fastlm, x, dy)
+    want = _grads(plain, x, dy)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("name", ["fastlm-torch QLoRA int4-g128", "fastlm-torch QLoRA nf4"])
 def test_qlora_matches_lora_on_the_dequantized_base(bench, name):
     hidden, r, m, depth = 128, 4, 6, 2
     qlora = bench.providers(_weights(hidden, depth), r, torch.float32)[name].model
     dense = [layer.proj.base_layer.dequantize(torch.float32).weight for layer in qlora.layers]
-    lora = bench.providers(dense, r, torch.float32)["fastlm LoRA"].model
+    lora = bench.providers(dense, r, torch.float32)["fastlm-torch LoRA"].model
     _share_adapters(qlora, lora)
     x, dy = torch.randn(m, hidden), torch.randn(m, hidden)
     for got, want in zip(_grads(qlora, x, dy)[:2], _grads(lora, x, dy)[:2], strict=True):
@@ -110,7 +131,9 @@ def test_qlora_matches_lora_on_the_dequantized_base(bench, name):
 
 
 @pytest.mark.parametrize("depth", [1, 4])
-@pytest.mark.parametrize("provider", ["frozen base", "fastlm LoRA", "PEFT LoRA"])
+@pytest.mark.parametrize(
+    "provider", ["frozen base", "fastlm-torch LoRA", "torch LoRA", "PEFT LoRA"]
+)
 def test_flops_formula_counts_the_matmuls(bench, provider, depth):
     """The formula against the matmuls autograd actually runs on CPU (torch's counter)."""
     if provider == "PEFT LoRA" and not HAS_PEFT:
@@ -132,20 +155,24 @@ def test_bytes_formula(bench, monkeypatch):
     h, r, m, depth = 128, 4, 9, bench.DEPTH
     found = bench.providers(_weights(h, depth), r, torch.float32)
     assert (
-        found["frozen base"].weight_bytes == found["fastlm LoRA"].weight_bytes == depth * h * h * 4
+        found["frozen base"].weight_bytes
+        == found["fastlm-torch LoRA"].weight_bytes
+        == depth * h * h * 4
     )
     # Packed nibbles and per group an fp16 scale (int4 also a uint8 zero point).
-    assert found["fastlm QLoRA int4-g128"].weight_bytes == depth * (h * h // 2 + h * h // 128 * 3)
-    assert found["fastlm QLoRA nf4"].weight_bytes == depth * (h * h // 2 + h * h // 64 * 2)
+    assert found["fastlm-torch QLoRA int4-g128"].weight_bytes == depth * (
+        h * h // 2 + h * h // 128 * 3
+    )
+    assert found["fastlm-torch QLoRA nf4"].weight_bytes == depth * (h * h // 2 + h * h // 64 * 2)
 
     monkeypatch.setitem(bench.SIZES, ("cpu", True), (h, (r,), (m,)))
     by_key = {(c.op.split()[2], c.provider): c for c in bench.cases(True, CPU)}
-    base, lora = by_key[("layer", "frozen base")], by_key[("layer", "fastlm LoRA")]
+    base, lora = by_key[("layer", "frozen base")], by_key[("layer", "fastlm-torch LoRA")]
     # Weight read forward and backward; x, y, dy, dx.
     assert base.bytes_moved == 2 * h * h * 4 + 4 * m * h * 4
     # Plus A and B read twice and their gradients written; x re-read; t written and read.
     assert lora.bytes_moved == base.bytes_moved + (3 * r * 2 * h + m * h + 2 * m * r) * 4
-    stack = by_key[("stack4", "fastlm QLoRA int4-g128")]
+    stack = by_key[("stack4", "fastlm-torch QLoRA int4-g128")]
     assert (
         stack.bytes_moved
         == 2 * depth * (h * h // 2 + h * h // 128 * 3)

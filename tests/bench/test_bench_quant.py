@@ -17,14 +17,9 @@ CPU = torch.device("cpu")
 def test_quick_cpu_cases_run_and_sweep_m(bench, monkeypatch):
     monkeypatch.setitem(bench.SIZES, ("cpu", True), ((1, 5), (128,)))
     cases = list(bench.cases(True, CPU))
-    providers = {
-        "fp32 F.linear",
-        "bf16 F.linear",
-        "fastlm int8",
-        "fastlm int4-g128",
-        "fastlm nf4-g64",
-        "fastlm w8a8",
-    }
+    formats = ("int8", "int4-g128", "nf4-g64", "w8a8")
+    providers = {"fp32 F.linear", "bf16 F.linear"}
+    providers |= {f"{who} {f}" for who in ("fastlm-torch", "torch") for f in formats}
     assert {c.op for c in cases} == {"quant_matmul N=K=128"}
     assert sorted((c.provider, c.shape) for c in cases) == sorted(
         (p, (128, 128, m)) for p in providers for m in (1, 5)
@@ -49,7 +44,8 @@ def test_providers_match_the_dequantized_weight(bench, m):
     w = torch.randn(n, k) * 0.02
     x = torch.randn(m, k)
     found = bench.providers(w)
-    assert {"fastlm int8", "fastlm int4-g128", "fastlm nf4-g64", "fastlm w8a8"} <= set(found)
+    formats = ("int8", "int4-g128", "nf4-g64", "w8a8")
+    assert {f"{who} {f}" for who in ("fastlm-torch", "torch") for f in formats} <= set(found)
     exact = F.linear(x.double(), w.double())
     for name, p in found.items():
         y = p.fn(x.to(p.dtype)).double()
@@ -58,11 +54,11 @@ def test_providers_match_the_dequantized_weight(bench, m):
         else:
             ref = F.linear(x, dequantize_weight(p.qw)).double()
             # w8a8 also rounds x to int8 per token: under 1% of the output norm on Gaussians.
-            tol = 2e-2 if name == "fastlm w8a8" else 1e-5
+            tol = 2e-2 if name.endswith("w8a8") else 1e-5
         err = (y - ref).norm() / ref.norm()
         assert err < tol, (name, err.item())
     # The weight-only formats are not the identity: their error against w is visible.
-    int4 = found["fastlm int4-g128"].fn(x).double()
+    int4 = found["fastlm-torch int4-g128"].fn(x).double()
     assert (int4 - exact).norm() / exact.norm() > 1e-3
 
 
@@ -74,9 +70,10 @@ def test_bytes_formula_int4_g128(bench):
     assert bench.weight_bytes(qw) == stored
     assert bench.quant_bytes(m, n, k, stored, 2) == stored + (m * k + m * n) * 2
     p = bench.providers(torch.randn(n, k) * 0.02)
-    assert p["fastlm int4-g128"].weight_bytes == stored
-    assert p["fastlm int8"].weight_bytes == n * k + 4 * n
-    assert p["fastlm nf4-g64"].weight_bytes == n * k // 2 + 2 * n * k // 64
+    for who in ("fastlm-torch", "torch"):
+        assert p[f"{who} int4-g128"].weight_bytes == stored
+        assert p[f"{who} int8"].weight_bytes == n * k + 4 * n
+        assert p[f"{who} nf4-g64"].weight_bytes == n * k // 2 + 2 * n * k // 64
     assert p["fp32 F.linear"].weight_bytes == 4 * n * k
     assert p["bf16 F.linear"].weight_bytes == 2 * n * k
 
@@ -85,9 +82,19 @@ def test_cases_state_the_formula(bench, monkeypatch):
     monkeypatch.setitem(bench.SIZES, ("cpu", True), ((3,), (128,)))
     n = k = 128
     by_provider = {c.provider: c for c in bench.cases(True, CPU)}
-    int4 = by_provider["fastlm int4-g128"]
+    int4 = by_provider["fastlm-torch int4-g128"]
     assert int4.bytes_moved == n * k // 2 + n * k // 128 * 3 + (3 * k + 3 * n) * 4
     assert by_provider["bf16 F.linear"].bytes_moved == 2 * n * k + (3 * k + 3 * n) * 2
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4-g128", "nf4-g64", "w8a8"])
+def test_cpu_pairs_compute_the_same_numbers(bench, fmt):
+    # fastlm's torch path and the plain PyTorch provider it is timed against: the same
+    # formula, so the same bits (w8a8: its per-token rounding, then exact integer sums).
+    found = bench.providers(torch.randn(48, 256) * 0.02)
+    x = torch.randn(5, 256)
+    got, want = found[f"fastlm-torch {fmt}"].fn(x), found[f"torch {fmt}"].fn(x)
+    assert torch.equal(got, want), (got - want).abs().max().item()
 
 
 def test_sqnr_table(bench):
