@@ -222,3 +222,47 @@ def test_gemma_rms_norm_loads_transformers_state_dict(name, backend, w_dtype, x_
     xhat = torch.nn.functional.rms_norm(x64.detach(), (40,), eps=ref.eps)
     scale = summand_scale(dy.double() * xhat, (0, 1))
     assert_policy(ours.weight.grad, ref64.weight.grad, ref.weight.grad, "dweight", scale=scale)
+
+
+@pytest.fixture
+def composed_rms(monkeypatch):
+    """Every RMSNorm down the torch backend's composed path (its size gates at zero)."""
+    from fastlm.ops import norm as norm_ops
+
+    seen = []
+    original = norm_ops._rms_norm_composed
+    monkeypatch.setattr(norm_ops, "_COMPOSED_MIN_NUMEL", 0)
+    monkeypatch.setattr(norm_ops, "_FUNCTION_MIN_NUMEL", 0)
+    monkeypatch.setattr(norm_ops, "_rms_norm_composed", lambda *a: seen.append(1) or original(*a))
+    return seen
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("kwargs", RMS_NORM_KWARGS[:3], ids=["default", "2-d eps", "no weight"])
+def test_rms_norm_module_bit_identical_on_the_composed_path(composed_rms, dtype, kwargs):
+    ref = _randomize(torch.nn.RMSNorm(**kwargs, dtype=dtype))
+    ours = fastlm.nn.RMSNorm(**kwargs, dtype=dtype)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 5, *ref.normalized_shape, dtype=dtype)
+    r = torch.randn_like(x)
+    with torch.no_grad():
+        assert_equal(ours(x), ref(x), "y", "torch.nn.RMSNorm's ops, in one buffer")
+        y, s = ours(x, r)
+        assert_equal(y, ref(x + r), "y with residual")
+        assert_equal(s, x + r, "s")
+    x.requires_grad_()
+    assert_equal(ours(x), ref(x), "y under autograd", "the autograd Function's forward")
+    assert len(composed_rms) == 3
+
+
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gemma_rms_norm_bit_identical_on_the_composed_path(composed_rms, w_dtype):
+    hf_cls = _hf_gemma_norms()["gemma"]
+    ref = _randomize(hf_cls(40)).to(w_dtype)
+    ours = fastlm.nn.GemmaRMSNorm(40, dtype=w_dtype)
+    ours.load_state_dict(ref.state_dict())
+    x = (3 * torch.randn(2, 5, 40)).to(torch.bfloat16)
+    with torch.no_grad():
+        assert_equal(ours(x), ref(x), "y", "transformers' float32 ops, rounded once")
+    assert_equal(ours(x.requires_grad_()), ref(x), "y under autograd")
+    assert len(composed_rms) == 2
