@@ -69,3 +69,55 @@ def test_opcheck():
 def test_bad_input(kwargs, error, word):
     with pytest.raises(error, match=word):
         ops.bias_act(torch.randn(2, 8), **kwargs)
+
+
+_PLAIN = {
+    "identity": lambda t: t,
+    "relu": torch.nn.functional.relu,
+    "gelu": torch.nn.functional.gelu,
+    "gelu_tanh": lambda t: torch.nn.functional.gelu(t, approximate="tanh"),
+    "silu": torch.nn.functional.silu,
+}
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize(
+    "dtypes",
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float16, None)],
+    ids=str,
+)
+def test_torch_path_is_the_plain_expression_bit_for_bit(activation, dtypes, grad):
+    # act(x + bias) in place on the fresh sum unless autograd records it: the plain
+    # expression's bits either way (a wider bias computes at its precision, returns x's
+    # dtype), and x and bias are left untouched.
+    x_dtype, b_dtype = dtypes
+    x = torch.randn(3, 7, 40, dtype=x_dtype).requires_grad_(grad)
+    bias = None if b_dtype is None else torch.randn(40, dtype=b_dtype).requires_grad_(grad)
+    leaves = [t for t in (x, bias) if t is not None]
+    before = [(t.detach().clone(), t._version) for t in leaves]
+    got = ops.bias_act(x, bias, activation)
+    want = _PLAIN[activation](x if bias is None else x + bias).to(x_dtype)
+    assert got.dtype == x_dtype and torch.equal(got, want)
+    if grad:
+        dy = torch.randn_like(want)
+        for a, b in zip(
+            torch.autograd.grad(got, leaves, dy), torch.autograd.grad(want, leaves, dy), strict=True
+        ):
+            assert torch.equal(a, b)
+    for t, (value, version) in zip(leaves, before, strict=True):
+        assert t._version == version and torch.equal(t.detach(), value)
+
+
+def test_eager_entrance_equals_the_compiled_custom_op_with_grads():
+    x = torch.randn(4, 32, dtype=torch.bfloat16, requires_grad=True)
+    bias = torch.randn(32, dtype=torch.bfloat16, requires_grad=True)
+    fn = torch.compile(lambda x, b: ops.bias_act(x, b, "gelu"), fullgraph=True, backend="aot_eager")
+    with fastlm.use_backend("triton"):
+        eager = ops.bias_act(x, bias, "gelu")
+        got = fn(x, bias)
+        dy = torch.randn_like(eager)
+        g_eager = torch.autograd.grad(eager, (x, bias), dy)
+        g_got = torch.autograd.grad(got, (x, bias), dy)
+    assert torch.equal(got, eager)
+    assert all(torch.equal(a, b) for a, b in zip(g_got, g_eager, strict=True))

@@ -92,3 +92,31 @@ def test_errors():
         lora_linear(x, weight, bias, a[:, :64], b, 1.0)
     with pytest.raises(ValueError, match="lora_a has rank 8, lora_b 7"):
         lora_linear(x, weight, bias, a, b[:, :7], 1.0)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("base", BASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_torch_path_is_the_plain_formula_bit_for_bit(base, dtype, grad):
+    # The scale and the sum run in place on the GEMMs' fresh outputs: the plain formula's
+    # bits, forward and backward, with x, the adapters and the base left as they were.
+    from fastlm.quant import dequantize_weight
+
+    x, weight, bias, a, b = operands(base, 6, dtype, r=4, k=64, n=24)
+    leaves = [x, a, b]
+    for t in leaves:
+        t.requires_grad_(grad)
+    dense = weight if BASES[base] is None else dequantize_weight(weight, dtype)
+    before = [(t.detach().clone(), t._version) for t in (*leaves, dense, bias)]
+    with fastlm.use_backend("torch"):
+        got = lora_linear(x, weight, bias, a, b, 1.75)
+    want = F.linear(x, dense, bias) + F.linear(F.linear(x, a), b) * 1.75
+    assert torch.equal(got, want)
+    if grad:
+        dy = torch.randn_like(want)
+        for g, w in zip(
+            torch.autograd.grad(got, leaves, dy), torch.autograd.grad(want, leaves, dy), strict=True
+        ):
+            assert torch.equal(g, w)
+    for t, (value, version) in zip((*leaves, dense, bias), before, strict=True):
+        assert t._version == version and torch.equal(t.detach(), value)

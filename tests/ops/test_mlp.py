@@ -314,3 +314,88 @@ _W = torch.randn(4, 8, dtype=torch.bfloat16)
 def test_bad_input(call, error, word):
     with pytest.raises(error, match=word):
         call()
+
+
+# ---------------------------------------------------------------------------------------------
+# The torch path's in-place fast paths and the Triton path's eager entrance.
+
+
+def _plain_expressions(x, w1, b1, w2, b2, w3, act):
+    """Each op against the plain PyTorch expression it replaces."""
+    f = {
+        "relu": F.relu,
+        "gelu": F.gelu,
+        "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+        "silu": F.silu,
+        "identity": lambda t: t,
+    }[act]
+    return {
+        "linear_act": (
+            lambda: ops.linear_act(x, w1, b1, act),
+            lambda: f(F.linear(x, w1, b1)),
+        ),
+        "gated_linear": (
+            lambda: ops.gated_linear(x, w1, w2, act, b1, b2),
+            lambda: f(F.linear(x, w1, b1)) * F.linear(x, w2, b2),
+        ),
+        "fused_mlp": (
+            lambda: ops.fused_mlp(x, w1, b1, w3, None, act),
+            lambda: F.linear(f(F.linear(x, w1, b1)), w3),
+        ),
+        "gated_mlp": (
+            lambda: ops.gated_mlp(x, w1, w2, w3, act, b1, b2),
+            lambda: F.linear(f(F.linear(x, w1, b1)) * F.linear(x, w2, b2), w3),
+        ),
+    }
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_torch_path_is_the_plain_expression_bit_for_bit(activation, dtype, grad):
+    # In place or not, the torch path runs the plain expression's operations: the same bits,
+    # forward and backward, and the caller's tensors are left as they were.
+    x = torch.randn(*LEAD, 24, dtype=dtype)
+    w1, b1, w2, b2, w3 = _params([(40, 24), 40, (40, 24), 40, (24, 40)], dtype, bias_at=(1, 3))
+    leaves = [t.requires_grad_(grad) for t in (x, w1, b1, w2, b2, w3)]
+    before = [(t.detach().clone(), t._version) for t in leaves]
+    for name, (fast, plain) in _plain_expressions(*leaves, activation).items():
+        got, want = fast(), plain()
+        assert got.dtype == want.dtype and torch.equal(got, want), name
+        assert got.requires_grad == want.requires_grad == grad, name
+        if grad:
+            dy = torch.randn_like(want)
+            g_got = torch.autograd.grad(got, leaves, dy, allow_unused=True)
+            g_want = torch.autograd.grad(want, leaves, dy, allow_unused=True)
+            for i, (a, b) in enumerate(zip(g_got, g_want, strict=True)):
+                assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), (name, i)
+    for t, (value, version) in zip(leaves, before, strict=True):
+        assert t._version == version and torch.equal(t.detach(), value)
+
+
+_EAGER_VS_COMPILED = {
+    "linear_act": lambda x, w1, w2, w3, b1, b2: ops.linear_act(x, w1, b1, "gelu_tanh"),
+    "gated_linear": lambda x, w1, w2, w3, b1, b2: ops.gated_linear(x, w1, w2, "silu", b1, b2),
+    "fused_mlp": lambda x, w1, w2, w3, b1, b2: ops.fused_mlp(x, w1, b1, w3, None, "gelu"),
+    "gated_mlp": lambda x, w1, w2, w3, b1, b2: ops.gated_mlp(x, w1, w2, w3, "silu", b1, b2),
+}
+
+
+@pytest.mark.parametrize("name", list(_EAGER_VS_COMPILED))
+def test_eager_entrance_equals_the_compiled_custom_op(name):
+    # Plain eager runs the kernels' functions directly (an autograd.Function when grads are
+    # needed); torch.compile runs the registered custom op. Same functions, same numbers.
+    fn = _EAGER_VS_COMPILED[name]
+    x = torch.randn(5, 16, dtype=torch.bfloat16, requires_grad=True)
+    params = _params([(24, 16), (24, 16), (16, 24), 24, 24], torch.bfloat16, bias_at=(3, 4))
+    leaves = [x, *(p.requires_grad_() for p in params)]
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    with fastlm.use_backend("triton"):
+        eager = fn(*leaves)
+        got = compiled(*leaves)
+        dy = torch.randn_like(eager)
+        g_eager = torch.autograd.grad(eager, leaves, dy, allow_unused=True)
+        g_got = torch.autograd.grad(got, leaves, dy, allow_unused=True)
+    assert torch.equal(got, eager)
+    for i, (a, b) in enumerate(zip(g_got, g_eager, strict=True)):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), i

@@ -87,3 +87,37 @@ def test_errors():
         ops.quant_matmul(torch.ones(3, 64, dtype=torch.int32), qw)
     with pytest.raises(ValueError, match="needs an 8-bit weight"):
         ops.w8a8_matmul(torch.randn(3, 64), qw)
+
+
+@pytest.mark.parametrize("fmt", [*FORMATS, dict(bits=4, scheme="nf4", double_quant=True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_torch_path_is_dequantize_then_linear_bit_for_bit(fmt, dtype):
+    qw = quantize_weight(torch.randn(24, 128) / 11, **fmt)
+    stored = {name: t.clone() for name, t in qw.tensors().items()}
+    x = torch.randn(2, 3, 128, dtype=dtype)
+    for bias in (None, torch.randn(24, dtype=dtype), torch.randn(24)):  # fp32: QuantLinear's
+        with fastlm.use_backend("torch"):
+            got = ops.quant_matmul(x, qw, bias)
+        w = dequantize_weight(qw, dtype)
+        # F.linear takes a bias of x's dtype; another is added after, in the wider dtype.
+        if bias is None or bias.dtype == dtype:
+            want = F.linear(x, w, bias)
+        else:
+            want = (F.linear(x, w) + bias).to(dtype)
+        assert got.dtype == dtype and torch.equal(got, want)
+    # Dequantizing in place never reaches the stored tensors.
+    assert all(torch.equal(stored[name], t) for name, t in qw.tensors().items())
+
+
+def test_eager_entrance_equals_the_compiled_custom_op():
+    qw = quantize_weight(torch.randn(16, 64), bits=4, group_size=32)
+    x = torch.randn(3, 64, dtype=torch.bfloat16, requires_grad=True)
+    bias = torch.randn(16, dtype=torch.bfloat16, requires_grad=True)
+    fn = torch.compile(lambda t, b: ops.quant_matmul(t, qw, b), fullgraph=True, backend="aot_eager")
+    with fastlm.use_backend("triton"):
+        eager, got = ops.quant_matmul(x, qw, bias), fn(x, bias)
+        dy = torch.randn_like(eager)
+        g_eager = torch.autograd.grad(eager, (x, bias), dy)
+        g_got = torch.autograd.grad(got, (x, bias), dy)
+    assert torch.equal(got, eager)
+    assert all(torch.equal(a, b) for a, b in zip(g_got, g_eager, strict=True))

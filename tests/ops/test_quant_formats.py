@@ -165,3 +165,41 @@ def test_non_finite_weights_are_refused_naming_the_element(fmt, bad):
 def test_empty_input_features_are_refused():
     with pytest.raises(ValueError, match="K >= 1"):
         quantize_weight(torch.randn(8, 0), bits=8)
+
+
+def _formula(qw, dtype):
+    """Each format's dequantization, one out-of-place step at a time (the layouts in the
+    module docstring)."""
+    n, k = qw.shape
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    if qw.bits == 8:
+        return (qw.qweight.to(compute) * qw.scales.to(compute)[:, None]).to(dtype)
+    q = unpack_int4(qw.qweight).view(n, k // qw.group_size, qw.group_size)
+    scales = qw.block_scales().to(compute)[..., None]
+    if qw.scheme == "nf4":
+        w = torch.tensor(NF4_CODE, dtype=compute)[q.long()] * scales
+    else:
+        zeros = 8 if qw.zeros is None else qw.zeros.to(compute)[..., None]
+        w = (q.to(compute) - zeros) * scales
+    return w.view(n, k).to(dtype)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_in_place_dequantization_is_the_formula_bit_for_bit(fmt):
+    qw = quantize_weight(weights("gaussian", 48, 256), **FORMATS[fmt])
+    stored = {name: t.clone() for name, t in qw.tensors().items()}
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        got, want = dequantize_weight(qw, dtype), _formula(qw, dtype)
+        assert got.dtype == dtype and torch.equal(got, want), dtype
+    assert all(torch.equal(stored[name], t) for name, t in qw.tensors().items())
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4-g32", "nf4-g64"])
+def test_scales_that_require_grad_get_their_gradient(fmt):
+    # Autograd follows scales that require grad; in place would break that, so it is not.
+    qw = quantize_weight(weights("gaussian", 16, 128), **FORMATS[fmt])
+    qw.scales = qw.scales.float().requires_grad_()
+    scales = qw.scales
+    got = torch.autograd.grad(dequantize_weight(qw).sum(), scales)[0]
+    want = torch.autograd.grad(_formula(qw, torch.float32).sum(), scales)[0]
+    assert torch.equal(got, want)
