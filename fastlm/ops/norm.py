@@ -229,7 +229,12 @@ def _norm(x, normalized_shape, weight, bias, eps, residual, out_dtype, rms):
         or not (x_cpu and weight.is_cpu)
     ):
         _check_like("weight", weight, shape, x)
-    if bias is not None:
+    if bias is not None and (
+        not isinstance(bias, Tensor)
+        or bias.dtype not in FLOAT_DTYPES
+        or bias.shape != shape
+        or not (x_cpu and bias.is_cpu)
+    ):
         _check_like("bias", bias, shape, x)
     if residual is not None:
         if (
