@@ -406,6 +406,17 @@ def test_rms_norm_offset_with_residual(be):
         (lambda x: ops.rms_norm(x, 8, offset=1.0), ValueError, "offset"),
         (lambda x: ops.rms_norm(x, 8, torch.ones(8), offset=float("nan")), ValueError, "offset"),
         (lambda x: ops.rms_norm(x, 8, torch.ones(8), offset="1"), TypeError, "offset"),
+        # The contract's inline fast checks hand every failure to the wording helpers.
+        (lambda x: ops.rms_norm(x, (8.0,)), TypeError, "normalized_shape"),
+        (lambda x: ops.rms_norm(x, True), TypeError, "normalized_shape"),
+        (lambda x: ops.rms_norm(x, torch.Size([9])), ValueError, "normalized_shape"),
+        (lambda x: ops.rms_norm(x[0, 0], 1), ValueError, "normalized_shape"),
+        (lambda x: ops.rms_norm(x, (8,), weight=[1.0] * 8), TypeError, "weight"),
+        (lambda x: ops.layer_norm(x, 8, bias=[0.0] * 8), TypeError, "bias"),
+        (lambda x: ops.rms_norm(x, 8, residual=x.tolist()), TypeError, "residual"),
+        (lambda x: ops.layer_norm(x, 8, eps=float("nan")), ValueError, "eps"),
+        (lambda x: ops.layer_norm(x, 8, eps=True), TypeError, "eps"),
+        (lambda x: ops.rms_norm(x, 8, eps=-1e-6), ValueError, "eps"),
     ],
 )
 def test_bad_input_names_the_argument(call, error, word):
