@@ -286,6 +286,27 @@ def _saves(*tensors: Tensor | None) -> bool:
     return False
 
 
+def _rows(x: Tensor) -> Tensor:
+    """x as (M, K) rows with a unit column stride: a matrix that already is one as it is."""
+    if x.dim() == 2 and x.stride(1) == 1:
+        return x
+    return as_rows(x)
+
+
+_KERNELS = None
+
+
+def _kernels():
+    """fastlm.kernels.mlp, imported on the first Triton call (CPU-only use never loads
+    Triton) and kept: an import statement per call costs a microsecond."""
+    global _KERNELS
+    if _KERNELS is None:
+        from fastlm.kernels import mlp
+
+        _KERNELS = mlp
+    return _KERNELS
+
+
 def _opt(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.contiguous()
 
@@ -297,7 +318,9 @@ def _out_shape(x: Tensor, n: int) -> tuple[int, ...]:
 def _outputs(x: Tensor, y: Tensor, *saved: Tensor | None) -> tuple[Tensor, ...]:
     """A custom op's outputs: the kernel's (M, N) result in x's leading shape, then the
     pre-activations it saved (absent when it saved none)."""
-    return (y.view(_out_shape(x, y.shape[-1])), *(absent(x) if t is None else t for t in saved))
+    if x.dim() != 2:
+        y = y.view(_out_shape(x, y.shape[-1]))
+    return (y, *[absent(x) if t is None else t for t in saved])
 
 
 def _fake_outputs(x: Tensor, out_features: int, hidden: int, save: bool, n_saved: int):
@@ -322,10 +345,8 @@ def _linear_act(
     seed: int,
     save: bool,
 ) -> tuple[Tensor, Tensor]:
-    from fastlm.kernels.mlp import linear_act_fwd
-
-    y, pre = linear_act_fwd(
-        as_rows(x), weight.contiguous(), _opt(bias), activation, dropout_p, seed, save
+    y, pre = _kernels().linear_act_fwd(
+        _rows(x), weight.contiguous(), _opt(bias), activation, dropout_p, seed, save
     )
     return _outputs(x, y, pre)
 
@@ -365,10 +386,8 @@ def _gated_linear(
     activation: str,
     save: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    from fastlm.kernels.mlp import gated_linear_fwd
-
-    y, gate, up = gated_linear_fwd(
-        as_rows(x),
+    y, gate, up = _kernels().gated_linear_fwd(
+        _rows(x),
         w_gate.contiguous(),
         w_up.contiguous(),
         _opt(bias_gate),
@@ -420,12 +439,11 @@ def _fused_mlp(
     seed: int,
     save: bool,
 ) -> tuple[Tensor, Tensor]:
-    from fastlm.kernels.mlp import linear_act_fwd
-
-    h, pre = linear_act_fwd(
-        as_rows(x), fc1_weight.contiguous(), _opt(fc1_bias), activation, dropout_p, seed, save
+    kernels = _kernels()
+    h, pre = kernels.linear_act_fwd(
+        _rows(x), fc1_weight.contiguous(), _opt(fc1_bias), activation, dropout_p, seed, save
     )
-    y, _ = linear_act_fwd(
+    y, _ = kernels.linear_act_fwd(
         h,
         fc2_weight.contiguous(),
         _opt(fc2_bias),
@@ -478,10 +496,9 @@ def _gated_mlp(
     activation: str,
     save: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    from fastlm.kernels.mlp import gated_linear_fwd, linear_act_fwd
-
-    h, gate, up = gated_linear_fwd(
-        as_rows(x),
+    kernels = _kernels()
+    h, gate, up = kernels.gated_linear_fwd(
+        _rows(x),
         gate_weight.contiguous(),
         up_weight.contiguous(),
         _opt(gate_bias),
@@ -489,7 +506,7 @@ def _gated_mlp(
         activation,
         save,
     )
-    y, _ = linear_act_fwd(h, down_weight.contiguous(), _opt(down_bias), "identity")
+    y, _ = kernels.linear_act_fwd(h, down_weight.contiguous(), _opt(down_bias), "identity")
     return _outputs(x, y, gate, up)
 
 
