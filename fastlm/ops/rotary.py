@@ -356,15 +356,42 @@ def _tables(cos, sin, positions, offset, seqlen, d, interleaved, dtype) -> tuple
     return cf.unsqueeze(-2), sn.unsqueeze(-2)
 
 
-def _torch_rotary(xs, cf, sn, interleaved, inplace=False):
+# Elements of x from which the no-grad path takes the half-size temporary (see _rotate).
+_HALVES_FROM = 1 << 19
+
+
+def _torch_rotary(xs, cf, sn, interleaved, inplace=False, halves=False):
     """Rotate each (B, S, H, D) tensor of ``xs`` by the tables of :func:`_tables` (``sn``
     negated rotates back): new tensors of the inputs' dtypes, or ``xs`` themselves rotated in
-    place."""
+    place. ``halves``: the lower-memory order (see :func:`_rotate`)."""
     r = sn.shape[-1]
-    return tuple([_rotate(x, cf, sn, r, interleaved, inplace) for x in xs])
+    return tuple([_rotate(x, cf, sn, r, interleaved, inplace, halves) for x in xs])
 
 
-def _rotate(x, cf, sn, r, interleaved, inplace):
+def _members(t: Tensor, r: int, interleaved: bool) -> tuple[Tensor, Tensor]:
+    """Views of the first and of the second members of the pairs among ``t``'s first ``r``
+    features."""
+    if interleaved:
+        v = t.narrow(-1, 0, r).view(*t.shape[:-1], r // 2, 2)
+        return v.select(-1, 0), v.select(-1, 1)
+    return t.narrow(-1, 0, r // 2), t.narrow(-1, r // 2, r // 2)
+
+
+def _rotate(x, cf, sn, r, interleaved, inplace, halves):
+    """``x * cf + swap(x) * sn`` in one of two orders, both the same bits. Few calls: a full
+    swapped copy (``torch.roll`` / ``flip``) multiplied and added in place, four ops, best
+    for small tensors and in place. Less memory: each half of the output takes its cross term
+    through one half-size temporary, which wins where fresh allocations fault pages (large
+    tensors, and under autograd, where the outputs stay alive)."""
+    if not inplace and (halves or x.numel() >= _HALVES_FROM):
+        out = torch.mul(x, cf)
+        (xa, xb), (oa, ob) = _members(x, r, interleaved), _members(out, r, interleaved)
+        sa, sb = _members(sn, r, interleaved)  # -sin, sin (negated for the backward)
+        t = torch.mul(xb, sa)
+        oa.add_(t)
+        torch.mul(xa, sb, out=t)
+        ob.add_(t)
+        return out if out.dtype is x.dtype else out.to(x.dtype)
     xr = x if x.shape[-1] == r else x.narrow(-1, 0, r)
     # A new tensor with the members of each pair exchanged (a roll by R/2 swaps the halves).
     if interleaved:
@@ -394,7 +421,7 @@ class _TorchRotary(torch.autograd.Function):
 
     @staticmethod
     def forward(q, k, cf, sn, interleaved):
-        return _torch_rotary((q, k), cf, sn, interleaved)
+        return _torch_rotary((q, k), cf, sn, interleaved, halves=True)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -408,7 +435,7 @@ class _TorchRotary(torch.autograd.Function):
         grads = [g for g in (dq, dk) if g is not None]
         if not grads:
             return None, None, None, None, None
-        rotated = iter(_torch_rotary(grads, cf, torch.neg(sn), ctx.interleaved))
+        rotated = iter(_torch_rotary(grads, cf, torch.neg(sn), ctx.interleaved, halves=True))
         dq = None if dq is None else next(rotated)
         dk = None if dk is None else next(rotated)
         return dq, dk, None, None, None

@@ -178,10 +178,15 @@ def _positions_of(kind, b, s, max_pos):
 @pytest.mark.parametrize("interleaved", [False, True], ids=["half", "interleaved"])
 @pytest.mark.parametrize("rot", [26, 38], ids=["partial", "full"])
 @pytest.mark.parametrize("positions", ["offset", "offsets", "position_ids"])
-def test_torch_path_is_the_plain_formula_bit_for_bit(interleaved, rot, positions):
+@pytest.mark.parametrize("order", ["swapped copy", "half temporaries"])
+def test_torch_path_is_the_plain_formula_bit_for_bit(
+    interleaved, rot, positions, order, monkeypatch
+):
     """float32: the same products and sums as the plain formula, so the same bits, forward
-    and backward (its autograd against the torch path's transposed rotation). Odd sizes,
-    grouped-query k, a strided q."""
+    (without grad, in both of the torch path's orders; with grad) and backward (its autograd
+    against the torch path's transposed rotation). Odd sizes, grouped-query k, a strided q."""
+    if order == "half temporaries":  # what large tensors get without grad
+        monkeypatch.setattr(rotary_ops, "_HALVES_FROM", 0)
     b, s, hq, hk, d, max_pos = 3, 7, 5, 1, 38, 19
     q = torch.randn(b, hq, s, d).transpose(1, 2).requires_grad_()  # (B, S, H, D), strided
     k = torch.randn(b, s, hk, d, requires_grad=True)
@@ -190,9 +195,18 @@ def test_torch_path_is_the_plain_formula_bit_for_bit(interleaved, rot, positions
     kw, pos = _positions_of(positions, b, s, max_pos)
     q0, k0 = q.detach().clone(), k.detach().clone()
     with fastlm.use_backend("torch"):
+        with torch.no_grad():
+            no_grad_outputs = apply_rotary(q, k, cos, sin, interleaved, **kw)
         qr, kr = apply_rotary(q, k, cos, sin, interleaved, **kw)
     pq, pk = _plain(q, cos, sin, interleaved, pos), _plain(k, cos, sin, interleaved, pos)
-    for got, want, name in ((qr, pq, "q"), (kr, pk, "k")):
+    no_grad_q, no_grad_k = no_grad_outputs
+    checks = (
+        (qr, pq, "q"),
+        (kr, pk, "k"),
+        (no_grad_q, pq, "no-grad q"),
+        (no_grad_k, pk, "no-grad k"),
+    )
+    for got, want, name in checks:
         diff = (got - want).abs().max().item()
         assert torch.equal(got, want), f"{name}_rot differs from the plain formula by {diff}"
     dq, dk = torch.randn_like(qr), torch.randn_like(kr)
