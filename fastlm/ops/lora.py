@@ -87,7 +87,8 @@ def _check(x, weight, bias, lora_a, lora_b, scale) -> float:
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension (features last)")
     x_cpu, dtype = x.is_cpu, x.dtype
-    if isinstance(weight, QuantizedWeight):
+    quantized = isinstance(weight, QuantizedWeight)
+    if quantized:
         if not (x_cpu and weight.qweight.is_cpu) and weight.qweight.device != x.device:
             raise ValueError(f"weight is on {weight.qweight.device} but x is on {x.device}")
     elif not isinstance(weight, Tensor) or weight.dim() != 2:
@@ -96,25 +97,27 @@ def _check(x, weight, bias, lora_a, lora_b, scale) -> float:
     if bias is not None and (not isinstance(bias, Tensor) or not bias.is_floating_point()):
         raise TypeError(f"bias must be a floating-point tensor, got {describe(bias)}")
     for name, t in (("weight", weight), ("bias", bias), ("lora_a", lora_a), ("lora_b", lora_b)):
-        if t is None or isinstance(t, QuantizedWeight):
+        if t is None or (quantized and t is weight):
             continue
         if name != "bias" and (not isinstance(t, Tensor) or t.dtype is not dtype):
             raise TypeError(f"{name} must be a tensor of x's dtype {x.dtype}, got {describe(t)}")
         if not (x_cpu and t.is_cpu) and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    # Each shape read once (a read is a C call).
     n, k = weight.shape
-    if lora_a.dim() != 2 or lora_b.dim() != 2:
+    a_shape, b_shape = lora_a.shape, lora_b.shape
+    if len(a_shape) != 2 or len(b_shape) != 2:
         raise ValueError(
             f"lora_a and lora_b must be 2-D (r, K) and (N, r), got "
-            f"{tuple(lora_a.shape)} and {tuple(lora_b.shape)}"
+            f"{tuple(a_shape)} and {tuple(b_shape)}"
         )
-    if x.shape[-1] != k or lora_a.shape[1] != k or lora_b.shape[0] != n:
+    if x.shape[-1] != k or a_shape[1] != k or b_shape[0] != n:
         raise ValueError(
             f"shapes do not chain: x {tuple(x.shape)}, weight {tuple(weight.shape)}"
-            f", lora_a {tuple(lora_a.shape)}, lora_b {tuple(lora_b.shape)}"
+            f", lora_a {tuple(a_shape)}, lora_b {tuple(b_shape)}"
         )
-    if lora_a.shape[0] != lora_b.shape[1]:
-        raise ValueError(f"lora_a has rank {lora_a.shape[0]}, lora_b {lora_b.shape[1]}")
+    if a_shape[0] != b_shape[1]:
+        raise ValueError(f"lora_a has rank {a_shape[0]}, lora_b {b_shape[1]}")
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
     return check_real("scale", scale)

@@ -243,25 +243,27 @@ def _check_chain(
 ) -> None:
     """The second layer of an MLP: its weight reads the first's outputs."""
     hidden = first.shape[0]
-    first_cpu = first.is_cpu
+    first_cpu, dtype = first.is_cpu, first.dtype
     for name, t in ((f"{layer}_weight", weight), (f"{layer}_bias", bias)):
         if t is None:
             continue
-        if not isinstance(t, Tensor) or not t.is_floating_point():
+        if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a floating-point tensor, got {describe(t)}")
-        if t.dtype is not first.dtype:
+        # first's dtype is a float one: the same dtype needs no further type check.
+        if t.dtype is not dtype:
+            if not t.is_floating_point():
+                raise TypeError(f"{name} must be a floating-point tensor, got {describe(t)}")
             raise TypeError(f"{name} dtype {t.dtype} differs from {first_name}'s {first.dtype}")
         if not (first_cpu and t.is_cpu) and t.device != first.device:
             raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")
-    if weight.dim() != 2 or weight.shape[1] != hidden:
+    shape = weight.shape
+    if len(shape) != 2 or shape[1] != hidden:
         raise ValueError(
             f"{layer}_weight must be (out_features, {hidden}) to follow "
-            f"{first_name}, got {tuple(weight.shape)}"
+            f"{first_name}, got {tuple(shape)}"
         )
-    if bias is not None and bias.shape != (weight.shape[0],):
-        raise ValueError(
-            f"{layer}_bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}"
-        )
+    if bias is not None and bias.shape != (shape[0],):
+        raise ValueError(f"{layer}_bias must have shape ({shape[0]},), got {tuple(bias.shape)}")
 
 
 def _triton_gemm_error(x: Tensor) -> str | None:
