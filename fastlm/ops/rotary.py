@@ -1,8 +1,11 @@
 """Rotary position embeddings: reference, custom op with autograd, backend dispatch.
 
 The Triton path is one ``torch.library`` custom op, ``fastlm::rotary``, that rotates q and k
-(plus ``fastlm::rotary_`` for in-place inference). Its backward is the same op on the
-gradients with the angle negated, since a rotation's transpose is its inverse.
+(plus ``fastlm::rotary_`` for in-place inference), entered through ``EagerOp`` (the custom op
+under torch.compile, its function directly in plain eager). Its backward is the same op on the
+gradients with the angle negated, since a rotation's transpose is its inverse. The torch path
+computes the plain ``x * cos + rotate_half(x) * sin`` formula's products and sums (the same
+float32 bits) with fewer temporaries, and differentiates it the same way.
 """
 
 from __future__ import annotations
