@@ -303,7 +303,9 @@ def _torch_norm(x, shape, weight, bias, eps, residual, out_dtype, rms):
             bias if bias is None or bias.dtype is dtype else _torch_weight(bias, dtype),
             eps,
         )
-    elif xs.numel() < _FUNCTION_MIN_NUMEL or not _composable(xs, w):
+    elif xs.numel() < _FUNCTION_MIN_NUMEL:
+        y = _small_rms_norm(xs, shape, w, eps)
+    elif not _composable(xs, w):
         y = torch.rms_norm(xs, shape, w, eps)
     elif torch.is_grad_enabled() and (xs.requires_grad or (w is not None and w.requires_grad)):
         y = _RMSNormFunction.apply(xs, w, _reduced_dims(xs, shape), eps, shape)
@@ -330,6 +332,32 @@ def _torch_norm(x, shape, weight, bias, eps, residual, out_dtype, rms):
 _COMPOSED_MIN_NUMEL = 32768
 _FUNCTION_MIN_NUMEL = 8192
 _OPMATH = (torch.float32, torch.float64)  # the dtypes PyTorch's RMSNorm computes in as given
+
+
+# What torch.rms_norm calls after its own checks (which fastlm's contract has made) when the
+# weight's dtype matches the input's; on CPU its kernel is the composition above.
+_fused_rms_norm = getattr(torch, "_fused_rms_norm", None)
+
+
+def _small_rms_norm(xs, shape, w, eps):
+    """``torch.rms_norm(xs, shape, w, eps)``: on a small tensor its repeated checks cost a
+    microsecond, so plain eager CPU calls that need no autograd and that it would send to
+    ``_fused_rms_norm`` go there directly (same op, same bits)."""
+    if (
+        _fused_rms_norm is not None
+        and xs.is_cpu
+        and (w is None or w.dtype is xs.dtype)
+        and type(xs) is Tensor
+        and xs.is_contiguous()  # (a channels-last input takes another path)
+        and not (
+            torch.is_grad_enabled() and (xs.requires_grad or (w is not None and w.requires_grad))
+        )
+        and not torch.compiler.is_compiling()
+        and not torch._C._len_torch_dispatch_stack()
+        and not torch._C._are_functorch_transforms_active()
+    ):
+        return _fused_rms_norm(xs, shape, w, eps)[0]
+    return torch.rms_norm(xs, shape, w, eps)
 
 
 def _composable(xs: Tensor, w: Tensor | None) -> bool:

@@ -296,3 +296,48 @@ def test_compiled_custom_op_equals_eager():
     assert_equal(compiled, eager, "y * s", "the same custom op, compiled or not")
     for name, g, ge in zip(("dx", "dw"), grads, grads_eager, strict=True):
         assert_equal(g, ge, name, "the same backward op, compiled or not")
+
+
+# --- small tensors: torch.rms_norm's own fused entry --------------------------------------------
+
+
+@pytest.fixture
+def fused_entry(monkeypatch):
+    """Counts the calls that go straight to torch._fused_rms_norm."""
+    seen = []
+    original = norm_ops._fused_rms_norm
+    monkeypatch.setattr(norm_ops, "_fused_rms_norm", lambda *a: seen.append(1) or original(*a))
+    return seen
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_small_rms_norm_is_bit_identical_through_either_entry(fused_entry, dtype):
+    weights = [None, torch.randn(37, dtype=dtype)]
+    if dtype.itemsize < 4:
+        weights.append(torch.randn(37))  # a mismatched weight: torch.rms_norm's composite
+    expected_fused = 0
+    for w in weights:
+        for grad in (False, True):
+            x = 4 * torch.randn(3, 5, 37, dtype=dtype)
+            fused = w is None or w.dtype == dtype
+            with torch.set_grad_enabled(grad):
+                assert_equal(ops.rms_norm(x, 37, w, 1e-6), F.rms_norm(x, (37,), w, 1e-6), "y")
+                expected_fused += fused
+                assert len(fused_entry) == expected_fused
+                # Under autograd torch.rms_norm, which records its own backward.
+                xg = x.clone().requires_grad_()
+                y = ops.rms_norm(xg, 37, w, 1e-6)
+                assert_equal(y, F.rms_norm(x, (37,), w, 1e-6), "y")
+                expected_fused += fused and not grad
+                assert len(fused_entry) == expected_fused
+                assert y.requires_grad == grad
+
+
+def test_small_rms_norm_under_vmap_and_a_strided_input(fused_entry):
+    w = torch.randn(16)
+    x = torch.randn(4, 3, 16)
+    got = torch.func.vmap(lambda rows: ops.rms_norm(rows, 16, w, 1e-6))(x)
+    assert_equal(got, F.rms_norm(x, (16,), w, 1e-6), "y", "vmap of the same op")
+    strided = torch.randn(16, 6).t()
+    assert_equal(ops.rms_norm(strided, 16, w), F.rms_norm(strided, (16,), w), "y")
+    assert fused_entry == []
