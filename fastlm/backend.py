@@ -149,10 +149,13 @@ def registered_ops() -> dict[str, tuple[str, ...]]:
     return dict(_IMPLEMENTED)
 
 
+_GPU_ORDER = ("triton", "torch")
+_GPU_ORDER_VERIFIED = ("cuda", "triton", "torch")
+
+
 def gpu_order(op: str) -> tuple[str, ...]:
     """Automatic order on CUDA tensors for ``op``."""
-    compiled = ("cuda", "triton") if op in GPU_VERIFIED_CUDA else ("triton",)
-    return (*compiled, "torch")
+    return _GPU_ORDER_VERIFIED if op in GPU_VERIFIED_CUDA else _GPU_ORDER
 
 
 Supports = Mapping[str, Callable[[], str | None]]
@@ -169,37 +172,39 @@ def select(
     backend ``name`` can serve these arguments, else the reason it cannot. Backends missing
     from it do not implement the op.
     """
-    if _forced is None and _env_forced is None:
-        # The common CPU case first, from the tensor's flags (reading device.type costs more
-        # than the rest of this function).
-        if isinstance(where, torch.Tensor):
-            if where.is_cpu or where.is_meta:
-                return "torch"
-            device = where.device
-        else:
-            device = where
-            if device.type != "cuda":
-                return "torch"
+    forced = _forced if _forced is not None else _env_forced
+    # The tensor's flags, not device.type: reading that costs more than the rest of a choice.
+    if isinstance(where, torch.Tensor):
+        if where.is_meta or (forced is None and not where.is_cuda):
+            return "torch"
+        on_cuda, on_cpu = where.is_cuda, where.is_cpu
     else:
-        device = where.device if isinstance(where, torch.Tensor) else where
+        if where.type == "meta" or (forced is None and where.type != "cuda"):
+            return "torch"
+        on_cuda, on_cpu = where.type == "cuda", where.type == "cpu"
     if callable(supports):
         supports = supports()
 
     def reason(name: str) -> str | None:
         if name not in supports:
             return f"{op} has no {name} implementation"
-        return backend_error(name, device) or supports[name]()
+        # The usual cases from the flags; any other device worded by backend_error.
+        if name == "cuda" and on_cuda:
+            static = _CUDA_EXTENSION_ERROR
+        elif name == "triton" and (on_cuda or on_cpu):
+            static = _TRITON_ERROR
+        elif name in ("cuda", "triton"):
+            static = backend_error(name, where.device if isinstance(where, torch.Tensor) else where)
+        else:
+            static = None
+        return static or supports[name]()
 
-    if device.type == "meta":
-        return "torch"
-    forced = forced_backend()
     if forced is not None:
         why = reason(forced)
         if why is not None:
             raise BackendUnavailable(f"fastlm.{op}: forced backend {forced!r} cannot run: {why}")
         return forced
-    if device.type == "cuda":
-        for name in gpu_order(op):
-            if reason(name) is None:
-                return name
+    for name in _GPU_ORDER_VERIFIED if op in GPU_VERIFIED_CUDA else _GPU_ORDER:
+        if reason(name) is None:
+            return name
     return "torch"

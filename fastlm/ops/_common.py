@@ -57,17 +57,26 @@ def absent(like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     return like.new_empty(0, dtype=like.dtype if dtype is None else dtype)
 
 
-# Tensor types whose calls may skip the dispatcher; a subclass (DTensor, a fake or functional
-# tensor) may need what it adds there.
-_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+# Looked up once: each attribute walk through torch._C costs on every call.
+_is_compiling = torch.compiler.is_compiling
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_functorch_active = torch._C._are_functorch_transforms_active
+_any_requires_grad = torch._C._any_requires_grad
+_grad_enabled = torch.is_grad_enabled
+_Parameter = torch.nn.Parameter
 
 
 def _dispatcher_needed(args: tuple) -> bool:
-    if torch.compiler.is_compiling():
+    """Whether PyTorch ops on ``args`` may need the dispatcher's extras: while compiling,
+    under a dispatch mode or functorch transform, or for a tensor subclass (DTensor, a fake
+    or functional tensor)."""
+    if _is_compiling() or _dispatch_modes() or _functorch_active():
         return True
-    if torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active():
-        return True
-    return any(type(a) not in _PLAIN_TENSORS for a in args if isinstance(a, Tensor))
+    for a in args:
+        kind = type(a)
+        if kind is not Tensor and kind is not _Parameter and isinstance(a, Tensor):
+            return True
+    return False
 
 
 class EagerOp:
@@ -91,6 +100,15 @@ class EagerOp:
     ) -> None:
         self.op = op
         self._impl = impl
+        # Positions of the op's Tensor and Tensor? arguments (from its schema), and of its
+        # Tensor[] ones: what a call checks for subclasses.
+        types = [str(a.type) for a in op._opoverload._schema.arguments]
+        self._tensors = tuple(i for i, t in enumerate(types) if t in ("Tensor", "Optional[Tensor]"))
+        self._tensor_lists = tuple(
+            i
+            for i, t in enumerate(types)
+            if "Tensor" in t and t not in ("Tensor", "Optional[Tensor]")
+        )
         self._function = None
         if backward is not None:
             torch.library.register_autograd(op, backward, setup_context=setup_context)
@@ -106,13 +124,25 @@ class EagerOp:
                 },
             )
 
+    def _dispatcher_needed(self, args: tuple) -> bool:
+        """Whether this call must go through the dispatcher: while compiling, under a
+        dispatch mode or functorch transform, or with a tensor subclass (DTensor, a fake or
+        functional tensor) among the arguments, which may need what it adds there."""
+        if _is_compiling() or _dispatch_modes() or _functorch_active():
+            return True
+        for i in self._tensors:
+            kind = type(args[i])
+            if kind is not Tensor and kind is not _Parameter and args[i] is not None:
+                return True
+        for i in self._tensor_lists:
+            for t in args[i] or ():
+                if type(t) is not Tensor and type(t) is not _Parameter and t is not None:
+                    return True
+        return False
+
     def __call__(self, *args):
-        if _dispatcher_needed(args):
+        if self._dispatcher_needed(args):
             return self.op(*args)
-        if (
-            self._function is not None
-            and torch._C._any_requires_grad(*args)
-            and torch.is_grad_enabled()
-        ):
+        if self._function is not None and _any_requires_grad(*args) and _grad_enabled():
             return self._function.apply(*args)
         return self._impl(*args)
