@@ -232,7 +232,8 @@ def flash_attention(
     need_probs = _check_flag("return_attn_probs", return_attn_probs)
     deterministic = _check_flag("deterministic", deterministic)
     need_lse = need_probs or return_lse
-    if backend.select("attention", q, lambda: _support(q)) == "torch":
+    name = backend.select("attention", q, lambda: _support(q))
+    if name == "torch":
         # Called straight from here, positionally: on tiny tensors each layer of keyword
         # forwarding costs as much as a check.
         if softcap or need_lse or (deterministic and q.is_cuda):
@@ -249,26 +250,14 @@ def flash_attention(
                 slopes=slopes,
                 softcap=softcap,
                 need_probs=need_probs,
+                need_lse=need_lse,
             )
         else:
             out = _torch_sdpa(q, k, v, causal, scale, window, dropout_p, seed, bias, slopes)
             lse = probs = None
     else:
-        out, lse, probs = _attention(
-            q,
-            k,
-            v,
-            causal=causal,
-            scale=scale,
-            window=window,
-            dropout_p=dropout_p,
-            seed=seed,
-            bias=bias,
-            slopes=slopes,
-            softcap=softcap,
-            need_lse=need_lse,
-            need_probs=need_probs,
-            deterministic=deterministic,
+        out, lse, probs = _kernel_dense(
+            q, k, v, name, causal, scale, window, dropout_p, seed, bias, slopes, softcap, need_probs
         )
     if need_probs:
         return out, lse, probs
@@ -382,7 +371,8 @@ def scaled_dot_product_attention(
     tensors this is PyTorch's own function. The Triton kernels take 4-D fp16/bf16 tensors
     with value's head_dim equal to query's, up to 256."""
     _check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    if backend.select("attention", query, lambda: _sdpa_support(query, key, value)) == "torch":
+    name = backend.select("attention", query, lambda: _sdpa_support(query, key, value))
+    if name == "torch":
         out = F.scaled_dot_product_attention(
             query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
         )
@@ -393,7 +383,9 @@ def scaled_dot_product_attention(
         return out
     # (B, S, H, D) views; key and value broadcast over the batch as in torch.
     q = query.transpose(1, 2)
-    k, v = (t.expand(query.shape[0], *t.shape[1:]).transpose(1, 2) for t in (key, value))
+    k, v = key.transpose(1, 2), value.transpose(1, 2)
+    if k.shape[0] != q.shape[0]:  # a batch of one, broadcast
+        k, v = (t.expand(q.shape[0], *t.shape[1:]) for t in (k, v))
     batch, seqlen_q, n_heads = q.shape[:3]
     seqlen_k = k.shape[1]
     bias = None
@@ -401,17 +393,12 @@ def scaled_dot_product_attention(
         if attn_mask.dtype == torch.bool:
             attn_mask = additive_mask(attn_mask, q.dtype)
         bias = _check_bias(attn_mask, batch, n_heads, seqlen_q, seqlen_k, q, name="attn_mask")
-    out, _, _ = _attention(
-        q,
-        k,
-        v,
-        causal=False,
-        scale=_check_scale(scale, q.shape[-1], "scale"),
-        # Top-left causal: j <= i, i.e. a window's right bound of -(Sk - Sq) at bottom-right.
-        window=(None, seqlen_q - seqlen_k) if is_causal else UNBOUNDED,
-        dropout_p=dropout_p,
-        seed=check_dropout(dropout_p, None),
-        bias=bias,
+    scale = _check_scale(scale, q.shape[-1], "scale")
+    # Top-left causal: j <= i, i.e. a window's right bound of -(Sk - Sq) at bottom-right.
+    window = (None, seqlen_q - seqlen_k) if is_causal else UNBOUNDED
+    seed = _check_dropout(dropout_p, None)
+    out, _, _ = _kernel_dense(
+        q, k, v, name, False, scale, window, dropout_p, seed, bias, None, 0.0, False
     )
     return out.transpose(1, 2)
 
@@ -791,7 +778,9 @@ def _sdpa_support(query, key, value) -> dict:
             return (
                 f"the attention kernels take head_dim up to {MAX_HEAD_DIM}, got {query.shape[-1]}"
             )
-        return _support(query)["triton"]()
+        if query.dtype not in HALF_DTYPES:
+            return f"the attention kernels take fp16/bf16, got {query.dtype}"
+        return None
 
     return supports(triton_error)
 
@@ -870,6 +859,39 @@ def _attention(
         args = _kernel_args(causal, scale, left, right, dropout_p, seed, softcap)
         keys = k if block_table is None else packed_k
         probs = _kernel_probs(q, keys, args, window, bias, slopes, packed)
+    return out, lse, probs
+
+
+def _kernel_dense(
+    q, k, v, name, causal, scale, window, dropout_p, seed, bias, slopes, softcap, need_probs
+):
+    """:func:`_attention` on dense (B, S, H, D) tensors for backend ``name``, a kernel's
+    (chosen already): the custom op called with no layer between."""
+    left, right = window
+    out, lse = attention_fwd(
+        last_dim_contiguous(q),
+        last_dim_contiguous(k),
+        last_dim_contiguous(v),
+        bias,
+        slopes,
+        None,
+        None,
+        q.shape[1],
+        k.shape[1],
+        causal,
+        scale,
+        left,
+        right,
+        float(dropout_p),
+        seed,
+        softcap,
+        None,
+        name,
+    )
+    probs = None
+    if need_probs:
+        args = _kernel_args(causal, scale, left, right, dropout_p, seed, softcap)
+        probs = _kernel_probs(q, k, args, window, bias, slopes, None)
     return out, lse, probs
 
 
@@ -1185,6 +1207,7 @@ def _torch_attention(
             slopes=slopes,
             softcap=softcap,
             need_probs=need_probs,
+            need_lse=need_lse,
         )
     out = _torch_sdpa(q, k, v, causal, scale, window, dropout_p, seed, bias, slopes)
     return out, None, None
@@ -1305,24 +1328,29 @@ def _explicit_attention(
     slopes: Tensor | None,
     softcap: float,
     need_probs: bool,
-) -> tuple[Tensor, Tensor, Tensor | None]:
+    need_lse: bool = True,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Attention with the scores materialized in fp32 (fp64 for fp64 inputs), the reference's
     formula, chunk by chunk of query rows so memory stays bounded for long sequences; under
-    autograd each chunk is recomputed in backward (activation checkpointing) instead of
-    keeping its probabilities. Dropout draws each chunk's keep pattern in turn from one
-    generator seeded by ``seed`` (the chunks depend on the shapes only, so a seed gives one
-    pattern). Returns ``(out, lse, S_dmask or None)``."""
+    autograd, when there are several chunks, each is recomputed in backward (activation
+    checkpointing) instead of keeping its probabilities. Dropout draws each chunk's keep
+    pattern in turn from one generator seeded by ``seed`` (the chunks depend on the shapes
+    only, so a seed gives one pattern). Returns ``(out, lse or None unless need_lse,
+    S_dmask or None)``."""
     compute = torch.promote_types(q.dtype, torch.float32)
     batch, seqlen_q, n_heads, _ = q.shape
     seqlen_k = k.shape[1]
     group = n_heads // k.shape[2]
     # (B, H, S, D) operands for batched matmuls; the scale (over the cap) folded into q.
     q_ = q.to(compute).transpose(1, 2) * (scale / softcap if softcap else scale)
-    k_, v_ = (t.to(compute).repeat_interleave(group, dim=2).transpose(1, 2) for t in (k, v))
+    if group > 1:
+        k, v = (t.repeat_interleave(group, dim=2) for t in (k, v))
+    k_, v_ = (t.to(compute).transpose(1, 2) for t in (k, v))
     bias_ = None if bias is None else bias.to(compute)
     gen = None
     if dropout_p > 0:
         gen = torch.Generator(device=q.device).manual_seed(seed)
+    rows = max(1, _CHUNK_SCORES // max(1, batch * n_heads * seqlen_k))
     options = dict(
         seqlen_q=seqlen_q,
         causal=causal,
@@ -1330,15 +1358,19 @@ def _explicit_attention(
         slopes=slopes,
         softcap=softcap,
         dropout_p=dropout_p,
+        need_lse=need_lse,
     )
     tensors = [t for t in (q, k, v, bias) if t is not None]
+    # Recomputed in backward only where the rows run in several chunks: one chunk's scores
+    # (at most _CHUNK_SCORES) are kept as plain PyTorch keeps them, and backward then costs
+    # what plain PyTorch's does.
     recompute = (
-        torch.is_grad_enabled()
+        rows < seqlen_q
+        and torch.is_grad_enabled()
         and any(t.requires_grad for t in tensors)
         and not need_probs
         and q.device.type != "meta"
     )
-    rows = max(1, _CHUNK_SCORES // max(1, batch * n_heads * seqlen_k))
     outs, lses, probs = [], [], []
     for first in range(0, seqlen_q, rows):
         part = slice(first, first + rows)
@@ -1366,8 +1398,8 @@ def _explicit_attention(
         empty = q.new_empty((batch, 0, n_heads), dtype=torch.float32).transpose(1, 2)
         s_dmask = q.new_zeros((batch, n_heads, 0, seqlen_k), dtype=torch.float32)
         return torch.empty_like(q), empty, s_dmask if need_probs else None
-    out = torch.cat(outs, dim=1).to(q.dtype)
-    lse = torch.cat(lses, dim=-1).float()
+    out = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)).to(q.dtype)
+    lse = torch.cat(lses, dim=-1).float() if need_lse else None
     return out, lse, torch.cat(probs, dim=2).float() if need_probs else None
 
 
@@ -1385,32 +1417,46 @@ def _attention_chunk(
     slopes: Tensor | None,
     softcap: float,
     dropout_p: float,
-) -> tuple[Tensor, Tensor, Tensor]:
+    need_lse: bool = True,
+) -> tuple[Tensor, Tensor | None, Tensor]:
     """Query rows ``first .. first + len`` of :func:`_reference`, from (B, H, S, D) operands
     (q already scaled, over ``softcap`` when capped; K/V repeated over the query heads):
-    ``(out (B, rows, H, D), lse, probabilities before dropout)``."""
-    seqlen_k = k.shape[2]
+    ``(out (B, rows, H, D), lse or None, probabilities before dropout)``."""
+    seqlen_k, n_rows = k.shape[2], q.shape[2]
     scores = q @ k.transpose(-1, -2)
     if softcap:
         scores = torch.tanh(scores) * softcap
     if bias is not None:
         scores = scores + bias
-    # i + Sk - Sq - j for the chunk's rows i: the masks and ALiBi align bottom-right.
-    i = torch.arange(first, first + q.shape[2], device=q.device)[:, None]
-    offset = i + (seqlen_k - seqlen_q) - torch.arange(seqlen_k, device=q.device)[None, :]
+    shift = seqlen_k - seqlen_q  # the masks and ALiBi align bottom-right
+    left, right = causal_window(window, causal)
+    offset = None
+    if slopes is not None or left is not None:
+        # i + Sk - Sq - j for the chunk's rows i.
+        i = torch.arange(first, first + n_rows, device=q.device)[:, None]
+        offset = i + shift - torch.arange(seqlen_k, device=q.device)[None, :]
     if slopes is not None:
         scores = scores - slopes.to(scores.dtype).reshape(-1, q.shape[1], 1, 1) * offset.abs()
-    left, right = causal_window(window, causal)
+    seen = None
     if left is not None or right is not None:
-        seen = torch.ones_like(offset, dtype=torch.bool)
-        if left is not None:
-            seen &= offset <= left
-        if right is not None:
-            seen &= offset >= -right
+        if offset is None:  # causal-like, no left bound: a triangle, j <= i + shift + right
+            seen = torch.ones(n_rows, seqlen_k, dtype=torch.bool, device=q.device)
+            seen = seen.tril_(first + shift + right)
+        else:
+            seen = offset <= left if left is not None else offset >= -right
+            if left is not None and right is not None:
+                seen &= offset >= -right
         scores = scores.masked_fill(~seen, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    # Only rows that see no key (lse -inf) are zeroed: a NaN score stays NaN, as in PyTorch.
-    probs = torch.softmax(scores, dim=-1).masked_fill(lse[..., None] == float("-inf"), 0.0)
+    # A bias may hide every key of a row (-inf): then only the log-sum-exp tells.
+    lse = torch.logsumexp(scores, dim=-1) if need_lse or bias is not None else None
+    probs = torch.softmax(scores, dim=-1)
+    # Only rows that see no key are zeroed: a NaN score stays NaN, as in PyTorch.
+    if lse is not None:
+        probs = probs.masked_fill(lse[..., None] == float("-inf"), 0.0)
+    elif seen is not None:
+        sees = seen.any(-1, keepdim=True)
+        if not q.is_cpu or not sees.all():  # (no device sync to skip the fill)
+            probs = probs.masked_fill(~sees, 0.0)
     weights = probs if keep is None else probs * keep / (1.0 - dropout_p)
     return (weights @ v).transpose(1, 2), lse, probs
 

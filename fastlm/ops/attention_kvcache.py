@@ -5,6 +5,7 @@ its contract, custom op and backends (the Triton decode kernel of
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -197,8 +198,10 @@ def _plain_step(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, softma
     checks and then :func:`_torch_decode`'s no-mask case (the same calls, so the same
     bits), without the layers between them, which cost as much again as the checks on a
     small step. Returns None, having changed nothing, for any other call."""
+    if backend.forced_backend() not in (None, "torch"):
+        return None
     checked = _decode_step(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale)
-    if checked is None or backend.forced_backend() not in (None, "torch"):
+    if checked is None:
         return None
     scale, (fewest, most) = checked
     seqlen_q, n_new = q.shape[1], k_new.shape[1]
@@ -235,6 +238,15 @@ def _rotate_alone(x, cos, sin, interleaved, **positions):
     return apply_rotary(x, x[:, :, :1], cos, sin, interleaved, **positions)[0]
 
 
+@functools.cache
+def _decode_kernels():
+    """``fastlm.kernels.attention_decode``, imported on first use (it imports Triton); its
+    launcher is looked up per call, so a test may replace it."""
+    import fastlm.kernels.attention_decode
+
+    return fastlm.kernels.attention_decode
+
+
 def _attention_kvcache(
     q: Tensor,
     k_cache: Tensor,
@@ -255,9 +267,7 @@ def _attention_kvcache(
     backend_name: str,
 ) -> tuple[Tensor, Tensor]:
     # Only the kernels come here: the torch backend is called directly.
-    from fastlm.kernels.attention_decode import attention_decode
-
-    return attention_decode(
+    return _decode_kernels().attention_decode(
         q,
         k_cache,
         v_cache,
@@ -358,9 +368,10 @@ def _torch_decode(
         k, v = (_zero_rows(t, free)[:, :most] for t in (k, v))
 
     exact = need_lse or softcap or slopes is not None
+    offset = None
     if (
         uniform
-        and not exact
+        and slopes is None
         and fewest >= seqlen_q
         and window == (-1, -1)
         and (seqlen_q == 1 or not causal)
@@ -372,8 +383,10 @@ def _torch_decode(
         seen, offset = _visible(ends, cache_leftpad, seqlen_q, most, causal, window, slopes)
     if exact:
         compute = torch.promote_types(q.dtype, torch.float32)
-        out, lse = _decode_scores(q, k, v, seen, offset, scale, softcap, slopes, compute)
-        return out.to(q.dtype), lse.float()
+        out, lse = _decode_scores(q, k, v, seen, offset, scale, softcap, slopes, compute, need_lse)
+        if out.dtype is not q.dtype:
+            out = out.to(q.dtype)
+        return out, None if lse is None else lse.float()
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),
         k.transpose(1, 2),
@@ -450,22 +463,45 @@ def _visible(ends, leftpad, seqlen_q, seqlen_k, causal, window, slopes):
     return seen.expand(-1, seqlen_q, -1), offset
 
 
-def _decode_scores(q, k, v, seen, offset, scale, softcap, slopes, compute):
-    """out (B, Sq, H, D) and lse (B, H, Sq) from scores formed in ``compute`` (the
-    reference's formula; the H / Hkv query heads of a KV head are one matmul's rows)."""
+def _decode_scores(q, k, v, seen, offset, scale, softcap, slopes, compute, need_lse=True):
+    """out (B, Sq, H, D) and lse (B, H, Sq; None unless ``need_lse``) from scores formed in
+    ``compute`` (the reference's formula; the H / Hkv query heads of a KV head are one
+    matmul's rows). ``seen`` None: every query sees every key."""
     batch, seqlen_q, n_heads, head_dim = q.shape
     kv_heads, seqlen_k = k.shape[2], k.shape[1]
+    grouped = n_heads != kv_heads
     rows = (batch, kv_heads, n_heads // kv_heads * seqlen_q, head_dim)
-    qf = q.to(compute).transpose(1, 2).reshape(rows)  # head h = kv * group + g
-    kf, vf = (t.to(compute).transpose(1, 2) for t in (k, v))  # (B, Hkv, S, D)
-    scores = (qf @ kf.transpose(-1, -2)).view(batch, n_heads, seqlen_q, seqlen_k) * scale
-    if softcap:
-        scores = softcap * torch.tanh(scores / softcap)
+    # (Each call costs a microsecond or more on a small step: the conversions and views
+    # that change nothing are skipped.)
+    qf, kf, vf = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # kf, vf (B, Hkv, S, D)
+    if q.dtype is not compute:
+        qf, kf, vf = qf.to(compute), kf.to(compute), vf.to(compute)
+    if grouped:
+        qf = qf.reshape(rows)  # head h = kv * group + g
+    scores = qf @ kf.transpose(-1, -2)
+    if grouped:
+        scores = scores.view(batch, n_heads, seqlen_q, seqlen_k)
+    if scores.requires_grad:
+        scores = scores * scale
+        if softcap:
+            scores = softcap * torch.tanh(scores / softcap)
+    else:  # the fresh scores, rewritten in place: no score-sized temporaries
+        scores.mul_(scale)
+        if softcap:
+            scores.div_(softcap).tanh_().mul_(softcap)
     if slopes is not None:
         scores = scores - slopes.to(compute).reshape(-1, n_heads, 1, 1) * offset.abs()[:, None]
-    scores = scores.masked_fill(~seen[:, None], -math.inf)
-    lse = torch.logsumexp(scores, -1)  # (B, H, Sq)
-    probs = torch.exp(scores - lse[..., None]).masked_fill(lse[..., None] == -math.inf, 0.0)
+    if seen is not None:
+        scores = scores.masked_fill(~seen[:, None], -math.inf)
+    if need_lse:
+        lse = torch.logsumexp(scores, -1)  # (B, H, Sq)
+        probs = torch.exp(scores - lse[..., None]).masked_fill(lse[..., None] == -math.inf, 0.0)
+    else:
+        lse, probs = None, torch.softmax(scores, -1)
+        if seen is not None:  # rows that see no key: zeros (softmax gives NaN)
+            probs = probs.masked_fill(~seen.any(-1)[:, None, :, None], 0.0)
+    if not grouped:
+        return (probs @ vf).transpose(1, 2), lse
     out = probs.view(batch, kv_heads, rows[2], seqlen_k) @ vf  # rows[2]: -1 fails at S = 0
     return out.view(batch, n_heads, seqlen_q, head_dim).transpose(1, 2), lse
 
