@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastlm import ops
+from fastlm import backend, ops
 
 
 def _scores_mask(mask: Tensor | None, name: str, dtype: torch.dtype) -> Tensor | None:
@@ -71,6 +71,33 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
+        if (
+            need_weights is False
+            and attn_mask is None
+            and key_padding_mask is None
+            and query is key
+            and key is value
+            and not self.training
+            and self._native_inference(query)
+        ):
+            # Inference on CPU tensors: the one native op torch's own forward calls for
+            # this call (the same numbers), without torch's Python preamble before it.
+            out = torch._native_multi_head_attention(
+                query,
+                key,
+                value,
+                self.embed_dim,
+                self.num_heads,
+                self.in_proj_weight,
+                self.in_proj_bias,
+                self.out_proj.weight,
+                self.out_proj.bias,
+                None,
+                False,
+                average_attn_weights,
+                None,
+            )
+            return out[0], None
         if query.is_nested or key.is_nested or value.is_nested:
             return super().forward(
                 query,
@@ -148,6 +175,53 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             out = out.squeeze(0)
         out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
         return out, weights
+
+    def _native_inference(self, x: Tensor) -> bool:
+        """Whether torch's forward would answer self-attention on ``x`` (no masks, no
+        weights, eval mode: checked by the caller) with its fused native op, and fastlm's
+        choice is PyTorch's own: CPU tensors, no backend forced. These are torch's
+        conditions for that op, in torch's order of cost."""
+        weight, bias = self.in_proj_weight, self.in_proj_bias
+        return (
+            type(x) is Tensor
+            and x.is_cpu
+            and not x.is_nested
+            and x.dim() == 3
+            and x.shape[-1] == self.embed_dim
+            and self.batch_first
+            and weight is not None
+            and bias is not None
+            and x.dtype is weight.dtype
+            and x.dtype is bias.dtype
+            and self.num_heads % 2 == 0
+            and self.bias_k is None
+            and self.bias_v is None
+            and not self.add_zero_attn
+            and self._qkv_same_embed_dim
+            and not torch.is_autocast_enabled()
+            and torch.backends.mha.get_fastpath_enabled()
+            and backend.forced_backend() is None
+            and not torch.compiler.is_compiling()
+            and not torch._C._len_torch_dispatch_stack()  # make_fx and other tracers
+            and self._plain_parameters()
+            and not (
+                torch.is_grad_enabled()
+                and (
+                    x.requires_grad
+                    or weight.requires_grad
+                    or bias.requires_grad
+                    or self.out_proj.weight.requires_grad
+                    or (self.out_proj.bias is not None and self.out_proj.bias.requires_grad)
+                )
+            )
+        )
+
+    def _plain_parameters(self) -> bool:
+        """No tensor subclass among the projections (torch's own test: has_torch_function)."""
+        tensors = (self.in_proj_weight, self.in_proj_bias, self.out_proj.weight)
+        plain = (Tensor, torch.nn.Parameter)
+        bias = self.out_proj.bias
+        return all(type(t) in plain for t in tensors) and (bias is None or type(bias) in plain)
 
     def _check_inputs(
         self,

@@ -365,7 +365,34 @@ def test_patch_swaps_multihead_attention_in_place(monkeypatch):
     calls.clear()
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(x), before)
-    # In eval mode without autograd, TransformerEncoderLayer runs torch's fused layer
-    # (torch._transformer_encoder_layer_fwd) from self_attn's weights and never calls
-    # self_attn.forward: same numbers, torch's kernels.
-    assert len(calls) == 1
+    # In eval mode without autograd on CPU tensors, TransformerEncoderLayer runs torch's
+    # fused layer (torch._transformer_encoder_layer_fwd) from self_attn's weights and never
+    # calls self_attn.forward, and fastlm's MultiheadAttention answers with the fused op
+    # torch's own forward calls there (torch._native_multi_head_attention): same numbers,
+    # torch's kernels.
+    assert len(calls) == 0
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_cpu_inference_is_torchs_own_fused_op_bit_for_bit(monkeypatch, grad):
+    """Eval-mode self-attention without masks or weights on CPU tensors: the native op torch's
+    own forward calls, so the same bits; with grad needed, fastlm's path (same policy)."""
+    ours, ref, _ = _modules(dict(embed_dim=16, num_heads=4, batch_first=True))
+    ours.eval(), ref.eval()
+    x = torch.randn(3, 5, 16)
+    native = []
+    real = torch._native_multi_head_attention
+    monkeypatch.setattr(
+        torch, "_native_multi_head_attention", lambda *a: native.append(1) or real(*a)
+    )
+    with torch.set_grad_enabled(grad):
+        got, weights = ours(x, x, x, need_weights=False)
+        want, _ = ref(x, x, x, need_weights=False)
+    assert weights is None and native == ([] if grad else [1, 1])  # ours, then torch's
+    if grad:
+        torch.testing.assert_close(got, want)
+    else:
+        assert torch.equal(got, want)
+    with torch.no_grad(), fastlm.use_backend("torch"):  # a forced backend: fastlm's path
+        ours(x, x, x, need_weights=False)
+    assert len(native) == (0 if grad else 2)
