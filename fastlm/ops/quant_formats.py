@@ -216,25 +216,29 @@ def dequantize_weight(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -
     fp32, or fp64 for fp64)."""
     n, k = qw.shape
     compute = torch.float64 if dtype is torch.float64 else torch.float32
-    # Integer codes times float scales promote to the float dtype: the codes convert exactly
-    # inside the multiply, so each format writes one (N, K) float tensor where converting,
-    # offsetting and scaling one step at a time write three (the same bits).
+    # The arithmetic runs in place on the fresh (N, K) float tensor the codes convert to: the
+    # same operations in the same order as out of place (the same bits), without a new
+    # weight-sized allocation per step. Metadata that autograd follows keeps it out of place.
+    # (Multiplying the integer codes by the float scales directly would write one tensor,
+    # but PyTorch runs mixed-dtype elementwise ops element by element: 5-20x slower.)
+    inplace = not (torch.is_grad_enabled() and qw.scales.requires_grad)
     if qw.bits == 8:
-        w = torch.mul(qw.qweight, qw.scales.to(compute)[:, None])
+        w = qw.qweight.to(compute)
+        scales = qw.scales.to(compute)[:, None]
+        w = w.mul_(scales) if inplace else w * scales
         return w if dtype is compute else w.to(dtype)
     scales = qw.block_scales().to(compute)[..., None]
     q = unpack_int4(qw.qweight).view(n, k // qw.group_size, qw.group_size)
     if qw.scheme == "nf4":
         code = _code(compute, q.device)
         # A gather by int32 indices: a fresh tensor, as code[q.long()] gives, at half the
-        # index bytes; scaled in place unless autograd follows the scales.
+        # index bytes.
         w = code.index_select(0, q.view(-1).int()).view(q.shape)
-        followed = torch.is_grad_enabled() and scales.requires_grad
-        w = w * scales if followed else w.mul_(scales)
+        w = w.mul_(scales) if inplace else w * scales
     else:
-        # Codes and zero points are in [0, 15]: their difference is exact in int8.
-        zeros = 8 if qw.zeros is None else qw.zeros.to(torch.int8)[..., None]
-        w = torch.mul(q.to(torch.int8).sub_(zeros), scales)
+        zeros = 8 if qw.zeros is None else qw.zeros.to(compute)[..., None]
+        w = q.to(compute)
+        w = w.sub_(zeros).mul_(scales) if inplace else (w - zeros) * scales
     w = w.view(n, k)
     return w if dtype is compute else w.to(dtype)
 
