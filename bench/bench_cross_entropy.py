@@ -9,7 +9,8 @@ Bytes moved (the roofline numerator), for N rows of V logits of e bytes:
 
 FLOPs (rough; the op is memory-bound): ``4*N*V`` forward (max, subtract, exp, sum) and
 ``4*N*V`` more for the gradient. The linear cross-entropy is compute-bound:
-``6*N*H*V`` (the projection forward, and d_hidden and d_weight) plus the cross-entropy's.
+``6*N*H*V`` (the projection forward, and d_hidden and d_weight) plus the cross-entropy's,
+``2*N*H*V`` plus the cross-entropy forward's in its forward-only rows (no grad).
 
 Soft-capping (Gemma 2's final-logit cap, ``softcap * tanh(logits / softcap)``) gets its own
 rows, ``linear_cross_entropy fwd+bwd softcap=30`` beside the uncapped ones at the same
@@ -18,14 +19,16 @@ in a kernel that is bound by memory in the cross-entropy and by the GEMMs in the
 
 Peak memory is where the fused linear cross-entropy wins: ``python -m
 bench.bench_cross_entropy`` measures it on the CPU at N=8192, V=32000, H=768, fp32, against
-``F.cross_entropy(F.linear(h, W), t)`` (:func:`memory_report`); the harness also reports the
-peak of every case.
+``F.cross_entropy(F.linear(h, W), t)`` (:func:`memory_report`), and times both there
+(:func:`speed_report`); the harness also reports the peak of every case.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import statistics
+import time
 from collections.abc import Callable, Iterator
 
 import torch
@@ -136,6 +139,22 @@ def cases(quick: bool, device: torch.device) -> Iterator[Case]:
         del x
         h = torch.randn(n, hidden, device=device, dtype=dtype, requires_grad=True)
         w = torch.randn(v, hidden, device=device, dtype=dtype, requires_grad=True)
+        for name, (fn, be) in _linear_providers(device).items():
+
+            def forward(fn=fn, be=be, h=h, w=w, t=t):
+                with torch.no_grad(), backend.use_backend(be):
+                    return fn(h, w, t)
+
+            # Bytes: hidden and weight, plus the cross-entropy forward over the logits.
+            yield Case(
+                "linear_cross_entropy fwd",
+                name,
+                (n, hidden, v),
+                dtype,
+                forward,
+                (n + v) * hidden * e + ce_bytes(n, v, e, False),
+                2 * n * hidden * v + ce_flops(n, v, False),
+            )
         for softcap in (None, SOFTCAP):
             label = "linear_cross_entropy fwd+bwd" + ("" if softcap is None else " softcap=30")
             for name, (fn, be) in _linear_providers(device).items():
@@ -186,10 +205,63 @@ def memory_report(n: int = 8192, v: int = 32000, hidden: int = 768) -> dict[str,
     return {"fused_mib": fused_mib, "unfused_mib": unfused_mib, "ratio": fused_mib / unfused_mib}
 
 
+def speed_report(
+    n: int = 8192, v: int = 32000, hidden: int = 768, rounds: int = 3
+) -> dict[str, float]:
+    """Seconds per call of the fused linear cross-entropy (torch backend) and of the unfused
+    ``F.cross_entropy(F.linear(h, W), t)``, forward+backward and forward only, fp32 on the
+    CPU at one thread (as the harness times the CPU): the median of ``rounds`` alternating
+    rounds after a warm-up call of each, with the ratios fused / unfused."""
+    h = torch.randn(n, hidden, requires_grad=True)
+    w = (torch.randn(v, hidden) / hidden**0.5).requires_grad_()
+    t = torch.randint(0, v, (n,))
+
+    def fused():
+        with backend.use_backend("torch"):
+            return torch.autograd.grad(ops.linear_cross_entropy(h, w, t), [h, w])
+
+    def unfused():
+        return torch.autograd.grad(_unfused_linear(h, w, t), [h, w])
+
+    def fused_fwd():
+        with torch.no_grad(), backend.use_backend("torch"):
+            return ops.linear_cross_entropy(h, w, t)
+
+    def unfused_fwd():
+        with torch.no_grad():
+            return _unfused_linear(h, w, t)
+
+    calls = dict(fused=fused, unfused=unfused, fused_fwd=fused_fwd, unfused_fwd=unfused_fwd)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        times: dict[str, list[float]] = {name: [] for name in calls}
+        for fn in calls.values():
+            fn()
+        for r in range(rounds):
+            for name in calls if r % 2 == 0 else reversed(calls):
+                start = time.perf_counter()
+                calls[name]()
+                times[name].append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    report = {name: statistics.median(ts) for name, ts in times.items()}
+    report["ratio"] = report["fused"] / report["unfused"]
+    report["fwd_ratio"] = report["fused_fwd"] / report["unfused_fwd"]
+    return report
+
+
 if __name__ == "__main__":
     report = memory_report()
     print(
         f"linear cross-entropy fwd+bwd peak, N=8192 V=32000 H=768 fp32 (CPU): fused "
         f"{report['fused_mib']:.1f} MiB, unfused {report['unfused_mib']:.1f} MiB, "
         f"ratio {report['ratio']:.3f}"
+    )
+    speed = speed_report()
+    print(
+        f"linear cross-entropy, same shape, one thread, median of 3 alternating rounds: "
+        f"fwd+bwd fused {speed['fused'] * 1e3:.0f} ms, unfused {speed['unfused'] * 1e3:.0f} ms, "
+        f"ratio {speed['ratio']:.3f}; fwd fused {speed['fused_fwd'] * 1e3:.0f} ms, unfused "
+        f"{speed['unfused_fwd'] * 1e3:.0f} ms, ratio {speed['fwd_ratio']:.3f}"
     )

@@ -30,10 +30,12 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from fastlm import backend
 from fastlm.ops._common import (
     FLOAT32_AND_HALF_DTYPES,
+    EagerOp,
     SupportCheck,
     absent,
     dtype_error,
@@ -44,6 +46,8 @@ from fastlm.ops.autocast import autocast_policy
 from fastlm.ops.contract import check_float, check_real, values_readable
 
 _REDUCTIONS = ("mean", "sum", "none")
+# torch.nn.functional's codes for them (torch.nn._reduction.get_enum).
+_REDUCTION_ENUM = {"none": 0, "mean": 1, "sum": 2}
 _INT32 = (-(2**31), 2**31 - 1)
 
 
@@ -150,26 +154,49 @@ def cross_entropy(
     Returns the loss in the dtype of ``logits`` (or a :class:`CrossEntropyOutput`). The
     input is never modified.
     """
-    _check_common(logits, target, "logits", ignore_index, label_smoothing, reduction, z_loss)
-    weight = _check_class_weight("weight", weight, logits.shape[1], logits.device)
-    softcap = _check_softcap(softcap)
-    _check_flags(return_z_loss, return_token_accuracy)
-    name = backend.select("cross_entropy", logits.device, _support(logits, ignore_index))
+    cpu = isinstance(logits, Tensor) and logits.is_cpu
+    v, target_dtype = _check_common(
+        logits, target, "logits", ignore_index, label_smoothing, reduction, z_loss, cpu
+    )
+    if weight is not None:
+        weight = _check_class_weight("weight", weight, v, logits.device)
+    softcap = 0.0 if softcap is None else _check_softcap(softcap)
+    if type(return_z_loss) is not bool or type(return_token_accuracy) is not bool:
+        _check_flags(return_z_loss, return_token_accuracy)
+    name = backend.select("cross_entropy", logits, lambda: _support(logits, ignore_index))
+    if name != "torch" or not cpu:
+        _check_classes(target, v, ignore_index)
+    elif not (z_loss or softcap or weight is not None or return_z_loss or return_token_accuracy):
+        # F.cross_entropy itself, as cheaply as it can be called. On the CPU its own bounds
+        # check (an IndexError) stands in for _check_classes, which then names the class.
+        if target_dtype is not torch.int64:
+            target = target.long()
+        try:
+            return torch._C._nn.cross_entropy_loss(
+                logits, target, None, _REDUCTION_ENUM[reduction], ignore_index, label_smoothing
+            )
+        except IndexError:
+            _check_classes(target, v, ignore_index)
+            raise
     if name == "torch":
-        loss, lse, argmax = _torch_cross_entropy(
-            logits,
-            target,
-            ignore_index,
-            label_smoothing,
-            reduction,
-            z_loss,
-            weight,
-            softcap,
-            return_z_loss,
-            return_token_accuracy,
-        )
+        try:
+            loss, lse, argmax = _torch_cross_entropy(
+                logits,
+                target,
+                ignore_index,
+                label_smoothing,
+                reduction,
+                z_loss,
+                weight,
+                softcap,
+                return_z_loss,
+                return_token_accuracy,
+            )
+        except IndexError:
+            _check_classes(target, v, ignore_index)
+            raise
     else:
-        rows, lse, argmax = torch.ops.fastlm.cross_entropy_fwd(
+        rows, lse, argmax = cross_entropy_fwd(
             logits,
             target,
             weight,
@@ -180,8 +207,13 @@ def cross_entropy(
             return_token_accuracy,
             name,
         )
-        row_w = _row_weights(target, ignore_index, weight, rows.dtype)
-        loss = _reduce(rows, row_w, reduction).to(logits.dtype)
+        loss = rows
+        if reduction != "none":
+            loss = rows.sum()
+            if reduction == "mean":
+                loss = loss / _denominator(target, ignore_index, weight, rows.dtype)
+        if loss.dtype is not logits.dtype:
+            loss = loss.to(logits.dtype)
     if not (return_z_loss or return_token_accuracy):
         return loss
     argmax = argmax if return_token_accuracy else None  # the custom ops return it empty
@@ -247,8 +279,9 @@ def linear_cross_entropy(
     v = weight.shape[0]
     if bias is not None and tuple(bias.shape) != (v,):
         raise ValueError(f"bias must have shape ({v},), got {tuple(bias.shape)}")
-    _check_target(target, hidden.shape[0], v, hidden.device, ignore_index)
+    _check_target(target, hidden.shape[0], hidden, "logits", hidden.is_cpu)
     _check_options(ignore_index, label_smoothing, reduction, z_loss)
+    _check_classes(target, v, ignore_index)
     if out_dtype is not None and not (
         isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point
     ):
@@ -262,12 +295,17 @@ def linear_cross_entropy(
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     name = backend.select(
-        "linear_cross_entropy", hidden.device, _linear_support(hidden, ignore_index)
+        "linear_cross_entropy", hidden, lambda: _linear_support(hidden, ignore_index)
     )
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden, weight, bias)
-    )
-    loss, lse, argmax, _, _, _ = torch.ops.fastlm.linear_cross_entropy_fwd(
+    grad_mask = 0
+    if torch.is_grad_enabled():
+        grad_mask = (
+            (_DH if hidden.requires_grad else 0)
+            | (_DW if weight.requires_grad else 0)
+            | (_DB if bias is not None and bias.requires_grad else 0)
+        )
+    compute_lse = z_loss != 0.0 or return_z_loss
+    loss, lse, argmax, _, _, _ = linear_cross_entropy_fwd(
         hidden,
         weight,
         bias,
@@ -279,12 +317,14 @@ def linear_cross_entropy(
         softcap,
         reduction,
         chunk_size,
-        needs_grad and reduction != "none",
+        # "none": the forward cannot form the gradients (see _linear_ce_bwd).
+        grad_mask if reduction != "none" else 0,
+        compute_lse,
         return_token_accuracy,
         name,
     )
     if reduction == "mean":
-        loss = loss / _row_weights(target, ignore_index, ce_weight, loss.dtype).sum()
+        loss = loss / _denominator(target, ignore_index, ce_weight, loss.dtype)
     loss = loss.to(hidden.dtype if out_dtype is None else out_dtype)
     if not (return_z_loss or return_token_accuracy):
         return loss
@@ -315,18 +355,29 @@ def _next_power_of_2(x: int) -> int:
 # Validation.
 
 
-def _check_target(target: Tensor, n: int, v: int, device: torch.device, ignore_index) -> None:
+_TARGET_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
+
+
+def _check_target(target: Tensor, n: int, like: Tensor, what: str, cpu: bool) -> torch.dtype:
+    """Type, dtype, shape and device of ``target`` (its values: :func:`_check_classes`);
+    ``cpu``: whether ``like`` is on the CPU. Returns the target's dtype."""
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
-    if target.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-        raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}")
-    if tuple(target.shape) != (n,):
+    dtype = target.dtype
+    if dtype not in _TARGET_DTYPES:
+        raise TypeError(f"target must hold integer class indices, got dtype {dtype}")
+    if target.shape != (n,):
         raise ValueError(f"target must have shape ({n},), got {tuple(target.shape)}")
-    if target.device != device:
-        raise ValueError(f"target is on {target.device} but the logits are on {device}")
-    # One device-to-host copy on GPUs, where an out-of-range class would be a device-side
-    # assert on the torch backend and NaN on the kernels; skipped where values cannot be read.
-    if n and values_readable(target):
+    if not (cpu and target.is_cpu) and target.device != like.device:
+        raise ValueError(f"target is on {target.device} but the {what} are on {like.device}")
+    return dtype
+
+
+def _check_classes(target: Tensor, v: int, ignore_index: int) -> None:
+    """Refuse a target outside ``[0, V)`` that is not ``ignore_index``. One device-to-host
+    copy on GPUs, where an out-of-range class would be a device-side assert on the torch
+    backend and NaN on the kernels; skipped where values cannot be read."""
+    if target.numel() and values_readable(target):
         bad = (target != ignore_index) & ((target < 0) | (target >= v))
         if bad.any():
             i = int(bad.nonzero()[0, 0])
@@ -334,22 +385,35 @@ def _check_target(target: Tensor, n: int, v: int, device: torch.device, ignore_i
 
 
 def _check_options(ignore_index, label_smoothing, reduction, z_loss) -> None:
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+    # The common values (an int, floats in range) pass the first test of each check.
+    if type(ignore_index) is not int and (
+        isinstance(ignore_index, bool) or not isinstance(ignore_index, int)
+    ):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    if not 0.0 <= check_real("label_smoothing", label_smoothing) <= 1.0:
+    if not (type(label_smoothing) is float and 0.0 <= label_smoothing <= 1.0) and not (
+        0.0 <= check_real("label_smoothing", label_smoothing) <= 1.0
+    ):
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if reduction not in _REDUCTIONS:
+    if reduction not in _REDUCTION_ENUM:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if check_real("z_loss", z_loss) < 0.0:
+    if (
+        not (type(z_loss) is float and 0.0 <= z_loss < math.inf)
+        and check_real("z_loss", z_loss) < 0
+    ):
         raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss}")
 
 
-def _check_common(logits, target, name, ignore_index, label_smoothing, reduction, z_loss):
+def _check_common(logits, target, name, ignore_index, label_smoothing, reduction, z_loss, cpu):
+    """The checks of ``cross_entropy``'s arguments but the class weights, the soft cap, the
+    flags and the target's values; returns V and the target's dtype. ``cpu``: whether
+    ``logits`` is on the CPU."""
     check_float(name, logits)
-    if logits.dim() != 2 or logits.shape[1] < 1:
-        raise ValueError(f"{name} must be 2-D (N, V) with V >= 1, got {tuple(logits.shape)}")
-    _check_target(target, logits.shape[0], logits.shape[1], logits.device, ignore_index)
+    shape = logits.shape  # read once: each read builds a torch.Size
+    if len(shape) != 2 or shape[1] < 1:
+        raise ValueError(f"{name} must be 2-D (N, V) with V >= 1, got {tuple(shape)}")
+    target_dtype = _check_target(target, shape[0], logits, name, cpu)
     _check_options(ignore_index, label_smoothing, reduction, z_loss)
+    return shape[1], target_dtype
 
 
 def _check_class_weight(name: str, w, v: int, device: torch.device) -> Tensor | None:
@@ -407,6 +471,14 @@ def _row_weights(target: Tensor, ignore_index: int, weight: Tensor | None, dtype
     if weight is None:
         return valid.to(dtype)
     return weight.to(dtype)[torch.where(valid, target, 0).long()] * valid
+
+
+def _denominator(target: Tensor, ignore_index: int, weight: Tensor | None, dtype) -> Tensor:
+    """What a "mean" divides by: the non-ignored rows' count (an integer tensor, which
+    the division promotes: one op fewer), or their target weights' sum."""
+    if weight is None:
+        return (target != ignore_index).sum()
+    return _row_weights(target, ignore_index, weight, dtype).sum()
 
 
 def _reduce(rows: Tensor, row_w: Tensor, reduction: str) -> Tensor:
@@ -485,6 +557,7 @@ class RowOptions(NamedTuple):
     softcap: float = 0.0
     weight: Tensor | None = None
     argmax: bool = False
+    lse: bool = True  # the chunked torch path skips it when nothing reads it
 
 
 def _torch_rows(logits, target, o: RowOptions, grad, row_scale=None):
@@ -583,8 +656,7 @@ BACKWARD = {"triton": _triton_bwd}
 # cross_entropy custom ops (the Triton path).
 
 
-@torch.library.custom_op("fastlm::cross_entropy_fwd", mutates_args=())
-def _cross_entropy_fwd_op(
+def _cross_entropy_fwd(
     logits: Tensor,
     target: Tensor,
     weight: Tensor | None,
@@ -604,6 +676,11 @@ def _cross_entropy_fwd_op(
     return loss, lse, logits.new_empty(0, dtype=torch.int32) if argmax is None else argmax
 
 
+_cross_entropy_fwd_op = torch.library.custom_op(
+    "fastlm::cross_entropy_fwd", _cross_entropy_fwd, mutates_args=()
+)
+
+
 @_cross_entropy_fwd_op.register_fake
 def _(logits, target, weight, ignore_index, smoothing, z_loss, softcap, argmax, backend_name):
     n = logits.shape[0]
@@ -615,8 +692,7 @@ def _(logits, target, weight, ignore_index, smoothing, z_loss, softcap, argmax, 
     )
 
 
-@torch.library.custom_op("fastlm::cross_entropy_bwd", mutates_args=())
-def _cross_entropy_bwd_op(
+def _cross_entropy_bwd(
     dloss: Tensor,
     logits: Tensor,
     target: Tensor,
@@ -638,6 +714,12 @@ def _cross_entropy_bwd_op(
     )
 
 
+_cross_entropy_bwd_op = torch.library.custom_op(
+    "fastlm::cross_entropy_bwd", _cross_entropy_bwd, mutates_args=()
+)
+cross_entropy_bwd = EagerOp(_cross_entropy_bwd_op, _cross_entropy_bwd)
+
+
 @_cross_entropy_bwd_op.register_fake
 def _(dloss, logits, target, weight, lse, ignore_index, smoothing, z_loss, softcap, backend_name):
     return logits.new_empty(logits.shape)
@@ -645,6 +727,8 @@ def _(dloss, logits, target, weight, lse, ignore_index, smoothing, z_loss, softc
 
 def _ce_setup_context(ctx, inputs, output):
     logits, target, weight, ignore_index, smoothing, z_loss, softcap, _, backend_name = inputs
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(logits, target, weight, output[1])
     ctx.args = (ignore_index, smoothing, z_loss, softcap, backend_name)
 
@@ -654,12 +738,12 @@ def _ce_backward(ctx, dloss, _dlse, _dargmax):
     none = (None,) * 8
     if dloss is None:
         return None, *none
-    dlogits = torch.ops.fastlm.cross_entropy_bwd(dloss, logits, target, weight, lse, *ctx.args)
+    dlogits = cross_entropy_bwd(dloss, logits, target, weight, lse, *ctx.args)
     return dlogits, *none
 
 
-torch.library.register_autograd(
-    "fastlm::cross_entropy_fwd", _ce_backward, setup_context=_ce_setup_context
+cross_entropy_fwd = EagerOp(
+    _cross_entropy_fwd_op, _cross_entropy_fwd, _ce_setup_context, _ce_backward
 )
 
 
@@ -668,22 +752,37 @@ torch.library.register_autograd(
 
 
 def _chunked(
-    hidden, weight, bias, target, opts: RowOptions, chunk_size, backend_name, grad, row_scale=None
+    hidden,
+    weight,
+    bias,
+    target,
+    opts: RowOptions,
+    chunk_size,
+    backend_name,
+    grad_mask,
+    row_scale=None,
 ):
-    """Loop over token chunks: logits chunk, per-row loss, and (``grad``) the chunk's
-    d_hidden rows and its d_weight/d_bias contributions. Returns ``(loss_rows, lse, argmax,
-    dhidden, dweight, dbias)``; the gradients are of ``sum_i row_scale_i * loss_i`` (scale 1
-    when ``row_scale`` is None), dweight/dbias float32; argmax None unless ``opts.argmax``."""
+    """Loop over token chunks: logits chunk, per-row loss, and (``grad_mask``: bits
+    :data:`_DH`, :data:`_DW`, :data:`_DB`) the chunk's d_hidden rows and its d_weight/d_bias
+    contributions. Returns ``(loss_rows, lse, argmax, dhidden, dweight, dbias)``; the
+    gradients are of ``sum_i row_scale_i * loss_i`` (scale 1 when ``row_scale`` is None),
+    dweight/dbias float32 (float64 for float64 inputs), None where not asked; argmax None
+    unless ``opts.argmax``."""
+    if backend_name == "torch":
+        return _torch_chunked(hidden, weight, bias, target, opts, chunk_size, grad_mask, row_scale)
     rows_fn = ROWS[backend_name]
     n, h = hidden.shape
     v = weight.shape[0]
     target = target.long()
+    if row_scale is not None:
+        row_scale = row_scale.float()
+    grad = grad_mask != 0
     loss = hidden.new_empty(n, dtype=_loss_dtype(hidden.dtype))
     lse = hidden.new_empty(n, dtype=_loss_dtype(hidden.dtype))
     argmax = hidden.new_empty(n, dtype=torch.int64) if opts.argmax else None
-    dh = torch.empty_like(hidden) if grad else None
-    dw = weight.new_zeros((v, h), dtype=torch.float32) if grad else None
-    db = weight.new_zeros(v, dtype=torch.float32) if grad and bias is not None else None
+    dh = torch.empty_like(hidden) if grad_mask & _DH else None
+    dw = weight.new_zeros((v, h), dtype=torch.float32) if grad_mask & _DW else None
+    db = weight.new_zeros(v, dtype=torch.float32) if grad_mask & _DB else None
     for start in range(0, n, chunk_size):
         end = min(start + chunk_size, n)
         hc = hidden[start:end]
@@ -697,13 +796,143 @@ def _chunked(
         if not grad:
             continue
         # logits now holds dloss/dlogits for this chunk.
-        torch.mm(logits, weight, out=dh[start:end])
-        if logits.dtype == torch.float32:
-            dw.addmm_(logits.t(), hc)
-        else:
-            dw += torch.mm(logits.t(), hc).float()
+        if dh is not None:
+            torch.mm(logits, weight, out=dh[start:end])
+        if dw is not None:
+            if logits.dtype == torch.float32:
+                dw.addmm_(logits.t(), hc)
+            else:
+                dw += torch.mm(logits.t(), hc).float()
         if db is not None:
             db += logits.sum(0, dtype=torch.float32)
+    return loss, lse, argmax, dh, dw, db
+
+
+def _torch_chunked(hidden, weight, bias, target, o: RowOptions, chunk_size, grad_mask, row_scale):
+    """The torch backend of :func:`_chunked` (what CPU users run), built so the loop
+    allocates nothing: one (chunk, V) logits buffer is written by the projection GEMM,
+    turned into log-probabilities in place (row by row, so each row is still in cache), and,
+    with ``grad``, into the gradient in place, which two more GEMMs read into d_hidden's
+    rows and d_weight. Every per-row quantity that depends on the targets alone is computed
+    once, for all rows, before the loop."""
+    grad = grad_mask != 0
+    n, h = hidden.shape
+    v = weight.shape[0]
+    dtype = hidden.dtype
+    cdt = _loss_dtype(dtype)  # float32 math for half inputs, as the kernels
+    t = target.long()
+    valid = t != o.ignore_index
+    ignored = ~valid
+    ts = torch.where(valid, t, 0)  # a class to gather for ignored rows (their loss is 0)
+    w = None if o.weight is None else o.weight.to(cdt)
+    w_t = valid.to(cdt) if w is None else w[ts] * valid  # target weights, 0 when ignored
+    eps = o.smoothing
+
+    loss = hidden.new_empty(n, dtype=cdt)
+    lse = hidden.new_empty(n if o.lse else 0, dtype=cdt)
+    argmax = hidden.new_empty(n, dtype=torch.int64) if o.argmax else None
+    dh = dw = db = None
+    if grad:
+        dh = torch.empty_like(hidden) if grad_mask & _DH else None
+        # The first chunk's GEMMs write d_weight and d_bias (no zero fill), later ones add.
+        new = weight.new_zeros if n == 0 else weight.new_empty
+        dw = new((v, h), dtype=cdt) if grad_mask & _DW else None
+        db = new(v, dtype=cdt) if grad_mask & _DB else None
+        # d loss_i / d logits_i = a_i softmax_i - b_i onehot(t_i) - c_i u (u: the class
+        # weights, or ones), times each row's scale (0 for ignored rows).
+        rs = valid.to(cdt) if row_scale is None else row_scale.to(cdt) * valid
+        w_tt = 1.0 if w is None else w[ts]
+        b = rs * ((1.0 - eps) * w_tt) if eps else rs * w_tt
+        c_coef = rs * (eps / v) if eps else None
+        # Without a z-loss the softmax factor does not depend on the logits; with no class
+        # weights, no row scales and no ignored rows it is 1 and the multiply is skipped.
+        a = None
+        if w is not None:
+            a = rs * ((1.0 - eps) * w_tt + eps / v * w.sum())
+        elif row_scale is not None or not bool(valid.all()):
+            a = rs
+        a_z = None if not o.z_loss else 2.0 * o.z_loss * rs * w_tt
+
+    rows = max(1, min(chunk_size, n))
+    buf = hidden.new_empty((rows, v))  # the projection's output, in the inputs' dtype
+    x = buf if dtype is cdt else hidden.new_empty((rows, v), dtype=cdt)
+    cap = hidden.new_empty((rows, v), dtype=cdt) if o.softcap else None
+    hbuf = hidden.new_empty((rows, h), dtype=cdt) if dw is not None and dtype is not cdt else None
+    ones = hidden.new_ones(rows, dtype=cdt) if db is not None else None
+    wt = weight.t()
+    for start in range(0, n, rows):
+        end = min(start + rows, n)
+        m = end - start
+        hc = hidden[start:end]
+        lc = buf[:m]
+        if bias is None:
+            torch.mm(hc, wt, out=lc)
+        else:
+            torch.addmm(bias, hc, wt, out=lc)
+        xc = lc if x is buf else x[:m].copy_(lc)
+        if cap is not None:
+            tc = cap[:m]
+            torch.div(xc, o.softcap, out=tc)
+            tc.tanh_()
+            torch.mul(tc, o.softcap, out=xc)
+        top = None
+        if o.argmax or o.lse:
+            # One pass for both; the first maximal index, as argmax.
+            top = torch.max(xc, 1)
+            if argmax is not None:
+                argmax[start:end] = top.indices
+        torch._log_softmax(xc, 1, False, out=xc)  # in place, bit for bit log_softmax
+        lse_c = None
+        if top is not None and o.lse:
+            # A row's log-softmax at its maximum is exactly -log(sum(exp(x - max))).
+            lse_c = top.values - xc.gather(1, top.indices[:, None]).squeeze(1)
+            lse[start:end] = lse_c
+        ts_c, w_c = ts[start:end], w_t[start:end]
+        row = xc.gather(1, ts_c[:, None]).squeeze(1).neg_().mul_(w_c)
+        if eps:
+            smooth = (xc.sum(1) if w is None else xc @ w).mul_(-1.0 / v)
+            row = torch.add(row.mul_(1.0 - eps), smooth, alpha=eps)
+        if o.z_loss:
+            row = row + o.z_loss * lse_c * lse_c * w_c
+        loss[start:end] = row.masked_fill_(ignored[start:end], 0.0)
+        if not grad:
+            continue
+        # The softmax, by the Vectorized exp of PyTorch's softmax kernel: exp_'s (MKL's) is
+        # ten times slower where its results are subnormal, as most are at large V.
+        torch._softmax(xc, 1, False, out=xc)
+        a_c = None if a is None else a[start:end]
+        if a_z is not None:
+            z_c = a_z[start:end] * lse_c
+            a_c = z_c.add_(rs[start:end] if a_c is None else a_c)
+        if c_coef is not None and w is None:
+            # a softmax - c in one pass.
+            a_c = rs[start:end] if a_c is None else a_c
+            torch.addcmul(-c_coef[start:end, None], xc, a_c[:, None], out=xc)
+        else:
+            if a_c is not None:
+                xc.mul_(a_c[:, None])
+            if c_coef is not None:
+                xc.addr_(c_coef[start:end], w, alpha=-1.0)
+        xc.scatter_add_(1, ts_c[:, None], b[start:end, None].neg())
+        if cap is not None:
+            # Through the cap: times 1 - tanh^2.
+            tc.square_()
+            xc.addcmul_(xc, tc, value=-1.0)
+        # d_hidden from the gradient in the inputs' dtype (the projection's); d_weight and
+        # d_bias accumulate in cdt.
+        if dh is not None:
+            torch.mm(xc if x is buf else lc.copy_(xc), weight, out=dh[start:end])
+        if dw is not None:
+            hcf = hc if hbuf is None else hbuf[:m].copy_(hc)
+            if start == 0:
+                torch.mm(xc.t(), hcf, out=dw)
+            else:
+                dw.addmm_(xc.t(), hcf)
+        if db is not None:
+            if start == 0:
+                torch.mv(xc.t(), ones[:m], out=db)
+            else:
+                db.addmv_(xc.t(), ones[:m])
     return loss, lse, argmax, dh, dw, db
 
 
@@ -711,8 +940,11 @@ def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)  # float64 stays float64 (gradcheck)
 
 
-@torch.library.custom_op("fastlm::linear_cross_entropy_fwd", mutates_args=())
-def _linear_ce_fwd_op(
+# Which gradients a chunked pass computes: bits of its ``grad_mask``.
+_DH, _DW, _DB = 1, 2, 4
+
+
+def _linear_ce_fwd(
     hidden: Tensor,
     weight: Tensor,
     bias: Tensor | None,
@@ -724,16 +956,19 @@ def _linear_ce_fwd_op(
     softcap: float,
     reduction: str,
     chunk_size: int,
-    compute_grad: bool,
+    grad_mask: int,
+    compute_lse: bool,
     compute_argmax: bool,
     backend_name: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(loss, lse, argmax, dhidden, dweight, dbias)``: float32 (float64 for float64) loss
     rows (reduction "none") or their sum (0-dim; "mean" divides outside), the per-row
-    log-sum-exp, the per-row argmax (int64; empty unless ``compute_argmax``), and, with
-    ``compute_grad``, the gradients of that sum (dweight/dbias float32; empty tensors
-    otherwise)."""
-    opts = RowOptions(ignore_index, label_smoothing, z_loss, softcap, ce_weight, compute_argmax)
+    log-sum-exp (empty unless ``compute_lse``), the per-row argmax (int64; empty unless
+    ``compute_argmax``), and the gradients of that sum that ``grad_mask`` asks for
+    (dweight/dbias float32, float64 for float64; empty tensors for the others)."""
+    opts = RowOptions(
+        ignore_index, label_smoothing, z_loss, softcap, ce_weight, compute_argmax, compute_lse
+    )
     loss, lse, argmax, dh, dw, db = _chunked(
         hidden.contiguous(),
         weight.contiguous(),
@@ -742,19 +977,24 @@ def _linear_ce_fwd_op(
         opts,
         chunk_size,
         backend_name,
-        compute_grad,
+        grad_mask,
     )
     if reduction != "none":
         loss = loss.sum()
     f32 = torch.float32
     return (
         loss,
-        lse,
+        lse if compute_lse else absent(hidden, lse.dtype),
         hidden.new_empty(0, dtype=torch.int64) if argmax is None else argmax,
         absent(hidden, f32) if dh is None else dh,
         absent(hidden, f32) if dw is None else dw,
         absent(hidden, f32) if db is None else db,
     )
+
+
+_linear_ce_fwd_op = torch.library.custom_op(
+    "fastlm::linear_cross_entropy_fwd", _linear_ce_fwd, mutates_args=()
+)
 
 
 @_linear_ce_fwd_op.register_fake
@@ -770,7 +1010,8 @@ def _(
     softcap,
     reduction,
     chunk_size,
-    compute_grad,
+    grad_mask,
+    compute_lse,
     compute_argmax,
     backend_name,
 ):
@@ -780,16 +1021,17 @@ def _(
     loss_dtype = _loss_dtype(hidden.dtype)
     return (
         hidden.new_empty(n if reduction == "none" else (), dtype=loss_dtype),
-        hidden.new_empty(n, dtype=loss_dtype),
+        hidden.new_empty(n if compute_lse else 0, dtype=loss_dtype),
         hidden.new_empty(n if compute_argmax else 0, dtype=torch.int64),
-        hidden.new_empty(hidden.shape) if compute_grad else hidden.new_empty(0, dtype=f32),
-        hidden.new_empty((v, h) if compute_grad else 0, dtype=f32),
-        hidden.new_empty(v if compute_grad and bias is not None else 0, dtype=f32),
+        hidden.new_empty(hidden.shape) if grad_mask & _DH else hidden.new_empty(0, dtype=f32),
+        hidden.new_empty(
+            (v, h) if grad_mask & _DW else 0, dtype=loss_dtype if grad_mask & _DW else f32
+        ),
+        hidden.new_empty(v if grad_mask & _DB else 0, dtype=loss_dtype if grad_mask & _DB else f32),
     )
 
 
-@torch.library.custom_op("fastlm::linear_cross_entropy_bwd", mutates_args=())
-def _linear_ce_bwd_op(
+def _linear_ce_bwd(
     dloss: Tensor,
     hidden: Tensor,
     weight: Tensor,
@@ -801,10 +1043,14 @@ def _linear_ce_bwd_op(
     z_loss: float,
     softcap: float,
     chunk_size: int,
+    grad_mask: int,
     backend_name: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Recomputes the chunks for reduction "none": gradients of ``sum_i dloss_i * loss_i``."""
-    opts = RowOptions(ignore_index, label_smoothing, z_loss, softcap, ce_weight)
+    """Recomputes the chunks for reduction "none": gradients of ``sum_i dloss_i * loss_i``
+    (those ``grad_mask`` asks for; empty tensors for the others). Each row's upstream
+    gradient weighs its logits' gradient inside d_weight's sum over rows, so d_weight
+    cannot be formed in the forward, before the upstream gradients exist."""
+    opts = RowOptions(ignore_index, label_smoothing, z_loss, softcap, ce_weight, lse=bool(z_loss))
     _, _, _, dh, dw, db = _chunked(
         hidden.contiguous(),
         weight.contiguous(),
@@ -813,10 +1059,21 @@ def _linear_ce_bwd_op(
         opts,
         chunk_size,
         backend_name,
-        True,
-        dloss.float(),
+        grad_mask,
+        dloss,
     )
-    return dh, dw, absent(hidden, torch.float32) if db is None else db
+    f32 = torch.float32
+    return (
+        absent(hidden, f32) if dh is None else dh,
+        absent(hidden, f32) if dw is None else dw,
+        absent(hidden, f32) if db is None else db,
+    )
+
+
+_linear_ce_bwd_op = torch.library.custom_op(
+    "fastlm::linear_cross_entropy_bwd", _linear_ce_bwd, mutates_args=()
+)
+linear_cross_entropy_bwd = EagerOp(_linear_ce_bwd_op, _linear_ce_bwd)
 
 
 @_linear_ce_bwd_op.register_fake
@@ -832,13 +1089,18 @@ def _(
     z_loss,
     softcap,
     chunk_size,
+    grad_mask,
     backend_name,
 ):
-    v = weight.shape[0]
+    v, h = weight.shape
+    f32 = torch.float32
+    loss_dtype = _loss_dtype(hidden.dtype)
     return (
-        hidden.new_empty(hidden.shape),
-        hidden.new_empty(tuple(weight.shape), dtype=torch.float32),
-        hidden.new_empty(v if bias is not None else 0, dtype=torch.float32),
+        hidden.new_empty(hidden.shape) if grad_mask & _DH else hidden.new_empty(0, dtype=f32),
+        hidden.new_empty(
+            (v, h) if grad_mask & _DW else 0, dtype=loss_dtype if grad_mask & _DW else f32
+        ),
+        hidden.new_empty(v if grad_mask & _DB else 0, dtype=loss_dtype if grad_mask & _DB else f32),
     )
 
 
@@ -855,49 +1117,62 @@ def _linear_setup_context(ctx, inputs, output):
         softcap,
         reduction,
         chunk_size,
+        grad_mask,
         _,
         _,
         backend_name,
     ) = inputs
-    _, _, _, dh, dw, db = output
+    _, lse, argmax, dh, dw, db = output
+    # The gradients are outputs only so that the forward can hand them to the backward; no
+    # zero (V, H) gradient is made up for them (or for lse and argmax) either.
+    ctx.mark_non_differentiable(lse, argmax, dh, dw, db)
+    ctx.set_materialize_grads(False)
     ctx.reduction = reduction
-    ctx.has_bias = bias is not None
+    ctx.grad_mask = grad_mask
     ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-    ctx.args = (ignore_index, smoothing, z_loss, softcap, chunk_size, backend_name)
+    ctx.args = (ignore_index, smoothing, z_loss, softcap, chunk_size)
+    ctx.backend_name = backend_name
     if reduction == "none":
         ctx.save_for_backward(hidden, weight, bias, target, ce_weight)
     else:
         ctx.save_for_backward(dh, dw, db)
 
 
+@once_differentiable
 def _linear_backward(ctx, dloss, _dlse, _dargmax, _ddh, _ddw, _ddb):
-    none = (None,) * 11
+    none = (None,) * 12
     if dloss is None:
         return None, None, None, *none
     h_dtype, w_dtype, b_dtype = ctx.dtypes
+    need = ctx.needs_input_grad
+    mask = (_DH if need[0] else 0) | (_DW if need[1] else 0) | (_DB if need[2] else 0)
     if ctx.reduction == "none":
         hidden, weight, bias, target, ce_weight = ctx.saved_tensors
-        dh, dw, db = torch.ops.fastlm.linear_cross_entropy_bwd(
-            dloss, hidden, weight, bias, target, ce_weight, *ctx.args
+        dh, dw, db = linear_cross_entropy_bwd(
+            dloss, hidden, weight, bias, target, ce_weight, *ctx.args, mask, ctx.backend_name
         )
-        return dh, dw.to(w_dtype), db.to(b_dtype) if ctx.has_bias else None, *none
-    dh, dw, db = ctx.saved_tensors
-    if dh.numel() == 0 and dw.numel() == 0:
-        raise RuntimeError(
-            "linear_cross_entropy: backward reached a forward that computed no gradients "
-            "(it ran with grad disabled or with no input requiring grad)"
-        )
-    g = dloss.float()
+    else:
+        dh, dw, db = ctx.saved_tensors
+        if mask & ~ctx.grad_mask:
+            raise RuntimeError(
+                "linear_cross_entropy: backward asks for a gradient its forward did not "
+                "compute (the forward ran with grad disabled, or before that input required "
+                "grad)"
+            )
+        # Out of place: the saved gradients stay as they are for a retain_graph backward.
+        dh = dh * dloss if mask & _DH else dh
+        dw = dw * dloss if mask & _DW else dw
+        db = db * dloss if mask & _DB else db
     return (
-        (dh * g).to(h_dtype),
-        (dw * g).to(w_dtype),
-        (db * g).to(b_dtype) if ctx.has_bias else None,
+        dh.to(h_dtype) if mask & _DH else None,
+        dw.to(w_dtype) if mask & _DW else None,
+        db.to(b_dtype) if mask & _DB else None,
         *none,
     )
 
 
-torch.library.register_autograd(
-    "fastlm::linear_cross_entropy_fwd", _linear_backward, setup_context=_linear_setup_context
+linear_cross_entropy_fwd = EagerOp(
+    _linear_ce_fwd_op, _linear_ce_fwd, _linear_setup_context, _linear_backward
 )
 
 backend.register_op("cross_entropy", ("triton", "torch"))

@@ -17,6 +17,7 @@ def test_quick_cpu_cases_run(bench, monkeypatch):
     assert {c.op for c in cases} == {
         "cross_entropy fwd",
         "cross_entropy fwd+bwd",
+        "linear_cross_entropy fwd",
         "linear_cross_entropy fwd+bwd",
         "linear_cross_entropy fwd+bwd softcap=30",
     }
@@ -28,3 +29,13 @@ def test_fused_linear_cross_entropy_peak_memory_is_a_fraction_of_unfused(bench):
     report = bench.memory_report(n=1024, v=4000, hidden=64)
     assert report["unfused_mib"] > 3 * 1024 * 4000 * 4 / 2**20  # logits, log-softmax, grads
     assert report["ratio"] <= 0.25
+
+
+def test_speed_report_times_both_and_leaves_the_thread_count(bench):
+    threads = torch.get_num_threads()
+    report = bench.speed_report(n=64, v=300, hidden=16, rounds=2)
+    assert torch.get_num_threads() == threads
+    for key in ("fused", "unfused", "fused_fwd", "unfused_fwd"):
+        assert report[key] > 0, report
+    assert report["ratio"] == report["fused"] / report["unfused"]
+    assert report["fwd_ratio"] == report["fused_fwd"] / report["unfused_fwd"]

@@ -79,6 +79,40 @@ def test_cross_entropy_equals_torch_without_z_loss(be):
     torch.testing.assert_close(got, F.cross_entropy(x, t, label_smoothing=0.2))
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("target_dtype", [torch.int64, torch.int32, torch.uint8], ids=str)
+def test_cross_entropy_torch_path_is_f_cross_entropy(reduction, target_dtype):
+    """Without fastlm's own features the torch path is F.cross_entropy's native op itself:
+    the same loss and gradient, bit for bit."""
+    x = (3 * torch.randn(11, 50)).requires_grad_()
+    t = _targets(11, 50, (3,)).to(torch.int64)
+    t[3] = 7 if target_dtype is torch.uint8 else IGNORE  # uint8 cannot hold -100
+    ii = 7 if target_dtype is torch.uint8 else IGNORE
+    for eps in (0.0, 0.3):
+        got = ops.cross_entropy(x, t.to(target_dtype), ii, eps, reduction)
+        want = F.cross_entropy(x, t, ignore_index=ii, reduction=reduction, label_smoothing=eps)
+        assert_equal(got, want, "loss", "the same native op")
+        g = _grad_out(want.detach())
+        assert_equal(_grads(got, [x], g)[0], _grads(want, [x], g)[0], "dlogits")
+
+
+@pytest.mark.parametrize(
+    "extra", [{}, {"z_loss": 1e-3}, {"softcap": 3.0}], ids=["plain", "z", "cap"]
+)
+@pytest.mark.parametrize("bad", [6, -3])
+def test_cross_entropy_out_of_range_target_names_the_row(extra, bad):
+    """On the CPU the torch path lets the native op's bounds check find a bad target and
+    then names it as the contract does, before any result is returned."""
+    x = torch.randn(4, 6)
+    t = torch.tensor([0, IGNORE, bad, 2])
+    for be in BACKENDS_HERE:
+        with (
+            fastlm.use_backend(be),
+            pytest.raises(ValueError, match=rf"target\[2\] = {bad} is outside"),
+        ):
+            ops.cross_entropy(x, t, **extra)
+
+
 def test_cross_entropy_all_ignored_mean_is_nan_like_torch():
     x = torch.randn(3, 10)
     t = torch.full((3,), IGNORE)
@@ -152,12 +186,24 @@ def test_class_weight_reference_is_torch():
 
 
 def _linear_case(
-    be, reduction, dtype, n, h, v, chunk, bias=True, eps=0.1, z=1e-3, weighted=False, softcap=None
+    be,
+    reduction,
+    dtype,
+    n,
+    h,
+    v,
+    chunk,
+    bias=True,
+    eps=0.1,
+    z=1e-3,
+    weighted=False,
+    softcap=None,
+    ignored=True,
 ):
     hid = torch.randn(n, h).to(dtype).requires_grad_()
     w = (torch.randn(v, h) / h**0.5).to(dtype).requires_grad_()
     b = torch.randn(v).to(dtype).requires_grad_() if bias else None
-    t = _targets(n, v, (0, n - 2))
+    t = _targets(n, v, (0, n - 2) if ignored else ())
     cw = torch.rand(v) + 0.1 if weighted else None
     extra = dict(ce_weight=cw, softcap=softcap)
     leaves = [p for p in (hid, w, b) if p is not None]
@@ -223,6 +269,124 @@ def test_linear_cross_entropy_class_weights_and_softcap(be, reduction):
 @pytest.mark.parametrize("be", BACKENDS_HERE)
 def test_linear_cross_entropy_softcap_bf16(be):
     _linear_case(be, "mean", torch.bfloat16, n=19, h=32, v=130, chunk=6, softcap=2.5)
+
+
+# Each feature alone and all together, through the torch path's in-forward gradients ("mean",
+# "sum") and its recomputing backward ("none"): the softmax factor, the one-hot, the smoothing
+# column and the cap's derivative are separate in-place steps there.
+_FEATURES = {
+    "plain": dict(eps=0.0, z=0.0),
+    "plain-no-ignored": dict(eps=0.0, z=0.0, ignored=False),
+    "smoothing": dict(eps=0.2, z=0.0),
+    "smoothing-no-ignored": dict(eps=0.2, z=0.0, ignored=False),
+    "z-loss": dict(eps=0.0, z=1e-2),
+    "weights": dict(eps=0.0, z=0.0, weighted=True),
+    "weights-smoothing": dict(eps=0.2, z=0.0, weighted=True),
+    "softcap": dict(eps=0.0, z=0.0, softcap=2.0),
+    "all": dict(eps=0.2, z=1e-2, weighted=True, softcap=2.0),
+}
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("features", list(_FEATURES), ids=list(_FEATURES))
+def test_linear_cross_entropy_torch_path_features(features, reduction):
+    _linear_case(
+        "torch", reduction, torch.float32, n=21, h=12, v=67, chunk=8, **_FEATURES[features]
+    )
+
+
+@pytest.mark.parametrize(
+    "n, chunk",
+    [(37, 1), (37, 8), (32, 8), (37, 37), (37, 64)],
+    ids=["chunk-1", "ragged-last", "even", "one-exact", "under-one"],
+)
+def test_linear_cross_entropy_chunk_boundaries(n, chunk):
+    _linear_case("torch", "mean", torch.float32, n=n, h=8, v=45, chunk=chunk)
+
+
+def _largest_allocation(fn) -> int:
+    """The largest single CPU allocation an op makes while ``fn`` runs (bytes)."""
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
+        fn()
+    return max((e.cpu_memory_usage for e in prof.events()), default=0)
+
+
+@pytest.mark.parametrize("needs", ["hidden", "weight", "bias", "hidden+weight", "none"])
+def test_linear_cross_entropy_computes_only_the_gradients_asked_for(needs):
+    """The in-forward gradients are those of the inputs that require grad: equal to the
+    ones an all-grad call gives (the same computation), and no (V, H) d_weight buffer when
+    the weight needs none."""
+    n, h, v = 24, 16, 509  # d_weight, V * H floats, is 4x the largest other buffer
+    hid, w, b = torch.randn(n, h), torch.randn(v, h) / 4, torch.randn(v)
+    t = _targets(n, v)
+    full = [p.clone().requires_grad_() for p in (hid, w, b)]
+    want = _grads(ops.linear_cross_entropy(full[0], full[1], t, full[2], chunk_size=8), full, None)
+    some = [
+        p.clone().requires_grad_(name in needs)
+        for p, name in zip((hid, w, b), ("hidden", "weight", "bias"), strict=True)
+    ]
+
+    def call():
+        return ops.linear_cross_entropy(some[0], some[1], t, some[2], chunk_size=8)
+
+    biggest = _largest_allocation(call)
+    dw_bytes = v * h * 4
+    if "weight" in needs:
+        assert biggest >= dw_bytes, biggest
+    else:
+        assert biggest < dw_bytes, f"a {biggest}-byte allocation; d_weight is {dw_bytes}"
+    loss = call()
+    assert_equal(loss, ops.linear_cross_entropy(hid, w, t, b, chunk_size=8), "loss")
+    leaves = [p for p in some if p.requires_grad]
+    assert loss.requires_grad == bool(leaves)
+    if leaves:
+        got = _grads(loss, leaves, None)
+        expected = [g for g, p in zip(want, some, strict=True) if p.requires_grad]
+        for a, e in zip(got, expected, strict=True):
+            assert_equal(a, e, "gradient", "the same chunks, the same GEMMs")
+
+
+def test_linear_cross_entropy_no_grad_forward_computes_no_gradient():
+    n, h, v = 24, 16, 509
+    hid = torch.randn(n, h, requires_grad=True)
+    w = (torch.randn(v, h) / 4).requires_grad_()
+    t = _targets(n, v)
+    with torch.no_grad():
+        biggest = _largest_allocation(lambda: ops.linear_cross_entropy(hid, w, t, chunk_size=8))
+        loss = ops.linear_cross_entropy(hid, w, t, chunk_size=8)
+    # The (chunk, V) logits buffer and nothing of d_weight's or d_hidden's size.
+    assert biggest <= 8 * v * 4, biggest
+    assert not loss.requires_grad
+    # The same loss as the call that also computes the gradients.
+    assert_equal(loss, ops.linear_cross_entropy(hid, w, t, chunk_size=8).detach(), "loss")
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_linear_cross_entropy_backward_twice(reduction):
+    """retain_graph: a second backward gives the same gradients (the saved in-forward ones
+    are scaled out of place); without it, autograd's own error. A double backward
+    (create_graph) is refused: the first-order gradients carry no graph."""
+    hid, w = torch.randn(9, 8, requires_grad=True), torch.randn(17, 8, requires_grad=True)
+    t = _targets(9, 17)
+    loss = ops.linear_cross_entropy(hid, w, t, reduction=reduction, chunk_size=4, z_loss=1e-3)
+    g = _grad_out(loss.detach())
+    first = _grads(loss, [hid, w], g if reduction == "none" else None)
+    loss2 = ops.linear_cross_entropy(hid, w, t, reduction=reduction, chunk_size=4, z_loss=1e-3)
+    go = g if reduction == "none" else torch.ones_like(loss2)
+    a = torch.autograd.grad(loss2, [hid, w], go, retain_graph=True)
+    b = torch.autograd.grad(loss2, [hid, w], go)
+    for x, y, z in zip(first, a, b, strict=True):
+        assert_equal(y, z, "second backward", "the same saved tensors")
+        assert_equal(x, y, "a fresh call's gradient", "the same computation")
+    with pytest.raises(RuntimeError, match="second time"):
+        torch.autograd.grad(loss2, [hid, w], go)
+    loss3 = ops.linear_cross_entropy(hid, w, t, reduction=reduction, chunk_size=4)
+    (dh,) = torch.autograd.grad(loss3, [hid], torch.ones_like(loss3), create_graph=True)
+    assert not dh.requires_grad
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        torch.autograd.grad(dh.sum(), [hid])
 
 
 def _capped(logits, softcap):
