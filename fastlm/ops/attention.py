@@ -565,10 +565,16 @@ def _check_cu_seqlens(cu_q, cu_k, q, k, max_seqlen_q, max_seqlen_k, paged=False)
             raise ValueError(f"{name} is on {cu.device} but q is on {q.device}")
         if not values_readable(cu):
             continue
-        lengths = cu.diff()
-        first, last, shortest, longest_seen = torch.stack(
-            (cu[0], cu[-1], lengths.min(), lengths.max())
-        ).tolist()
+        if cu.numel() <= _LISTED_OFFSETS:  # one copy, and the rest in Python
+            offsets = cu.tolist()
+            lengths = [b - a for a, b in zip(offsets, offsets[1:], strict=False)]
+            first, last = offsets[0], offsets[-1]
+            shortest, longest_seen = min(lengths), max(lengths)
+        else:
+            lengths = cu.diff()
+            first, last, shortest, longest_seen = torch.stack(
+                (cu[0], cu[-1], lengths.min(), lengths.max())
+            ).tolist()
         if paged and name == "cu_seqlens_k":
             if first != 0:
                 raise ValueError(f"{name} must start at 0, got {first}")
@@ -577,7 +583,7 @@ def _check_cu_seqlens(cu_q, cu_k, q, k, max_seqlen_q, max_seqlen_k, paged=False)
                 f"{name} must run from 0 to the packed length {total}, got {first}..{last}"
             )
         if shortest < 0:
-            i = int((lengths < 0).nonzero()[0, 0])
+            i = int((cu.diff() < 0).nonzero()[0, 0])
             raise ValueError(
                 f"{name} must be non-decreasing, got {name}[{i}] = "
                 f"{int(cu[i])} > {name}[{i + 1}] = {int(cu[i + 1])}"
@@ -590,6 +596,11 @@ def _check_cu_seqlens(cu_q, cu_k, q, k, max_seqlen_q, max_seqlen_k, paged=False)
     if cu_q.numel() != cu_k.numel():
         raise ValueError("cu_seqlens_q and cu_seqlens_k must have the same length")
     return cu_q.numel() - 1
+
+
+# Offsets read as a Python list up to this many (a batch of sequences): reducing them on the
+# device takes several calls of a few microseconds each.
+_LISTED_OFFSETS = 1024
 
 
 def _check_block_table(block_table, batch: int, q: Tensor, k: Tensor, cu_k: Tensor) -> None:
@@ -1300,13 +1311,14 @@ def _torch_packed(
         outs.append(o[0])
         lses.append(None if lse is None else lse[0])
         probs.append(p)
-    lse = torch.cat(lses, dim=-1) if need_lse else None
+    lse = (lses[0] if len(lses) == 1 else torch.cat(lses, dim=-1)) if need_lse else None
     s_dmask = None
     if need_probs:
         s_dmask = q.new_zeros(shape, dtype=torch.float32)
         for b, p in enumerate(probs):
             s_dmask[b, :, : p.shape[2], : p.shape[3]] = p[0]
-    return torch.cat(outs), lse, s_dmask
+    one = len(outs) == 1 and outs[0].is_contiguous()  # (a cat would only copy it)
+    return outs[0] if one else torch.cat(outs), lse, s_dmask
 
 
 # Scores per chunk of query rows on the explicit path: 4M fp32 elements (16 MiB), a few live
