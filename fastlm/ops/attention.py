@@ -253,7 +253,10 @@ def flash_attention(
                 need_lse=need_lse,
             )
         else:
-            out = _torch_sdpa(q, k, v, causal, scale, window, dropout_p, seed, bias, slopes)
+            if window is UNBOUNDED and bias is None and slopes is None and not dropout_p:
+                out = _torch_plain_sdpa(q, k, v, causal, softmax_scale)
+            else:
+                out = _torch_sdpa(q, k, v, causal, scale, window, dropout_p, seed, bias, slopes)
             lse = probs = None
     else:
         out, lse, probs = _kernel_dense(
@@ -1222,6 +1225,29 @@ def _torch_attention(
         )
     out = _torch_sdpa(q, k, v, causal, scale, window, dropout_p, seed, bias, slopes)
     return out, None, None
+
+
+def _torch_plain_sdpa(q: Tensor, k: Tensor, v: Tensor, causal, scale) -> Tensor:
+    """:func:`_torch_sdpa` without masks, bias or dropout: the SDPA call a user writes, with
+    only the arguments that differ from SDPA's defaults (each one passed costs SDPA's
+    argument parser time; a default scale is SDPA's own 1/sqrt(D), the same double)."""
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    qs, ks = q.shape, k.shape
+    gqa = qs[2] != ks[2]
+    if not causal and scale is None and not gqa:
+        out = F.scaled_dot_product_attention(qt, kt, vt)
+    elif causal and qs[1] != ks[1]:  # bottom-right causal: a mask
+        return _torch_sdpa(
+            q, k, v, causal, _check_scale(scale, qs[3]), UNBOUNDED, 0.0, 0, None, None
+        )
+    else:
+        out = F.scaled_dot_product_attention(
+            qt, kt, vt, None, 0.0, bool(causal), scale=scale, enable_gqa=gqa
+        )
+    out = out.transpose(1, 2)
+    if ks[1] and _may_hold_nan(q):  # every row sees a key: NaN rows as the reference's
+        out = out.masked_fill(q.isnan().any(-1, keepdim=True), math.nan)
+    return out
 
 
 def _torch_sdpa(q, k, v, causal, scale, window, dropout_p, seed, bias, slopes) -> Tensor:
