@@ -7,6 +7,8 @@ saved input.
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -102,6 +104,26 @@ def bias_act(
     return bias_act_op(x, bias, activation, float(dropout_p), seed)
 
 
+_KERNEL_MODULES: dict[str, object] = {}
+
+
+def kernels(name: str):
+    """``fastlm.kernels.<name>``, imported on the first Triton call (CPU-only use never loads
+    Triton) and kept: an import statement per call costs about a microsecond."""
+    module = _KERNEL_MODULES.get(name)
+    if module is None:
+        module = _KERNEL_MODULES[name] = importlib.import_module(f"fastlm.kernels.{name}")
+    return module
+
+
+def matrix_rows(x: Tensor) -> Tensor:
+    """``x`` as (M, K) rows with a unit column stride (:func:`as_rows`); a matrix that
+    already is one passes as it is."""
+    if x.dim() == 2 and x.stride(1) == 1:
+        return x
+    return as_rows(x)
+
+
 def check_activation(activation: str) -> None:
     """Raise ValueError unless ``activation`` is one of :data:`ACTIVATIONS`."""
     if activation not in ACTIVATIONS:
@@ -144,10 +166,9 @@ def _support(x, bias):
 def _bias_act(
     x: Tensor, bias: Tensor | None, activation: str, dropout_p: float, seed: int
 ) -> Tensor:
-    from fastlm.kernels.activation import bias_act_fwd
-
     bias_ = None if bias is None else bias.contiguous()
-    return bias_act_fwd(as_rows(x), bias_, activation, dropout_p, seed).view(x.shape)
+    y = kernels("activation").bias_act_fwd(matrix_rows(x), bias_, activation, dropout_p, seed)
+    return y if x.dim() == 2 else y.view(x.shape)
 
 
 _bias_act_op = torch.library.custom_op("fastlm::bias_act", _bias_act, mutates_args=())

@@ -34,6 +34,8 @@ from fastlm.ops.activation import (
     check_activation,
     check_dropout,
     gated_act_bwd,
+    kernels,
+    matrix_rows,
     seeded_dropout,
 )
 from fastlm.ops.autocast import autocast_policy
@@ -288,27 +290,6 @@ def _saves(*tensors: Tensor | None) -> bool:
     return False
 
 
-def _rows(x: Tensor) -> Tensor:
-    """x as (M, K) rows with a unit column stride: a matrix that already is one as it is."""
-    if x.dim() == 2 and x.stride(1) == 1:
-        return x
-    return as_rows(x)
-
-
-_KERNELS = None
-
-
-def _kernels():
-    """fastlm.kernels.mlp, imported on the first Triton call (CPU-only use never loads
-    Triton) and kept: an import statement per call costs a microsecond."""
-    global _KERNELS
-    if _KERNELS is None:
-        from fastlm.kernels import mlp
-
-        _KERNELS = mlp
-    return _KERNELS
-
-
 def _opt(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.contiguous()
 
@@ -347,8 +328,8 @@ def _linear_act(
     seed: int,
     save: bool,
 ) -> tuple[Tensor, Tensor]:
-    y, pre = _kernels().linear_act_fwd(
-        _rows(x), weight.contiguous(), _opt(bias), activation, dropout_p, seed, save
+    y, pre = kernels("mlp").linear_act_fwd(
+        matrix_rows(x), weight.contiguous(), _opt(bias), activation, dropout_p, seed, save
     )
     return _outputs(x, y, pre)
 
@@ -388,8 +369,8 @@ def _gated_linear(
     activation: str,
     save: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    y, gate, up = _kernels().gated_linear_fwd(
-        _rows(x),
+    y, gate, up = kernels("mlp").gated_linear_fwd(
+        matrix_rows(x),
         w_gate.contiguous(),
         w_up.contiguous(),
         _opt(bias_gate),
@@ -441,11 +422,11 @@ def _fused_mlp(
     seed: int,
     save: bool,
 ) -> tuple[Tensor, Tensor]:
-    kernels = _kernels()
-    h, pre = kernels.linear_act_fwd(
-        _rows(x), fc1_weight.contiguous(), _opt(fc1_bias), activation, dropout_p, seed, save
+    kernels_ = kernels("mlp")
+    h, pre = kernels_.linear_act_fwd(
+        matrix_rows(x), fc1_weight.contiguous(), _opt(fc1_bias), activation, dropout_p, seed, save
     )
-    y, _ = kernels.linear_act_fwd(
+    y, _ = kernels_.linear_act_fwd(
         h,
         fc2_weight.contiguous(),
         _opt(fc2_bias),
@@ -498,9 +479,9 @@ def _gated_mlp(
     activation: str,
     save: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    kernels = _kernels()
-    h, gate, up = kernels.gated_linear_fwd(
-        _rows(x),
+    kernels_ = kernels("mlp")
+    h, gate, up = kernels_.gated_linear_fwd(
+        matrix_rows(x),
         gate_weight.contiguous(),
         up_weight.contiguous(),
         _opt(gate_bias),
@@ -508,7 +489,7 @@ def _gated_mlp(
         activation,
         save,
     )
-    y, _ = kernels.linear_act_fwd(h, down_weight.contiguous(), _opt(down_bias), "identity")
+    y, _ = kernels_.linear_act_fwd(h, down_weight.contiguous(), _opt(down_bias), "identity")
     return _outputs(x, y, gate, up)
 
 

@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from fastlm import backend
-from fastlm.ops._common import HALF_DTYPES, EagerOp, as_rows, supports
+from fastlm.ops._common import HALF_DTYPES, EagerOp, supports
+from fastlm.ops.activation import kernels, matrix_rows
 from fastlm.ops.autocast import autocast_policy
 from fastlm.ops.contract import describe
 from fastlm.ops.quant_formats import QuantizedWeight, dequantize_weight, nf4_code
@@ -177,7 +178,7 @@ def _quant_matmul(
     n: int,
     name: str,
 ) -> Tensor:
-    x2 = as_rows(x)
+    x2 = matrix_rows(x)
     if name == "cuda":
         x2 = x2.contiguous()
         y = torch.ops.fastlm_C.quant_gemv(
@@ -186,10 +187,8 @@ def _quant_matmul(
         if bias is not None:
             y = y + bias
     else:
-        from fastlm.kernels.quant import quant_matmul_fwd
-
         code = nf4_code(x.device) if scheme == "nf4" else None
-        y = quant_matmul_fwd(
+        y = kernels("quant").quant_matmul_fwd(
             x2,
             qweight,
             scales,
@@ -203,7 +202,7 @@ def _quant_matmul(
             group_size if bits == 4 else 0,
             n,
         )
-    return y.view(*x.shape[:-1], n)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], n)
 
 
 _quant_matmul_op = torch.library.custom_op("fastlm::quant_matmul", _quant_matmul, mutates_args=())
