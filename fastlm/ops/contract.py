@@ -47,9 +47,12 @@ def check_real(name: str, value: object) -> float:
     """``value`` as a float, refusing anything that is not a finite real number (a bool, a
     tensor, NaN, inf), naming ``name``."""
     # float and int first: the abstract Real check costs more than the rest of a small op.
-    if type(value) is not float and type(value) is not int:
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if (
+        type(value) is not float
+        and type(value) is not int
+        and (isinstance(value, bool) or not isinstance(value, numbers.Real))
+    ):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
