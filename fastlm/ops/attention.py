@@ -1519,8 +1519,8 @@ def _may_hold_nan(x: Tensor) -> bool:
     may inf - inf, a false alarm the exact check then clears); max is the cheaper call on
     small tensors, sum the faster pass over large ones. Elsewhere (a device sync, a graph
     break) the exact check runs."""
-    if not x.is_cpu or torch.compiler.is_compiling():
-        return True
+    if type(x) is not Tensor or not x.is_cpu or torch.compiler.is_compiling():
+        return True  # (a subclass, DTensor say, may not reduce to one local number)
     if x.requires_grad:
         x = x.detach()
     n = x.numel()
