@@ -381,7 +381,8 @@ def scaled_dot_product_attention(
         )
         # PyTorch's fused CPU kernel drops a NaN query row to zeros; its math path, and the
         # reference, give NaN. With S > 0 every row sees a key (top-left causal included).
-        if key.shape[-2] > 0 and _may_hold_nan(query):
+        lost = attn_mask is not None or _nan_rows_may_be_lost(query, key.shape[-2])
+        if key.shape[-2] > 0 and lost and _may_hold_nan(query):
             out = out.masked_fill(query.isnan().any(-1, keepdim=True), math.nan)
         return out
     # (B, S, H, D) views; key and value broadcast over the batch as in torch.
@@ -1245,7 +1246,8 @@ def _torch_plain_sdpa(q: Tensor, k: Tensor, v: Tensor, causal, scale) -> Tensor:
             qt, kt, vt, None, 0.0, bool(causal), scale=scale, enable_gqa=gqa
         )
     out = out.transpose(1, 2)
-    if ks[1] and _may_hold_nan(q):  # every row sees a key: NaN rows as the reference's
+    # Every row sees a key: NaN rows as the reference's.
+    if _nan_rows_may_be_lost(q, ks[1]) and _may_hold_nan(q):
         out = out.masked_fill(q.isnan().any(-1, keepdim=True), math.nan)
     return out
 
@@ -1511,6 +1513,21 @@ def _nan_rows_as_reference(out: Tensor, q: Tensor, seqlen_k: int, seen: Tensor |
     sees_key = seen.any(-1)[:, None, None]  # (Sq, 1, 1)
     out = out.masked_fill(nan_rows & sees_key, math.nan)
     return out.masked_fill(nan_rows & ~sees_key, 0.0)
+
+
+# From this many keys on, PyTorch's fused CPU attention kernel gives a NaN query row NaN by
+# itself: its row maximum over each block of keys is vectorized (a NaN in any lane makes it
+# NaN), and only key counts below one vector's width (8 or 16 floats on x86; the first block
+# holds at least 32 keys) go through its scalar tail, which skips a NaN and zeroes the row.
+# test_cpu_sdpa_keeps_nan_rows_from_this_many_keys checks it on the installed PyTorch.
+NAN_SAFE_KEYS = 64
+
+
+def _nan_rows_may_be_lost(q: Tensor, seqlen_k: int) -> bool:
+    """Whether SDPA may have turned a NaN query row into zeros, when every row sees one of
+    ``seqlen_k`` > 0 keys: always off the CPU (other kernels, other rules), on CPU tensors
+    only below :data:`NAN_SAFE_KEYS` keys."""
+    return seqlen_k > 0 and (seqlen_k < NAN_SAFE_KEYS or not q.is_cpu)
 
 
 def _may_hold_nan(x: Tensor) -> bool:

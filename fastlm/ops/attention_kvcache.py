@@ -22,6 +22,7 @@ from fastlm.ops.attention import (
     _check_scale,
     _check_softcap,
     _may_hold_nan,
+    _nan_rows_may_be_lost,
 )
 from fastlm.ops.autocast import autocast_policy
 from fastlm.ops.contract import check_int, describe, values_readable
@@ -216,7 +217,8 @@ def _plain_step(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, softma
         scale=scale,
         enable_gqa=q.shape[2] != k_cache.shape[2],
     ).transpose(1, 2)
-    if _may_hold_nan(q):  # every row sees a key: a NaN query row gives NaN
+    # Every row sees a key: a NaN query row gives NaN.
+    if _nan_rows_may_be_lost(q, most) and _may_hold_nan(q):
         out.masked_fill_(q.isnan().any(-1, keepdim=True), math.nan)
     return out
 
@@ -406,7 +408,7 @@ def _torch_decode(
         if _may_hold_nan(q):
             out.masked_fill_(q.isnan().any(-1, keepdim=True) & sees, math.nan)
         return out, None
-    if _may_hold_nan(q):
+    if (seen is not None or _nan_rows_may_be_lost(q, most)) and _may_hold_nan(q):
         out.masked_fill_(q.isnan().any(-1, keepdim=True), math.nan)  # (B, Sq, H, 1)
     return out, None
 

@@ -894,3 +894,24 @@ def test_eager_op_and_compiled_custom_op_agree_with_gradients(monkeypatch):
         compiled = run(torch.compile(forward, fullgraph=True, backend="aot_eager"))
     for a, b in zip(eager, compiled, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_cpu_sdpa_keeps_nan_rows_from_this_many_keys(dtype):
+    """What lets the torch path skip its NaN-row fill from NAN_SAFE_KEYS keys on (no mask):
+    PyTorch's own CPU SDPA then gives a NaN query row NaN, in every case below (row 0, the
+    last row, GQA, causal with Sq == Sk, one query). If a PyTorch release changes that,
+    this test fails, and the fill's key bound must go."""
+    n = attention_ops.NAN_SAFE_KEYS
+    for sk in (n, n + 1, 3 * n + 5, 600):
+        for sq, causal, kv_heads in ((sk, False, 4), (sk, True, 2), (1, False, 1)):
+            q = torch.randn(2, 4, sq, 16, dtype=dtype)
+            k, v = (torch.randn(2, kv_heads, sk, 16, dtype=dtype) for _ in "kv")
+            rows = sorted({0, sq - 1, int(torch.randint(sq, ()))})
+            q[1, 2, rows, 5] = math.nan
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+            assert out[1, 2, rows].isnan().all(), (sk, sq, causal, kv_heads)
+            # ... and through fastlm (the fill skipped) the same.
+            ours = ops.flash_attention(*(t.transpose(1, 2) for t in (q, k, v)), causal=causal)
+            assert ours.transpose(1, 2)[1, 2, rows].isnan().all()
+            assert not ours.transpose(1, 2)[0].isnan().any()
