@@ -232,7 +232,7 @@ def flash_attention(
     need_probs = _check_flag("return_attn_probs", return_attn_probs)
     deterministic = _check_flag("deterministic", deterministic)
     need_lse = need_probs or return_lse
-    name = backend.select("attention", q, lambda: _support(q))
+    name = _choose(q, lambda: _support(q))
     if name == "torch":
         # Called straight from here, positionally: on tiny tensors each layer of keyword
         # forwarding costs as much as a check.
@@ -374,7 +374,7 @@ def scaled_dot_product_attention(
     tensors this is PyTorch's own function. The Triton kernels take 4-D fp16/bf16 tensors
     with value's head_dim equal to query's, up to 256."""
     _check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    name = backend.select("attention", query, lambda: _sdpa_support(query, key, value))
+    name = _choose(query, lambda: _sdpa_support(query, key, value))
     if name == "torch":
         out = F.scaled_dot_product_attention(
             query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
@@ -766,6 +766,15 @@ def _sdpa_plain(query, key, value, attn_mask, dropout_p, is_causal, scale, enabl
 
 # ---------------------------------------------------------------------------------------------
 # Dispatch, custom ops and autograd.
+
+
+def _choose(where: Tensor, support) -> str:
+    """``backend.select`` for attention, with a forced torch backend answered first: it
+    serves every call that passed the contract, so building the support checks to ask
+    would only cost time."""
+    if backend.forced_backend() == "torch":
+        return "torch"
+    return backend.select("attention", where, support)
 
 
 def _support(q: Tensor) -> dict:
