@@ -9,7 +9,13 @@ import torch.nn.functional as F
 
 import fastlm
 from fastlm import backend, ops
-from fastlm.ops.cross_entropy import MIN_CHUNK_ROWS, CrossEntropyOutput, default_chunk_size
+from fastlm.ops.cross_entropy import (
+    CPU_ROWS_PER_THREAD,
+    MIN_CHUNK_ROWS,
+    CrossEntropyOutput,
+    cpu_chunk_size,
+    default_chunk_size,
+)
 from fastlm.testing import assert_equal, assert_loss_policy, assert_policy, summand_scale
 
 BACKENDS_HERE = ["torch", "triton"]  # triton on CPU tensors = the interpreter
@@ -527,6 +533,17 @@ def test_linear_cross_entropy_default_chunk_size():
     assert default_chunk_size(8192, 768, 32000) == 256
     assert default_chunk_size(1, 768, 32000) == MIN_CHUNK_ROWS  # one chunk: all rows
     assert default_chunk_size(508, 128, 50257) == MIN_CHUNK_ROWS
+
+
+def test_linear_cross_entropy_cpu_chunk_size():
+    rows = CPU_ROWS_PER_THREAD
+    assert cpu_chunk_size(8192, 768, 32000, threads=1) == rows
+    assert cpu_chunk_size(2048, 768, 32000, threads=1) == rows  # Liger's rule: 128
+    assert cpu_chunk_size(8192, 768, 32000, threads=2) == 2 * rows
+    # Never a logits chunk larger than d_weight, whatever the thread count.
+    assert cpu_chunk_size(8192, 768, 32000, threads=64) == 768
+    assert cpu_chunk_size(8192, 128, 50257, threads=8) == rows
+    assert cpu_chunk_size(1 << 20, 4096, 1000, threads=1) == 4096  # Liger: all rows
 
 
 def test_linear_cross_entropy_no_grad():
