@@ -1273,8 +1273,11 @@ def _torch_sdpa(q, k, v, causal, scale, window, dropout_p, seed, bias, slopes) -
     seen = None
     is_causal = False
     left, right = window
-    if causal and left is None and (right is None or right >= 0) and seqlen_q == seqlen_k:
-        is_causal = True  # top-left and bottom-right causal agree when Sq == Sk
+    plain_causal = left is None and (right is None or right >= 0) and seqlen_q == seqlen_k
+    if causal and plain_causal and bias is None and slopes is None:
+        # Top-left and bottom-right causal agree when Sq == Sk; SDPA takes is_causal only
+        # without an explicit mask, so a bias or ALiBi gets the triangle in its mask.
+        is_causal = True
     elif causal or left is not None or right is not None:
         seen = _visible(seqlen_q, seqlen_k, causal, window, q.device)
     mask = None
