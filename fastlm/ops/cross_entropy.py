@@ -356,21 +356,15 @@ def default_chunk_size(n: int, h: int, v: int) -> int:
 # V=32000, fwd+bwd over 4096 rows took 8.8 s in 64-row chunks, 7.8 in 128, 7.1 in 256, 512
 # and 1024 alike (2-core EPYC, torch 2.14, MKL).
 CPU_ROWS_PER_THREAD = 256
-# Logits per chunk worth filling where the vocabulary is small (a 32 MiB float32 buffer, the
-# L3 of that machine): at N=1024, H=768, V=4096 one 1024-row chunk ran fwd+bwd 5% faster
-# than 256-row ones, and the forward 7%.
-CPU_CHUNK_ELEMENTS = 1 << 23
 
 
 def cpu_chunk_size(n: int, h: int, v: int, threads: int) -> int:
     """Rows per chunk on the CPU: :func:`default_chunk_size`, raised to
     :data:`CPU_ROWS_PER_THREAD` rows for each thread the GEMMs split the chunk's rows
-    over, and to a power of two of rows filling :data:`CPU_CHUNK_ELEMENTS` logits; but never
-    past a logits chunk larger than both d_weight (``H`` rows of ``V``) and that buffer,
-    which keeps the peak memory within a small multiple of the gradients'."""
-    fill = _next_power_of_2(CPU_CHUNK_ELEMENTS // v + 1) // 2  # the power of two at or below
-    rows = max(default_chunk_size(n, h, v), CPU_ROWS_PER_THREAD * max(1, threads), fill)
-    return min(rows, max(h, fill, CPU_ROWS_PER_THREAD))
+    over, but never past a logits chunk as large as d_weight (``H`` rows of ``V``), which
+    keeps the peak memory within a small multiple of the gradients'."""
+    rows = max(default_chunk_size(n, h, v), CPU_ROWS_PER_THREAD * max(1, threads))
+    return min(rows, max(h, CPU_ROWS_PER_THREAD))
 
 
 def _next_power_of_2(x: int) -> int:

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 import fastlm
 from fastlm import backend, ops
 from fastlm.ops.cross_entropy import (
-    CPU_CHUNK_ELEMENTS,
     CPU_ROWS_PER_THREAD,
     MIN_CHUNK_ROWS,
     CrossEntropyOutput,
@@ -544,9 +543,7 @@ def test_linear_cross_entropy_cpu_chunk_size():
     # Never a logits chunk larger than d_weight, whatever the thread count.
     assert cpu_chunk_size(8192, 768, 32000, threads=64) == 768
     assert cpu_chunk_size(8192, 128, 50257, threads=8) == rows
-    # Small vocabularies: rows to fill CPU_CHUNK_ELEMENTS logits (a power of two of them).
-    assert cpu_chunk_size(1024, 768, 4096, threads=1) == CPU_CHUNK_ELEMENTS // 4096
-    assert cpu_chunk_size(1 << 20, 4096, 1000, threads=1) == 8192  # Liger's rule: all rows
+    assert cpu_chunk_size(1 << 20, 4096, 1000, threads=1) == 4096  # Liger: all rows
 
 
 def test_linear_cross_entropy_no_grad():
