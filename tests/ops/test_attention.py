@@ -915,3 +915,16 @@ def test_cpu_sdpa_keeps_nan_rows_from_this_many_keys(dtype):
             ours = ops.flash_attention(*(t.transpose(1, 2) for t in (q, k, v)), causal=causal)
             assert ours.transpose(1, 2)[1, 2, rows].isnan().all()
             assert not ours.transpose(1, 2)[0].isnan().any()
+
+
+@pytest.mark.parametrize("extra", ["bias", "alibi", "both"])
+def test_causal_square_calls_with_a_bias_or_alibi_keep_the_triangle(extra):
+    """Sq == Sk causal calls take SDPA's is_causal only when there is no explicit mask; with
+    a (padding-style) bias or ALiBi the triangle goes into the mask (SDPA refuses both)."""
+    q, k, v = _qkv(b=2, sq=5, sk=5, h=2, hkv=1, d=8, dtype=torch.float32, grad=True)
+    bias = torch.randn(2, 1, 1, 5) if extra in ("bias", "both") else None
+    slopes = torch.rand(2) if extra in ("alibi", "both") else None
+    do = torch.randn(2, 5, 2, 8)
+    out = ops.flash_attention(q, k, v, causal=True, attn_bias=bias, alibi_slopes=slopes)
+    grads = torch.autograd.grad((out * do).sum(), (q, k, v))
+    _assert_capped(out, grads, q, k, v, do, 0.0, bias, causal=True, alibi_slopes=slopes)
