@@ -1507,7 +1507,9 @@ def _attention_chunk(
         probs = probs.masked_fill(lse[..., None] == float("-inf"), 0.0)
     elif seen is not None:
         sees = seen.any(-1, keepdim=True)
-        if not q.is_cpu or not sees.all():  # (no device sync to skip the fill)
+        # On CPU tensors in eager mode the fill is skipped when every row sees a key (no
+        # device sync there; a traced call cannot branch on a value).
+        if not q.is_cpu or torch.compiler.is_compiling() or not sees.all():
             probs = probs.masked_fill(~sees, 0.0)
     weights = probs if keep is None else probs * keep / (1.0 - dropout_p)
     return (weights @ v).transpose(1, 2), lse, probs
