@@ -293,7 +293,8 @@ def linear_cross_entropy(
     softcap = _check_softcap(softcap)
     _check_flags(return_z_loss, return_token_accuracy)
     n, h = hidden.shape
-    if chunk_size is None:
+    chosen = chunk_size is not None
+    if not chosen:
         if hidden.is_cpu:
             chunk_size = cpu_chunk_size(n, h, v, _threads())
         else:
@@ -303,6 +304,35 @@ def linear_cross_entropy(
     name = backend.select(
         "linear_cross_entropy", hidden, lambda: _linear_support(hidden, ignore_index)
     )
+    if (
+        name == "torch"
+        and not chosen
+        and n <= chunk_size
+        and hidden.dtype in _FULL_PRECISION
+        and out_dtype in (None, hidden.dtype)
+    ):
+        # All rows fit one chunk: chunking saves no memory, and the unfused pair in PyTorch's
+        # own ops (and autograd) costs a few microseconds where the fused path's buffers and
+        # in-forward gradients cost a hundred on small calls. Half-precision logits would
+        # round where the fused path does not, so those stay on it.
+        loss, lse, argmax = _torch_cross_entropy(
+            F.linear(hidden, weight, bias),
+            target,
+            ignore_index,
+            label_smoothing,
+            reduction,
+            z_loss,
+            ce_weight,
+            softcap,
+            return_z_loss,
+            return_token_accuracy,
+        )
+        if not (return_z_loss or return_token_accuracy):
+            return loss
+        argmax = argmax if return_token_accuracy else None
+        return _output(
+            loss, lse, argmax, target, ignore_index, ce_weight, reduction, z_loss, return_z_loss
+        )
     grad_mask = 0
     if torch.is_grad_enabled():
         grad_mask = (
@@ -356,6 +386,9 @@ def default_chunk_size(n: int, h: int, v: int) -> int:
 # V=32000, fwd+bwd over 4096 rows took 8.8 s in 64-row chunks, 7.8 in 128, 7.1 in 256, 512
 # and 1024 alike (2-core EPYC, torch 2.14, MKL).
 CPU_ROWS_PER_THREAD = 256
+
+
+_FULL_PRECISION = (torch.float32, torch.float64)
 
 
 # Read when torch.compile traces a call (a graph holds its chunk size as a constant).

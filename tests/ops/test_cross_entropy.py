@@ -654,3 +654,29 @@ def test_errors_name_the_argument():
         ops.linear_cross_entropy(h, w, t, return_token_accuracy="yes")
     with fastlm.use_backend("triton"), pytest.raises(backend.BackendUnavailable, match="float64"):
         ops.cross_entropy(x.double(), t)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_linear_cross_entropy_one_chunk_is_the_unfused_pair_bit_for_bit(reduction):
+    # fp32 rows that fit one default chunk run as F.linear then the cross-entropy: the
+    # same bits as the pair, gradients included; a chosen chunk_size keeps the fused path.
+    h = torch.randn(37, 24, requires_grad=True)
+    w = torch.randn(50, 24, requires_grad=True)
+    b = torch.randn(50, requires_grad=True)
+    t = torch.randint(0, 50, (37,))
+    t[3] = -100
+    got = ops.linear_cross_entropy(h, w, t, b, reduction=reduction, label_smoothing=0.1)
+    want = F.cross_entropy(F.linear(h, w, b), t, reduction=reduction, label_smoothing=0.1)
+    assert torch.equal(got, want), (got - want).abs().max()
+    dy = torch.randn_like(want)
+    for g, r in zip(
+        torch.autograd.grad(got, (h, w, b), dy),
+        torch.autograd.grad(want, (h, w, b), dy),
+        strict=True,
+    ):
+        assert torch.equal(g, r), (g - r).abs().max()
+    chunked = ops.linear_cross_entropy(
+        h, w, t, b, reduction=reduction, chunk_size=16, label_smoothing=0.1
+    )
+    assert chunked.grad_fn is not None and type(chunked.grad_fn) is not type(got.grad_fn)
+    torch.testing.assert_close(chunked, want)
