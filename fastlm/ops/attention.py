@@ -832,7 +832,7 @@ def _attention(
     max_seqlen_q, max_seqlen_k) for packed sequences. Returns ``(out, lse, S_dmask)``; the
     torch backend computes lse only when ``need_lse``, S_dmask (flash-attn's probabilities,
     negative where dropped) is computed only when ``need_probs``."""
-    cu_q, cu_k, max_q, max_k = packed or (None, None, q.shape[1], k.shape[1])
+    cu_k = packed[1] if packed else None
     name = backend.select("attention", q, lambda: _support(q))
     if block_table is not None and (name == "torch" or need_probs) and not q.is_meta:
         packed_k, packed_v = (_gather_pages(t, block_table, cu_k) for t in (k, v))
@@ -856,6 +856,49 @@ def _attention(
             need_probs=need_probs,
             deterministic=deterministic,
         )
+    keys = packed_k if block_table is not None and need_probs else None
+    return _kernel_dense(
+        q,
+        k,
+        v,
+        name,
+        causal,
+        scale,
+        window,
+        dropout_p,
+        seed,
+        bias,
+        slopes,
+        softcap,
+        need_probs,
+        packed,
+        block_table,
+        keys,
+    )
+
+
+def _kernel_dense(
+    q,
+    k,
+    v,
+    name,
+    causal,
+    scale,
+    window,
+    dropout_p,
+    seed,
+    bias,
+    slopes,
+    softcap,
+    need_probs,
+    packed=None,
+    block_table=None,
+    keys=None,
+):
+    """:func:`_attention` for backend ``name``, a kernel's (chosen already): the custom op
+    called with no layer between; dense (B, S, H, D) tensors unless ``packed`` (and
+    ``block_table``, whose gathered keys ``keys`` the probabilities read) say otherwise."""
+    cu_q, cu_k, max_q, max_k = packed or (None, None, q.shape[1], k.shape[1])
     # The custom op's schema takes flat arguments: the window as its two sides.
     left, right = window
     out, lse = attention_fwd(
@@ -881,41 +924,7 @@ def _attention(
     probs = None
     if need_probs:
         args = _kernel_args(causal, scale, left, right, dropout_p, seed, softcap)
-        keys = k if block_table is None else packed_k
-        probs = _kernel_probs(q, keys, args, window, bias, slopes, packed)
-    return out, lse, probs
-
-
-def _kernel_dense(
-    q, k, v, name, causal, scale, window, dropout_p, seed, bias, slopes, softcap, need_probs
-):
-    """:func:`_attention` on dense (B, S, H, D) tensors for backend ``name``, a kernel's
-    (chosen already): the custom op called with no layer between."""
-    left, right = window
-    out, lse = attention_fwd(
-        last_dim_contiguous(q),
-        last_dim_contiguous(k),
-        last_dim_contiguous(v),
-        bias,
-        slopes,
-        None,
-        None,
-        q.shape[1],
-        k.shape[1],
-        causal,
-        scale,
-        left,
-        right,
-        float(dropout_p),
-        seed,
-        softcap,
-        None,
-        name,
-    )
-    probs = None
-    if need_probs:
-        args = _kernel_args(causal, scale, left, right, dropout_p, seed, softcap)
-        probs = _kernel_probs(q, k, args, window, bias, slopes, None)
+        probs = _kernel_probs(q, k if keys is None else keys, args, window, bias, slopes, packed)
     return out, lse, probs
 
 
