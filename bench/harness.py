@@ -97,12 +97,7 @@ def measure(fn: Callable[[], object], device: torch.device, rep_ms: float = 100)
     if device.type == "cuda":
         import triton.testing
 
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fn()
-        torch.cuda.synchronize(device)
-        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        peak = _peak_mb(fn, device)
         ms = triton.testing.do_bench(fn, warmup=rep_ms / 4, rep=rep_ms, return_mode="median")
         return Timing(ms, peak)
     # One thread, Timer's default: with other processes on the cores, OpenMP barriers stall
@@ -112,7 +107,7 @@ def measure(fn: Callable[[], object], device: torch.device, rep_ms: float = 100)
     timer = torch.utils.benchmark.Timer(stmt="fn()", globals={"fn": fn})
     timer.timeit(1)
     ms = timer.blocked_autorange(min_run_time=rep_ms / 1000).median * 1e3
-    return Timing(ms, cpu_peak_bytes(fn) / 2**20)
+    return Timing(ms, _peak_mb(fn, device))
 
 
 @contextlib.contextmanager
