@@ -181,37 +181,9 @@ def cases(quick: bool, device: torch.device) -> Iterator[Case]:
 # Peak memory on the CPU.
 
 
-def memory_report(n: int = 8192, v: int = 32000, hidden: int = 768) -> dict[str, float]:
-    """Peak extra memory (MiB) of forward+backward, fused linear cross-entropy (torch
-    backend, the same chunked algorithm the Triton path runs) vs the unfused
-    ``F.cross_entropy(F.linear(h, W), t)``, fp32 on the CPU, and their ratio. Inputs (h, W,
-    t) are allocated beforehand and not counted; the gradients are."""
-    h = torch.randn(n, hidden, requires_grad=True)
-    w = (torch.randn(v, hidden) / hidden**0.5).requires_grad_()
-    t = torch.randint(0, v, (n,))
-
-    def fused():
-        with backend.use_backend("torch"):
-            return torch.autograd.grad(ops.linear_cross_entropy(h, w, t), [h, w])
-
-    def unfused():
-        return torch.autograd.grad(_unfused_linear(h, w, t), [h, w])
-
-    a, b = fused(), unfused()
-    torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
-    del a, b
-    fused_mib = cpu_peak_bytes(fused) / 2**20
-    unfused_mib = cpu_peak_bytes(unfused) / 2**20
-    return {"fused_mib": fused_mib, "unfused_mib": unfused_mib, "ratio": fused_mib / unfused_mib}
-
-
-def speed_report(
-    n: int = 8192, v: int = 32000, hidden: int = 768, rounds: int = 3
-) -> dict[str, float]:
-    """Seconds per call of the fused linear cross-entropy (torch backend) and of the unfused
-    ``F.cross_entropy(F.linear(h, W), t)``, forward+backward and forward only, fp32 on the
-    CPU at one thread (as the harness times the CPU): the median of ``rounds`` alternating
-    rounds after a warm-up call of each, with the ratios fused / unfused."""
+def _issue_steps(n: int, v: int, hidden: int) -> dict[str, Callable[[], object]]:
+    """The issue's case, fp32 on the CPU: fused (torch backend) and unfused, forward+backward
+    and forward only, on inputs allocated here (not counted by the reports)."""
     h = torch.randn(n, hidden, requires_grad=True)
     w = (torch.randn(v, hidden) / hidden**0.5).requires_grad_()
     t = torch.randint(0, v, (n,))
@@ -231,7 +203,32 @@ def speed_report(
         with torch.no_grad():
             return _unfused_linear(h, w, t)
 
-    calls = dict(fused=fused, unfused=unfused, fused_fwd=fused_fwd, unfused_fwd=unfused_fwd)
+    return dict(fused=fused, unfused=unfused, fused_fwd=fused_fwd, unfused_fwd=unfused_fwd)
+
+
+def memory_report(n: int = 8192, v: int = 32000, hidden: int = 768) -> dict[str, float]:
+    """Peak extra memory (MiB) of forward+backward, fused linear cross-entropy (torch
+    backend, the same chunked algorithm the Triton path runs) vs the unfused
+    ``F.cross_entropy(F.linear(h, W), t)``, fp32 on the CPU, and their ratio. Inputs (h, W,
+    t) are allocated beforehand and not counted; the gradients are."""
+    steps = _issue_steps(n, v, hidden)
+    fused, unfused = steps["fused"], steps["unfused"]
+    a, b = fused(), unfused()
+    torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+    del a, b
+    fused_mib = cpu_peak_bytes(fused) / 2**20
+    unfused_mib = cpu_peak_bytes(unfused) / 2**20
+    return {"fused_mib": fused_mib, "unfused_mib": unfused_mib, "ratio": fused_mib / unfused_mib}
+
+
+def speed_report(
+    n: int = 8192, v: int = 32000, hidden: int = 768, rounds: int = 3
+) -> dict[str, float]:
+    """Seconds per call of the fused linear cross-entropy (torch backend) and of the unfused
+    ``F.cross_entropy(F.linear(h, W), t)``, forward+backward and forward only, fp32 on the
+    CPU at one thread (as the harness times the CPU): the median of ``rounds`` alternating
+    rounds after a warm-up call of each, with the ratios fused / unfused."""
+    calls = _issue_steps(n, v, hidden)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
