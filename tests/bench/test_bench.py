@@ -97,8 +97,8 @@ def test_quick_attention_bench_on_cpu_writes_one_row_per_provider(run_main, tmp_
     for op in ops:
         for shape in shapes:
             found = sorted(r["provider"] for r in rows if r["op"] == op and r["shape"] == shape)
-            assert found == ["fastlm-torch", "sdpa-math"], (op, shape)
-    assert len(rows) == len(ops) * len(shapes) * 2
+            assert found == ["fastlm-torch", "sdpa-math", "torch"], (op, shape)
+    assert len(rows) == len(ops) * len(shapes) * 3
     for row in rows:
         assert row["dtype"] == "float32"
         for key in ("ms", "gbps", "tflops", "flops", "bytes_moved"):
