@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -222,7 +223,10 @@ def _rounds(rep_ms: float) -> int:
 
 
 def time_alternating(
-    fns: Sequence[Callable[[], object]], device: torch.device, rep_ms: float = 100
+    fns: Sequence[Callable[[], object]],
+    device: torch.device,
+    rep_ms: float = 100,
+    first_ms: Sequence[float] | None = None,
 ) -> list[float]:
     """Median ms per call of each of ``fns``, timed in alternating rounds.
 
@@ -230,9 +234,13 @@ def time_alternating(
     round times every provider once (a block of calls of about ``rep_ms / rounds``), in an
     order that rotates from round to round, and each provider's time is the median over
     rounds. Whatever else the machine is doing then lands on all of them alike, instead of
-    on whichever ran during a busy second.
+    on whichever ran during a busy second. ``first_ms``: how long each provider's first
+    (warm-up) call took, if the caller made one; calls slower than a round get 3 rounds of
+    one call each, so a slow case costs a few calls, not a few seconds.
     """
     rounds = _rounds(rep_ms)
+    if first_ms is not None and max(first_ms) > rep_ms / rounds:
+        rounds = 3
     per_round = rep_ms / rounds
     if device.type == "cuda":
         import triton.testing
@@ -244,25 +252,46 @@ def time_alternating(
 
         numbers = [0] * len(fns)
     else:
-        # One thread and a Timer per provider, as measure() does; the first call (allocator
-        # growth, compiles) is left out and sizes the block.
-        timers = [torch.utils.benchmark.Timer(stmt="fn()", globals={"fn": fn}) for fn in fns]
+        # The first call (allocator growth, compiles) is left out; a warm one sizes the block.
         numbers = []
-        for timer in timers:
-            first = timer.timeit(1).median * 1e3
-            second = timer.timeit(1).median * 1e3
-            numbers.append(max(1, int(per_round / max(min(first, second), 1e-4))))
+        for i, fn in enumerate(fns):
+            first = first_ms[i] if first_ms is not None else _block_ms(fn, 1)
+            if first < per_round:
+                first = min(first, _block_ms(fn, 1))
+            numbers.append(max(1, int(per_round / max(first, 1e-4))))
+        block = _block_ms
 
-        def block(timer, number):
-            return timer.timeit(number).median * 1e3
-
-    runners = fns if device.type == "cuda" else timers
     samples: list[list[float]] = [[] for _ in fns]
-    for r in range(rounds):
-        for i in range(len(fns)):
-            j = (i + r) % len(fns)
-            samples[j].append(block(runners[j], numbers[j]))
+    with _one_thread(device):
+        for r in range(rounds):
+            for i in range(len(fns)):
+                j = (i + r) % len(fns)
+                samples[j].append(block(fns[j], numbers[j]))
     return [statistics.median(s) for s in samples]
+
+
+def _block_ms(fn: Callable[[], object], number: int) -> float:
+    """ms per call over ``number`` back-to-back calls."""
+    start = time.perf_counter()
+    for _ in range(number):
+        fn()
+    return (time.perf_counter() - start) * 1e3 / number
+
+
+@contextlib.contextmanager
+def _one_thread(device: torch.device) -> Iterator[None]:
+    """One thread on a CPU, as measure()'s Timer runs: with other processes on the cores,
+    OpenMP barriers stall for milliseconds and multi-threaded timings swing 100x. The
+    warm-up call runs under it too (the thread count is a torch.compile guard)."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def run_case(
@@ -344,27 +373,43 @@ def run_cases(
         for case in run:
             by_op.setdefault(case.op, []).append(case)
         for group in by_op.values():
-            working = []
-            for case in group:
-                try:
-                    case.fn()
-                    working.append(case)
-                except Exception as exc:  # one broken provider must not hide the others
-                    errors.append(
-                        f"{case.op} {case.provider} {case.shape}: {type(exc).__name__}: {exc}"
-                    )
-            if not working:
-                continue
-            try:
-                times = time_alternating([c.fn for c in working], device, rep_ms)
-                results += [
-                    run_case(c, device, env, device_gbps, rep_ms, ms)
-                    for c, ms in zip(working, times, strict=True)
-                ]
-            except Exception as exc:
-                errors += [
-                    f"{c.op} {c.provider} {c.shape}: {type(exc).__name__}: {exc}" for c in working
-                ]
+            with _one_thread(device):
+                done, failed = _run_group(group, device, env, device_gbps, rep_ms)
+            results += done
+            errors += failed
+    return results, errors
+
+
+def _run_group(
+    group: list[Case],
+    device: torch.device,
+    env: Environment,
+    device_gbps: float | None,
+    rep_ms: float,
+) -> tuple[list[Result], list[str]]:
+    """One op's providers at one shape: a warm-up call each (a provider that raises is
+    reported and left out), then :func:`time_alternating`."""
+    errors, working, first_ms = [], [], []
+    for case in group:
+        try:
+            start = time.perf_counter()
+            case.fn()
+            first_ms.append((time.perf_counter() - start) * 1e3)
+            working.append(case)
+        except Exception as exc:  # one broken provider must not hide the others
+            errors.append(f"{case.op} {case.provider} {case.shape}: {type(exc).__name__}: {exc}")
+    if not working:
+        return [], errors
+    try:
+        times = time_alternating([c.fn for c in working], device, rep_ms, first_ms)
+        results = [
+            run_case(c, device, env, device_gbps, rep_ms, ms)
+            for c, ms in zip(working, times, strict=True)
+        ]
+    except Exception as exc:
+        return [], errors + [
+            f"{c.op} {c.provider} {c.shape}: {type(exc).__name__}: {exc}" for c in working
+        ]
     return results, errors
 
 

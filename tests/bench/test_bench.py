@@ -181,3 +181,13 @@ def test_alternating_rounds_time_every_provider_in_every_round(run_main):
     # One block each to size the rounds (two single calls), then one per round.
     assert [blocks.count(p) for p in "abc"] == [rounds + 1] * 3, blocks
     assert [blocks[3 + 3 * r] for r in range(3)] == ["a", "b", "c"], blocks
+
+
+def test_calls_slower_than_a_round_get_three_rounds_of_one_call(run_main):
+    from bench import harness
+
+    calls: list[str] = []
+    fns = [lambda: calls.append("a"), lambda: calls.append("b")]
+    # As if each first (warm-up) call had taken a second: no sizing calls, 3 rounds of 1.
+    harness.time_alternating(fns, torch.device("cpu"), rep_ms=5, first_ms=[1000.0, 1000.0])
+    assert calls == ["a", "b", "b", "a", "a", "b"], calls
