@@ -12,7 +12,8 @@ shows. Rows per op (``op`` names the mode: ``eager`` or ``compiled``):
 * ``fastlm-triton launch stubbed`` (eager, CPU): the op forced onto its Triton backend with
   every kernel launch replaced by a no-op, so the row is everything fastlm does on the GPU
   path on the host (contract, backend choice, the custom op's eager entrance, allocating
-  outputs, grid arithmetic) but the kernel and Triton's own launcher.
+  outputs, grid arithmetic) but the kernel and Triton's own launcher. On a GPU the row is
+  ``fastlm-triton``: the real kernels, bfloat16.
 * compiled rows: the same two callables under ``torch.compile`` (Inductor), the overhead a
   compiled model pays per op (guards and the graph's call), in ``--full`` only: Inductor
   builds C++ per graph on a CPU, seconds each.
@@ -228,13 +229,13 @@ def _on(name: str | None, fn: Op, stub: bool = False) -> Op:
 
 
 def cases(quick: bool, device: torch.device, only: tuple[str, ...] | None = None) -> Iterator[Case]:
-    """Per op: torch and fastlm-torch (float32), eager, and compiled in ``--full``; on a CPU
-    also the stubbed Triton path (bfloat16: what the GPU kernels take). ``only`` picks ops by
-    name (default: :data:`QUICK` in quick mode, else all)."""
+    """Per op: torch and fastlm-torch (float32), eager, and compiled in ``--full``; the
+    Triton path in bfloat16 (what its kernels take): stubbed on a CPU, the real kernels on a
+    GPU (``fastlm-triton``). ``only`` picks ops by name (default: :data:`QUICK` in quick
+    mode, else all)."""
     wanted = only if only is not None else (QUICK if quick else None)
     on_cpu = device.type == "cpu"
-    stubbed = on_cpu and backend.triton_error() is None
-    half = _case_inputs(device, torch.bfloat16) if stubbed else None
+    half = _case_inputs(device, torch.bfloat16) if backend.triton_error() is None else None
     for name, shape, fastlm_fn, torch_fn, moved in _case_inputs(device, torch.float32):
         half_fn = next(half)[2] if half is not None else None
         if wanted is not None and name not in wanted:
@@ -248,8 +249,9 @@ def cases(quick: bool, device: torch.device, only: tuple[str, ...] | None = None
         for provider, fn in rows:
             yield Case(f"{name} eager", provider, shape, torch.float32, fn, moved)
         if half_fn is not None:
-            stub = _on("triton", half_fn, stub=True)
-            yield Case(f"{name} eager", STUBBED, shape, torch.bfloat16, stub, moved // 2)
+            provider = STUBBED if on_cpu else "fastlm-triton"
+            triton_fn = _on("triton", half_fn, stub=on_cpu)
+            yield Case(f"{name} eager", provider, shape, torch.bfloat16, triton_fn, moved // 2)
         if not quick:
             torch.compiler.reset()
             for provider, fn in rows:
