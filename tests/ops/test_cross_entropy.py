@@ -3,6 +3,8 @@ gradients, chunking, torch.compile, bad input."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -233,9 +235,11 @@ def _linear_case(
     base = unfused(lb, False)
     base_g = _grads(base, lb, g)
     assert loss.dtype == dtype and loss.shape == ref.shape
-    # A reduced loss adds one rounding per chunk's partial sum: one ulp of the total per chunk.
+    # A reduced loss adds one rounding per chunk's partial sum, and the sum of a chunk's n
+    # rows up to ceil(log2(n)) more (pairwise): one ulp of the total each.
     chunks = -(-n // (chunk or n)) if reduction != "none" else 1
-    loss_scale = chunks * summand_scale(ref.detach(), 0)
+    roundings = chunks + (math.ceil(math.log2(min(n, chunk or n))) if reduction != "none" else 0)
+    loss_scale = roundings * summand_scale(ref.detach(), 0)
     assert_policy(loss, ref, base.detach(), "loss", scale=loss_scale)
     # Floors at the scale of the summed terms (|dlogits| <= 2 |g|): d_hidden sums over
     # classes, d_weight and d_bias over tokens.
