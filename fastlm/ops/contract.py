@@ -59,6 +59,22 @@ def check_real(name: str, value: object) -> float:
     return value
 
 
+def check_softcap(softcap: object, allow_none: bool = False) -> float:
+    """A logit soft cap (``softcap * tanh(x / softcap)``) as a float: a finite number >= 0,
+    0 meaning no cap; None too where ``allow_none`` (the losses' default, as Gemma 2's
+    config). Each op keeps the wording its users have seen."""
+    if type(softcap) is float and 0.0 <= softcap < math.inf:  # the common call, first
+        return softcap
+    if softcap is None and allow_none:
+        return 0.0
+    value = check_real("softcap", softcap)
+    if value < 0:
+        if allow_none:
+            raise ValueError(f"softcap must be None, 0 (off) or a positive number, got {softcap}")
+        raise ValueError(f"softcap must be >= 0 (0: no cap), got {value}")
+    return value
+
+
 def check_int(name: str, value: object, low: int) -> int:
     """``value`` as an int ``>= low`` (a bool is refused), naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
