@@ -54,7 +54,9 @@ def check_real(name: str, value: object) -> float:
     ):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value):
+    # Comparisons, not math.isfinite: under torch.compile a float seen with two values becomes
+    # symbolic, and math.isfinite of a symbol breaks the graph (NaN fails both comparisons).
+    if not -math.inf < value < math.inf:
         raise ValueError(f"{name} must be finite, got {value}")
     return value
 

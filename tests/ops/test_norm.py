@@ -299,6 +299,25 @@ def test_torch_compile_inductor_no_graph_break():
     torch.testing.assert_close(compiled(x), model(x))
 
 
+def test_compiled_rms_norm_with_a_second_eps_keeps_one_graph():
+    """Dynamo makes a float it has seen with two values symbolic in the next trace (two models
+    of one process with different norm eps); the contract's finiteness check must not break
+    the graph on it. Both the eps and Gemma's offset go through that check."""
+    torch._dynamo.reset()
+    x, w = torch.randn(3, 16), torch.randn(16)
+
+    def norm(x, w, eps, offset):
+        return ops.rms_norm(x, 16, w, eps, offset=offset), ops.layer_norm(x, 16, w, None, eps)
+
+    compiled = torch.compile(norm, fullgraph=True, backend="eager")  # raises at a graph break
+    try:
+        for eps, offset in ((1e-6, 1.0), (1e-3, 0.5), (0.25, 2.0)):
+            for got, want in zip(compiled(x, w, eps, offset), norm(x, w, eps, offset), strict=True):
+                assert_equal(got, want)
+    finally:
+        torch._dynamo.reset()
+
+
 def test_fake_impl_matches_real_outputs():
     """torch.library's opcheck: schema, fake (meta) impl and autograd registration agree."""
     x = torch.randn(3, 10, dtype=torch.bfloat16, requires_grad=True)
