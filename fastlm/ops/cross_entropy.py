@@ -45,7 +45,7 @@ from fastlm.ops._common import (
     supports,
 )
 from fastlm.ops.autocast import autocast_policy
-from fastlm.ops.contract import check_float, check_real, values_readable
+from fastlm.ops.contract import check_float, check_real, check_softcap, values_readable
 
 _REDUCTIONS = ("mean", "sum", "none")
 # torch.nn.functional's codes for them (torch.nn._reduction.get_enum).
@@ -118,7 +118,31 @@ def cross_entropy_ref(
 # Public API.
 
 
-@autocast_policy(lower_precision=False)
+# Looked up once: each attribute walk through torch costs on every call of a small loss.
+_any_autocast = torch._C._is_any_autocast_enabled
+_is_compiling = torch.compiler.is_compiling
+_get_num_threads = torch.get_num_threads
+# F.cross_entropy's native op and F.linear, without F.cross_entropy's Python wrapper.
+_native_cross_entropy = torch._C._nn.cross_entropy_loss
+_native_linear = torch._C._nn.linear
+
+# The argument signatures (types, shapes, dtypes, devices, options) whose metadata passed an
+# op's contract, each mapped to what the contract worked out for it: plain eager calls repeat
+# a handful of signatures, and checking them again costs more than a small loss. Only
+# passing signatures are stored (a failing one raises every time), and what depends on
+# values (the target's classes) or on the grad mode (class weights requiring grad) is
+# checked per call. Cleared when full, so that a caller of ever-new shapes holds no memory.
+_PLANS_MAX = 256
+_ce_plans: dict[tuple, tuple] = {}
+_linear_plans: dict[tuple, tuple] = {}
+
+
+def _remember(plans: dict[tuple, tuple], key: tuple, plan: tuple) -> None:
+    if len(plans) >= _PLANS_MAX:
+        plans.clear()
+    plans[key] = plan
+
+
 def cross_entropy(
     logits: Tensor,
     target: Tensor,
@@ -156,26 +180,162 @@ def cross_entropy(
     Returns the loss in the dtype of ``logits`` (or a :class:`CrossEntropyOutput`). The
     input is never modified.
     """
+    if _any_autocast() or _is_compiling():
+        # A traced graph runs the checks once anyway, and must not guard on the plans.
+        return _cross_entropy_autocast(
+            logits,
+            target,
+            ignore_index,
+            label_smoothing,
+            reduction,
+            z_loss,
+            weight,
+            softcap,
+            return_z_loss,
+            return_token_accuracy,
+        )
+    try:
+        # The types tell True from 1 and 1 from 1.0, which hash and compare alike.
+        key = (
+            type(logits),
+            type(target),
+            logits.size(),  # as .shape, for less
+            logits.dtype,
+            logits.device,
+            target.size(),
+            target.dtype,
+            target.device,
+            ignore_index,
+            type(ignore_index),
+            label_smoothing,
+            type(label_smoothing),
+            reduction,
+            z_loss,
+            type(z_loss),
+            softcap,
+            type(softcap),
+            return_z_loss,
+            type(return_z_loss),
+            return_token_accuracy,
+            type(return_token_accuracy),
+        )
+        plan = _ce_plans.get(key)
+    except (AttributeError, TypeError):  # not tensors, or unhashable: the checks say which
+        key = plan = None
+    if plan is None:
+        plan, weight = _ce_contract(
+            logits,
+            target,
+            ignore_index,
+            label_smoothing,
+            reduction,
+            z_loss,
+            weight,
+            softcap,
+            return_z_loss,
+            return_token_accuracy,
+        )
+        if key is not None:
+            _remember(_ce_plans, key, plan)
+    elif weight is not None:
+        weight = _check_class_weight("weight", weight, plan[0], logits.device)
+    name = backend.select("cross_entropy", logits, lambda: _support(logits, ignore_index))
+    if plan[-1] and weight is None and name == "torch":
+        # F.cross_entropy's native op itself. On the CPU its own bounds check (an
+        # IndexError) stands in for _check_classes, which then names the class.
+        try:
+            return _native_cross_entropy(
+                logits,
+                target if plan[3] else target.long(),
+                None,
+                plan[4],
+                ignore_index,
+                label_smoothing,
+            )
+        except IndexError:
+            _check_classes(target, plan[0], ignore_index)
+            raise
+    return _cross_entropy_run(
+        name,
+        plan,
+        logits,
+        target,
+        ignore_index,
+        label_smoothing,
+        reduction,
+        z_loss,
+        weight,
+        softcap,
+        return_z_loss,
+        return_token_accuracy,
+    )
+
+
+def _ce_contract(
+    logits,
+    target,
+    ignore_index,
+    label_smoothing,
+    reduction,
+    z_loss,
+    weight,
+    softcap,
+    return_z_loss,
+    return_token_accuracy,
+) -> tuple[tuple, Tensor | None]:
+    """Every check of :func:`cross_entropy`'s arguments but the target's values, in the
+    order they report errors. Returns the call's plan, ``(V, softcap as a float, on the CPU,
+    target int64, the reduction's code, whether the CPU's torch backend runs the native op:
+    on the CPU, without fastlm's own features but class weights)``, and the class
+    weights."""
     cpu = isinstance(logits, Tensor) and logits.is_cpu
     v, target_dtype = _check_common(
         logits, target, "logits", ignore_index, label_smoothing, reduction, z_loss, cpu
     )
     if weight is not None:
         weight = _check_class_weight("weight", weight, v, logits.device)
-    softcap = 0.0 if softcap is None else _check_softcap(softcap)
-    if type(return_z_loss) is not bool or type(return_token_accuracy) is not bool:
-        _check_flags(return_z_loss, return_token_accuracy)
-    name = backend.select("cross_entropy", logits, lambda: _support(logits, ignore_index))
+    cap = check_softcap(softcap, allow_none=True)
+    _check_flags(return_z_loss, return_token_accuracy)
+    native = cpu and not (z_loss or cap or return_z_loss or return_token_accuracy)
+    return (v, cap, cpu, target_dtype is torch.int64, _REDUCTION_ENUM[reduction], native), weight
+
+
+@autocast_policy(lower_precision=False)
+def _cross_entropy_autocast(*args) -> Tensor | CrossEntropyOutput:
+    """:func:`cross_entropy` under autocast or while compiling: every check on every call."""
+    plan, weight = _ce_contract(*args)
+    name = backend.select("cross_entropy", args[0], lambda: _support(args[0], args[2]))
+    return _cross_entropy_run(name, plan, *args[:6], weight, *args[7:])
+
+
+def _cross_entropy_run(
+    name,
+    plan,
+    logits,
+    target,
+    ignore_index,
+    label_smoothing,
+    reduction,
+    z_loss,
+    weight,
+    softcap,
+    return_z_loss,
+    return_token_accuracy,
+) -> Tensor | CrossEntropyOutput:
+    """:func:`cross_entropy` once its contract passed (``plan``: :func:`_ce_contract`'s) on
+    backend ``name``."""
+    v, softcap, cpu, target_long, reduction_code, native = plan
     if name != "torch" or not cpu:
         _check_classes(target, v, ignore_index)
-    elif not (z_loss or softcap or weight is not None or return_z_loss or return_token_accuracy):
-        # F.cross_entropy itself, as cheaply as it can be called. On the CPU its own bounds
-        # check (an IndexError) stands in for _check_classes, which then names the class.
-        if target_dtype is not torch.int64:
-            target = target.long()
+    elif native and weight is None:
         try:
-            return torch._C._nn.cross_entropy_loss(
-                logits, target, None, _REDUCTION_ENUM[reduction], ignore_index, label_smoothing
+            return _native_cross_entropy(
+                logits,
+                target if target_long else target.long(),
+                None,
+                reduction_code,
+                ignore_index,
+                label_smoothing,
             )
         except IndexError:
             _check_classes(target, v, ignore_index)
@@ -224,7 +384,6 @@ def cross_entropy(
     )
 
 
-@autocast_policy(lower_precision=True)
 def linear_cross_entropy(
     hidden: Tensor,
     weight: Tensor,
@@ -264,6 +423,156 @@ def linear_cross_entropy(
     ``weight`` and ``bias``; for "mean"/"sum" they are computed during the forward (see the
     module docstring).
     """
+    if _any_autocast() or _is_compiling():
+        # A traced graph runs the checks once anyway, and must not guard on the plans.
+        return _linear_cross_entropy_autocast(
+            hidden,
+            weight,
+            target,
+            bias,
+            ignore_index,
+            label_smoothing,
+            reduction,
+            z_loss,
+            chunk_size,
+            out_dtype,
+            ce_weight,
+            softcap,
+            return_z_loss,
+            return_token_accuracy,
+        )
+    try:
+        # As cross_entropy's key; the thread count sets the CPU's default chunk size.
+        key = (
+            type(hidden),
+            type(weight),
+            type(target),
+            hidden.size(),
+            hidden.dtype,
+            hidden.device,
+            weight.size(),
+            weight.dtype,
+            weight.device,
+            target.size(),
+            target.dtype,
+            target.device,
+            None if bias is None else (type(bias), bias.size(), bias.dtype, bias.device),
+            ignore_index,
+            type(ignore_index),
+            label_smoothing,
+            type(label_smoothing),
+            reduction,
+            z_loss,
+            type(z_loss),
+            chunk_size,
+            type(chunk_size),
+            out_dtype,
+            softcap,
+            type(softcap),
+            return_z_loss,
+            type(return_z_loss),
+            return_token_accuracy,
+            type(return_token_accuracy),
+            _get_num_threads(),
+        )
+        plan = _linear_plans.get(key)
+    except (AttributeError, TypeError):  # not tensors, or unhashable: the checks say which
+        key = plan = None
+    classes_due = False
+    if plan is None:
+        plan, ce_weight = _linear_contract(
+            hidden,
+            weight,
+            target,
+            bias,
+            ignore_index,
+            label_smoothing,
+            reduction,
+            z_loss,
+            chunk_size,
+            out_dtype,
+            ce_weight,
+            softcap,
+            return_z_loss,
+            return_token_accuracy,
+        )
+        if key is not None:
+            _remember(_linear_plans, key, plan)
+    elif not plan[-1] or ce_weight is not None:
+        # The per-call checks, in the contract's order.
+        _check_classes(target, plan[2], ignore_index)
+        if ce_weight is not None:
+            ce_weight = _check_class_weight("ce_weight", ce_weight, plan[2], hidden.device)
+    else:
+        classes_due = True  # by the native op's bounds check, if it runs
+    try:
+        name = backend.select(
+            "linear_cross_entropy", hidden, lambda: _linear_support(hidden, ignore_index)
+        )
+    except backend.BackendUnavailable:
+        if classes_due:  # the contract's errors come first
+            _check_classes(target, plan[2], ignore_index)
+        raise
+    if classes_due:
+        if name == "torch":
+            # The unfused pair in PyTorch's own ops (see _linear_cross_entropy_run); on the
+            # CPU the native op's bounds check (an IndexError) stands in for _check_classes,
+            # which then names the class.
+            try:
+                return _native_cross_entropy(
+                    _native_linear(hidden, weight, bias),
+                    target if plan[-2] else target.long(),
+                    None,
+                    plan[-3],
+                    ignore_index,
+                    label_smoothing,
+                )
+            except IndexError:
+                _check_classes(target, plan[2], ignore_index)
+                raise
+        _check_classes(target, plan[2], ignore_index)
+    return _linear_cross_entropy_run(
+        name,
+        plan,
+        hidden,
+        weight,
+        target,
+        bias,
+        ignore_index,
+        label_smoothing,
+        reduction,
+        z_loss,
+        chunk_size,
+        out_dtype,
+        ce_weight,
+        softcap,
+        return_z_loss,
+        return_token_accuracy,
+    )
+
+
+def _linear_contract(
+    hidden,
+    weight,
+    target,
+    bias,
+    ignore_index,
+    label_smoothing,
+    reduction,
+    z_loss,
+    chunk_size,
+    out_dtype,
+    ce_weight,
+    softcap,
+    return_z_loss,
+    return_token_accuracy,
+) -> tuple[tuple, Tensor | None]:
+    """Every check of :func:`linear_cross_entropy`'s arguments, the target's values
+    included, in the order they report errors. Returns the call's plan and the class
+    weights. The plan: ``(N, H, V, chunk size, whether chosen, softcap as a float, on the
+    CPU, whether the rows may run as the unfused pair (one default chunk, fp32/fp64 out),
+    the reduction's code, target int64, whether the CPU's torch backend runs the native
+    pair: the unfused pair without fastlm's own features but class weights)``."""
     check_float("hidden", hidden)
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be 2-D (N, H), got shape {tuple(hidden.shape)}")
@@ -282,7 +591,8 @@ def linear_cross_entropy(
     v = weight.shape[0]
     if bias is not None and tuple(bias.shape) != (v,):
         raise ValueError(f"bias must have shape ({v},), got {tuple(bias.shape)}")
-    _check_target(target, hidden.shape[0], hidden, "logits", hidden.is_cpu)
+    cpu = hidden.is_cpu
+    target_dtype = _check_target(target, hidden.shape[0], hidden, "logits", cpu)
     _check_options(ignore_index, label_smoothing, reduction, z_loss)
     _check_classes(target, v, ignore_index)
     if out_dtype is not None and not (
@@ -290,33 +600,77 @@ def linear_cross_entropy(
     ):
         raise TypeError(f"out_dtype must be a floating-point dtype, got {out_dtype!r}")
     ce_weight = _check_class_weight("ce_weight", ce_weight, v, hidden.device)
-    softcap = _check_softcap(softcap)
+    cap = check_softcap(softcap, allow_none=True)
     _check_flags(return_z_loss, return_token_accuracy)
     n, h = hidden.shape
     chosen = chunk_size is not None
     if not chosen:
-        if hidden.is_cpu:
-            chunk_size = cpu_chunk_size(n, h, v, _threads())
-        else:
-            chunk_size = default_chunk_size(n, h, v)
+        chunk_size = cpu_chunk_size(n, h, v, _threads()) if cpu else default_chunk_size(n, h, v)
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    name = backend.select(
-        "linear_cross_entropy", hidden, lambda: _linear_support(hidden, ignore_index)
-    )
-    if (
-        name == "torch"
-        and not chosen
+    unfused = (
+        not chosen
         and n <= chunk_size
         and hidden.dtype in _FULL_PRECISION
         and out_dtype in (None, hidden.dtype)
-    ):
+    )
+    plain = not (z_loss or cap or return_z_loss or return_token_accuracy)
+    native = unfused and plain and cpu
+    code = _REDUCTION_ENUM[reduction]
+    plan = (
+        n,
+        h,
+        v,
+        chunk_size,
+        chosen,
+        cap,
+        cpu,
+        unfused,
+        code,
+        target_dtype is torch.int64,
+        native,
+    )
+    return plan, ce_weight
+
+
+@autocast_policy(lower_precision=True)
+def _linear_cross_entropy_autocast(*args) -> Tensor | CrossEntropyOutput:
+    """:func:`linear_cross_entropy` under autocast or while compiling: every check on every
+    call."""
+    plan, ce_weight = _linear_contract(*args)
+    hidden = args[0]
+    name = backend.select("linear_cross_entropy", hidden, lambda: _linear_support(hidden, args[4]))
+    return _linear_cross_entropy_run(name, plan, *args[:10], ce_weight, *args[11:])
+
+
+def _linear_cross_entropy_run(
+    name,
+    plan,
+    hidden,
+    weight,
+    target,
+    bias,
+    ignore_index,
+    label_smoothing,
+    reduction,
+    z_loss,
+    chunk_size,
+    out_dtype,
+    ce_weight,
+    softcap,
+    return_z_loss,
+    return_token_accuracy,
+) -> Tensor | CrossEntropyOutput:
+    """:func:`linear_cross_entropy` once its contract passed (``plan``:
+    :func:`_linear_contract`'s) on backend ``name``."""
+    _, _, _, chunk_size, _, softcap, _, unfused, _, _, _ = plan
+    if name == "torch" and unfused:
         # All rows fit one chunk: chunking saves no memory, and the unfused pair in PyTorch's
         # own ops (and autograd) costs a few microseconds where the fused path's buffers and
         # in-forward gradients cost a hundred on small calls. Half-precision logits would
         # round where the fused path does not, so those stay on it.
         loss, lse, argmax = _torch_cross_entropy(
-            F.linear(hidden, weight, bias),
+            _native_linear(hidden, weight, bias),
             target,
             ignore_index,
             label_smoothing,
@@ -488,15 +842,6 @@ def _check_class_weight(name: str, w, v: int, device: torch.device) -> Tensor | 
         # As F.cross_entropy, which refuses to differentiate class weights.
         raise ValueError(f"{name} must not require grad: class weights are not differentiated")
     return w
-
-
-def _check_softcap(softcap) -> float:
-    """The cap as a float, 0.0 meaning none."""
-    if softcap is None:
-        return 0.0
-    if check_real("softcap", softcap) < 0.0:
-        raise ValueError(f"softcap must be None, 0 (off) or a positive number, got {softcap}")
-    return float(softcap)
 
 
 def _check_flags(return_z_loss, return_token_accuracy) -> None:
