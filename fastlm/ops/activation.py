@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastlm import backend
+from fastlm.backend import forced_backend
 from fastlm.ops._common import (
     FLOAT32_AND_HALF_DTYPES,
     EagerOp,
@@ -24,6 +25,11 @@ from fastlm.ops._common import (
 )
 from fastlm.ops.autocast import autocast_policy
 from fastlm.ops.contract import check_int, check_real, describe
+
+_any_autocast = torch._C._is_any_autocast_enabled
+# Dynamo answers True while it traces (then no memo is read or kept: the graph would be
+# guarded on its contents); a plain call costs a tenth of torch.compiler.is_compiling's.
+_is_compiling = torch.compiler.is_dynamo_compiling
 
 ACTIVATIONS = ("identity", "relu", "gelu", "gelu_tanh", "silu")
 _TORCH_ACT = {
@@ -65,7 +71,6 @@ def bias_act_ref(x: Tensor, bias: Tensor | None = None, activation: str = "gelu"
     return _TORCH_ACT[activation](x if bias is None else x + bias)
 
 
-@autocast_policy(lower_precision=False)
 def bias_act(
     x: Tensor,
     bias: Tensor | None = None,
@@ -79,12 +84,65 @@ def bias_act(
     (N,) matching the last dim. ``dropout_p`` drops with a mask fixed by ``seed`` (None: drawn
     from torch's generator); the backward reuses the same mask. Math in fp32.
     """
+    # The autocast policy's wrapper costs a call layer; one query answers the usual case.
+    if _any_autocast():
+        return _bias_act_under_autocast(x, bias, activation, dropout_p, seed)
+    return _bias_act_call(x, bias, activation, dropout_p, seed)
+
+
+def _bias_act_call(x, bias, activation, dropout_p, seed):
+    try:
+        key = (
+            None
+            if _is_compiling()
+            else (
+                type(x),
+                x.shape[-1],
+                x.dtype,
+                (x_cpu := x.is_cpu) or x.device,
+                bias is None or (type(bias), bias.shape, bias.dtype, bias.is_cpu or bias.device),
+                activation,
+            )
+        )
+        known = key is not None and key in _BIAS_ACT_PASSED
+    except Exception:  # not a tensor, a 0-d x, an unhashable activation: the check words it
+        key, known = None, False
+    if not known:
+        _check_bias_act(x, bias, activation)
+        if key is not None:
+            remember(_BIAS_ACT_PASSED, key)
+        x_cpu = x.is_cpu
+    if type(dropout_p) is not float or dropout_p != 0.0 or seed is not None:
+        seed = check_dropout(dropout_p, seed)
+    else:
+        seed = 0
+    if (x_cpu and forced_backend() is None) or backend.select(
+        "bias_act", x, lambda: _support(x, bias)
+    ) == "torch":
+        # x is the caller's: never in place. A wider bias promotes the sum: computed at that
+        # precision, returned in x's dtype.
+        if bias is None:
+            y = _ACT[activation](x)
+        else:
+            y = x + bias
+            y = _ACT[activation](y) if y.requires_grad else _ACT_INPLACE[activation](y)
+        if y.dtype is not x.dtype:
+            y = y.to(x.dtype)
+        return seeded_dropout(y, dropout_p, seed) if dropout_p else y
+    return bias_act_op(x, bias, activation, float(dropout_p), seed)
+
+
+_bias_act_under_autocast = autocast_policy(lower_precision=False)(_bias_act_call)
+
+
+def _check_bias_act(x: object, bias: object, activation: object) -> None:
+    """The metadata part of :func:`bias_act`'s contract (dropout and seed are checked per
+    call)."""
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {describe(x)}")
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension (features last)")
-    if activation not in _ACT:
-        check_activation(activation)
+    check_activation(activation)
     if bias is not None:
         if not isinstance(bias, Tensor) or not bias.is_floating_point():
             raise TypeError(f"bias must be a floating-point tensor, got {describe(bias)}")
@@ -92,16 +150,25 @@ def bias_act(
             raise ValueError(f"bias must have shape ({x.shape[-1]},), got {tuple(bias.shape)}")
         if not (bias.is_cpu and x.is_cpu) and bias.device != x.device:
             raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
-    seed = check_dropout(dropout_p, seed)
-    name = backend.select("bias_act", x, lambda: _support(x, bias))
-    if name == "torch":
-        # x is the caller's: never in place. A wider bias promotes the sum: computed at that
-        # precision, returned in x's dtype.
-        y = _ACT[activation](x) if bias is None else act_on_temporary(x + bias, activation)
-        if y.dtype is not x.dtype:
-            y = y.to(x.dtype)
-        return seeded_dropout(y, dropout_p, seed) if dropout_p else y
-    return bias_act_op(x, bias, activation, float(dropout_p), seed)
+
+
+# Signatures that passed an op's metadata checks. A call builds its signature from what the
+# check reads (each tensor's type, the shapes it compares, dtype, device: ``is_cpu`` stands
+# for the CPU, the cheap read; and the flags), so a known signature passes the same checks
+# again, and only the per-call value checks (dropout, scale) run: on a small tensor the
+# metadata checks cost as much as the op. Only passes are kept, never a failure; each memo
+# is emptied when full, so its memory stays bounded whatever shapes come. While torch.compile
+# traces, nothing is looked up or kept (the graph would be guarded on the memo's contents).
+SIGNATURES_KEPT = 256
+_BIAS_ACT_PASSED: set[tuple] = set()
+
+
+def remember(passed: set[tuple], key: tuple) -> None:
+    """Add ``key`` to the memo ``passed`` (emptied first when it holds
+    :data:`SIGNATURES_KEPT`)."""
+    if len(passed) >= SIGNATURES_KEPT:
+        passed.clear()
+    passed.add(key)
 
 
 _KERNEL_MODULES: dict[str, object] = {}

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastlm import backend
+from fastlm.backend import forced_backend
 from fastlm.ops._common import HALF_DTYPES, supports
-from fastlm.ops.activation import check_dropout, seeded_dropout
+from fastlm.ops.activation import check_dropout, remember, seeded_dropout
 from fastlm.ops.autocast import autocast_policy
 from fastlm.ops.contract import check_real, describe
 from fastlm.ops.quant import linear
@@ -43,7 +44,6 @@ def lora_linear_ref(
     return base + scale * F.linear(F.linear(x, lora_a), lora_b)
 
 
-@autocast_policy(lower_precision=True)
 def lora_linear(
     x: Tensor,
     weight: Tensor | QuantizedWeight,
@@ -60,11 +60,65 @@ def lora_linear(
     (r, K); lora_b (N, r), all in x's dtype; bias (N,) of any float dtype. Returns (..., N)
     in x's dtype. Gradients reach x, lora_a and lora_b (not weight or bias).
     """
-    scale = _check(x, weight, bias, lora_a, lora_b, scale)
-    seed = check_dropout(dropout_p, seed)
-    if backend.select("lora_linear", x, lambda: supports(lambda: _triton_error(x))) == "torch":
+    # The autocast policy's wrapper costs a call layer; one query answers the usual case.
+    if _any_autocast():
+        return _lora_linear_under_autocast(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed)
+    return _lora_linear_call(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed)
+
+
+def _lora_linear_call(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed):
+    try:  # the signature (see fastlm.ops.activation.remember)
+        # A quantized weight's device and dtype are its codes'.
+        w = weight.qweight if type(weight) is QuantizedWeight else weight
+        key = (
+            None
+            if _is_compiling()
+            else (
+                type(x),
+                x.shape[-1],
+                x.dtype,
+                (x_cpu := x.is_cpu) or x.device,
+                type(weight),
+                weight.shape,
+                w.dtype,
+                w.is_cpu or w.device,
+                bias is None or (type(bias), bias.shape, bias.dtype, bias.is_cpu or bias.device),
+                type(lora_a),
+                lora_a.shape,
+                lora_a.dtype,
+                lora_a.is_cpu or lora_a.device,
+                type(lora_b),
+                lora_b.shape,
+                lora_b.dtype,
+                lora_b.is_cpu or lora_b.device,
+            )
+        )
+        known = key is not None and key in _LORA_LINEAR_PASSED
+    except Exception:  # not a tensor, a 0-d x: the check words it
+        key, known = None, False
+    if not known:
+        _check(x, weight, bias, lora_a, lora_b)
+        if key is not None:
+            remember(_LORA_LINEAR_PASSED, key)
+        x_cpu = x.is_cpu
+    # A value, checked every call (NaN fails the comparison).
+    if type(scale) is not float or not -math.inf < scale < math.inf:
+        scale = check_real("scale", scale)
+    if type(dropout_p) is not float or dropout_p != 0.0 or seed is not None:
+        seed = check_dropout(dropout_p, seed)
+    else:
+        seed = 0
+    if (x_cpu and forced_backend() is None) or backend.select(
+        "lora_linear", x, lambda: supports(lambda: _triton_error(x))
+    ) == "torch":
         dropped = seeded_dropout(x, dropout_p, seed) if dropout_p else x
-        base = linear(x, _dense(weight, x.dtype), bias)
+        if type(weight) is not Tensor and isinstance(weight, QuantizedWeight):
+            weight = dequantize_weight(weight, x.dtype)
+        # The bias may keep its own float dtype (see fastlm.ops.quant.linear).
+        if bias is None or bias.dtype is x.dtype:
+            base = torch._C._nn.linear(x, weight, bias)
+        else:
+            base = linear(x, weight, bias)
         update = torch._C._nn.linear(torch._C._nn.linear(dropped, lora_a), lora_b)
         # base + scale * update, in place on the two fresh GEMM outputs: the same operations
         # (the same bits) without two more (M, N) tensors. Autograd allows it: a GEMM's
@@ -73,15 +127,23 @@ def lora_linear(
     return _LoRALinear.apply(x, weight, bias, lora_a, lora_b, scale, float(dropout_p), seed)
 
 
+_lora_linear_under_autocast = autocast_policy(lower_precision=True)(_lora_linear_call)
+_LORA_LINEAR_PASSED: set[tuple] = set()
+_any_autocast = torch._C._is_any_autocast_enabled
+# Dynamo answers True while it traces (then no memo is read or kept: the graph would be
+# guarded on its contents); a plain call costs a tenth of torch.compiler.is_compiling's.
+_is_compiling = torch.compiler.is_dynamo_compiling
+
+
 def _triton_error(x: Tensor) -> str | None:
     if x.dtype not in HALF_DTYPES:
         return f"the fused kernel takes fp16/bf16, got {x.dtype}"
     return None
 
 
-def _check(x, weight, bias, lora_a, lora_b, scale) -> float:
-    """The contract of :func:`lora_linear`: one float dtype and device throughout, shapes
-    that chain, a finite scale (returned as a float)."""
+def _check(x, weight, bias, lora_a, lora_b) -> None:
+    """The metadata part of :func:`lora_linear`'s contract: one float dtype and device
+    throughout, shapes that chain (the scale is checked per call)."""
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {describe(x)}")
     if x.dim() == 0:
@@ -120,7 +182,6 @@ def _check(x, weight, bias, lora_a, lora_b, scale) -> float:
         raise ValueError(f"lora_a has rank {a_shape[0]}, lora_b {b_shape[1]}")
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
-    return check_real("scale", scale)
 
 
 class _LoRALinear(torch.autograd.Function):

@@ -24,8 +24,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastlm import backend
+from fastlm.backend import forced_backend
 from fastlm.ops._common import HALF_DTYPES, EagerOp, absent, as_rows, supports
 from fastlm.ops.activation import (
+    _ACT,
+    _ACT_INPLACE,
     ACTIVATIONS,
     act_on_temporary,
     bias_act_bwd,
@@ -36,12 +39,17 @@ from fastlm.ops.activation import (
     gated_act_bwd,
     kernels,
     matrix_rows,
+    remember,
     seeded_dropout,
 )
 from fastlm.ops.autocast import autocast_policy
 from fastlm.ops.contract import describe
 
 _ACTIVATION_SET = frozenset(ACTIVATIONS)
+_any_autocast = torch._C._is_any_autocast_enabled
+# Dynamo answers True while it traces (then no memo is read or kept: the graph would be
+# guarded on its contents); a plain call costs a tenth of torch.compiler.is_compiling's.
+_is_compiling = torch.compiler.is_dynamo_compiling
 # Philox streams of the two dropouts in fused_mlp: hidden (seed) and output (seed + 1).
 _OUTPUT_DROPOUT_STREAM = 1
 
@@ -65,7 +73,6 @@ def gated_linear_ref(
     return linear_act_ref(x, w_gate, bias_gate, activation) * F.linear(x, w_up, bias_up)
 
 
-@autocast_policy(lower_precision=True)
 def linear_act(
     x: Tensor,
     weight: Tensor,
@@ -82,10 +89,47 @@ def linear_act(
     ``silu``. fp32 accumulation. ``dropout_p`` drops with a mask fixed by ``seed`` (None:
     drawn from torch's generator), reused by the backward.
     """
-    _check(x, activation, weight=weight, bias=bias)
-    seed = check_dropout(dropout_p, seed)
-    if backend.select("linear_act", x, lambda: _gemm_support(x)) == "torch":
-        y = act_on_temporary(torch._C._nn.linear(x, weight, bias), activation)
+    # The autocast policy's wrapper costs a call layer; one query answers the usual case.
+    if _any_autocast():
+        return _linear_act_under_autocast(x, weight, bias, activation, dropout_p, seed)
+    return _linear_act_call(x, weight, bias, activation, dropout_p, seed)
+
+
+def _linear_act_call(x, weight, bias, activation, dropout_p, seed):
+    try:  # the signature (see fastlm.ops.activation.remember)
+        key = (
+            None
+            if _is_compiling()
+            else (
+                type(x),
+                x.shape[-1],
+                x.dtype,
+                (x_cpu := x.is_cpu) or x.device,
+                type(weight),
+                weight.shape,
+                weight.dtype,
+                weight.is_cpu or weight.device,
+                bias is None or (type(bias), bias.shape, bias.dtype, bias.is_cpu or bias.device),
+                activation,
+            )
+        )
+        known = key is not None and key in _LINEAR_ACT_PASSED
+    except Exception:  # not a tensor, a 0-d x, an unhashable activation: the check words it
+        key, known = None, False
+    if not known:
+        _check(x, activation, weight=weight, bias=bias)
+        if key is not None:
+            remember(_LINEAR_ACT_PASSED, key)
+        x_cpu = x.is_cpu
+    if type(dropout_p) is not float or dropout_p != 0.0 or seed is not None:
+        seed = check_dropout(dropout_p, seed)
+    else:
+        seed = 0
+    if (x_cpu and forced_backend() is None) or backend.select(
+        "linear_act", x, lambda: _gemm_support(x)
+    ) == "torch":
+        y = torch._C._nn.linear(x, weight, bias)
+        y = _ACT[activation](y) if y.requires_grad else _ACT_INPLACE[activation](y)
         return seeded_dropout(y, dropout_p, seed) if dropout_p else y
     save = _saves(x, weight, bias)
     return linear_act_op(x, weight, bias, activation, float(dropout_p), seed, save)[0]
@@ -147,7 +191,6 @@ def fused_mlp(
     return fused_mlp_op(x, *params, activation, float(dropout_p), seed, save)[0]
 
 
-@autocast_policy(lower_precision=True)
 def gated_mlp(
     x: Tensor,
     gate_weight: Tensor,
@@ -163,32 +206,95 @@ def gated_mlp(
 
     x: (..., hidden); gate/up weights: (intermediate, hidden); down: (hidden', intermediate).
     """
-    _check(
-        x,
-        activation,
-        gate_weight=gate_weight,
-        up_weight=up_weight,
-        gate_bias=gate_bias,
-        up_bias=up_bias,
+    # The autocast policy's wrapper costs a call layer; one query answers the usual case.
+    if _any_autocast():
+        return _gated_mlp_under_autocast(
+            x, gate_weight, up_weight, down_weight, activation, gate_bias, up_bias, down_bias
+        )
+    return _gated_mlp_call(
+        x, gate_weight, up_weight, down_weight, activation, gate_bias, up_bias, down_bias
     )
-    _check_pair("gate_bias", gate_bias, "up_bias", up_bias)
-    _check_chain(gate_weight, down_weight, down_bias, "gate_weight", "down")
-    if backend.select("gated_mlp", x, lambda: _gemm_support(x)) == "torch":
-        h = _torch_gated(x, gate_weight, up_weight, activation, gate_bias, up_bias)
+
+
+def _gated_mlp_call(
+    x, gate_weight, up_weight, down_weight, activation, gate_bias, up_bias, down_bias
+):
+    try:  # the signature (see fastlm.ops.activation.remember)
+        key = (
+            None
+            if _is_compiling()
+            else (
+                type(x),
+                x.shape[-1],
+                x.dtype,
+                (x_cpu := x.is_cpu) or x.device,
+                type(gate_weight),
+                gate_weight.shape,
+                gate_weight.dtype,
+                gate_weight.is_cpu or gate_weight.device,
+                type(up_weight),
+                up_weight.shape,
+                up_weight.dtype,
+                up_weight.is_cpu or up_weight.device,
+                type(down_weight),
+                down_weight.shape,
+                down_weight.dtype,
+                down_weight.is_cpu or down_weight.device,
+                activation,
+            )
+        )
+        if key is not None and not (gate_bias is None and up_bias is None and down_bias is None):
+            key += tuple(
+                b is None or (type(b), b.shape, b.dtype, b.is_cpu or b.device)
+                for b in (gate_bias, up_bias, down_bias)
+            )
+        known = key is not None and key in _GATED_MLP_PASSED
+    except Exception:  # not a tensor, a 0-d x, an unhashable activation: the check words it
+        key, known = None, False
+    if not known:
+        _check(
+            x,
+            activation,
+            gate_weight=gate_weight,
+            up_weight=up_weight,
+            gate_bias=gate_bias,
+            up_bias=up_bias,
+        )
+        _check_pair("gate_bias", gate_bias, "up_bias", up_bias)
+        _check_chain(gate_weight, down_weight, down_bias, "gate_weight", "down")
+        if key is not None:
+            remember(_GATED_MLP_PASSED, key)
+        x_cpu = x.is_cpu
+    if (x_cpu and forced_backend() is None) or backend.select(
+        "gated_mlp", x, lambda: _gemm_support(x)
+    ) == "torch":
+        # _torch_gated, inline (a call layer is a visible share of a small MLP).
+        gate = torch._C._nn.linear(x, gate_weight, gate_bias)
+        up = torch._C._nn.linear(x, up_weight, up_bias)
+        if gate.requires_grad or up.requires_grad:
+            h = _ACT[activation](gate) * up
+        else:
+            h = _ACT_INPLACE[activation](gate).mul_(up)
         return torch._C._nn.linear(h, down_weight, down_bias)
     params = (gate_weight, up_weight, down_weight, gate_bias, up_bias, down_bias)
     return gated_mlp_op(x, *params, activation, _saves(x, *params))[0]
+
+
+_linear_act_under_autocast = autocast_policy(lower_precision=True)(_linear_act_call)
+_gated_mlp_under_autocast = autocast_policy(lower_precision=True)(_gated_mlp_call)
+_LINEAR_ACT_PASSED: set[tuple] = set()
+_GATED_MLP_PASSED: set[tuple] = set()
 
 
 def _torch_gated(x, w_gate, w_up, activation, bias_gate, bias_up):
     """The torch backend of the gated product: :func:`gated_linear_ref`'s ops in its order,
     the activation and the product in place on the fresh GEMM outputs when autograd does not
     record them."""
-    gate = act_on_temporary(torch._C._nn.linear(x, w_gate, bias_gate), activation)
+    gate = torch._C._nn.linear(x, w_gate, bias_gate)
     up = torch._C._nn.linear(x, w_up, bias_up)
     if gate.requires_grad or up.requires_grad:
-        return gate * up
-    return gate.mul_(up)
+        return _ACT[activation](gate) * up
+    return _ACT_INPLACE[activation](gate).mul_(up)
 
 
 # ---------------------------------------------------------------------------------------------

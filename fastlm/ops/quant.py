@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from fastlm import backend
+from fastlm.backend import forced_backend
 from fastlm.ops._common import HALF_DTYPES, EagerOp, supports
 from fastlm.ops.activation import kernels, matrix_rows
 from fastlm.ops.autocast import autocast_policy
@@ -91,17 +92,27 @@ def _support(x: Tensor, qw: QuantizedWeight):
     return supports(triton_error, cuda_error)
 
 
-@autocast_policy(lower_precision=True)
 def quant_matmul(x: Tensor, qw: QuantizedWeight, bias: Tensor | None = None) -> Tensor:
     """``x @ W.T + bias`` for a quantized W (N, K).
 
     x: (..., K), fp16/bf16 on the GPU kernels (fp32 runs the torch path); bias (N,) of any
     float dtype, or None. Returns (..., N) in x's dtype, accumulated in fp32.
     """
+    # The autocast policy's wrapper costs a call layer; one query answers the usual case.
+    if _any_autocast():
+        return _quant_matmul_under_autocast(x, qw, bias)
+    return _quant_matmul_call(x, qw, bias)
+
+
+def _quant_matmul_call(x: Tensor, qw: QuantizedWeight, bias: Tensor | None) -> Tensor:
     _check(x, qw, bias)
-    name = backend.select("quant_matmul", x, lambda: _support(x, qw))
-    if name == "torch":
-        return linear(x, dequantize_weight(qw, x.dtype), bias)
+    if (x.is_cpu and forced_backend() is None) or (
+        name := backend.select("quant_matmul", x, lambda: _support(x, qw))
+    ) == "torch":
+        w = dequantize_weight(qw, x.dtype)
+        if bias is None or bias.dtype is x.dtype:  # linear(), inline
+            return torch._C._nn.linear(x, w, bias)
+        return linear(x, w, bias)
     n, _ = qw.shape
     return quant_matmul_op(
         x,
@@ -118,6 +129,10 @@ def quant_matmul(x: Tensor, qw: QuantizedWeight, bias: Tensor | None = None) -> 
         n,
         name,
     )
+
+
+_quant_matmul_under_autocast = autocast_policy(lower_precision=True)(_quant_matmul_call)
+_any_autocast = torch._C._is_any_autocast_enabled
 
 
 @autocast_policy(lower_precision=True)

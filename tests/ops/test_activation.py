@@ -121,3 +121,26 @@ def test_eager_entrance_equals_the_compiled_custom_op_with_grads():
         g_got = torch.autograd.grad(got, (x, bias), dy)
     assert torch.equal(got, eager)
     assert all(torch.equal(a, b) for a, b in zip(g_got, g_eager, strict=True))
+
+
+def test_a_known_signature_still_checks_dropout_and_a_failure_is_never_kept():
+    """bias_act's metadata checks are memoized per signature: dropout is still checked on a
+    known one, a failing signature raises every time, and the memo stays bounded."""
+    from fastlm.ops import activation
+
+    x, bias = torch.randn(3, 8), torch.randn(8)
+    ops.bias_act(x, bias, "gelu")  # this signature passes (and is remembered)
+    with pytest.raises(ValueError, match="dropout_p"):
+        ops.bias_act(x, bias, "gelu", dropout_p=-0.5)
+    for _ in range(2):  # never remembered as a pass
+        with pytest.raises(ValueError, match="bias must have shape"):
+            ops.bias_act(x, bias[:4], "gelu")
+        with pytest.raises(ValueError, match="activation"):
+            ops.bias_act(x, bias, "gelu ")
+        with pytest.raises(TypeError, match="bias"):
+            ops.bias_act(x, bias.int(), "gelu")
+    passed: set[tuple] = set()
+    for i in range(activation.SIGNATURES_KEPT + 5):
+        activation.remember(passed, (i,))
+    assert 0 < len(passed) <= activation.SIGNATURES_KEPT, len(passed)
+    assert (activation.SIGNATURES_KEPT + 4,) in passed

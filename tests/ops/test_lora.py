@@ -120,3 +120,39 @@ def test_torch_path_is_the_plain_formula_bit_for_bit(base, dtype, grad):
             assert torch.equal(g, w)
     for t, (value, version) in zip((*leaves, dense, bias), before, strict=True):
         assert t._version == version and torch.equal(t.detach(), value)
+
+
+# --- the contract's memo and torch.compile ---------------------------------------------------
+
+
+def test_a_known_signature_still_checks_its_values_and_a_failure_is_never_kept():
+    """The metadata checks are memoized per signature (types, shapes, dtypes, devices): a
+    call after a passing one of the same signature still checks its scale and dropout, and a
+    failing signature raises every time."""
+    x, w, bias, a, b = (t.detach() for t in operands("float", 3, torch.float32, r=4, k=16, n=8))
+    lora_linear(x, w, bias, a, b, 2.0)  # this signature passes (and is remembered)
+    for scale, error in ((float("nan"), ValueError), (True, TypeError)):
+        with pytest.raises(error, match="scale"):
+            lora_linear(x, w, bias, a, b, scale)
+    with pytest.raises(ValueError, match="dropout_p"):
+        lora_linear(x, w, bias, a, b, 2.0, dropout_p=1.5)
+    for _ in range(2):  # never remembered as a pass
+        with pytest.raises(TypeError, match="lora_b"):
+            lora_linear(x, w, bias, a, b.double(), 2.0)
+        with pytest.raises(ValueError, match="shapes do not chain"):
+            lora_linear(x, w, bias, a, b[:5], 2.0)
+    got = lora_linear(x, w, bias, a, b, 2.0)  # and the good signature still runs
+    torch.testing.assert_close(got, lora_linear_ref(x, w, bias, a, b, 2.0), rtol=0, atol=0)
+
+
+def test_compiles_fullgraph_on_the_torch_path_without_recompiling_for_the_memo():
+    """No graph break on the torch path (fullgraph=True), the compiled result is the eager
+    one bit for bit, and eager calls that add signatures to the contract's memo do not make
+    the compiled function recompile (the memo is not read while Dynamo traces)."""
+    x, w, bias, a, b = (t.detach() for t in operands("float", 3, torch.float32, r=4, k=16, n=8))
+    fn = torch.compile(lambda *t: lora_linear(*t, 2.0), fullgraph=True, backend="eager")
+    got = fn(x, w, bias, a, b)
+    torch.testing.assert_close(got, lora_linear(x, w, bias, a, b, 2.0), rtol=0, atol=0)
+    lora_linear(x[:2, :8], w[:, :8], bias, a[:, :8], b, 2.0)  # a new signature, eager
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        torch.testing.assert_close(fn(x, w, bias, a, b), got, rtol=0, atol=0)

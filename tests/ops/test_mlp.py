@@ -399,3 +399,28 @@ def test_eager_entrance_equals_the_compiled_custom_op(name):
     assert torch.equal(got, eager)
     for i, (a, b) in enumerate(zip(g_got, g_eager, strict=True)):
         assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), i
+
+
+def test_a_known_signature_still_checks_dropout_and_a_failure_is_never_kept():
+    """linear_act's and gated_mlp's metadata checks are memoized per signature: dropout is
+    still checked on a known one, and a failing signature raises every time."""
+    x, w, b = torch.randn(3, 8), torch.randn(16, 8), torch.randn(16)
+    w_up, w_down = torch.randn(16, 8), torch.randn(8, 16)
+    ops.linear_act(x, w, b, "gelu")  # these signatures pass (and are remembered)
+    ops.gated_mlp(x, w, w_up, w_down, "silu")
+    with pytest.raises(ValueError, match="dropout_p"):
+        ops.linear_act(x, w, b, "gelu", dropout_p=1.0)
+    for _ in range(2):  # never remembered as a pass
+        with pytest.raises(ValueError, match="bias must have shape"):
+            ops.linear_act(x, w, b[:4], "gelu")
+        with pytest.raises(TypeError, match="weight dtype"):
+            ops.linear_act(x, w.double(), b, "gelu")
+        with pytest.raises(ValueError, match="down_weight"):
+            ops.gated_mlp(x, w, w_up, w_down[:, :4], "silu")
+        with pytest.raises(ValueError, match="gate_bias and up_bias"):
+            ops.gated_mlp(x, w, w_up, w_down, "silu", gate_bias=b)
+        with pytest.raises(ValueError, match="activation"):
+            ops.gated_mlp(x, w, w_up, w_down, "swish")
+    y = ops.gated_mlp(x, w, w_up, w_down, "silu")
+    want = F.linear(F.silu(F.linear(x, w)) * F.linear(x, w_up), w_down)
+    torch.testing.assert_close(y, want, rtol=0, atol=0)  # the plain expression, bit for bit
