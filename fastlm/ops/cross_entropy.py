@@ -122,16 +122,18 @@ def cross_entropy_ref(
 _any_autocast = torch._C._is_any_autocast_enabled
 _is_compiling = torch.compiler.is_compiling
 _get_num_threads = torch.get_num_threads
+_forced_backend = backend.forced_backend
 # F.cross_entropy's native op and F.linear, without F.cross_entropy's Python wrapper.
 _native_cross_entropy = torch._C._nn.cross_entropy_loss
 _native_linear = torch._C._nn.linear
 
-# The argument signatures (types, shapes, dtypes, devices, options) whose metadata passed an
-# op's contract, each mapped to what the contract worked out for it: plain eager calls repeat
-# a handful of signatures, and checking them again costs more than a small loss. Only
-# passing signatures are stored (a failing one raises every time), and what depends on
-# values (the target's classes) or on the grad mode (class weights requiring grad) is
-# checked per call. Cleared when full, so that a caller of ever-new shapes holds no memory.
+# The tensor signatures (types, shapes, dtypes, devices) that passed an op's checks of its
+# tensors' metadata, each mapped to what those checks worked out: eager training repeats a
+# handful of signatures, and checking them again costs as much as a small loss. Only
+# passing signatures are stored (a failing one raises every time); the other arguments, the
+# target's classes and the class weights are checked on every call. Cleared when full, so
+# that a caller of ever-new shapes holds no memory. Not while compiling: a graph checks once
+# anyway, and a lookup would make it guard on the dict.
 _PLANS_MAX = 256
 _ce_plans: dict[tuple, tuple] = {}
 _linear_plans: dict[tuple, tuple] = {}
@@ -180,83 +182,43 @@ def cross_entropy(
     Returns the loss in the dtype of ``logits`` (or a :class:`CrossEntropyOutput`). The
     input is never modified.
     """
+    plan = None
     if _any_autocast() or _is_compiling():
-        # A traced graph runs the checks once anyway, and must not guard on the plans.
-        return _cross_entropy_autocast(
-            logits,
-            target,
-            ignore_index,
-            label_smoothing,
-            reduction,
-            z_loss,
-            weight,
-            softcap,
-            return_z_loss,
-            return_token_accuracy,
-        )
-    try:
-        # The types tell True from 1 and 1 from 1.0, which hash and compare alike.
-        key = (
-            type(logits),
-            type(target),
-            logits.size(),  # as .shape, for less
-            logits.dtype,
-            logits.device,
-            target.size(),
-            target.dtype,
-            target.device,
-            ignore_index,
-            type(ignore_index),
-            label_smoothing,
-            type(label_smoothing),
-            reduction,
-            z_loss,
-            type(z_loss),
-            softcap,
-            type(softcap),
-            return_z_loss,
-            type(return_z_loss),
-            return_token_accuracy,
-            type(return_token_accuracy),
-        )
-        plan = _ce_plans.get(key)
-    except (AttributeError, TypeError):  # not tensors, or unhashable: the checks say which
-        key = plan = None
-    if plan is None:
-        plan, weight = _ce_contract(
-            logits,
-            target,
-            ignore_index,
-            label_smoothing,
-            reduction,
-            z_loss,
-            weight,
-            softcap,
-            return_z_loss,
-            return_token_accuracy,
-        )
-        if key is not None:
-            _remember(_ce_plans, key, plan)
-    elif weight is not None:
-        weight = _check_class_weight("weight", weight, plan[0], logits.device)
-    name = backend.select("cross_entropy", logits, lambda: _support(logits, ignore_index))
-    if plan[-1] and weight is None and name == "torch":
-        # F.cross_entropy's native op itself. On the CPU its own bounds check (an
-        # IndexError) stands in for _check_classes, which then names the class.
-        try:
-            return _native_cross_entropy(
+        key = None
+        if _any_autocast():
+            return _cross_entropy_autocast(
                 logits,
-                target if plan[3] else target.long(),
-                None,
-                plan[4],
+                target,
                 ignore_index,
                 label_smoothing,
+                reduction,
+                z_loss,
+                weight,
+                softcap,
+                return_z_loss,
+                return_token_accuracy,
             )
-        except IndexError:
-            _check_classes(target, plan[0], ignore_index)
-            raise
-    return _cross_entropy_run(
-        name,
+    else:
+        try:
+            # is_cpu first: True hashes and compares for less than a device.
+            key = (
+                type(logits),
+                type(target),
+                logits.size(),  # as .shape, for less
+                logits.dtype,
+                logits.is_cpu or logits.device,
+                target.size(),
+                target.dtype,
+                target.is_cpu or target.device,
+            )
+            plan = _ce_plans.get(key)
+        except (AttributeError, TypeError):  # not tensors: the checks say which
+            key = None
+    if plan is None:
+        plan = _ce_tensors(logits, target)
+        if key is not None:
+            _remember(_ce_plans, key, plan)
+    return _cross_entropy(
         plan,
         logits,
         target,
@@ -271,45 +233,21 @@ def cross_entropy(
     )
 
 
-def _ce_contract(
-    logits,
-    target,
-    ignore_index,
-    label_smoothing,
-    reduction,
-    z_loss,
-    weight,
-    softcap,
-    return_z_loss,
-    return_token_accuracy,
-) -> tuple[tuple, Tensor | None]:
-    """Every check of :func:`cross_entropy`'s arguments but the target's values, in the
-    order they report errors. Returns the call's plan, ``(V, softcap as a float, on the CPU,
-    target int64, the reduction's code, whether the CPU's torch backend runs the native op:
-    on the CPU, without fastlm's own features but class weights)``, and the class
-    weights."""
-    cpu = isinstance(logits, Tensor) and logits.is_cpu
-    v, target_dtype = _check_common(
-        logits, target, "logits", ignore_index, label_smoothing, reduction, z_loss, cpu
-    )
-    if weight is not None:
-        weight = _check_class_weight("weight", weight, v, logits.device)
-    cap = check_softcap(softcap, allow_none=True)
-    _check_flags(return_z_loss, return_token_accuracy)
-    native = cpu and not (z_loss or cap or return_z_loss or return_token_accuracy)
-    return (v, cap, cpu, target_dtype is torch.int64, _REDUCTION_ENUM[reduction], native), weight
-
-
 @autocast_policy(lower_precision=False)
-def _cross_entropy_autocast(*args) -> Tensor | CrossEntropyOutput:
-    """:func:`cross_entropy` under autocast or while compiling: every check on every call."""
-    plan, weight = _ce_contract(*args)
-    name = backend.select("cross_entropy", args[0], lambda: _support(args[0], args[2]))
-    return _cross_entropy_run(name, plan, *args[:6], weight, *args[7:])
+def _cross_entropy_autocast(logits, target, *args) -> Tensor | CrossEntropyOutput:
+    """:func:`cross_entropy` under autocast (which the decorator turns off)."""
+    return _cross_entropy(_ce_tensors(logits, target), logits, target, *args)
 
 
-def _cross_entropy_run(
-    name,
+def _ce_tensors(logits, target) -> tuple:
+    """The checks of ``logits`` and ``target`` but the target's values: what a call's
+    tensor signature decides. Returns ``(V, logits on the CPU, target int64)``."""
+    cpu = isinstance(logits, Tensor) and logits.is_cpu
+    v, target_dtype = _check_logits("logits", logits, target, cpu)
+    return v, cpu, target_dtype is torch.int64
+
+
+def _cross_entropy(
     plan,
     logits,
     target,
@@ -322,18 +260,33 @@ def _cross_entropy_run(
     return_z_loss,
     return_token_accuracy,
 ) -> Tensor | CrossEntropyOutput:
-    """:func:`cross_entropy` once its contract passed (``plan``: :func:`_ce_contract`'s) on
-    backend ``name``."""
-    v, softcap, cpu, target_long, reduction_code, native = plan
+    """:func:`cross_entropy` once its tensors passed their checks (``plan``:
+    :func:`_ce_tensors`'): the rest of the contract, in its order, then the loss."""
+    v, cpu, target_long = plan
+    _check_options(ignore_index, label_smoothing, reduction, z_loss)
+    if weight is not None:
+        weight = _check_class_weight("weight", weight, v, logits.device)
+    softcap = 0.0 if softcap is None else check_softcap(softcap, allow_none=True)
+    if type(return_z_loss) is not bool or type(return_token_accuracy) is not bool:
+        _check_flags(return_z_loss, return_token_accuracy)
+    # What select() answers, without its call: the torch backend serves every call that passed
+    # the contract, forced or chosen (the automatic choice on CPU tensors).
+    forced = _forced_backend()
+    if forced is None and cpu or forced == "torch":
+        name = "torch"
+    else:
+        name = backend.select("cross_entropy", logits, lambda: _support(logits, ignore_index))
     if name != "torch" or not cpu:
         _check_classes(target, v, ignore_index)
-    elif native and weight is None:
+    elif not (z_loss or softcap or weight is not None or return_z_loss or return_token_accuracy):
+        # F.cross_entropy's native op itself. On the CPU its own bounds check (an
+        # IndexError) stands in for _check_classes, which then names the class.
         try:
             return _native_cross_entropy(
                 logits,
                 target if target_long else target.long(),
                 None,
-                reduction_code,
+                _REDUCTION_ENUM[reduction],
                 ignore_index,
                 label_smoothing,
             )
@@ -423,116 +376,53 @@ def linear_cross_entropy(
     ``weight`` and ``bias``; for "mean"/"sum" they are computed during the forward (see the
     module docstring).
     """
+    plan = None
     if _any_autocast() or _is_compiling():
-        # A traced graph runs the checks once anyway, and must not guard on the plans.
-        return _linear_cross_entropy_autocast(
-            hidden,
-            weight,
-            target,
-            bias,
-            ignore_index,
-            label_smoothing,
-            reduction,
-            z_loss,
-            chunk_size,
-            out_dtype,
-            ce_weight,
-            softcap,
-            return_z_loss,
-            return_token_accuracy,
-        )
-    try:
-        # As cross_entropy's key; the thread count sets the CPU's default chunk size.
-        key = (
-            type(hidden),
-            type(weight),
-            type(target),
-            hidden.size(),
-            hidden.dtype,
-            hidden.device,
-            weight.size(),
-            weight.dtype,
-            weight.device,
-            target.size(),
-            target.dtype,
-            target.device,
-            None if bias is None else (type(bias), bias.size(), bias.dtype, bias.device),
-            ignore_index,
-            type(ignore_index),
-            label_smoothing,
-            type(label_smoothing),
-            reduction,
-            z_loss,
-            type(z_loss),
-            chunk_size,
-            type(chunk_size),
-            out_dtype,
-            softcap,
-            type(softcap),
-            return_z_loss,
-            type(return_z_loss),
-            return_token_accuracy,
-            type(return_token_accuracy),
-            _get_num_threads(),
-        )
-        plan = _linear_plans.get(key)
-    except (AttributeError, TypeError):  # not tensors, or unhashable: the checks say which
-        key = plan = None
-    classes_due = False
+        key = None
+        if _any_autocast():
+            return _linear_cross_entropy_autocast(
+                hidden,
+                weight,
+                target,
+                bias,
+                ignore_index,
+                label_smoothing,
+                reduction,
+                z_loss,
+                chunk_size,
+                out_dtype,
+                ce_weight,
+                softcap,
+                return_z_loss,
+                return_token_accuracy,
+            )
+    else:
+        try:
+            # As cross_entropy's; the thread count sets the CPU's default chunk size.
+            key = (
+                type(hidden),
+                type(weight),
+                type(target),
+                hidden.size(),
+                hidden.dtype,
+                hidden.is_cpu or hidden.device,
+                weight.size(),
+                weight.dtype,
+                weight.is_cpu or weight.device,
+                target.size(),
+                target.dtype,
+                target.is_cpu or target.device,
+                None if bias is None else (type(bias), bias.size(), bias.dtype, bias.device),
+                _get_num_threads(),
+            )
+            plan = _linear_plans.get(key)
+        except (AttributeError, TypeError):  # not tensors: the checks say which
+            key = None
     if plan is None:
-        plan, ce_weight = _linear_contract(
-            hidden,
-            weight,
-            target,
-            bias,
-            ignore_index,
-            label_smoothing,
-            reduction,
-            z_loss,
-            chunk_size,
-            out_dtype,
-            ce_weight,
-            softcap,
-            return_z_loss,
-            return_token_accuracy,
-        )
+        plan = _linear_tensors(hidden, weight, bias, target)
         if key is not None:
             _remember(_linear_plans, key, plan)
-    elif not plan[-1] or ce_weight is not None:
-        # The per-call checks, in the contract's order.
-        _check_classes(target, plan[2], ignore_index)
-        if ce_weight is not None:
-            ce_weight = _check_class_weight("ce_weight", ce_weight, plan[2], hidden.device)
-    else:
-        classes_due = True  # by the native op's bounds check, if it runs
-    try:
-        name = backend.select(
-            "linear_cross_entropy", hidden, lambda: _linear_support(hidden, ignore_index)
-        )
-    except backend.BackendUnavailable:
-        if classes_due:  # the contract's errors come first
-            _check_classes(target, plan[2], ignore_index)
-        raise
-    if classes_due:
-        if name == "torch":
-            # The unfused pair in PyTorch's own ops (see _linear_cross_entropy_run); on the
-            # CPU the native op's bounds check (an IndexError) stands in for _check_classes,
-            # which then names the class.
-            try:
-                return _native_cross_entropy(
-                    _native_linear(hidden, weight, bias),
-                    target if plan[-2] else target.long(),
-                    None,
-                    plan[-3],
-                    ignore_index,
-                    label_smoothing,
-                )
-            except IndexError:
-                _check_classes(target, plan[2], ignore_index)
-                raise
-        _check_classes(target, plan[2], ignore_index)
-    return _linear_cross_entropy_run(
-        name,
+    return _linear_cross_entropy(
         plan,
         hidden,
         weight,
@@ -551,28 +441,17 @@ def linear_cross_entropy(
     )
 
 
-def _linear_contract(
-    hidden,
-    weight,
-    target,
-    bias,
-    ignore_index,
-    label_smoothing,
-    reduction,
-    z_loss,
-    chunk_size,
-    out_dtype,
-    ce_weight,
-    softcap,
-    return_z_loss,
-    return_token_accuracy,
-) -> tuple[tuple, Tensor | None]:
-    """Every check of :func:`linear_cross_entropy`'s arguments, the target's values
-    included, in the order they report errors. Returns the call's plan and the class
-    weights. The plan: ``(N, H, V, chunk size, whether chosen, softcap as a float, on the
-    CPU, whether the rows may run as the unfused pair (one default chunk, fp32/fp64 out),
-    the reduction's code, target int64, whether the CPU's torch backend runs the native
-    pair: the unfused pair without fastlm's own features but class weights)``."""
+@autocast_policy(lower_precision=True)
+def _linear_cross_entropy_autocast(hidden, weight, target, bias, *args):
+    """:func:`linear_cross_entropy` under autocast (the decorator casts the inputs)."""
+    plan = _linear_tensors(hidden, weight, bias, target)
+    return _linear_cross_entropy(plan, hidden, weight, target, bias, *args)
+
+
+def _linear_tensors(hidden, weight, bias, target) -> tuple:
+    """The checks of the tensors but the target's values: what a call's tensor signature
+    decides. Returns ``(N, H, V, hidden on the CPU, hidden's dtype, the default chunk
+    size, target int64)``."""
     check_float("hidden", hidden)
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be 2-D (N, H), got shape {tuple(hidden.shape)}")
@@ -592,59 +471,13 @@ def _linear_contract(
     if bias is not None and tuple(bias.shape) != (v,):
         raise ValueError(f"bias must have shape ({v},), got {tuple(bias.shape)}")
     cpu = hidden.is_cpu
-    target_dtype = _check_target(target, hidden.shape[0], hidden, "logits", cpu)
-    _check_options(ignore_index, label_smoothing, reduction, z_loss)
-    _check_classes(target, v, ignore_index)
-    if out_dtype is not None and not (
-        isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point
-    ):
-        raise TypeError(f"out_dtype must be a floating-point dtype, got {out_dtype!r}")
-    ce_weight = _check_class_weight("ce_weight", ce_weight, v, hidden.device)
-    cap = check_softcap(softcap, allow_none=True)
-    _check_flags(return_z_loss, return_token_accuracy)
     n, h = hidden.shape
-    chosen = chunk_size is not None
-    if not chosen:
-        chunk_size = cpu_chunk_size(n, h, v, _threads()) if cpu else default_chunk_size(n, h, v)
-    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    unfused = (
-        not chosen
-        and n <= chunk_size
-        and hidden.dtype in _FULL_PRECISION
-        and out_dtype in (None, hidden.dtype)
-    )
-    plain = not (z_loss or cap or return_z_loss or return_token_accuracy)
-    native = unfused and plain and cpu
-    code = _REDUCTION_ENUM[reduction]
-    plan = (
-        n,
-        h,
-        v,
-        chunk_size,
-        chosen,
-        cap,
-        cpu,
-        unfused,
-        code,
-        target_dtype is torch.int64,
-        native,
-    )
-    return plan, ce_weight
+    target_dtype = _check_target(target, n, hidden, "logits", cpu)
+    chunk = cpu_chunk_size(n, h, v, _threads()) if cpu else default_chunk_size(n, h, v)
+    return n, h, v, cpu, hidden.dtype, chunk, target_dtype is torch.int64
 
 
-@autocast_policy(lower_precision=True)
-def _linear_cross_entropy_autocast(*args) -> Tensor | CrossEntropyOutput:
-    """:func:`linear_cross_entropy` under autocast or while compiling: every check on every
-    call."""
-    plan, ce_weight = _linear_contract(*args)
-    hidden = args[0]
-    name = backend.select("linear_cross_entropy", hidden, lambda: _linear_support(hidden, args[4]))
-    return _linear_cross_entropy_run(name, plan, *args[:10], ce_weight, *args[11:])
-
-
-def _linear_cross_entropy_run(
-    name,
+def _linear_cross_entropy(
     plan,
     hidden,
     weight,
@@ -661,14 +494,67 @@ def _linear_cross_entropy_run(
     return_z_loss,
     return_token_accuracy,
 ) -> Tensor | CrossEntropyOutput:
-    """:func:`linear_cross_entropy` once its contract passed (``plan``:
-    :func:`_linear_contract`'s) on backend ``name``."""
-    _, _, _, chunk_size, _, softcap, _, unfused, _, _, _ = plan
+    """:func:`linear_cross_entropy` once its tensors passed their checks (``plan``:
+    :func:`_linear_tensors`'): the rest of the contract, in its order, then the loss."""
+    n, h, v, cpu, dtype, default_chunk, target_long = plan
+    _check_options(ignore_index, label_smoothing, reduction, z_loss)
+    # The target's classes come next in the contract. The CPU's torch path may leave them
+    # to the native op's bounds check (see below), so a later argument's error checks them
+    # first.
+    try:
+        if out_dtype is not None and not (
+            isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point
+        ):
+            raise TypeError(f"out_dtype must be a floating-point dtype, got {out_dtype!r}")
+        if ce_weight is not None:
+            ce_weight = _check_class_weight("ce_weight", ce_weight, v, hidden.device)
+        softcap = 0.0 if softcap is None else check_softcap(softcap, allow_none=True)
+        if type(return_z_loss) is not bool or type(return_token_accuracy) is not bool:
+            _check_flags(return_z_loss, return_token_accuracy)
+        unfused = False
+        if chunk_size is None:
+            chunk_size = default_chunk
+            # All rows fit one chunk: chunking saves no memory, and the unfused pair in
+            # PyTorch's own ops (and autograd) costs a few microseconds where the fused
+            # path's buffers and in-forward gradients cost a hundred on small calls.
+            # Half-precision logits would round where the fused path does not, so those
+            # stay on it.
+            unfused = (
+                n <= chunk_size
+                and dtype in _FULL_PRECISION
+                and (out_dtype is None or out_dtype == dtype)
+            )
+        elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        forced = _forced_backend()  # as in _cross_entropy
+        if forced is None and cpu or forced == "torch":
+            name = "torch"
+        else:
+            name = backend.select(
+                "linear_cross_entropy", hidden, lambda: _linear_support(hidden, ignore_index)
+            )
+    except (TypeError, ValueError, backend.BackendUnavailable):
+        _check_classes(target, v, ignore_index)
+        raise
     if name == "torch" and unfused:
-        # All rows fit one chunk: chunking saves no memory, and the unfused pair in PyTorch's
-        # own ops (and autograd) costs a few microseconds where the fused path's buffers and
-        # in-forward gradients cost a hundred on small calls. Half-precision logits would
-        # round where the fused path does not, so those stay on it.
+        if cpu and not (
+            z_loss or softcap or ce_weight is not None or return_z_loss or return_token_accuracy
+        ):
+            # F.linear, then F.cross_entropy's native op; its bounds check (an IndexError)
+            # stands in for _check_classes, which then names the class.
+            try:
+                return _native_cross_entropy(
+                    _native_linear(hidden, weight, bias),
+                    target if target_long else target.long(),
+                    None,
+                    _REDUCTION_ENUM[reduction],
+                    ignore_index,
+                    label_smoothing,
+                )
+            except IndexError:
+                _check_classes(target, v, ignore_index)
+                raise
+        _check_classes(target, v, ignore_index)
         loss, lse, argmax = _torch_cross_entropy(
             _native_linear(hidden, weight, bias),
             target,
@@ -687,6 +573,7 @@ def _linear_cross_entropy_run(
         return _output(
             loss, lse, argmax, target, ignore_index, ce_weight, reduction, z_loss, return_z_loss
         )
+    _check_classes(target, v, ignore_index)
     grad_mask = 0
     if torch.is_grad_enabled():
         grad_mask = (
@@ -715,7 +602,9 @@ def _linear_cross_entropy_run(
     )
     if reduction == "mean":
         loss = loss / _denominator(target, ignore_index, ce_weight, loss.dtype)
-    loss = loss.to(hidden.dtype if out_dtype is None else out_dtype)
+    out_dtype = dtype if out_dtype is None else out_dtype
+    if loss.dtype is not out_dtype:
+        loss = loss.to(out_dtype)
     if not (return_z_loss or return_token_accuracy):
         return loss
     argmax = argmax if return_token_accuracy else None  # the custom ops return it empty
@@ -817,17 +706,14 @@ def _check_options(ignore_index, label_smoothing, reduction, z_loss) -> None:
         raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss}")
 
 
-def _check_common(logits, target, name, ignore_index, label_smoothing, reduction, z_loss, cpu):
-    """The checks of ``cross_entropy``'s arguments but the class weights, the soft cap, the
-    flags and the target's values; returns V and the target's dtype. ``cpu``: whether
-    ``logits`` is on the CPU."""
+def _check_logits(name, logits, target, cpu):
+    """The checks of ``logits`` (named ``name``) and of ``target``'s type, dtype, shape and
+    device; returns V and the target's dtype. ``cpu``: whether ``logits`` is on the CPU."""
     check_float(name, logits)
     shape = logits.shape  # read once: each read builds a torch.Size
     if len(shape) != 2 or shape[1] < 1:
         raise ValueError(f"{name} must be 2-D (N, V) with V >= 1, got {tuple(shape)}")
-    target_dtype = _check_target(target, shape[0], logits, name, cpu)
-    _check_options(ignore_index, label_smoothing, reduction, z_loss)
-    return shape[1], target_dtype
+    return shape[1], _check_target(target, shape[0], logits, name, cpu)
 
 
 def _check_class_weight(name: str, w, v: int, device: torch.device) -> Tensor | None:
