@@ -166,8 +166,24 @@ def _reference(
 
 MAX_HEAD_DIM = 256  # flash-attn's limit, and the Triton kernels'
 
+# The signatures (shapes, dtypes, devices) whose tensors have passed an op's metadata
+# checks: on a small call those checks cost as much as the attention, and a workload
+# repeats a few signatures. Only passes are recorded (a failing signature raises, with the
+# same message, every time) and never while torch.compile traces (its guards fix the
+# metadata anyway). Bounded: a full memo is emptied first.
+_PASSED_QKV: dict[tuple, bool] = {}  # flash_attention's q, k, v
+_PASSED_SDPA: dict[tuple, bool] = {}  # scaled_dot_product_attention's, without a mask
+_MAX_SIGNATURES = 64
+_is_compiling = torch.compiler.is_compiling
 
-@autocast_policy(lower_precision=True)
+
+def _remember(memo: dict[tuple, bool], signature: tuple) -> None:
+    """Record ``signature`` as one that passed the checks ``memo`` stands for."""
+    if len(memo) >= _MAX_SIGNATURES:
+        memo.clear()
+    memo[signature] = True
+
+
 def flash_attention(
     q: Tensor,
     k: Tensor,
@@ -219,7 +235,56 @@ def flash_attention(
     in an entry the row does not see may reach it or not depending on the backend (SDPA
     adds the mask to a NaN score; the Triton kernels skip key blocks outside the window).
     """
-    _check_qkv(q, k, v, packed=False)
+    if _any_autocast() and autocast_applies(q):  # (the decorator's layer costs every call)
+        return _flash_under_autocast(
+            q,
+            k,
+            v,
+            causal,
+            softmax_scale,
+            dropout_p,
+            window,
+            attn_bias,
+            alibi_slopes,
+            seed,
+            return_lse,
+            softcap,
+            return_attn_probs,
+            deterministic,
+        )
+    # The contract's metadata checks run once per signature (see _PASSED_QKV).
+    compiling = _is_compiling()
+    try:
+        qs, ks = q.shape, k.shape
+        where = (q.is_cpu and k.is_cpu and v.is_cpu) or (q.device, k.device, v.device)
+        signature = (qs, ks, v.shape, q.dtype, k.dtype, v.dtype, where)
+    except AttributeError:  # not tensors: the checks name the argument
+        signature = None
+    if compiling or signature not in _PASSED_QKV:
+        _check_qkv(q, k, v, packed=False)
+        qs, ks = q.shape, k.shape
+        if signature is not None and not compiling:
+            _remember(_PASSED_QKV, signature)
+    if (
+        attn_bias is None
+        and alibi_slopes is None
+        and window is NO_WINDOW
+        and seed is None
+        and return_lse is False
+        and return_attn_probs is False
+        and deterministic is False
+        and type(dropout_p) is float
+        and dropout_p == 0.0
+        and type(softcap) is float
+        and softcap == 0.0
+    ):
+        # The common call (no option but causal and the scale), on the torch backend: the
+        # SDPA call a user writes, with one layer between.
+        forced = backend.forced_backend()
+        if forced == "torch" or (forced is None and not q.is_cuda):
+            if softmax_scale is not None:
+                _check_scale(softmax_scale, 1)
+            return _torch_plain_sdpa(q, k, v, causal, softmax_scale, compiling, qs, ks)
     qs = q.shape
     bias = None
     if attn_bias is not None:
@@ -234,30 +299,30 @@ def flash_attention(
     need_lse = need_probs or return_lse
     name = _choose(q, lambda: _support(q))
     if name == "torch":
-        # Called straight from here, positionally: on tiny tensors each layer of keyword
-        # forwarding costs as much as a check.
-        if softcap or need_lse or (deterministic and q.is_cuda):
-            out, lse, probs = _explicit_attention(
+        if window is UNBOUNDED and bias is None and slopes is None and not dropout_p:
+            plain = not (softcap or need_lse or (deterministic and q.is_cuda))
+        else:
+            plain = False
+        if plain:
+            out = _torch_plain_sdpa(q, k, v, causal, softmax_scale, _is_compiling(), qs, k.shape)
+            lse = probs = None
+        else:
+            out, lse, probs = _torch_dense(
                 q,
                 k,
                 v,
-                causal=causal,
-                scale=scale,
-                window=window,
-                dropout_p=dropout_p,
-                seed=seed,
-                bias=bias,
-                slopes=slopes,
-                softcap=softcap,
-                need_probs=need_probs,
-                need_lse=need_lse,
+                causal,
+                scale,
+                window,
+                dropout_p,
+                seed,
+                bias,
+                slopes,
+                softcap,
+                need_lse,
+                need_probs,
+                deterministic,
             )
-        else:
-            if window is UNBOUNDED and bias is None and slopes is None and not dropout_p:
-                out = _torch_plain_sdpa(q, k, v, causal, softmax_scale)
-            else:
-                out = _torch_sdpa(q, k, v, causal, scale, window, dropout_p, seed, bias, slopes)
-            lse = probs = None
     else:
         out, lse, probs = _kernel_dense(
             q, k, v, name, causal, scale, window, dropout_p, seed, bias, slopes, softcap, need_probs
@@ -356,7 +421,6 @@ class _PagedForwardOnly(torch.autograd.Function):
         )
 
 
-@autocast_policy(lower_precision=True)
 def scaled_dot_product_attention(
     query: Tensor,
     key: Tensor,
@@ -373,16 +437,82 @@ def scaled_dot_product_attention(
     Rows with no allowed key give zeros; a NaN query row that sees a key gives NaN. On CPU
     tensors this is PyTorch's own function. The Triton kernels take 4-D fp16/bf16 tensors
     with value's head_dim equal to query's, up to 256."""
-    _check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    name = _choose(query, lambda: _sdpa_support(query, key, value))
-    if name == "torch":
-        out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
+    if _any_autocast() and autocast_applies(query):  # (the decorator's layer costs every call)
+        return _sdpa_under_autocast(
+            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
         )
+    # Without a mask the contract's metadata checks run once per signature (see
+    # _PASSED_SDPA; enable_gqa is True only loosens them); dropout_p and scale every call.
+    compiling = _is_compiling()
+    signature = None
+    if attn_mask is None:
+        try:
+            seqlen_k = key.shape[-2]
+            where = (query.is_cpu and key.is_cpu and value.is_cpu) or (
+                query.device,
+                key.device,
+                value.device,
+            )
+            signature = (
+                query.shape,
+                key.shape,
+                value.shape,
+                query.dtype,
+                key.dtype,
+                value.dtype,
+                where,
+                enable_gqa is True,
+            )
+        except (AttributeError, IndexError):  # the checks name what is wrong
+            signature = None
+    plain = type(dropout_p) is float and dropout_p == 0.0 and scale is None
+    if compiling or signature not in _PASSED_SDPA:
+        _check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        seqlen_k = key.shape[-2]
+        if signature is not None and not compiling:
+            _remember(_PASSED_SDPA, signature)
+    elif not plain:
+        # _check_sdpa's value checks, in its order.
+        check_dropout(dropout_p, 0)
+        _check_scale(scale, 1, "scale")
+    forced = backend.forced_backend()
+    if forced == "torch" or (forced is None and not query.is_cuda):
+        name = "torch"
+    else:
+        name = _choose(query, lambda: _sdpa_support(query, key, value))
+    if name == "torch":
+        # Only the arguments that differ from SDPA's defaults: each one passed costs its
+        # argument parser time.
+        if plain and attn_mask is None and enable_gqa is False and is_causal is True:
+            out = F.scaled_dot_product_attention(query, key, value, is_causal=True)
+        elif plain and attn_mask is None and enable_gqa is False and is_causal is False:
+            out = F.scaled_dot_product_attention(query, key, value)
+        else:
+            out = F.scaled_dot_product_attention(
+                query,
+                key,
+                value,
+                attn_mask,
+                dropout_p,
+                is_causal,
+                scale=scale,
+                enable_gqa=enable_gqa,
+            )
         # PyTorch's fused CPU kernel drops a NaN query row to zeros; its math path, and the
         # reference, give NaN. With S > 0 every row sees a key (top-left causal included).
-        lost = attn_mask is not None or _nan_rows_may_be_lost(query, key.shape[-2])
-        if key.shape[-2] > 0 and lost and _may_hold_nan(query):
+        if attn_mask is not None:
+            lost = seqlen_k > 0 and _may_hold_nan(query)
+        elif (
+            0 < seqlen_k < NAN_SAFE_KEYS
+            and not compiling
+            and type(query) is Tensor
+            and query.is_cpu
+            and query.numel() <= _EQUAL_PROBE
+        ):
+            lost = not torch.equal(query, query)  # _nan_rows_lost's answer, inlined
+        else:
+            lost = _nan_rows_lost(query, seqlen_k, compiling)
+        if lost:
             out = out.masked_fill(query.isnan().any(-1, keepdim=True), math.nan)
         return out
     # (B, S, H, D) views; key and value broadcast over the batch as in torch.
@@ -405,6 +535,26 @@ def scaled_dot_product_attention(
         q, k, v, name, False, scale, window, dropout_p, seed, bias, None, 0.0, False
     )
     return out.transpose(1, 2)
+
+
+# Under autocast the public functions run through their policy's wrapper, which calls them
+# again with autocast off for their tensors' device (so :func:`autocast_applies` is then
+# False): the common call, without autocast, pays one query instead of the wrapper's layer.
+_any_autocast = torch._C._is_any_autocast_enabled
+_flash_under_autocast = autocast_policy(lower_precision=True)(flash_attention)
+_sdpa_under_autocast = autocast_policy(lower_precision=True)(scaled_dot_product_attention)
+
+
+def autocast_applies(t: object) -> bool:
+    """Whether autocast is on for the device of ``t``, the first tensor argument of a public
+    function, as :func:`~fastlm.ops.autocast.autocast_policy` decides it (not a tensor:
+    False, and the contract names it)."""
+    if not isinstance(t, Tensor):
+        return False
+    device_type = t.device.type
+    return (
+        _is_compiling() or torch.amp.is_autocast_available(device_type)
+    ) and torch.is_autocast_enabled(device_type)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1226,7 +1376,44 @@ def _torch_attention(
             need_probs=need_probs,
             deterministic=deterministic,
         )
-    if softcap or need_lse or need_probs or (deterministic and q.device.type == "cuda"):
+    return _torch_dense(
+        q,
+        k,
+        v,
+        causal,
+        scale,
+        window,
+        dropout_p,
+        seed,
+        bias,
+        slopes,
+        softcap,
+        need_lse,
+        need_probs,
+        deterministic,
+    )
+
+
+def _torch_dense(
+    q,
+    k,
+    v,
+    causal,
+    scale,
+    window,
+    dropout_p,
+    seed,
+    bias,
+    slopes,
+    softcap,
+    need_lse,
+    need_probs,
+    deterministic,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The torch backend on dense (B, S, H, D) tensors (see :func:`_torch_attention`), its
+    arguments positional: the one call of both entrances (flash_attention's own, and
+    :func:`_torch_attention`'s)."""
+    if softcap or need_lse or need_probs or (deterministic and q.is_cuda):
         return _explicit_attention(
             q,
             k,
@@ -1246,28 +1433,48 @@ def _torch_attention(
     return out, None, None
 
 
-def _torch_plain_sdpa(q: Tensor, k: Tensor, v: Tensor, causal, scale) -> Tensor:
+def _torch_plain_sdpa(q: Tensor, k: Tensor, v: Tensor, causal, scale, compiling, qs, ks) -> Tensor:
     """:func:`_torch_sdpa` without masks, bias or dropout: the SDPA call a user writes, with
     only the arguments that differ from SDPA's defaults (each one passed costs SDPA's
-    argument parser time; a default scale is SDPA's own 1/sqrt(D), the same double)."""
-    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    qs, ks = q.shape, k.shape
-    gqa = qs[2] != ks[2]
-    if not causal and scale is None and not gqa:
-        out = F.scaled_dot_product_attention(qt, kt, vt)
-    elif causal and qs[1] != ks[1]:  # bottom-right causal: a mask
+    argument parser time; a default scale is SDPA's own 1/sqrt(D), the same double).
+    ``compiling``: what ``torch.compiler.is_compiling()`` answered for this call; qs, ks:
+    q's and k's shapes (read by the caller already)."""
+    if causal and qs[1] != ks[1]:  # bottom-right causal: a mask
         return _torch_sdpa(
             q, k, v, causal, _check_scale(scale, qs[3]), UNBOUNDED, 0.0, 0, None, None
         )
-    else:
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if scale is not None or qs[2] != ks[2]:
         out = F.scaled_dot_product_attention(
-            qt, kt, vt, None, 0.0, bool(causal), scale=scale, enable_gqa=gqa
+            qt, kt, vt, None, 0.0, bool(causal), scale=scale, enable_gqa=qs[2] != ks[2]
         )
+    elif causal:
+        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+    else:
+        out = F.scaled_dot_product_attention(qt, kt, vt)
     out = out.transpose(1, 2)
-    # Every row sees a key: NaN rows as the reference's.
-    if _nan_rows_may_be_lost(q, ks[1]) and _may_hold_nan(q):
+    # Every row sees a key: NaN rows as the reference's (see _nan_rows_lost, inlined: the
+    # call would cost a fifth of the overhead this path is allowed).
+    seqlen_k = ks[1]
+    if 0 < seqlen_k < NAN_SAFE_KEYS and not compiling and type(q) is Tensor and q.is_cpu:
+        lost = not torch.equal(q, q) if q.numel() <= _EQUAL_PROBE else _may_hold_nan(q)
+    else:
+        lost = _nan_rows_lost(q, seqlen_k, compiling)
+    if lost:
         out = out.masked_fill(q.isnan().any(-1, keepdim=True), math.nan)
     return out
+
+
+def _nan_rows_lost(q: Tensor, seqlen_k: int, compiling: bool) -> bool:
+    """``_nan_rows_may_be_lost(q, seqlen_k) and _may_hold_nan(q)`` in one call, a small CPU
+    query probed here (every call of the torch backend's SDPA on a few keys asks; the
+    layers between cost as much as the probe). ``compiling`` as
+    ``torch.compiler.is_compiling()`` answered."""
+    if seqlen_k < 1 or (seqlen_k >= NAN_SAFE_KEYS and q.is_cpu):
+        return False
+    if compiling or type(q) is not Tensor or not q.is_cpu or q.numel() > _EQUAL_PROBE:
+        return _may_hold_nan(q)
+    return not torch.equal(q, q)  # (see _may_hold_nan)
 
 
 def _torch_sdpa(q, k, v, causal, scale, window, dropout_p, seed, bias, slopes) -> Tensor:
@@ -1554,21 +1761,29 @@ def _nan_rows_may_be_lost(q: Tensor, seqlen_k: int) -> bool:
 
 
 def _may_hold_nan(x: Tensor) -> bool:
-    """False when ``x`` surely holds no NaN. On CPU tensors one reduction answers for a
-    fraction of what finding the NaN rows costs: a NaN makes the max NaN, and the sum (so
-    may inf - inf, a false alarm the exact check then clears); max is the cheaper call on
-    small tensors, sum the faster pass over large ones. Elsewhere (a device sync, a graph
-    break) the exact check runs."""
-    if type(x) is not Tensor or not x.is_cpu or torch.compiler.is_compiling():
+    """False when ``x`` surely holds no NaN. On CPU tensors one call answers for a fraction
+    of what finding the NaN rows costs: on small tensors ``torch.equal(x, x)``, False
+    exactly when x holds a NaN (NaN != NaN; for a tensor and itself PyTorch's CPU kernel
+    scans for NaN, one element at a time, with no temporary and no ``.item()``); on larger
+    ones a reduction, vectorized: a NaN makes the max NaN, and the sum (so may inf - inf, a
+    false alarm the exact check then clears); max is the cheaper of the two on mid-sized
+    tensors, sum the faster pass over large ones. Elsewhere (a device sync, a graph break)
+    the exact check runs."""
+    if type(x) is not Tensor or not x.is_cpu or _is_compiling():
         return True  # (a subclass, DTensor say, may not reduce to one local number)
+    n = x.numel()
+    if n <= _EQUAL_PROBE:
+        return not torch.equal(x, x)
     if x.requires_grad:
         x = x.detach()
-    n = x.numel()
     if n <= _MAX_PROBE:
-        return n > 0 and math.isnan(x.max().item())
+        return math.isnan(x.max().item())
     return math.isnan(x.sum().item())
 
 
+# Up to this many elements torch.equal's scalar scan beats a reduction and its .item(); up
+# to _MAX_PROBE max beats sum (measured on a 2-core EPYC, float32 and bfloat16).
+_EQUAL_PROBE = 1 << 11
 _MAX_PROBE = 1 << 14
 
 

@@ -16,13 +16,18 @@ from fastlm import backend
 from fastlm.ops._common import HALF_DTYPES, EagerOp, supports
 from fastlm.ops.attention import (
     MAX_HEAD_DIM,
+    _any_autocast,
     _check_alibi,
     _check_head_dim,
     _check_heads,
     _check_scale,
     _check_softcap,
+    _is_compiling,
     _may_hold_nan,
+    _nan_rows_lost,
     _nan_rows_may_be_lost,
+    _remember,
+    autocast_applies,
 )
 from fastlm.ops.autocast import autocast_policy
 from fastlm.ops.contract import check_int, describe, values_readable
@@ -30,7 +35,6 @@ from fastlm.ops.masks import NO_WINDOW, window_bounds
 from fastlm.ops.rotary import apply_rotary
 
 
-@autocast_policy(lower_precision=False)
 def attention_with_kvcache(
     q: Tensor,
     k_cache: Tensor,
@@ -95,6 +99,28 @@ def attention_with_kvcache(
     Returns out (B, Sq, H, D) (and fp32 lse (B, H, Sq)); a row with no key gives zeros
     (and lse -inf).
     """
+    if _any_autocast() and autocast_applies(q):  # (the decorator's layer costs every call)
+        return _kvcache_under_autocast(
+            q,
+            k_cache,
+            v_cache,
+            cache_seqlens,
+            k_new,
+            v_new,
+            causal,
+            softmax_scale,
+            num_splits,
+            return_lse,
+            rotary_cos=rotary_cos,
+            rotary_sin=rotary_sin,
+            rotary_interleaved=rotary_interleaved,
+            cache_batch_idx=cache_batch_idx,
+            cache_leftpad=cache_leftpad,
+            block_table=block_table,
+            window=window,
+            softcap=softcap,
+            alibi_slopes=alibi_slopes,
+        )
     if (
         k_new is not None
         and window is NO_WINDOW
@@ -193,6 +219,11 @@ def attention_with_kvcache(
     return (out, lse) if return_lse else out
 
 
+# Runs the public function again with autocast off for q's device (see
+# fastlm.ops.attention.autocast_applies): the common call pays one query, not a layer.
+_kvcache_under_autocast = autocast_policy(lower_precision=False)(attention_with_kvcache)
+
+
 def _plain_step(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, softmax_scale):
     """A generation step's usual call on the torch backend, in one function: CPU tensors,
     rows of one length, new tokens appended, no option. It runs :func:`_decode_step`'s
@@ -210,15 +241,19 @@ def _plain_step(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, softma
         return None  # a mask is needed: the general path
     k_cache.narrow(1, most - n_new, n_new).copy_(k_new)
     v_cache.narrow(1, most - n_new, n_new).copy_(v_new)
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2),
-        k_cache.narrow(1, 0, most).transpose(1, 2),
-        v_cache.narrow(1, 0, most).transpose(1, 2),
-        scale=scale,
-        enable_gqa=q.shape[2] != k_cache.shape[2],
-    ).transpose(1, 2)
+    qt = q.transpose(1, 2)
+    kt = k_cache.narrow(1, 0, most).transpose(1, 2)
+    vt = v_cache.narrow(1, 0, most).transpose(1, 2)
+    if softmax_scale is None and q.shape[2] == k_cache.shape[2]:
+        # SDPA's defaults (its scale is the same double): each argument passed costs its
+        # parser time.
+        out = F.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2)
+    else:
+        out = F.scaled_dot_product_attention(
+            qt, kt, vt, scale=scale, enable_gqa=q.shape[2] != k_cache.shape[2]
+        ).transpose(1, 2)
     # Every row sees a key: a NaN query row gives NaN.
-    if _nan_rows_may_be_lost(q, most) and _may_hold_nan(q):
+    if _nan_rows_lost(q, most, False):  # (_decode_step answers only when not compiling)
         out.masked_fill_(q.isnan().any(-1, keepdim=True), math.nan)
     return out
 
@@ -719,11 +754,64 @@ def _check_rows(name, t, q) -> None:
         raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
 
 
+# The signatures (shapes, dtypes, all on the CPU) of the tensors of decode steps that passed
+# _decode_step's metadata checks (see fastlm.ops.attention._PASSED_QKV): the checks cost
+# as much again as a small step's attention, and a generation loop repeats one signature.
+_PASSED_STEPS: dict[tuple, bool] = {}
+
+
 def _decode_step(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale):
     """The contract's answer for a decode step's usual call (CPU tensors, an append, lengths
     only), read from the tensors' flags and shapes with as few calls as the checks allow:
     ``(scale, key_range)`` when every check passes, None when one may fail (the full check
-    then runs, and names the error)."""
+    then runs, and names the error). The metadata checks run once per signature; the
+    scale and the lengths (values) every call."""
+    if _is_compiling():
+        return None
+    try:
+        qs, cs, ns = q.shape, k_cache.shape, k_new.shape
+        signature = (
+            qs,
+            cs,
+            ns,
+            v_cache.shape,
+            v_new.shape,
+            cache_seqlens.shape,
+            q.dtype,
+            k_cache.dtype,
+            v_cache.dtype,
+            k_new.dtype,
+            v_new.dtype,
+            cache_seqlens.dtype,
+            q.is_cpu
+            and k_cache.is_cpu
+            and v_cache.is_cpu
+            and k_new.is_cpu
+            and v_new.is_cpu
+            and cache_seqlens.is_cpu,
+        )
+    except AttributeError:  # not tensors: the full check names the argument
+        return None
+    if signature not in _PASSED_STEPS:
+        if not _step_metadata_passes(q, k_cache, v_cache, cache_seqlens, k_new, v_new):
+            return None
+        _remember(_PASSED_STEPS, signature)
+    if softmax_scale is None:
+        scale = 1.0 / math.sqrt(qs[3])
+    elif type(softmax_scale) is float and math.isfinite(softmax_scale):
+        scale = softmax_scale
+    else:
+        return None
+    lengths = cache_seqlens.tolist()
+    low, high, n_new = min(lengths), max(lengths), ns[1]
+    if low < 0 or high + n_new > cs[1]:
+        return None
+    return scale, (low + n_new, high + n_new)
+
+
+def _step_metadata_passes(q, k_cache, v_cache, cache_seqlens, k_new, v_new) -> bool:
+    """Whether a decode step's tensors pass the contract's metadata checks (CPU tensors of
+    one floating-point dtype, shapes that agree, int32 lengths), read from their flags."""
     if not (
         isinstance(q, Tensor)
         and isinstance(k_cache, Tensor)
@@ -739,7 +827,7 @@ def _decode_step(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale
         and cache_seqlens.is_cpu
         and cache_seqlens.dtype is torch.int32
     ):
-        return None
+        return False
     dtype = q.dtype
     if not (
         dtype.is_floating_point
@@ -748,13 +836,13 @@ def _decode_step(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale
         and k_new.dtype is dtype
         and v_new.dtype is dtype
     ):
-        return None
+        return False
     qs, cs, ns = q.shape, k_cache.shape, k_new.shape
     if len(qs) != 4 or len(cs) != 4 or len(ns) != 4 or v_cache.shape != cs or v_new.shape != ns:
-        return None
+        return False
     batch, seqlen_q, heads, head_dim = qs
     cache_batch, capacity, kv_heads, cache_dim = cs
-    if not (
+    return (
         batch > 0
         and seqlen_q > 0
         and cache_batch == batch
@@ -766,21 +854,7 @@ def _decode_step(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale
         and ns[2] == kv_heads
         and ns[3] == head_dim
         and cache_seqlens.shape == (batch,)
-    ):
-        return None
-    if softmax_scale is None:
-        scale = 1.0 / math.sqrt(head_dim)
-    elif type(softmax_scale) is float and math.isfinite(softmax_scale):
-        scale = softmax_scale
-    else:
-        return None
-    if torch.compiler.is_compiling():
-        return None
-    lengths = cache_seqlens.tolist()
-    low, high, n_new = min(lengths), max(lengths), ns[1]
-    if low < 0 or high + n_new > capacity:
-        return None
-    return scale, (low + n_new, high + n_new)
+    )
 
 
 def _plain_tensors(q, k_cache, v_cache, k_new, v_new) -> bool:

@@ -838,7 +838,7 @@ def test_torch_path_is_plain_sdpa_bit_for_bit(causal, dtype):
     assert torch.equal(got, F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal))
 
 
-@pytest.mark.parametrize("numel", [37, 3 * (1 << 14)])  # the max probe and the sum probe
+@pytest.mark.parametrize("numel", [37, 5000, 3 * (1 << 14)])  # the equal, max and sum probes
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_nan_probe_never_misses_a_nan(numel, dtype):
     x = torch.randn(numel, dtype=dtype)
@@ -928,3 +928,75 @@ def test_causal_square_calls_with_a_bias_or_alibi_keep_the_triangle(extra):
     out = ops.flash_attention(q, k, v, causal=True, attn_bias=bias, alibi_slopes=slopes)
     grads = torch.autograd.grad((out * do).sum(), (q, k, v))
     _assert_capped(out, grads, q, k, v, do, 0.0, bias, causal=True, alibi_slopes=slopes)
+
+
+def test_signature_memo_never_passes_a_bad_call():
+    """The metadata checks are remembered per signature: a signature that passed does not
+    let a call with another shape, dtype or flag through, a failing one raises the same
+    error every time, and a remembered one still takes the path its options ask for."""
+    q, k, v = (torch.randn(1, 5, 2, 8, dtype=torch.float64) for _ in "qkv")
+    # float64 against the float64 reference: a few roundings per term of 5-key sums.
+    tol = dict(rtol=64 * torch.finfo(torch.float64).eps, atol=64 * torch.finfo(torch.float64).eps)
+    attention_ops._PASSED_QKV.clear()
+    first = ops.flash_attention(q, k, v, causal=True)
+    assert len(attention_ops._PASSED_QKV) == 1
+    out = ops.flash_attention(q, k, v, causal=True)  # answered from the memo
+    assert torch.equal(out, first)
+    ref, ref_lse = attention_ops.attention_ref(q, k, v, causal=True)
+    torch.testing.assert_close(out, ref, **tol)
+    # Same signature, other options: the lse asked for, soft-capped, not causal.
+    got, lse = ops.flash_attention(q, k, v, causal=True, return_lse=True)
+    torch.testing.assert_close(got, ref, **tol)
+    eps32 = torch.finfo(torch.float32).eps  # the lse is float32: one rounding each side
+    torch.testing.assert_close(lse, ref_lse.float(), rtol=2 * eps32, atol=2 * eps32)
+    capped = ops.flash_attention(q, k, v, causal=True, softcap=0.5)
+    torch.testing.assert_close(
+        capped, attention_ops.attention_ref(q, k, v, causal=True, softcap=0.5)[0], **tol
+    )
+    full = ops.flash_attention(q, k, v)
+    torch.testing.assert_close(full, attention_ops.attention_ref(q, k, v)[0], **tol)
+    for bad, err, match in [
+        ((q, k[:, :, :1].expand(1, 5, 1, 8), v), ValueError, "same shape"),
+        ((q, k.float(), v), TypeError, "k is torch.float32"),
+        ((q, k, v[..., :4]), ValueError, "same shape|head_dim"),
+        ((q[0], k, v), ValueError, "q must be"),
+        ((q, None, v), TypeError, "k must be a torch.Tensor"),
+    ]:
+        for _ in range(2):  # never remembered as a pass
+            with pytest.raises(err, match=match):
+                ops.flash_attention(*bad, causal=True)
+    assert len(attention_ops._PASSED_QKV) == 1
+    with pytest.raises(TypeError, match="softmax_scale"):
+        ops.flash_attention(q, k, v, softmax_scale="0.5")  # values are checked every call
+    with pytest.raises(TypeError, match="return_attn_probs"):
+        ops.flash_attention(q, k, v, return_attn_probs=1)
+
+
+def test_sdpa_signature_memo_keeps_enable_gqa_and_value_checks():
+    """A grouped-query signature remembered with enable_gqa=True still refuses the same
+    shapes without it; dropout_p and scale are checked on every call."""
+    q = torch.randn(1, 4, 3, 8, dtype=torch.float64)
+    k, v = (torch.randn(1, 2, 3, 8, dtype=torch.float64) for _ in "kv")
+    attention_ops._PASSED_SDPA.clear()
+    for _ in range(2):
+        got = ops.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        want = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        assert torch.equal(got, want)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="enable_gqa=True"):
+            ops.scaled_dot_product_attention(q, k, v)
+    with pytest.raises(ValueError, match="dropout_p"):
+        ops.scaled_dot_product_attention(q, k, v, dropout_p=1.5, enable_gqa=True)
+    with pytest.raises(ValueError, match="scale must be finite"):
+        ops.scaled_dot_product_attention(q, k, v, scale=math.inf, enable_gqa=True)
+    # A NaN query row after a NaN-free call of the same signature: still NaN.
+    q[0, 1, 2, 3] = math.nan
+    got = ops.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert got[0, 1, 2].isnan().all() and not got[0, 0].isnan().any(), got[0, :, :, 0]
+
+
+def test_signature_memo_is_bounded():
+    x = [torch.randn(1, s, 1, 4) for s in range(1, attention_ops._MAX_SIGNATURES + 3)]
+    for t in x:
+        ops.flash_attention(t, t, t)
+    assert 0 < len(attention_ops._PASSED_QKV) <= attention_ops._MAX_SIGNATURES

@@ -513,3 +513,31 @@ def test_kernel_step_eager_and_compiled_agree(monkeypatch):
         )
     assert torch.equal(eager, compiled)
     assert torch.equal(caches[0], k_cache) and torch.equal(caches[1], v_cache)
+
+
+def test_decode_step_memo_checks_values_every_call():
+    """A decode step's metadata checks are remembered per signature; the lengths are read
+    on every call, so a remembered signature with no room left still raises, and a
+    failing signature raises every time."""
+    from fastlm.ops import attention_kvcache
+
+    k_cache, v_cache = (torch.zeros(2, 6, 1, 4, dtype=torch.float64) for _ in "kv")
+    q, k_new, v_new = (torch.randn(2, 1, 1, 4, dtype=torch.float64) for _ in "qkv")
+    attention_kvcache._PASSED_STEPS.clear()
+    for step in range(2):  # the second step answers from the memo
+        lengths = torch.full((2,), 4 + step, dtype=torch.int32)
+        out = ops.attention_with_kvcache(q, k_cache, v_cache, lengths, k_new, v_new)
+        keys = 5 + step
+        ref, _ = _reference(q, k_cache[:, :keys], v_cache[:, :keys], causal=False, scale=0.5)
+        eps = torch.finfo(torch.float64).eps
+        torch.testing.assert_close(out, ref, rtol=64 * eps, atol=64 * eps)
+    assert len(attention_kvcache._PASSED_STEPS) == 1
+    full = torch.full((2,), 6, dtype=torch.int32)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="no room"):
+            ops.attention_with_kvcache(q, k_cache, v_cache, full, k_new, v_new)
+        with pytest.raises(TypeError, match="v_new is torch.float32"):
+            ops.attention_with_kvcache(q, k_cache, v_cache, full - 2, k_new, v_new.float())
+        with pytest.raises(ValueError, match="k_new must be"):
+            ops.attention_with_kvcache(q, k_cache, v_cache, full - 2, k_new[:1], v_new[:1])
+    assert len(attention_kvcache._PASSED_STEPS) == 1
