@@ -3,6 +3,7 @@ gradients, chunking, torch.compile, bad input."""
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -684,3 +685,165 @@ def test_linear_cross_entropy_one_chunk_is_the_unfused_pair_bit_for_bit(reductio
     )
     assert chunked.grad_fn is not None and type(chunked.grad_fn) is not type(got.grad_fn)
     torch.testing.assert_close(chunked, want)
+
+
+# The tensors' metadata checks are remembered per signature (type, shape, dtype, device):
+# every other check must still run on every call, failures must never be remembered, and
+# errors must come in the contract's order whether a signature is new or known.
+
+
+def _ce_bad_calls(x, t):
+    """Calls with the tensor signature of ``(x, t)`` but one bad argument, and the error."""
+    bad_t = t.clone()
+    bad_t[2] = x.shape[1]
+    return [
+        (lambda: ops.cross_entropy(x, bad_t), ValueError, r"target\[2\] = 6 is outside"),
+        (lambda: ops.cross_entropy(x, -t - 1), ValueError, r"target\[0\] = -\d+ is outside"),
+        (lambda: ops.cross_entropy(x, t, ignore_index=True), TypeError, "ignore_index"),
+        (lambda: ops.cross_entropy(x, t, label_smoothing=1.5), ValueError, "label_smoothing"),
+        (lambda: ops.cross_entropy(x, t, label_smoothing=False), TypeError, "label_smoothing"),
+        (lambda: ops.cross_entropy(x, t, reduction="avg"), ValueError, "reduction"),
+        (lambda: ops.cross_entropy(x, t, z_loss=-1.0), ValueError, "z_loss"),
+        (lambda: ops.cross_entropy(x, t, weight=torch.ones(5)), ValueError, "weight must be a"),
+        (
+            lambda: ops.cross_entropy(x, t, weight=torch.ones(6, requires_grad=True)),
+            ValueError,
+            "weight must not require grad",
+        ),
+        (lambda: ops.cross_entropy(x, t, softcap=-1), ValueError, "softcap"),
+        (lambda: ops.cross_entropy(x, t, softcap=False), TypeError, "softcap"),
+        (lambda: ops.cross_entropy(x, t, return_z_loss=1), TypeError, "return_z_loss"),
+        (
+            lambda: ops.cross_entropy(x, t, return_token_accuracy=0),
+            TypeError,
+            "return_token_accuracy",
+        ),
+    ]
+
+
+def test_cross_entropy_known_signature_still_checks_every_call():
+    x, t = torch.randn(4, 6), torch.tensor([0, IGNORE, 5, 2])
+    want = F.cross_entropy(x, t)
+    assert_equal(ops.cross_entropy(x, t), want, "loss", "the native op")
+    for call, error, words in _ce_bad_calls(x, t):
+        for _ in range(2):  # the failure is not remembered either
+            with pytest.raises(error, match=words):
+                call()
+        # and the good call of the same signature still passes, with the same answer
+        assert_equal(ops.cross_entropy(x, t), want, "loss", "the native op")
+
+
+def test_a_failing_tensor_signature_is_never_remembered(monkeypatch):
+    module = importlib.import_module("fastlm.ops.cross_entropy")
+    remembered = []
+    remember = module._remember
+    monkeypatch.setattr(
+        module,
+        "_remember",
+        lambda plans, key, plan: remembered.append(key) or remember(plans, key, plan),
+    )
+    x, t = torch.randn(4, 6), _targets(4, 6)
+    h, w = torch.randn(4, 3), torch.randn(6, 3)
+    for call, error, words in [
+        (lambda: ops.cross_entropy(x.long(), t), TypeError, "logits must be a floating"),
+        (lambda: ops.cross_entropy(x, t.float()), TypeError, "target must hold integer"),
+        (lambda: ops.cross_entropy(x, t[:3]), ValueError, "target must have shape"),
+        (lambda: ops.cross_entropy(x[None], t), ValueError, "logits must be 2-D"),
+        (lambda: ops.cross_entropy(x, t.tolist()), TypeError, "target must be a torch.Tensor"),
+        (lambda: ops.cross_entropy(x.numpy(), t), TypeError, "logits must be a torch.Tensor"),
+        (lambda: ops.linear_cross_entropy(h, w.double(), t), TypeError, "weight must have"),
+        (lambda: ops.linear_cross_entropy(h, w[:, :2], t), ValueError, "weight must be"),
+        (lambda: ops.linear_cross_entropy(h, w, t, w[0]), ValueError, "bias must have shape"),
+        (lambda: ops.linear_cross_entropy(h, w, t[:3]), ValueError, "target must have shape"),
+        (lambda: ops.linear_cross_entropy(h, w, t.int().float()), TypeError, "target must"),
+    ]:
+        for _ in range(3):
+            with pytest.raises(error, match=words):
+                call()
+    assert remembered == [], "a failing signature was remembered"
+    ops.cross_entropy(x, t)
+    ops.linear_cross_entropy(h, w, t)
+    assert len(remembered) <= 2  # (none if an earlier test used the same signatures)
+
+
+def test_plans_stay_bounded():
+    module = importlib.import_module("fastlm.ops.cross_entropy")
+
+    t = torch.zeros(1, dtype=torch.long)
+    for v in range(1, module._PLANS_MAX + 20):
+        ops.cross_entropy(torch.zeros(1, v), t)
+        assert len(module._ce_plans) <= module._PLANS_MAX
+    # Cleared and refilled, still right.
+    assert ops.cross_entropy(torch.zeros(1, 4), t) == math.log(4)
+
+
+def test_linear_known_signature_still_checks_every_call_in_the_contracts_order():
+    h, w, t = torch.randn(4, 3), torch.randn(6, 3), torch.tensor([0, IGNORE, 5, 2])
+    bad_t = torch.tensor([0, IGNORE, 6, 2])
+    outside = r"target\[2\] = 6 is outside"
+    want = F.cross_entropy(F.linear(h, w), t)
+    cases = [
+        (dict(target=bad_t), ValueError, outside),
+        (dict(label_smoothing=2.0), ValueError, "label_smoothing"),
+        (dict(ignore_index=1.0), TypeError, "ignore_index"),
+        (dict(out_dtype=torch.int32), TypeError, "out_dtype"),
+        (dict(ce_weight=torch.ones(5)), ValueError, "ce_weight must be a"),
+        (dict(softcap=-1.0), ValueError, "softcap"),
+        (dict(return_z_loss="yes"), TypeError, "return_z_loss"),
+        (dict(chunk_size=0), ValueError, "chunk_size"),
+        (dict(chunk_size=True), ValueError, "chunk_size"),
+        # Two bad arguments: the contract reports the target's classes first, also where the
+        # native op's bounds check would otherwise find them.
+        (dict(target=bad_t, softcap=-1.0), ValueError, outside),
+        (dict(target=bad_t, chunk_size=0), ValueError, outside),
+        (dict(target=bad_t, ce_weight=torch.ones(5)), ValueError, outside),
+        # ... and a bad option before them.
+        (dict(target=bad_t, reduction="avg"), ValueError, "reduction"),
+    ]
+    for kwargs in ({}, dict(bias=torch.randn(6))):
+        for bad, error, words in cases:
+            args = dict(kwargs, target=t) | bad
+            for _ in range(2):
+                with pytest.raises(error, match=words):
+                    ops.linear_cross_entropy(h, w, **args)
+        b = kwargs.get("bias")
+        assert_equal(
+            ops.linear_cross_entropy(h, w, t, b),
+            F.cross_entropy(F.linear(h, w, b), t),
+            "loss",
+            "the unfused pair",
+        )
+    assert_equal(ops.linear_cross_entropy(h, w, t), want, "loss", "the unfused pair")
+    # A parameter and a plain tensor of one shape: two signatures, one answer.
+    wp = torch.nn.Parameter(w.clone())
+    assert_equal(ops.linear_cross_entropy(h, wp, t).detach(), want, "loss", "the pair")
+    # A forced backend that cannot run is still refused after a known signature passed, and
+    # the contract's error (the classes) still comes before it.
+    for _ in range(2):
+        with fastlm.use_backend("triton"):
+            with pytest.raises(backend.BackendUnavailable, match="float64"):
+                ops.linear_cross_entropy(h.double(), w.double(), t)
+            with pytest.raises(ValueError, match=outside):
+                ops.linear_cross_entropy(h.double(), w.double(), bad_t)
+            with pytest.raises(backend.BackendUnavailable, match="float64"):
+                ops.cross_entropy(h.double() @ w.double().T, t)
+
+
+def test_linear_default_chunk_follows_the_thread_count():
+    # cpu_chunk_size(260, 600, 1800, threads): 256 rows at one thread (two chunks, the fused
+    # path), 512 at two (one chunk: the unfused pair). The remembered plan must not keep the
+    # first answer when the thread count changes.
+    n, h, v = 260, 600, 1800
+    assert cpu_chunk_size(n, h, v, 1) < n <= cpu_chunk_size(n, h, v, 2)
+    hid = torch.randn(n, h, requires_grad=True)
+    w = torch.randn(v, h) / h**0.5
+    t = torch.randint(0, v, (n,))
+    threads = torch.get_num_threads()
+    try:
+        kinds = []
+        for k in (1, 2, 1):
+            torch.set_num_threads(k)
+            kinds.append(type(ops.linear_cross_entropy(hid, w, t).grad_fn).__name__)
+    finally:
+        torch.set_num_threads(threads)
+    assert kinds[0] == kinds[2] != kinds[1] == "NllLossBackward0", kinds
