@@ -109,18 +109,22 @@ class LoRALinear(nn.Module):
         modules = self._modules
         base = modules["base_layer"]
         a, b = modules["lora_A"]._modules[name], modules["lora_B"]._modules[name]
-        a_weight = a.weight
+        # Parameters too, from their tables where the layer is a plain nn.Linear.
+        a_weight = a._parameters["weight"] if type(a) is nn.Linear else a.weight
         if type(base) is nn.Linear:
-            weight = base.weight
+            params = base._parameters
+            weight, bias = params["weight"], params["bias"]
             fusable = weight.dtype is a_weight.dtype
         else:
             fusable = isinstance(base, QuantLinear) and base.act_bits is None
-            weight = base.quantized_weight if fusable else None
+            weight = base.forward_weight() if fusable else None
+            bias = base.bias
         if fusable and a_weight.dtype is x.dtype:
             # Base GEMM (float or dequantized in registers) and low-rank update in one kernel.
             dropout = modules["lora_dropout"]._modules[name]
             p = dropout.p if self.training and isinstance(dropout, nn.Dropout) else 0.0
-            return lora_linear(x, weight, base.bias, a_weight, b.weight, self.scaling[name], p)
+            b_weight = b._parameters["weight"] if type(b) is nn.Linear else b.weight
+            return lora_linear(x, weight, bias, a_weight, b_weight, self.scaling[name], p)
         y = base(x)
         update = b(a(modules["lora_dropout"]._modules[name](x.to(a_weight.dtype))))
         return y + (update * self.scaling[name]).to(y.dtype)

@@ -160,15 +160,16 @@ def _check_bias_act(x: object, bias: object, activation: object) -> None:
 # is emptied when full, so its memory stays bounded whatever shapes come. While torch.compile
 # traces, nothing is looked up or kept (the graph would be guarded on the memo's contents).
 SIGNATURES_KEPT = 256
-_BIAS_ACT_PASSED: set[tuple] = set()
+_BIAS_ACT_PASSED: dict[tuple, object] = {}
 
 
-def remember(passed: set[tuple], key: tuple) -> None:
-    """Add ``key`` to the memo ``passed`` (emptied first when it holds
+def remember(passed: dict[tuple, object], key: tuple, value: object = True) -> None:
+    """Keep ``key`` in the memo ``passed`` with ``value`` (what the op derives from the
+    signature alone, when it has something to keep; the memo is emptied first when it holds
     :data:`SIGNATURES_KEPT`)."""
     if len(passed) >= SIGNATURES_KEPT:
         passed.clear()
-    passed.add(key)
+    passed[key] = value
 
 
 _KERNEL_MODULES: dict[str, object] = {}

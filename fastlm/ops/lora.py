@@ -93,16 +93,18 @@ def _lora_linear_call(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed):
                 lora_b.is_cpu or lora_b.device,
             )
         )
-        known = key is not None and key in _LORA_LINEAR_PASSED
+        # Whether the bias is absent or in x's dtype (F.linear takes it as it is).
+        plain_bias = None if key is None else _LORA_LINEAR_PASSED.get(key)
     except Exception:  # not a tensor, a 0-d x: the check words it
-        key, known = None, False
-    if not known:
+        key, plain_bias = None, None
+    if plain_bias is None:
         _check(x, weight, bias, lora_a, lora_b)
+        plain_bias = bias is None or bias.dtype is x.dtype
         if key is not None:
-            remember(_LORA_LINEAR_PASSED, key)
+            remember(_LORA_LINEAR_PASSED, key, plain_bias)
         x_cpu = x.is_cpu
     # A value, checked every call (NaN fails the comparison).
-    if type(scale) is not float or not -math.inf < scale < math.inf:
+    if type(scale) is not float or not -_INF < scale < _INF:
         scale = check_real("scale", scale)
     if type(dropout_p) is not float or dropout_p != 0.0 or seed is not None:
         seed = check_dropout(dropout_p, seed)
@@ -115,11 +117,8 @@ def _lora_linear_call(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed):
         if type(weight) is not Tensor and isinstance(weight, QuantizedWeight):
             weight = dequantize_weight(weight, x.dtype)
         # The bias may keep its own float dtype (see fastlm.ops.quant.linear).
-        if bias is None or bias.dtype is x.dtype:
-            base = torch._C._nn.linear(x, weight, bias)
-        else:
-            base = linear(x, weight, bias)
-        update = torch._C._nn.linear(torch._C._nn.linear(dropped, lora_a), lora_b)
+        base = _linear(x, weight, bias) if plain_bias else linear(x, weight, bias)
+        update = _linear(_linear(dropped, lora_a), lora_b)
         # base + scale * update, in place on the two fresh GEMM outputs: the same operations
         # (the same bits) without two more (M, N) tensors. Autograd allows it: a GEMM's
         # backward reads its inputs, never its output, and a sum's nothing.
@@ -128,7 +127,9 @@ def _lora_linear_call(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed):
 
 
 _lora_linear_under_autocast = autocast_policy(lower_precision=True)(_lora_linear_call)
-_LORA_LINEAR_PASSED: set[tuple] = set()
+_LORA_LINEAR_PASSED: dict[tuple, bool] = {}
+_linear = torch._C._nn.linear  # bound once: each attribute walk costs on every call
+_INF = math.inf
 _any_autocast = torch._C._is_any_autocast_enabled
 # Dynamo answers True while it traces (then no memo is read or kept: the graph would be
 # guarded on its contents); a plain call costs a tenth of torch.compiler.is_compiling's.

@@ -128,7 +128,7 @@ def _linear_act_call(x, weight, bias, activation, dropout_p, seed):
     if (x_cpu and forced_backend() is None) or backend.select(
         "linear_act", x, lambda: _gemm_support(x)
     ) == "torch":
-        y = torch._C._nn.linear(x, weight, bias)
+        y = _linear(x, weight, bias)
         y = _ACT[activation](y) if y.requires_grad else _ACT_INPLACE[activation](y)
         return seeded_dropout(y, dropout_p, seed) if dropout_p else y
     save = _saves(x, weight, bias)
@@ -177,12 +177,12 @@ def fused_mlp(
     _check_chain(fc1_weight, fc2_weight, fc2_bias, "fc1_weight", "fc2")
     seed = check_dropout(dropout_p, seed)
     if backend.select("fused_mlp", x, lambda: _gemm_support(x)) == "torch":
-        h = act_on_temporary(torch._C._nn.linear(x, fc1_weight, fc1_bias), activation)
+        h = act_on_temporary(_linear(x, fc1_weight, fc1_bias), activation)
         if not dropout_p:
-            return torch._C._nn.linear(h, fc2_weight, fc2_bias)
+            return _linear(h, fc2_weight, fc2_bias)
         h = seeded_dropout(h, dropout_p, seed)
         return seeded_dropout(
-            torch._C._nn.linear(h, fc2_weight, fc2_bias),
+            _linear(h, fc2_weight, fc2_bias),
             dropout_p,
             seed + _OUTPUT_DROPOUT_STREAM,
         )
@@ -269,29 +269,30 @@ def _gated_mlp_call(
         "gated_mlp", x, lambda: _gemm_support(x)
     ) == "torch":
         # _torch_gated, inline (a call layer is a visible share of a small MLP).
-        gate = torch._C._nn.linear(x, gate_weight, gate_bias)
-        up = torch._C._nn.linear(x, up_weight, up_bias)
+        gate = _linear(x, gate_weight, gate_bias)
+        up = _linear(x, up_weight, up_bias)
         if gate.requires_grad or up.requires_grad:
             h = _ACT[activation](gate) * up
         else:
             h = _ACT_INPLACE[activation](gate).mul_(up)
-        return torch._C._nn.linear(h, down_weight, down_bias)
+        return _linear(h, down_weight, down_bias)
     params = (gate_weight, up_weight, down_weight, gate_bias, up_bias, down_bias)
     return gated_mlp_op(x, *params, activation, _saves(x, *params))[0]
 
 
 _linear_act_under_autocast = autocast_policy(lower_precision=True)(_linear_act_call)
 _gated_mlp_under_autocast = autocast_policy(lower_precision=True)(_gated_mlp_call)
-_LINEAR_ACT_PASSED: set[tuple] = set()
-_GATED_MLP_PASSED: set[tuple] = set()
+_LINEAR_ACT_PASSED: dict[tuple, object] = {}
+_GATED_MLP_PASSED: dict[tuple, object] = {}
+_linear = torch._C._nn.linear  # bound once: each attribute walk costs on every call
 
 
 def _torch_gated(x, w_gate, w_up, activation, bias_gate, bias_up):
     """The torch backend of the gated product: :func:`gated_linear_ref`'s ops in its order,
     the activation and the product in place on the fresh GEMM outputs when autograd does not
     record them."""
-    gate = torch._C._nn.linear(x, w_gate, bias_gate)
-    up = torch._C._nn.linear(x, w_up, bias_up)
+    gate = _linear(x, w_gate, bias_gate)
+    up = _linear(x, w_up, bias_up)
     if gate.requires_grad or up.requires_grad:
         return _ACT[activation](gate) * up
     return _ACT_INPLACE[activation](gate).mul_(up)

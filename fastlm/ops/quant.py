@@ -42,8 +42,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """``F.linear`` in x's dtype, with a bias of any float dtype: a quantized layer keeps its
     bias in the dtype it was trained in (``QuantLinear``), which ``F.linear`` refuses."""
     if bias is None or bias.dtype is x.dtype:
-        return torch._C._nn.linear(x, weight, bias)
-    return (torch._C._nn.linear(x, weight) + bias).to(x.dtype)
+        return _linear(x, weight, bias)
+    return (_linear(x, weight) + bias).to(x.dtype)
 
 
 def quantize_rows_ref(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -111,7 +111,7 @@ def _quant_matmul_call(x: Tensor, qw: QuantizedWeight, bias: Tensor | None) -> T
     ) == "torch":
         w = dequantize_weight(qw, x.dtype)
         if bias is None or bias.dtype is x.dtype:  # linear(), inline
-            return torch._C._nn.linear(x, w, bias)
+            return _linear(x, w, bias)
         return linear(x, w, bias)
     n, _ = qw.shape
     return quant_matmul_op(
@@ -133,6 +133,7 @@ def _quant_matmul_call(x: Tensor, qw: QuantizedWeight, bias: Tensor | None) -> T
 
 _quant_matmul_under_autocast = autocast_policy(lower_precision=True)(_quant_matmul_call)
 _any_autocast = torch._C._is_any_autocast_enabled
+_linear = torch._C._nn.linear  # bound once: each attribute walk costs on every call
 
 
 @autocast_policy(lower_precision=True)

@@ -146,3 +146,30 @@ def test_bad_arguments():
         quantize_(nn.Sequential(nn.Linear(128, 8)), scheme="fp8")
     with pytest.raises(TypeError, match="not a str"):
         quantize_(nn.Sequential(nn.Linear(128, 8)), exclude="lm_head")
+
+
+def test_forward_rebuilds_its_kept_weight_when_a_buffer_is_replaced():
+    """forward keeps the QuantizedWeight it builds from the buffers; a buffer replaced (by
+    assignment, load_state_dict(assign=True), .to()) or written in place shows in the next
+    call, as the plain op on the layer's current quantized_weight gives it."""
+    layer = QuantLinear.from_linear(nn.Linear(32, 8), bits=8)
+    x = torch.randn(3, 32)
+
+    def want():
+        return fastlm.ops.quant_matmul(x, layer.quantized_weight, layer.bias)
+
+    assert_equal(layer(x), want())
+    layer.scales = layer.scales * 2  # a new tensor in the buffer table
+    assert_equal(layer(x), want())
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    state["qweight"] = -state["qweight"]
+    layer.load_state_dict(state, assign=True)
+    assert_equal(layer(x), want())
+    with torch.no_grad():
+        layer.scales.mul_(0.5)  # in place: the kept weight holds the same tensor
+    assert_equal(layer(x), want())
+    layer.double()
+    assert layer(x.double()).dtype == torch.float64
+    assert_equal(
+        layer(x.double()), fastlm.ops.quant_matmul(x.double(), layer.quantized_weight, layer.bias)
+    )
