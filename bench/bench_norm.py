@@ -104,7 +104,9 @@ def providers(rms: bool, n: int, device: torch.device, dtype: torch.dtype, quick
         found["fastlm-triton"] = Provider(_fastlm(rms, n, w, b), params, "triton")
     if on_gpu and backend.cuda_extension_error() is None:
         found["fastlm-cuda"] = Provider(_fastlm(rms, n, w, b), params, "cuda")
-    found["fastlm-torch"] = Provider(_fastlm(rms, n, w, b), params, "torch")
+    # On a CPU the torch backend is the automatic choice: forcing it would time use_backend's
+    # name check, which the plain PyTorch provider does not pay.
+    found["fastlm-torch"] = Provider(_fastlm(rms, n, w, b), params, "torch" if on_gpu else None)
     found["torch"] = Provider(_unfused(eager), params)
     # Inductor's CPU code is a C++ build per shape, tens of seconds: too slow for quick mode.
     if on_gpu or not quick:

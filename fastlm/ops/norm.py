@@ -19,7 +19,11 @@ from fastlm.ops._common import (
     FLOAT32_AND_HALF_DTYPES,
     EagerOp,
     SupportCheck,
+    _dispatch_modes,
     _dispatcher_needed,
+    _functorch_active,
+    _grad_enabled,
+    _is_compiling,
     absent,
     as_rows,
     dtype_error,
@@ -249,7 +253,9 @@ def _norm(x, normalized_shape, weight, bias, eps, residual, out_dtype, rms):
             s_dtype = torch.promote_types(s_dtype, r_dtype)
     if eps is None:
         eps = _DEFAULT_RMS_EPS[s_dtype]  # default_rms_eps(), for the contract's dtypes
-    elif type(eps) is not float or not 0.0 <= eps < math.inf:
+    # A literal bound, not math.inf: no global to read (nor for torch.compile to guard on); a
+    # larger eps, inf or NaN takes check_real's exact test.
+    elif type(eps) is not float or not 0.0 <= eps < 1e300:
         eps = check_real("eps", eps)
         if eps < 0:
             raise ValueError(f"eps must be >= 0, got {eps}")
@@ -257,7 +263,25 @@ def _norm(x, normalized_shape, weight, bias, eps, residual, out_dtype, rms):
         out_dtype = s_dtype
     elif not isinstance(out_dtype, torch.dtype) or out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"out_dtype must be a floating-point dtype, got {out_dtype}")
-    if x_cpu and backend.forced_backend() is None:  # what select() answers, without its call
+    # What select() answers, without its call: the torch backend serves every call that passed
+    # the contract, forced or chosen (the automatic choice on CPU tensors).
+    forced = backend.forced_backend()
+    if forced is None and x_cpu or forced == "torch":
+        if (
+            residual is None
+            and out_dtype is s_dtype
+            and (weight is None or weight.dtype is s_dtype)
+            and (bias is None or bias.dtype is s_dtype)
+        ):
+            # _torch_norm's plain case (nothing to add or cast) without its call and re-reads.
+            if not rms:
+                return torch.layer_norm(x, shape, weight, bias, eps)
+            if x.numel() < _FUNCTION_MIN_NUMEL:
+                if _grad_enabled() and (
+                    x.requires_grad or (weight is not None and weight.requires_grad)
+                ):
+                    return torch.rms_norm(x, shape, weight, eps)  # it records its own backward
+                return _small_rms_norm(x, shape, weight, eps)
         return _torch_norm(x, shape, weight, bias, eps, residual, out_dtype, rms)
     name = backend.select(
         "rms_norm" if rms else "layer_norm",
@@ -304,7 +328,10 @@ def _torch_norm(x, shape, weight, bias, eps, residual, out_dtype, rms):
             eps,
         )
     elif xs.numel() < _FUNCTION_MIN_NUMEL:
-        y = _small_rms_norm(xs, shape, w, eps)
+        if _grad_enabled() and (xs.requires_grad or (w is not None and w.requires_grad)):
+            y = torch.rms_norm(xs, shape, w, eps)  # it records its own backward
+        else:
+            y = _small_rms_norm(xs, shape, w, eps)
     elif not _composable(xs, w):
         y = torch.rms_norm(xs, shape, w, eps)
     elif torch.is_grad_enabled() and (xs.requires_grad or (w is not None and w.requires_grad)):
@@ -340,21 +367,18 @@ _fused_rms_norm = getattr(torch, "_fused_rms_norm", None)
 
 
 def _small_rms_norm(xs, shape, w, eps):
-    """``torch.rms_norm(xs, shape, w, eps)``: on a small tensor its repeated checks cost a
-    microsecond, so plain eager CPU calls that need no autograd and that it would send to
-    ``_fused_rms_norm`` go there directly (same op, same bits)."""
+    """``torch.rms_norm(xs, shape, w, eps)`` for a call that needs no autograd: on a small
+    tensor its repeated checks cost a microsecond, so plain eager CPU calls that it would send
+    to ``_fused_rms_norm`` go there directly (same op, same bits)."""
     if (
         _fused_rms_norm is not None
+        and type(xs) is Tensor
         and xs.is_cpu
         and (w is None or w.dtype is xs.dtype)
-        and type(xs) is Tensor
         and xs.is_contiguous()  # (a channels-last input takes another path)
-        and not (
-            torch.is_grad_enabled() and (xs.requires_grad or (w is not None and w.requires_grad))
-        )
-        and not torch.compiler.is_compiling()
-        and not torch._C._len_torch_dispatch_stack()
-        and not torch._C._are_functorch_transforms_active()
+        and not _is_compiling()
+        and not _dispatch_modes()
+        and not _functorch_active()
     ):
         return _fused_rms_norm(xs, shape, w, eps)[0]
     return torch.rms_norm(xs, shape, w, eps)
