@@ -140,6 +140,8 @@ class QuantLinear(nn.Module):
         same tensors (``.to()``, ``load_state_dict(assign=True)`` or an assignment replace
         them, and the next call builds it again): building it costs about a microsecond,
         as much as a small layer's matmul. Not for callers that modify what they get."""
+        if torch.compiler.is_dynamo_compiling():  # a traced graph neither reads nor keeps it
+            return self.quantized_weight
         buffers = self._buffers
         qw = self._forward_weight
         if (
@@ -150,9 +152,7 @@ class QuantLinear(nn.Module):
             or qw.scales2 is not buffers.get("scales2")
             or qw.scales_mean is not buffers.get("scales_mean")
         ):
-            qw = self.quantized_weight
-            if not torch.compiler.is_dynamo_compiling():  # a traced graph keeps no state
-                self._forward_weight = qw
+            qw = self._forward_weight = self.quantized_weight
         return qw
 
     def forward(self, x: Tensor) -> Tensor:
