@@ -171,17 +171,18 @@ MAX_HEAD_DIM = 256  # flash-attn's limit, and the Triton kernels'
 # repeats a few signatures. Only passes are recorded (a failing signature raises, with the
 # same message, every time) and never while torch.compile traces (its guards fix the
 # metadata anyway). Bounded: a full memo is emptied first.
-_PASSED_QKV: dict[tuple, bool] = {}  # flash_attention's q, k, v
-_PASSED_SDPA: dict[tuple, bool] = {}  # scaled_dot_product_attention's, without a mask
+_PASSED_QKV: dict[tuple, str] = {}  # flash_attention's q, k, v -> its _nan_probe
+_PASSED_SDPA: dict[tuple, str] = {}  # scaled_dot_product_attention's, no mask -> same
 _MAX_SIGNATURES = 64
 _is_compiling = torch.compiler.is_compiling
 
 
-def _remember(memo: dict[tuple, bool], signature: tuple) -> None:
-    """Record ``signature`` as one that passed the checks ``memo`` stands for."""
+def _remember(memo: dict[tuple, object], signature: tuple, derived: object = True) -> None:
+    """Record ``signature`` as one that passed the checks ``memo`` stands for (with what the
+    checks ``derived`` from it, when a caller keeps that)."""
     if len(memo) >= _MAX_SIGNATURES:
         memo.clear()
-    memo[signature] = True
+    memo[signature] = derived
 
 
 def flash_attention(
@@ -252,19 +253,24 @@ def flash_attention(
             return_attn_probs,
             deterministic,
         )
-    # The contract's metadata checks run once per signature (see _PASSED_QKV).
+    # The contract's metadata checks run once per signature (see _PASSED_QKV), which also
+    # keeps how the torch backend's SDPA call restores NaN rows (see _nan_probe).
     compiling = _is_compiling()
-    try:
-        qs, ks = q.shape, k.shape
-        where = (q.is_cpu and k.is_cpu and v.is_cpu) or (q.device, k.device, v.device)
-        signature = (qs, ks, v.shape, q.dtype, k.dtype, v.dtype, where)
-    except AttributeError:  # not tensors: the checks name the argument
-        signature = None
-    if compiling or signature not in _PASSED_QKV:
+    probe = signature = None
+    if not compiling:
+        try:
+            qs, ks = q.shape, k.shape
+            where = (q.is_cpu and k.is_cpu and v.is_cpu) or (q.device, k.device, v.device)
+            signature = (qs, ks, v.shape, q.dtype, k.dtype, v.dtype, where, type(q))
+        except AttributeError:  # not tensors: the checks name the argument
+            signature = None
+        probe = _PASSED_QKV.get(signature)
+    if probe is None:
         _check_qkv(q, k, v, packed=False)
         qs, ks = q.shape, k.shape
-        if signature is not None and not compiling:
-            _remember(_PASSED_QKV, signature)
+        probe = _nan_probe(q, ks[1], False, compiling)
+        if signature is not None:
+            _remember(_PASSED_QKV, signature, probe)
     if (
         attn_bias is None
         and alibi_slopes is None
@@ -284,7 +290,7 @@ def flash_attention(
         if forced == "torch" or (forced is None and not q.is_cuda):
             if softmax_scale is not None:
                 _check_scale(softmax_scale, 1)
-            return _torch_plain_sdpa(q, k, v, causal, softmax_scale, compiling, qs, ks)
+            return _torch_plain_sdpa(q, k, v, causal, softmax_scale, probe, qs, ks)
     qs = q.shape
     bias = None
     if attn_bias is not None:
@@ -304,7 +310,7 @@ def flash_attention(
         else:
             plain = False
         if plain:
-            out = _torch_plain_sdpa(q, k, v, causal, softmax_scale, _is_compiling(), qs, k.shape)
+            out = _torch_plain_sdpa(q, k, v, causal, softmax_scale, probe, qs, k.shape)
             lse = probs = None
         else:
             out, lse, probs = _torch_dense(
@@ -443,11 +449,11 @@ def scaled_dot_product_attention(
         )
     # Without a mask the contract's metadata checks run once per signature (see
     # _PASSED_SDPA; enable_gqa is True only loosens them); dropout_p and scale every call.
+    # The memo also keeps how the NaN rows are restored (_nan_probe) for that signature.
     compiling = _is_compiling()
-    signature = None
-    if attn_mask is None:
+    probe = signature = None
+    if attn_mask is None and not compiling:
         try:
-            seqlen_k = key.shape[-2]
             where = (query.is_cpu and key.is_cpu and value.is_cpu) or (
                 query.device,
                 key.device,
@@ -461,16 +467,18 @@ def scaled_dot_product_attention(
                 key.dtype,
                 value.dtype,
                 where,
+                type(query),
                 enable_gqa is True,
             )
-        except (AttributeError, IndexError):  # the checks name what is wrong
+        except AttributeError:  # not tensors: the checks name the argument
             signature = None
+        probe = _PASSED_SDPA.get(signature)
     plain = type(dropout_p) is float and dropout_p == 0.0 and scale is None
-    if compiling or signature not in _PASSED_SDPA:
+    if probe is None:
         _check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-        seqlen_k = key.shape[-2]
-        if signature is not None and not compiling:
-            _remember(_PASSED_SDPA, signature)
+        probe = _nan_probe(query, key.shape[-2], attn_mask is not None, compiling)
+        if signature is not None:
+            _remember(_PASSED_SDPA, signature, probe)
     elif not plain:
         # _check_sdpa's value checks, in its order.
         check_dropout(dropout_p, 0)
@@ -500,18 +508,10 @@ def scaled_dot_product_attention(
             )
         # PyTorch's fused CPU kernel drops a NaN query row to zeros; its math path, and the
         # reference, give NaN. With S > 0 every row sees a key (top-left causal included).
-        if attn_mask is not None:
-            lost = seqlen_k > 0 and _may_hold_nan(query)
-        elif (
-            0 < seqlen_k < NAN_SAFE_KEYS
-            and not compiling
-            and type(query) is Tensor
-            and query.is_cpu
-            and query.numel() <= _EQUAL_PROBE
-        ):
-            lost = not torch.equal(query, query)  # _nan_rows_lost's answer, inlined
+        if probe is _EQUAL:
+            lost = not torch.equal(query, query)  # (see _may_hold_nan)
         else:
-            lost = _nan_rows_lost(query, seqlen_k, compiling)
+            lost = probe is _PROBE and _may_hold_nan(query)
         if lost:
             out = out.masked_fill(query.isnan().any(-1, keepdim=True), math.nan)
         return out
@@ -1433,12 +1433,12 @@ def _torch_dense(
     return out, None, None
 
 
-def _torch_plain_sdpa(q: Tensor, k: Tensor, v: Tensor, causal, scale, compiling, qs, ks) -> Tensor:
+def _torch_plain_sdpa(q: Tensor, k: Tensor, v: Tensor, causal, scale, probe, qs, ks) -> Tensor:
     """:func:`_torch_sdpa` without masks, bias or dropout: the SDPA call a user writes, with
     only the arguments that differ from SDPA's defaults (each one passed costs SDPA's
     argument parser time; a default scale is SDPA's own 1/sqrt(D), the same double).
-    ``compiling``: what ``torch.compiler.is_compiling()`` answered for this call; qs, ks:
-    q's and k's shapes (read by the caller already)."""
+    ``probe``: how NaN rows are restored (see :func:`_nan_probe`); qs, ks: q's and k's
+    shapes (read by the caller already)."""
     if causal and qs[1] != ks[1]:  # bottom-right causal: a mask
         return _torch_sdpa(
             q, k, v, causal, _check_scale(scale, qs[3]), UNBOUNDED, 0.0, 0, None, None
@@ -1453,16 +1453,26 @@ def _torch_plain_sdpa(q: Tensor, k: Tensor, v: Tensor, causal, scale, compiling,
     else:
         out = F.scaled_dot_product_attention(qt, kt, vt)
     out = out.transpose(1, 2)
-    # Every row sees a key: NaN rows as the reference's (see _nan_rows_lost, inlined: the
-    # call would cost a fifth of the overhead this path is allowed).
-    seqlen_k = ks[1]
-    if 0 < seqlen_k < NAN_SAFE_KEYS and not compiling and type(q) is Tensor and q.is_cpu:
-        lost = not torch.equal(q, q) if q.numel() <= _EQUAL_PROBE else _may_hold_nan(q)
-    else:
-        lost = _nan_rows_lost(q, seqlen_k, compiling)
-    if lost:
+    # Every row sees a key: NaN rows as the reference's (torch.equal: see _may_hold_nan).
+    if not torch.equal(q, q) if probe is _EQUAL else probe is _PROBE and _may_hold_nan(q):
         out = out.masked_fill(q.isnan().any(-1, keepdim=True), math.nan)
     return out
+
+
+# How SDPA's NaN rows are restored for a signature (see _nan_probe).
+_EQUAL, _PROBE, _NONE = "equal", "probe", "none"
+
+
+def _nan_probe(q: Tensor, seqlen_k: int, masked: bool, compiling: bool) -> str:
+    """How to find whether SDPA dropped a NaN query row of ``q`` (against ``seqlen_k`` keys),
+    from the metadata: ``_EQUAL`` (``not torch.equal(q, q)``: a small plain CPU query, not
+    traced), ``_PROBE`` (:func:`_may_hold_nan`) or ``_NONE`` (no row lost: no key, or a
+    fused CPU kernel that keeps NaN rows). ``masked``: with a mask (any row may be lost)."""
+    if seqlen_k < 1 or (not masked and seqlen_k >= NAN_SAFE_KEYS and q.is_cpu):
+        return _NONE
+    if masked or compiling or type(q) is not Tensor or not q.is_cpu or q.numel() > _EQUAL_PROBE:
+        return _PROBE
+    return _EQUAL
 
 
 def _nan_rows_lost(q: Tensor, seqlen_k: int, compiling: bool) -> bool:

@@ -15,7 +15,9 @@ from torch import Tensor
 from fastlm import backend
 from fastlm.ops._common import HALF_DTYPES, EagerOp, supports
 from fastlm.ops.attention import (
+    _EQUAL_PROBE,
     MAX_HEAD_DIM,
+    NAN_SAFE_KEYS,
     _any_autocast,
     _check_alibi,
     _check_head_dim,
@@ -235,8 +237,7 @@ def _plain_step(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, softma
     checked = _decode_step(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale)
     if checked is None:
         return None
-    scale, (fewest, most) = checked
-    seqlen_q, n_new = q.shape[1], k_new.shape[1]
+    scale, (fewest, most), (seqlen_q, n_new, grouped, small_q) = checked
     if fewest != most or fewest < seqlen_q or (causal and seqlen_q > 1):
         return None  # a mask is needed: the general path
     k_cache.narrow(1, most - n_new, n_new).copy_(k_new)
@@ -244,16 +245,20 @@ def _plain_step(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, softma
     qt = q.transpose(1, 2)
     kt = k_cache.narrow(1, 0, most).transpose(1, 2)
     vt = v_cache.narrow(1, 0, most).transpose(1, 2)
-    if softmax_scale is None and q.shape[2] == k_cache.shape[2]:
+    if softmax_scale is None and not grouped:
         # SDPA's defaults (its scale is the same double): each argument passed costs its
         # parser time.
         out = F.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2)
     else:
-        out = F.scaled_dot_product_attention(
-            qt, kt, vt, scale=scale, enable_gqa=q.shape[2] != k_cache.shape[2]
-        ).transpose(1, 2)
+        out = F.scaled_dot_product_attention(qt, kt, vt, scale=scale, enable_gqa=grouped).transpose(
+            1, 2
+        )
     # Every row sees a key: a NaN query row gives NaN.
-    if _nan_rows_lost(q, most, False):  # (_decode_step answers only when not compiling)
+    if most < NAN_SAFE_KEYS and small_q:  # (CPU tensors, not traced: see _decode_step)
+        lost = not torch.equal(q, q)  # (see fastlm.ops.attention._may_hold_nan)
+    else:
+        lost = _nan_rows_lost(q, most, False)
+    if lost:
         out.masked_fill_(q.isnan().any(-1, keepdim=True), math.nan)
     return out
 
@@ -568,7 +573,7 @@ def _check_kvcache(
 ) -> tuple[float, int]:
     """The contract of :func:`attention_with_kvcache`; returns the softmax scale and bounds
     (fewest, most) on the rows' key counts ``L_b``: their minimum and maximum when the
-    lengths can be read, else (0, the cache's capacity)."""
+    lengths can be read, else (the new keys' count, the cache's capacity)."""
     if (
         k_new is not None
         and block_table is None
@@ -582,7 +587,7 @@ def _check_kvcache(
         step = _decode_step(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale)
         if step is not None:
             _check_softcap(softcap)
-            return step
+            return step[:2]
     for name, t in (
         ()
         if _plain_tensors(q, k_cache, v_cache, k_new, v_new)
@@ -671,7 +676,9 @@ def _check_kvcache(
     else:
         readable = values_readable(cache_seqlens, cache_batch_idx, cache_leftpad, block_table)
     if not (batch and readable):
-        return scale, (0, capacity)
+        # Unread lengths (a traced call): every row still has its n_new appended keys, so
+        # with n_new >= Sq no row sees nothing and the torch backend skips that fill.
+        return scale, (n_new if batch else 0, capacity)
     room = (block_table, cache_shape[1], capacity)
     # Every value check in one device-to-host copy: (min, max) pairs.
     if only_lengths and rotary_cos is None:
@@ -757,15 +764,16 @@ def _check_rows(name, t, q) -> None:
 # The signatures (shapes, dtypes, all on the CPU) of the tensors of decode steps that passed
 # _decode_step's metadata checks (see fastlm.ops.attention._PASSED_QKV): the checks cost
 # as much again as a small step's attention, and a generation loop repeats one signature.
-_PASSED_STEPS: dict[tuple, bool] = {}
+# -> (Sq, Sq_new, grouped, q small enough to probe inline, capacity, default scale)
+_PASSED_STEPS: dict[tuple, tuple] = {}
 
 
 def _decode_step(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale):
     """The contract's answer for a decode step's usual call (CPU tensors, an append, lengths
     only), read from the tensors' flags and shapes with as few calls as the checks allow:
-    ``(scale, key_range)`` when every check passes, None when one may fail (the full check
-    then runs, and names the error). The metadata checks run once per signature; the
-    scale and the lengths (values) every call."""
+    ``(scale, key_range, (Sq, Sq_new, grouped, small_q))`` when every check passes, None when one
+    may fail (the full check then runs, and names the error). The metadata checks run once
+    per signature; the scale and the lengths (values) every call."""
     if _is_compiling():
         return None
     try:
@@ -789,24 +797,27 @@ def _decode_step(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale
             and k_new.is_cpu
             and v_new.is_cpu
             and cache_seqlens.is_cpu,
+            type(q),
         )
     except AttributeError:  # not tensors: the full check names the argument
         return None
-    if signature not in _PASSED_STEPS:
+    shapes = _PASSED_STEPS.get(signature)
+    if shapes is None:
         if not _step_metadata_passes(q, k_cache, v_cache, cache_seqlens, k_new, v_new):
             return None
-        _remember(_PASSED_STEPS, signature)
-    if softmax_scale is None:
-        scale = 1.0 / math.sqrt(qs[3])
-    elif type(softmax_scale) is float and math.isfinite(softmax_scale):
+        small_q = type(q) is Tensor and q.numel() <= _EQUAL_PROBE  # probed inline for NaN
+        shapes = (qs[1], ns[1], qs[2] != cs[2], small_q, cs[1], 1.0 / math.sqrt(qs[3]))
+        _remember(_PASSED_STEPS, signature, shapes)
+    seqlen_q, n_new, grouped, small_q, capacity, scale = shapes
+    if softmax_scale is not None:
+        if type(softmax_scale) is not float or not math.isfinite(softmax_scale):
+            return None
         scale = softmax_scale
-    else:
-        return None
     lengths = cache_seqlens.tolist()
-    low, high, n_new = min(lengths), max(lengths), ns[1]
-    if low < 0 or high + n_new > cs[1]:
+    low, high = min(lengths), max(lengths)
+    if low < 0 or high + n_new > capacity:
         return None
-    return scale, (low + n_new, high + n_new)
+    return scale, (low + n_new, high + n_new), (seqlen_q, n_new, grouped, small_q)
 
 
 def _step_metadata_passes(q, k_cache, v_cache, cache_seqlens, k_new, v_new) -> bool:
