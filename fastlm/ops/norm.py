@@ -277,10 +277,6 @@ def _norm(x, normalized_shape, weight, bias, eps, residual, out_dtype, rms):
             if not rms:
                 return torch.layer_norm(x, shape, weight, bias, eps)
             if x.numel() < _FUNCTION_MIN_NUMEL:
-                if _grad_enabled() and (
-                    x.requires_grad or (weight is not None and weight.requires_grad)
-                ):
-                    return torch.rms_norm(x, shape, weight, eps)  # it records its own backward
                 return _small_rms_norm(x, shape, weight, eps)
         return _torch_norm(x, shape, weight, bias, eps, residual, out_dtype, rms)
     name = backend.select(
@@ -328,10 +324,7 @@ def _torch_norm(x, shape, weight, bias, eps, residual, out_dtype, rms):
             eps,
         )
     elif xs.numel() < _FUNCTION_MIN_NUMEL:
-        if _grad_enabled() and (xs.requires_grad or (w is not None and w.requires_grad)):
-            y = torch.rms_norm(xs, shape, w, eps)  # it records its own backward
-        else:
-            y = _small_rms_norm(xs, shape, w, eps)
+        y = _small_rms_norm(xs, shape, w, eps)
     elif not _composable(xs, w):
         y = torch.rms_norm(xs, shape, w, eps)
     elif torch.is_grad_enabled() and (xs.requires_grad or (w is not None and w.requires_grad)):
@@ -366,10 +359,22 @@ _OPMATH = (torch.float32, torch.float64)  # the dtypes PyTorch's RMSNorm compute
 _fused_rms_norm = getattr(torch, "_fused_rms_norm", None)
 
 
+# Whether _fused_rms_norm reaches autograd on CPU through its decomposition (no autograd kernel
+# of its own; so in torch 2.11 to 2.14): then under autograd it records the ops torch.rms_norm
+# records, and calls that need grad can take it too (same graph, same bits, double backward).
+_FUSED_DECOMPOSES = (
+    _fused_rms_norm is not None
+    and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "aten::_fused_rms_norm", "CompositeImplicitAutograd"
+    )
+    and not torch._C._dispatch_has_kernel_for_dispatch_key("aten::_fused_rms_norm", "AutogradCPU")
+)
+
+
 def _small_rms_norm(xs, shape, w, eps):
-    """``torch.rms_norm(xs, shape, w, eps)`` for a call that needs no autograd: on a small
-    tensor its repeated checks cost a microsecond, so plain eager CPU calls that it would send
-    to ``_fused_rms_norm`` go there directly (same op, same bits)."""
+    """``torch.rms_norm(xs, shape, w, eps)``: on a small tensor its repeated checks cost a
+    microsecond, so plain eager CPU calls that it would send to ``_fused_rms_norm``, or that
+    record the same ops through it under autograd, go there directly (same op, same bits)."""
     if (
         _fused_rms_norm is not None
         and type(xs) is Tensor
@@ -379,6 +384,10 @@ def _small_rms_norm(xs, shape, w, eps):
         and not _is_compiling()
         and not _dispatch_modes()
         and not _functorch_active()
+        and (
+            _FUSED_DECOMPOSES
+            or not (_grad_enabled() and (xs.requires_grad or (w is not None and w.requires_grad)))
+        )
     ):
         return _fused_rms_norm(xs, shape, w, eps)[0]
     return torch.rms_norm(xs, shape, w, eps)

@@ -324,13 +324,35 @@ def test_small_rms_norm_is_bit_identical_through_either_entry(fused_entry, dtype
                 assert_equal(ops.rms_norm(x, 37, w, 1e-6), F.rms_norm(x, (37,), w, 1e-6), "y")
                 expected_fused += fused
                 assert len(fused_entry) == expected_fused
-                # Under autograd torch.rms_norm, which records its own backward.
+                # Under autograd: the fused entry where it records torch.rms_norm's own ops.
                 xg = x.clone().requires_grad_()
                 y = ops.rms_norm(xg, 37, w, 1e-6)
                 assert_equal(y, F.rms_norm(x, (37,), w, 1e-6), "y")
-                expected_fused += fused and not grad
+                expected_fused += fused and (not grad or norm_ops._FUSED_DECOMPOSES)
                 assert len(fused_entry) == expected_fused
                 assert y.requires_grad == grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_small_rms_norm_under_autograd_gives_torch_gradients(fused_entry, dtype):
+    """The fused entry under autograd (a module's weight needs grad): the same gradients and
+    second derivatives as F.rms_norm's, bit for bit (the same ops recorded)."""
+    x = 4 * torch.randn(3, 5, 37, dtype=dtype)
+    w = torch.randn(37, dtype=dtype)
+    dy = torch.randn_like(x)
+    grads = []
+    for norm in (
+        lambda x, w: ops.rms_norm(x, 37, w, 1e-6),
+        lambda x, w: F.rms_norm(x, (37,), w, 1e-6),
+    ):
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = norm(xg, wg)
+        dx, dw = torch.autograd.grad(y, (xg, wg), dy, create_graph=True)
+        (ddw,) = torch.autograd.grad((dx * dy).sum(), wg)
+        grads.append((y, dx, dw, ddw))
+    assert len(fused_entry) == int(norm_ops._FUSED_DECOMPOSES)
+    for name, got, want in zip(("y", "dx", "dw", "d(dx.dy)/dw"), *grads, strict=True):
+        assert_equal(got, want, name, "the same ops recorded")
 
 
 def test_small_rms_norm_under_vmap_and_a_strided_input(fused_entry):
