@@ -121,7 +121,6 @@ def cross_entropy_ref(
 # Looked up once: each attribute walk through torch costs on every call of a small loss.
 _any_autocast = torch._C._is_any_autocast_enabled
 _is_compiling = torch.compiler.is_compiling
-_get_num_threads = torch.get_num_threads
 _forced_backend = backend.forced_backend
 # F.cross_entropy's native op and F.linear, without F.cross_entropy's Python wrapper.
 _native_cross_entropy = torch._C._nn.cross_entropy_loss
@@ -218,6 +217,30 @@ def cross_entropy(
         plan = _ce_tensors(logits, target)
         if key is not None:
             _remember(_ce_plans, key, plan)
+    if (
+        plan[1]
+        and weight is None
+        and softcap is None
+        and return_z_loss is False
+        and return_token_accuracy is False
+    ):
+        # The common call on the CPU, as _cross_entropy runs it, without its call: the rest
+        # of the contract is the options, then F.cross_entropy's native op.
+        _check_options(ignore_index, label_smoothing, reduction, z_loss)
+        forced = _forced_backend()
+        if not z_loss and (forced is None or forced == "torch"):
+            try:
+                return _native_cross_entropy(
+                    logits,
+                    target if plan[2] else target.long(),
+                    None,
+                    _REDUCTION_ENUM[reduction],
+                    ignore_index,
+                    label_smoothing,
+                )
+            except IndexError:
+                _check_classes(target, plan[0], ignore_index)
+                raise
     return _cross_entropy(
         plan,
         logits,
@@ -398,7 +421,7 @@ def linear_cross_entropy(
             )
     else:
         try:
-            # As cross_entropy's; the thread count sets the CPU's default chunk size.
+            # As cross_entropy's.
             key = (
                 type(hidden),
                 type(weight),
@@ -413,7 +436,6 @@ def linear_cross_entropy(
                 target.dtype,
                 target.is_cpu or target.device,
                 None if bias is None else (type(bias), bias.size(), bias.dtype, bias.device),
-                _get_num_threads(),
             )
             plan = _linear_plans.get(key)
         except (AttributeError, TypeError):  # not tensors: the checks say which
@@ -422,6 +444,32 @@ def linear_cross_entropy(
         plan = _linear_tensors(hidden, weight, bias, target)
         if key is not None:
             _remember(_linear_plans, key, plan)
+    if (
+        plan[-1]
+        and chunk_size is None
+        and out_dtype is None
+        and ce_weight is None
+        and softcap is None
+        and return_z_loss is False
+        and return_token_accuracy is False
+    ):
+        # The common call on the CPU, as _linear_cross_entropy runs it, without its call: the
+        # rest of the contract is the options, then F.linear and F.cross_entropy's native op.
+        _check_options(ignore_index, label_smoothing, reduction, z_loss)
+        forced = _forced_backend()
+        if not z_loss and (forced is None or forced == "torch"):
+            try:
+                return _native_cross_entropy(
+                    _native_linear(hidden, weight, bias),
+                    target if plan[-2] else target.long(),
+                    None,
+                    _REDUCTION_ENUM[reduction],
+                    ignore_index,
+                    label_smoothing,
+                )
+            except IndexError:
+                _check_classes(target, plan[2], ignore_index)
+                raise
     return _linear_cross_entropy(
         plan,
         hidden,
@@ -451,7 +499,8 @@ def _linear_cross_entropy_autocast(hidden, weight, target, bias, *args):
 def _linear_tensors(hidden, weight, bias, target) -> tuple:
     """The checks of the tensors but the target's values: what a call's tensor signature
     decides. Returns ``(N, H, V, hidden on the CPU, hidden's dtype, the default chunk
-    size, target int64)``."""
+    size off the CPU, target int64, whether the CPU's torch path may run the native pair by
+    default: one chunk of fp32/fp64 rows)``."""
     check_float("hidden", hidden)
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be 2-D (N, H), got shape {tuple(hidden.shape)}")
@@ -473,8 +522,12 @@ def _linear_tensors(hidden, weight, bias, target) -> tuple:
     cpu = hidden.is_cpu
     n, h = hidden.shape
     target_dtype = _check_target(target, n, hidden, "logits", cpu)
-    chunk = cpu_chunk_size(n, h, v, _threads()) if cpu else default_chunk_size(n, h, v)
-    return n, h, v, cpu, hidden.dtype, chunk, target_dtype is torch.int64
+    dtype = hidden.dtype
+    # The CPU's default chunk follows the thread count (read per call); one thread gives the
+    # fewest rows, so rows that fit it fit one default chunk at any count.
+    chunk = None if cpu else default_chunk_size(n, h, v)
+    native = cpu and dtype in _FULL_PRECISION and n <= cpu_chunk_size(n, h, v, 1)
+    return n, h, v, cpu, dtype, chunk, target_dtype is torch.int64, native
 
 
 def _linear_cross_entropy(
@@ -496,7 +549,7 @@ def _linear_cross_entropy(
 ) -> Tensor | CrossEntropyOutput:
     """:func:`linear_cross_entropy` once its tensors passed their checks (``plan``:
     :func:`_linear_tensors`'): the rest of the contract, in its order, then the loss."""
-    n, h, v, cpu, dtype, default_chunk, target_long = plan
+    n, h, v, cpu, dtype, default_chunk, target_long, _ = plan
     _check_options(ignore_index, label_smoothing, reduction, z_loss)
     # The target's classes come next in the contract. The CPU's torch path may leave them
     # to the native op's bounds check (see below), so a later argument's error checks them
@@ -513,7 +566,7 @@ def _linear_cross_entropy(
             _check_flags(return_z_loss, return_token_accuracy)
         unfused = False
         if chunk_size is None:
-            chunk_size = default_chunk
+            chunk_size = default_chunk or cpu_chunk_size(n, h, v, _threads())
             # All rows fit one chunk: chunking saves no memory, and the unfused pair in
             # PyTorch's own ops (and autograd) costs a few microseconds where the fused
             # path's buffers and in-forward gradients cost a hundred on small calls.
