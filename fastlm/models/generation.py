@@ -349,9 +349,11 @@ class StaticDecoder:
         )
 
     def _eager_step(self, token: Tensor, input_pos: Tensor) -> Tensor:
-        # Each layer advances its own cache's lengths: one copy of input_pos per layer, made
-        # inside the step (so the graph mutates no input but the buffers).
-        caches = [KVCache(c.k, c.v, input_pos.to(torch.int32, copy=True)) for c in self.caches]
+        # Every layer reads one int32 copy of input_pos (shared: the model advances it once,
+        # after the last layer), made inside the step so that the graph mutates no input but
+        # the buffers.
+        lengths = input_pos.to(torch.int32, copy=True)
+        caches = [KVCache(c.k, c.v, lengths, shared=True) for c in self.caches]
         return self.model._cached_logits(token, input_pos[:, None], caches)
 
     def step(self, token: Tensor, input_pos: Tensor) -> Tensor:
@@ -371,7 +373,7 @@ class StaticDecoder:
                 f"{self.batch} rows x {self.max_len} positions"
             )
         start = torch.zeros(self.batch, dtype=torch.int32, device=prompt.device)
-        caches = [KVCache(c.k, c.v, start.clone()) for c in self.caches]
+        caches = [KVCache(c.k, c.v, start, shared=True) for c in self.caches]
         return self.model._prefill_logits(prompt, lengths, caches)
 
     def generate(

@@ -139,6 +139,23 @@ class GPTConfig:
 
 
 NORMS = ("layernorm", "rmsnorm", "gemma_rmsnorm")
+_EMBEDDING_SCALES: dict[tuple[int, torch.dtype], float] = {}
+
+
+@torch.compiler.assume_constant_result
+def embedding_scale(hidden_size: int, dtype: torch.dtype) -> float:
+    """sqrt(hidden_size) rounded to ``dtype`` (Gemma's normalizer, a tensor in the
+    embeddings' dtype) as a Python number: ``h * scale`` gives ``h * tensor(scale)``'s bits
+    (the mul takes either as a scalar in its compute type) without creating a CPU tensor per
+    forward, which a compiled step would hold as a CPU constant, one that can keep CUDA
+    graphs off. Remembered per (size, dtype); a constant to torch.compile."""
+    scale = _EMBEDDING_SCALES.get((hidden_size, dtype))
+    if scale is None:
+        scale = torch.tensor(hidden_size**0.5, dtype=dtype).item()
+        _EMBEDDING_SCALES[hidden_size, dtype] = scale
+    return scale
+
+
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
@@ -183,16 +200,20 @@ class Block(nn.Module):
         position_ids: Tensor | None,
         cache: KVCache | None = None,
     ) -> Tensor:
+        # Dropout only where it drops something: F.dropout returns its input unchanged in
+        # eval mode or at p = 0, so the two calls per layer are skipped there (decoding).
         p = self.dropout if self.training else 0.0
         x = self.norm1(h)
         a = self.attn(x, bias=bias, causal=True, position_ids=position_ids, cache=cache)
         if self.attn_out_norm is not None:
             a = self.attn_out_norm(a)
-        x, h = self.norm2(F.dropout(a, p, self.training), residual=h)  # h += a; x = norm(h)
+        if p:
+            a = F.dropout(a, p)
+        x, h = self.norm2(a, residual=h)  # h += a; x = norm(h)
         m = self.mlp(x)
         if self.mlp_out_norm is not None:
             m = self.mlp_out_norm(m)
-        return h + F.dropout(m, p, self.training)
+        return h + (F.dropout(m, p) if p else m)
 
 
 class GPT(GenerationMixin, nn.Module):
@@ -269,15 +290,30 @@ class GPT(GenerationMixin, nn.Module):
             position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
         h = self.tok_emb(input_ids)
         if self.config.scale_embeddings:  # the scale in the weights' dtype, as Gemma's
-            h = h * torch.tensor(self.config.hidden_size**0.5, dtype=h.dtype)
+            h = h * embedding_scale(self.config.hidden_size, h.dtype)
         if self.pos_emb is not None:
             h = h + self.pos_emb(position_ids)
-        h = F.dropout(h, self.config.dropout if self.training else 0.0, self.training)
-        bias = padding_bias(attention_mask, h.dtype) if caches is None else None
+        if self.training and self.config.dropout:
+            h = F.dropout(h, self.config.dropout)
         if caches is None:
-            caches = [None] * len(self.blocks)
+            bias = padding_bias(attention_mask, h.dtype)
+            for block in self.blocks:
+                h = block(h, bias=bias, position_ids=position_ids)
+            return self.norm_f(h)
+        if len(caches) != len(self.blocks):
+            raise ValueError(f"caches: {len(caches)} for {len(self.blocks)} layers")
+        shared = caches[0].lengths if caches[0].shared else None
         for block, cache in zip(self.blocks, caches, strict=True):
-            h = block(h, bias=bias, position_ids=position_ids, cache=cache)
+            # A shared cache's layers do not advance its lengths: each must hold that tensor
+            # (else a layer would keep a stale length, silently).
+            if not (cache.lengths is shared if cache.shared else shared is None):
+                raise ValueError(
+                    "caches: shared caches (KVCache.shared) must all be shared and hold one "
+                    "lengths tensor"
+                )
+            h = block(h, bias=None, position_ids=position_ids, cache=cache)
+        if shared is not None:  # once for every layer, after the last one has read it
+            shared += s
         return self.norm_f(h)
 
     def forward(
@@ -305,9 +341,11 @@ class GPT(GenerationMixin, nn.Module):
             # Tables for every position the caches can hold, so that a compiled step never
             # has to grow them (the same values: each row depends on its position only).
             self.blocks[0].attn.rotary._extend(max_len)
-        # Each layer's own head count: a tensor-parallel rank holds some of the heads.
+        # Each layer's own head count: a tensor-parallel rank holds some of the heads. One
+        # lengths tensor for every layer (shared): the model advances it once per forward.
+        lengths = torch.zeros(batch, dtype=torch.int32, device=like.device)
         return [
-            KVCache.empty(batch, max_len, b.attn.num_kv_heads, b.attn.head_dim, like)
+            KVCache.empty(batch, max_len, b.attn.num_kv_heads, b.attn.head_dim, like, lengths)
             for b in self.blocks
         ]
 
@@ -328,7 +366,9 @@ class GPT(GenerationMixin, nn.Module):
         cache length to its ``lengths`` (B,) real tokens and return the logits (B, V) after
         each row's last one."""
         h = self.hidden_states(prompt, caches=caches)  # (B, S, hidden)
-        for cache in caches:  # the right-padding tail is beyond each length: overwritten
+        # The right-padding tail is beyond each length: overwritten. A shared lengths
+        # tensor once, else each layer's.
+        for cache in caches[:1] if caches[0].shared else caches:
             cache.lengths.copy_(lengths)
         rows = torch.arange(prompt.shape[0], device=prompt.device)
         return self.to_vocab.logits(h[rows, lengths - 1], self.lm_head.weight)

@@ -89,7 +89,14 @@ class KVCache:
     """One attention layer's keys and values for incremental decoding.
 
     Contiguous (``block_table`` None): k, v (B, S_max, Hkv, D), sequence b holding
-    ``lengths[b]`` tokens (int32, (B,)), left-aligned; the layer advances ``lengths`` itself.
+    ``lengths[b]`` tokens (int32, (B,)), left-aligned; the layer advances ``lengths`` itself,
+    unless ``shared``: then every layer's cache holds this one ``lengths`` tensor and the
+    model advances it once per forward, after its last layer (a GPT's caches: one in-place
+    add per step instead of one per layer, and the same tensor for every layer's call).
+
+    ``filled``: where every row holds the same number of tokens and the host counts them
+    (T5's decoder), that count: read in place of ``lengths[0]`` (a device read, a host sync
+    on GPUs, per layer and step) and advanced with it (a cache of its own, not ``shared``).
 
     Paged: k, v are the layer's page pools (num_pages, page_size, Hkv, D) and sequence b's
     position j lives in slot ``j % page_size`` of page ``block_table[b, j // page_size]``
@@ -102,15 +109,26 @@ class KVCache:
     v: Tensor
     lengths: Tensor
     block_table: Tensor | None = None
+    shared: bool = False
+    filled: int | None = None
 
     @classmethod
-    def empty(cls, batch: int, max_len: int, kv_heads: int, head_dim: int, like: Tensor):
+    def empty(
+        cls,
+        batch: int,
+        max_len: int,
+        kv_heads: int,
+        head_dim: int,
+        like: Tensor,
+        lengths: Tensor | None = None,
+    ):
+        """Zeroed k and v; ``lengths`` given: a ``shared`` cache over that tensor (one for
+        every layer), else its own zero lengths."""
         shape = (batch, max_len, kv_heads, head_dim)
-        return cls(
-            like.new_zeros(shape),
-            like.new_zeros(shape),
-            torch.zeros(batch, dtype=torch.int32, device=like.device),
-        )
+        shared = lengths is not None
+        if lengths is None:
+            lengths = torch.zeros(batch, dtype=torch.int32, device=like.device)
+        return cls(like.new_zeros(shape), like.new_zeros(shape), lengths, shared=shared)
 
 
 class Attention(nn.Module):
@@ -245,28 +263,34 @@ class Attention(nn.Module):
 
     def _cached(self, q, k, v, bias, causal, cache: KVCache) -> Tensor:
         if bias is None:  # the decode kernel: per-sequence lengths, appends in place
+            # k and v go as the fused projection's views: the op copies them into the cache
+            # whatever their strides (a .contiguous() here was two more copies per layer).
             out = ops.attention_with_kvcache(
                 q,
                 cache.k,
                 cache.v,
                 cache.lengths,
-                k.contiguous(),
-                v.contiguous(),
+                k,
+                v,
                 causal=causal,
                 softmax_scale=self.softmax_scale,
                 block_table=cache.block_table,
                 window=self.window,
                 softcap=self.softcap,
             )
-            if cache.block_table is None:  # a paged cache's owner advances the shared lengths
+            # A paged cache's owner, or a shared one's model, advances the shared lengths.
+            if cache.block_table is None and not cache.shared:
                 cache.lengths += q.shape[1]
             return out
         # A bias (T5's relative positions) needs the general kernel: append, then attend
         # over the filled prefix. Every sequence has the same length here (T5's decoder).
-        start = int(cache.lengths[0])
+        start = int(cache.lengths[0]) if cache.filled is None else cache.filled
         end = start + q.shape[1]
         cache.k[:, start:end], cache.v[:, start:end] = k, v
-        cache.lengths += q.shape[1]
+        if not cache.shared:
+            cache.lengths += q.shape[1]
+            if cache.filled is not None:
+                cache.filled = end
         return ops.flash_attention(
             q,
             cache.k[:, :end],
@@ -307,7 +331,7 @@ def few_rows_linear(hidden: Tensor, weight: Tensor, bias: Tensor | None = None) 
     2-core AMD EPYC, one thread, torch 2.14). The same sums in another order: equal within
     fp32 rounding."""
     rows = hidden.shape[0] if hidden.dim() == 2 else 0
-    if hidden.device.type != "cpu" or not 2 <= rows <= 8 or weight.shape[0] < 16384:
+    if not (hidden.is_cpu and 2 <= rows <= 8 and weight.shape[0] >= 16384):
         return F.linear(hidden, weight, bias)
     out = (weight @ hidden.T).T
     return out if bias is None else out + bias

@@ -157,15 +157,16 @@ class T5Block(nn.Module):
         cache: KVCache | None = None,
         context_kv: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
+        # F.dropout returns its input in eval mode or at p = 0: skipped there (decoding).
         p = self.dropout if self.training else 0.0
         a = self.attn(self.norm1(h), bias=bias, causal=self.decoder, cache=cache)
-        h = h + F.dropout(a, p, self.training)
+        h = h + (F.dropout(a, p) if p else a)
         if self.decoder:
             x = self.norm_cross(h)
             a = self.cross(x, bias=context_bias, context=context, context_kv=context_kv)
-            h = h + F.dropout(a, p, self.training)
+            h = h + (F.dropout(a, p) if p else a)
         m = self.mlp(self.norm2(h))
-        return h + (m if self.mlp_drops_output else F.dropout(m, p, self.training))
+        return h + (m if self.mlp_drops_output or not p else F.dropout(m, p))
 
 
 class T5Stack(nn.Module):
@@ -188,11 +189,16 @@ class T5Stack(nn.Module):
     ) -> Tensor:
         p = self.dropout if self.training else 0.0
         s = h.shape[1]
-        offset = 0 if caches is None else int(caches[0].lengths[0])
+        if caches is None:
+            offset = 0
+        else:  # the host's count where the caches keep one (no device read)
+            first = caches[0]
+            offset = int(first.lengths[0]) if first.filled is None else first.filled
         bias = self.position_bias(s, offset + s, offset).to(h.dtype)
         bias = merge_bias(bias, padding_bias(attention_mask, h.dtype))
         context_bias = padding_bias(context_mask, h.dtype)
-        h = F.dropout(h, p, self.training)
+        if p:
+            h = F.dropout(h, p)
         for i, block in enumerate(self.blocks):
             h = block(
                 h,
@@ -202,7 +208,8 @@ class T5Stack(nn.Module):
                 cache=None if caches is None else caches[i],
                 context_kv=None if context_kvs is None else context_kvs[i],
             )
-        return F.dropout(self.norm_f(h), p, self.training)
+        h = self.norm_f(h)
+        return F.dropout(h, p) if p else h
 
 
 class T5(GenerationMixin, nn.Module):
@@ -311,6 +318,8 @@ class T5(GenerationMixin, nn.Module):
             KVCache.empty(b, max_new_tokens + 1, block.attn.num_kv_heads, c.head_dim, like)
             for block in self.decoder.blocks
         ]
+        for cache in caches:  # every row decodes in step: the host counts the positions
+            cache.filled = 0
         context_kvs = [block.cross.project_kv(context) for block in self.decoder.blocks]
 
         def logits_after(tokens: Tensor) -> Tensor:

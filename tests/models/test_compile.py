@@ -106,6 +106,47 @@ def test_compiled_decode_step_traces_once_and_gives_eager_tokens(name):
     assert counter.frame_count == 1
 
 
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_compiled_decode_step_creates_no_host_tensor_and_reads_nothing_back(name):
+    """What would keep a CUDA graph from capturing the step (its CPU twin, on the graph
+    Dynamo traces): no tensor made from Python numbers per step (a CPU constant in the
+    graph: Gemma's embedding scale was one), no value read back to the host (.item(),
+    .tolist()), no op of another graph than this one (one graph, fullgraph)."""
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    model = _model(name).eval()
+    decoder = StaticDecoder(model, 2, 16, {"backend": record})
+    with torch.no_grad():
+        decoder.prefill(torch.randint(1, VOCAB, (2, 3)), torch.tensor([3, 2]))
+        decoder.step(torch.randint(1, VOCAB, (2, 1)), torch.tensor([3, 2]))
+    assert len(graphs) == 1
+    made = (torch.tensor, torch.as_tensor, torch.scalar_tensor)
+    bad = [
+        n.format_node()
+        for n in graphs[0].graph.nodes
+        if (n.op == "call_function" and n.target in made)
+        or (n.op == "call_method" and n.target in ("item", "tolist"))
+    ]
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_embedding_scale_gives_the_scale_tensors_bits(dtype):
+    """Gemma's embeddings times sqrt(hidden) rounded to their dtype: the Python number
+    gives the product with the 0-dim tensor bit for bit (Gemma 2's sizes and others)."""
+    from fastlm.models.gpt import embedding_scale
+
+    h = torch.randn(4096).to(dtype)
+    for size in (2304, 3584, 4608, 3, 64, 100, 1000, 2047, 5120, 8191):
+        want = h * torch.tensor(size**0.5, dtype=dtype)
+        got = h * embedding_scale(size, dtype)
+        assert torch.equal(got, want), (size, (got.float() - want.float()).abs().max())
+
+
 def test_static_decoder_is_kept_per_shape_and_replaced():
     model = _model("gpt2")
     first = model.static_decoder(2, 10)
@@ -151,14 +192,20 @@ def test_t5_has_no_static_decoder():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["gpt2", "llama"])
+@pytest.mark.parametrize("name", list(PRESETS))
 def test_cuda_graph_decode_step_gives_eager_tokens(name):
     """``compile=True`` on CUDA: Inductor with ``mode="reduce-overhead"``, the step one
-    CUDA graph replayed at every position (static buffers written in place). Its CPU twin
-    is test_compiled_decode_step_traces_once_and_gives_eager_tokens."""
+    CUDA graph replayed at every position (static buffers written in place): Inductor
+    skipped no graph (its skip counter stays at zero). Its CPU twins are
+    test_compiled_decode_step_traces_once_and_gives_eager_tokens and
+    test_compiled_decode_step_creates_no_host_tensor_and_reads_nothing_back."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     model = _model(name).cuda().eval()
     ids, mask = (t.cuda() for t in _left_padded(3, 9))
     got = model.generate(ids, 7, attention_mask=mask, compile=True)
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
     assert model.static_decoder(3, 16, {}).graphed
     assert torch.equal(got, model.generate(ids, 7, attention_mask=mask))
     with torch.compiler.set_stance("fail_on_recompile"):

@@ -382,3 +382,48 @@ def test_gemma2_decode_step_logits_equal_the_full_forward():
             cached.append(model._cached_logits(ids[:, i : i + 1], positions, caches))
     assert_policy(torch.stack(cached, 1), reference, full, "cached decode logits")
     assert reference.abs().max() > 0.5 * model.config.final_softcap  # the final cap bends
+
+
+def test_new_caches_share_one_lengths_that_the_model_advances_once_per_forward():
+    """GPT's caches hold one lengths tensor for every layer, advanced once per forward by
+    the tokens fed (not once per layer); the decode step's logits are the full forward's;
+    caches that claim to share but hold different tensors are refused (a layer would keep
+    a stale length)."""
+    model = create("llama-tiny", vocab_size=VOCAB, num_layers=3, dropout=0.0).eval()
+    ids = torch.randint(EOS + 1, VOCAB, (2, 7))
+    with torch.no_grad():
+        caches = model.new_caches(2, 8, model.tok_emb.weight)
+        lengths = caches[0].lengths
+        assert all(c.shared and c.lengths is lengths for c in caches)
+        model._cached_logits(ids[:, :5], None, caches)
+        assert lengths.tolist() == [5, 5]
+        step = model._cached_logits(ids[:, 5:6], torch.full((2, 1), 5), caches)
+        assert lengths.tolist() == [6, 6]
+        full = model(ids[:, :6]).logits[:, -1]
+        reference = copy.deepcopy(model).double()(ids[:, :6]).logits[:, -1]
+        assert_policy(step, reference, full, "decode step logits")
+
+        mixed = model.new_caches(2, 8, model.tok_emb.weight)
+        mixed[1] = fastlm.models.layers.KVCache(
+            mixed[1].k, mixed[1].v, mixed[1].lengths.clone(), shared=True
+        )
+        with pytest.raises(ValueError, match="one lengths tensor"):
+            model._cached_logits(ids[:, :2], None, mixed)
+        mixed[1].shared = False  # one layer advancing its own, the others shared
+        with pytest.raises(ValueError, match="must all be shared"):
+            model._cached_logits(ids[:, :2], None, mixed)
+
+
+def test_a_host_counted_cache_is_read_and_advanced_on_the_host():
+    """``KVCache.filled`` (T5's decoder: every row at one length, counted on the host)
+    stands in for ``lengths[0]`` on the bias path: the new keys land at ``filled`` and both
+    counts advance, so the decoder never reads the lengths back from the device."""
+    attn = fastlm.models.layers.Attention(8, 2, 4, num_kv_heads=2, bias=False).eval()
+    cache = fastlm.models.layers.KVCache.empty(1, 6, 2, 4, torch.zeros(()))
+    cache.filled = 2
+    x = torch.randn(1, 1, 8)
+    with torch.no_grad():
+        attn(x, bias=torch.zeros(1, 1, 1, 3), causal=True, cache=cache)
+    written = cache.k.abs().sum((0, 2, 3)) != 0
+    assert written.tolist() == [False, False, True, False, False, False]
+    assert cache.filled == 3 and cache.lengths.tolist() == [1]
