@@ -58,14 +58,6 @@ _ACT_INPLACE = {
 }
 
 
-def act_on_temporary(y: Tensor, activation: str) -> Tensor:
-    """``act(y)`` for a ``y`` no one else holds (a fresh GEMM output or sum): in place unless
-    autograd records it (an in-place activation would overwrite what its backward reads)."""
-    if y.requires_grad:
-        return _ACT[activation](y)
-    return _ACT_INPLACE[activation](y)
-
-
 def bias_act_ref(x: Tensor, bias: Tensor | None = None, activation: str = "gelu") -> Tensor:
     """``act(x + bias)``, the plain way (no dropout)."""
     return _TORCH_ACT[activation](x if bias is None else x + bias)

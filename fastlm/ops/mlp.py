@@ -30,7 +30,6 @@ from fastlm.ops.activation import (
     _ACT,
     _ACT_INPLACE,
     ACTIVATIONS,
-    act_on_temporary,
     bias_act_bwd,
     bias_act_op,
     bias_act_ref,
@@ -135,7 +134,6 @@ def _linear_act_call(x, weight, bias, activation, dropout_p, seed):
     return linear_act_op(x, weight, bias, activation, float(dropout_p), seed, save)[0]
 
 
-@autocast_policy(lower_precision=True)
 def gated_linear(
     x: Tensor,
     w_gate: Tensor,
@@ -149,15 +147,59 @@ def gated_linear(
 
     x: (..., K); w_gate, w_up: (N, K); biases (N,), both or neither; result (..., N).
     """
-    _check(x, activation, w_gate=w_gate, w_up=w_up, bias_gate=bias_gate, bias_up=bias_up)
-    _check_pair("bias_gate", bias_gate, "bias_up", bias_up)
-    if backend.select("gated_linear", x, lambda: _gemm_support(x)) == "torch":
+    # The autocast policy's wrapper costs a call layer; one query answers the usual case.
+    if _any_autocast():
+        return _gated_linear_under_autocast(x, w_gate, w_up, activation, bias_gate, bias_up)
+    return _gated_linear_call(x, w_gate, w_up, activation, bias_gate, bias_up)
+
+
+def _gated_linear_call(x, w_gate, w_up, activation, bias_gate, bias_up):
+    try:  # the signature (see fastlm.ops.activation.remember)
+        key = (
+            None
+            if _is_compiling()
+            else (
+                type(x),
+                x.shape[-1],
+                x.dtype,
+                (x_cpu := x.is_cpu) or x.device,
+                type(w_gate),
+                w_gate.shape,
+                w_gate.dtype,
+                w_gate.is_cpu or w_gate.device,
+                type(w_up),
+                w_up.shape,
+                w_up.dtype,
+                w_up.is_cpu or w_up.device,
+                activation,
+                bias_gate is None
+                or (
+                    type(bias_gate),
+                    bias_gate.shape,
+                    bias_gate.dtype,
+                    bias_gate.is_cpu or bias_gate.device,
+                ),
+                bias_up is None
+                or (type(bias_up), bias_up.shape, bias_up.dtype, bias_up.is_cpu or bias_up.device),
+            )
+        )
+        known = key is not None and key in _GATED_LINEAR_PASSED
+    except Exception:  # not a tensor, a 0-d x, an unhashable activation: the check words it
+        key, known = None, False
+    if not known:
+        _check(x, activation, w_gate=w_gate, w_up=w_up, bias_gate=bias_gate, bias_up=bias_up)
+        _check_pair("bias_gate", bias_gate, "bias_up", bias_up)
+        if key is not None:
+            remember(_GATED_LINEAR_PASSED, key)
+        x_cpu = x.is_cpu
+    if (x_cpu and forced_backend() is None) or backend.select(
+        "gated_linear", x, lambda: _gemm_support(x)
+    ) == "torch":
         return _torch_gated(x, w_gate, w_up, activation, bias_gate, bias_up)
     save = _saves(x, w_gate, w_up, bias_gate, bias_up)
     return gated_linear_op(x, w_gate, w_up, bias_gate, bias_up, activation, save)[0]
 
 
-@autocast_policy(lower_precision=True)
 def fused_mlp(
     x: Tensor,
     fc1_weight: Tensor,
@@ -173,11 +215,69 @@ def fused_mlp(
 
     x: (..., in); fc1_weight: (hidden, in); fc2_weight: (out, hidden); biases or None.
     """
-    _check(x, activation, fc1_weight=fc1_weight, fc1_bias=fc1_bias)
-    _check_chain(fc1_weight, fc2_weight, fc2_bias, "fc1_weight", "fc2")
-    seed = check_dropout(dropout_p, seed)
-    if backend.select("fused_mlp", x, lambda: _gemm_support(x)) == "torch":
-        h = act_on_temporary(_linear(x, fc1_weight, fc1_bias), activation)
+    # The autocast policy's wrapper costs a call layer; one query answers the usual case.
+    if _any_autocast():
+        return _fused_mlp_under_autocast(
+            x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, dropout_p, seed
+        )
+    return _fused_mlp_call(
+        x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, dropout_p, seed
+    )
+
+
+def _fused_mlp_call(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, dropout_p, seed):
+    try:  # the signature (see fastlm.ops.activation.remember)
+        key = (
+            None
+            if _is_compiling()
+            else (
+                type(x),
+                x.shape[-1],
+                x.dtype,
+                (x_cpu := x.is_cpu) or x.device,
+                type(fc1_weight),
+                fc1_weight.shape,
+                fc1_weight.dtype,
+                fc1_weight.is_cpu or fc1_weight.device,
+                type(fc2_weight),
+                fc2_weight.shape,
+                fc2_weight.dtype,
+                fc2_weight.is_cpu or fc2_weight.device,
+                activation,
+                fc1_bias is None
+                or (
+                    type(fc1_bias),
+                    fc1_bias.shape,
+                    fc1_bias.dtype,
+                    fc1_bias.is_cpu or fc1_bias.device,
+                ),
+                fc2_bias is None
+                or (
+                    type(fc2_bias),
+                    fc2_bias.shape,
+                    fc2_bias.dtype,
+                    fc2_bias.is_cpu or fc2_bias.device,
+                ),
+            )
+        )
+        known = key is not None and key in _FUSED_MLP_PASSED
+    except Exception:  # not a tensor, a 0-d x, an unhashable activation: the check words it
+        key, known = None, False
+    if not known:
+        _check(x, activation, fc1_weight=fc1_weight, fc1_bias=fc1_bias)
+        _check_chain(fc1_weight, fc2_weight, fc2_bias, "fc1_weight", "fc2")
+        if key is not None:
+            remember(_FUSED_MLP_PASSED, key)
+        x_cpu = x.is_cpu
+    if type(dropout_p) is not float or dropout_p != 0.0 or seed is not None:
+        seed = check_dropout(dropout_p, seed)
+    else:
+        seed = 0
+    if (x_cpu and forced_backend() is None) or backend.select(
+        "fused_mlp", x, lambda: _gemm_support(x)
+    ) == "torch":
+        h = _linear(x, fc1_weight, fc1_bias)
+        h = _ACT[activation](h) if h.requires_grad else _ACT_INPLACE[activation](h)
         if not dropout_p:
             return _linear(h, fc2_weight, fc2_bias)
         h = seeded_dropout(h, dropout_p, seed)
@@ -241,13 +341,24 @@ def _gated_mlp_call(
                 down_weight.dtype,
                 down_weight.is_cpu or down_weight.device,
                 activation,
+                gate_bias is None
+                or (
+                    type(gate_bias),
+                    gate_bias.shape,
+                    gate_bias.dtype,
+                    gate_bias.is_cpu or gate_bias.device,
+                ),
+                up_bias is None
+                or (type(up_bias), up_bias.shape, up_bias.dtype, up_bias.is_cpu or up_bias.device),
+                down_bias is None
+                or (
+                    type(down_bias),
+                    down_bias.shape,
+                    down_bias.dtype,
+                    down_bias.is_cpu or down_bias.device,
+                ),
             )
         )
-        if key is not None and not (gate_bias is None and up_bias is None and down_bias is None):
-            key += tuple(
-                b is None or (type(b), b.shape, b.dtype, b.is_cpu or b.device)
-                for b in (gate_bias, up_bias, down_bias)
-            )
         known = key is not None and key in _GATED_MLP_PASSED
     except Exception:  # not a tensor, a 0-d x, an unhashable activation: the check words it
         key, known = None, False
@@ -281,8 +392,12 @@ def _gated_mlp_call(
 
 
 _linear_act_under_autocast = autocast_policy(lower_precision=True)(_linear_act_call)
+_gated_linear_under_autocast = autocast_policy(lower_precision=True)(_gated_linear_call)
+_fused_mlp_under_autocast = autocast_policy(lower_precision=True)(_fused_mlp_call)
 _gated_mlp_under_autocast = autocast_policy(lower_precision=True)(_gated_mlp_call)
 _LINEAR_ACT_PASSED: dict[tuple, object] = {}
+_GATED_LINEAR_PASSED: dict[tuple, object] = {}
+_FUSED_MLP_PASSED: dict[tuple, object] = {}
 _GATED_MLP_PASSED: dict[tuple, object] = {}
 _linear = torch._C._nn.linear  # bound once: each attribute walk costs on every call
 

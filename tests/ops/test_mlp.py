@@ -402,14 +402,21 @@ def test_eager_entrance_equals_the_compiled_custom_op(name):
 
 
 def test_a_known_signature_still_checks_dropout_and_a_failure_is_never_kept():
-    """linear_act's and gated_mlp's metadata checks are memoized per signature: dropout is
-    still checked on a known one, and a failing signature raises every time."""
+    """linear_act's, gated_linear's, fused_mlp's and gated_mlp's metadata checks are
+    memoized per signature: dropout is still checked on a known one, and a failing signature
+    raises every time."""
     x, w, b = torch.randn(3, 8), torch.randn(16, 8), torch.randn(16)
     w_up, w_down = torch.randn(16, 8), torch.randn(8, 16)
     ops.linear_act(x, w, b, "gelu")  # these signatures pass (and are remembered)
     ops.gated_mlp(x, w, w_up, w_down, "silu")
-    with pytest.raises(ValueError, match="dropout_p"):
-        ops.linear_act(x, w, b, "gelu", dropout_p=1.0)
+    ops.gated_linear(x, w, w_up, "silu")
+    ops.fused_mlp(x, w, b, w_down, None, "gelu")
+    for call in (ops.linear_act, ops.fused_mlp):
+        args = (x, w, b) if call is ops.linear_act else (x, w, b, w_down, None)
+        with pytest.raises(ValueError, match="dropout_p"):
+            call(*args, "gelu", dropout_p=1.0)
+        with pytest.raises(TypeError, match="seed"):
+            call(*args, "gelu", dropout_p=0.5, seed=1.5)
     for _ in range(2):  # never remembered as a pass
         with pytest.raises(ValueError, match="bias must have shape"):
             ops.linear_act(x, w, b[:4], "gelu")
@@ -421,6 +428,12 @@ def test_a_known_signature_still_checks_dropout_and_a_failure_is_never_kept():
             ops.gated_mlp(x, w, w_up, w_down, "silu", gate_bias=b)
         with pytest.raises(ValueError, match="activation"):
             ops.gated_mlp(x, w, w_up, w_down, "swish")
+        with pytest.raises(ValueError, match="bias_gate and bias_up"):
+            ops.gated_linear(x, w, w_up, "silu", bias_up=b)
+        with pytest.raises(ValueError, match="fc2_weight"):
+            ops.fused_mlp(x, w, b, w_down[:, :4], None, "gelu")
+        with pytest.raises(TypeError, match="fc2_bias"):
+            ops.fused_mlp(x, w, b, w_down, b[:8].double(), "gelu")
     y = ops.gated_mlp(x, w, w_up, w_down, "silu")
     want = F.linear(F.silu(F.linear(x, w)) * F.linear(x, w_up), w_down)
     torch.testing.assert_close(y, want, rtol=0, atol=0)  # the plain expression, bit for bit
