@@ -226,16 +226,17 @@ def _norm(x, normalized_shape, weight, bias, eps, residual, out_dtype, rms):
             f"{tuple(x_shape)}"
         )
     x_cpu = x.is_cpu
+    # (Each dtype read once: the torch path below compares them again.)
     if weight is not None and (
         not isinstance(weight, Tensor)
-        or weight.dtype not in FLOAT_DTYPES
+        or (w_dtype := weight.dtype) not in FLOAT_DTYPES
         or weight.shape != shape
         or not (x_cpu and weight.is_cpu)
     ):
         _check_like("weight", weight, shape, x)
     if bias is not None and (
         not isinstance(bias, Tensor)
-        or bias.dtype not in FLOAT_DTYPES
+        or (b_dtype := bias.dtype) not in FLOAT_DTYPES
         or bias.shape != shape
         or not (x_cpu and bias.is_cpu)
     ):
@@ -270,8 +271,8 @@ def _norm(x, normalized_shape, weight, bias, eps, residual, out_dtype, rms):
         if (
             residual is None
             and out_dtype is s_dtype
-            and (weight is None or weight.dtype is s_dtype)
-            and (bias is None or bias.dtype is s_dtype)
+            and (weight is None or w_dtype is s_dtype)
+            and (bias is None or b_dtype is s_dtype)
         ):
             # _torch_norm's plain case (nothing to add or cast) without its call and re-reads.
             if not rms:
@@ -376,12 +377,12 @@ def _small_rms_norm(xs, shape, w, eps):
     microsecond, so plain eager CPU calls that it would send to ``_fused_rms_norm``, or that
     record the same ops through it under autograd, go there directly (same op, same bits)."""
     if (
-        _fused_rms_norm is not None
+        not _is_compiling()  # first: while tracing, the globals below are not read (guarded)
+        and _fused_rms_norm is not None
         and type(xs) is Tensor
         and xs.is_cpu
         and (w is None or w.dtype is xs.dtype)
         and xs.is_contiguous()  # (a channels-last input takes another path)
-        and not _is_compiling()
         and not _dispatch_modes()
         and not _functorch_active()
         and (
