@@ -111,7 +111,13 @@ def apply_rotary(
         ``(q_rot, k_rot)``, shaped and typed as q and k.
     """
     positions, offset = _validate(q, k, cos, sin, position_ids, offset)
-    name = backend.select("apply_rotary", q, lambda: _support(q, k, cos, sin, inplace))
+    # What select() answers, without its call: the torch backend serves every call that passed
+    # the contract, forced or chosen (the automatic choice on CPU tensors).
+    forced = backend.forced_backend()
+    if forced is None and q.is_cpu or forced == "torch":
+        name = "torch"
+    else:
+        name = backend.select("apply_rotary", q, lambda: _support(q, k, cos, sin, inplace))
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
     if name == "torch":
         ids = positions if position_ids is None else position_ids  # the caller's, for the cache
@@ -277,8 +283,9 @@ def _torch_apply(q, k, cos, sin, interleaved, positions, ids, offset, inplace, g
             return q.copy_(q_rot), k.copy_(k_rot)
         return q_rot, k_rot
     if inplace:
-        return _torch_rotary((q, k), cf, sn, interleaved, inplace=True)
-    return _torch_rotary((q, k), cf, sn, interleaved)
+        return _torch_rotary((q, k), cf, sn, interleaved, True, False)
+    # Every argument given: defaults left to fill would each be one more torch.compile guard.
+    return _torch_rotary((q, k), cf, sn, interleaved, False, False)
 
 
 # Derived tables of recent calls. A model rotates with the same cos/sin (and positions) in
