@@ -284,13 +284,37 @@ def flash_attention(
         and type(softcap) is float
         and softcap == 0.0
     ):
-        # The common call (no option but causal and the scale), on the torch backend: the
-        # SDPA call a user writes, with one layer between.
+        # The common call (no option but causal and the scale) on the torch backend, bottom-
+        # right causal with Sq != Sk aside (a mask): the SDPA call a user writes, with only
+        # the arguments that differ from SDPA's defaults (each one passed costs SDPA's
+        # argument parser time; a default scale is SDPA's own 1/sqrt(D), the same double).
         forced = backend.forced_backend()
-        if forced == "torch" or (forced is None and not q.is_cuda):
-            if softmax_scale is not None:
-                _check_scale(softmax_scale, 1)
-            return _torch_plain_sdpa(q, k, v, causal, softmax_scale, probe, qs, ks)
+        if (forced == "torch" or (forced is None and not q.is_cuda)) and (
+            not causal or qs[1] == ks[1]
+        ):
+            qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            if softmax_scale is not None or qs[2] != ks[2]:
+                if softmax_scale is not None:
+                    _check_scale(softmax_scale, 1)
+                out = F.scaled_dot_product_attention(
+                    qt,
+                    kt,
+                    vt,
+                    None,
+                    0.0,
+                    bool(causal),
+                    scale=softmax_scale,
+                    enable_gqa=qs[2] != ks[2],
+                )
+            elif causal:
+                out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+            else:
+                out = F.scaled_dot_product_attention(qt, kt, vt)
+            out = out.transpose(1, 2)
+            # Every row sees a key: NaN rows as the reference's (torch.equal: _may_hold_nan).
+            if not torch.equal(q, q) if probe is _EQUAL else probe is _PROBE and _may_hold_nan(q):
+                out = out.masked_fill(q.isnan().any(-1, keepdim=True), math.nan)
+            return out
     qs = q.shape
     bias = None
     if attn_bias is not None:
@@ -305,30 +329,22 @@ def flash_attention(
     need_lse = need_probs or return_lse
     name = _choose(q, lambda: _support(q))
     if name == "torch":
-        if window is UNBOUNDED and bias is None and slopes is None and not dropout_p:
-            plain = not (softcap or need_lse or (deterministic and q.is_cuda))
-        else:
-            plain = False
-        if plain:
-            out = _torch_plain_sdpa(q, k, v, causal, softmax_scale, probe, qs, k.shape)
-            lse = probs = None
-        else:
-            out, lse, probs = _torch_dense(
-                q,
-                k,
-                v,
-                causal,
-                scale,
-                window,
-                dropout_p,
-                seed,
-                bias,
-                slopes,
-                softcap,
-                need_lse,
-                need_probs,
-                deterministic,
-            )
+        out, lse, probs = _torch_dense(
+            q,
+            k,
+            v,
+            causal,
+            scale,
+            window,
+            dropout_p,
+            seed,
+            bias,
+            slopes,
+            softcap,
+            need_lse,
+            need_probs,
+            deterministic,
+        )
     else:
         out, lse, probs = _kernel_dense(
             q, k, v, name, causal, scale, window, dropout_p, seed, bias, slopes, softcap, need_probs
@@ -1431,32 +1447,6 @@ def _torch_dense(
         )
     out = _torch_sdpa(q, k, v, causal, scale, window, dropout_p, seed, bias, slopes)
     return out, None, None
-
-
-def _torch_plain_sdpa(q: Tensor, k: Tensor, v: Tensor, causal, scale, probe, qs, ks) -> Tensor:
-    """:func:`_torch_sdpa` without masks, bias or dropout: the SDPA call a user writes, with
-    only the arguments that differ from SDPA's defaults (each one passed costs SDPA's
-    argument parser time; a default scale is SDPA's own 1/sqrt(D), the same double).
-    ``probe``: how NaN rows are restored (see :func:`_nan_probe`); qs, ks: q's and k's
-    shapes (read by the caller already)."""
-    if causal and qs[1] != ks[1]:  # bottom-right causal: a mask
-        return _torch_sdpa(
-            q, k, v, causal, _check_scale(scale, qs[3]), UNBOUNDED, 0.0, 0, None, None
-        )
-    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if scale is not None or qs[2] != ks[2]:
-        out = F.scaled_dot_product_attention(
-            qt, kt, vt, None, 0.0, bool(causal), scale=scale, enable_gqa=qs[2] != ks[2]
-        )
-    elif causal:
-        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
-    else:
-        out = F.scaled_dot_product_attention(qt, kt, vt)
-    out = out.transpose(1, 2)
-    # Every row sees a key: NaN rows as the reference's (torch.equal: see _may_hold_nan).
-    if not torch.equal(q, q) if probe is _EQUAL else probe is _PROBE and _may_hold_nan(q):
-        out = out.masked_fill(q.isnan().any(-1, keepdim=True), math.nan)
-    return out
 
 
 # How SDPA's NaN rows are restored for a signature (see _nan_probe).

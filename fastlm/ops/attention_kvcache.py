@@ -136,10 +136,41 @@ def attention_with_kvcache(
         and cache_leftpad is None
         and block_table is None
         and alibi_slopes is None
+        and backend.forced_backend() in (None, "torch")
     ):
-        out = _plain_step(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, softmax_scale)
-        if out is not None:
-            return out
+        # A generation step's usual call on the torch backend, here: CPU tensors, rows of
+        # one length, new tokens appended, no option. _decode_step's checks, then
+        # _torch_decode's no-mask case (the same calls, so the same bits) without the
+        # layers between them, which cost as much again as the checks on a small step.
+        # Any other call (None from the checks, or a mask needed) takes the general path,
+        # nothing changed yet.
+        step = _decode_step(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale)
+        if step is not None:
+            scale, (fewest, most), (seqlen_q, n_new, grouped, small_q) = step
+            if fewest == most and fewest >= seqlen_q and not (causal and seqlen_q > 1):
+                k_cache.narrow(1, most - n_new, n_new).copy_(k_new)
+                v_cache.narrow(1, most - n_new, n_new).copy_(v_new)
+                qt = q.transpose(1, 2)
+                kt = k_cache.narrow(1, 0, most).transpose(1, 2)
+                vt = v_cache.narrow(1, 0, most).transpose(1, 2)
+                if softmax_scale is None and not grouped:
+                    # SDPA's defaults (its scale is the same double): each argument passed
+                    # costs its parser time.
+                    out = F.scaled_dot_product_attention(qt, kt, vt)
+                else:
+                    out = F.scaled_dot_product_attention(
+                        qt, kt, vt, scale=scale, enable_gqa=grouped
+                    )
+                out = out.transpose(1, 2)
+                # Every row sees a key: a NaN query row gives NaN (CPU tensors, not traced:
+                # see _decode_step; torch.equal: fastlm.ops.attention._may_hold_nan).
+                if most < NAN_SAFE_KEYS and small_q:
+                    lost = not torch.equal(q, q)
+                else:
+                    lost = _nan_rows_lost(q, most, False)
+                if lost:
+                    out.masked_fill_(q.isnan().any(-1, keepdim=True), math.nan)
+                return out
     scale, key_range = _check_kvcache(
         q,
         k_cache,
@@ -224,43 +255,6 @@ def attention_with_kvcache(
 # Runs the public function again with autocast off for q's device (see
 # fastlm.ops.attention.autocast_applies): the common call pays one query, not a layer.
 _kvcache_under_autocast = autocast_policy(lower_precision=False)(attention_with_kvcache)
-
-
-def _plain_step(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, softmax_scale):
-    """A generation step's usual call on the torch backend, in one function: CPU tensors,
-    rows of one length, new tokens appended, no option. It runs :func:`_decode_step`'s
-    checks and then :func:`_torch_decode`'s no-mask case (the same calls, so the same
-    bits), without the layers between them, which cost as much again as the checks on a
-    small step. Returns None, having changed nothing, for any other call."""
-    if backend.forced_backend() not in (None, "torch"):
-        return None
-    checked = _decode_step(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale)
-    if checked is None:
-        return None
-    scale, (fewest, most), (seqlen_q, n_new, grouped, small_q) = checked
-    if fewest != most or fewest < seqlen_q or (causal and seqlen_q > 1):
-        return None  # a mask is needed: the general path
-    k_cache.narrow(1, most - n_new, n_new).copy_(k_new)
-    v_cache.narrow(1, most - n_new, n_new).copy_(v_new)
-    qt = q.transpose(1, 2)
-    kt = k_cache.narrow(1, 0, most).transpose(1, 2)
-    vt = v_cache.narrow(1, 0, most).transpose(1, 2)
-    if softmax_scale is None and not grouped:
-        # SDPA's defaults (its scale is the same double): each argument passed costs its
-        # parser time.
-        out = F.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2)
-    else:
-        out = F.scaled_dot_product_attention(qt, kt, vt, scale=scale, enable_gqa=grouped).transpose(
-            1, 2
-        )
-    # Every row sees a key: a NaN query row gives NaN.
-    if most < NAN_SAFE_KEYS and small_q:  # (CPU tensors, not traced: see _decode_step)
-        lost = not torch.equal(q, q)  # (see fastlm.ops.attention._may_hold_nan)
-    else:
-        lost = _nan_rows_lost(q, most, False)
-    if lost:
-        out.masked_fill_(q.isnan().any(-1, keepdim=True), math.nan)
-    return out
 
 
 def _rotate(q, k_new, cos, sin, interleaved, cache_seqlens, windowed):
