@@ -648,12 +648,13 @@ def decode_loop(
     logits, out = first_logits, []
     finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
     for i in range(max_new_tokens):
-        token = select(logits).masked_fill(finished, pad)
-        out.append(token)
-        if eos is not None:
+        token = select(logits)
+        if eos is not None:  # without an EOS no row finishes: nothing to pad
+            token = token.masked_fill(finished, pad)
             finished |= token == eos
-            if bool(finished.all()):
-                break
+        out.append(token)
+        if eos is not None and bool(finished.all()):
+            break
         if i + 1 < max_new_tokens:
             logits = step(token, i)
     if not out:

@@ -207,7 +207,8 @@ class Attention(nn.Module):
             k, v = context_kv if context_kv is not None else self.project_kv(context)
         else:
             qkv = self.qkv(x).view(b, s, h + 2 * hkv, d)
-            q, k, v = qkv.split([h, hkv, hkv], dim=2)
+            # split_with_sizes: the op Tensor.split's Python wrapper calls, without it.
+            q, k, v = qkv.split_with_sizes((h, hkv, hkv), 2)
             if self.rotary is not None:
                 q, k = self._rotate(q, k, position_ids)
         if self.capture is not None:
