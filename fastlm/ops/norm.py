@@ -269,16 +269,19 @@ def _norm(x, normalized_shape, weight, bias, eps, residual, out_dtype, rms):
     forced = backend.forced_backend()
     if forced is None and x_cpu or forced == "torch":
         if (
-            residual is None
-            and out_dtype is s_dtype
+            out_dtype is s_dtype
             and (weight is None or w_dtype is s_dtype)
             and (bias is None or b_dtype is s_dtype)
+            and (not rms or x.numel() < _FUNCTION_MIN_NUMEL)
         ):
-            # _torch_norm's plain case (nothing to add or cast) without its call and re-reads.
-            if not rms:
-                return torch.layer_norm(x, shape, weight, bias, eps)
-            if x.numel() < _FUNCTION_MIN_NUMEL:
-                return _small_rms_norm(x, shape, weight, eps)
+            # _torch_norm's plain case (nothing to cast; s in s_dtype, the sum's promoted
+            # dtype) without its call and re-reads: the same ops.
+            s = x if residual is None else x + residual
+            if rms:
+                y = _small_rms_norm(s, shape, weight, eps)
+            else:
+                y = torch.layer_norm(s, shape, weight, bias, eps)
+            return y if residual is None else (y, s)
         return _torch_norm(x, shape, weight, bias, eps, residual, out_dtype, rms)
     name = backend.select(
         "rms_norm" if rms else "layer_norm",
