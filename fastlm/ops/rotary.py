@@ -72,7 +72,6 @@ def _positions(bsz, seqlen, position_ids, offset, device) -> Tensor:
 # Public API.
 
 
-@autocast_policy(lower_precision=False)
 def apply_rotary(
     q: Tensor,
     k: Tensor,
@@ -110,6 +109,13 @@ def apply_rotary(
     Returns:
         ``(q_rot, k_rot)``, shaped and typed as q and k.
     """
+    # The autocast policy's own wrapper costs a call layer; one query answers the usual case.
+    if _any_autocast():
+        return _apply_under_autocast(q, k, cos, sin, interleaved, position_ids, offset, inplace)
+    return _apply(q, k, cos, sin, interleaved, position_ids, offset, inplace)
+
+
+def _apply(q, k, cos, sin, interleaved, position_ids, offset, inplace):
     positions, offset = _validate(q, k, cos, sin, position_ids, offset)
     # What select() answers, without its call: the torch backend serves every call that passed
     # the contract, forced or chosen (the automatic choice on CPU tensors).
@@ -139,6 +145,10 @@ def apply_rotary(
     if inplace:
         return q.copy_(q_rot), k.copy_(k_rot)
     return q_rot, k_rot
+
+
+_apply_under_autocast = autocast_policy(lower_precision=False)(_apply)
+_any_autocast = torch._C._is_any_autocast_enabled
 
 
 def _check_tensor(name: str, t: object, dtypes: tuple[torch.dtype, ...], what: str) -> None:
