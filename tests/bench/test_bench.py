@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -187,7 +188,25 @@ def test_calls_slower_than_a_round_get_three_rounds_of_one_call(run_main):
     from bench import harness
 
     calls: list[str] = []
-    fns = [lambda: calls.append("a"), lambda: calls.append("b")]
-    # As if each first (warm-up) call had taken a second: no sizing calls, 3 rounds of 1.
-    harness.time_alternating(fns, torch.device("cpu"), rep_ms=5, first_ms=[1000.0, 1000.0])
-    assert calls == ["a", "b", "b", "a", "a", "b"], calls
+
+    def slow(name):  # each call takes longer than a round (5 ms over 7 rounds)
+        return lambda: calls.append(name) or time.sleep(0.002)
+
+    # The first (warm-up) calls took a second; the second ones, still slower than a round,
+    # are the first of 3 rounds of one call each.
+    harness.time_alternating(
+        [slow("a"), slow("b")], torch.device("cpu"), rep_ms=5, first_ms=[1000.0, 1000.0]
+    )
+    assert calls == ["a", "b", "a", "b", "b", "a"], calls
+
+
+def test_a_slow_first_call_followed_by_fast_ones_gets_full_rounds(run_main):
+    """A first call that compiled is not the case's speed: the second call decides."""
+    from bench import harness
+
+    calls: list[str] = []
+    fns = [lambda: calls.append("a"), lambda: calls.append("b"), lambda: calls.append("c")]
+    harness.time_alternating(fns, torch.device("cpu"), rep_ms=5, first_ms=[1000.0] * 3)
+    blocks = [c for i, c in enumerate(calls) if i == 0 or calls[i - 1] != c]
+    # The second calls, one sizing call each, then a block per provider in every round.
+    assert [blocks.count(p) for p in "abc"] == [harness._rounds(5) + 2] * 3, blocks
