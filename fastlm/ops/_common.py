@@ -59,6 +59,9 @@ def absent(like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
 
 # Looked up once: each attribute walk through torch._C costs on every call.
 _is_compiling = torch.compiler.is_compiling
+# Dynamo answers True while it traces; an eager call costs a tenth of is_compiling's.
+is_dynamo_compiling = torch.compiler.is_dynamo_compiling
+any_autocast = torch._C._is_any_autocast_enabled
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _functorch_active = torch._C._are_functorch_transforms_active
 _any_requires_grad = torch._C._any_requires_grad
@@ -146,3 +149,23 @@ class EagerOp:
         if self._function is not None and _any_requires_grad(*args) and _grad_enabled():
             return self._function.apply(*args)
         return self._impl(*args)
+
+
+# Signatures that passed an op's metadata checks. A call builds its signature from what the
+# checks read (each tensor's type, the shapes they compare, dtype, device; ``is_cpu`` stands
+# for the CPU, the cheap read; the flags), so a known signature passes the same checks again
+# and only the per-call value checks run: on a small tensor the metadata checks cost as much
+# as the op. Only passes are kept, never a failure (a failing signature raises, with the
+# same message, every time); each memo is emptied when full, so its memory stays bounded
+# whatever shapes come. While Dynamo traces nothing is looked up or kept (the graph would be
+# guarded on the memo's contents, and its guards fix the metadata anyway).
+SIGNATURES_KEPT = 256
+
+
+def remember(passed: dict[tuple, object], key: tuple, value: object = True) -> None:
+    """Keep ``key`` in the memo ``passed`` with ``value`` (what the op derives from the
+    signature alone, when it has something to keep; the memo is emptied first when it holds
+    :data:`SIGNATURES_KEPT`)."""
+    if len(passed) >= SIGNATURES_KEPT:
+        passed.clear()
+    passed[key] = value

@@ -19,17 +19,15 @@ from fastlm.ops._common import (
     FLOAT32_AND_HALF_DTYPES,
     EagerOp,
     absent,
+    any_autocast,
     as_rows,
     dtype_error,
+    is_dynamo_compiling,
+    remember,
     supports,
 )
 from fastlm.ops.autocast import autocast_policy
 from fastlm.ops.contract import check_int, check_real, describe
-
-_any_autocast = torch._C._is_any_autocast_enabled
-# Dynamo answers True while it traces (then no memo is read or kept: the graph would be
-# guarded on its contents); a plain call costs a tenth of torch.compiler.is_compiling's.
-_is_compiling = torch.compiler.is_dynamo_compiling
 
 ACTIVATIONS = ("identity", "relu", "gelu", "gelu_tanh", "silu")
 _TORCH_ACT = {
@@ -77,7 +75,7 @@ def bias_act(
     from torch's generator); the backward reuses the same mask. Math in fp32.
     """
     # The autocast policy's wrapper costs a call layer; one query answers the usual case.
-    if _any_autocast():
+    if any_autocast():
         return _bias_act_under_autocast(x, bias, activation, dropout_p, seed)
     return _bias_act_call(x, bias, activation, dropout_p, seed)
 
@@ -86,7 +84,7 @@ def _bias_act_call(x, bias, activation, dropout_p, seed):
     try:
         key = (
             None
-            if _is_compiling()
+            if is_dynamo_compiling()
             else (
                 type(x),
                 x.shape[-1],
@@ -144,24 +142,7 @@ def _check_bias_act(x: object, bias: object, activation: object) -> None:
             raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
 
 
-# Signatures that passed an op's metadata checks. A call builds its signature from what the
-# check reads (each tensor's type, the shapes it compares, dtype, device: ``is_cpu`` stands
-# for the CPU, the cheap read; and the flags), so a known signature passes the same checks
-# again, and only the per-call value checks (dropout, scale) run: on a small tensor the
-# metadata checks cost as much as the op. Only passes are kept, never a failure; each memo
-# is emptied when full, so its memory stays bounded whatever shapes come. While torch.compile
-# traces, nothing is looked up or kept (the graph would be guarded on the memo's contents).
-SIGNATURES_KEPT = 256
 _BIAS_ACT_PASSED: dict[tuple, object] = {}
-
-
-def remember(passed: dict[tuple, object], key: tuple, value: object = True) -> None:
-    """Keep ``key`` in the memo ``passed`` with ``value`` (what the op derives from the
-    signature alone, when it has something to keep; the memo is emptied first when it holds
-    :data:`SIGNATURES_KEPT`)."""
-    if len(passed) >= SIGNATURES_KEPT:
-        passed.clear()
-    passed[key] = value
 
 
 _KERNEL_MODULES: dict[str, object] = {}

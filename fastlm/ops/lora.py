@@ -19,8 +19,8 @@ from torch import Tensor
 
 from fastlm import backend
 from fastlm.backend import forced_backend
-from fastlm.ops._common import HALF_DTYPES, supports
-from fastlm.ops.activation import check_dropout, remember, seeded_dropout
+from fastlm.ops._common import HALF_DTYPES, any_autocast, is_dynamo_compiling, remember, supports
+from fastlm.ops.activation import check_dropout, seeded_dropout
 from fastlm.ops.autocast import autocast_policy
 from fastlm.ops.contract import check_real, describe
 from fastlm.ops.quant import linear
@@ -61,18 +61,18 @@ def lora_linear(
     in x's dtype. Gradients reach x, lora_a and lora_b (not weight or bias).
     """
     # The autocast policy's wrapper costs a call layer; one query answers the usual case.
-    if _any_autocast():
+    if any_autocast():
         return _lora_linear_under_autocast(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed)
     return _lora_linear_call(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed)
 
 
 def _lora_linear_call(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed):
-    try:  # the signature (see fastlm.ops.activation.remember)
+    try:  # the signature (see fastlm.ops._common.remember)
         # A quantized weight's device and dtype are its codes'.
         w = weight.qweight if type(weight) is QuantizedWeight else weight
         key = (
             None
-            if _is_compiling()
+            if is_dynamo_compiling()
             else (
                 type(x),
                 x.shape[-1],
@@ -130,10 +130,6 @@ _lora_linear_under_autocast = autocast_policy(lower_precision=True)(_lora_linear
 _LORA_LINEAR_PASSED: dict[tuple, bool] = {}
 _linear = torch._C._nn.linear  # bound once: each attribute walk costs on every call
 _INF = math.inf
-_any_autocast = torch._C._is_any_autocast_enabled
-# Dynamo answers True while it traces (then no memo is read or kept: the graph would be
-# guarded on its contents); a plain call costs a tenth of torch.compiler.is_compiling's.
-_is_compiling = torch.compiler.is_dynamo_compiling
 
 
 def _triton_error(x: Tensor) -> str | None:

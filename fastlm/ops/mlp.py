@@ -25,7 +25,16 @@ from torch import Tensor
 
 from fastlm import backend
 from fastlm.backend import forced_backend
-from fastlm.ops._common import HALF_DTYPES, EagerOp, absent, as_rows, supports
+from fastlm.ops._common import (
+    HALF_DTYPES,
+    EagerOp,
+    absent,
+    any_autocast,
+    as_rows,
+    is_dynamo_compiling,
+    remember,
+    supports,
+)
 from fastlm.ops.activation import (
     _ACT,
     _ACT_INPLACE,
@@ -38,17 +47,12 @@ from fastlm.ops.activation import (
     gated_act_bwd,
     kernels,
     matrix_rows,
-    remember,
     seeded_dropout,
 )
 from fastlm.ops.autocast import autocast_policy
 from fastlm.ops.contract import describe
 
 _ACTIVATION_SET = frozenset(ACTIVATIONS)
-_any_autocast = torch._C._is_any_autocast_enabled
-# Dynamo answers True while it traces (then no memo is read or kept: the graph would be
-# guarded on its contents); a plain call costs a tenth of torch.compiler.is_compiling's.
-_is_compiling = torch.compiler.is_dynamo_compiling
 # Philox streams of the two dropouts in fused_mlp: hidden (seed) and output (seed + 1).
 _OUTPUT_DROPOUT_STREAM = 1
 
@@ -89,16 +93,16 @@ def linear_act(
     drawn from torch's generator), reused by the backward.
     """
     # The autocast policy's wrapper costs a call layer; one query answers the usual case.
-    if _any_autocast():
+    if any_autocast():
         return _linear_act_under_autocast(x, weight, bias, activation, dropout_p, seed)
     return _linear_act_call(x, weight, bias, activation, dropout_p, seed)
 
 
 def _linear_act_call(x, weight, bias, activation, dropout_p, seed):
-    try:  # the signature (see fastlm.ops.activation.remember)
+    try:  # the signature (see fastlm.ops._common.remember)
         key = (
             None
-            if _is_compiling()
+            if is_dynamo_compiling()
             else (
                 type(x),
                 x.shape[-1],
@@ -148,16 +152,16 @@ def gated_linear(
     x: (..., K); w_gate, w_up: (N, K); biases (N,), both or neither; result (..., N).
     """
     # The autocast policy's wrapper costs a call layer; one query answers the usual case.
-    if _any_autocast():
+    if any_autocast():
         return _gated_linear_under_autocast(x, w_gate, w_up, activation, bias_gate, bias_up)
     return _gated_linear_call(x, w_gate, w_up, activation, bias_gate, bias_up)
 
 
 def _gated_linear_call(x, w_gate, w_up, activation, bias_gate, bias_up):
-    try:  # the signature (see fastlm.ops.activation.remember)
+    try:  # the signature (see fastlm.ops._common.remember)
         key = (
             None
-            if _is_compiling()
+            if is_dynamo_compiling()
             else (
                 type(x),
                 x.shape[-1],
@@ -216,7 +220,7 @@ def fused_mlp(
     x: (..., in); fc1_weight: (hidden, in); fc2_weight: (out, hidden); biases or None.
     """
     # The autocast policy's wrapper costs a call layer; one query answers the usual case.
-    if _any_autocast():
+    if any_autocast():
         return _fused_mlp_under_autocast(
             x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, dropout_p, seed
         )
@@ -226,10 +230,10 @@ def fused_mlp(
 
 
 def _fused_mlp_call(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, dropout_p, seed):
-    try:  # the signature (see fastlm.ops.activation.remember)
+    try:  # the signature (see fastlm.ops._common.remember)
         key = (
             None
-            if _is_compiling()
+            if is_dynamo_compiling()
             else (
                 type(x),
                 x.shape[-1],
@@ -307,7 +311,7 @@ def gated_mlp(
     x: (..., hidden); gate/up weights: (intermediate, hidden); down: (hidden', intermediate).
     """
     # The autocast policy's wrapper costs a call layer; one query answers the usual case.
-    if _any_autocast():
+    if any_autocast():
         return _gated_mlp_under_autocast(
             x, gate_weight, up_weight, down_weight, activation, gate_bias, up_bias, down_bias
         )
@@ -319,10 +323,10 @@ def gated_mlp(
 def _gated_mlp_call(
     x, gate_weight, up_weight, down_weight, activation, gate_bias, up_bias, down_bias
 ):
-    try:  # the signature (see fastlm.ops.activation.remember)
+    try:  # the signature (see fastlm.ops._common.remember)
         key = (
             None
-            if _is_compiling()
+            if is_dynamo_compiling()
             else (
                 type(x),
                 x.shape[-1],

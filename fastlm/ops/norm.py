@@ -25,6 +25,7 @@ from fastlm.ops._common import (
     _grad_enabled,
     _is_compiling,
     absent,
+    any_autocast,
     as_rows,
     dtype_error,
     supports,
@@ -101,7 +102,7 @@ def layer_norm(
     Statistics are computed in float32 whatever the input dtype.
     """
     # The autocast policy's own wrapper costs a call layer; one query answers the usual case.
-    if _any_autocast():
+    if any_autocast():
         return _norm_under_autocast(
             x, normalized_shape, weight, bias, eps, residual, out_dtype, False
         )
@@ -143,7 +144,7 @@ def rms_norm(
             widest = torch.promote_types(x.dtype, residual.dtype)
         wide = torch.promote_types(widest, torch.float32)
         weight = (weight if weight.dtype is wide else weight.to(wide)) + offset
-    if _any_autocast():
+    if any_autocast():
         return _norm_under_autocast(
             x, normalized_shape, weight, None, eps, residual, out_dtype, True
         )
@@ -295,7 +296,6 @@ def _norm(x, normalized_shape, weight, bias, eps, residual, out_dtype, rms):
 
 
 _norm_under_autocast = autocast_policy(lower_precision=False)(_norm)
-_any_autocast = torch._C._is_any_autocast_enabled
 
 
 def _torch_weight(w: Tensor | None, dtype: torch.dtype) -> Tensor | None:

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from fastlm import backend
 from fastlm.backend import forced_backend
-from fastlm.ops._common import HALF_DTYPES, EagerOp, supports
+from fastlm.ops._common import HALF_DTYPES, EagerOp, any_autocast, supports
 from fastlm.ops.activation import kernels, matrix_rows
 from fastlm.ops.autocast import autocast_policy
 from fastlm.ops.contract import describe
@@ -99,7 +99,7 @@ def quant_matmul(x: Tensor, qw: QuantizedWeight, bias: Tensor | None = None) -> 
     float dtype, or None. Returns (..., N) in x's dtype, accumulated in fp32.
     """
     # The autocast policy's wrapper costs a call layer; one query answers the usual case.
-    if _any_autocast():
+    if any_autocast():
         return _quant_matmul_under_autocast(x, qw, bias)
     return _quant_matmul_call(x, qw, bias)
 
@@ -132,7 +132,6 @@ def _quant_matmul_call(x: Tensor, qw: QuantizedWeight, bias: Tensor | None) -> T
 
 
 _quant_matmul_under_autocast = autocast_policy(lower_precision=True)(_quant_matmul_call)
-_any_autocast = torch._C._is_any_autocast_enabled
 _linear = torch._C._nn.linear  # bound once: each attribute walk costs on every call
 
 

@@ -126,7 +126,7 @@ def test_eager_entrance_equals_the_compiled_custom_op_with_grads():
 def test_a_known_signature_still_checks_dropout_and_a_failure_is_never_kept():
     """bias_act's metadata checks are memoized per signature: dropout is still checked on a
     known one, a failing signature raises every time, and the memo stays bounded."""
-    from fastlm.ops import activation
+    from fastlm.ops import _common
 
     x, bias = torch.randn(3, 8), torch.randn(8)
     ops.bias_act(x, bias, "gelu")  # this signature passes (and is remembered)
@@ -140,7 +140,7 @@ def test_a_known_signature_still_checks_dropout_and_a_failure_is_never_kept():
         with pytest.raises(TypeError, match="bias"):
             ops.bias_act(x, bias.int(), "gelu")
     passed: dict[tuple, object] = {}
-    for i in range(activation.SIGNATURES_KEPT + 5):
-        activation.remember(passed, (i,))
-    assert 0 < len(passed) <= activation.SIGNATURES_KEPT, len(passed)
-    assert (activation.SIGNATURES_KEPT + 4,) in passed
+    for i in range(_common.SIGNATURES_KEPT + 5):
+        _common.remember(passed, (i,))
+    assert 0 < len(passed) <= _common.SIGNATURES_KEPT, len(passed)
+    assert (_common.SIGNATURES_KEPT + 4,) in passed
