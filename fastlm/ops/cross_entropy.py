@@ -40,8 +40,11 @@ from fastlm.ops._common import (
     EagerOp,
     SupportCheck,
     absent,
+    any_autocast,
     dtype_error,
+    is_dynamo_compiling,
     last_dim_contiguous,
+    remember,
     supports,
 )
 from fastlm.ops.autocast import autocast_policy
@@ -119,29 +122,17 @@ def cross_entropy_ref(
 
 
 # Looked up once: each attribute walk through torch costs on every call of a small loss.
-_any_autocast = torch._C._is_any_autocast_enabled
-_is_compiling = torch.compiler.is_compiling
 _forced_backend = backend.forced_backend
 # F.cross_entropy's native op and F.linear, without F.cross_entropy's Python wrapper.
 _native_cross_entropy = torch._C._nn.cross_entropy_loss
 _native_linear = torch._C._nn.linear
 
 # The tensor signatures (types, shapes, dtypes, devices) that passed an op's checks of its
-# tensors' metadata, each mapped to what those checks worked out: eager training repeats a
-# handful of signatures, and checking them again costs as much as a small loss. Only
-# passing signatures are stored (a failing one raises every time); the other arguments, the
-# target's classes and the class weights are checked on every call. Cleared when full, so
-# that a caller of ever-new shapes holds no memory. Not while compiling: a graph checks once
-# anyway, and a lookup would make it guard on the dict.
-_PLANS_MAX = 256
+# tensors' metadata, each mapped to what those checks worked out (fastlm.ops._common's
+# memo rules: passes only, bounded, not while Dynamo traces). The other arguments, the
+# target's classes and the class weights are checked on every call.
 _ce_plans: dict[tuple, tuple] = {}
 _linear_plans: dict[tuple, tuple] = {}
-
-
-def _remember(plans: dict[tuple, tuple], key: tuple, plan: tuple) -> None:
-    if len(plans) >= _PLANS_MAX:
-        plans.clear()
-    plans[key] = plan
 
 
 def cross_entropy(
@@ -182,9 +173,9 @@ def cross_entropy(
     input is never modified.
     """
     plan = None
-    if _any_autocast() or _is_compiling():
+    if any_autocast() or is_dynamo_compiling():
         key = None
-        if _any_autocast():
+        if any_autocast():
             return _cross_entropy_autocast(
                 logits,
                 target,
@@ -216,7 +207,7 @@ def cross_entropy(
     if plan is None:
         plan = _ce_tensors(logits, target)
         if key is not None:
-            _remember(_ce_plans, key, plan)
+            remember(_ce_plans, key, plan)
     if (
         plan[1]
         and weight is None
@@ -400,9 +391,9 @@ def linear_cross_entropy(
     module docstring).
     """
     plan = None
-    if _any_autocast() or _is_compiling():
+    if any_autocast() or is_dynamo_compiling():
         key = None
-        if _any_autocast():
+        if any_autocast():
             return _linear_cross_entropy_autocast(
                 hidden,
                 weight,
@@ -443,7 +434,7 @@ def linear_cross_entropy(
     if plan is None:
         plan = _linear_tensors(hidden, weight, bias, target)
         if key is not None:
-            _remember(_linear_plans, key, plan)
+            remember(_linear_plans, key, plan)
     if (
         plan[-1]
         and chunk_size is None

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import fastlm
 from fastlm import backend, ops
+from fastlm.ops._common import SIGNATURES_KEPT
 from fastlm.ops.cross_entropy import (
     CPU_ROWS_PER_THREAD,
     MIN_CHUNK_ROWS,
@@ -736,10 +737,10 @@ def test_cross_entropy_known_signature_still_checks_every_call():
 def test_a_failing_tensor_signature_is_never_remembered(monkeypatch):
     module = importlib.import_module("fastlm.ops.cross_entropy")
     remembered = []
-    remember = module._remember
+    remember = module.remember
     monkeypatch.setattr(
         module,
-        "_remember",
+        "remember",
         lambda plans, key, plan: remembered.append(key) or remember(plans, key, plan),
     )
     x, t = torch.randn(4, 6), _targets(4, 6)
@@ -770,9 +771,9 @@ def test_plans_stay_bounded():
     module = importlib.import_module("fastlm.ops.cross_entropy")
 
     t = torch.zeros(1, dtype=torch.long)
-    for v in range(1, module._PLANS_MAX + 20):
+    for v in range(1, SIGNATURES_KEPT + 20):
         ops.cross_entropy(torch.zeros(1, v), t)
-        assert len(module._ce_plans) <= module._PLANS_MAX
+        assert len(module._ce_plans) <= SIGNATURES_KEPT
     # Cleared and refilled, still right.
     assert ops.cross_entropy(torch.zeros(1, 4), t) == math.log(4)
 
