@@ -4,6 +4,7 @@ checks they share are in :mod:`fastlm.ops.contract`)."""
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -169,3 +170,45 @@ def remember(passed: dict[tuple, object], key: tuple, value: object = True) -> N
     if len(passed) >= SIGNATURES_KEPT:
         passed.clear()
     passed[key] = value
+
+
+# The (min, max) of integer tensors read recently: every layer of a model passes the same
+# position ids (rotary) and cache lengths (decode attention), and reading them back costs a
+# device sync (on a CPU, the read) per call. Keyed on the tensor's id, with a weak reference
+# (a new tensor that reuses a freed one's id is not mistaken for it) and the version counter
+# (an in-place change, such as a decode loop's ``lengths += 1``, is seen).
+_ranges: dict[int, tuple] = {}
+RANGES_KEPT = 8
+_INT_DTYPES = (torch.int32, torch.int64)
+
+
+def value_range(t: Tensor) -> tuple[int, int]:
+    """``(t.min(), t.max())`` of a non-empty tensor as Python numbers; for an int32/int64
+    tensor remembered until it changes in place (see :func:`remembered_range`)."""
+    if type(t) is not Tensor or t.dtype not in _INT_DTYPES or t.is_inference() or _is_compiling():
+        return t.min().item(), t.max().item()
+    return remembered_range(t)
+
+
+def remembered_range(t: Tensor) -> tuple[int, int]:
+    """:func:`value_range` of a plain non-empty int32/int64 tensor, outside a traced call
+    (the caller has checked that): read once, then answered from the memo until ``t``
+    changes in place. An inference tensor (no version counter) is read every call."""
+    hit = _ranges.get(id(t))
+    try:
+        version = t._version
+    except RuntimeError:  # an inference tensor
+        version = None
+    if hit is not None and hit[1] == version and hit[0]() is t:
+        return hit[2], hit[3]
+    if t.is_cpu and t.dim() == 1:
+        values = t.tolist()  # cheaper than a reduction and two .item() calls
+        lo, hi = min(values), max(values)
+    else:
+        lo, hi = torch.aminmax(t)
+        lo, hi = lo.item(), hi.item()
+    if version is not None:
+        if len(_ranges) >= RANGES_KEPT:
+            _ranges.clear()
+        _ranges[id(t)] = (weakref.ref(t), version, lo, hi)
+    return lo, hi

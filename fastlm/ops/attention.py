@@ -15,10 +15,19 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from fastlm import backend
-from fastlm.ops._common import HALF_DTYPES, EagerOp, absent, last_dim_contiguous, supports
+from fastlm.ops._common import (
+    HALF_DTYPES,
+    EagerOp,
+    _is_compiling,
+    absent,
+    any_autocast,
+    last_dim_contiguous,
+    remember,
+    supports,
+)
 from fastlm.ops.activation import check_dropout
 from fastlm.ops.autocast import autocast_policy
-from fastlm.ops.contract import check_int, check_real, describe, values_readable
+from fastlm.ops.contract import check_int, check_real, check_softcap, describe, values_readable
 from fastlm.ops.masks import (
     NO_WINDOW,
     UNBOUNDED,
@@ -173,16 +182,6 @@ MAX_HEAD_DIM = 256  # flash-attn's limit, and the Triton kernels'
 # metadata anyway). Bounded: a full memo is emptied first.
 _PASSED_QKV: dict[tuple, str] = {}  # flash_attention's q, k, v -> its _nan_probe
 _PASSED_SDPA: dict[tuple, str] = {}  # scaled_dot_product_attention's, no mask -> same
-_MAX_SIGNATURES = 64
-_is_compiling = torch.compiler.is_compiling
-
-
-def _remember(memo: dict[tuple, object], signature: tuple, derived: object = True) -> None:
-    """Record ``signature`` as one that passed the checks ``memo`` stands for (with what the
-    checks ``derived`` from it, when a caller keeps that)."""
-    if len(memo) >= _MAX_SIGNATURES:
-        memo.clear()
-    memo[signature] = derived
 
 
 def flash_attention(
@@ -236,7 +235,7 @@ def flash_attention(
     in an entry the row does not see may reach it or not depending on the backend (SDPA
     adds the mask to a NaN score; the Triton kernels skip key blocks outside the window).
     """
-    if _any_autocast() and autocast_applies(q):  # (the decorator's layer costs every call)
+    if any_autocast() and autocast_applies(q):  # (the decorator's layer costs every call)
         return _flash_under_autocast(
             q,
             k,
@@ -270,7 +269,7 @@ def flash_attention(
         qs, ks = q.shape, k.shape
         probe = _nan_probe(q, ks[1], False, compiling)
         if signature is not None:
-            _remember(_PASSED_QKV, signature, probe)
+            remember(_PASSED_QKV, signature, probe)
     if (
         attn_bias is None
         and alibi_slopes is None
@@ -323,7 +322,7 @@ def flash_attention(
     scale = _check_scale(softmax_scale, qs[3])
     window = window_bounds(window)
     seed = _check_dropout(dropout_p, seed)
-    softcap = _check_softcap(softcap)
+    softcap = check_softcap(softcap)
     need_probs = _check_flag("return_attn_probs", return_attn_probs)
     deterministic = _check_flag("deterministic", deterministic)
     need_lse = need_probs or return_lse
@@ -413,7 +412,7 @@ def flash_attention_varlen(
             dropout_p=dropout_p,
             seed=_check_dropout(dropout_p, seed),
             slopes=slopes,
-            softcap=_check_softcap(softcap),
+            softcap=check_softcap(softcap),
             packed=(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
             block_table=block_table,
             need_lse=_check_flag("return_attn_probs", return_attn_probs) or return_lse,
@@ -459,7 +458,7 @@ def scaled_dot_product_attention(
     Rows with no allowed key give zeros; a NaN query row that sees a key gives NaN. On CPU
     tensors this is PyTorch's own function. The Triton kernels take 4-D fp16/bf16 tensors
     with value's head_dim equal to query's, up to 256."""
-    if _any_autocast() and autocast_applies(query):  # (the decorator's layer costs every call)
+    if any_autocast() and autocast_applies(query):  # (the decorator's layer costs every call)
         return _sdpa_under_autocast(
             query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
         )
@@ -494,7 +493,7 @@ def scaled_dot_product_attention(
         _check_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
         probe = _nan_probe(query, key.shape[-2], attn_mask is not None, compiling)
         if signature is not None:
-            _remember(_PASSED_SDPA, signature, probe)
+            remember(_PASSED_SDPA, signature, probe)
     elif not plain:
         # _check_sdpa's value checks, in its order.
         check_dropout(dropout_p, 0)
@@ -556,7 +555,6 @@ def scaled_dot_product_attention(
 # Under autocast the public functions run through their policy's wrapper, which calls them
 # again with autocast off for their tensors' device (so :func:`autocast_applies` is then
 # False): the common call, without autocast, pays one query instead of the wrapper's layer.
-_any_autocast = torch._C._is_any_autocast_enabled
 _flash_under_autocast = autocast_policy(lower_precision=True)(flash_attention)
 _sdpa_under_autocast = autocast_policy(lower_precision=True)(scaled_dot_product_attention)
 
@@ -656,16 +654,6 @@ def _check_scale(softmax_scale, head_dim: int, name: str = "softmax_scale") -> f
     if softmax_scale is None:
         return 1.0 / math.sqrt(head_dim)
     return check_real(name, softmax_scale)
-
-
-def _check_softcap(softcap) -> float:
-    """flash-attn's ``softcap``: a finite number >= 0, 0 meaning no cap."""
-    if type(softcap) is float and 0.0 <= softcap < math.inf:  # the common call, first
-        return softcap
-    value = check_real("softcap", softcap)
-    if value < 0:
-        raise ValueError(f"softcap must be >= 0 (0: no cap), got {value}")
-    return value
 
 
 def _check_dropout(dropout_p, seed) -> int:

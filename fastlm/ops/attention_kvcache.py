@@ -13,26 +13,30 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastlm import backend
-from fastlm.ops._common import HALF_DTYPES, EagerOp, supports
+from fastlm.ops._common import (
+    HALF_DTYPES,
+    EagerOp,
+    any_autocast,
+    remember,
+    remembered_range,
+    supports,
+)
 from fastlm.ops.attention import (
     _EQUAL_PROBE,
     MAX_HEAD_DIM,
     NAN_SAFE_KEYS,
-    _any_autocast,
     _check_alibi,
     _check_head_dim,
     _check_heads,
     _check_scale,
-    _check_softcap,
     _is_compiling,
     _may_hold_nan,
     _nan_rows_lost,
     _nan_rows_may_be_lost,
-    _remember,
     autocast_applies,
 )
 from fastlm.ops.autocast import autocast_policy
-from fastlm.ops.contract import check_int, describe, values_readable
+from fastlm.ops.contract import check_int, check_softcap, describe, values_readable
 from fastlm.ops.masks import NO_WINDOW, window_bounds
 from fastlm.ops.rotary import apply_rotary
 
@@ -101,7 +105,7 @@ def attention_with_kvcache(
     Returns out (B, Sq, H, D) (and fp32 lse (B, H, Sq)); a row with no key gives zeros
     (and lse -inf).
     """
-    if _any_autocast() and autocast_applies(q):  # (the decorator's layer costs every call)
+    if any_autocast() and autocast_applies(q):  # (the decorator's layer costs every call)
         return _kvcache_under_autocast(
             q,
             k_cache,
@@ -148,8 +152,9 @@ def attention_with_kvcache(
         if step is not None:
             scale, (fewest, most), (seqlen_q, n_new, grouped, small_q) = step
             if fewest == most and fewest >= seqlen_q and not (causal and seqlen_q > 1):
-                k_cache.narrow(1, most - n_new, n_new).copy_(k_new)
-                v_cache.narrow(1, most - n_new, n_new).copy_(v_new)
+                # An indexed write: the same copy as narrow().copy_(), in one call less.
+                k_cache[:, most - n_new : most] = k_new
+                v_cache[:, most - n_new : most] = v_new
                 qt = q.transpose(1, 2)
                 kt = k_cache.narrow(1, 0, most).transpose(1, 2)
                 vt = v_cache.narrow(1, 0, most).transpose(1, 2)
@@ -580,7 +585,7 @@ def _check_kvcache(
     ):
         step = _decode_step(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale)
         if step is not None:
-            _check_softcap(softcap)
+            check_softcap(softcap)
             return step[:2]
     for name, t in (
         ()
@@ -658,7 +663,7 @@ def _check_kvcache(
         rotary_dim = _check_rotary(rotary_cos, rotary_sin, rotary_interleaved, k_new, q)
     if alibi_slopes is not None:
         _check_alibi(alibi_slopes, batch, n_heads, q)
-    softcap = _check_softcap(softcap)
+    softcap = check_softcap(softcap)
     if num_splits is not None:
         check_int("num_splits", num_splits, 1)
     scale = _check_scale(softmax_scale, head_dim)
@@ -801,14 +806,15 @@ def _decode_step(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale
             return None
         small_q = type(q) is Tensor and q.numel() <= _EQUAL_PROBE  # probed inline for NaN
         shapes = (qs[1], ns[1], qs[2] != cs[2], small_q, cs[1], 1.0 / math.sqrt(qs[3]))
-        _remember(_PASSED_STEPS, signature, shapes)
+        remember(_PASSED_STEPS, signature, shapes)
     seqlen_q, n_new, grouped, small_q, capacity, scale = shapes
     if softmax_scale is not None:
         if type(softmax_scale) is not float or not math.isfinite(softmax_scale):
             return None
         scale = softmax_scale
-    lengths = cache_seqlens.tolist()
-    low, high = min(lengths), max(lengths)
+    # Read once per step: every layer of a decode step passes the same lengths tensor (and
+    # on a GPU each read is a host sync); an in-place advance is seen by its version.
+    low, high = remembered_range(cache_seqlens)
     if low < 0 or high + n_new > capacity:
         return None
     return scale, (low + n_new, high + n_new), (seqlen_q, n_new, grouped, small_q)

@@ -23,6 +23,7 @@ from fastlm.ops._common import (
     dtype_error,
     last_dim_contiguous,
     supports,
+    value_range,
 )
 from fastlm.ops.autocast import autocast_policy
 from fastlm.ops.contract import FLOAT_DTYPES, check_float, values_readable
@@ -234,33 +235,6 @@ def _check_range(name: str, t: Tensor, low: int, high: int) -> None:
             f"{name} values must lie in [{low}, {high}) so every position is in "
             f"[0, max_positions = cos.shape[0]); got min {lo}, max {hi}"
         )
-
-
-# The (min, max) of position tensors read recently: every layer of a model passes the same
-# position_ids, and reading them back costs a device sync per call. Kept as the tables are
-# (weak references, checked against the version counter).
-_ranges: dict[int, tuple] = {}
-
-
-def value_range(t: Tensor) -> tuple[int, int]:
-    """``(t.min(), t.max())`` of a non-empty tensor as Python numbers; for an int32/int64
-    tensor remembered until it changes in place."""
-    if (
-        type(t) is not Tensor
-        or t.dtype not in _INT_DTYPES
-        or t.is_inference()
-        or torch.compiler.is_compiling()
-    ):
-        return t.min().item(), t.max().item()
-    hit = _ranges.get(id(t))
-    if hit is not None and hit[1] == t._version and hit[0]() is t:
-        return hit[2], hit[3]
-    lo, hi = torch.aminmax(t)
-    lo, hi = lo.item(), hi.item()
-    if len(_ranges) >= _CACHE_ENTRIES:
-        _ranges.clear()
-    _ranges[id(t)] = (weakref.ref(t), t._version, lo, hi)
-    return lo, hi
 
 
 # ---------------------------------------------------------------------------------------------

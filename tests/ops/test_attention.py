@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import fastlm
 from fastlm import backend, ops
 from fastlm.ops import attention as attention_ops
+from fastlm.ops._common import SIGNATURES_KEPT
 from fastlm.testing import (
     assert_attention_policy,
     assert_lse,
@@ -996,7 +997,7 @@ def test_sdpa_signature_memo_keeps_enable_gqa_and_value_checks():
 
 
 def test_signature_memo_is_bounded():
-    x = [torch.randn(1, s, 1, 4) for s in range(1, attention_ops._MAX_SIGNATURES + 3)]
+    x = [torch.randn(1, s, 1, 4) for s in range(1, SIGNATURES_KEPT + 3)]
     for t in x:
         ops.flash_attention(t, t, t)
-    assert 0 < len(attention_ops._PASSED_QKV) <= attention_ops._MAX_SIGNATURES
+    assert 0 < len(attention_ops._PASSED_QKV) <= SIGNATURES_KEPT

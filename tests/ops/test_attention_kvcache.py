@@ -541,3 +541,31 @@ def test_decode_step_memo_checks_values_every_call():
         with pytest.raises(ValueError, match="k_new must be"):
             ops.attention_with_kvcache(q, k_cache, v_cache, full - 2, k_new[:1], v_new[:1])
     assert len(attention_kvcache._PASSED_STEPS) == 1
+
+
+def test_decode_step_lengths_memo_sees_in_place_changes_and_new_tensors():
+    """The lengths' values are read once per tensor and version (every layer of a decode step
+    passes the same tensor): an in-place advance after a good call is seen ("no room" still
+    raises), and a new tensor that may reuse a freed one's id is read afresh."""
+    from fastlm.ops import _common
+
+    k_cache, v_cache = (torch.zeros(2, 6, 1, 4, dtype=torch.float64) for _ in "kv")
+    q, k_new, v_new = (torch.randn(2, 1, 1, 4, dtype=torch.float64) for _ in "qkv")
+    lengths = torch.full((2,), 4, dtype=torch.int32)
+    ops.attention_with_kvcache(q, k_cache, v_cache, lengths, k_new, v_new)
+    assert _common._ranges[id(lengths)][2:] == (4, 4)
+    lengths += 2  # no room left for the new token
+    with pytest.raises(ValueError, match="no room: cache_seqlens up to 6"):
+        ops.attention_with_kvcache(q, k_cache, v_cache, lengths, k_new, v_new)
+    lengths.fill_(1)  # in place again: shorter rows attend to fewer keys
+    out = ops.attention_with_kvcache(q, k_cache, v_cache, lengths, k_new, v_new)
+    ref, _ = _reference(q, k_cache[:, :2], v_cache[:, :2], causal=False, scale=0.5)
+    eps = torch.finfo(torch.float64).eps
+    torch.testing.assert_close(out, ref, rtol=64 * eps, atol=64 * eps)
+    for _ in range(8):  # new tensors, often at the freed one's id: never the old values
+        del lengths
+        lengths = torch.full((2,), 6, dtype=torch.int32)
+        with pytest.raises(ValueError, match="no room"):
+            ops.attention_with_kvcache(q, k_cache, v_cache, lengths, k_new, v_new)
+        lengths.fill_(1)
+        ops.attention_with_kvcache(q, k_cache, v_cache, lengths, k_new, v_new)
