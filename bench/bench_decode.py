@@ -155,11 +155,15 @@ def _plain_steps(q, k_cache, v_cache, k_new, v_new, length) -> dict[str, Callabl
     slot = torch.tensor([length], device=q.device)
     gqa = q.shape[2] != k_cache.shape[2]
 
-    def plain_sdpa():  # fastlm's own layout: write the token, attend over the valid prefix
+    # The two steps in fastlm's own layout take q as the op does, (B, 1, H, D), and turn it
+    # heads-first per step (as a model's step does with its fresh q) like the keys.
+    def plain_sdpa():  # write the token, attend over the valid prefix
         k_cache[:, length : length + 1] = k_new
         v_cache[:, length : length + 1] = v_new
         k, v = (c[:, : length + 1].transpose(1, 2) for c in (k_cache, v_cache))
-        return F.scaled_dot_product_attention(q_, k, v, enable_gqa=gqa).transpose(1, 2)
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k, v, enable_gqa=gqa).transpose(
+            1, 2
+        )
 
     def plain_softcap():  # the same step, scores capped by the eager expression (Gemma 2's)
         k_cache[:, length : length + 1] = k_new
@@ -167,7 +171,7 @@ def _plain_steps(q, k_cache, v_cache, k_new, v_new, length) -> dict[str, Callabl
         k, v = (c[:, : length + 1].transpose(1, 2) for c in (k_cache, v_cache))
         if gqa:
             k, v = (t.repeat_interleave(q.shape[2] // k.shape[1], dim=1) for t in (k, v))
-        scores = q_ @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+        scores = q.transpose(1, 2) @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
         scores = torch.tanh(scores / SOFTCAP) * SOFTCAP
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         return (probs @ v).transpose(1, 2)

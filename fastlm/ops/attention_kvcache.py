@@ -16,6 +16,7 @@ from fastlm import backend
 from fastlm.ops._common import (
     HALF_DTYPES,
     EagerOp,
+    _is_compiling,
     any_autocast,
     remember,
     remembered_range,
@@ -29,9 +30,7 @@ from fastlm.ops.attention import (
     _check_head_dim,
     _check_heads,
     _check_scale,
-    _is_compiling,
     _may_hold_nan,
-    _nan_rows_lost,
     _nan_rows_may_be_lost,
     autocast_applies,
 )
@@ -147,14 +146,54 @@ def attention_with_kvcache(
         # _torch_decode's no-mask case (the same calls, so the same bits) without the
         # layers between them, which cost as much again as the checks on a small step.
         # Any other call (None from the checks, or a mask needed) takes the general path,
-        # nothing changed yet.
-        step = _decode_step(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale)
-        if step is not None:
-            scale, (fewest, most), (seqlen_q, n_new, grouped, small_q) = step
-            if fewest == most and fewest >= seqlen_q and not (causal and seqlen_q > 1):
+        # nothing changed yet. _decode_step is inline (its call and result tuple cost a
+        # tenth of the step's overhead).
+        step = None
+        if not _is_compiling():
+            try:
+                qs, cs, ns, dtype = q.shape, k_cache.shape, k_new.shape, q.dtype
+                signature = (
+                    qs,
+                    cs,
+                    ns,
+                    v_cache.shape,
+                    v_new.shape,
+                    cache_seqlens.shape,
+                    dtype,
+                    type(q),
+                    k_cache.dtype is dtype
+                    and v_cache.dtype is dtype
+                    and k_new.dtype is dtype
+                    and v_new.dtype is dtype
+                    and cache_seqlens.dtype is _INT32
+                    and q.is_cpu
+                    and k_cache.is_cpu
+                    and v_cache.is_cpu
+                    and k_new.is_cpu
+                    and v_new.is_cpu
+                    and cache_seqlens.is_cpu,
+                )
+            except AttributeError:  # not tensors: the full check names the argument
+                signature = None
+            step = _PASSED_STEPS.get(signature)
+            if step is None and signature is not None:
+                step = _new_step(signature, q, k_cache, v_cache, cache_seqlens, k_new, v_new)
+        if step is not None and (
+            softmax_scale is None or (type(softmax_scale) is float and math.isfinite(softmax_scale))
+        ):
+            seqlen_q, n_new, grouped, small_q, capacity, scale = step
+            low, high = remembered_range(cache_seqlens)  # (see _decode_step)
+            most = high + n_new
+            if (
+                low == high
+                and low >= 0
+                and most <= capacity
+                and most >= seqlen_q
+                and not (causal and seqlen_q > 1)
+            ):
                 # An indexed write: the same copy as narrow().copy_(), in one call less.
-                k_cache[:, most - n_new : most] = k_new
-                v_cache[:, most - n_new : most] = v_new
+                k_cache[:, low:most] = k_new
+                v_cache[:, low:most] = v_new
                 qt = q.transpose(1, 2)
                 kt = k_cache.narrow(1, 0, most).transpose(1, 2)
                 vt = v_cache.narrow(1, 0, most).transpose(1, 2)
@@ -164,16 +203,18 @@ def attention_with_kvcache(
                     out = F.scaled_dot_product_attention(qt, kt, vt)
                 else:
                     out = F.scaled_dot_product_attention(
-                        qt, kt, vt, scale=scale, enable_gqa=grouped
+                        qt,
+                        kt,
+                        vt,
+                        scale=scale if softmax_scale is None else softmax_scale,
+                        enable_gqa=grouped,
                     )
                 out = out.transpose(1, 2)
                 # Every row sees a key: a NaN query row gives NaN (CPU tensors, not traced:
-                # see _decode_step; torch.equal: fastlm.ops.attention._may_hold_nan).
-                if most < NAN_SAFE_KEYS and small_q:
-                    lost = not torch.equal(q, q)
-                else:
-                    lost = _nan_rows_lost(q, most, False)
-                if lost:
+                # _nan_rows_lost's answer, inline; torch.equal: see _may_hold_nan).
+                if most < NAN_SAFE_KEYS and (
+                    not torch.equal(q, q) if small_q else _may_hold_nan(q)
+                ):
                     out.masked_fill_(q.isnan().any(-1, keepdim=True), math.nan)
                 return out
     scale, key_range = _check_kvcache(
@@ -765,6 +806,7 @@ def _check_rows(name, t, q) -> None:
 # as much again as a small step's attention, and a generation loop repeats one signature.
 # -> (Sq, Sq_new, grouped, q small enough to probe inline, capacity, default scale)
 _PASSED_STEPS: dict[tuple, tuple] = {}
+_INT32 = torch.int32
 
 
 def _decode_step(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale):
@@ -775,8 +817,8 @@ def _decode_step(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale
     per signature; the scale and the lengths (values) every call."""
     if _is_compiling():
         return None
-    try:
-        qs, cs, ns = q.shape, k_cache.shape, k_new.shape
+    try:  # the key attention_with_kvcache builds inline
+        qs, cs, ns, dtype = q.shape, k_cache.shape, k_new.shape, q.dtype
         signature = (
             qs,
             cs,
@@ -784,29 +826,27 @@ def _decode_step(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale
             v_cache.shape,
             v_new.shape,
             cache_seqlens.shape,
-            q.dtype,
-            k_cache.dtype,
-            v_cache.dtype,
-            k_new.dtype,
-            v_new.dtype,
-            cache_seqlens.dtype,
-            q.is_cpu
+            dtype,
+            type(q),
+            k_cache.dtype is dtype
+            and v_cache.dtype is dtype
+            and k_new.dtype is dtype
+            and v_new.dtype is dtype
+            and cache_seqlens.dtype is _INT32
+            and q.is_cpu
             and k_cache.is_cpu
             and v_cache.is_cpu
             and k_new.is_cpu
             and v_new.is_cpu
             and cache_seqlens.is_cpu,
-            type(q),
         )
     except AttributeError:  # not tensors: the full check names the argument
         return None
     shapes = _PASSED_STEPS.get(signature)
     if shapes is None:
-        if not _step_metadata_passes(q, k_cache, v_cache, cache_seqlens, k_new, v_new):
+        shapes = _new_step(signature, q, k_cache, v_cache, cache_seqlens, k_new, v_new)
+        if shapes is None:
             return None
-        small_q = type(q) is Tensor and q.numel() <= _EQUAL_PROBE  # probed inline for NaN
-        shapes = (qs[1], ns[1], qs[2] != cs[2], small_q, cs[1], 1.0 / math.sqrt(qs[3]))
-        remember(_PASSED_STEPS, signature, shapes)
     seqlen_q, n_new, grouped, small_q, capacity, scale = shapes
     if softmax_scale is not None:
         if type(softmax_scale) is not float or not math.isfinite(softmax_scale):
@@ -818,6 +858,18 @@ def _decode_step(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale
     if low < 0 or high + n_new > capacity:
         return None
     return scale, (low + n_new, high + n_new), (seqlen_q, n_new, grouped, small_q)
+
+
+def _new_step(signature, q, k_cache, v_cache, cache_seqlens, k_new, v_new) -> tuple | None:
+    """A decode step's signature not seen yet: what :data:`_PASSED_STEPS` keeps for it, and
+    kept, when its tensors pass the metadata checks; else None (nothing kept)."""
+    if not _step_metadata_passes(q, k_cache, v_cache, cache_seqlens, k_new, v_new):
+        return None
+    qs, cs, ns = q.shape, k_cache.shape, k_new.shape
+    small_q = type(q) is Tensor and q.numel() <= _EQUAL_PROBE  # probed inline for NaN
+    shapes = (qs[1], ns[1], qs[2] != cs[2], small_q, cs[1], 1.0 / math.sqrt(qs[3]))
+    remember(_PASSED_STEPS, signature, shapes)
+    return shapes
 
 
 def _step_metadata_passes(q, k_cache, v_cache, cache_seqlens, k_new, v_new) -> bool:

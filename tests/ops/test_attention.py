@@ -787,6 +787,8 @@ def _full_checks_only(monkeypatch):
     monkeypatch.setattr(attention_ops, "_qkv_plain", lambda *args: False)
     monkeypatch.setattr(attention_ops, "_sdpa_plain", lambda *args: False)
     monkeypatch.setattr(attention_kvcache, "_decode_step", lambda *args: None)
+    monkeypatch.setattr(attention_kvcache, "_PASSED_STEPS", {})  # and its inline twin
+    monkeypatch.setattr(attention_kvcache, "_new_step", lambda *args: None)
 
 
 @pytest.mark.parametrize(
