@@ -146,38 +146,13 @@ def attention_with_kvcache(
         # _torch_decode's no-mask case (the same calls, so the same bits) without the
         # layers between them, which cost as much again as the checks on a small step.
         # Any other call (None from the checks, or a mask needed) takes the general path,
-        # nothing changed yet. _decode_step is inline (its call and result tuple cost a
-        # tenth of the step's overhead).
-        step = None
-        if not _is_compiling():
-            try:
-                qs, cs, ns, dtype = q.shape, k_cache.shape, k_new.shape, q.dtype
-                signature = (
-                    qs,
-                    cs,
-                    ns,
-                    v_cache.shape,
-                    v_new.shape,
-                    cache_seqlens.shape,
-                    dtype,
-                    type(q),
-                    k_cache.dtype is dtype
-                    and v_cache.dtype is dtype
-                    and k_new.dtype is dtype
-                    and v_new.dtype is dtype
-                    and cache_seqlens.dtype is _INT32
-                    and q.is_cpu
-                    and k_cache.is_cpu
-                    and v_cache.is_cpu
-                    and k_new.is_cpu
-                    and v_new.is_cpu
-                    and cache_seqlens.is_cpu,
-                )
-            except AttributeError:  # not tensors: the full check names the argument
-                signature = None
-            step = _PASSED_STEPS.get(signature)
-            if step is None and signature is not None:
-                step = _new_step(signature, q, k_cache, v_cache, cache_seqlens, k_new, v_new)
+        # nothing changed yet. _decode_step's body is inline (its call and result tuple cost
+        # a tenth of the step's overhead); the signature's memo is shared (_step_shapes).
+        step = (
+            None
+            if _is_compiling()
+            else _step_shapes(q, k_cache, v_cache, cache_seqlens, k_new, v_new)
+        )
         if step is not None and (
             softmax_scale is None or (type(softmax_scale) is float and math.isfinite(softmax_scale))
         ):
@@ -817,12 +792,32 @@ def _decode_step(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale
     per signature; the scale and the lengths (values) every call."""
     if _is_compiling():
         return None
-    try:  # the key attention_with_kvcache builds inline
-        qs, cs, ns, dtype = q.shape, k_cache.shape, k_new.shape, q.dtype
+    shapes = _step_shapes(q, k_cache, v_cache, cache_seqlens, k_new, v_new)
+    if shapes is None:
+        return None
+    seqlen_q, n_new, grouped, small_q, capacity, scale = shapes
+    if softmax_scale is not None:
+        if type(softmax_scale) is not float or not math.isfinite(softmax_scale):
+            return None
+        scale = softmax_scale
+    # Read once per step: every layer of a decode step passes the same lengths tensor (and
+    # on a GPU each read is a host sync); an in-place advance is seen by its version.
+    low, high = remembered_range(cache_seqlens)
+    if low < 0 or high + n_new > capacity:
+        return None
+    return scale, (low + n_new, high + n_new), (seqlen_q, n_new, grouped, small_q)
+
+
+def _step_shapes(q, k_cache, v_cache, cache_seqlens, k_new, v_new) -> tuple | None:
+    """What :data:`_PASSED_STEPS` keeps for this decode step's signature, its tensors checked
+    and the answer kept on first sight; None when a metadata check may fail (the full check
+    then runs, and names the error)."""
+    try:
+        qs, dtype = q.shape, q.dtype
         signature = (
             qs,
-            cs,
-            ns,
+            k_cache.shape,
+            k_new.shape,
             v_cache.shape,
             v_new.shape,
             cache_seqlens.shape,
@@ -840,24 +835,12 @@ def _decode_step(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale
             and v_new.is_cpu
             and cache_seqlens.is_cpu,
         )
-    except AttributeError:  # not tensors: the full check names the argument
+    except AttributeError:  # not tensors
         return None
     shapes = _PASSED_STEPS.get(signature)
     if shapes is None:
-        shapes = _new_step(signature, q, k_cache, v_cache, cache_seqlens, k_new, v_new)
-        if shapes is None:
-            return None
-    seqlen_q, n_new, grouped, small_q, capacity, scale = shapes
-    if softmax_scale is not None:
-        if type(softmax_scale) is not float or not math.isfinite(softmax_scale):
-            return None
-        scale = softmax_scale
-    # Read once per step: every layer of a decode step passes the same lengths tensor (and
-    # on a GPU each read is a host sync); an in-place advance is seen by its version.
-    low, high = remembered_range(cache_seqlens)
-    if low < 0 or high + n_new > capacity:
-        return None
-    return scale, (low + n_new, high + n_new), (seqlen_q, n_new, grouped, small_q)
+        return _new_step(signature, q, k_cache, v_cache, cache_seqlens, k_new, v_new)
+    return shapes
 
 
 def _new_step(signature, q, k_cache, v_cache, cache_seqlens, k_new, v_new) -> tuple | None:
