@@ -161,6 +161,22 @@ class EagerOp:
 # whatever shapes come. While Dynamo traces nothing is looked up or kept (the graph would be
 # guarded on the memo's contents, and its guards fix the metadata anyway).
 SIGNATURES_KEPT = 256
+_SIGNATURE_MEMOS: list[dict] = []
+
+
+def signature_memo() -> dict[tuple, object]:
+    """A new, empty memo of passing signatures for one op's contract (known to
+    :func:`forget_signatures`)."""
+    memo: dict[tuple, object] = {}
+    _SIGNATURE_MEMOS.append(memo)
+    return memo
+
+
+def forget_signatures() -> None:
+    """Empty every op's memo: each op's next call of any signature runs its metadata checks
+    in full (what the first call in a process does)."""
+    for memo in _SIGNATURE_MEMOS:
+        memo.clear()
 
 
 def remember(passed: dict[tuple, object], key: tuple, value: object = True) -> None:

@@ -24,6 +24,7 @@ from fastlm.ops._common import (
     dtype_error,
     is_dynamo_compiling,
     remember,
+    signature_memo,
     supports,
 )
 from fastlm.ops.autocast import autocast_policy
@@ -142,7 +143,7 @@ def _check_bias_act(x: object, bias: object, activation: object) -> None:
             raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
 
 
-_BIAS_ACT_PASSED: dict[tuple, object] = {}
+_BIAS_ACT_PASSED = signature_memo()
 
 
 _KERNEL_MODULES: dict[str, object] = {}

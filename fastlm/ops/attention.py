@@ -23,6 +23,7 @@ from fastlm.ops._common import (
     any_autocast,
     last_dim_contiguous,
     remember,
+    signature_memo,
     supports,
 )
 from fastlm.ops.activation import check_dropout
@@ -180,8 +181,8 @@ MAX_HEAD_DIM = 256  # flash-attn's limit, and the Triton kernels'
 # repeats a few signatures. Only passes are recorded (a failing signature raises, with the
 # same message, every time) and never while torch.compile traces (its guards fix the
 # metadata anyway). Bounded: a full memo is emptied first.
-_PASSED_QKV: dict[tuple, str] = {}  # flash_attention's q, k, v -> its _nan_probe
-_PASSED_SDPA: dict[tuple, str] = {}  # scaled_dot_product_attention's, no mask -> same
+_PASSED_QKV = signature_memo()  # flash_attention's q, k, v -> its _nan_probe
+_PASSED_SDPA = signature_memo()  # scaled_dot_product_attention's, no mask -> same
 
 
 def flash_attention(

@@ -20,6 +20,7 @@ from fastlm.ops._common import (
     any_autocast,
     remember,
     remembered_range,
+    signature_memo,
     supports,
 )
 from fastlm.ops.attention import (
@@ -780,7 +781,7 @@ def _check_rows(name, t, q) -> None:
 # _decode_step's metadata checks (see fastlm.ops.attention._PASSED_QKV): the checks cost
 # as much again as a small step's attention, and a generation loop repeats one signature.
 # -> (Sq, Sq_new, grouped, q small enough to probe inline, capacity, default scale)
-_PASSED_STEPS: dict[tuple, tuple] = {}
+_PASSED_STEPS = signature_memo()
 _INT32 = torch.int32
 
 

@@ -45,6 +45,7 @@ from fastlm.ops._common import (
     is_dynamo_compiling,
     last_dim_contiguous,
     remember,
+    signature_memo,
     supports,
 )
 from fastlm.ops.autocast import autocast_policy
@@ -131,8 +132,8 @@ _native_linear = torch._C._nn.linear
 # tensors' metadata, each mapped to what those checks worked out (fastlm.ops._common's
 # memo rules: passes only, bounded, not while Dynamo traces). The other arguments, the
 # target's classes and the class weights are checked on every call.
-_ce_plans: dict[tuple, tuple] = {}
-_linear_plans: dict[tuple, tuple] = {}
+_ce_plans = signature_memo()
+_linear_plans = signature_memo()
 
 
 def cross_entropy(

@@ -19,7 +19,14 @@ from torch import Tensor
 
 from fastlm import backend
 from fastlm.backend import forced_backend
-from fastlm.ops._common import HALF_DTYPES, any_autocast, is_dynamo_compiling, remember, supports
+from fastlm.ops._common import (
+    HALF_DTYPES,
+    any_autocast,
+    is_dynamo_compiling,
+    remember,
+    signature_memo,
+    supports,
+)
 from fastlm.ops.activation import check_dropout, seeded_dropout
 from fastlm.ops.autocast import autocast_policy
 from fastlm.ops.contract import check_real, describe
@@ -127,7 +134,7 @@ def _lora_linear_call(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed):
 
 
 _lora_linear_under_autocast = autocast_policy(lower_precision=True)(_lora_linear_call)
-_LORA_LINEAR_PASSED: dict[tuple, bool] = {}
+_LORA_LINEAR_PASSED = signature_memo()
 _linear = torch._C._nn.linear  # bound once: each attribute walk costs on every call
 _INF = math.inf
 

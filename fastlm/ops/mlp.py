@@ -33,6 +33,7 @@ from fastlm.ops._common import (
     as_rows,
     is_dynamo_compiling,
     remember,
+    signature_memo,
     supports,
 )
 from fastlm.ops.activation import (
@@ -399,10 +400,10 @@ _linear_act_under_autocast = autocast_policy(lower_precision=True)(_linear_act_c
 _gated_linear_under_autocast = autocast_policy(lower_precision=True)(_gated_linear_call)
 _fused_mlp_under_autocast = autocast_policy(lower_precision=True)(_fused_mlp_call)
 _gated_mlp_under_autocast = autocast_policy(lower_precision=True)(_gated_mlp_call)
-_LINEAR_ACT_PASSED: dict[tuple, object] = {}
-_GATED_LINEAR_PASSED: dict[tuple, object] = {}
-_FUSED_MLP_PASSED: dict[tuple, object] = {}
-_GATED_MLP_PASSED: dict[tuple, object] = {}
+_LINEAR_ACT_PASSED = signature_memo()
+_GATED_LINEAR_PASSED = signature_memo()
+_FUSED_MLP_PASSED = signature_memo()
+_GATED_MLP_PASSED = signature_memo()
 _linear = torch._C._nn.linear  # bound once: each attribute walk costs on every call
 
 
